@@ -1,0 +1,3 @@
+from d3fast.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""The `d3fast` command line.
+
+    d3fast prepare --dataset NAME [--data-path PATH]   decode once into the uint8 cache
+    d3fast experts --dataset NAME [--num-experts N]    train expert trajectories
+    d3fast config  --dataset NAME [--set k=v]          print the resolved configuration
+    d3fast doctor                                      versions, devices, active backends
+
+Every command takes --preset and repeated --set section.key=value overrides
+(defaults < preset < overrides). Errors in the input print one line and exit with 2;
+Ctrl-C exits with 130 after saving what was finished.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from d3fast.errors import D3FastError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except D3FastError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("interrupted: finished work is saved; re-run the same command to continue", err=True)
+            sys.exit(130)
+
+
+def _config_options(f: Any) -> Any:
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key, e.g. --set experts.lr=0.02 (repeatable).")(f)
+    f = click.option("--preset", default=None, help="Preset name (default: the dataset's own).")(f)
+    f = click.option("--dataset", default=None, help="Dataset name, e.g. digits, fashion-mnist, imagewoof.")(f)
+    return f
+
+
+def _resolve(dataset: str | None, preset: str | None, overrides: tuple[str, ...], **typed: Any):
+    from d3fast.config import resolve_config
+
+    nested: dict[str, Any] = {}
+    for dotted, value in typed.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".")
+        nested.setdefault(section, {})[key] = value
+    return resolve_config(dataset, preset, overrides, typed_overrides=nested)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="d3fast")
+def cli() -> None:
+    """d3fast: Distributional Dataset Distillation, fast.
+
+    Learn a tiny distilled dataset (per class a few latent Gaussians plus one shared
+    decoder) from a large image dataset. Data and experts live under $D3FAST_HOME
+    (default ~/.d3fast). Run `d3fast doctor` to see what this machine will use.
+    """
+
+
+@cli.command()
+@_config_options
+@click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are.")
+@click.option("--skip-corrupt", is_flag=True, default=None, help="Leave out unreadable images instead of failing.")
+@click.option("--workers", type=int, default=None, help="Decode processes (default: one per core).")
+@click.option("--force", is_flag=True, help="Re-decode even if the cache is up to date.")
+def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force) -> None:
+    """Decode a dataset once into a memory-mappable uint8 cache with a manifest.
+
+    Reuses the cache when the source files are unchanged. Layouts: fashion-mnist (IDX
+    files; found automatically where Debian's dataset-fashion-mnist puts them), digits
+    (scikit-learn, embedded), cifar10 (cifar-10-batches-py or -bin), tinyimagenet
+    (tiny-imagenet-200), imagenette/imagewoof (ImageNet-1k tree or fast.ai
+    imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/).
+    """
+    from d3fast.data.prepare import prepare as run
+
+    cfg = _resolve(dataset, preset, overrides, **{
+        "data.data_path": data_path, "data.skip_corrupt": skip_corrupt, "data.workers": workers})
+    _report_prepare(run(cfg, force=force))
+
+
+def _report_prepare(res) -> None:
+    m = res.manifest
+    tr, te = m["splits"]["train"]["count"], m["splits"]["test"]["count"]
+    r, c = m["resolution"], m["channels"]
+    verb = "reused cache of" if res.status == "reused" else "prepared"
+    click.echo(f"{verb} {m['dataset']}: {tr} train / {te} test images, {m['num_classes']} classes, "
+               f"{c}x{r}x{r} uint8 -> {res.cache}")
+    if res.decoded:
+        click.echo(f"decoded {res.decoded} images in {res.seconds:.1f} s ({res.decoded / res.seconds:.0f} img/s)")
+    if m["skipped"]:
+        click.echo(f"skipped {len(m['skipped'])} unreadable file(s); listed in {res.cache / 'manifest.json'}")
+
+
+@cli.command()
+@_config_options
+@click.option("--num-experts", type=int, default=None, help="How many experts (default: preset's).")
+@click.option("--epochs", type=int, default=None, help="Epochs per expert (default: preset's).")
+@click.option("--seed", type=int, default=None, help="Base seed; expert i uses a seed derived from (seed, i).")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto).")
+@click.option("--no-auto", is_flag=True, help="Fail instead of preparing the dataset when it is missing.")
+def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto) -> None:
+    """Train expert trajectories (SPEC.md section 4) for MTT.
+
+    Each expert saves its parameters at init and after every epoch, atomically. Re-running
+    after an interruption continues the missing experts (and the interrupted one from its
+    last epoch); the same seed gives the same trajectories.
+    """
+    from d3fast.data.cache import read_manifest
+    from d3fast.data.prepare import prepare as run_prepare
+    from d3fast.experts import run_experts
+    from d3fast.paths import data_dir
+
+    cfg = _resolve(dataset, preset, overrides, **{
+        "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed})
+    if device is not None:
+        cfg.device = device
+    if read_manifest(data_dir(cfg.data.dataset)) is None:
+        if no_auto:
+            raise D3FastError(f"dataset {cfg.data.dataset!r} is not prepared; run `d3fast prepare --dataset {cfg.data.dataset}`")
+        click.echo(f"{cfg.data.dataset} is not prepared yet: preparing it first")
+        _report_prepare(run_prepare(cfg))
+    res = run_experts(cfg)
+    m = res.manifest
+    acc = ""
+    if m["test_acc_mean"] is not None:
+        acc = f"; test accuracy {m['test_acc_mean']:.1%} ± {m['test_acc_std']:.1%} (n={m['num_complete']})"
+    click.echo(f"{m['num_complete']}/{cfg.experts.num_experts} experts complete in {res.out_dir}{acc}")
+    if res.trained_epochs:
+        click.echo(f"this run: {res.trained_epochs} epochs in {res.seconds:.1f} s, "
+                   f"{res.images_per_s:.0f} train img/s on {m['device']}")
+
+
+@cli.command()
+@_config_options
+def config(dataset, preset, overrides) -> None:
+    """Print the resolved configuration as JSON."""
+    from d3fast.config import to_dict
+
+    click.echo(json.dumps(to_dict(_resolve(dataset, preset, overrides)), indent=2))
+
+
+@cli.command()
+def doctor() -> None:
+    """Versions, devices, and which kernel backends and loaders are active, and why."""
+    from d3fast.doctor import report
+
+    rows = report()
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+def main() -> None:
+    cli(prog_name="d3fast")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Typed run configuration: defaults < preset < command-line overrides.
+
+A preset is an override-only TOML file in `d3fast/presets/`; `--dataset NAME` picks the
+preset named NAME unless `--preset` names another. Overrides are dotted `key=value`
+strings (`experts.lr=0.02`). Unknown keys and values of the wrong type are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from d3fast.errors import D3FastError
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "digits"
+    # Source tree or file directory; None searches the dataset's default locations.
+    data_path: str | None = None
+    # Drop unreadable images (listed in the manifest) instead of failing.
+    skip_corrupt: bool = False
+    # Decode processes for prepare; 0 = one per core.
+    workers: int = 0
+    # ZCA whitening on normalised images (CIFAR-10 in MTT/D3), fitted on the train split.
+    zca: bool = False
+    # Regulariser of the ZCA covariance; 0.1 is MTT's value (kornia's default is 1e-6,
+    # which amplifies the near-zero-variance directions of 32x32 images into noise).
+    zca_eps: float = 0.1
+
+
+@dataclass(kw_only=True)
+class NetConfig:
+    # convnet | resnet18 | vgg11 | alexnet
+    name: str = "convnet"
+    width: int = 128
+    # 0 picks by resolution: 3 at 28/32 px, 4 at 64 px, 5 at 128 px.
+    depth: int = 0
+    # instancenorm | batchnorm | layernorm | groupnorm | none
+    norm: str = "instancenorm"
+    # avgpooling | maxpooling | none
+    pooling: str = "avgpooling"
+
+
+@dataclass(kw_only=True)
+class AugConfig:
+    """Differentiable siamese augmentation (DSA), parameters as in the DSA/MTT code."""
+
+    # Ops joined by '_': color, crop, cutout, flip, scale, rotate; "none" disables.
+    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    # single: one op drawn per batch (the reference's default 'S'); all: apply every op.
+    mode: str = "single"
+    prob_flip: float = 0.5
+    ratio_scale: float = 1.2
+    ratio_rotate: float = 15.0
+    ratio_crop_pad: float = 0.125
+    ratio_cutout: float = 0.5
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+
+
+@dataclass(kw_only=True)
+class ExpertConfig:
+    num_experts: int = 100
+    # Snapshots are saved after each epoch; distillation uses epochs up to
+    # max_start_epoch + expert_epochs, so this must reach that.
+    epochs: int = 50
+    # SPEC section 4: plain SGD, no momentum or weight decay, on purpose.
+    lr: float = 0.01
+    batch_size: int = 256
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    augment: AugConfig = field(default_factory=AugConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # Name of the preset the config was resolved from (informational).
+    preset: str = ""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "net.name": ("convnet", "resnet18", "vgg11", "alexnet"),
+    "net.norm": ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none"),
+    "net.pooling": ("avgpooling", "maxpooling", "none"),
+    "augment.mode": ("single", "all"),
+}
+
+
+def available_presets() -> list[str]:
+    files = resources.files("d3fast.presets").iterdir()
+    return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files("d3fast.presets") / f"{name}.toml"
+    if not path.is_file():
+        raise D3FastError(
+            f"unknown preset {name!r}; available: {', '.join(available_presets())}"
+        )
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise D3FastError(f"preset {name!r} is not valid TOML: {e}") from None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str, from_string: bool) -> Any:
+    """Check `value` against annotation `tp`; parse it first when it came from the CLI."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (from_string and value.lower() in ("none", "null"))):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, from_string)
+    if from_string:
+        if tp is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise D3FastError(f"config key {key}: expected true/false, got {value!r}")
+        if tp in (int, float):
+            try:
+                return tp(value)
+            except ValueError:
+                raise D3FastError(f"config key {key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is str:
+            return value
+        if origin is list:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise D3FastError(f"config key {key}: expected a JSON list, got {value!r}") from None
+            return _coerce(value, tp, key, from_string=False)
+    # typed value (TOML or JSON): bool is an int subclass, so check it first
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        ok = isinstance(value, list)
+        if ok:
+            value = [_coerce(v, inner, key, from_string=False) for v in value]
+    else:
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    if not ok:
+        raise D3FastError(f"config key {key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, from_string: bool) -> None:
+    types_ = _field_types(type(obj))
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            valid = ", ".join(f"{prefix}{k}" for k in types_)
+            raise D3FastError(f"unknown config key {full!r}; valid keys here: {valid}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise D3FastError(f"config key {full!r} is a section; set {full}.<key> instead")
+            _apply(current, value, f"{full}.", from_string)
+        else:
+            setattr(obj, key, _coerce(value, types_[key], full, from_string))
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["experts.lr=0.02", "net.width=64"]` -> nested dict of strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise D3FastError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        node = out
+        parts = dotted.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value.strip()
+    return out
+
+
+def resolve_config(
+    dataset: str | None = None,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    typed_overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults < preset < overrides. `typed_overrides` holds values from typed CLI flags
+    (already the right type); `overrides` holds `key=value` strings."""
+    cfg = Config()
+    name = preset or (dataset if dataset in available_presets() else None)
+    if name:
+        _apply(cfg, load_preset(name), "", from_string=False)
+        cfg.preset = name
+        if dataset and cfg.data.dataset != dataset:
+            raise D3FastError(
+                f"preset {name!r} is for dataset {cfg.data.dataset!r}, not {dataset!r}"
+            )
+    if dataset:
+        cfg.data.dataset = dataset
+    if typed_overrides:
+        _apply(cfg, typed_overrides, "", from_string=False)
+    _apply(cfg, parse_overrides(overrides), "", from_string=True)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from d3fast.data.datasets import DATASETS
+
+    if cfg.data.dataset not in DATASETS:
+        raise D3FastError(
+            f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}"
+        )
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise D3FastError(f"config key {dotted}: {value!r} is not one of {', '.join(allowed)}")
+    for dotted in ("experts.epochs", "experts.num_experts", "experts.batch_size", "net.width"):
+        section, key = dotted.split(".")
+        if getattr(getattr(cfg, section), key) < 1:
+            raise D3FastError(f"config key {dotted} must be >= 1")
+    if cfg.experts.lr <= 0:
+        raise D3FastError("config key experts.lr must be > 0")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

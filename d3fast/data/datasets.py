@@ -1,0 +1,73 @@
+"""The datasets d3fast knows: sizes, classes and where their files live by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    resolution: int
+    channels: int
+    # Directories searched when --data-path is not given.
+    default_paths: tuple[str, ...] = ()
+    # Fixed classes (ImageNet subsets): (wnid, ImageNet-1k index, name), in label order.
+    imagenet_classes: tuple[tuple[str, int, str], ...] = ()
+
+
+# Label i is the i-th index of SPEC.md section 7 (the MTT/D3 configs' order); the wnid is
+# that index in torchvision's (sorted-wnid) order.
+IMAGENETTE = (
+    ("n01440764", 0, "tench"),
+    ("n02102040", 217, "English springer"),
+    ("n02979186", 482, "cassette player"),
+    ("n03000684", 491, "chain saw"),
+    ("n03028079", 497, "church"),
+    ("n03394916", 566, "French horn"),
+    ("n03417042", 569, "garbage truck"),
+    ("n03425413", 571, "gas pump"),
+    ("n03445777", 574, "golf ball"),
+    ("n03888605", 701, "parachute"),
+)
+IMAGEWOOF = (
+    ("n02096294", 193, "Australian terrier"),
+    ("n02093754", 182, "Border terrier"),
+    ("n02111889", 258, "Samoyed"),
+    ("n02088364", 162, "beagle"),
+    ("n02086240", 155, "Shih-Tzu"),
+    ("n02089973", 167, "English foxhound"),
+    ("n02087394", 159, "Rhodesian ridgeback"),
+    ("n02115641", 273, "dingo"),
+    ("n02099601", 207, "golden retriever"),
+    ("n02105641", 229, "Old English sheepdog"),
+)
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec("digits", 10, 32, 1),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist", 10, 28, 1, default_paths=("/usr/share/datasets/fashion-mnist",)
+    ),
+    "cifar10": DatasetSpec("cifar10", 10, 32, 3),
+    "tinyimagenet": DatasetSpec("tinyimagenet", 200, 64, 3),
+    "imagenette": DatasetSpec("imagenette", 10, 128, 3, imagenet_classes=IMAGENETTE),
+    "imagewoof": DatasetSpec("imagewoof", 10, 128, 3, imagenet_classes=IMAGEWOOF),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    from d3fast.errors import D3FastError
+
+    if name not in DATASETS:
+        raise D3FastError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]

@@ -1,0 +1,56 @@
+"""Image decoding for `d3fast prepare`, run in worker processes.
+
+Imports only numpy and Pillow so that spawned workers start in well under a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# A truncated file must fail loudly, not decode into a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(path: str, size: int, channels: int) -> np.ndarray:
+    """Decode one image to uint8 [channels, size, size]: resize the short side to `size`
+    (bilinear, antialiased when shrinking), then center-crop.
+
+    JPEGs are first reduced in the DCT domain by a power of two that keeps both sides
+    >= `size` (Pillow's draft mode): a 500x375 ImageNet photo decodes at 250x188, about
+    3x faster than a full decode, and the final bilinear resize does the rest.
+    """
+    mode = "RGB" if channels == 3 else "L"
+    with Image.open(path) as im:
+        im.draft(mode, (size, size))
+        im = im.convert(mode)
+        w, h = im.size
+        if min(w, h) != size:
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+            w, h = nw, nh
+        left, top = (w - size) // 2, (h - size) // 2
+        if (w, h) != (size, size):
+            im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)
+    # [H, W, C] -> [C, H, W]
+    return arr.transpose(2, 0, 1).copy() if channels == 3 else arr[None].copy()
+
+
+def decode_chunk(
+    task: tuple[int, list[str], int, int],
+) -> tuple[int, np.ndarray, list[tuple[int, str]]]:
+    """Decode files[start:start+len]; returns (start, images, [(offset, error), ...]).
+
+    A file that fails leaves zeros in its slot and an error message naming the problem.
+    """
+    start, files, size, channels = task
+    out = np.zeros((len(files), channels, size, size), dtype=np.uint8)
+    errors: list[tuple[int, str]] = []
+    for i, path in enumerate(files):
+        try:
+            out[i] = decode_image(path, size, channels)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...
+            errors.append((i, f"{type(e).__name__}: {e}"))
+    return start, out, errors

@@ -1,0 +1,195 @@
+"""`d3fast prepare`: decode a dataset once into the uint8 cache (see cache.py)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+import d3fast
+from d3fast.config import Config
+from d3fast.data.cache import CACHE_FORMAT, SPLITS, array_files, freshness, read_manifest
+from d3fast.data.datasets import get_spec
+from d3fast.data.decode import decode_chunk
+from d3fast.data.readers import Source, SplitSource, read_source
+from d3fast.errors import D3FastError
+from d3fast.io import atomic_write_json, atomic_write_text, replace_dir, sha256_file
+from d3fast.paths import data_dir
+
+# Files per worker task: large enough to amortise inter-process transfer (64 x 48 KiB at
+# 128 px), small enough to keep the progress bar moving.
+CHUNK = 64
+# Below this many files, decoding in-process beats starting workers.
+PARALLEL_MIN_FILES = 256
+
+
+@dataclass
+class PrepareResult:
+    status: str  # "reused" | "prepared"
+    cache: Path
+    manifest: dict[str, Any]
+    seconds: float
+    decoded: int  # images decoded from files (0 for array sources and reuse)
+
+
+def prepare(
+    cfg: Config, force: bool = False, progress: bool = True, parallel_min_files: int = PARALLEL_MIN_FILES
+) -> PrepareResult:
+    spec = get_spec(cfg.data.dataset)
+    t0 = time.perf_counter()
+    source = read_source(spec, cfg.data.data_path)
+    for note in source.notes:
+        tqdm.write(f"note: {note}")
+    cache = data_dir(spec.name)
+    fresh, reason = freshness(cache, source.fingerprint, spec.resolution)
+    if fresh and not force:
+        return PrepareResult("reused", cache, read_manifest(cache), time.perf_counter() - t0, 0)
+    if progress and reason != "no cache yet":
+        tqdm.write(f"re-preparing {spec.name}: {reason}")
+
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        workers = cfg.data.workers or os.cpu_count() or 1
+        decoded, skipped, counts = 0, [], {}
+        for split in SPLITS:
+            src = source.splits[split]
+            n_dec, bad = _write_split(
+                tmp, split, src, spec.resolution, spec.channels, workers, progress, parallel_min_files
+            )
+            decoded += n_dec
+            if bad and not cfg.data.skip_corrupt:
+                _fail_corrupt(spec.name, bad)
+            if bad:
+                _drop_rows(tmp, split, [i for i, _, _ in bad])
+                skipped += [{"path": p, "error": e} for _, p, e in bad]
+            labels = np.load(tmp / array_files(split)[1])
+            counts[split] = np.bincount(labels, minlength=len(source.classes)).tolist()
+            empty = [source.classes[c] for c, n in enumerate(counts[split]) if n == 0]
+            if empty:
+                raise D3FastError(f"{spec.name} {split}: no readable images for class(es) {', '.join(empty)}")
+        mean, std = _channel_stats(tmp / array_files("train")[0])
+        manifest = {
+            "format": CACHE_FORMAT,
+            "dataset": spec.name,
+            "classes": source.classes,
+            "class_ids": source.class_ids,
+            "num_classes": len(source.classes),
+            "resolution": spec.resolution,
+            "channels": spec.channels,
+            "mean": mean,
+            "std": std,
+            "splits": {s: {"count": int(sum(counts[s])), "per_class": counts[s]} for s in SPLITS},
+            "sha256": {
+                name: sha256_file(tmp / name) for s in SPLITS for name in array_files(s)
+            },
+            "source": {"layout": source.layout, "path": source.path, "fingerprint": source.fingerprint},
+            "skipped": skipped,
+            "d3fast_version": d3fast.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "prepare_seconds": round(time.perf_counter() - t0, 3),
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+        replace_dir(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PrepareResult("prepared", cache, manifest, time.perf_counter() - t0, decoded)
+
+
+def _write_split(
+    out: Path,
+    split: str,
+    src: SplitSource,
+    size: int,
+    channels: int,
+    workers: int,
+    progress: bool,
+    parallel_min_files: int,
+) -> tuple[int, list[tuple[int, str, str]]]:
+    """Write <split>_x.npy / <split>_y.npy; returns (files decoded, [(row, path, error)])."""
+    x_name, y_name = array_files(split)
+    np.save(out / y_name, src.labels.astype(np.int64))
+    if src.images is not None:
+        np.save(out / x_name, np.ascontiguousarray(src.images, dtype=np.uint8))
+        return 0, []
+    files = src.files or []
+    x = np.lib.format.open_memmap(out / x_name, mode="w+", dtype=np.uint8, shape=(len(files), channels, size, size))
+    tasks = [(s, files[s : s + CHUNK], size, channels) for s in range(0, len(files), CHUNK)]
+    bad: list[tuple[int, str, str]] = []
+    bar = tqdm(total=len(files), desc=f"decode {split}", unit="img", disable=not progress, dynamic_ncols=True)
+
+    def consume(result: tuple[int, np.ndarray, list[tuple[int, str]]]) -> None:
+        start, images, errors = result
+        x[start : start + len(images)] = images
+        bad.extend((start + i, files[start + i], e) for i, e in errors)
+        bar.update(len(images))
+
+    if workers > 1 and len(files) >= parallel_min_files:
+        # spawn, not fork: the parent may hold torch/OpenMP threads that fork would copy
+        # in a locked state.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for result in pool.map(decode_chunk, tasks):
+                consume(result)
+    else:
+        for task in tasks:
+            consume(decode_chunk(task))
+    bar.close()
+    x.flush()
+    del x
+    return len(files), bad
+
+
+def _fail_corrupt(dataset: str, bad: list[tuple[int, str, str]]) -> None:
+    listing = data_dir(dataset).with_name(f"{dataset}.corrupt.txt")
+    atomic_write_text(listing, "".join(f"{p}\t{e}\n" for _, p, e in bad))
+    shown = "\n  ".join(f"{p}: {e}" for _, p, e in bad[:10])
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    raise D3FastError(
+        f"{len(bad)} file(s) could not be decoded as images (corrupt, truncated or not an image):\n"
+        f"  {shown}{more}\nfull list: {listing}\n"
+        "fix or remove them, or re-run with --skip-corrupt to leave them out"
+    )
+
+
+def _drop_rows(out: Path, split: str, rows: list[int]) -> None:
+    x_name, y_name = array_files(split)
+    x = np.load(out / x_name, mmap_mode="r")
+    y = np.load(out / y_name)
+    keep = np.setdiff1d(np.arange(len(y)), np.array(rows))
+    new = np.lib.format.open_memmap(out / f"{x_name}.new", mode="w+", dtype=np.uint8, shape=(len(keep), *x.shape[1:]))
+    for s in range(0, len(keep), 4096):
+        new[s : s + 4096] = x[keep[s : s + 4096]]
+    new.flush()
+    del new, x
+    os.replace(out / f"{x_name}.new", out / x_name)
+    np.save(out / y_name, y[keep])
+
+
+def _channel_stats(x_path: Path) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the train images in [0, 1] units (float64 sums)."""
+    x = np.load(x_path, mmap_mode="r")
+    c = x.shape[1]
+    s = np.zeros(c)
+    ss = np.zeros(c)
+    for i in range(0, len(x), 2048):
+        block = np.asarray(x[i : i + 2048], dtype=np.float64) / 255.0
+        s += block.sum(axis=(0, 2, 3))
+        ss += (block * block).sum(axis=(0, 2, 3))
+    n = len(x) * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean * mean, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def describe_source(source: Source) -> str:
+    n = {s: len(source.splits[s].labels) for s in SPLITS}
+    return f"{source.layout} at {source.path}: {n['train']} train / {n['test']} test images"

@@ -1,0 +1,433 @@
+"""Dataset readers: find a dataset's files in its standard layout and say what to decode.
+
+A reader returns a `Source`: per split, the labels plus either decoded uint8 arrays
+(IDX, CIFAR batches, scikit-learn digits) or image files to decode (JPEG trees). Readers
+check the layout and raise `D3FastError` with the path and a fix when it is wrong; they
+never decode JPEGs themselves (prepare does that on all cores).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from d3fast.data.datasets import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, DatasetSpec
+from d3fast.errors import D3FastError
+
+
+@dataclass
+class SplitSource:
+    labels: np.ndarray  # int64 [N]
+    files: list[str] | None = None  # image files to decode, aligned with labels
+    images: np.ndarray | None = None  # uint8 [N, C, H, W] when already decoded
+
+
+@dataclass
+class Source:
+    classes: list[str]  # display names, label order
+    class_ids: list[str]  # wnids or names, label order
+    splits: dict[str, SplitSource]  # "train", "test"
+    layout: str
+    path: str
+    # Changes whenever the source files change (names, sizes, mtimes).
+    fingerprint: str
+    notes: list[str] = field(default_factory=list)
+
+
+def read_source(spec: DatasetSpec, data_path: str | None) -> Source:
+    readers = {
+        "digits": lambda: read_digits(),
+        "fashion-mnist": lambda: read_fashion_mnist(_locate(spec, data_path)),
+        "cifar10": lambda: read_cifar10(_locate(spec, data_path)),
+        "tinyimagenet": lambda: read_tinyimagenet(_locate(spec, data_path)),
+        "imagenette": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
+        "imagewoof": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
+    }
+    return readers[spec.name]()
+
+
+def _locate(spec: DatasetSpec, data_path: str | None) -> Path:
+    if data_path is not None:
+        path = Path(data_path).expanduser()
+        if not path.exists():
+            raise D3FastError(f"--data-path {path} does not exist")
+        if not path.is_dir():
+            raise D3FastError(f"--data-path {path} is not a directory")
+        return path
+    for cand in spec.default_paths:
+        if Path(cand).is_dir():
+            return Path(cand)
+    hint = {
+        "fashion-mnist": " (on Debian: apt-get install dataset-fashion-mnist)",
+    }.get(spec.name, "")
+    searched = f"; searched {', '.join(spec.default_paths)}" if spec.default_paths else ""
+    raise D3FastError(f"no data found for {spec.name}: pass --data-path{hint}{searched}")
+
+
+def _fingerprint(root: Path, files: list[Path | str], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        st = os.stat(f)
+        rel = os.path.relpath(f, root)
+        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Non-hidden regular files of a class folder, sorted. Everything listed is decoded, so a
+    stray non-image file is reported like a corrupt image rather than silently skipped."""
+    with os.scandir(folder) as it:
+        return sorted(
+            Path(e.path) for e in it if e.is_file() and not e.name.startswith(".")
+        )
+
+
+# ---------------------------------------------------------------- scikit-learn digits
+
+
+def read_digits() -> Source:
+    """scikit-learn's 1,797 8x8 digits, upsampled to 32x32; a fixed stratified 80/20 split
+    (seed 0), since the data set has no test split of its own."""
+    import sklearn
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # values are 0..16 -> [0, 1], then bilinear upsampling 8 -> 32
+    x = torch.from_numpy(d.images).float()[:, None] / 16.0
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    labels = d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    test_mask = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        idx = np.flatnonzero(labels == c)
+        test_mask[rng.permutation(idx)[: len(idx) // 5]] = True
+    names = [str(c) for c in range(10)]
+    fp = hashlib.sha256(images.tobytes() + sklearn.__version__.encode()).hexdigest()
+    return Source(
+        classes=names,
+        class_ids=names,
+        splits={
+            "train": SplitSource(labels=labels[~test_mask], images=images[~test_mask]),
+            "test": SplitSource(labels=labels[test_mask], images=images[test_mask]),
+        },
+        layout="sklearn-digits",
+        path="sklearn.datasets.load_digits",
+        fingerprint=fp,
+    )
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX)
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped) holding unsigned bytes."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise D3FastError(f"{path} is corrupt or truncated ({e}); download it again") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise D3FastError(f"{path} is not an IDX file (bad magic number)")
+    if data[2] != 0x08:
+        raise D3FastError(f"{path}: IDX element type 0x{data[2]:02x}, expected 0x08 (uint8)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise D3FastError(f"{path} is truncated inside its header")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    need = int(np.prod(dims))
+    if len(data) - header < need:
+        raise D3FastError(
+            f"{path} is truncated: header says {dims} ({need} bytes), "
+            f"file holds {len(data) - header}; download it again"
+        )
+    return np.frombuffer(data, dtype=np.uint8, count=need, offset=header).reshape(dims)
+
+
+def read_fashion_mnist(root: Path) -> Source:
+    splits, used = {}, []
+    for split, (img_stem, lab_stem) in IDX_FILES.items():
+        paths = []
+        for stem in (img_stem, lab_stem):
+            found = [root / n for n in (stem, stem + ".gz") if (root / n).is_file()]
+            if not found:
+                raise D3FastError(
+                    f"{root} has no {stem}[.gz]: expected the four Fashion-MNIST IDX files "
+                    f"({', '.join(s for pair in IDX_FILES.values() for s in pair)})"
+                )
+            paths.append(found[0])
+        used += paths
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if images.ndim != 3 or labels.ndim != 1:
+            raise D3FastError(f"{paths[0]}: expected [N, 28, 28] images and [N] labels")
+        if len(images) != len(labels):
+            raise D3FastError(
+                f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels"
+            )
+        if labels.max(initial=0) >= 10:
+            raise D3FastError(f"{paths[1]}: label {labels.max()} out of range 0..9")
+        splits[split] = SplitSource(labels=labels.astype(np.int64), images=images[:, None].copy())
+    return Source(
+        classes=list(FASHION_MNIST_CLASSES),
+        class_ids=list(FASHION_MNIST_CLASSES),
+        splits=splits,
+        layout="idx",
+        path=str(root),
+        fingerprint=_fingerprint(root, used),
+    )
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR-10 python batches that can build numpy arrays and nothing
+    else: a tampered file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        # protocol-2 pickles written by Python 3 encode bytes as _codecs.encode(str, "latin1")
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) not in self.ALLOWED:
+            raise _ForbiddenGlobal(f"refusing to load global {module}.{name}")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except _ForbiddenGlobal as e:
+        raise D3FastError(f"{path} is not a CIFAR-10 python batch ({e})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict):
+        raise D3FastError(f"{path} is not a CIFAR-10 python batch (no dict inside)")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise D3FastError(f"{path} has no 'data'/'labels' entries: not a CIFAR-10 batch")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    labels = np.asarray(batch["labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise D3FastError(f"{path}: data {data.shape} / labels {labels.shape}, expected [N, 3072] / [N]")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % 3073:
+        raise D3FastError(
+            f"{path} holds {raw.size} bytes, not a multiple of 3073 (1 label + 3072 pixels): "
+            "truncated or not a CIFAR-10 binary batch"
+        )
+    rec = raw.reshape(-1, 3073)
+    return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].astype(np.int64)
+
+
+def read_cifar10(root: Path) -> Source:
+    """The python version (`cifar-10-batches-py/`, data_batch_1..5 + test_batch) or the
+    binary version (`cifar-10-batches-bin/`, *.bin); `root` may be that folder or its parent."""
+    layouts = [
+        ("python", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", _load_cifar_pickle),
+        ("binary", [f"data_batch_{i}.bin" for i in range(1, 6)], "test_batch.bin", _load_cifar_bin),
+    ]
+    for folder in (root, root / "cifar-10-batches-py", root / "cifar-10-batches-bin"):
+        for layout, train_names, test_name, loader in layouts:
+            if not (folder / train_names[0]).is_file():
+                continue
+            missing = [n for n in [*train_names, test_name] if not (folder / n).is_file()]
+            if missing:
+                raise D3FastError(f"{folder} is missing CIFAR-10 files: {', '.join(missing)}")
+            parts = [loader(folder / n) for n in train_names]
+            test_x, test_y = loader(folder / test_name)
+            train_x = np.concatenate([p[0] for p in parts])
+            train_y = np.concatenate([p[1] for p in parts])
+            for y, name in ((train_y, "train"), (test_y, "test")):
+                if y.min() < 0 or y.max() >= 10:
+                    raise D3FastError(f"{folder}: {name} labels outside 0..9")
+            used = [folder / n for n in [*train_names, test_name]]
+            return Source(
+                classes=list(CIFAR10_CLASSES),
+                class_ids=list(CIFAR10_CLASSES),
+                splits={
+                    "train": SplitSource(labels=train_y, images=train_x),
+                    "test": SplitSource(labels=test_y, images=test_x),
+                },
+                layout=f"cifar10-{layout}",
+                path=str(folder),
+                fingerprint=_fingerprint(folder, used),
+            )
+    raise D3FastError(
+        f"{root} is not a CIFAR-10 folder: expected cifar-10-batches-py/ (data_batch_1..5, "
+        "test_batch) or cifar-10-batches-bin/ (*.bin), or the folder that contains one"
+    )
+
+
+# ---------------------------------------------------------------- TinyImageNet
+
+
+def read_tinyimagenet(root: Path) -> Source:
+    """`tiny-imagenet-200/`: wnids.txt, words.txt, train/<wnid>/images/*.JPEG and a flat
+    val/images/ labelled by val/val_annotations.txt (the test/ split has no labels)."""
+    if not (root / "wnids.txt").is_file() and (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise D3FastError(
+            f"{root} is not a TinyImageNet folder: expected tiny-imagenet-200/ with train/ and val/"
+        )
+    if (root / "wnids.txt").is_file():
+        wnids = [w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()]
+    else:
+        wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    # torchvision-style label order: sorted wnids
+    wnids = sorted(wnids)
+    names = dict.fromkeys(wnids, "")
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, words = line.partition("\t")
+            if wnid in names:
+                names[wnid] = words.split(",")[0].strip()
+    label_of = {w: i for i, w in enumerate(wnids)}
+
+    train_files, train_labels, problems = [], [], []
+    for w in wnids:
+        folder = root / "train" / w / "images"
+        if not folder.is_dir():
+            problems.append(f"missing class folder {folder}")
+            continue
+        files = _list_images(folder)
+        if not files:
+            problems.append(f"class folder {folder} is empty")
+        train_files += files
+        train_labels += [label_of[w]] * len(files)
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise D3FastError(
+            f"{ann} is missing: TinyImageNet's val/ is flat and its labels come from that file"
+        )
+    val_files, val_labels = [], []
+    for n, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise D3FastError(f"{ann}:{n}: expected '<file>\\t<wnid>\\t...', got {line!r}")
+        fname, wnid = parts[0], parts[1]
+        if wnid not in label_of:
+            raise D3FastError(f"{ann}:{n}: wnid {wnid} is not one of the train classes")
+        path = root / "val" / "images" / fname
+        if not path.is_file():
+            problems.append(f"{ann}:{n} names {path}, which does not exist")
+            continue
+        val_files.append(path)
+        val_labels.append(label_of[wnid])
+    if problems:
+        raise D3FastError("TinyImageNet layout problems:\n  " + "\n  ".join(problems[:20]))
+    if not val_files:
+        raise D3FastError(f"{ann} lists no images")
+    notes = []
+    if len(wnids) != 200:
+        notes.append(f"found {len(wnids)} classes (TinyImageNet has 200)")
+    return Source(
+        classes=[names[w] or w for w in wnids],
+        class_ids=wnids,
+        splits={
+            "train": SplitSource(labels=np.array(train_labels, np.int64), files=[str(f) for f in train_files]),
+            "test": SplitSource(labels=np.array(val_labels, np.int64), files=[str(f) for f in val_files]),
+        },
+        layout="tinyimagenet",
+        path=str(root),
+        fingerprint=_fingerprint(root, train_files + val_files + [ann]),
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------- ImageNette / ImageWoof
+
+
+def _find_imagenet_root(root: Path) -> Path:
+    if (root / "train").is_dir():
+        return root
+    # the folder that holds the extracted archive (imagenette2/, imagewoof2-320/, ...)
+    kids = [p for p in sorted(root.iterdir()) if p.is_dir() and (p / "train").is_dir()]
+    if len(kids) == 1:
+        return kids[0]
+    raise D3FastError(
+        f"{root} has no train/ folder: expected <path>/train/<wnid>/*.JPEG and "
+        "<path>/val/<wnid>/*.JPEG (an ImageNet-1k tree or fast.ai's imagenette2/imagewoof2)"
+        + (f"; candidates found: {', '.join(str(k) for k in kids)}" if kids else "")
+    )
+
+
+def read_imagenet_subset(root: Path, spec: DatasetSpec) -> Source:
+    """The 10 classes of `spec` from an ImageNet-1k tree (train split for training, the
+    ImageNet val split, sorted into val/<wnid>/, for testing) or from fast.ai's
+    imagenette2/imagewoof2 archives, which use the same wnid folders."""
+    root = _find_imagenet_root(root)
+    splits, problems, all_files = {}, [], []
+    for split, dirname in (("train", "train"), ("test", "val")):
+        base = root / dirname
+        if not base.is_dir():
+            problems.append(f"missing split folder {base}")
+            continue
+        files, labels = [], []
+        for label, (wnid, _, name) in enumerate(spec.imagenet_classes):
+            folder = base / wnid
+            if not folder.is_dir():
+                problems.append(f"missing class folder {folder} ({name})")
+                continue
+            found = _list_images(folder)
+            if not found:
+                problems.append(f"class folder {folder} ({name}) is empty")
+            files += found
+            labels += [label] * len(found)
+        if split == "test" and problems and any(
+            p.suffix.lower() in (".jpeg", ".jpg") for p in base.iterdir() if p.is_file()
+        ):
+            problems.append(
+                f"{base} holds images directly: sort ImageNet's flat val/ into val/<wnid>/ "
+                "folders first (the standard valprep.sh does this)"
+            )
+        splits[split] = SplitSource(labels=np.array(labels, np.int64), files=[str(f) for f in files])
+        all_files += files
+    if problems:
+        raise D3FastError(f"{spec.name} layout problems under {root}:\n  " + "\n  ".join(problems))
+    n_wnid_dirs = sum(1 for p in (root / "train").iterdir() if p.is_dir() and p.name.startswith("n"))
+    layout = "imagenet-1k" if n_wnid_dirs > len(spec.imagenet_classes) else "fastai"
+    return Source(
+        classes=[c[2] for c in spec.imagenet_classes],
+        class_ids=[c[0] for c in spec.imagenet_classes],
+        splits=splits,
+        layout=layout,
+        path=str(root),
+        fingerprint=_fingerprint(root, all_files, extra=str(spec.resolution)),
+    )

@@ -1,0 +1,277 @@
+"""`d3fast experts`: expert trajectories for MTT (SPEC.md section 4).
+
+Each expert is a ConvNet trained from its own random init with plain SGD; its parameter
+vector is saved at init and after every epoch. Files, under <home>/experts/<dataset>/<tag>/:
+
+    expert_0007.safetensors   trajectory float32 [epochs + 1, P] (+ buffers [B] when the
+                              network has any); metadata: seed, epochs done, per-epoch
+                              loss/accuracy, test accuracy once complete
+    manifest.json             dataset, network, hyperparameters, parameter layout, and one
+                              record per expert (rebuilt from the files after each expert)
+    config.json               the settings that define the trajectories
+
+The tag is a hash of everything that shapes a trajectory (network, augmentation, lr,
+batch, seed, the prepared data's hash), so changed settings never mix with old files.
+Each expert's init seed is derived from (seed, index), and each epoch's shuffling and
+augmentation from (seed, index, epoch). Since SGD without momentum has no state beyond
+the parameters, an interrupted expert resumes from its last saved epoch and continues
+the very same trajectory; finished experts are never redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from d3fast.config import Config
+from d3fast.data.augment import DSA
+from d3fast.data.cache import load_split
+from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.errors import D3FastError
+from d3fast.io import atomic_write_json, load_tensors, save_tensors
+from d3fast.models import build_network, default_depth
+from d3fast.paths import experts_root
+from d3fast.runtime import derive_seed, device_name, resolve_device, versions
+from d3fast.training import evaluate_accuracy, flat_params, param_layout, train_epoch
+
+TRAJ_FORMAT = 1
+
+
+@dataclass
+class ExpertsResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    trained_epochs: int  # epochs trained by this call
+    seconds: float
+    images_per_s: float  # training images per second over this call (0 when nothing ran)
+
+
+def trajectory_config(cfg: Config, data_sha: str) -> dict[str, Any]:
+    """Everything that shapes a trajectory; its hash names the experts directory."""
+    net = asdict(cfg.net)
+    return {
+        "dataset": cfg.data.dataset,
+        "data_sha256": data_sha,
+        "zca_eps": cfg.data.zca_eps if cfg.data.zca else None,
+        "net": net,
+        "augment": asdict(cfg.augment) if cfg.experts.augment else None,
+        "lr": cfg.experts.lr,
+        "batch_size": cfg.experts.batch_size,
+        "seed": cfg.experts.seed,
+    }
+
+
+def experts_dir(cfg: Config) -> Path:
+    _, _, manifest = load_split(cfg.data.dataset, "train", mmap=True)
+    tcfg = trajectory_config(cfg, manifest["sha256"]["train_x.npy"])
+    digest = hashlib.sha256(json.dumps(tcfg, sort_keys=True).encode()).hexdigest()[:10]
+    depth = cfg.net.depth or (default_depth(manifest["resolution"]) if cfg.net.name == "convnet" else 0)
+    name = f"{cfg.net.name}{depth or ''}-w{cfg.net.width}-{digest}" if cfg.net.name == "convnet" else f"{cfg.net.name}-{digest}"
+    return experts_root(cfg.data.dataset) / name
+
+
+def expert_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"expert_{index:04d}.safetensors"
+
+
+def read_expert(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = load_tensors(path, "expert trajectory")
+    if meta.get("format") != TRAJ_FORMAT or "trajectory" not in tensors:
+        raise D3FastError(f"{path} is not a d3fast expert trajectory (format {meta.get('format')})")
+    return tensors, meta
+
+
+def _build(cfg: Config, data: DeviceDataset, seed: int) -> torch.nn.Module:
+    # init on the CPU under a fixed seed: the same seed gives the same init on any device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_network(
+            cfg.net.name,
+            data.images.shape[1],
+            data.num_classes,
+            data.images.shape[-1],
+            width=cfg.net.width,
+            depth=cfg.net.depth,
+            norm=cfg.net.norm,
+            pooling=cfg.net.pooling,
+        )
+    return net.to(data.device)
+
+
+def _buffers(net: torch.nn.Module) -> torch.Tensor:
+    bufs = [b.detach().reshape(-1).float().cpu() for b in net.buffers()]
+    return torch.cat(bufs) if bufs else torch.zeros(0)
+
+
+def _load_buffers(net: torch.nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for b in net.buffers():
+        n = b.numel()
+        b.copy_(flat[offset : offset + n].view_as(b).to(b.dtype))
+        offset += n
+
+
+def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
+    device = resolve_device(cfg.device)
+    ds = cfg.data.dataset
+    zca = cfg.data.zca_eps if cfg.data.zca else None
+    train = load_dataset(ds, "train", device, zca)
+    test = load_dataset(ds, "test", device, zca)
+    out = experts_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = trajectory_config(cfg, load_split(ds, "train", mmap=True)[2]["sha256"]["train_x.npy"])
+    atomic_write_json(out / "config.json", tcfg)
+    augment = DSA(cfg.augment) if cfg.experts.augment else None
+    e_cfg = cfg.experts
+
+    todo: list[tuple[int, int]] = []  # (index, epochs already done)
+    for i in range(e_cfg.num_experts):
+        path = expert_path(out, i)
+        if path.exists():
+            _, meta = read_expert(path)
+            if meta["complete"] and meta["epochs_done"] >= e_cfg.epochs:
+                continue
+            todo.append((i, min(meta["epochs_done"], e_cfg.epochs)))
+        else:
+            todo.append((i, 0))
+
+    total = sum(e_cfg.epochs - done for _, done in todo)
+    bar = tqdm(total=total, desc="experts", unit="ep", disable=not progress, dynamic_ncols=True)
+    t_start, images_seen, epochs_run = time.perf_counter(), 0, 0
+    try:
+        for n_done, (i, _) in enumerate(todo):
+            epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, f"{n_done + 1}/{len(todo)}")
+            epochs_run += epochs
+            images_seen += imgs
+            write_manifest(cfg, out, device)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t_start
+    manifest = write_manifest(cfg, out, device)
+    return ExpertsResult(out, manifest, epochs_run, seconds, images_seen / seconds if epochs_run else 0.0)
+
+
+def _train_one(
+    cfg: Config,
+    index: int,
+    train: DeviceDataset,
+    test: DeviceDataset,
+    augment: DSA | None,
+    out: Path,
+    bar: tqdm,
+    label: str,
+) -> tuple[int, int]:
+    """Train (or finish) expert `index`; returns (epochs trained, images seen)."""
+    e_cfg = cfg.experts
+    seed = derive_seed(e_cfg.seed, index)
+    net = _build(cfg, train, seed)
+    path = expert_path(out, index)
+    history: list[dict[str, float]] = []
+    if path.exists():
+        tensors, meta = read_expert(path)
+        snapshots = list(tensors["trajectory"][: e_cfg.epochs + 1])
+        history = meta["history"][: len(snapshots) - 1]
+        torch.nn.utils.vector_to_parameters(snapshots[-1].to(train.device), net.parameters())
+        if "buffers" in tensors:
+            _load_buffers(net, tensors["buffers"])
+    else:
+        snapshots = [flat_params(net)]
+    opt = torch.optim.SGD(net.parameters(), lr=e_cfg.lr, momentum=0.0, weight_decay=0.0)
+    layout = param_layout(net)
+    epochs_run = 0
+
+    def save(complete: bool, test_acc: float | None) -> None:
+        tensors = {"trajectory": torch.stack(snapshots)}
+        bufs = _buffers(net)
+        if bufs.numel():
+            tensors["buffers"] = bufs
+        meta = {
+            "format": TRAJ_FORMAT,
+            "index": index,
+            "seed": seed,
+            "epochs_done": len(snapshots) - 1,
+            "complete": complete,
+            "test_acc": test_acc,
+            "history": history,
+            "param_layout": layout,
+        }
+        save_tensors(path, tensors, meta)
+
+    for epoch in range(len(snapshots) - 1, e_cfg.epochs):
+        t0 = time.perf_counter()
+        g = torch.Generator(device=train.device)
+        g.manual_seed(derive_seed(e_cfg.seed, index, epoch))
+        loss, acc = _train_epoch(net, opt, train, e_cfg.batch_size, g, augment)
+        if not np.isfinite(loss):
+            raise D3FastError(
+                f"expert {index} diverged at epoch {epoch + 1} (loss {loss}); lower experts.lr"
+            )
+        snapshots.append(flat_params(net))
+        history.append({"epoch": epoch + 1, "loss": loss, "acc": acc, "seconds": time.perf_counter() - t0})
+        save(complete=False, test_acc=None)
+        epochs_run += 1
+        bar.set_postfix_str(f"expert {label} ep {epoch + 1}/{e_cfg.epochs} loss {loss:.3f} acc {acc:.1%}", refresh=False)
+        bar.update(1)
+    test_acc = evaluate_accuracy(net, test)
+    save(complete=True, test_acc=test_acc)
+    return epochs_run, epochs_run * len(train)
+
+
+# indirection so tests can interrupt training at a chosen epoch
+_train_epoch = train_epoch
+
+
+def write_manifest(cfg: Config, out: Path, device: torch.device) -> dict[str, Any]:
+    records = []
+    layout: list | None = None
+    for path in sorted(out.glob("expert_*.safetensors")):
+        tensors, meta = read_expert(path)
+        layout = meta["param_layout"]
+        seconds = sum(h["seconds"] for h in meta["history"])
+        records.append(
+            {
+                "index": meta["index"],
+                "file": path.name,
+                "seed": meta["seed"],
+                "epochs": meta["epochs_done"],
+                "complete": meta["complete"],
+                "test_acc": meta["test_acc"],
+                "train_seconds": round(seconds, 3),
+                "final_train_acc": meta["history"][-1]["acc"] if meta["history"] else None,
+            }
+        )
+    accs = [r["test_acc"] for r in records if r["test_acc"] is not None]
+    manifest = {
+        "format": TRAJ_FORMAT,
+        "dataset": cfg.data.dataset,
+        "tag": out.name,
+        "config": json.loads((out / "config.json").read_text()),
+        "hyperparameters": {
+            "optimizer": "SGD",
+            "lr": cfg.experts.lr,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "batch_size": cfg.experts.batch_size,
+        },
+        "param_layout": layout,
+        "num_params": sum(int(np.prod(s)) for _, s in layout) if layout else None,
+        "num_experts": len(records),
+        "num_complete": sum(r["complete"] for r in records),
+        "test_acc_mean": float(np.mean(accs)) if accs else None,
+        "test_acc_std": float(np.std(accs)) if accs else None,
+        "experts": records,
+        "device": device_name(device),
+        "versions": versions(),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+

@@ -1,0 +1,119 @@
+"""Helpers that write small but real datasets (JPEG/PNG/IDX/pickle files) in the
+standard layouts, for the readers to find."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from d3fast.data.datasets import IMAGENETTE
+
+
+def photo(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth random RGB picture with a sharp vertical edge (orientation is testable)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    im = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)).copy()
+    im[:, : w // 4, 0] = 250  # a red band on the left
+    return Image.fromarray(im)
+
+
+def write_jpeg(path: Path, w: int, h: int, seed: int, quality: int = 90) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo(w, h, seed).save(path, "JPEG", quality=quality)
+    return path
+
+
+def make_imagenet_tree(
+    root: Path,
+    classes=IMAGENETTE,
+    n_train: int = 3,
+    n_val: int = 2,
+    size: tuple[int, int] = (200, 150),
+    extra_wnids: tuple[str, ...] = (),
+) -> Path:
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; `extra_wnids` adds the other ImageNet
+    classes a full ImageNet-1k tree has."""
+    seed = 0
+    for split, n in (("train", n_train), ("val", n_val)):
+        for wnid in [c[0] for c in classes] + list(extra_wnids):
+            for i in range(n):
+                seed += 1
+                write_jpeg(root / split / wnid / f"{wnid}_{i}.JPEG", *size, seed=seed)
+    return root
+
+
+def make_tinyimagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577"), n_train=4, n_val=3) -> Path:
+    base = root / "tiny-imagenet-200"
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (base / "words.txt").write_text("".join(f"{w}\tthing {i}, other name\n" for i, w in enumerate(wnids)))
+    seed, lines = 100, []
+    for w in wnids:
+        for i in range(n_train):
+            seed += 1
+            write_jpeg(base / "train" / w / "images" / f"{w}_{i}.JPEG", 64, 64, seed)
+        (base / "train" / w / f"{w}_boxes.txt").write_text("")
+    k = 0
+    for j in range(n_val):
+        for w in wnids:
+            seed += 1
+            write_jpeg(base / "val" / "images" / f"val_{k}.JPEG", 64, 64, seed)
+            lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
+            k += 1
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return base
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> Path:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_fashion_mnist(root: Path, n_train: int = 30, n_test: int = 10, gz: bool = True):
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, stem, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(root / f"{stem}-images-idx3-ubyte", x, gz)
+        write_idx(root / f"{stem}-labels-idx1-ubyte", y, gz)
+        out[split] = (x, y)
+    return out
+
+
+def make_cifar10(root: Path, per_batch: int = 10, binary: bool = False):
+    """cifar-10-batches-py/ (pickled dicts with bytes keys, like the original Python 2
+    files) or cifar-10-batches-bin/ (1 label byte + 3072 pixel bytes per record)."""
+    rng = np.random.default_rng(2)
+    folder = root / ("cifar-10-batches-bin" if binary else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    batches = {}
+    for name in names:
+        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        y = (rng.permutation(per_batch) % 10).tolist()  # every class in every batch
+        batches[name] = (x, y)
+        if binary:
+            rec = np.concatenate([np.array(y, np.uint8)[:, None], x], axis=1)
+            (folder / f"{name}.bin").write_bytes(rec.tobytes())
+        else:
+            d = {b"batch_label": name.encode(), b"labels": y, b"data": x, b"filenames": [b"f.png"] * per_batch}
+            with open(folder / name, "wb") as f:
+                pickle.dump(d, f, protocol=2)
+    if not binary:
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump({b"label_names": [b"airplane"] * 10}, f, protocol=2)
+    return folder, batches

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
+
+import tomllib
 
 from d3fast.errors import D3FastError
 

@@ -21,7 +21,7 @@ def _version(pkg: str) -> str:
 
 def report() -> list[tuple[str, str]]:
     from d3fast import kernels
-    from d3fast._ext import HAS_EXT, REASON, _C
+    from d3fast._ext import _C, HAS_EXT, REASON
     from d3fast.runtime import versions
 
     rows: list[tuple[str, str]] = []

@@ -179,7 +179,13 @@ def _train_one(
         tensors, meta = read_expert(path)
         snapshots = list(tensors["trajectory"][: e_cfg.epochs + 1])
         history = meta["history"][: len(snapshots) - 1]
-        torch.nn.utils.vector_to_parameters(snapshots[-1].to(train.device), net.parameters())
+        # copy, never alias: vector_to_parameters would make the parameters views of the
+        # saved snapshot, and training would then overwrite it in place
+        with torch.no_grad():
+            offset = 0
+            for p in net.parameters():
+                p.copy_(snapshots[-1][offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
         if "buffers" in tensors:
             _load_buffers(net, tensors["buffers"])
     else:

@@ -59,7 +59,7 @@ def make_tinyimagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577"),
             write_jpeg(base / "train" / w / "images" / f"{w}_{i}.JPEG", 64, 64, seed)
         (base / "train" / w / f"{w}_boxes.txt").write_text("")
     k = 0
-    for j in range(n_val):
+    for _j in range(n_val):
         for w in wnids:
             seed += 1
             write_jpeg(base / "val" / "images" / f"val_{k}.JPEG", 64, 64, seed)

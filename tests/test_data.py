@@ -318,7 +318,7 @@ def test_digits_embedded():
     tr, te = m["splits"]["train"], m["splits"]["test"]
     assert tr["count"] + te["count"] == 1797
     # stratified 80/20 per class
-    for a, b in zip(tr["per_class"], te["per_class"]):
+    for a, b in zip(tr["per_class"], te["per_class"], strict=False):
         assert b == (a + b) // 5
     x, _, _ = load_split("digits", "train")
     assert x.shape[1:] == (1, 32, 32) and x.max() > 200

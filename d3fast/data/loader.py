@@ -125,7 +125,7 @@ def fit_zca(dataset: str, eps: float, manifest: dict) -> tuple[torch.Tensor, tor
     x, _, _ = load_split(dataset, "train", mmap=True)
     mean = torch.tensor(manifest["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(manifest["std"]).view(1, -1, 1, 1)
-    flat = ((torch.from_numpy(np.asarray(x)).float() / 255.0 - mean) / std).flatten(1)
+    flat = ((torch.from_numpy(np.array(x)).float() / 255.0 - mean) / std).flatten(1)
     if flat.shape[0] < 2:
         raise D3FastError("ZCA needs at least 2 train images")
     zca = kornia.enhance.ZCAWhitening(eps=eps).fit(flat)

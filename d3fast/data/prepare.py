@@ -144,7 +144,6 @@ def _write_split(
             consume(decode_chunk(task))
     bar.close()
     x.flush()
-    del x
     return len(files), bad
 
 

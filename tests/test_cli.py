@@ -1,0 +1,53 @@
+import json
+
+from click.testing import CliRunner
+
+from d3fast.cli import cli
+from tests._utils import make_imagenet_tree
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_and_doctor():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("prepare", "experts", "doctor", "config"):
+        assert cmd in r.output
+    r = run("doctor")
+    assert r.exit_code == 0
+    for key in ("torch", "d3fast._C", "kernels, cpu tensors", "loader ffcv", "d3fast home"):
+        assert key in r.output
+
+
+def test_prepare_and_config(tmp_path):
+    make_imagenet_tree(tmp_path / "tree", n_train=1, n_val=1)
+    r = run("prepare", "--dataset", "imagenette", "--data-path", str(tmp_path / "tree"))
+    assert r.exit_code == 0, r.output
+    assert "prepared imagenette: 10 train / 10 test images, 10 classes, 3x128x128" in r.output
+    assert "decoded 20 images" in r.output
+    r = run("prepare", "--dataset", "imagenette", "--data-path", str(tmp_path / "tree"))
+    assert r.output.startswith("reused cache of imagenette")
+    r = run("config", "--dataset", "digits", "--set", "experts.lr=0.5")
+    assert json.loads(r.output)["experts"]["lr"] == 0.5
+
+
+def test_errors_exit_2_with_one_line():
+    for args, text in [
+        (("prepare", "--dataset", "mnist9"), "unknown dataset 'mnist9'"),
+        (("prepare", "--dataset", "imagenette", "--data-path", "/no/such/dir"), "does not exist"),
+        (("config", "--dataset", "digits", "--set", "experts.bogus=1"), "unknown config key"),
+        (("experts", "--dataset", "digits", "--no-auto"), "is not prepared"),
+    ]:
+        r = CliRunner().invoke(cli, list(args))
+        assert r.exit_code == 2, (args, r.output)
+        assert "error: " in r.output and text in r.output
+        assert "Traceback" not in r.output
+
+
+def test_experts_command_prepares_first():
+    r = run("experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "1", "--set", "net.width=8", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "digits is not prepared yet: preparing it first" in r.output
+    assert "1/1 experts complete" in r.output and "train img/s" in r.output

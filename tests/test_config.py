@@ -1,0 +1,70 @@
+import pytest
+
+from d3fast.config import Config, available_presets, load_preset, resolve_config, to_dict
+from d3fast.errors import D3FastError
+
+
+def test_defaults_preset_overrides_order():
+    base = Config()
+    cfg = resolve_config("digits")
+    preset = load_preset("digits")
+    assert cfg.experts.num_experts == preset["experts"]["num_experts"] != base.experts.num_experts
+    assert cfg.experts.lr == base.experts.lr  # not in the preset: default survives
+    cfg = resolve_config("digits", overrides=["experts.num_experts=7", "experts.lr=0.5", "data.zca=yes"])
+    assert (cfg.experts.num_experts, cfg.experts.lr, cfg.data.zca) == (7, 0.5, True)
+    typed = resolve_config("digits", typed_overrides={"experts": {"epochs": 3}}, overrides=["experts.epochs=4"])
+    assert typed.experts.epochs == 4  # string overrides come last
+
+
+def test_every_preset_resolves():
+    names = available_presets()
+    assert {"digits", "fashion-mnist", "cifar10", "tinyimagenet", "imagenette", "imagewoof"} <= set(names)
+    for name in names:
+        cfg = resolve_config(preset=name)
+        assert cfg.preset == name
+        assert cfg.data.dataset in name
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experts.lrr=1"], "unknown config key 'experts.lrr'; valid keys here: experts.num_experts"),
+        (["nosection.x=1"], "unknown config key 'nosection'"),
+        (["experts.epochs=ten"], "experts.epochs: expected int, got 'ten'"),
+        (["data.zca=maybe"], "expected true/false"),
+        (["experts=3"], "is a section"),
+        (["net.norm=fancy"], "net.norm: 'fancy' is not one of"),
+        (["experts.lr"], "must look like section.key=value"),
+        (["experts.epochs=0"], "experts.epochs must be >= 1"),
+    ],
+)
+def test_bad_overrides(overrides, message):
+    with pytest.raises(D3FastError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_config("digits", overrides=overrides)
+
+
+def test_typed_values_are_checked():
+    with pytest.raises(D3FastError, match="expected int, got True"):
+        resolve_config("digits", typed_overrides={"experts": {"epochs": True}})
+    with pytest.raises(D3FastError, match="expected str"):
+        resolve_config("digits", typed_overrides={"net": {"name": 3}})
+    cfg = resolve_config("digits", typed_overrides={"experts": {"lr": 1}})
+    assert isinstance(cfg.experts.lr, float)
+
+
+def test_preset_dataset_mismatch_and_unknowns():
+    with pytest.raises(D3FastError, match="preset 'cifar10' is for dataset 'cifar10', not 'digits'"):
+        resolve_config("digits", preset="cifar10")
+    with pytest.raises(D3FastError, match="unknown preset 'nope'"):
+        resolve_config(preset="nope")
+    with pytest.raises(D3FastError, match="unknown dataset 'mnist2'"):
+        resolve_config("mnist2")
+
+
+def test_optional_none_and_dump():
+    cfg = resolve_config("digits", overrides=["data.data_path=/x/y"])
+    assert cfg.data.data_path == "/x/y"
+    cfg = resolve_config("digits", overrides=["data.data_path=none"])
+    assert cfg.data.data_path is None
+    d = to_dict(cfg)
+    assert d["experts"]["num_experts"] == cfg.experts.num_experts and d["preset"] == "digits"

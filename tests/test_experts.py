@@ -1,0 +1,118 @@
+"""Expert trajectories on the embedded digits data (a small ConvNet, a few epochs)."""
+
+import shutil
+
+import pytest
+import torch
+
+import d3fast.experts as experts_mod
+from d3fast.config import resolve_config
+from d3fast.data.prepare import prepare
+from d3fast.errors import D3FastError
+from d3fast.experts import expert_path, read_expert, run_experts
+
+
+def small_cfg(seed=0, **extra):
+    overrides = [
+        "net.width=16",
+        "experts.num_experts=2",
+        "experts.epochs=3",
+        "experts.batch_size=256",
+        f"experts.seed={seed}",
+        "device=cpu",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return resolve_config("digits", overrides=overrides)
+
+
+@pytest.fixture
+def digits():
+    prepare(resolve_config("digits"), progress=False)
+
+
+def trajectories(out):
+    return [read_expert(expert_path(out, i))[0]["trajectory"] for i in range(2)]
+
+
+def test_experts_train_and_manifest(digits):
+    res = run_experts(small_cfg(), progress=False)
+    m = res.manifest
+    assert m["num_complete"] == 2 and res.trained_epochs == 6
+    assert m["num_params"] == sum(p.numel() for p in experts_mod._build(small_cfg(), _ds(), 0).parameters())
+    for rec in m["experts"]:
+        # far above chance (10%) after 3 epochs
+        assert rec["test_acc"] > 0.5 and rec["epochs"] == 3 and rec["complete"]
+    traj = trajectories(res.out_dir)[0]
+    assert traj.shape == (4, m["num_params"])  # init + 3 epochs
+    assert not torch.equal(traj[0], traj[-1])
+    assert m["hyperparameters"] == {"optimizer": "SGD", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 256}
+    assert m["versions"]["torch"] == torch.__version__
+    # a second call finds everything done and trains nothing
+    again = run_experts(small_cfg(), progress=False)
+    assert again.trained_epochs == 0
+
+
+def _ds():
+    from d3fast.data.loader import load_dataset
+
+    return load_dataset("digits", "train")
+
+
+def test_same_seed_same_trajectory_other_seed_other(digits):
+    out = run_experts(small_cfg(), progress=False).out_dir
+    first = trajectories(out)
+    shutil.rmtree(out)
+    again = trajectories(run_experts(small_cfg(), progress=False).out_dir)
+    for a, b in zip(first, again, strict=False):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])  # experts differ from each other
+    other = run_experts(small_cfg(seed=1), progress=False)
+    assert other.out_dir != out
+    assert not torch.equal(trajectories(other.out_dir)[0][0], first[0][0])
+
+
+def test_interrupt_and_resume_equals_uninterrupted(digits, monkeypatch):
+    reference = trajectories(run_experts(small_cfg(), progress=False).out_dir)
+    shutil.rmtree(run_experts(small_cfg(), progress=False).out_dir)
+
+    calls = {"n": 0}
+    real = experts_mod._train_epoch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # expert 0 done (3 epochs), expert 1 one epoch in
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experts_mod, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experts(small_cfg(), progress=False)
+    out = experts_mod.experts_dir(small_cfg())
+    _, meta1 = read_expert(expert_path(out, 1))
+    assert meta1["epochs_done"] == 1 and not meta1["complete"]
+
+    calls["n"] = -100  # no more interrupts; count what the resume trains
+    res = run_experts(small_cfg(), progress=False)
+    assert calls["n"] == -100 + 2  # only expert 1's two missing epochs
+    assert res.trained_epochs == 2
+    for a, b in zip(reference, trajectories(out), strict=False):
+        assert torch.equal(a, b)
+
+
+def test_more_epochs_extend_existing_experts(digits):
+    out = run_experts(small_cfg(), progress=False).out_dir
+    res = run_experts(small_cfg(**{"experts.epochs": 4}), progress=False)
+    assert res.out_dir == out and res.trained_epochs == 2
+    assert trajectories(out)[0].shape[0] == 5
+
+
+def test_corrupt_expert_file_is_reported(digits):
+    out = run_experts(small_cfg(), progress=False).out_dir
+    path = expert_path(out, 1)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(D3FastError, match="expert_0001.safetensors is corrupt or truncated"):
+        run_experts(small_cfg(), progress=False)
+
+
+def test_divergence_is_a_clear_error(digits):
+    with pytest.raises(D3FastError, match="diverged"):
+        run_experts(small_cfg(**{"experts.lr": 1e6, "experts.num_experts": 1, "experts.epochs": 2}), progress=False)

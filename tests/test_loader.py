@@ -1,0 +1,43 @@
+import numpy as np
+import torch
+
+from d3fast.config import resolve_config
+from d3fast.data.loader import load_dataset
+from d3fast.data.prepare import prepare
+from tests._utils import make_cifar10
+
+
+def test_normalisation_batches_and_per_class_sampling():
+    prepare(resolve_config("digits"), progress=False)
+    ds = load_dataset("digits", "train")
+    assert ds.images.dtype == torch.uint8  # kept as uint8 on the device
+    x = ds.normalize(ds.images)
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([y for _, y in ds.batches(100, shuffle=True, generator=g)])
+    assert len(seen) == len(ds) and torch.equal(seen.sort().values, ds.labels.sort().values)
+    assert sum(1 for _ in ds.batches(100, shuffle=False, drop_last=True)) == len(ds) // 100
+    per = ds.sample_per_class(5, torch.Generator().manual_seed(1))
+    assert per.shape == (10, 5, 1, 32, 32)
+    # each row really is class c: find the sampled images among class c's images
+    for c in range(10):
+        pool = ds.normalize(ds.images[ds.labels == c]).flatten(1)
+        for img in per[c].flatten(1):
+            assert torch.isclose(pool, img).all(1).any()
+    sub = ds.subset(torch.arange(10))
+    assert len(sub) == 10 and sub.mean is ds.mean
+
+
+def test_zca_matches_kornia(tmp_path):
+    import kornia
+
+    make_cifar10(tmp_path, per_batch=40)
+    prepare(resolve_config("cifar10", overrides=[f"data.data_path={tmp_path}"]), progress=False)
+    ds = load_dataset("cifar10", "train", zca_eps=0.1)
+    plain = load_dataset("cifar10", "train")
+    x = plain.normalize(plain.images)
+    ref = kornia.enhance.ZCAWhitening(eps=0.1).fit(x)(x)
+    torch.testing.assert_close(ds.normalize(ds.images), ref, rtol=1e-3, atol=1e-3)
+    # the second load reuses the cached matrix
+    again = load_dataset("cifar10", "test", zca_eps=0.1)
+    assert np.allclose(again.zca[0].numpy(), ds.zca[0].numpy())

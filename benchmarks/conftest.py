@@ -3,11 +3,7 @@ benchmark is skipped (pytest-benchmark has no such flag: it is registered here).
 
 from __future__ import annotations
 
-import os
-import platform
-
 import pytest
-import torch
 
 
 def pytest_addoption(parser):
@@ -25,24 +21,12 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
-def device_label() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{model or platform.machine()} x{os.cpu_count()} cores (CPU)"
-
-
 @pytest.fixture
 def provenance(benchmark):
     """Device and versions stored with every benchmark record."""
-    from d3fast.runtime import versions
+    from d3fast.runtime import device_name, resolve_device, versions
 
-    info = {"device": device_label(), **versions()}
+    info = {"device": device_name(resolve_device("auto")), **versions()}
     benchmark.extra_info.update(info)
     return info
 

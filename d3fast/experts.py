@@ -36,7 +36,7 @@ from d3fast.data.augment import DSA
 from d3fast.data.cache import load_split
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.errors import D3FastError
-from d3fast.io import atomic_write_json, load_tensors, save_tensors
+from d3fast.io import atomic_write_json, load_tensors, remove_stale_temps, save_tensors
 from d3fast.models import build_network, default_depth
 from d3fast.paths import experts_root
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
@@ -127,6 +127,7 @@ def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
     test = load_dataset(ds, "test", device, zca)
     out = experts_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     tcfg = trajectory_config(cfg, load_split(ds, "train", mmap=True)[2]["sha256"]["train_x.npy"])
     atomic_write_json(out / "config.json", tcfg)
     augment = DSA(cfg.augment) if cfg.experts.augment else None

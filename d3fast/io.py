@@ -116,3 +116,28 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove temporary files and directories that a killed process left in `folder`:
+    `.<name>.*.tmp` files from `atomic_path`, and `<name>.tmp-<pid>` directories whose
+    process no longer runs."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            entry.unlink(missing_ok=True)
+        elif ".tmp-" in entry.name and entry.is_dir():
+            pid = entry.name.rsplit(".tmp-", 1)[1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -32,9 +33,16 @@ def derive_seed(*parts: int) -> int:
 
 
 def device_name(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3', or the CPU model with its core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()} x{os.cpu_count()} cores (CPU)"
 
 
 def git_commit() -> str | None:

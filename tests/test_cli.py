@@ -51,3 +51,24 @@ def test_experts_command_prepares_first():
     assert r.exit_code == 0, r.output
     assert "digits is not prepared yet: preparing it first" in r.output
     assert "1/1 experts complete" in r.output and "train img/s" in r.output
+
+
+def test_python_dash_m_and_version():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "d3fast", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "0.1.0" in out.stdout
+
+
+def test_stale_temporaries_are_removed(d3fast_home):
+    from d3fast.io import remove_stale_temps
+
+    folder = d3fast_home / "data"
+    (folder / "digits.tmp-999999999").mkdir(parents=True)  # no such process
+    (folder / ".expert_0001.safetensors.abc.tmp").write_bytes(b"torn")
+    import os
+
+    (folder / f"digits.tmp-{os.getpid()}").mkdir()  # a live writer's directory stays
+    remove_stale_temps(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [f"digits.tmp-{os.getpid()}"]

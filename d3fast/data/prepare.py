@@ -21,7 +21,13 @@ from d3fast.data.datasets import get_spec
 from d3fast.data.decode import decode_chunk
 from d3fast.data.readers import Source, SplitSource, read_source
 from d3fast.errors import D3FastError
-from d3fast.io import atomic_write_json, atomic_write_text, replace_dir, sha256_file
+from d3fast.io import (
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temps,
+    replace_dir,
+    sha256_file,
+)
 from d3fast.paths import data_dir
 
 # Files per worker task: large enough to amortise inter-process transfer (64 x 48 KiB at
@@ -55,6 +61,7 @@ def prepare(
     if progress and reason != "no cache yet":
         tqdm.write(f"re-preparing {spec.name}: {reason}")
 
+    remove_stale_temps(cache.parent)
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

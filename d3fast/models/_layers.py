@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from d3fast.errors import D3FastError
@@ -26,3 +27,17 @@ def first_conv_padding(res: int, kernel: int) -> int:
     to the 32 px networks, as in the DC/MTT code: 3x3 conv -> padding 3)."""
     same = kernel // 2
     return same + (32 - res) // 2 if res == 28 else same
+
+
+class FeatureClassifier(nn.Module):
+    """A conv stack `features_net` whose flattened output (`features`, `feature_dim` wide)
+    feeds one Linear `classifier`."""
+
+    features_net: nn.Module
+    classifier: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_net(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from d3fast.models._layers import first_conv_padding
+from d3fast.models._layers import FeatureClassifier, first_conv_padding
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeatureClassifier):
     """AlexNet as in the dataset-distillation code: 5x5 convs of 128 and 192 channels, three
     3x3 convs, three 2x2 max-pools, no normalisation, one Linear (192 x 4 x 4 at 32 px)."""
 
@@ -31,9 +30,3 @@ class AlexNet(nn.Module):
         side = (res + 2 * pad - 4) // 8
         self.feature_dim = 192 * side * side
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_net(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))

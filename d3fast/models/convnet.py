@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from d3fast.errors import D3FastError
-from d3fast.models._layers import first_conv_padding, norm_layer
+from d3fast.models._layers import FeatureClassifier, first_conv_padding, norm_layer
 
 
 def default_depth(res: int) -> int:
@@ -16,7 +15,7 @@ def default_depth(res: int) -> int:
     return depth
 
 
-class ConvNet(nn.Module):
+class ConvNet(FeatureClassifier):
     """The dataset-distillation ConvNet: `depth` x [Conv3x3(width) -> norm -> ReLU -> pool]
     then Linear. `features(x)` is the flattened conv output that MMD matches
     (2048-d = 128 x 4 x 4 for ConvNet-3 at 32 px, -4 at 64 px, -5 at 128 px).
@@ -61,9 +60,3 @@ class ConvNet(nn.Module):
         self.features_net = nn.Sequential(*layers)
         self.feature_dim = width * side * side
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_net(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from d3fast.models._layers import first_conv_padding, norm_layer
+from d3fast.models._layers import FeatureClassifier, first_conv_padding, norm_layer
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG11(nn.Module):
+class VGG11(FeatureClassifier):
     """VGG-11 as in the dataset-distillation code: 3x3 convs with instance norm by default,
     five 2x2 max-pools, one Linear on the flattened map (512-d at 32 px; 512 x (res/32)^2
     at larger inputs)."""
@@ -29,9 +28,3 @@ class VGG11(nn.Module):
         self.features_net = nn.Sequential(*layers)
         self.feature_dim = 512 * side * side
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_net(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))

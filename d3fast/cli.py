@@ -138,6 +138,156 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
                    f"{res.images_per_s:.0f} train img/s on {m['device']}")
 
 
+def _ensure_inputs(cfg, no_auto: bool) -> None:
+    """Prepare the dataset and train the experts when missing (unless --no-auto)."""
+    from d3fast.data.cache import read_manifest
+    from d3fast.data.prepare import prepare as run_prepare
+    from d3fast.experts import experts_dir, run_experts
+    from d3fast.paths import data_dir
+
+    ds = cfg.data.dataset
+    if read_manifest(data_dir(ds)) is None:
+        if no_auto:
+            raise D3FastError(f"dataset {ds!r} is not prepared; run `d3fast prepare --dataset {ds}`")
+        click.echo(f"{ds} is not prepared yet: preparing it first")
+        _report_prepare(run_prepare(cfg))
+    need = cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+    if cfg.experts.epochs < need:
+        raise D3FastError(
+            f"experts.epochs={cfg.experts.epochs} < distill.max_start_epoch + expert_epochs = {need}"
+        )
+    manifest = experts_dir(cfg) / "manifest.json"
+    done = 0
+    if manifest.exists():
+        done = sum(r["complete"] and r["epochs"] >= need for r in json.loads(manifest.read_text())["experts"])
+    if done < cfg.experts.num_experts:
+        if no_auto:
+            raise D3FastError(f"{done}/{cfg.experts.num_experts} experts are ready; run `d3fast experts --dataset {ds}`")
+        click.echo(f"{done}/{cfg.experts.num_experts} expert trajectories ready: training the rest first")
+        run_experts(cfg)
+
+
+def _resolve_run(run_dir: str, runs_dir: str = "runs"):
+    from pathlib import Path
+
+    if run_dir == "latest":
+        runs = sorted(Path(runs_dir).glob("*/*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise D3FastError(f"no runs with a checkpoint under {runs_dir}/")
+        return runs[-1].parent
+    path = Path(run_dir)
+    if not (path / "config.json").exists():
+        raise D3FastError(f"{path} is not a run directory (no config.json)")
+    return path
+
+
+@cli.command()
+@_config_options
+@click.option("--ppc", type=int, default=None, help="Latent priors per class.")
+@click.option("--steps", type=int, default=None, help="Distillation steps (with --resume: the new total).")
+@click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA (decoder, MMD); a no-op on CPU.")
+@click.option("--resume", "resume_dir", default=None, help="Continue the run in this directory.")
+@click.option("--runs-dir", default="runs", show_default=True, help="Where run directories are created.")
+@click.option("--name", default=None, help="Run name (default: the preset).")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
+@click.option("--no-auto", is_flag=True, help="Fail instead of preparing data / training experts.")
+@click.option("--evaluate", "then_evaluate", is_flag=True, help="Run `d3fast evaluate` on the result.")
+def distill(dataset, preset, overrides, ppc, steps, amp, resume_dir, runs_dir, name, device, no_auto, then_evaluate) -> None:
+    """Learn the distilled distribution (Algorithm 1: MTT + MMD + KL + diversity).
+
+    Writes runs/<dataset>/<timestamp>-<name>/: config.json, manifest.json, metrics.jsonl
+    (every loss term, lr, step time, images/s, peak memory) and checkpoint.pt (whole state,
+    every distill.checkpoint_every steps and on Ctrl-C/SIGTERM). --resume RUN_DIR continues.
+    """
+    from pathlib import Path
+
+    from d3fast.distill import distill as run_distill
+    from d3fast.distill import load_run_config
+
+    if resume_dir:
+        run_dir = _resolve_run(resume_dir, runs_dir)
+        cfg = load_run_config(run_dir)
+        if steps is not None:
+            cfg.distill.steps = steps
+        if device is not None:
+            cfg.device = device
+        res = run_distill(cfg, run_dir=run_dir, resume=True)
+    else:
+        cfg = _resolve(dataset, preset, overrides, **{
+            "distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp})
+        if device is not None:
+            cfg.device = device
+        _ensure_inputs(cfg, no_auto)
+        res = run_distill(cfg, runs_dir=Path(runs_dir), name=name)
+    last = res.last
+    summary = f"; last mtt {last['mtt']:.4f} mmd {last['mmd']:.4f} student lr {last['student_lr']:.4g}" if last else ""
+    state = "stopped early at" if res.interrupted else "reached"
+    click.echo(f"{state} step {res.step}/{cfg.distill.steps} in {res.seconds:.1f} s{summary}")
+    click.echo(f"run directory: {res.run_dir}")
+    if res.interrupted:
+        click.echo(f"continue with: d3fast distill --resume {res.run_dir}")
+        sys.exit(130)
+    if then_evaluate:
+        _evaluate(res.run_dir, None, None, None, device)
+
+
+def _evaluate(run_dir, archs, students, epochs, device) -> None:
+    from d3fast.evaluate import evaluate_run
+
+    over: dict[str, Any] = {}
+    if archs:
+        over["archs"] = [a.strip() for a in archs.split(",") if a.strip()]
+    if students is not None:
+        over["students"] = students
+    if epochs is not None:
+        over["epochs"] = epochs
+    report = evaluate_run(run_dir, {"eval": over} if over else None, device=device)
+    click.echo((run_dir / "eval.md").read_text())
+    click.echo(f"written: {run_dir / 'eval.json'}, {run_dir / 'eval.md'} ({report['seconds']:.0f} s)")
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--arch", "archs", default=None, help="Comma-separated: convnet,resnet18,vgg11,alexnet.")
+@click.option("--students", type=int, default=None, help="Students per architecture (default 5).")
+@click.option("--epochs", type=int, default=None, help="Epochs per student (default: the run's eval.epochs).")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
+def evaluate(run_dir, archs, students, epochs, device) -> None:
+    """Train students on fresh distilled samples and on two random-real baselines (same
+    count, same storage); report mean ± std test accuracy. RUN_DIR may be `latest`."""
+    _evaluate(_resolve_run(run_dir), archs, students, epochs, device)
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--out", required=True, type=click.Path(), help="PNG file to write.")
+@click.option("--samples", default=9, show_default=True, help="Samples per prior after its mean image.")
+@click.option("--seed", default=0, show_default=True)
+def sample(run_dir, out, samples, seed) -> None:
+    """Write a grid: per prior, its mean image then fresh samples."""
+    from pathlib import Path
+
+    from d3fast.distill import distilled_from_run
+    from d3fast.visualize import sample_grid
+
+    d, _, step = distilled_from_run(_resolve_run(run_dir))
+    click.echo(f"wrote {sample_grid(d, Path(out), samples, seed)} (step {step}, {len(d.latents)} priors)")
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--out", required=True, type=click.Path(), help="safetensors file to write.")
+def export(run_dir, out) -> None:
+    """Export the distilled object (latents, decoder, learned lr, metadata) as safetensors."""
+    from d3fast.distill import distilled_from_run
+    from d3fast.distilled import export as run_export
+
+    d, _, step = distilled_from_run(_resolve_run(run_dir))
+    run_export(d, out)
+    click.echo(f"wrote {out}: {len(d.latents)} priors, {d.storage_bytes() / 2**20:.2f} MiB "
+               f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {step}")
+
+
 @cli.command()
 @_config_options
 def config(dataset, preset, overrides) -> None:

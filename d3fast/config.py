@@ -81,11 +81,85 @@ class ExpertConfig:
 
 
 @dataclass(kw_only=True)
+class DistillConfig:
+    """Algorithm 1 (SPEC.md section 5). Names follow the reference code."""
+
+    # latent priors per class (PPC)
+    ppc: int = 1
+    steps: int = 3000
+    # N: student steps unrolled per MTT update
+    syn_steps: int = 20
+    # M: the target is the expert M epochs after the start
+    expert_epochs: int = 3
+    # T: start epochs are drawn from 0..T-1
+    max_start_epoch: int = 25
+    # B: latents per unrolled student step; 0 = all of them
+    batch_syn: int = 0
+    # initial learnable student lr alpha (lr = leaky_relu(alpha) + 1e-4)
+    lr_teacher: float = 0.01
+    lr_latent: float = 3e-4
+    lr_lr: float = 1e-6
+    lr_decode: float = 3e-4
+    # paper | tiny
+    decoder: str = "paper"
+    decoder_width: int = 256
+    z_dim: int = 64
+    # DSA on decoded images inside the unroll (as MTT does; the D3 code has none)
+    augment_unroll: bool = True
+    # S: real images per class for MMD; each latent decodes S // ppc samples
+    mmd_samples: int = 30
+    # 0 disables the MMD update
+    mmd_weight: float = 1.0
+    # sum over classes (reference: grows with C) | mean
+    mmd_reduction: str = "sum"
+    mmd_bandwidths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
+    # raw: bandwidths on raw features (reference); median: bandwidths x the median real
+    # pairwise distance of the step (the median heuristic)
+    mmd_scale: str = "raw"
+    # feature network weights: expert at epoch T + M ("expert") or its last epoch ("final")
+    mmd_param: str = "expert"
+    # 0 disables the MTT update
+    mtt_weight: float = 1.0
+    # KL(N(mu, exp(logvar)) || N(0, I)) per prior, averaged over priors
+    kl_weight: float = 1e-4
+    # PPC >= 2: minus the mean squared distance between a class's decoded mean images
+    div_weight: float = 1e-2
+    seed: int = 0
+    checkpoint_every: int = 50
+    # bf16 autocast on CUDA for decoding and MMD features; the unroll stays fp32
+    amp: bool = False
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Student evaluation (SPEC.md section 6)."""
+
+    archs: list[str] = field(default_factory=lambda: ["convnet"])
+    students: int = 5
+    epochs: int = 300
+    batch_size: int = 256
+    # fresh distilled samples per class per epoch
+    samples_per_class: int = 10
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # lr of the real-image baselines (the distilled set uses its learned lr)
+    lr_real: float = 0.01
+    # batch: decoder BatchNorm uses the sampled batch's statistics, as while distilling;
+    # running: the running statistics gathered while distilling
+    decoder_bn: str = "batch"
+    baselines: bool = True
+    # the equal-storage baseline is capped by the train set size
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     net: NetConfig = field(default_factory=NetConfig)
     augment: AugConfig = field(default_factory=AugConfig)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
     # Name of the preset the config was resolved from (informational).
@@ -97,6 +171,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "net.norm": ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none"),
     "net.pooling": ("avgpooling", "maxpooling", "none"),
     "augment.mode": ("single", "all"),
+    "distill.decoder": ("paper", "tiny"),
+    "distill.mmd_reduction": ("sum", "mean"),
+    "distill.mmd_scale": ("raw", "median"),
+    "distill.mmd_param": ("expert", "final"),
+    "eval.decoder_bn": ("batch", "running"),
 }
 
 
@@ -242,7 +321,15 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise D3FastError(f"config key {dotted}: {value!r} is not one of {', '.join(allowed)}")
-    for dotted in ("experts.epochs", "experts.num_experts", "experts.batch_size", "net.width"):
+    bad_archs = [a for a in cfg.eval.archs if a not in CHOICES["net.name"]]
+    if bad_archs:
+        raise D3FastError(f"eval.archs: unknown {bad_archs}; known: {', '.join(CHOICES['net.name'])}")
+    for dotted in (
+        "experts.epochs", "experts.num_experts", "experts.batch_size", "net.width",
+        "distill.ppc", "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch",
+        "distill.mmd_samples", "distill.z_dim", "distill.checkpoint_every",
+        "eval.students", "eval.epochs", "eval.batch_size", "eval.samples_per_class",
+    ):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise D3FastError(f"config key {dotted} must be >= 1")

@@ -1,0 +1,129 @@
+"""The distilled object: per-prior latent Gaussians, one shared decoder, labels, and the
+learned student lr. Sampling, storage accounting, and the safetensors export."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d3fast.errors import D3FastError
+from d3fast.io import load_tensors, save_tensors
+from d3fast.models import Decoder
+
+EXPORT_FORMAT = 1
+
+
+@dataclass
+class Distilled:
+    latents: torch.Tensor  # [C * PPC, z, 2]: mean and log-variance
+    decoder: Decoder
+    alpha: torch.Tensor  # [] learnable student lr (pre-activation)
+    num_classes: int
+    ppc: int
+    classes: list[str]
+    meta: dict[str, Any]  # resolution, channels, mean, std, decoder kind/width, z_dim
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[C * PPC]: prior i belongs to class i // PPC."""
+        return torch.arange(self.num_classes, device=self.latents.device).repeat_interleave(self.ppc)
+
+    @property
+    def student_lr(self) -> float:
+        return float(torch.nn.functional.leaky_relu(self.alpha.detach()) + 1e-4)
+
+    def sample_latents(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """z = mu + eps * exp(logvar / 2) for priors `idx` ([B]) -> [B, z]."""
+        lat = self.latents[idx]
+        mu, logvar = lat[..., 0], lat[..., 1]
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def decode(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Fresh samples of priors `idx`: normalised images [B, C, H, W]."""
+        return self.decoder(self.sample_latents(idx, generator))
+
+    def mean_images(self) -> torch.Tensor:
+        """f(mu) for every prior: [C * PPC, C, H, W]."""
+        return self.decoder(self.latents[..., 0])
+
+    def storage_bytes(self) -> int:
+        """Bytes to store the object as float32: latents + decoder weights and BatchNorm
+        statistics + the lr (labels are implied by the prior order)."""
+        dec = sum(t.numel() for t in self.decoder.state_dict().values() if t.is_floating_point())
+        # the normalisation mean/std buffers are dataset metadata, not learned storage
+        dec -= 2 * self.meta["channels"]
+        return 4 * (self.latents.numel() + dec + 1)
+
+    def images_per_class_equivalent(self) -> float:
+        one_image = self.meta["channels"] * self.meta["resolution"] ** 2  # uint8 bytes
+        return self.storage_bytes() / (self.num_classes * one_image)
+
+
+def build_decoder(meta: dict[str, Any]) -> Decoder:
+    return Decoder(
+        meta["resolution"], meta["channels"], meta["mean"], meta["std"],
+        z_dim=meta["z_dim"], kind=meta["decoder"], width=meta["decoder_width"],
+    )
+
+
+def export(d: Distilled, path: str | Path) -> None:
+    tensors = {"latents": d.latents.detach(), "alpha": d.alpha.detach().reshape(1)}
+    tensors.update({f"decoder.{k}": v for k, v in d.decoder.state_dict().items()})
+    meta = {
+        "format": EXPORT_FORMAT,
+        **d.meta,
+        "classes": d.classes,
+        "num_classes": d.num_classes,
+        "ppc": d.ppc,
+        "student_lr": d.student_lr,
+        "storage_bytes": d.storage_bytes(),
+        "images_per_class_equivalent": round(d.images_per_class_equivalent(), 3),
+    }
+    save_tensors(path, tensors, meta)
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled:
+    """Load an exported distilled object (safetensors; no pickle)."""
+    tensors, meta = load_tensors(path, "distilled object")
+    if meta.get("format") != EXPORT_FORMAT or "latents" not in tensors:
+        raise D3FastError(f"{path} is not a d3fast distilled export")
+    decoder = build_decoder(meta)
+    state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    decoder.load_state_dict(state)
+    return Distilled(
+        latents=tensors["latents"].to(device),
+        decoder=decoder.to(device),
+        alpha=tensors["alpha"].reshape(()).to(device),
+        num_classes=meta["num_classes"],
+        ppc=meta["ppc"],
+        classes=meta["classes"],
+        meta={k: meta[k] for k in ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width")},
+    )
+
+
+def init_distilled(
+    num_classes: int, ppc: int, classes: list[str], meta: dict[str, Any], lr_teacher: float,
+    device: torch.device, seed: int,
+) -> Distilled:
+    """Latents ~ N(0, 1) (mean and log-variance alike, as the reference), a fresh decoder."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(num_classes * ppc, meta["z_dim"], 2, generator=g)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        decoder = build_decoder(meta)
+    if not math.isfinite(lr_teacher):
+        raise D3FastError(f"distill.lr_teacher must be finite, got {lr_teacher}")
+    return Distilled(
+        latents=latents.to(device).requires_grad_(True),
+        decoder=decoder.to(device),
+        alpha=torch.tensor(lr_teacher, device=device).requires_grad_(True),
+        num_classes=num_classes,
+        ppc=ppc,
+        classes=classes,
+        meta=meta,
+    )

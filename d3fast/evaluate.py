@@ -1,0 +1,195 @@
+"""`d3fast evaluate`: train students from scratch on the distilled distribution and on
+real-image baselines, then test them on the real test set (SPEC.md section 6).
+
+Students: SGD (momentum 0.9, weight decay 5e-4), lr = the learned lr for the distilled
+set (eval.lr_real for real images), lr x 0.1 at half the epochs, batch 256, DSA. Each
+epoch of a distilled-set student draws fresh samples (decode mu + eps * sigma),
+eval.samples_per_class per class. Baselines, trained the same way:
+    random_same_count    PPC random real images per class
+    random_same_storage  random real images whose uint8 bytes equal the distilled
+                         object's float32 bytes (capped at the train set)
+Accuracy is the test accuracy after the last epoch: there is no checkpoint selection,
+so nothing is chosen on the test set. Mean and std over students per architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from d3fast.config import Config
+from d3fast.data.augment import DSA
+from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.distill import distilled_from_run
+from d3fast.distilled import Distilled
+from d3fast.io import atomic_write_json, atomic_write_text
+from d3fast.models import build_network
+from d3fast.runtime import derive_seed, device_name, resolve_device, versions
+from d3fast.training import evaluate_accuracy
+
+Batches = Callable[[torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def train_student(
+    net: torch.nn.Module,
+    batches: Batches,
+    epochs: int,
+    lr: float,
+    cfg: Config,
+    augment: DSA | None,
+    g: torch.Generator,
+) -> None:
+    e = cfg.eval
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=e.momentum, weight_decay=e.weight_decay)
+    net.train()
+    for epoch in range(epochs):
+        if epoch == epochs // 2:
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.1
+        for x, y in batches(g):
+            if augment is not None:
+                x = augment(x, g)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def distilled_batches(d: Distilled, samples_per_class: int, batch_size: int, bn: str) -> Batches:
+    """Per epoch: C x samples_per_class fresh samples, each from a random prior of its class."""
+    decoder = copy.deepcopy(d.decoder)
+    decoder.train(bn == "batch")
+
+    def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dev = d.latents.device
+        labels = torch.arange(d.num_classes, device=dev).repeat_interleave(samples_per_class)
+        labels = labels[torch.randperm(len(labels), generator=g, device=dev)]
+        for y in labels.split(batch_size):
+            prior = y * d.ppc + torch.randint(d.ppc, y.shape, generator=g, device=dev)
+            with torch.no_grad():
+                lat = d.latents[prior]
+                eps = torch.randn(lat.shape[:-1], generator=g, device=dev)
+                x = decoder(lat[..., 0] + eps * torch.exp(0.5 * lat[..., 1]))
+            yield x, y
+
+    return batches
+
+
+def real_subset(train: DeviceDataset, per_class: int, g: torch.Generator) -> DeviceDataset:
+    picks = []
+    for idx in train.class_indices():
+        picks.append(idx[torch.randperm(len(idx), generator=g, device=idx.device)[:per_class]])
+    return train.subset(torch.cat(picks))
+
+
+def evaluate_run(
+    run_dir: Path,
+    cfg_override: dict[str, Any] | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    from d3fast.config import _apply, validate
+
+    dev = resolve_device(device or "auto")
+    d, cfg, step = distilled_from_run(run_dir, dev)
+    if cfg_override:
+        _apply(cfg, cfg_override, "", from_string=False)
+        validate(cfg)
+    e = cfg.eval
+    t0 = time.perf_counter()
+    zca = cfg.data.zca_eps if cfg.data.zca else None
+    train = load_dataset(cfg.data.dataset, "train", dev, zca)
+    test = load_dataset(cfg.data.dataset, "test", dev, zca)
+    augment = DSA(cfg.augment)
+    min_class = min(len(i) for i in train.class_indices())
+    storage_per_class = min(int(d.images_per_class_equivalent()), min_class)
+
+    setups: list[tuple[str, int | None]] = [("d3", None)]
+    if e.baselines:
+        setups += [("random_same_count", d.ppc), ("random_same_storage", storage_per_class)]
+    total = len(e.archs) * len(setups) * e.students
+    bar = tqdm(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
+    results: dict[str, Any] = {}
+    for a, arch in enumerate(e.archs):
+        results[arch] = {}
+        for kind, per_class in setups:
+            accs = []
+            for s in range(e.students):
+                seed = derive_seed(e.seed, a, s)
+                g = torch.Generator(device=dev).manual_seed(seed)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    kw = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
+                          "pooling": cfg.net.pooling} if arch == "convnet" else {}
+                    net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
+                net = net.to(dev)
+                if kind == "d3":
+                    batches = distilled_batches(d, e.samples_per_class, e.batch_size, e.decoder_bn)
+                    lr = d.student_lr
+                else:
+                    subset = real_subset(train, per_class, g)
+
+                    def batches(gen: torch.Generator, subset: DeviceDataset = subset):
+                        return subset.batches(e.batch_size, shuffle=True, generator=gen)
+
+                    lr = e.lr_real
+                train_student(net, batches, e.epochs, lr, cfg, augment, g)
+                accs.append(evaluate_accuracy(net, test))
+                bar.set_postfix_str(f"{arch} {kind} {accs[-1]:.1%}", refresh=False)
+                bar.update(1)
+            results[arch][kind] = {
+                "images_per_class": per_class if per_class is not None else None,
+                "accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+            }
+    bar.close()
+    report = {
+        "run_dir": str(run_dir), "dataset": cfg.data.dataset, "distill_step": step,
+        "ppc": d.ppc, "student_lr": d.student_lr,
+        "storage_bytes": d.storage_bytes(),
+        "images_per_class_equivalent": round(d.images_per_class_equivalent(), 2),
+        "protocol": {k: getattr(e, k) for k in ("students", "epochs", "batch_size", "samples_per_class",
+                                                 "momentum", "weight_decay", "lr_real", "decoder_bn", "seed")},
+        "results": results, "device": device_name(dev), "versions": versions(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_json(run_dir / "eval.json", report)
+    atomic_write_text(run_dir / "eval.md", markdown(report))
+    return report
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"# Evaluation of {r['run_dir']} (step {r['distill_step']})",
+        "",
+        f"{r['dataset']}, PPC {r['ppc']}, learned student lr {r['student_lr']:.4g}; storage "
+        f"{r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 images per class. "
+        f"{r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
+        "test accuracy after the last epoch (no selection).",
+        "",
+        "| arch | training set | images/class | test accuracy |",
+        "|---|---|---|---|",
+    ]
+    names = {"d3": "D3 (fresh samples)", "random_same_count": "random real, same count",
+             "random_same_storage": "random real, same storage"}
+    for arch, kinds in r["results"].items():
+        for kind, v in kinds.items():
+            n = v["images_per_class"]
+            n = f"{r['protocol']['samples_per_class']} per epoch" if n is None else str(n)
+            lines.append(f"| {arch} | {names[kind]} | {n} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} % (n={len(v['accs'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    out = []
+    for arch, kinds in r["results"].items():
+        parts = [f"{k} {100 * v['mean']:.1f}±{100 * v['std']:.1f}%" for k, v in kinds.items()]
+        out.append(f"{arch}: " + ", ".join(parts))
+    return "; ".join(out)

@@ -1,0 +1,199 @@
+"""Algorithm 1 on the embedded digits data with a tiny ConvNet and decoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import d3fast.distill as distill_mod
+from d3fast import losses
+from d3fast.checkpoint import load_checkpoint
+from d3fast.config import resolve_config
+from d3fast.data.loader import load_dataset
+from d3fast.data.prepare import prepare
+from d3fast.distill import ExpertBank, distill, distilled_from_run, unroll
+from d3fast.distilled import export, init_distilled, load
+from d3fast.errors import D3FastError
+from d3fast.experts import experts_dir, run_experts
+from d3fast.models import build_network
+
+OVERRIDES = [
+    "net.width=8", "experts.num_experts=2", "experts.epochs=3", "device=cpu",
+    "distill.steps=3", "distill.syn_steps=3", "distill.expert_epochs=1", "distill.max_start_epoch=2",
+    "distill.mmd_samples=4", "distill.decoder_width=32", "distill.checkpoint_every=1",
+    "distill.lr_latent=0.01", "distill.lr_decode=1e-3", "distill.lr_lr=1e-4",
+]
+
+
+def cfg_of(*extra):
+    return resolve_config("digits", overrides=OVERRIDES + list(extra))
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """digits prepared and two tiny experts trained once for the module."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("D3FAST_HOME", str(home))
+    prepare(cfg_of(), progress=False)
+    run_experts(cfg_of(), progress=False)
+    mp.undo()
+    return home
+
+
+@pytest.fixture
+def home(shared_home, monkeypatch):
+    monkeypatch.setenv("D3FAST_HOME", str(shared_home))
+    return shared_home
+
+
+def hand_convnet(x, p):
+    """ConvNet-3 forward written with torch.nn.functional, independent of the module."""
+    for i in range(3):
+        w, b, gw, gb = p[4 * i : 4 * i + 4]
+        pad = 3 if x.shape[-1] == 28 else 1
+        x = F.conv2d(x, w, b, padding=pad if i == 0 else 1)
+        x = F.group_norm(x, w.shape[0], gw, gb)
+        x = F.avg_pool2d(F.relu(x), 2)
+    return F.linear(x.flatten(1), p[12], p[13])
+
+
+def test_mtt_matches_hand_unrolled_two_steps(home):
+    cfg = cfg_of("distill.syn_steps=2", "distill.augment_unroll=false", "distill.ppc=2", "distill.batch_syn=7")
+    train = load_dataset("digits", "train")
+    meta = {"resolution": 32, "channels": 1, "mean": train.mean.tolist(), "std": train.std.tolist(),
+            "z_dim": 64, "decoder": "paper", "decoder_width": 32}
+    d = init_distilled(10, 2, train.classes, meta, 0.01, torch.device("cpu"), seed=3)
+    student = build_network("convnet", 1, 10, 32, width=8)
+    names = [n for n, _ in student.named_parameters()]
+    shapes = [p.shape for _, p in student.named_parameters()]
+    sizes = [p.numel() for _, p in student.named_parameters()]
+    bank = ExpertBank(experts_dir(cfg), 3)
+    theta0, target = bank.rows(0, [0, 1])
+
+    theta_n = unroll(student, names, shapes, sizes, d, theta0, cfg.distill, None, torch.Generator().manual_seed(5))
+    loss = losses.param_distance(theta_n, target, theta0)
+    ours = torch.autograd.grad(loss, [d.latents, d.alpha, *d.decoder.parameters()])
+
+    # by hand: same draws in the same order (permutation, then per step the noise)
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(20, generator=g)
+    chunks = [order[:7], order[7:14]]
+    params = [t.view(s).clone().requires_grad_(True) for t, s in zip(theta0.split(sizes), shapes, strict=True)]
+    lr = F.leaky_relu(d.alpha) + 1e-4
+    labels = torch.arange(10).repeat_interleave(2)
+    for idx in chunks:
+        lat = d.latents[idx]
+        eps = torch.randn(lat.shape[:-1], generator=g)
+        x = d.decoder(lat[..., 0] + eps * torch.exp(0.5 * lat[..., 1]))
+        ce = F.cross_entropy(hand_convnet(x, params), labels[idx])
+        grads = torch.autograd.grad(ce, params, create_graph=True)
+        params = [p - lr * gp for p, gp in zip(params, grads, strict=True)]
+    flat = torch.cat([p.reshape(-1) for p in params])
+    ref_loss = ((flat - target) ** 2).sum() / ((theta0 - target) ** 2).sum()
+    ref = torch.autograd.grad(ref_loss, [d.latents, d.alpha, *d.decoder.parameters()])
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.abs().sum() > 0  # gradients reach latents, lr and every decoder tensor
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted(home, tmp_path):
+    straight = distill(cfg_of("distill.ppc=2"), run_dir=tmp_path / "a", progress=False)
+    assert straight.step == 3
+    part = distill(cfg_of("distill.ppc=2", "distill.steps=2"), run_dir=tmp_path / "b", progress=False)
+    assert part.step == 2
+    cfg = distill_mod.load_run_config(tmp_path / "b")
+    cfg.distill.steps = 3
+    resumed = distill(cfg, run_dir=tmp_path / "b", resume=True, progress=False)
+    assert resumed.step == 3
+    a, _, _ = distilled_from_run(tmp_path / "a")
+    b, _, _ = distilled_from_run(tmp_path / "b")
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.alpha, b.alpha)
+    for (k, va), vb in zip(a.decoder.state_dict().items(), b.decoder.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda ln: {k: v for k, v in json.loads(ln).items() if k not in ("step_s", "images_per_s", "peak_mem_gib")}  # noqa: E731
+    assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
+    first = json.loads(lines_a[0])
+    for key in ("mtt", "kl", "mmd", "div", "student_lr", "step_s", "images_per_s", "peak_mem_gib"):
+        assert key in first
+    assert first["div"] < 0  # PPC 2: the diversity term is active
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(home, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = losses.param_distance
+
+    def poisoned(*args):
+        calls["n"] += 1
+        out = real(*args)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(losses, "param_distance", poisoned)
+    with pytest.raises(D3FastError, match=r"non-finite loss at step 2: \{'mtt': nan\}.*last good checkpoint"):
+        distill(cfg_of(), run_dir=tmp_path / "r", progress=False)
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 1
+
+
+def test_stop_request_saves_and_resumes(home, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = losses.kl_standard_normal
+
+    def interrupting(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 2
+        return real(*args)
+
+    monkeypatch.setattr(losses, "kl_standard_normal", interrupting)
+    cfg = cfg_of("distill.checkpoint_every=100")
+    res = distill(cfg, run_dir=tmp_path / "r", progress=False)
+    assert res.interrupted and res.step == 2  # step 2 finished, then saved
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 2
+    monkeypatch.setattr(losses, "kl_standard_normal", real)
+    res = distill(distill_mod.load_run_config(tmp_path / "r"), run_dir=tmp_path / "r", resume=True, progress=False)
+    assert res.step == 3 and not res.interrupted
+
+
+def test_corrupt_checkpoint_is_a_clear_error(home, tmp_path):
+    distill(cfg_of("distill.steps=1"), run_dir=tmp_path / "r", progress=False)
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:300])
+    with pytest.raises(D3FastError, match="checkpoint .* is corrupt or truncated"):
+        distill(distill_mod.load_run_config(tmp_path / "r"), run_dir=tmp_path / "r", resume=True, progress=False)
+    ckpt.write_bytes(b"")
+    with pytest.raises(D3FastError, match="corrupt or truncated"):
+        distilled_from_run(tmp_path / "r")
+
+
+def test_missing_experts_epochs_is_explained(home, tmp_path):
+    with pytest.raises(D3FastError, match="no expert .* has the 9 epochs"):
+        distill(cfg_of("distill.max_start_epoch=8"), run_dir=tmp_path / "r", progress=False)
+
+
+def test_export_round_trip(home, tmp_path):
+    distill(cfg_of("distill.ppc=2", "distill.steps=1"), run_dir=tmp_path / "r", progress=False)
+    d, _, _ = distilled_from_run(tmp_path / "r")
+    export(d, tmp_path / "d.safetensors")
+    e = load(tmp_path / "d.safetensors")
+    assert torch.equal(d.latents, e.latents) and e.ppc == 2 and e.classes == d.classes
+    assert e.student_lr == pytest.approx(d.student_lr)
+    d.decoder.eval()
+    e.decoder.eval()
+    z = torch.randn(4, 64)
+    assert torch.equal(d.decoder(z), e.decoder(z))
+    # storage: float32 latents + decoder state (its normalisation buffers excluded) + lr
+    n_dec = sum(t.numel() for t in d.decoder.state_dict().values() if t.is_floating_point()) - 2
+    assert d.storage_bytes() == 4 * (20 * 64 * 2 + n_dec + 1)
+    assert d.images_per_class_equivalent() == pytest.approx(d.storage_bytes() / (10 * 32 * 32))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(D3FastError, match="corrupt or truncated"):
+        load(tmp_path / "bad.safetensors")

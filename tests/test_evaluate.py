@@ -1,0 +1,88 @@
+"""Evaluation protocol, sample grids and the distill/evaluate/export CLI on a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from d3fast.cli import cli
+from d3fast.data.loader import load_dataset
+from d3fast.distill import distill, distilled_from_run
+from d3fast.distilled import load
+from d3fast.evaluate import distilled_batches, evaluate_run, real_subset
+from d3fast.visualize import sample_grid
+from tests.test_distill import cfg_of, home, shared_home  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def run(home, tmp_path):  # noqa: F811
+    distill(cfg_of("distill.ppc=2", "distill.steps=2"), run_dir=tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+def test_evaluate_writes_report_with_baselines(run):
+    r = evaluate_run(run, {"eval": {"students": 2, "epochs": 2, "samples_per_class": 3}}, progress=False, device="cpu")
+    res = r["results"]["convnet"]
+    assert set(res) == {"d3", "random_same_count", "random_same_storage"}
+    assert res["random_same_count"]["images_per_class"] == 2  # = PPC
+    d, _, _ = distilled_from_run(run)
+    min_class = min(len(i) for i in load_dataset("digits", "train").class_indices())
+    assert res["random_same_storage"]["images_per_class"] == min(int(d.images_per_class_equivalent()), min_class)
+    for v in res.values():
+        assert len(v["accs"]) == 2 and all(0 <= a <= 1 for a in v["accs"])
+        assert v["mean"] == pytest.approx(sum(v["accs"]) / 2)
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["student_lr"] == pytest.approx(d.student_lr) and saved["protocol"]["epochs"] == 2
+    md = (run / "eval.md").read_text()
+    assert "random real, same storage" in md and "| convnet | D3 (fresh samples) |" in md
+
+
+def test_students_see_fresh_balanced_samples(run):
+    d, _, _ = distilled_from_run(run)
+    batches = distilled_batches(d, samples_per_class=6, batch_size=25, bn="batch")
+    g = torch.Generator().manual_seed(0)
+    first = list(batches(g))
+    ys = torch.cat([y for _, y in first])
+    assert [len(y) for _, y in first] == [25, 25, 10]
+    assert torch.bincount(ys, minlength=10).tolist() == [6] * 10
+    second = torch.cat([x for x, _ in batches(g)])
+    assert not torch.allclose(torch.cat([x for x, _ in first]), second)  # new draws each epoch
+    train = load_dataset("digits", "train")
+    sub = real_subset(train, 3, torch.Generator().manual_seed(1))
+    assert torch.bincount(sub.labels, minlength=10).tolist() == [3] * 10
+
+
+def test_sample_grid(run, tmp_path):
+    d, _, _ = distilled_from_run(run)
+    out = sample_grid(d, tmp_path / "grid.png", samples=4)
+    im = Image.open(out)
+    scale = 96 // 32
+    assert im.size == ((5 * 34 + 2) * scale, (20 * 34 + 2) * scale)  # 20 priors x (mean + 4)
+
+
+def test_cli_distill_evaluate_sample_export(home, tmp_path):  # noqa: F811
+    runner = CliRunner()
+    args = ["distill", "--dataset", "digits", "--runs-dir", str(tmp_path / "runs"), "--steps", "2"]
+    sets = sum((["--set", o] for o in
+                ["net.width=8", "experts.num_experts=2", "experts.epochs=3", "distill.syn_steps=2",
+                 "distill.expert_epochs=1", "distill.max_start_epoch=2", "distill.mmd_samples=4",
+                 "distill.decoder_width=32", "eval.students=1", "eval.epochs=1"]), [])
+    r = runner.invoke(cli, args + sets + ["--device", "cpu", "--no-auto", "--evaluate"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "reached step 2/2" in r.output and "random real, same count" in r.output
+    run_dir = next((tmp_path / "runs" / "digits").iterdir())
+    for f in ("config.json", "manifest.json", "metrics.jsonl", "checkpoint.pt", "eval.json", "eval.md"):
+        assert (run_dir / f).exists(), f
+    r = runner.invoke(cli, ["distill", "--resume", str(run_dir), "--steps", "3", "--device", "cpu"])
+    assert r.exit_code == 0 and "reached step 3/3" in r.output, r.output
+    r = runner.invoke(cli, ["sample", str(run_dir), "--out", str(tmp_path / "g.png")])
+    assert r.exit_code == 0 and (tmp_path / "g.png").exists()
+    r = runner.invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0 and "images per class" in r.output
+    assert load(tmp_path / "d.safetensors").ppc == 1
+    r = runner.invoke(cli, ["evaluate", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "not a run directory" in r.output

@@ -68,3 +68,9 @@ def test_optional_none_and_dump():
     assert cfg.data.data_path is None
     d = to_dict(cfg)
     assert d["experts"]["num_experts"] == cfg.experts.num_experts and d["preset"] == "digits"
+
+
+def test_presets_train_experts_long_enough_for_distillation():
+    for name in available_presets():
+        cfg = resolve_config(preset=name)
+        assert cfg.experts.epochs >= cfg.distill.max_start_epoch + cfg.distill.expert_epochs, name

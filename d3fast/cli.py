@@ -113,20 +113,13 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     after an interruption continues the missing experts (and the interrupted one from its
     last epoch); the same seed gives the same trajectories.
     """
-    from d3fast.data.cache import read_manifest
-    from d3fast.data.prepare import prepare as run_prepare
     from d3fast.experts import run_experts
-    from d3fast.paths import data_dir
 
     cfg = _resolve(dataset, preset, overrides, **{
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed})
     if device is not None:
         cfg.device = device
-    if read_manifest(data_dir(cfg.data.dataset)) is None:
-        if no_auto:
-            raise D3FastError(f"dataset {cfg.data.dataset!r} is not prepared; run `d3fast prepare --dataset {cfg.data.dataset}`")
-        click.echo(f"{cfg.data.dataset} is not prepared yet: preparing it first")
-        _report_prepare(run_prepare(cfg))
+    _ensure_prepared(cfg, no_auto)
     res = run_experts(cfg)
     m = res.manifest
     acc = ""
@@ -138,11 +131,10 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
                    f"{res.images_per_s:.0f} train img/s on {m['device']}")
 
 
-def _ensure_inputs(cfg, no_auto: bool) -> None:
-    """Prepare the dataset and train the experts when missing (unless --no-auto)."""
+def _ensure_prepared(cfg, no_auto: bool) -> None:
+    """Prepare the dataset when it has no cache yet (unless --no-auto)."""
     from d3fast.data.cache import read_manifest
     from d3fast.data.prepare import prepare as run_prepare
-    from d3fast.experts import experts_dir, run_experts
     from d3fast.paths import data_dir
 
     ds = cfg.data.dataset
@@ -151,6 +143,14 @@ def _ensure_inputs(cfg, no_auto: bool) -> None:
             raise D3FastError(f"dataset {ds!r} is not prepared; run `d3fast prepare --dataset {ds}`")
         click.echo(f"{ds} is not prepared yet: preparing it first")
         _report_prepare(run_prepare(cfg))
+
+
+def _ensure_inputs(cfg, no_auto: bool) -> None:
+    """Prepare the dataset and train the experts when missing (unless --no-auto)."""
+    from d3fast.experts import experts_dir, run_experts
+
+    ds = cfg.data.dataset
+    _ensure_prepared(cfg, no_auto)
     need = cfg.distill.max_start_epoch + cfg.distill.expert_epochs
     if cfg.experts.epochs < need:
         raise D3FastError(

@@ -252,7 +252,7 @@ def _coerce(value: Any, tp: Any, key: str, from_string: bool) -> Any:
     return value
 
 
-def _apply(obj: Any, updates: dict[str, Any], prefix: str, from_string: bool) -> None:
+def apply_updates(obj: Any, updates: dict[str, Any], prefix: str, from_string: bool) -> None:
     types_ = _field_types(type(obj))
     for key, value in updates.items():
         full = f"{prefix}{key}"
@@ -263,7 +263,7 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str, from_string: bool) ->
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise D3FastError(f"config key {full!r} is a section; set {full}.<key> instead")
-            _apply(current, value, f"{full}.", from_string)
+            apply_updates(current, value, f"{full}.", from_string)
         else:
             setattr(obj, key, _coerce(value, types_[key], full, from_string))
 
@@ -294,7 +294,7 @@ def resolve_config(
     cfg = Config()
     name = preset or (dataset if dataset in available_presets() else None)
     if name:
-        _apply(cfg, load_preset(name), "", from_string=False)
+        apply_updates(cfg, load_preset(name), "", from_string=False)
         cfg.preset = name
         if dataset and cfg.data.dataset != dataset:
             raise D3FastError(
@@ -303,8 +303,8 @@ def resolve_config(
     if dataset:
         cfg.data.dataset = dataset
     if typed_overrides:
-        _apply(cfg, typed_overrides, "", from_string=False)
-    _apply(cfg, parse_overrides(overrides), "", from_string=True)
+        apply_updates(cfg, typed_overrides, "", from_string=False)
+    apply_updates(cfg, parse_overrides(overrides), "", from_string=True)
     validate(cfg)
     return cfg
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from d3fast import losses
 from d3fast.checkpoint import load_checkpoint, save_checkpoint
-from d3fast.config import Config, to_dict
+from d3fast.config import Config, apply_updates, to_dict
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.distilled import Distilled, init_distilled
@@ -366,11 +366,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def load_run_config(run_dir: Path) -> Config:
-    from d3fast.config import Config as _C
-    from d3fast.config import _apply
-
-    cfg = _C()
-    _apply(cfg, read_json(run_dir / "config.json", "run config"), "", from_string=False)
+    """The resolved config a run was started with (unknown keys are errors)."""
+    cfg = Config()
+    apply_updates(cfg, read_json(run_dir / "config.json", "run config"), "", from_string=False)
     return cfg
 
 

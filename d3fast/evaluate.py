@@ -96,12 +96,12 @@ def evaluate_run(
     progress: bool = True,
     device: str | None = None,
 ) -> dict[str, Any]:
-    from d3fast.config import _apply, validate
+    from d3fast.config import apply_updates, validate
 
     dev = resolve_device(device or "auto")
     d, cfg, step = distilled_from_run(run_dir, dev)
     if cfg_override:
-        _apply(cfg, cfg_override, "", from_string=False)
+        apply_updates(cfg, cfg_override, "", from_string=False)
         validate(cfg)
     e = cfg.eval
     t0 = time.perf_counter()

@@ -72,3 +72,16 @@ def test_stale_temporaries_are_removed(d3fast_home):
     (folder / f"digits.tmp-{os.getpid()}").mkdir()  # a live writer's directory stays
     remove_stale_temps(folder)
     assert sorted(p.name for p in folder.iterdir()) == [f"digits.tmp-{os.getpid()}"]
+
+
+def test_atomic_writes_respect_umask(tmp_path):
+    import os
+
+    from d3fast.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644

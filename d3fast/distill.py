@@ -36,10 +36,11 @@ from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.distilled import Distilled, init_distilled
 from d3fast.errors import D3FastError
-from d3fast.experts import experts_dir, read_expert
+from d3fast.experts import experts_dir
 from d3fast.io import atomic_write_json, read_json
 from d3fast.models import build_network
 from d3fast.runtime import device_name, resolve_device, versions
+from d3fast.training import load_flat_params
 
 
 @dataclass
@@ -61,9 +62,12 @@ class ExpertBank:
         self._open = safe_open
         usable = []
         for path in sorted(folder.glob("expert_*.safetensors")):
-            read_expert(path)  # validates the file; a torn one is a clear error
-            with safe_open(str(path), framework="pt") as f:
-                epochs = json.loads((f.metadata() or {}).get("epochs_done", "0"))
+            # the header alone (not the trajectory, 125 MB for ConvNet-5) is read here
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    epochs = json.loads((f.metadata() or {}).get("epochs_done", "0"))
+            except Exception as e:  # safetensors raises several types for torn files
+                raise D3FastError(f"expert trajectory {path} is corrupt or truncated ({e}); delete it and re-run `d3fast experts`") from None
             if epochs >= need_epochs:
                 usable.append(path)
         if not usable:
@@ -236,7 +240,7 @@ def distill(
             # 2. MMD update: latents, decoder
             mmd = div = torch.zeros((), device=device)
             if dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1):
-                _load_flat(feature_net, feat_params)
+                load_flat_params(feature_net, feat_params)
                 with amp:
                     mmd, div = mmd_terms(feature_net, d, train, dcfg, g_dev)
                 _check_finite(step, run_dir, mmd=mmd, div=div)
@@ -329,14 +333,6 @@ def mmd_terms(
         means = d.mean_images().float()
         div = losses.diversity(means.view(n_cls, ppc, *means.shape[1:]))
     return mmd, div
-
-
-def _load_flat(net: torch.nn.Module, flat: torch.Tensor) -> None:
-    with torch.no_grad():
-        offset = 0
-        for p in net.parameters():
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
 
 
 def _check_finite(step: int, run_dir: Path, **terms: torch.Tensor) -> None:

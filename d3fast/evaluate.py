@@ -75,9 +75,7 @@ def distilled_batches(d: Distilled, samples_per_class: int, batch_size: int, bn:
         for y in labels.split(batch_size):
             prior = y * d.ppc + torch.randint(d.ppc, y.shape, generator=g, device=dev)
             with torch.no_grad():
-                lat = d.latents[prior]
-                eps = torch.randn(lat.shape[:-1], generator=g, device=dev)
-                x = decoder(lat[..., 0] + eps * torch.exp(0.5 * lat[..., 1]))
+                x = decoder(d.sample_latents(prior, g))
             yield x, y
 
     return batches

@@ -40,7 +40,13 @@ from d3fast.io import atomic_write_json, load_tensors, remove_stale_temps, save_
 from d3fast.models import build_network, default_depth
 from d3fast.paths import experts_root
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
-from d3fast.training import evaluate_accuracy, flat_params, param_layout, train_epoch
+from d3fast.training import (
+    evaluate_accuracy,
+    flat_params,
+    load_flat_params,
+    param_layout,
+    train_epoch,
+)
 
 TRAJ_FORMAT = 1
 
@@ -180,13 +186,7 @@ def _train_one(
         tensors, meta = read_expert(path)
         snapshots = list(tensors["trajectory"][: e_cfg.epochs + 1])
         history = meta["history"][: len(snapshots) - 1]
-        # copy, never alias: vector_to_parameters would make the parameters views of the
-        # saved snapshot, and training would then overwrite it in place
-        with torch.no_grad():
-            offset = 0
-            for p in net.parameters():
-                p.copy_(snapshots[-1][offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+        load_flat_params(net, snapshots[-1])
         if "buffers" in tensors:
             _load_buffers(net, tensors["buffers"])
     else:

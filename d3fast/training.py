@@ -55,5 +55,15 @@ def flat_params(net: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in net.parameters()])
 
 
+def load_flat_params(net: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector into the parameters (never alias it: vector_to_parameters would
+    make them views of `flat`, and training would then overwrite it in place)."""
+    with torch.no_grad():
+        offset = 0
+        for p in net.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
 def param_layout(net: nn.Module) -> list[tuple[str, list[int]]]:
     return [(name, list(p.shape)) for name, p in net.named_parameters()]

@@ -28,10 +28,8 @@ def sample_grid(d: Distilled, out: Path, samples: int = 9, seed: int = 0, scale:
     g = torch.Generator(device=d.latents.device).manual_seed(seed)
     n = len(d.latents)
     idx = torch.arange(n, device=d.latents.device).repeat_interleave(samples)
-    lat = d.latents[idx]
-    eps = torch.randn(lat.shape[:-1], generator=g, device=lat.device)
     means = decoder(d.latents[..., 0])  # [n, C, H, W]
-    draws = decoder(lat[..., 0] + eps * torch.exp(0.5 * lat[..., 1])).view(n, samples, *means.shape[1:])
+    draws = decoder(d.sample_latents(idx, g)).view(n, samples, *means.shape[1:])
     imgs = to_uint8(torch.cat([means[:, None], draws], 1).flatten(0, 1), d.meta["mean"], d.meta["std"])
     h, w, c = imgs.shape[1:]
     pad = 2

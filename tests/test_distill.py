@@ -197,3 +197,10 @@ def test_export_round_trip(home, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(D3FastError, match="corrupt or truncated"):
         load(tmp_path / "bad.safetensors")
+
+
+def test_expert_bank_reports_a_torn_file(home, tmp_path):
+    src = next(experts_dir(cfg_of()).glob("expert_*.safetensors"))
+    (tmp_path / src.name).write_bytes(src.read_bytes()[:100])
+    with pytest.raises(D3FastError, match="expert trajectory .* is corrupt or truncated"):
+        ExpertBank(tmp_path, 1)

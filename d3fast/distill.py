@@ -36,7 +36,7 @@ from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.distilled import Distilled, init_distilled
 from d3fast.errors import D3FastError
-from d3fast.experts import experts_dir
+from d3fast.experts import experts_dir, read_expert_meta
 from d3fast.io import atomic_write_json, read_json
 from d3fast.models import build_network
 from d3fast.runtime import device_name, resolve_device, versions
@@ -62,13 +62,8 @@ class ExpertBank:
         self._open = safe_open
         usable = []
         for path in sorted(folder.glob("expert_*.safetensors")):
-            # the header alone (not the trajectory, 125 MB for ConvNet-5) is read here
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    epochs = json.loads((f.metadata() or {}).get("epochs_done", "0"))
-            except Exception as e:  # safetensors raises several types for torn files
-                raise D3FastError(f"expert trajectory {path} is corrupt or truncated ({e}); delete it and re-run `d3fast experts`") from None
-            if epochs >= need_epochs:
+            # the header alone, not the trajectory (125 MB for ConvNet-5)
+            if read_expert_meta(path)["epochs_done"] >= need_epochs:
                 usable.append(path)
         if not usable:
             raise D3FastError(

@@ -36,7 +36,13 @@ from d3fast.data.augment import DSA
 from d3fast.data.cache import load_split
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.errors import D3FastError
-from d3fast.io import atomic_write_json, load_tensors, remove_stale_temps, save_tensors
+from d3fast.io import (
+    atomic_write_json,
+    load_metadata,
+    load_tensors,
+    remove_stale_temps,
+    save_tensors,
+)
 from d3fast.models import build_network, default_depth
 from d3fast.paths import experts_root
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
@@ -86,6 +92,14 @@ def experts_dir(cfg: Config) -> Path:
 
 def expert_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"expert_{index:04d}.safetensors"
+
+
+def read_expert_meta(path: Path) -> dict[str, Any]:
+    """An expert's metadata from the file header alone (no trajectory is loaded)."""
+    meta = load_metadata(path, "expert trajectory")
+    if meta.get("format") != TRAJ_FORMAT:
+        raise D3FastError(f"{path} is not a d3fast expert trajectory (format {meta.get('format')})")
+    return meta
 
 
 def read_expert(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -143,7 +157,7 @@ def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
     for i in range(e_cfg.num_experts):
         path = expert_path(out, i)
         if path.exists():
-            _, meta = read_expert(path)
+            meta = read_expert_meta(path)
             if meta["complete"] and meta["epochs_done"] >= e_cfg.epochs:
                 continue
             todo.append((i, min(meta["epochs_done"], e_cfg.epochs)))
@@ -240,7 +254,7 @@ def write_manifest(cfg: Config, out: Path, device: torch.device) -> dict[str, An
     records = []
     layout: list | None = None
     for path in sorted(out.glob("expert_*.safetensors")):
-        tensors, meta = read_expert(path)
+        meta = read_expert_meta(path)
         layout = meta["param_layout"]
         seconds = sum(h["seconds"] for h in meta["history"])
         records.append(

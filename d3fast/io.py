@@ -90,6 +90,24 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, Any
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def load_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """The metadata of a `save_tensors` file, reading only its header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise D3FastError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        return {k: json.loads(v) for k, v in raw.items()}
+    except Exception as e:  # safetensors raises several types for torn files
+        raise D3FastError(
+            f"{what} {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+            "delete it and re-run the command that wrote it"
+        ) from None
+
+
 def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict, dict[str, Any]]:
     """Load a safetensors file written by `save_tensors`: (tensors, metadata).
 

@@ -19,10 +19,10 @@ if os.environ.get("D3FAST_PUREPYTHON", "0") != "1":
     ext_modules.append(
         Pybind11Extension(
             "d3fast._C",
-            sources=["csrc/d3fast_core.cpp", "csrc/bindings.cpp"],
+            sources=["csrc/d3fast_core.cpp", "csrc/mmd.cpp", "csrc/param_distance.cpp", "csrc/bindings.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3"] + (["-fopenmp"] if openmp else []),
+            extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-Wno-psabi"] + (["-fopenmp"] if openmp else []),
             extra_link_args=["-fopenmp"] if openmp else [],
             define_macros=[("D3FAST_VERSION", '"0.1.0"')],
         )

@@ -2,7 +2,9 @@
 // reused on their own; bindings.cpp exposes them as d3fast._C.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace d3fast {
 
@@ -14,5 +16,44 @@ struct BuildInfo {
 };
 
 BuildInfo build_info();
+
+// Batched multi-kernel MMD^2 (csrc/mmd.cpp; math in kernels/mmd_ref.py). x: [C, nx, D] and
+// y: [C, ny, D] row-major; class c uses its first x_lengths[c] / y_lengths[c] rows. Writes
+// loss[c] and, where grad_x / grad_y are not null, dloss[c]/dx and dloss[c]/dy (same shapes
+// as x and y, zero past the lengths).
+template <typename T>
+struct MMDArgs {
+    const T* x;
+    const T* y;
+    int64_t C, nx, ny, D;
+    const int64_t* x_lengths;
+    const int64_t* y_lengths;
+    const double* gammas;  // the mixture's 1 / (2 sigma^2), at most 16
+    int num_gammas;
+    bool unbiased;
+    T* loss;    // [C]
+    T* grad_x;  // [C, nx, D] or nullptr
+    T* grad_y;  // [C, ny, D] or nullptr
+};
+
+template <typename T>
+void mmd_forward(const MMDArgs<T>& args);
+
+// Trajectory-parameter distance over segments of flat parameter vectors (csrc/
+// param_distance.cpp). Segment k holds a[k], t[k], s[k], each [S, sizes[k]] row-major.
+// Sums per student: num[S] += ||a - t||^2 and den[S] += ||s - t||^2, in double.
+template <typename T>
+void param_distance_sums(const std::vector<const T*>& a, const std::vector<const T*>& t,
+                         const std::vector<const T*>& s, const std::vector<int64_t>& sizes, int64_t S,
+                         double* num, double* den);
+
+// Gradients of L_r = num_r / den_r scaled by go[r], per segment; null outputs are skipped:
+//   dL/da = 2 (a - t) / den,  dL/ds = -2 num (s - t) / den^2,  dL/dt = -(dL/da + dL/ds).
+template <typename T>
+void param_distance_grads(const std::vector<const T*>& a, const std::vector<const T*>& t,
+                          const std::vector<const T*>& s, const std::vector<int64_t>& sizes, int64_t S,
+                          const double* num, const double* den, const double* go,
+                          const std::vector<T*>& grad_a, const std::vector<T*>& grad_t,
+                          const std::vector<T*>& grad_s);
 
 }  // namespace d3fast

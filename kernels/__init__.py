@@ -4,37 +4,53 @@ Each op has a Triton implementation (`<op>.py`, CUDA tensors), a pure-PyTorch re
 (`<op>_ref.py`, also the fallback) and, for CPU tensors, the C++ extension d3fast._C.
 `backend(tensor)` picks one per call:
 
+    D3FAST_PUREPYTHON=1                                          -> "reference"
     CUDA tensor, Triton importable, D3FAST_DISABLE_TRITON unset  -> "triton"
-    CPU tensor, d3fast._C built, D3FAST_PUREPYTHON unset         -> "cpp"
-    otherwise                                                   -> "reference"
+    CPU tensor, d3fast._C built                                  -> "cpp"
+    otherwise                                                    -> "reference"
+
+The Triton modules are imported only when a CUDA tensor needs them, so CPU-only runs never
+import Triton. Tests run the Triton kernels on CPU tensors by calling them directly under
+TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
+from d3fast.kernels.mmd_ref import DEFAULT_BANDWIDTHS, mmd2_ref, pairwise_sq_dists
+from d3fast.kernels.param_dist_ref import param_distance_ref
+
+from d3fast.errors import D3FastError
+
+__all__ = [
+    "DEFAULT_BANDWIDTHS", "backend", "describe", "mmd2", "pairwise_sq_dists", "param_distance", "triton_status",
+]
 
 
 def triton_status() -> tuple[bool, str]:
+    if os.environ.get("D3FAST_PUREPYTHON", "0") == "1":
+        return False, "disabled by D3FAST_PUREPYTHON=1"
     if os.environ.get("D3FAST_DISABLE_TRITON", "0") == "1":
         return False, "disabled by D3FAST_DISABLE_TRITON=1"
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True, "interpreter (TRITON_INTERPRET=1): runs on CPU tensors, slowly"
+        return True, "interpreter (TRITON_INTERPRET=1): slow, for tests"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     return True, "CUDA"
 
 
 def backend(t: torch.Tensor) -> str:
-    """The implementation an op uses for tensor `t`."""
-    triton_ok, _ = triton_status()
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if triton_ok and (t.is_cuda or interpret):
-        return "triton"
+    """The implementation an op uses for tensor `t`: "triton", "cpp" or "reference"."""
+    if os.environ.get("D3FAST_PUREPYTHON", "0") == "1":
+        return "reference"
+    if t.is_cuda:
+        return "triton" if triton_status()[0] else "reference"
     if t.device.type == "cpu":
         from d3fast._ext import HAS_EXT
 
@@ -52,3 +68,247 @@ def describe() -> dict[str, str]:
         "cuda tensors": f"triton ({why})" if ok else f"reference (triton: {why})",
         "cpu tensors": "cpp (d3fast._C)" if HAS_EXT else f"reference (d3fast._C: {REASON})",
     }
+
+
+def mmd2(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+    unbiased: bool = True,
+    x_lengths: torch.Tensor | None = None,
+    y_lengths: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Squared MMD with a mixture of Gaussian kernels, for all classes at once.
+
+    Args:
+        x: [C, n, D] (or [n, D]) samples of the first distribution; any float dtype, any strides.
+        y: [C, m, D] (or [m, D]) samples of the second.
+        bandwidths: the sigmas s of k(a, b) = sum_s exp(-||a - b||^2 / (2 s^2)), 1 to 16 of them.
+            Default: 1, 2, 4, 8, 16.
+        unbiased: leave out the i = j terms of the within-sample means. Default: True.
+        x_lengths, y_lengths: [C] integer rows used per class (the rest is padding and gets a
+            zero gradient). Default: every row.
+        impl: force "triton", "cpp" or "reference" (tests, benchmarks). Default: `backend(x)`.
+    Returns:
+        [C] (a scalar for 2-D inputs), float32 (float64 for float64 inputs). The unbiased
+        estimate can be slightly negative. Gradients flow to x and y.
+    Raises:
+        D3FastError: mismatched shapes, bad lengths, or fewer than 2 rows on a side with the
+            unbiased estimator.
+
+    Example:
+        >>> mmd2(torch.randn(10, 64, 2048), torch.randn(10, 50, 2048)).shape
+        torch.Size([10])
+    """
+    squeeze = x.dim() == 2
+    if squeeze:
+        x, y = x[None], y[None]
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise D3FastError(f"mmd2: need x [C, n, D] and y [C, m, D] with equal C and D, got {list(x.shape)} and {list(y.shape)}")
+    if not 1 <= len(bandwidths) <= 16 or min(bandwidths) <= 0:
+        raise D3FastError(f"mmd2: need 1 to 16 positive bandwidths, got {list(bandwidths)}")
+    C, n, D = x.shape
+    m = y.shape[1]
+    lx = _lengths(x_lengths, C, n, "x_lengths")
+    ly = _lengths(y_lengths, C, m, "y_lengths")
+    if unbiased and (int(lx.min()) < 2 or int(ly.min()) < 2):
+        raise D3FastError(
+            f"unbiased MMD needs >= 2 samples per side in every class, got {int(lx.min())} and {int(ly.min())}; "
+            "use more samples or unbiased=False"
+        )
+    if x.dtype != y.dtype:
+        dtype = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(dtype), y.to(dtype)
+
+    which = _chosen(impl, x)
+    if which == "triton" and x.dtype == torch.float64 and impl is None:
+        which = "reference"  # float64 is for gradcheck; Triton's fp64 dot is not worth a kernel
+    if which == "reference":
+        out = mmd2_ref(x, y, bandwidths, unbiased, x_lengths=lx, y_lengths=ly)
+    else:
+        gammas = [1.0 / (2.0 * s * s) for s in bandwidths]
+        if which == "cpp":
+            out = _MMDCpp.apply(x, y, lx, ly, tuple(gammas), unbiased)
+        else:
+            from d3fast.kernels.mmd import mmd2_triton
+
+            out = mmd2_triton(
+                x, y, lx.to(x.device), ly.to(x.device), torch.tensor(gammas, device=x.device),
+                mmd_coefficients(lx, ly, unbiased).to(x.device), unbiased,
+            )
+    return out[0] if squeeze else out
+
+
+def _chosen(impl: str | None, t: torch.Tensor) -> str:
+    if impl is None:
+        return backend(t)
+    if impl not in ("triton", "cpp", "reference"):
+        raise D3FastError(f"unknown kernel implementation {impl!r}: use triton, cpp or reference")
+    if impl == "cpp":
+        from d3fast._ext import HAS_EXT, REASON
+
+        if not HAS_EXT or t.device.type != "cpu":
+            raise D3FastError(f"the C++ kernels take CPU tensors and a built d3fast._C ({REASON})")
+    return impl
+
+
+def mmd_coefficients(lx: torch.Tensor, ly: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """[C, 3] float32 weights c_xx, c_yy, c_xy of the pair sums (kernels/mmd_ref.py)."""
+    nx, ny = lx.double(), ly.double()
+    cxx = 1 / (nx * (nx - 1)) if unbiased else 1 / (nx * nx)
+    cyy = 1 / (ny * (ny - 1)) if unbiased else 1 / (ny * ny)
+    return torch.stack([cxx, cyy, -1 / (nx * ny)], 1).float().contiguous()
+
+
+def _lengths(lengths: torch.Tensor | None, C: int, rows: int, name: str) -> torch.Tensor:
+    if lengths is None:
+        return torch.full((C,), rows, dtype=torch.int64)
+    lengths = torch.as_tensor(lengths).detach().cpu()
+    if lengths.shape != (C,) or lengths.is_floating_point():
+        raise D3FastError(f"mmd2: {name} must be {C} integers, got {lengths.dtype} {list(lengths.shape)}")
+    if int(lengths.min()) < 1 or int(lengths.max()) > rows:
+        raise D3FastError(f"mmd2: {name} must lie in [1, {rows}], got {lengths.tolist()}")
+    return lengths.to(torch.int64)
+
+
+def _cpu_array(t: torch.Tensor):  # -> numpy.ndarray
+    """A C-contiguous float32 (float64 stays float64) numpy view or copy of t."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+class _MMDCpp(torch.autograd.Function):
+    """d3fast._C.mmd computes the loss and, when needed, the gradient in one pass; backward
+    scales that gradient by the incoming per-class gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y, lx, ly, gammas, unbiased):  # type: ignore[override]
+        from d3fast._ext import _C
+
+        gx_on, gy_on = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, gx, gy = _C.mmd(_cpu_array(x), _cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on, gy_on)
+        ctx.dtypes = (x.dtype, y.dtype)
+        ctx.save_for_backward(*(torch.from_numpy(g) if g is not None else None for g in (gx, gy)))
+        return torch.from_numpy(loss)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        gx, gy = ctx.saved_tensors
+        scale = grad_out[:, None, None]
+        out_x = (gx * scale).to(ctx.dtypes[0]) if gx is not None else None
+        out_y = (gy * scale).to(ctx.dtypes[1]) if gy is not None else None
+        return out_x, out_y, None, None, None, None
+
+
+def param_distance(
+    a: torch.Tensor | Sequence[torch.Tensor],
+    target: torch.Tensor | Sequence[torch.Tensor],
+    start: torch.Tensor | Sequence[torch.Tensor],
+    impl: str | None = None,
+) -> torch.Tensor:
+    """||a - target||^2 / ||start - target||^2, each tensor read once.
+
+    Args:
+        a: the student's parameters after the unroll: a flat [P] vector, a batch of students
+            [S, P], or a list of tensors of any shapes (one model's parameters, read in place,
+            not concatenated).
+        target: the expert's parameters M epochs after the start; same shapes as a, or [P]
+            for a batch [S, P] (broadcast over the students).
+        start: the expert's parameters the student started from; like target.
+        impl: force "triton", "cpp" or "reference" (tests, benchmarks). Default: `backend(a)`.
+    Returns:
+        a scalar for [P] inputs, [S] for [S, P]; float32 (float64 for float64 inputs).
+        Gradients flow to every input that requires them.
+    Raises:
+        D3FastError: empty or mismatched inputs.
+
+    Example:
+        >>> param_distance(torch.ones(5), torch.zeros(5), torch.full((5,), 2.0))
+        tensor(0.2500)
+    """
+    segs = [_segments(v, name) for v, name in ((a, "a"), (target, "target"), (start, "start"))]
+    sa, st, ss = segs
+    if not sa or len(sa) != len(st) or len(sa) != len(ss):
+        raise D3FastError(f"param_distance: need the same non-zero number of segments, got {[len(s) for s in segs]}")
+    batched = sa[0][1]
+    if batched and len(sa) == 1:
+        # one expert trajectory for a batch of students: broadcast [P] over [S, P]
+        st, ss = ([(v[0].expand_as(sa[0][0]), True) if not v[1] else v for v in side] for side in (st, ss))
+        segs = [sa, st, ss]
+    for k, (x, y, z) in enumerate(zip(sa, st, ss, strict=True)):
+        if not (x[0].shape == y[0].shape == z[0].shape) or x[0].shape[1] == 0 or x[1] != batched:
+            raise D3FastError(
+                f"param_distance: segment {k} shapes differ or are empty: {list(x[0].shape)}, "
+                f"{list(y[0].shape)}, {list(z[0].shape)}"
+            )
+        if x[0].shape[0] != sa[0][0].shape[0]:
+            raise D3FastError("param_distance: segments hold different numbers of students")
+    which = _chosen(impl, sa[0][0])
+    if which == "reference":
+        tensors = [[s[0] for s in side] for side in segs]
+        out = param_distance_ref(*tensors)
+    else:
+        flat = [s[0] for side in segs for s in side]
+        out = _ParamDistance.apply(which, len(sa), *flat)
+    return out if batched else out[0]
+
+
+def _segments(v: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[tuple[torch.Tensor, bool]]:
+    """Each segment as [S, P_k] plus whether it is a batch of students: a tensor is [P] (one
+    student) or [S, P]; a list holds one student's parameters, any shapes, each flattened."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() not in (1, 2):
+            raise D3FastError(f"param_distance: {name} must be [P] or [S, P], got {list(v.shape)}; pass a list for a model's parameters")
+        return [(v if v.dim() == 2 else v[None], v.dim() == 2)]
+    return [(p.reshape(1, -1), False) for p in v]
+
+
+class _ParamDistance(torch.autograd.Function):
+    """One pass for the two sums; backward writes the wanted gradients in one more pass."""
+
+    @staticmethod
+    def forward(ctx, which, n_seg, *flat):  # type: ignore[override]
+        a, t, s = flat[:n_seg], flat[n_seg : 2 * n_seg], flat[2 * n_seg :]
+        if which == "cpp":
+            from d3fast._ext import _C
+
+            num, den = (torch.from_numpy(v) for v in _C.param_distance_sums(
+                [_cpu_array(x) for x in a], [_cpu_array(x) for x in t], [_cpu_array(x) for x in s]
+            ))
+        else:
+            from d3fast.kernels.param_dist import param_distance_sums
+
+            a, t, s = ([x.contiguous() for x in side] for side in (a, t, s))
+            num, den = param_distance_sums(a, t, s)
+        ctx.which, ctx.n_seg = which, n_seg
+        ctx.save_for_backward(*a, *t, *s, num, den)
+        dtype = torch.float64 if a[0].dtype == torch.float64 else torch.float32
+        return (num / den).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        n = ctx.n_seg
+        saved = ctx.saved_tensors
+        a, t, s, (num, den) = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n], saved[3 * n :]
+        need = ctx.needs_input_grad[2:]
+        want = (any(need[:n]), any(need[n : 2 * n]), any(need[2 * n :]))
+        if ctx.which == "cpp":
+            from d3fast._ext import _C
+
+            raw = _C.param_distance_grads(
+                [_cpu_array(x) for x in a], [_cpu_array(x) for x in t], [_cpu_array(x) for x in s],
+                num.numpy(), den.numpy(), grad_out.detach().double().reshape(-1).numpy(), *want,
+            )
+            grads = [[torch.from_numpy(g) for g in side] if side is not None else None for side in raw]
+        else:
+            from d3fast.kernels.param_dist import param_distance_grads
+
+            grads = param_distance_grads(a, t, s, num, den, grad_out.reshape(-1), want)
+        out: list[torch.Tensor | None] = [None, None]
+        for side, originals in zip(grads, (a, t, s), strict=True):
+            if side is None:
+                out.extend([None] * n)
+            else:
+                out.extend(g.to(o.dtype) for g, o in zip(side, originals, strict=True))
+        return tuple(out)

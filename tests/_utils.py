@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from d3fast.data.datasets import IMAGENETTE
@@ -117,3 +118,21 @@ def make_cifar10(root: Path, per_batch: int = 10, binary: bool = False):
         with open(folder / "batches.meta", "wb") as f:
             pickle.dump({b"label_names": [b"airplane"] * 10}, f, protocol=2)
     return folder, batches
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float) -> None:
+    """|out - ref| <= atol + rtol |ref| elementwise, or fail with the max error, its ratio to
+    the allowance and the first 5 offending indices."""
+    assert out.shape == ref.shape, f"{name}: shape {list(out.shape)} != reference {list(ref.shape)}"
+    ref64, out64 = ref.detach().double().cpu(), out.detach().double().cpu()
+    err = (out64 - ref64).abs()
+    allowed = atol + rtol * ref64.abs()
+    bad = (err > allowed) | ~torch.isfinite(out64)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = float((err / allowed).nan_to_num(float("inf")).max())
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{err.numel()} values off; max abs err {float(err.max()):.3e}, "
+            f"{worst:.2f}x the allowance (atol {atol:g}, rtol {rtol:g}); first at {idx}: "
+            f"out {[float(out64[tuple(i)]) for i in idx]} ref {[float(ref64[tuple(i)]) for i in idx]}"
+        )

@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# The Triton kernels run on CPU tensors through the interpreter when no GPU is present. The
+# switch is read when a kernel is defined, so it is set before anything imports Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -27,10 +27,21 @@ def test_extension_mode_matches_environment():
 def test_triton_can_be_disabled(monkeypatch):
     from d3fast import kernels
 
+    monkeypatch.delenv("D3FAST_PUREPYTHON", raising=False)
     monkeypatch.setenv("D3FAST_DISABLE_TRITON", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ok, why = kernels.triton_status()
     assert not ok and "D3FAST_DISABLE_TRITON" in why
-    assert kernels.backend(torch.zeros(1)) != "triton"
     monkeypatch.setenv("D3FAST_DISABLE_TRITON", "0")
-    assert kernels.backend(torch.zeros(1)) == "triton"  # the interpreter takes CPU tensors
+    ok, why = kernels.triton_status()
+    assert ok, why
+    # CPU tensors never take Triton by dispatch, even with the interpreter on
+    assert kernels.backend(torch.zeros(1)) != "triton"
+
+
+def test_pure_python_forces_the_reference(monkeypatch):
+    from d3fast import kernels
+
+    monkeypatch.setenv("D3FAST_PUREPYTHON", "1")
+    assert kernels.backend(torch.zeros(1)) == "reference"
+    assert not kernels.triton_status()[0]

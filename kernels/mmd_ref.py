@@ -1,0 +1,77 @@
+"""Batched multi-kernel MMD^2 in plain PyTorch: the reference for kernels/mmd.py (Triton)
+and csrc/mmd.cpp, and the fallback where neither runs. Imports no Triton.
+
+Per class c, with x_1..x_n and y_1..y_m its rows and k(a, b) = sum_s exp(-||a - b||^2 / (2 s^2)):
+
+    unbiased  MMD^2 = 1/(n(n-1)) sum_{i!=j} k(x_i, x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i, y_j)
+                      - 2/(nm) sum_{i,j} k(x_i, y_j)
+    biased    the same with 1/n^2 and 1/m^2 and the i = j terms included
+
+Written over Z = [X; Y] and group coefficients c(i, j) (c_xx, c_yy above, c_xy = -1/(nm)),
+MMD^2 = sum_{i,j} c(i, j) k(z_i, z_j), and with gamma_s = 1/(2 s^2)
+
+    dMMD^2/dz_i = -4 sum_j c(i, j) G_ij (z_i - z_j),   G_ij = sum_s gamma_s exp(-gamma_s ||z_i - z_j||^2)
+
+which is what the fused kernels accumulate tile by tile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+DEFAULT_BANDWIDTHS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[..., n, D], [..., m, D] -> [..., n, m] squared Euclidean distances (>= 0)."""
+    a2 = (a * a).sum(-1, keepdim=True)  # [..., n, 1]
+    b2 = (b * b).sum(-1, keepdim=True).transpose(-1, -2)  # [..., 1, m]
+    return (a2 + b2 - 2 * a @ b.transpose(-1, -2)).clamp_min(0)
+
+
+def _mmd2_dense(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float], unbiased: bool) -> torch.Tensor:
+    """[C, n, D], [C, m, D] -> [C], every row used."""
+    n, m = x.shape[-2], y.shape[-2]
+
+    def k(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
+        d2 = pairwise_sq_dists(a, b)
+        if same:
+            # the diagonal is exactly 0 (the norm expansion leaves a rounding residue)
+            d2 = d2 * (1 - torch.eye(d2.shape[-1], dtype=d2.dtype, device=d2.device))
+        return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths)
+
+    kxx, kyy, kxy = k(x, x, True), k(y, y, True), k(x, y, False)
+    if unbiased:
+        # the diagonal of each Gaussian kernel is exactly 1
+        diag = float(len(bandwidths))
+        xx = (kxx.sum((-1, -2)) - n * diag) / (n * (n - 1))
+        yy = (kyy.sum((-1, -2)) - m * diag) / (m * (m - 1))
+    else:
+        xx, yy = kxx.mean((-1, -2)), kyy.mean((-1, -2))
+    return xx + yy - 2 * kxy.mean((-1, -2))
+
+
+def mmd2_ref(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+    unbiased: bool = True,
+    x_lengths: torch.Tensor | None = None,
+    y_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference MMD^2 per class; arguments as `d3fast.kernels.mmd2` (checked there).
+
+    Computes in float32 (float64 inputs stay float64) and returns [C] in that dtype.
+    With lengths, class c uses x[c, :x_lengths[c]] and y[c, :y_lengths[c]].
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, y = x.to(dtype), y.to(dtype)
+    if x_lengths is None and y_lengths is None:
+        return _mmd2_dense(x, y, bandwidths, unbiased)
+    lx = x_lengths.tolist() if x_lengths is not None else [x.shape[1]] * x.shape[0]
+    ly = y_lengths.tolist() if y_lengths is not None else [y.shape[1]] * y.shape[0]
+    return torch.cat([
+        _mmd2_dense(x[c : c + 1, : lx[c]], y[c : c + 1, : ly[c]], bandwidths, unbiased) for c in range(x.shape[0])
+    ])

@@ -1,0 +1,31 @@
+"""Trajectory-parameter distance in plain PyTorch: the reference for kernels/param_dist.py
+(Triton) and csrc/param_distance.cpp, and the fallback. Imports no Triton.
+
+    L = ||a - t||^2 / ||s - t||^2           (a: the student after N steps, t: the expert at
+                                             T+M, s: the expert at T, where the student started)
+    dL/da = 2 (a - t) / den,  dL/ds = -2 L (s - t) / den,  dL/dt = -(dL/da + dL/ds)
+
+Over flat vectors [P], batches of students [S, P] (-> [S]), or lists of segments (a
+model's parameters) whose sums add up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def param_distance_ref(
+    a: torch.Tensor | Sequence[torch.Tensor],
+    target: torch.Tensor | Sequence[torch.Tensor],
+    start: torch.Tensor | Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Reference distance; arguments as `d3fast.kernels.param_distance` (checked there).
+    Sums in float64 for float64 inputs, else float32; returns [S] or a scalar."""
+    if isinstance(a, torch.Tensor):
+        a, target, start = [a], [target], [start]  # type: ignore[list-item]
+    dtype = torch.float64 if a[0].dtype == torch.float64 else torch.float32
+    num = sum(((ak.to(dtype) - tk.to(dtype)) ** 2).sum(-1) for ak, tk in zip(a, target, strict=True))
+    den = sum(((sk.to(dtype) - tk.to(dtype)) ** 2).sum(-1) for sk, tk in zip(start, target, strict=True))
+    return num / den  # type: ignore[operator]

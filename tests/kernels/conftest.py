@@ -1,0 +1,41 @@
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from d3fast._ext import HAS_EXT
+
+
+def impls() -> list:
+    """Every implementation this machine can run; Triton on CPU goes through the interpreter
+    (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)."""
+    out = [pytest.param("reference", id="ref")]
+    out.append(pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(not HAS_EXT, reason="d3fast._C not loaded")))
+    out.append(pytest.param(
+        "triton", id="triton",
+        marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
+    ))
+    return out
+
+
+def device_for(impl: str) -> torch.device:
+    return torch.device("cuda") if impl == "triton" and torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def nan_empty(monkeypatch):
+    """torch.empty / empty_like hand out NaNs, so a kernel that reads memory it never
+    wrote fails its comparison."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_like(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)

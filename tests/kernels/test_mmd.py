@@ -1,0 +1,160 @@
+"""The batched MMD^2 op: every implementation against the float64 reference, forward and
+backward, on odd shapes, several dtypes, padded classes and strided inputs; the reference
+itself against a double loop over pairs."""
+
+import itertools
+
+import pytest
+import torch
+from d3fast.kernels.mmd_ref import mmd2_ref
+
+from d3fast import kernels
+from d3fast.errors import D3FastError
+from tests._utils import assert_close
+from tests.kernels.conftest import device_for, impls
+
+SHAPES = [  # C, n, m, D
+    (1, 2, 2, 1),
+    (3, 37, 5, 129),
+    (2, 16, 16, 32),
+    (4, 9, 23, 70),
+    (2, 50, 51, 17),
+]
+# fp32 error allowed relative to the largest value; low precision follows flash-attention's
+# rule: at most 2x the error of the fp32 reference run on the same rounded inputs, + atol
+RTOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+LOWP_ATOL = 1e-3
+
+
+def features(C, n, D, seed, shift=0.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    # scaled so that squared distances are O(1) to O(10) at every D: all 5 bandwidths matter
+    return (torch.randn(C, n, D, generator=g) * (1.5 / D**0.5) + shift).to(dtype)
+
+
+def run(impl, x, y, up, **kw):
+    """Loss and gradients for a random upstream gradient `up` [C]."""
+    x = x.detach().clone().requires_grad_(True)
+    y = y.detach().clone().requires_grad_(True)
+    loss = kernels.mmd2(x, y, impl=impl, **kw)
+    (loss * up.to(loss.device, loss.dtype)).sum().backward()
+    return loss.detach(), x.grad, y.grad
+
+
+def check(name, impl, x, y, rtol, **kw):
+    dev = device_for(impl)
+    up = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(1))
+    ref = run("reference", x.double(), y.double(), up, **kw)
+    out = run(impl, x.to(dev), y.to(dev), up, **kw)
+    for part, r, o in zip(("loss", "dx", "dy"), ref, out, strict=True):
+        assert o.dtype == (torch.float32 if part == "loss" and x.dtype != torch.float64 else x.dtype if part != "loss" else torch.float64)
+        scale = float(r.abs().max())
+        assert_close(f"{name} {part}", r, o.cpu(), atol=rtol * scale, rtol=0)
+
+
+@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+def test_matches_reference_fp32(impl, shape, unbiased):
+    C, n, m, D = shape
+    x, y = features(C, n, D, 0), features(C, m, D, 1, shift=0.1)
+    check(f"{impl} {shape}", impl, x, y, RTOL[torch.float32], unbiased=unbiased)
+
+
+@pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
+def test_float64_exact(impl):
+    x, y = features(3, 37, 129, 0, dtype=torch.float64), features(3, 5, 129, 1, 0.1, dtype=torch.float64)
+    check(impl, impl, x, y, RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision(impl, dtype):
+    C, n, m, D = 3, 21, 19, 65
+    x32, y32 = features(C, n, D, 0), features(C, m, D, 1, 0.1)
+    truth = mmd2_ref(x32.double(), y32.double())
+    x, y = x32.to(dtype), y32.to(dtype)
+    torch_err = (mmd2_ref(x, y).double() - truth).abs().max()
+    dev = device_for(impl)
+    out = kernels.mmd2(x.to(dev), y.to(dev), impl=impl).cpu().double()
+    assert (out - truth).abs().max() <= 2 * torch_err + LOWP_ATOL * truth.abs().max()
+    # gradients in the input dtype, against the reference's on the same rounded inputs
+    up = torch.randn(C, generator=torch.Generator().manual_seed(2))
+    ref_g, out_g = run("reference", x, y, up), run(impl, x.to(dev), y.to(dev), up)
+    for r, o in zip(ref_g[1:], out_g[1:], strict=True):
+        assert o.dtype == dtype
+        assert_close(f"{impl} {dtype} grad", r.float(), o.float().cpu(), atol=2e-2 * float(r.float().abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_uneven_class_sizes_equal_per_class_slices(impl):
+    C, n, m, D = 3, 12, 10, 33
+    x, y = features(C, n, D, 0), features(C, m, D, 1, 0.1)
+    lx, ly = torch.tensor([12, 2, 7]), torch.tensor([3, 10, 5])
+    # padding rows hold garbage: they must not leak into the loss or get gradient
+    x[0, :0], x[1, 2:], x[2, 7:] = 0, 1e3, float("nan")
+    y[0, 3:], y[2, 5:] = -1e3, float("nan")
+    dev = device_for(impl)
+    up = torch.randn(C, generator=torch.Generator().manual_seed(3))
+    loss, gx, gy = run(impl, x.to(dev), y.to(dev), up, x_lengths=lx, y_lengths=ly)
+    for c in range(C):
+        xs, ys = x[c : c + 1, : lx[c]].double(), y[c : c + 1, : ly[c]].double()
+        l_ref, gx_ref, gy_ref = run("reference", xs, ys, up[c : c + 1])
+        assert_close(f"class {c} loss", l_ref, loss[c : c + 1].cpu(), atol=1e-5 * float(l_ref.abs().max()) + 1e-7, rtol=0)
+        assert_close(f"class {c} dx", gx_ref, gx[c : c + 1, : lx[c]].cpu(), atol=2e-5 * float(gx_ref.abs().max()), rtol=0)
+        assert_close(f"class {c} dy", gy_ref, gy[c : c + 1, : ly[c]].cpu(), atol=2e-5 * float(gy_ref.abs().max()), rtol=0)
+        assert torch.all(gx[c, lx[c] :] == 0) and torch.all(gy[c, ly[c] :] == 0)
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_strided_inputs(impl):
+    C, n, m, D = 2, 13, 11, 40
+    base_x = features(C, D, 2 * n, 0).transpose(1, 2)[:, ::2]  # [C, n, D], non-contiguous
+    base_y = features(C, D, m, 1, 0.1).transpose(1, 2)
+    assert not base_x.is_contiguous() and not base_y.is_contiguous()
+    check(f"{impl} strided", impl, base_x, base_y, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+def test_float64_gradcheck(impl, unbiased):
+    x = features(2, 5, 7, 0, dtype=torch.float64).requires_grad_(True)
+    y = features(2, 4, 7, 1, 0.1, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: kernels.mmd2(a, b, impl=impl, unbiased=unbiased), (x, y))
+
+
+def test_reference_equals_a_double_loop_over_pairs():
+    x, y = features(1, 6, 5, 0, dtype=torch.float64)[0], features(1, 4, 5, 1, 0.1, dtype=torch.float64)[0]
+    bw = (1.0, 3.0)
+
+    def k(a, b):
+        return sum(torch.exp(-((a - b) ** 2).sum() / (2 * s * s)) for s in bw)
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i, j in itertools.product(range(n), repeat=2) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i, j in itertools.product(range(m), repeat=2) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    assert torch.allclose(mmd2_ref(x[None], y[None], bw)[0], xx + yy - 2 * xy, rtol=1e-12)
+
+
+def test_public_dispatch_matches_reference_and_mmd_is_zero_for_identical_sets():
+    x = features(3, 8, 16, 0)
+    assert torch.allclose(kernels.mmd2(x, x.clone(), unbiased=False), torch.zeros(3), atol=1e-6)
+    y = features(3, 9, 16, 1, 0.5)
+    assert torch.allclose(kernels.mmd2(x, y), mmd2_ref(x, y), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_input_is_a_clear_error():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(D3FastError, match=">= 2 samples"):
+        kernels.mmd2(x, torch.randn(2, 1, 8))
+    with pytest.raises(D3FastError, match="equal C and D"):
+        kernels.mmd2(x, torch.randn(2, 5, 9))
+    with pytest.raises(D3FastError, match="x_lengths"):
+        kernels.mmd2(x, x, x_lengths=torch.tensor([5, 6]))
+    with pytest.raises(D3FastError, match=">= 2 samples"):
+        kernels.mmd2(x, x, x_lengths=torch.tensor([5, 1]))
+    with pytest.raises(D3FastError, match="bandwidths"):
+        kernels.mmd2(x, x, bandwidths=())
+    with pytest.raises(D3FastError, match="implementation"):
+        kernels.mmd2(x, x, impl="cuda")

@@ -1,0 +1,123 @@
+"""The trajectory-parameter distance: every implementation against an explicit float64
+formula, forward and every gradient, over flat, batched and segmented inputs."""
+
+import pytest
+import torch
+
+from d3fast import kernels
+from d3fast.errors import D3FastError
+from tests._utils import assert_close
+from tests.kernels.conftest import device_for, impls
+
+# P values: 1, odd, a few Triton blocks on CPU (64 x 2), and more than one C++ chunk (2^17)
+SIZES = [1, 7, 1000, 4097, (1 << 17) + 3]
+
+
+def vectors(shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g)
+    # a ends near t (a student close to the target), s further away: L ~ 0.1
+    return (t + 0.3 * torch.randn(shape, generator=g)).to(dtype), t.to(dtype), (t + torch.randn(shape, generator=g)).to(dtype)
+
+
+def formula(a, t, s):
+    """The distance and its three gradients written out by hand, in float64."""
+    a, t, s = a.double(), t.double(), s.double()
+    num, den = ((a - t) ** 2).sum(-1, keepdim=True), ((s - t) ** 2).sum(-1, keepdim=True)
+    ga = 2 * (a - t) / den
+    gs = -2 * num * (s - t) / den**2
+    return (num / den).squeeze(-1), ga, -(ga + gs), gs
+
+
+def run(impl, a, t, s, up):
+    leaves = [v.detach().clone().requires_grad_(True) for v in (a, t, s)]
+    out = kernels.param_distance(*leaves, impl=impl)
+    (out * up.to(out.device, out.dtype)).sum().backward()
+    return (out.detach(), *(v.grad for v in leaves))
+
+
+@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("P", SIZES)
+@pytest.mark.parametrize("students", [None, 3], ids=["flat", "S3"])
+def test_matches_formula_fp32(impl, P, students):
+    if impl == "triton" and P > 5000 and not torch.cuda.is_available():
+        pytest.skip("the interpreter is slow at this size; 4097 covers partial blocks")
+    shape = (P,) if students is None else (students, P)
+    a, t, s = vectors(shape, P)
+    up = torch.randn(() if students is None else (students,), generator=torch.Generator().manual_seed(1))
+    dev = device_for(impl)
+    out = run(impl, a.to(dev), t.to(dev), s.to(dev), up)
+    ref = formula(a, t, s)
+    assert out[0].shape == up.shape and out[0].dtype == torch.float32
+    for name, r, o, scale in zip(("L", "da", "dt", "ds"), ref, out, (1.0, up, up, up), strict=True):
+        r = r * (scale[..., None] if name != "L" and students else scale)
+        assert o.dtype == (torch.float32 if name == "L" else a.dtype)
+        assert_close(f"{impl} P={P} {name}", r, o.cpu(), atol=1e-6 * float(r.abs().max()) + 1e-30, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision(impl, dtype):
+    a, t, s = vectors((2, 3001), 5, dtype)
+    truth = formula(a.float(), t.float(), s.float())  # the same rounded inputs, exact math
+    dev = device_for(impl)
+    out = run(impl, a.to(dev), t.to(dev), s.to(dev), torch.ones(2))
+    # sums accumulate in fp32 or better: the loss is as good as fp32
+    assert_close(f"{impl} {dtype} L", truth[0], out[0].cpu(), atol=0, rtol=1e-5)
+    for r, o in zip(truth[1:], out[1:], strict=True):
+        assert o.dtype == dtype
+        # one rounding to the output dtype: half an ulp (2^-11 fp16, 2^-8 bf16) plus slack
+        assert_close(f"{impl} {dtype} grad", r, o.cpu(), atol=1e-6, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_segments_equal_the_concatenation(impl):
+    dev = device_for(impl)
+    shapes = [(5, 3), (17,), (2, 2, 2), (1,)]
+    parts = [vectors(sh, i) for i, sh in enumerate(shapes)]
+    a, t, s = ([p[k].to(dev).requires_grad_(True) for p in parts] for k in range(3))
+    out = kernels.param_distance(a, t, s, impl=impl)
+    out.backward()
+    flat = [torch.cat([p[k].reshape(-1) for p in parts]) for k in range(3)]
+    ref = formula(*flat)
+    assert out.dim() == 0
+    assert_close("segments L", ref[0], out.detach().cpu(), atol=0, rtol=1e-6)
+    for k, side in enumerate((a, t, s)):
+        got = torch.cat([v.grad.reshape(-1).cpu() for v in side])
+        assert_close(f"segments grad {k}", ref[k + 1], got, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_strided_inputs(impl):
+    dev = device_for(impl)
+    a, t, s = (v.to(dev) for v in vectors((3, 2 * 301), 9))
+    a, t, s = a[:, ::2], t[:, ::2], s[:, 1::2]
+    assert not a.is_contiguous()
+    out = run(impl, a, t, s, torch.ones(3))
+    ref = formula(a.cpu(), t.cpu(), s.cpu())
+    for r, o in zip(ref, out, strict=True):
+        assert_close(f"{impl} strided", r, o.cpu(), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
+def test_float64_gradcheck(impl):
+    a, t, s = (v.requires_grad_(True) for v in vectors((2, 9), 3, torch.float64))
+    assert torch.autograd.gradcheck(lambda x, y, z: kernels.param_distance(x, y, z, impl=impl), (a, t, s))
+
+
+def test_only_a_needs_grad_leaves_the_expert_alone():
+    a, t, s = vectors(50, 0)
+    a.requires_grad_(True)
+    kernels.param_distance(a, t, s).backward()
+    assert t.grad is None and s.grad is None
+    assert_close("da", formula(a.detach(), t, s)[1], a.grad, atol=0, rtol=1e-5)
+
+
+def test_bad_input_is_a_clear_error():
+    a, t, s = vectors(10, 0)
+    with pytest.raises(D3FastError, match="shapes differ"):
+        kernels.param_distance(a, t[:5], s)
+    with pytest.raises(D3FastError, match="number of segments"):
+        kernels.param_distance([a, a], [t], [s, s])
+    with pytest.raises(D3FastError, match="empty"):
+        kernels.param_distance(a[:0], t[:0], s[:0])

@@ -1,0 +1,76 @@
+"""Trajectory-parameter distance: each implementation against the PyTorch reference, with
+the memory bandwidth it reaches.
+
+Bytes moved per parameter (fp32): forward reads a, target, start (12 B); backward to a
+alone reads a and target and writes the gradient (12 B). On a GPU the figure is compared
+with the device's HBM peak (target >= 80% at P >= 16M); on CPU with what torch's own
+elementwise `a - t` (2 reads + 1 write) reaches on this machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks._measure import median_time, sync
+from d3fast import kernels
+from d3fast._ext import HAS_EXT
+
+# HBM peak in GB/s by device name fragment (vendor datasheets)
+HBM_PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039,
+                "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935}
+
+
+def _peak_gbs(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in HBM_PEAK_GBS.items() if k in name), None)
+
+
+def _elementwise_gbs(P: int, device: torch.device) -> float:
+    a, t = torch.randn(P, device=device), torch.randn(P, device=device)
+    out = torch.empty_like(a)
+    sec = median_time(lambda: torch.sub(a, t, out=out), device)
+    return 3 * 4 * P / sec / 1e9
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("P", [1 << 20, 1 << 24], ids=["1M", "16M"])
+@pytest.mark.parametrize("impl", ["reference", "cpp", "triton"])
+def test_param_distance(benchmark, provenance, impl, P, mode):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if impl == "cpp" and (device.type != "cpu" or not HAS_EXT):
+        pytest.skip("the C++ kernel runs on CPU tensors with d3fast._C built")
+    if impl == "triton" and device.type != "cuda":
+        pytest.skip("Triton is benchmarked on a GPU (the interpreter is for tests)")
+    grad = mode == "fwd+bwd"
+    g = torch.Generator(device=device).manual_seed(0)
+    t = torch.randn(P, generator=g, device=device)
+    a = (t + 0.1 * torch.randn(P, generator=g, device=device)).requires_grad_(grad)
+    s = t + torch.randn(P, generator=g, device=device)
+
+    def step(which):
+        def fn():
+            out = kernels.param_distance(a, t, s, impl=which)
+            if grad:
+                a.grad = None
+                out.backward()
+            return out
+        return fn
+
+    ref = kernels.param_distance(a.double(), t.double(), s.double(), impl="reference")
+    torch.testing.assert_close(step(impl)().double(), ref, rtol=1e-5, atol=0)
+    benchmark.pedantic(step(impl), rounds=7, warmup_rounds=1, iterations=1)
+    sync(device)
+    median = benchmark.stats["median"]
+    moved = (24 if grad else 12) * P
+    gbs = moved / median / 1e9
+    peak = _peak_gbs(device)
+    ref_median = median if impl == "reference" else median_time(step("reference"), device)
+    benchmark.extra_info.update(
+        P=P, impl=impl, mode=mode, median_s=round(median, 6), reference_median_s=round(ref_median, 6),
+        speedup_vs_reference=round(ref_median / median, 2), achieved_gbs=round(gbs, 1),
+        hbm_peak_gbs=peak, fraction_of_hbm_peak=round(gbs / peak, 3) if peak else None,
+        torch_elementwise_gbs=round(_elementwise_gbs(P, device), 1),
+    )

@@ -164,7 +164,7 @@ PYBIND11_MODULE(_C, m) {
         "How this extension was built.\n\n"
         "Returns:\n"
         "    dict with keys version (str), compiler (str), openmp_threads (int, 0 without\n"
-        "    OpenMP) and simd (str, the widest vector ISA the compiler targeted).");
+        "    OpenMP) and simd (str, the vector ISA the kernels run with on this CPU).");
 
     m.def(
         "mmd",

@@ -25,12 +25,11 @@ BuildInfo build_info() {
 #else
     info.openmp_threads = 0;
 #endif
-#if defined(__AVX512F__)
-    info.simd = "avx512f";
-#elif defined(__AVX2__)
-    info.simd = "avx2";
-#elif defined(__SSE4_2__)
-    info.simd = "sse4.2";
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+    // the hot kernels are built twice (simd.h, D3FAST_CLONES); this is the one the loader picked
+    __builtin_cpu_init();
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    info.simd = v3 ? "avx2+fma (x86-64-v3 clone, picked at load)" : "sse2 (baseline clone; no avx2+fma)";
 #elif defined(__ARM_NEON)
     info.simd = "neon";
 #else

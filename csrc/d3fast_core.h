@@ -12,7 +12,7 @@ struct BuildInfo {
     std::string version;
     std::string compiler;
     int openmp_threads;  // 0 when built without OpenMP
-    std::string simd;    // widest vector ISA the compiler targeted
+    std::string simd;    // vector ISA the hot kernels run with on this CPU
 };
 
 BuildInfo build_info();

@@ -185,14 +185,20 @@ def _resolve_run(run_dir: str, runs_dir: str = "runs"):
 @_config_options
 @click.option("--ppc", type=int, default=None, help="Latent priors per class.")
 @click.option("--steps", type=int, default=None, help="Distillation steps (with --resume: the new total).")
-@click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA (decoder, MMD); a no-op on CPU.")
+@click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA (decoder, unroll, MMD); a no-op on CPU.")
+@click.option("--unroll", type=click.Choice(["flat", "naive"]), default=None,
+              help="MTT unroll: flat (exact, memory flat in syn_steps; default) or naive (graph through every step).")
+@click.option("--students-per-step", type=int, default=None, help="Students (expert trajectories) per MTT update.")
 @click.option("--resume", "resume_dir", default=None, help="Continue the run in this directory.")
 @click.option("--runs-dir", default="runs", show_default=True, help="Where run directories are created.")
 @click.option("--name", default=None, help="Run name (default: the preset).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @click.option("--no-auto", is_flag=True, help="Fail instead of preparing data / training experts.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Run `d3fast evaluate` on the result.")
-def distill(dataset, preset, overrides, ppc, steps, amp, resume_dir, runs_dir, name, device, no_auto, then_evaluate) -> None:
+def distill(
+    dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, resume_dir, runs_dir, name, device, no_auto,
+    then_evaluate,
+) -> None:
     """Learn the distilled distribution (Algorithm 1: MTT + MMD + KL + diversity).
 
     Writes runs/<dataset>/<timestamp>-<name>/: config.json, manifest.json, metrics.jsonl
@@ -214,7 +220,8 @@ def distill(dataset, preset, overrides, ppc, steps, amp, resume_dir, runs_dir, n
         res = run_distill(cfg, run_dir=run_dir, resume=True)
     else:
         cfg = _resolve(dataset, preset, overrides, **{
-            "distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp})
+            "distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
+            "distill.students_per_step": students_per_step})
         if device is not None:
             cfg.device = device
         _ensure_inputs(cfg, no_auto)

@@ -95,6 +95,12 @@ class DistillConfig:
     max_start_epoch: int = 25
     # B: latents per unrolled student step; 0 = all of them
     batch_syn: int = 0
+    # flat: exact gradient by recomputation, memory flat in syn_steps | naive: graph through
+    # every step (the reference's way; for checks)
+    unroll: str = "flat"
+    # K students (each its own expert and start epoch) unrolled together; their MTT losses
+    # are averaged
+    students_per_step: int = 1
     # initial learnable student lr alpha (lr = leaky_relu(alpha) + 1e-4)
     lr_teacher: float = 0.01
     lr_latent: float = 3e-4
@@ -126,7 +132,8 @@ class DistillConfig:
     div_weight: float = 1e-2
     seed: int = 0
     checkpoint_every: int = 50
-    # bf16 autocast on CUDA for decoding and MMD features; the unroll stays fp32
+    # bf16 autocast on CUDA for decoding, the unrolled student and MMD features; parameters,
+    # adjoints and losses stay fp32
     amp: bool = False
 
 
@@ -175,6 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.mmd_reduction": ("sum", "mean"),
     "distill.mmd_scale": ("raw", "median"),
     "distill.mmd_param": ("expert", "final"),
+    "distill.unroll": ("flat", "naive"),
     "eval.decoder_bn": ("batch", "running"),
 }
 
@@ -327,7 +335,7 @@ def validate(cfg: Config) -> None:
     for dotted in (
         "experts.epochs", "experts.num_experts", "experts.batch_size", "net.width",
         "distill.ppc", "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch",
-        "distill.mmd_samples", "distill.z_dim", "distill.checkpoint_every",
+        "distill.mmd_samples", "distill.z_dim", "distill.checkpoint_every", "distill.students_per_step",
         "eval.students", "eval.epochs", "eval.batch_size", "eval.samples_per_class",
     ):
         section, key = dotted.split(".")

@@ -1,9 +1,10 @@
 """`d3fast distill`: Algorithm 1 of D3 (SPEC.md section 5), top to bottom.
 
 Per step:
-  1. MTT update (latents, decoder, learnable lr alpha): start from expert[t], unroll N
-     student SGD steps on freshly decoded (and augmented) samples with the graph kept
-     through each update, L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 + KL.
+  1. MTT update (latents, decoder, learnable lr alpha): start K students from expert
+     epochs, unroll N student SGD steps on freshly decoded (and augmented) samples
+     (d3fast/unroll.py: exact gradient, memory flat in N), L = mean_k ||theta_N - theta*||^2
+     / ||theta_0 - theta*||^2 + KL.
   2. MMD update (latents, decoder): per class, unbiased mixture-of-Gaussians MMD^2 between
      ConvNet features (expert weights at T + M) of real and decoded samples, + diversity.
 
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from d3fast import losses
@@ -41,6 +41,7 @@ from d3fast.io import atomic_write_json, read_json
 from d3fast.models import build_network
 from d3fast.runtime import device_name, resolve_device, versions
 from d3fast.training import load_flat_params
+from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
 
 
 @dataclass
@@ -143,9 +144,6 @@ def distill(
         norm=cfg.net.norm, pooling=cfg.net.pooling,
     ).to(device)
     feature_net = copy.deepcopy(student).requires_grad_(False)
-    names = [n for n, _ in student.named_parameters()]
-    shapes = [p.shape for _, p in student.named_parameters()]
-    sizes = [p.numel() for _, p in student.named_parameters()]
     meta = {
         "resolution": res, "channels": channels,
         "mean": train.mean.tolist(), "std": train.std.tolist(),
@@ -155,7 +153,14 @@ def distill(
     opt_latent = torch.optim.SGD([d.latents], lr=dcfg.lr_latent, momentum=0.5)
     opt_lr = torch.optim.SGD([d.alpha], lr=dcfg.lr_lr, momentum=0.5)
     opt_decoder = torch.optim.Adam(d.decoder.parameters(), lr=dcfg.lr_decode, weight_decay=1e-5)
-    augment = DSA(cfg.augment) if dcfg.augment_unroll else None
+    amp_on = dcfg.amp and device.type == "cuda"
+
+    def amp() -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if amp_on else nullcontext()
+
+    spec = UnrollSpec(
+        Student(student), dcfg.syn_steps, dcfg.batch_syn, DSA(cfg.augment) if dcfg.augment_unroll else None, amp,
+    )
     g_host = torch.Generator().manual_seed(dcfg.seed)
     g_dev = torch.Generator(device=device).manual_seed(dcfg.seed + 7)
     step, best = 0, {"step": None, "loss": math.inf}
@@ -199,7 +204,6 @@ def distill(
 
     # ---- the loop
     stop = _StopRequest()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dcfg.amp and device.type == "cuda" else nullcontext()
     bar = tqdm(total=dcfg.steps, initial=step, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
     t_start, last = time.perf_counter(), {}
     metrics = open(run_dir / "metrics.jsonl", "a")
@@ -209,20 +213,23 @@ def distill(
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            expert = int(torch.randint(len(bank), (1,), generator=g_host))
-            start = int(torch.randint(dcfg.max_start_epoch, (1,), generator=g_host))
-            # -1: the expert's last epoch
-            feat_epoch = need if dcfg.mmd_param == "expert" else -1
-            theta0, target, feat_params = (
-                r.to(device) for r in bank.rows(expert, [start, start + dcfg.expert_epochs, feat_epoch])
-            )
+            picks = []
+            for _ in range(dcfg.students_per_step):
+                expert = int(torch.randint(len(bank), (1,), generator=g_host))
+                picks.append((expert, int(torch.randint(dcfg.max_start_epoch, (1,), generator=g_host))))
+            rows = [bank.rows(e, [s, s + dcfg.expert_epochs]) for e, s in picks]
+            theta0 = torch.stack([r[0] for r in rows]).to(device)  # [K, P]
+            target = torch.stack([r[1] for r in rows]).to(device)
+            expert, start = picks[0]
+            # the MMD features use the first student's expert; -1: its last epoch
+            feat_params = bank.rows(expert, [need if dcfg.mmd_param == "expert" else -1])[0].to(device)
             images = 0
 
             # 1. MTT update: latents, decoder, alpha
             mtt = kl = torch.zeros((), device=device)
             if dcfg.mtt_weight > 0:
-                theta_n = unroll(student, names, shapes, sizes, d, theta0, dcfg, augment, g_dev)
-                mtt = losses.param_distance(theta_n, target, theta0)
+                theta_n = unroll(spec, d, theta0, g_dev, dcfg.unroll)
+                mtt = mtt_loss(theta_n, target, theta0)
                 kl = losses.kl_standard_normal(d.latents[..., 0], d.latents[..., 1])
                 _check_finite(step, run_dir, mtt=mtt, kl=kl)
                 for opt in (opt_latent, opt_lr, opt_decoder):
@@ -230,13 +237,13 @@ def distill(
                 (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl).backward()
                 for opt in (opt_latent, opt_lr, opt_decoder):
                     opt.step()
-                images += dcfg.syn_steps * (dcfg.batch_syn or len(d.latents))
+                images += dcfg.students_per_step * dcfg.syn_steps * (dcfg.batch_syn or len(d.latents))
 
             # 2. MMD update: latents, decoder
             mmd = div = torch.zeros((), device=device)
             if dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1):
                 load_flat_params(feature_net, feat_params)
-                with amp:
+                with amp():
                     mmd, div = mmd_terms(feature_net, d, train, dcfg, g_dev)
                 _check_finite(step, run_dir, mmd=mmd, div=div)
                 opt_latent.zero_grad(set_to_none=True)
@@ -266,40 +273,6 @@ def distill(
     bar.close()
     metrics.close()
     return DistillResult(run_dir, step, time.perf_counter() - t_start, interrupted, last)
-
-
-def unroll(
-    student: torch.nn.Module,
-    names: list[str],
-    shapes: list[torch.Size],
-    sizes: list[int],
-    d: Distilled,
-    theta0: torch.Tensor,
-    dcfg: Any,
-    augment: DSA | None,
-    g: torch.Generator,
-) -> torch.Tensor:
-    """N student SGD steps from theta0 on decoded samples, keeping the graph through every
-    update (second order): returns theta_N, differentiable w.r.t. latents, decoder, alpha.
-    Memory grows linearly with N (the naive unroll; issue 5 brings the flat-memory one)."""
-    lr = F.leaky_relu(d.alpha) + 1e-4
-    labels = d.labels
-    theta = theta0.clone().requires_grad_(True)
-    chunks: list[torch.Tensor] = []
-    for _ in range(dcfg.syn_steps):
-        if not chunks:
-            order = torch.randperm(len(d.latents), generator=g, device=theta.device)
-            chunks = list(torch.split(order, dcfg.batch_syn or len(d.latents)))
-        idx = chunks.pop(0)
-        x = d.decode(idx, g)
-        if augment is not None:
-            x = augment(x, g)
-        params = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
-        out = torch.func.functional_call(student, params, (x,))
-        ce = F.cross_entropy(out, labels[idx])
-        (grad,) = torch.autograd.grad(ce, theta, create_graph=True)
-        theta = theta - lr * grad
-    return theta
 
 
 def mmd_terms(

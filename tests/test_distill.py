@@ -16,11 +16,12 @@ from d3fast.checkpoint import load_checkpoint
 from d3fast.config import resolve_config
 from d3fast.data.loader import load_dataset
 from d3fast.data.prepare import prepare
-from d3fast.distill import ExpertBank, distill, distilled_from_run, unroll
+from d3fast.distill import ExpertBank, distill, distilled_from_run
 from d3fast.distilled import export, init_distilled, load
 from d3fast.errors import D3FastError
 from d3fast.experts import experts_dir, run_experts
 from d3fast.models import build_network
+from d3fast.unroll import Student, UnrollSpec, unroll
 
 OVERRIDES = [
     "net.width=8", "experts.num_experts=2", "experts.epochs=3", "device=cpu",
@@ -63,20 +64,20 @@ def hand_convnet(x, p):
     return F.linear(x.flatten(1), p[12], p[13])
 
 
-def test_mtt_matches_hand_unrolled_two_steps(home):
+@pytest.mark.parametrize("mode", ["flat", "naive"])
+def test_mtt_matches_hand_unrolled_two_steps(home, mode):
     cfg = cfg_of("distill.syn_steps=2", "distill.augment_unroll=false", "distill.ppc=2", "distill.batch_syn=7")
     train = load_dataset("digits", "train")
     meta = {"resolution": 32, "channels": 1, "mean": train.mean.tolist(), "std": train.std.tolist(),
             "z_dim": 64, "decoder": "paper", "decoder_width": 32}
     d = init_distilled(10, 2, train.classes, meta, 0.01, torch.device("cpu"), seed=3)
-    student = build_network("convnet", 1, 10, 32, width=8)
-    names = [n for n, _ in student.named_parameters()]
-    shapes = [p.shape for _, p in student.named_parameters()]
-    sizes = [p.numel() for _, p in student.named_parameters()]
+    student = Student(build_network("convnet", 1, 10, 32, width=8))
+    shapes, sizes = student.shapes, student.sizes
     bank = ExpertBank(experts_dir(cfg), 3)
     theta0, target = bank.rows(0, [0, 1])
 
-    theta_n = unroll(student, names, shapes, sizes, d, theta0, cfg.distill, None, torch.Generator().manual_seed(5))
+    spec = UnrollSpec(student, cfg.distill.syn_steps, cfg.distill.batch_syn, None)
+    theta_n = unroll(spec, d, theta0[None], torch.Generator().manual_seed(5), mode)[0]
     loss = losses.param_distance(theta_n, target, theta0)
     ours = torch.autograd.grad(loss, [d.latents, d.alpha, *d.decoder.parameters()])
 
@@ -126,6 +127,20 @@ def test_resume_equals_uninterrupted(home, tmp_path):
     for key in ("mtt", "kl", "mmd", "div", "student_lr", "step_s", "images_per_s", "peak_mem_gib"):
         assert key in first
     assert first["div"] < 0  # PPC 2: the diversity term is active
+
+
+def test_flat_and_naive_runs_agree_with_several_students(home, tmp_path):
+    for mode in ("flat", "naive"):
+        cfg = cfg_of("distill.ppc=2", "distill.steps=2", "distill.students_per_step=2", f"distill.unroll={mode}")
+        distill(cfg, run_dir=tmp_path / mode, progress=False)
+    flat, _, _ = distilled_from_run(tmp_path / "flat")
+    naive, _, _ = distilled_from_run(tmp_path / "naive")
+    torch.testing.assert_close(flat.latents, naive.latents, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(flat.alpha, naive.alpha, rtol=1e-5, atol=1e-9)
+    mtt = {m: [json.loads(ln)["mtt"] for ln in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
+           for m in ("flat", "naive")}
+    assert mtt["flat"] == pytest.approx(mtt["naive"], rel=1e-5)
+    assert all(0 < v < 10 for v in mtt["flat"])
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(home, tmp_path, monkeypatch):

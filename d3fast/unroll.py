@@ -1,0 +1,214 @@
+"""The MTT unroll: N student SGD steps on decoded samples, differentiable with respect to the
+latents, the decoder and the learned student lr.
+
+Two ways to get the same gradient (tests/test_unroll.py checks they agree to 1e-8 in
+float64):
+
+naive  keeps the autograd graph of every step (create_graph through each update), as the
+       reference code does. Memory grows linearly with N: every step's activations and
+       their double-backward graph stay alive until the loss is differentiated.
+flat   reverse mode by recomputation. The forward pass keeps only theta_i (P floats per
+       step per student) and each step's batch indices and generator state. Backward walks
+       the steps in reverse; step i is recomputed from its stored state (same decoded
+       samples, same augmentation), and the adjoint a_{i+1} = dL/dtheta_{i+1} is pushed
+       through it with one Hessian-vector product:
+
+           theta_{i+1} = theta_i - lr g_i,       g_i = grad_theta CE(theta_i; x_i(phi))
+           s_i         = <g_i, a_{i+1}>
+           a_i         = a_{i+1} - lr ds_i/dtheta_i                 (HVP)
+           dL/dphi    += -lr ds_i/dx_i . dx_i/dphi                   (decoder, latents)
+           dL/dlr     += -s_i
+
+       Peak memory is one step's double-backward graph, whatever N is.
+
+Students (`students_per_step` K > 1) run in lockstep: theta is [K, P], each step decodes K
+batches in one call (student k gets rows k*B..(k+1)*B), and the flat unroll evaluates the
+student's gradient and HVP with torch.func.vmap over the K students.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from d3fast.data.augment import DSA
+from d3fast.distilled import Distilled
+from d3fast.errors import D3FastError
+
+
+@dataclass
+class Student:
+    """A network used as a pure function of its flat parameter vector."""
+
+    module: torch.nn.Module
+    names: list[str] = field(init=False)
+    shapes: list[torch.Size] = field(init=False)
+    sizes: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = list(self.module.named_parameters())
+        self.names = [n for n, _ in params]
+        self.shapes = [p.shape for _, p in params]
+        self.sizes = [p.numel() for _, p in params]
+
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the network with flat parameters theta [P] on images x [B, ...]."""
+        params = {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes, strict=True)}
+        return F.cross_entropy(functional_call(self.module, params, (x,)), y)
+
+
+@dataclass
+class UnrollSpec:
+    student: Student
+    steps: int  # N
+    batch: int  # latents per step; 0 = all
+    augment: DSA | None
+    amp: Callable[[], AbstractContextManager[None]] = nullcontext
+
+
+class _Chunks:
+    """Latent indices per step: a fresh permutation (from the generator) whenever the last
+    one is used up, split into batches; the same draws in both unrolls."""
+
+    def __init__(self, count: int, batch: int, g: torch.Generator, device: torch.device):
+        self.count, self.batch, self.g, self.device = count, batch or count, g, device
+        self.queue: list[torch.Tensor] = []
+
+    def next(self) -> torch.Tensor:
+        if not self.queue:
+            order = torch.randperm(self.count, generator=self.g, device=self.device)
+            self.queue = list(torch.split(order, self.batch))
+        return self.queue.pop(0)
+
+
+def _samples(d: Distilled, idx: torch.Tensor, students: int, augment: DSA | None, g: torch.Generator) -> torch.Tensor:
+    """Decoded, augmented samples of priors idx for every student: [K * B, C, H, W]."""
+    x = d.decode(idx.repeat(students), g)
+    return augment(x, g) if augment is not None else x
+
+
+def unroll(
+    spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, g: torch.Generator, mode: str = "flat"
+) -> torch.Tensor:
+    """theta_N [K, P] from theta0 [K, P] (K students), differentiable w.r.t. d.latents,
+    d.decoder's parameters and d.alpha. mode: "flat" (recomputation, memory flat in N) or
+    "naive" (graph through every step)."""
+    if theta0.dim() != 2:
+        raise D3FastError(f"unroll: theta0 must be [students, P], got {list(theta0.shape)}")
+    lr = F.leaky_relu(d.alpha) + 1e-4
+    if mode == "naive":
+        return _unroll_naive(spec, d, theta0, lr, g)
+    if mode == "flat":
+        if any(True for _ in spec.student.module.buffers()):
+            raise D3FastError(
+                "the flat unroll needs a student without running statistics (net.norm=batchnorm keeps "
+                "some); use net.norm=instancenorm or --unroll naive"
+            )
+        phi = [d.latents, *d.decoder.parameters()]
+        return _FlatUnroll.apply(lr, theta0, _Run(spec, d, g), *phi)
+    raise D3FastError(f"unknown unroll mode {mode!r}: use flat or naive")
+
+
+def _unroll_naive(spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    K = theta0.shape[0]
+    chunks = _Chunks(len(d.latents), spec.batch, g, theta0.device)
+    thetas = [t.clone().requires_grad_(True) for t in theta0.detach()]
+    for _ in range(spec.steps):
+        idx = chunks.next()
+        with spec.amp():
+            x = _samples(d, idx, K, spec.augment, g).unflatten(0, (K, -1))
+        y = d.labels[idx]
+        for k in range(K):
+            with spec.amp():
+                ce = spec.student.loss(thetas[k], x[k], y)
+            (gk,) = torch.autograd.grad(ce, thetas[k], create_graph=True)
+            thetas[k] = thetas[k] - lr * gk
+    return torch.stack(thetas)
+
+
+@dataclass
+class _Run:
+    """What the flat unroll's backward needs besides tensors."""
+
+    spec: UnrollSpec
+    d: Distilled
+    g: torch.Generator
+    thetas: list[torch.Tensor] = field(default_factory=list)  # theta_0 .. theta_{N-1}, [K, P] each
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, generator state)
+
+
+class _FlatUnroll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lr: torch.Tensor, theta0: torch.Tensor, run: _Run, *phi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        spec, d = run.spec, run.d
+        K = theta0.shape[0]
+        step_grad = vmap(grad(spec.student.loss), in_dims=(0, 0, None))
+        chunks = _Chunks(len(d.latents), spec.batch, run.g, theta0.device)
+        theta, lr_ = theta0.detach(), lr.detach()
+        for _ in range(spec.steps):
+            idx = chunks.next()
+            state = run.g.get_state()
+            with torch.no_grad(), spec.amp():
+                x = _samples(d, idx, K, spec.augment, run.g).unflatten(0, (K, -1))
+                gk = step_grad(theta, x, d.labels[idx])
+            run.thetas.append(theta)
+            run.plan.append((idx, state))
+            # fp32 parameters even when the step ran under bf16 autocast
+            theta = theta - lr_ * gk.to(theta.dtype)
+        ctx.run = run
+        ctx.save_for_backward(lr)
+        return theta
+
+    @staticmethod
+    def backward(ctx, a: torch.Tensor):  # type: ignore[override]
+        run: _Run = ctx.run
+        (lr,) = ctx.saved_tensors
+        spec, d = run.spec, run.d
+        K = a.shape[0]
+        phi = [d.latents, *d.decoder.parameters()]
+        grads_phi: list[torch.Tensor] = [torch.zeros_like(p) for p in phi]
+        grad_lr = torch.zeros((), dtype=torch.float64, device=a.device)
+        lr_ = lr.detach()
+
+        def inner(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+            return (grad(spec.student.loss)(theta, x, y) * adj).sum()
+
+        # s_i = <g_i, a_{i+1}> and its derivatives w.r.t. theta_i (the HVP) and x_i, per student
+        hvp_and_s = vmap(grad_and_value(inner, argnums=(0, 1)), in_dims=(0, 0, None, 0))
+        # re-decoding must not move the decoder's BatchNorm running statistics a second time
+        saved_buffers = [b.detach().clone() for b in d.decoder.buffers()]
+        gen = torch.Generator(device=run.g.device)
+        a = a.detach()
+        for theta, (idx, state) in zip(reversed(run.thetas), reversed(run.plan), strict=True):
+            gen.set_state(state)
+            with torch.enable_grad():
+                with spec.amp():
+                    x = _samples(d, idx, K, spec.augment, gen)  # [K * B, C, H, W], graph to phi
+                with spec.amp():
+                    (hvp, dx), s = hvp_and_s(theta, x.detach().unflatten(0, (K, -1)), d.labels[idx], a)
+                step_phi = torch.autograd.grad(x, phi, grad_outputs=(-lr_ * dx).flatten(0, 1).to(x.dtype), allow_unused=True)
+            grad_lr -= s.double().sum()
+            a = a - lr_ * hvp.to(a.dtype)
+            for acc, gp in zip(grads_phi, step_phi, strict=True):
+                if gp is not None:
+                    acc += gp
+        with torch.no_grad():
+            for b, v in zip(d.decoder.buffers(), saved_buffers, strict=True):
+                b.copy_(v)
+        run.thetas.clear()
+        return (grad_lr.to(lr.dtype).reshape(lr.shape), None, None, *grads_phi)
+
+
+def mtt_loss(theta_n: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Mean over students of ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 ([K, P] each)."""
+    from d3fast import losses
+
+    return losses.param_distance(theta_n, target, start).mean()
+
+
+__all__: Sequence[str] = ["Student", "UnrollSpec", "mtt_loss", "unroll"]

@@ -1,0 +1,106 @@
+"""The flat (recomputation) MTT unroll against the naive one, which keeps the graph of
+every step: gradients w.r.t. latents, decoder parameters and the learned lr must agree,
+with augmentation on, for several unroll lengths and several students."""
+
+import pytest
+import torch
+
+from d3fast.config import AugConfig
+from d3fast.data.augment import DSA
+from d3fast.distilled import init_distilled
+from d3fast.errors import D3FastError
+from d3fast.models import build_network
+from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
+
+N_CLS, PPC, RES = 3, 2, 8
+
+
+def setup(dtype, students=1, augment=True, batch=4, steps=2, norm="instancenorm"):
+    meta = {"resolution": RES, "channels": 1, "mean": [0.5], "std": [0.25], "z_dim": 6,
+            "decoder": "tiny", "decoder_width": 8}
+    d = init_distilled(N_CLS, PPC, ["a", "b", "c"], meta, 0.05, torch.device("cpu"), seed=3)
+    d.decoder.to(dtype)
+    d.latents = d.latents.detach().to(dtype).requires_grad_(True)
+    d.alpha = d.alpha.detach().to(dtype).requires_grad_(True)
+    torch.manual_seed(0)
+    net = build_network("convnet", 1, N_CLS, RES, width=8, depth=1, norm=norm).to(dtype)
+    student = Student(net)
+    P = sum(student.sizes)
+    g = torch.Generator().manual_seed(11)
+    theta0 = torch.randn(students, P, generator=g, dtype=dtype) * 0.3
+    target = theta0 + torch.randn(students, P, generator=g, dtype=dtype) * 0.05
+    spec = UnrollSpec(student, steps, batch, DSA(AugConfig()) if augment else None)
+    return d, spec, theta0, target
+
+
+def gradients(mode, d, spec, theta0, target):
+    """MTT loss and its gradients w.r.t. every distilled tensor, from a fixed generator."""
+    g = torch.Generator().manual_seed(5)
+    phi = [d.latents, d.alpha, *d.decoder.parameters()]
+    for p in phi:
+        p.grad = None
+    loss = mtt_loss(unroll(spec, d, theta0, g, mode), target, theta0)
+    grads = torch.autograd.grad(loss, phi)
+    return loss.detach(), grads, g.get_state()
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_grads_match(names, grads_f, grads_n, tol):
+    """Relative error per tensor; a tensor whose gradient is ~0 (a conv bias right before
+    BatchNorm: exactly 0 in exact arithmetic, rounding noise here) is measured against 1e-3
+    of the whole gradient's norm instead of its own."""
+    total = float(torch.cat([g.reshape(-1) for g in grads_n]).norm())
+    for name, gf, gn in zip(names, grads_f, grads_n, strict=True):
+        err = float((gf - gn).norm()) / max(float(gn.norm()), 1e-3 * total)
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-8), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+def test_flat_equals_naive(steps, dtype, tol):
+    d, spec, theta0, target = setup(dtype, steps=steps)
+    loss_n, grads_n, state_n = gradients("naive", d, spec, theta0, target)
+    buffers = [b.clone() for b in d.decoder.buffers()]
+    d2, spec2, _, _ = setup(dtype, steps=steps)
+    loss_f, grads_f, state_f = gradients("flat", d2, spec2, theta0, target)
+    assert torch.equal(state_n, state_f), "both unrolls must consume the generator identically"
+    assert rel_err(loss_f, loss_n) < tol
+    names = ["latents", "alpha"] + [n for n, _ in d.decoder.named_parameters()]
+    # the gradients are there at all, or the comparison would prove nothing
+    assert grads_n[0].norm() > 0 and grads_n[1].abs() > 0
+    assert_grads_match(names, grads_f, grads_n, tol)
+    # recomputation leaves the decoder's BatchNorm statistics where the naive unroll leaves them
+    for b, b2 in zip(buffers, d2.decoder.buffers(), strict=True):
+        assert torch.allclose(b.double(), b2.double(), rtol=1e-12, atol=0)
+
+
+def test_vmapped_students_equal_a_loop():
+    d, spec, theta0, target = setup(torch.float64, students=3, steps=3)
+    loss_n, grads_n, _ = gradients("naive", d, spec, theta0, target)
+    d2, spec2, _, _ = setup(torch.float64, students=3, steps=3)
+    loss_f, grads_f, _ = gradients("flat", d2, spec2, theta0, target)
+    assert rel_err(loss_f, loss_n) < 1e-10
+    assert_grads_match(range(len(grads_n)), grads_f, grads_n, 1e-8)
+    # and the K students really differ: the loss is a mean of distinct per-student terms
+    d3, spec3, _, _ = setup(torch.float64, students=3, steps=3)
+    per = unroll(spec3, d3, theta0, torch.Generator().manual_seed(5), "flat")
+    assert not torch.allclose(per[0], per[1])
+
+
+def test_without_augmentation_and_all_latents_per_step():
+    d, spec, theta0, target = setup(torch.float64, augment=False, batch=0, steps=3)
+    _, grads_n, _ = gradients("naive", d, spec, theta0, target)
+    d2, spec2, _, _ = setup(torch.float64, augment=False, batch=0, steps=3)
+    _, grads_f, _ = gradients("flat", d2, spec2, theta0, target)
+    assert_grads_match(range(len(grads_n)), grads_f, grads_n, 1e-8)
+
+
+def test_flat_refuses_students_with_running_statistics():
+    d, spec, theta0, _ = setup(torch.float32, norm="batchnorm")
+    with pytest.raises(D3FastError, match="naive"):
+        unroll(spec, d, theta0, torch.Generator().manual_seed(0), "flat")
+    with pytest.raises(D3FastError, match="unroll mode"):
+        unroll(spec, d, theta0, torch.Generator().manual_seed(0), "checkpointed")

@@ -23,7 +23,9 @@ flat   reverse mode by recomputation. The forward pass keeps only theta_i (P flo
 
 Students (`students_per_step` K > 1) run in lockstep: theta is [K, P], each step decodes K
 batches in one call (student k gets rows k*B..(k+1)*B), and the flat unroll evaluates the
-student's gradient and HVP with torch.func.vmap over the K students.
+student's gradient and HVP with torch.func.vmap over the K students. A single student takes
+plain autograd instead: at the ImageWoof shape (ConvNet-5, 128 px, B = 10, 2-core CPU) the
+vmapped gradient took 0.98 s against 0.64 s, the HVP 3.40 s against 2.82 s.
 """
 
 from __future__ import annotations
@@ -142,12 +144,40 @@ class _Run:
     plan: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, generator state)
 
 
+def _step_grads(student: Student, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """g_k = grad_theta CE(theta_k; x_k, y) for every student: [K, P] from [K, P], [K, B, ...]."""
+    if theta.shape[0] > 1:
+        return vmap(grad(student.loss), in_dims=(0, 0, None))(theta, x, y)
+    with torch.enable_grad():
+        t = theta[0].detach().requires_grad_(True)
+        return torch.autograd.grad(student.loss(t, x[0], y), t)[0][None]
+
+
+def _adjoint_terms(
+    student: Student, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """With s_k = <g_k, a_k>: (ds/dtheta [K, P] (the HVP), ds/dx [K, B, ...], s [K])."""
+    if theta.shape[0] > 1:
+
+        def inner(t: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+            return (grad(student.loss)(t, xk, yk) * adj).sum()
+
+        (hvp, dx), s = vmap(grad_and_value(inner, argnums=(0, 1)), in_dims=(0, 0, None, 0))(theta, x, y, a)
+        return hvp, dx, s
+    with torch.enable_grad():
+        t = theta[0].detach().requires_grad_(True)
+        xk = x[0].detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(student.loss(t, xk, y), t, create_graph=True)
+        s = (g * a[0]).sum()
+        hvp, dx = torch.autograd.grad(s, [t, xk])
+    return hvp[None], dx[None], s.detach()[None]
+
+
 class _FlatUnroll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lr: torch.Tensor, theta0: torch.Tensor, run: _Run, *phi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         spec, d = run.spec, run.d
         K = theta0.shape[0]
-        step_grad = vmap(grad(spec.student.loss), in_dims=(0, 0, None))
         chunks = _Chunks(len(d.latents), spec.batch, run.g, theta0.device)
         theta, lr_ = theta0.detach(), lr.detach()
         for _ in range(spec.steps):
@@ -155,7 +185,7 @@ class _FlatUnroll(torch.autograd.Function):
             state = run.g.get_state()
             with torch.no_grad(), spec.amp():
                 x = _samples(d, idx, K, spec.augment, run.g).unflatten(0, (K, -1))
-                gk = step_grad(theta, x, d.labels[idx])
+                gk = _step_grads(spec.student, theta, x, d.labels[idx])
             run.thetas.append(theta)
             run.plan.append((idx, state))
             # fp32 parameters even when the step ran under bf16 autocast
@@ -175,11 +205,6 @@ class _FlatUnroll(torch.autograd.Function):
         grad_lr = torch.zeros((), dtype=torch.float64, device=a.device)
         lr_ = lr.detach()
 
-        def inner(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
-            return (grad(spec.student.loss)(theta, x, y) * adj).sum()
-
-        # s_i = <g_i, a_{i+1}> and its derivatives w.r.t. theta_i (the HVP) and x_i, per student
-        hvp_and_s = vmap(grad_and_value(inner, argnums=(0, 1)), in_dims=(0, 0, None, 0))
         # re-decoding must not move the decoder's BatchNorm running statistics a second time
         saved_buffers = [b.detach().clone() for b in d.decoder.buffers()]
         gen = torch.Generator(device=run.g.device)
@@ -190,7 +215,8 @@ class _FlatUnroll(torch.autograd.Function):
                 with spec.amp():
                     x = _samples(d, idx, K, spec.augment, gen)  # [K * B, C, H, W], graph to phi
                 with spec.amp():
-                    (hvp, dx), s = hvp_and_s(theta, x.detach().unflatten(0, (K, -1)), d.labels[idx], a)
+                    # s_i = <g_i, a_{i+1}>; its derivatives w.r.t. theta_i (HVP) and x_i
+                    hvp, dx, s = _adjoint_terms(spec.student, theta, x.detach().unflatten(0, (K, -1)), d.labels[idx], a)
                 step_phi = torch.autograd.grad(x, phi, grad_outputs=(-lr_ * dx).flatten(0, 1).to(x.dtype), allow_unused=True)
             grad_lr -= s.double().sum()
             a = a - lr_ * hvp.to(a.dtype)

@@ -140,7 +140,10 @@ class _Run:
     spec: UnrollSpec
     d: Distilled
     g: torch.Generator
-    thetas: list[torch.Tensor] = field(default_factory=list)  # theta_0 .. theta_{N-1}, [K, P] each
+    # theta_0 .. theta_{N-1}, [K, P] each; in host memory when the unroll runs on a GPU, so
+    # that device memory stays flat in N (on CPU they are the one term that grows: 4 P bytes
+    # per step, 2.3 MiB for ConvNet-5)
+    thetas: list[torch.Tensor] = field(default_factory=list)
     plan: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, generator state)
 
 
@@ -186,7 +189,7 @@ class _FlatUnroll(torch.autograd.Function):
             with torch.no_grad(), spec.amp():
                 x = _samples(d, idx, K, spec.augment, run.g).unflatten(0, (K, -1))
                 gk = _step_grads(spec.student, theta, x, d.labels[idx])
-            run.thetas.append(theta)
+            run.thetas.append(theta.cpu() if theta.is_cuda else theta)
             run.plan.append((idx, state))
             # fp32 parameters even when the step ran under bf16 autocast
             theta = theta - lr_ * gk.to(theta.dtype)
@@ -209,7 +212,8 @@ class _FlatUnroll(torch.autograd.Function):
         saved_buffers = [b.detach().clone() for b in d.decoder.buffers()]
         gen = torch.Generator(device=run.g.device)
         a = a.detach()
-        for theta, (idx, state) in zip(reversed(run.thetas), reversed(run.plan), strict=True):
+        for stored, (idx, state) in zip(reversed(run.thetas), reversed(run.plan), strict=True):
+            theta = stored.to(a.device)
             gen.set_state(state)
             with torch.enable_grad():
                 with spec.amp():

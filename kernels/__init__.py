@@ -131,9 +131,9 @@ def mmd2(
         if which == "cpp":
             out = _MMDCpp.apply(x, y, lx, ly, tuple(gammas), unbiased)
         else:
-            from d3fast.kernels.mmd import mmd2_triton
+            from d3fast.kernels.mmd import MMDFunction
 
-            out = mmd2_triton(
+            out = MMDFunction.apply(
                 x, y, lx.to(x.device), ly.to(x.device), torch.tensor(gammas, device=x.device),
                 mmd_coefficients(lx, ly, unbiased).to(x.device), unbiased,
             )

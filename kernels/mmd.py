@@ -179,16 +179,3 @@ class MMDFunction(torch.autograd.Function):
         gx = g[:, : ctx.nx].to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         gy = g[:, ctx.nx :].to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return gx, gy, None, None, None, None, None
-
-
-def mmd2_triton(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    x_lengths: torch.Tensor,
-    y_lengths: torch.Tensor,
-    gammas: torch.Tensor,
-    coef: torch.Tensor,
-    unbiased: bool,
-) -> torch.Tensor:
-    """Arguments checked and prepared by `d3fast.kernels.mmd2`."""
-    return MMDFunction.apply(x, y, x_lengths, y_lengths, gammas, coef, unbiased)

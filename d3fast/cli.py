@@ -70,20 +70,38 @@ def cli() -> None:
 @click.option("--skip-corrupt", is_flag=True, default=None, help="Leave out unreadable images instead of failing.")
 @click.option("--workers", type=int, default=None, help="Decode processes (default: one per core).")
 @click.option("--force", is_flag=True, help="Re-decode even if the cache is up to date.")
-def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force) -> None:
+@click.option("--format", "fmt", type=click.Choice(["cache", "ffcv"]), default="cache", show_default=True,
+              help="ffcv: also write FFCV .beton files (RGB datasets) for streaming experts and evaluation.")
+@click.option("--ffcv-mode", type=click.Choice(["raw", "jpg"]), default="raw", show_default=True,
+              help="How the .beton stores images: raw pixels (exact) or JPEG (smaller, lossy).")
+@click.option("--jpeg-quality", type=int, default=90, show_default=True, help="JPEG quality for --ffcv-mode jpg.")
+def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force, fmt, ffcv_mode, jpeg_quality) -> None:
     """Decode a dataset once into a memory-mappable uint8 cache with a manifest.
 
     Reuses the cache when the source files are unchanged. Layouts: fashion-mnist (IDX
     files; found automatically where Debian's dataset-fashion-mnist puts them), digits
     (scikit-learn, embedded), cifar10 (cifar-10-batches-py or -bin), tinyimagenet
     (tiny-imagenet-200), imagenette/imagewoof (ImageNet-1k tree or fast.ai
-    imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/).
+    imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/). `--format ffcv` then writes
+    train/test .beton files beside the cache from the same decoded images.
     """
+    from d3fast.data.beton import write_betons
     from d3fast.data.prepare import prepare as run
 
     cfg = _resolve(dataset, preset, overrides, **{
         "data.data_path": data_path, "data.skip_corrupt": skip_corrupt, "data.workers": workers})
+    if fmt == "ffcv":
+        # fail before decoding anything when FFCV cannot be used
+        from d3fast.data.beton import FFCV_DATASETS, ffcv_status
+
+        ok, why = ffcv_status()
+        if cfg.data.dataset not in FFCV_DATASETS or not ok:
+            write_betons(cfg.data.dataset)  # raises the explanation
     _report_prepare(run(cfg, force=force))
+    if fmt == "ffcv":
+        status, man = write_betons(cfg.data.dataset, ffcv_mode, jpeg_quality, cfg.data.workers, force)
+        sizes = ", ".join(f"{s} {man['counts'][s]} images {man['bytes'][s] / 2**20:.1f} MiB" for s in ("train", "test"))
+        click.echo(f"{'reused' if status == 'reused' else 'wrote'} FFCV ({man['mode']}) files: {sizes}")
 
 
 def _report_prepare(res) -> None:
@@ -106,7 +124,9 @@ def _report_prepare(res) -> None:
 @click.option("--seed", type=int, default=None, help="Base seed; expert i uses a seed derived from (seed, i).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto).")
 @click.option("--no-auto", is_flag=True, help="Fail instead of preparing the dataset when it is missing.")
-def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto) -> None:
+@click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
+              help="Where training batches stream from (default auto: FFCV files when present, else the cache).")
+def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader) -> None:
     """Train expert trajectories (SPEC.md section 4) for MTT.
 
     Each expert saves its parameters at init and after every epoch, atomically. Re-running
@@ -116,7 +136,7 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     from d3fast.experts import run_experts
 
     cfg = _resolve(dataset, preset, overrides, **{
-        "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed})
+        "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader})
     if device is not None:
         cfg.device = device
     _ensure_prepared(cfg, no_auto)
@@ -238,7 +258,7 @@ def distill(
         _evaluate(res.run_dir, None, None, None, device)
 
 
-def _evaluate(run_dir, archs, students, epochs, device) -> None:
+def _evaluate(run_dir, archs, students, epochs, device, loader=None) -> None:
     from d3fast.evaluate import evaluate_run
 
     over: dict[str, Any] = {}
@@ -248,7 +268,10 @@ def _evaluate(run_dir, archs, students, epochs, device) -> None:
         over["students"] = students
     if epochs is not None:
         over["epochs"] = epochs
-    report = evaluate_run(run_dir, {"eval": over} if over else None, device=device)
+    updates: dict[str, Any] = {"eval": over} if over else {}
+    if loader is not None:
+        updates["data"] = {"loader": loader}
+    report = evaluate_run(run_dir, updates or None, device=device)
     click.echo((run_dir / "eval.md").read_text())
     click.echo(f"written: {run_dir / 'eval.json'}, {run_dir / 'eval.md'} ({report['seconds']:.0f} s)")
 
@@ -259,10 +282,12 @@ def _evaluate(run_dir, archs, students, epochs, device) -> None:
 @click.option("--students", type=int, default=None, help="Students per architecture (default 5).")
 @click.option("--epochs", type=int, default=None, help="Epochs per student (default: the run's eval.epochs).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
-def evaluate(run_dir, archs, students, epochs, device) -> None:
+@click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
+              help="Where the real test set streams from (default: the run's data.loader).")
+def evaluate(run_dir, archs, students, epochs, device, loader) -> None:
     """Train students on fresh distilled samples and on two random-real baselines (same
     count, same storage); report mean ± std test accuracy. RUN_DIR may be `latest`."""
-    _evaluate(_resolve_run(run_dir), archs, students, epochs, device)
+    _evaluate(_resolve_run(run_dir), archs, students, epochs, device, loader)
 
 
 @cli.command()

@@ -27,8 +27,11 @@ class DataConfig:
     data_path: str | None = None
     # Drop unreadable images (listed in the manifest) instead of failing.
     skip_corrupt: bool = False
-    # Decode processes for prepare; 0 = one per core.
+    # Decode processes for prepare, FFCV loader threads; 0 = one per core.
     workers: int = 0
+    # Streaming loader for experts and evaluation: auto (FFCV when installed and its files
+    # exist, else the cache) | cache (device-resident uint8) | ffcv (d3fast/data/beton.py)
+    loader: str = "auto"
     # ZCA whitening on normalised images (CIFAR-10 in MTT/D3), fitted on the train split.
     zca: bool = False
     # Regulariser of the ZCA covariance; 0.1 is MTT's value (kornia's default is 1e-6,
@@ -178,6 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "net.norm": ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none"),
     "net.pooling": ("avgpooling", "maxpooling", "none"),
     "augment.mode": ("single", "all"),
+    "data.loader": ("auto", "cache", "ffcv"),
     "distill.decoder": ("paper", "tiny"),
     "distill.mmd_reduction": ("sum", "mean"),
     "distill.mmd_scale": ("raw", "median"),

@@ -46,8 +46,11 @@ def report() -> list[tuple[str, str]]:
     for kind, choice in kernels.describe().items():
         rows.append((f"kernels, {kind}", choice))
     rows.append(("loader uint8 cache", "available (default)"))
-    ffcv = importlib.util.find_spec("ffcv")
-    rows.append(("loader ffcv", "importable" if ffcv else "not installed (pip install .[ffcv])"))
+    from d3fast.data.beton import ffcv_status
+
+    ok, why = ffcv_status()
+    rows.append(("loader ffcv", "available (`--loader auto` uses it where `prepare --format ffcv` wrote files)"
+                 if ok else f"{why} (bash scripts/bootstrap.sh installs it; `--loader auto` uses the cache)"))
     rows.append(("d3fast home", str(home()) + (" (D3FAST_HOME)" if "D3FAST_HOME" in os.environ else "")))
     data = home() / "data"
     prepared = sorted(p.name for p in data.iterdir() if (p / "manifest.json").exists()) if data.is_dir() else []

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from d3fast.config import Config
 from d3fast.data.augment import DSA
-from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.data.loader import DeviceDataset, load_dataset, open_split
 from d3fast.distill import distilled_from_run
 from d3fast.distilled import Distilled
 from d3fast.io import atomic_write_json, atomic_write_text
@@ -105,7 +105,8 @@ def evaluate_run(
     t0 = time.perf_counter()
     zca = cfg.data.zca_eps if cfg.data.zca else None
     train = load_dataset(cfg.data.dataset, "train", dev, zca)
-    test = load_dataset(cfg.data.dataset, "test", dev, zca)
+    # the test split streams from the loader the experts used (FFCV center crops or the cache)
+    test = open_split(cfg, "test", dev)
     augment = DSA(cfg.augment)
     min_class = min(len(i) for i in train.class_indices())
     storage_per_class = min(int(d.images_per_class_equivalent()), min_class)

@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from d3fast.config import Config
 from d3fast.data.augment import DSA
+from d3fast.data.beton import resolve_loader
 from d3fast.data.cache import load_split
-from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.data.loader import DeviceDataset, open_split
 from d3fast.errors import D3FastError
 from d3fast.io import (
     atomic_write_json,
@@ -69,7 +70,7 @@ class ExpertsResult:
 def trajectory_config(cfg: Config, data_sha: str) -> dict[str, Any]:
     """Everything that shapes a trajectory; its hash names the experts directory."""
     net = asdict(cfg.net)
-    return {
+    tcfg = {
         "dataset": cfg.data.dataset,
         "data_sha256": data_sha,
         "zca_eps": cfg.data.zca_eps if cfg.data.zca else None,
@@ -79,6 +80,10 @@ def trajectory_config(cfg: Config, data_sha: str) -> dict[str, Any]:
         "batch_size": cfg.experts.batch_size,
         "seed": cfg.experts.seed,
     }
+    # FFCV's crops and flips make other trajectories; cache-fed experts keep their old names
+    if resolve_loader(cfg.data.dataset, cfg.data.loader) == "ffcv":
+        tcfg["loader"] = "ffcv"
+    return tcfg
 
 
 def experts_dir(cfg: Config) -> Path:
@@ -115,9 +120,9 @@ def _build(cfg: Config, data: DeviceDataset, seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         net = build_network(
             cfg.net.name,
-            data.images.shape[1],
+            data.channels,
             data.num_classes,
-            data.images.shape[-1],
+            data.resolution,
             width=cfg.net.width,
             depth=cfg.net.depth,
             norm=cfg.net.norm,
@@ -142,9 +147,8 @@ def _load_buffers(net: torch.nn.Module, flat: torch.Tensor) -> None:
 def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
     device = resolve_device(cfg.device)
     ds = cfg.data.dataset
-    zca = cfg.data.zca_eps if cfg.data.zca else None
-    train = load_dataset(ds, "train", device, zca)
-    test = load_dataset(ds, "test", device, zca)
+    train = open_split(cfg, "train", device)
+    test = open_split(cfg, "test", device)
     out = experts_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,14 @@ class DeviceDataset:
     @property
     def device(self) -> torch.device:
         return self.images.device
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float32 normalised (and ZCA-whitened when enabled)."""
@@ -107,6 +116,22 @@ def load_dataset(
     )
     if zca_eps is not None:
         w, mu = fit_zca(dataset, zca_eps, manifest)
+        ds.zca = (w.to(device), mu.to(device))
+    return ds
+
+
+def open_split(cfg: Any, split: str, device: torch.device) -> Any:
+    """A split for streaming training or testing, from the loader `cfg.data.loader` picks
+    (auto | cache | ffcv; d3fast.data.beton.resolve_loader): a DeviceDataset or a BetonDataset."""
+    from d3fast.data.beton import open_beton_split, resolve_loader
+
+    zca = cfg.data.zca_eps if cfg.data.zca else None
+    if resolve_loader(cfg.data.dataset, cfg.data.loader) == "cache":
+        return load_dataset(cfg.data.dataset, split, device, zca)
+    ds = open_beton_split(cfg.data.dataset, split, torch.device(device), cfg.data.workers, cfg.experts.seed)
+    if zca is not None:
+        _, _, manifest = load_split(cfg.data.dataset, "train", mmap=True)
+        w, mu = fit_zca(cfg.data.dataset, zca, manifest)
         ds.zca = (w.to(device), mu.to(device))
     return ds
 

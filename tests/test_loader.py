@@ -40,3 +40,15 @@ def test_zca_matches_kornia():
     # the second load reuses the cached matrix
     again = load_dataset("digits", "test", zca_eps=0.1)
     assert np.allclose(again.zca[0].numpy(), ds.zca[0].numpy())
+
+
+def test_fused_normalisation_equals_the_formula():
+    from d3fast.data.loader import normalize_uint8
+
+    x = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    ref = (x.double() / 255 - mean.double().view(1, -1, 1, 1)) / std.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(normalize_uint8(x, mean, std).double(), ref, rtol=0, atol=1e-6)
+    # channels_last input (FFCV's batches) keeps its layout and values
+    cl = normalize_uint8(x.contiguous(memory_format=torch.channels_last), mean, std)
+    torch.testing.assert_close(cl, normalize_uint8(x, mean, std), rtol=0, atol=0)

@@ -19,6 +19,21 @@ from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
 
 
+def normalize_uint8(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, zca: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std, then ZCA when given.
+
+    As x * (1 / (255 std)) - mean / std: one float copy and two in-place passes instead of
+    four full passes (the loader benchmark's cache path went from 0.33 to ~0.2 ms/image)."""
+    out = x.float()
+    out.mul_((1.0 / (255.0 * std)).view(1, -1, 1, 1)).sub_((mean / std).view(1, -1, 1, 1))
+    if zca is not None:
+        w, mu = zca
+        out = ((out.flatten(1) - mu) @ w.T).view_as(out)
+    return out
+
+
 @dataclass
 class DeviceDataset:
     images: torch.Tensor  # uint8 [N, C, H, W] on device
@@ -50,11 +65,7 @@ class DeviceDataset:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float32 normalised (and ZCA-whitened when enabled)."""
-        x = (x.float() / 255.0 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-        if self.zca is not None:
-            w, mu = self.zca
-            x = ((x.flatten(1) - mu) @ w.T).view_as(x)
-        return x
+        return normalize_uint8(x, self.mean, self.std, self.zca)
 
     def batches(
         self,

@@ -85,18 +85,13 @@ def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force,
     imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/). `--format ffcv` then writes
     train/test .beton files beside the cache from the same decoded images.
     """
-    from d3fast.data.beton import write_betons
+    from d3fast.data.beton import require_ffcv, write_betons
     from d3fast.data.prepare import prepare as run
 
     cfg = _resolve(dataset, preset, overrides, **{
         "data.data_path": data_path, "data.skip_corrupt": skip_corrupt, "data.workers": workers})
     if fmt == "ffcv":
-        # fail before decoding anything when FFCV cannot be used
-        from d3fast.data.beton import FFCV_DATASETS, ffcv_status
-
-        ok, why = ffcv_status()
-        if cfg.data.dataset not in FFCV_DATASETS or not ok:
-            write_betons(cfg.data.dataset)  # raises the explanation
+        require_ffcv(cfg.data.dataset)  # before decoding anything
     _report_prepare(run(cfg, force=force))
     if fmt == "ffcv":
         status, man = write_betons(cfg.data.dataset, ffcv_mode, jpeg_quality, cfg.data.workers, force)

@@ -217,12 +217,14 @@ def distill(
             for _ in range(dcfg.students_per_step):
                 expert = int(torch.randint(len(bank), (1,), generator=g_host))
                 picks.append((expert, int(torch.randint(dcfg.max_start_epoch, (1,), generator=g_host))))
-            rows = [bank.rows(e, [s, s + dcfg.expert_epochs]) for e, s in picks]
+            # the MMD features use the first student's expert; -1: its last epoch
+            feat_epoch = need if dcfg.mmd_param == "expert" else -1
+            rows = [bank.rows(e, [s, s + dcfg.expert_epochs] + ([feat_epoch] if k == 0 else []))
+                    for k, (e, s) in enumerate(picks)]
             theta0 = torch.stack([r[0] for r in rows]).to(device)  # [K, P]
             target = torch.stack([r[1] for r in rows]).to(device)
+            feat_params = rows[0][2].to(device)
             expert, start = picks[0]
-            # the MMD features use the first student's expert; -1: its last epoch
-            feat_params = bank.rows(expert, [need if dcfg.mmd_param == "expert" else -1])[0].to(device)
             images = 0
 
             # 1. MTT update: latents, decoder, alpha

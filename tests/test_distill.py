@@ -130,8 +130,10 @@ def test_resume_equals_uninterrupted(home, tmp_path):
 
 
 def test_flat_and_naive_runs_agree_with_several_students(home, tmp_path):
+    # one step: after it Adam's sign-like first update on the decoder turns fp32 rounding
+    # differences of near-zero gradients (a conv bias before BatchNorm) into lr-sized ones
     for mode in ("flat", "naive"):
-        cfg = cfg_of("distill.ppc=2", "distill.steps=2", "distill.students_per_step=2", f"distill.unroll={mode}")
+        cfg = cfg_of("distill.ppc=2", "distill.steps=1", "distill.students_per_step=2", f"distill.unroll={mode}")
         distill(cfg, run_dir=tmp_path / mode, progress=False)
     flat, _, _ = distilled_from_run(tmp_path / "flat")
     naive, _, _ = distilled_from_run(tmp_path / "naive")

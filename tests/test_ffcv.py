@@ -48,6 +48,7 @@ def test_raw_beton_test_pipeline_equals_the_cache(tree):
 @needs_ffcv
 def test_train_pipeline_crops_flips_and_shuffles(tree):
     beton.write_betons("imagenette", "jpg", jpeg_quality=90, workers=1, progress=False)
+    threads = torch.get_num_threads()
     ds = open_split(cfg(tree, "data.loader=ffcv"), "train", torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     xs, ys = zip(*ds.batches(16, shuffle=True, generator=g), strict=True)
@@ -57,6 +58,8 @@ def test_train_pipeline_crops_flips_and_shuffles(tree):
     # every label once: a permutation of the split
     assert torch.equal(torch.sort(y).values, torch.sort(cache.labels).values)
     assert not torch.equal(y, cache.labels)
+    # ffcv sets torch's thread count on import and per epoch; the process keeps its own
+    assert torch.get_num_threads() == threads
     # random resized crops: not the stored images, but the same value range
     assert not torch.allclose(x, cache.normalize(cache.images)[: len(x)])
     lo, hi = cache.normalize(cache.images).min(), cache.normalize(cache.images).max()

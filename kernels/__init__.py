@@ -269,21 +269,27 @@ class _ParamDistance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, which, n_seg, *flat):  # type: ignore[override]
+        ctx.dtypes = [x.dtype for x in flat]
+        # the layout each implementation reads, made once and kept for backward: contiguous
+        # fp32/fp64 CPU tensors for C++ (viewed as numpy), contiguous tensors for Triton
+        if which == "cpp":
+            flat = tuple(torch.from_numpy(_cpu_array(x)) for x in flat)
+        else:
+            flat = tuple(x.contiguous() for x in flat)
         a, t, s = flat[:n_seg], flat[n_seg : 2 * n_seg], flat[2 * n_seg :]
         if which == "cpp":
             from d3fast._ext import _C
 
             num, den = (torch.from_numpy(v) for v in _C.param_distance_sums(
-                [_cpu_array(x) for x in a], [_cpu_array(x) for x in t], [_cpu_array(x) for x in s]
+                [x.numpy() for x in a], [x.numpy() for x in t], [x.numpy() for x in s]
             ))
         else:
             from d3fast.kernels.param_dist import param_distance_sums
 
-            a, t, s = ([x.contiguous() for x in side] for side in (a, t, s))
             num, den = param_distance_sums(a, t, s)
         ctx.which, ctx.n_seg = which, n_seg
         ctx.save_for_backward(*a, *t, *s, num, den)
-        dtype = torch.float64 if a[0].dtype == torch.float64 else torch.float32
+        dtype = torch.float64 if ctx.dtypes[0] == torch.float64 else torch.float32
         return (num / den).to(dtype)
 
     @staticmethod
@@ -297,7 +303,7 @@ class _ParamDistance(torch.autograd.Function):
             from d3fast._ext import _C
 
             raw = _C.param_distance_grads(
-                [_cpu_array(x) for x in a], [_cpu_array(x) for x in t], [_cpu_array(x) for x in s],
+                [x.numpy() for x in a], [x.numpy() for x in t], [x.numpy() for x in s],
                 num.numpy(), den.numpy(), grad_out.detach().double().reshape(-1).numpy(), *want,
             )
             grads = [[torch.from_numpy(g) for g in side] if side is not None else None for side in raw]
@@ -306,9 +312,9 @@ class _ParamDistance(torch.autograd.Function):
 
             grads = param_distance_grads(a, t, s, num, den, grad_out.reshape(-1), want)
         out: list[torch.Tensor | None] = [None, None]
-        for side, originals in zip(grads, (a, t, s), strict=True):
+        for k, side in enumerate(grads):
             if side is None:
                 out.extend([None] * n)
             else:
-                out.extend(g.to(o.dtype) for g, o in zip(side, originals, strict=True))
+                out.extend(g.to(dt) for g, dt in zip(side, ctx.dtypes[k * n : (k + 1) * n], strict=True))
         return tuple(out)

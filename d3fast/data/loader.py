@@ -126,9 +126,13 @@ def load_dataset(
         classes=list(manifest["classes"]),
     )
     if zca_eps is not None:
-        w, mu = fit_zca(dataset, zca_eps, manifest)
-        ds.zca = (w.to(device), mu.to(device))
+        ds.zca = _zca_on(dataset, zca_eps, manifest, device)
     return ds
+
+
+def _zca_on(dataset: str, eps: float, manifest: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    w, mu = fit_zca(dataset, eps, manifest)
+    return w.to(device), mu.to(device)
 
 
 def open_split(cfg: Any, split: str, device: torch.device) -> Any:
@@ -141,9 +145,7 @@ def open_split(cfg: Any, split: str, device: torch.device) -> Any:
         return load_dataset(cfg.data.dataset, split, device, zca)
     ds = open_beton_split(cfg.data.dataset, split, torch.device(device), cfg.data.workers, cfg.experts.seed)
     if zca is not None:
-        _, _, manifest = load_split(cfg.data.dataset, "train", mmap=True)
-        w, mu = fit_zca(cfg.data.dataset, zca, manifest)
-        ds.zca = (w.to(device), mu.to(device))
+        ds.zca = _zca_on(cfg.data.dataset, zca, load_split(cfg.data.dataset, "train", mmap=True)[2], torch.device(device))
     return ds
 
 

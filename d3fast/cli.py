@@ -3,6 +3,10 @@
     d3fast prepare --dataset NAME [--data-path PATH]   decode once into the uint8 cache
     d3fast experts --dataset NAME [--num-experts N]    train expert trajectories
     d3fast config  --dataset NAME [--set k=v]          print the resolved configuration
+    d3fast distill --dataset NAME [--amp]              learn the distilled distribution
+    d3fast evaluate RUN_DIR                            students on it vs real baselines
+    d3fast budget  [--dataset NAME] [--json]           device-hours spent vs the paper's budget
+    d3fast profile --dataset NAME [--steps N]          where a distill step's time and memory go
     d3fast doctor                                      versions, devices, active backends
 
 Every command takes --preset and repeated --set section.key=value overrides
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -322,6 +327,100 @@ def config(dataset, preset, overrides) -> None:
     from d3fast.config import to_dict
 
     click.echo(json.dumps(to_dict(_resolve(dataset, preset, overrides)), indent=2))
+
+
+@cli.command()
+@click.option("--dataset", default=None, help="Only this dataset.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--records", "show_records", is_flag=True, help="Also list every ledger row.")
+def budget(dataset, as_json, show_records) -> None:
+    """Device-hours spent per dataset and phase (from the ledger under $D3FAST_HOME),
+    against the paper's GPU-hour budget (SPEC.md section 8). CPU time is listed as CPU-h,
+    never as GPU time."""
+    from d3fast import ledger
+
+    book = ledger.Ledger()
+    rows = book.records(dataset=dataset)
+    totals = ledger.totals(rows)
+    paper = ledger.paper_comparison(totals)
+    if as_json:
+        out = {"ledger": str(book.path), "records": len(rows), "totals": totals, "paper": paper,
+               "paper_budgets": {k: vars(v) for k, v in ledger.PAPER_BUDGETS.items()}}
+        if show_records:
+            out["rows"] = rows
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"ledger: {book.path} ({len(rows)} record{'s' if len(rows) != 1 else ''})")
+    if not rows:
+        click.echo("nothing recorded yet: prepare, experts, distill, evaluate and profile add rows as they run")
+        return
+    table = [["dataset", "phase", "device", "runs", "steps", "wall", "device-hours", "energy", "status"]]
+    for t in totals:
+        energy = f"{t['energy_kwh']:.2f} kWh" if t["energy_kwh"] is not None else "-"
+        status = ", ".join(f"{k} {v}" for k, v in sorted(t["status"].items()))
+        table.append([t["dataset"], t["phase"], "GPU" if t["device_kind"] == "cuda" else "CPU", str(t["records"]),
+                      str(t["steps"]), _hms(t["wall_s"]), f"{t['device_hours']:.3f} {t['unit']}", energy, status])
+    click.echo(_table(table))
+    if paper:
+        click.echo("\nagainst the paper (distillation to convergence, SPEC.md section 8):")
+        for p in paper:
+            line = (f"  {p['dataset']}: {p['hours_per_1k_steps']:.3f} {p['unit']} per 1k steps here -> "
+                    f"{p['projected_paper_steps']:.2f} {p['unit']} for {p['paper_steps']} steps; "
+                    f"paper {p['paper_gpu_hours']:g} GPU-h")
+            if p["ratio_to_paper"] is not None:
+                line += f" ({p['ratio_to_paper']:.2f}x the paper)"
+            else:
+                line += " (CPU time: not comparable to GPU-hours)"
+            click.echo(line)
+    if show_records:
+        click.echo("")
+        recs = [["id", "started", "phase", "dataset", "device", "steps", "wall", "status"]]
+        for r in rows:
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
+            recs.append([str(r["id"]), started, r["phase"], r["dataset"], r["device_name"], str(r["steps"]),
+                         _hms(r["wall_s"]), r["status"]])
+        click.echo(_table(recs))
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+@cli.command()
+@_config_options
+@click.option("--steps", type=int, default=5, show_default=True, help="Timed steps (after the warm-up).")
+@click.option("--trace-steps", type=int, default=2, show_default=True,
+              help="Steps after the timed ones run under torch.profiler (trace, kernel tables); 0: none.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps first (allocator, autotuning, JIT).")
+@click.option("--out", type=click.Path(), default=None, help="Report directory (default: profiles/<dataset>-<time>).")
+@click.option("--stand-in", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Random data / expert trajectories of the right shapes when the real ones are missing.")
+@click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA, as in distill.")
+@click.option("--unroll", type=click.Choice(["flat", "naive"]), default=None, help="MTT unroll mode, as in distill.")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
+def profile(dataset, preset, overrides, steps, trace_steps, warmup, out, stand_in, amp, unroll, device) -> None:
+    """Where a distillation step's time and memory go: runs warm-up + timed + traced steps of
+    the real loop and writes report.md, report.json, trace.json (Chrome trace), phases.png
+    and memory.png. Needs no experts: stand-ins of the right shapes are used when missing."""
+    from pathlib import Path
+
+    from d3fast.profile import profile as run_profile
+    from d3fast.profile import summary_line
+
+    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll})
+    if device is not None:
+        cfg.device = device
+    out_dir = Path(out) if out else Path("profiles") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    res = run_profile(cfg, out_dir, steps=steps, trace_steps=trace_steps, warmup=warmup, stand_in=stand_in)
+    click.echo(summary_line(res.report))
+    click.echo(f"inputs: data {res.report['inputs']['data']}; experts {res.report['inputs']['experts']}")
+    click.echo(f"report: {out_dir / 'report.md'} (+ {', '.join(f for f in res.report['files'] if f != 'report.md')})")
 
 
 @cli.command()

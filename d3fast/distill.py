@@ -10,6 +10,10 @@ Per step:
 
 Every random draw comes from two generators (host: expert and start epoch; device: the
 rest) whose states are checkpointed, so a resumed run repeats the uninterrupted one.
+
+Each phase of a step is marked (`with phase(...)`, d3fast/phases.py) for `d3fast profile`;
+the device-hours go to the ledger (d3fast/ledger.py), and the progress bar projects them
+to the full step count next to the paper's budget.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import resource
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from d3fast import losses
+from d3fast import ledger, losses
 from d3fast.checkpoint import load_checkpoint, save_checkpoint
 from d3fast.config import Config, apply_updates, to_dict
 from d3fast.data.augment import DSA
@@ -39,9 +43,19 @@ from d3fast.errors import D3FastError
 from d3fast.experts import experts_dir, read_expert_meta
 from d3fast.io import atomic_write_json, read_json
 from d3fast.models import build_network
+from d3fast.phases import phase
 from d3fast.runtime import device_name, resolve_device, versions
 from d3fast.training import load_flat_params
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
+
+
+@dataclass
+class DistillInputs:
+    """What a run reads besides its config: the real train split and the expert bank.
+    `d3fast profile` hands in stand-ins of the right shapes when these are not on disk."""
+
+    train: DeviceDataset
+    bank: ExpertBank
 
 
 @dataclass
@@ -72,6 +86,7 @@ class ExpertBank:
                 f"(max_start_epoch + expert_epochs); run `d3fast experts` with --epochs {need_epochs}"
             )
         self.files = usable
+        self.folder = folder
 
     def __len__(self) -> int:
         return len(self.files)
@@ -126,7 +141,15 @@ def distill(
     progress: bool = True,
     runs_dir: Path = Path("runs"),
     name: str | None = None,
+    *,
+    inputs: DistillInputs | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    ledger_phase: str = "distill",
+    clock: Callable[[], float] = time.monotonic,
 ) -> DistillResult:
+    """Run (or resume) Algorithm 1. `on_step(metrics)` is called after every step;
+    `ledger_phase` names the ledger row ("profile" under `d3fast profile`); `clock` times
+    the device-hours (tests pass a fake one)."""
     dcfg = cfg.distill
     device = resolve_device(cfg.device)
     torch.manual_seed(dcfg.seed)
@@ -134,10 +157,11 @@ def distill(
         tqdm.write("note: --amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
 
     # ---- setup: data, experts, networks, the distilled object, optimisers
-    zca = cfg.data.zca_eps if cfg.data.zca else None
-    train = load_dataset(cfg.data.dataset, "train", device, zca)
     need = dcfg.max_start_epoch + dcfg.expert_epochs
-    bank = ExpertBank(experts_dir(cfg), need)
+    if inputs is None:
+        zca = cfg.data.zca_eps if cfg.data.zca else None
+        inputs = DistillInputs(load_dataset(cfg.data.dataset, "train", device, zca), ExpertBank(experts_dir(cfg), need))
+    train, bank = inputs.train, inputs.bank
     res, channels, n_cls = train.images.shape[-1], train.images.shape[1], train.num_classes
     student = build_network(
         cfg.net.name, channels, n_cls, res, width=cfg.net.width, depth=cfg.net.depth,
@@ -185,7 +209,7 @@ def distill(
         atomic_write_json(run_dir / "config.json", to_dict(cfg))
         atomic_write_json(run_dir / "manifest.json", {
             "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device),
-            "versions": versions(), "experts_dir": str(experts_dir(cfg)), "experts_used": len(bank),
+            "versions": versions(), "experts_dir": str(bank.folder), "experts_used": len(bank),
             "seeds": {"distill": dcfg.seed, "experts": cfg.experts.seed},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
@@ -208,70 +232,99 @@ def distill(
     t_start, last = time.perf_counter(), {}
     metrics = open(run_dir / "metrics.jsonl", "a")
     interrupted = False
-    with stop.installed():
+    meter_cm = ledger.track(
+        ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
+        run=str(run_dir.resolve()), clock=clock,
+    )
+    with stop.installed(), meter_cm as meter:
         while step < dcfg.steps and not stop.requested:
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            picks = []
-            for _ in range(dcfg.students_per_step):
-                expert = int(torch.randint(len(bank), (1,), generator=g_host))
-                picks.append((expert, int(torch.randint(dcfg.max_start_epoch, (1,), generator=g_host))))
-            # the MMD features use the first student's expert; -1: its last epoch
-            feat_epoch = need if dcfg.mmd_param == "expert" else -1
-            rows = [bank.rows(e, [s, s + dcfg.expert_epochs] + ([feat_epoch] if k == 0 else []))
-                    for k, (e, s) in enumerate(picks)]
-            theta0 = torch.stack([r[0] for r in rows]).to(device)  # [K, P]
-            target = torch.stack([r[1] for r in rows]).to(device)
-            feat_params = rows[0][2].to(device)
+            with phase("data"):
+                picks = []
+                for _ in range(dcfg.students_per_step):
+                    expert = int(torch.randint(len(bank), (1,), generator=g_host))
+                    picks.append((expert, int(torch.randint(dcfg.max_start_epoch, (1,), generator=g_host))))
+                # the MMD features use the first student's expert; -1: its last epoch
+                feat_epoch = need if dcfg.mmd_param == "expert" else -1
+                rows = [bank.rows(e, [s, s + dcfg.expert_epochs] + ([feat_epoch] if k == 0 else []))
+                        for k, (e, s) in enumerate(picks)]
+                theta0 = torch.stack([r[0] for r in rows]).to(device)  # [K, P]
+                target = torch.stack([r[1] for r in rows]).to(device)
+                feat_params = rows[0][2].to(device)
             expert, start = picks[0]
             images = 0
 
             # 1. MTT update: latents, decoder, alpha
             mtt = kl = torch.zeros((), device=device)
             if dcfg.mtt_weight > 0:
-                theta_n = unroll(spec, d, theta0, g_dev, dcfg.unroll)
+                with phase("unroll forward"):
+                    theta_n = unroll(spec, d, theta0, g_dev, dcfg.unroll)
                 mtt = mtt_loss(theta_n, target, theta0)
-                kl = losses.kl_standard_normal(d.latents[..., 0], d.latents[..., 1])
-                _check_finite(step, run_dir, mtt=mtt, kl=kl)
-                for opt in (opt_latent, opt_lr, opt_decoder):
-                    opt.zero_grad(set_to_none=True)
-                (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl).backward()
-                for opt in (opt_latent, opt_lr, opt_decoder):
-                    opt.step()
+                with phase("losses"):
+                    kl = losses.kl_standard_normal(d.latents[..., 0], d.latents[..., 1])
+                    _check_finite(step, run_dir, mtt=mtt, kl=kl)
+                with phase("optimizers"):
+                    for opt in (opt_latent, opt_lr, opt_decoder):
+                        opt.zero_grad(set_to_none=True)
+                with phase("unroll backward"):
+                    (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl).backward()
+                with phase("optimizers"):
+                    for opt in (opt_latent, opt_lr, opt_decoder):
+                        opt.step()
                 images += dcfg.students_per_step * dcfg.syn_steps * (dcfg.batch_syn or len(d.latents))
 
             # 2. MMD update: latents, decoder
             mmd = div = torch.zeros((), device=device)
             if dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1):
-                load_flat_params(feature_net, feat_params)
-                with amp():
-                    mmd, div = mmd_terms(feature_net, d, train, dcfg, g_dev)
-                _check_finite(step, run_dir, mmd=mmd, div=div)
-                opt_latent.zero_grad(set_to_none=True)
-                opt_decoder.zero_grad(set_to_none=True)
-                (dcfg.mmd_weight * mmd + dcfg.div_weight * div).backward()
-                opt_latent.step()
-                opt_decoder.step()
+                with phase("mmd"):
+                    load_flat_params(feature_net, feat_params)
+                    with amp():
+                        mmd, div = mmd_terms(feature_net, d, train, dcfg, g_dev)
+                with phase("losses"):
+                    _check_finite(step, run_dir, mmd=mmd, div=div)
+                with phase("optimizers"):
+                    opt_latent.zero_grad(set_to_none=True)
+                    opt_decoder.zero_grad(set_to_none=True)
+                with phase("mmd"):
+                    (dcfg.mmd_weight * mmd + dcfg.div_weight * div).backward()
+                with phase("optimizers"):
+                    opt_latent.step()
+                    opt_decoder.step()
                 images += n_cls * (dcfg.mmd_samples // dcfg.ppc) * dcfg.ppc
 
             step += 1
+            with phase("losses"):
+                total = (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl + dcfg.mmd_weight * mmd + dcfg.div_weight * div).item()
             dt = time.perf_counter() - t0
-            total = (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl + dcfg.mmd_weight * mmd + dcfg.div_weight * div).item()
+            meter.tick()
             last = {
                 "step": step, "mtt": mtt.item(), "kl": kl.item(), "mmd": mmd.item(), "div": div.item(),
                 "loss": total, "student_lr": d.student_lr, "expert": expert, "start_epoch": start,
                 "step_s": round(dt, 4), "images_per_s": round(images / dt, 1), "peak_mem_gib": _peak_mem(device),
+                "device_hours": round(meter.prior_hours + meter.hours, 6),
+                "projected_device_hours": round(meter.projected_hours(dcfg.steps, step), 6),
+                "hours_unit": meter.unit,
             }
             if total < best["loss"]:
                 best = {"step": step, "loss": total}
             metrics.write(json.dumps(last) + "\n")
             metrics.flush()
-            bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f}", refresh=False)
+            bar.set_postfix_str(
+                f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
+                + meter.budget_text(cfg.data.dataset, dcfg.steps, step),
+                refresh=False,
+            )
             bar.update(1)
             if step % dcfg.checkpoint_every == 0 or step == dcfg.steps or stop.requested:
                 checkpoint()
+                meter.flush()
+            if on_step is not None:
+                on_step(last)
         interrupted = stop.requested and step < dcfg.steps
+        if interrupted:
+            meter.final_status = "interrupted"
     bar.close()
     metrics.close()
     return DistillResult(run_dir, step, time.perf_counter() - t_start, interrupted, last)
@@ -287,7 +340,8 @@ def mmd_terms(
     mmd = torch.zeros((), device=d.latents.device)
     if dcfg.mmd_weight > 0:
         with torch.no_grad():
-            real = train.sample_per_class(per_prior * ppc, g)  # [C, S, ch, H, W]
+            with phase("data"):
+                real = train.sample_per_class(per_prior * ppc, g)  # [C, S, ch, H, W]
             f_real = feature_net.features(real.flatten(0, 1)).float().view(n_cls, per_prior * ppc, -1)
         idx = torch.arange(len(d.latents), device=d.latents.device).repeat_interleave(per_prior)
         x = d.decode(idx, g)  # [C * PPC * per_prior, ch, H, W], class-major

@@ -13,6 +13,7 @@ import torch
 from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
 from d3fast.models import Decoder
+from d3fast.phases import phase
 
 EXPORT_FORMAT = 1
 
@@ -45,7 +46,8 @@ class Distilled:
 
     def decode(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Fresh samples of priors `idx`: normalised images [B, C, H, W]."""
-        return self.decoder(self.sample_latents(idx, generator))
+        with phase("decode"):
+            return self.decoder(self.sample_latents(idx, generator))
 
     def mean_images(self) -> torch.Tensor:
         """f(mu) for every prior: [C * PPC, C, H, W]."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from d3fast import ledger
 from d3fast.config import Config
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset, open_split
@@ -116,38 +117,41 @@ def evaluate_run(
         setups += [("random_same_count", d.ppc), ("random_same_storage", storage_per_class)]
     total = len(e.archs) * len(setups) * e.students
     bar = tqdm(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
-    results: dict[str, Any] = {}
-    for a, arch in enumerate(e.archs):
-        results[arch] = {}
-        for kind, per_class in setups:
-            accs = []
-            for s in range(e.students):
-                seed = derive_seed(e.seed, a, s)
-                g = torch.Generator(device=dev).manual_seed(seed)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    kw = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
-                          "pooling": cfg.net.pooling} if arch == "convnet" else {}
-                    net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
-                net = net.to(dev)
-                if kind == "d3":
-                    batches = distilled_batches(d, e.samples_per_class, e.batch_size, e.decoder_bn)
-                    lr = d.student_lr
-                else:
-                    subset = real_subset(train, per_class, g)
+    run = str(run_dir.resolve())
+    with ledger.track("evaluate", cfg.data.dataset, cfg.preset, dev, steps_target=total, run=run) as meter:
+        results: dict[str, Any] = {}
+        for a, arch in enumerate(e.archs):
+            results[arch] = {}
+            for kind, per_class in setups:
+                accs = []
+                for s in range(e.students):
+                    seed = derive_seed(e.seed, a, s)
+                    g = torch.Generator(device=dev).manual_seed(seed)
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed)
+                        kw = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
+                              "pooling": cfg.net.pooling} if arch == "convnet" else {}
+                        net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
+                    net = net.to(dev)
+                    if kind == "d3":
+                        batches = distilled_batches(d, e.samples_per_class, e.batch_size, e.decoder_bn)
+                        lr = d.student_lr
+                    else:
+                        subset = real_subset(train, per_class, g)
 
-                    def batches(gen: torch.Generator, subset: DeviceDataset = subset):
-                        return subset.batches(e.batch_size, shuffle=True, generator=gen)
+                        def batches(gen: torch.Generator, subset: DeviceDataset = subset):
+                            return subset.batches(e.batch_size, shuffle=True, generator=gen)
 
-                    lr = e.lr_real
-                train_student(net, batches, e.epochs, lr, cfg, augment, g)
-                accs.append(evaluate_accuracy(net, test))
-                bar.set_postfix_str(f"{arch} {kind} {accs[-1]:.1%}", refresh=False)
-                bar.update(1)
-            results[arch][kind] = {
-                "images_per_class": per_class if per_class is not None else None,
-                "accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
-            }
+                        lr = e.lr_real
+                    train_student(net, batches, e.epochs, lr, cfg, augment, g)
+                    accs.append(evaluate_accuracy(net, test))
+                    bar.set_postfix_str(f"{arch} {kind} {accs[-1]:.1%}", refresh=False)
+                    bar.update(1)
+                    meter.tick()
+                results[arch][kind] = {
+                    "images_per_class": per_class if per_class is not None else None,
+                    "accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+                }
     bar.close()
     report = {
         "run_dir": str(run_dir), "dataset": cfg.data.dataset, "distill_step": step,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from d3fast import ledger
 from d3fast.config import Config
 from d3fast.data.augment import DSA
 from d3fast.data.beton import resolve_loader
@@ -172,11 +173,12 @@ def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
     bar = tqdm(total=total, desc="experts", unit="ep", disable=not progress, dynamic_ncols=True)
     t_start, images_seen, epochs_run = time.perf_counter(), 0, 0
     try:
-        for n_done, (i, _) in enumerate(todo):
-            epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, f"{n_done + 1}/{len(todo)}")
-            epochs_run += epochs
-            images_seen += imgs
-            write_manifest(cfg, out, device)
+        with ledger.track("experts", ds, cfg.preset, device, steps_target=total, run=str(out.resolve())) as meter:
+            for n_done, (i, _) in enumerate(todo):
+                epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, f"{n_done + 1}/{len(todo)}", meter)
+                epochs_run += epochs
+                images_seen += imgs
+                write_manifest(cfg, out, device)
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
@@ -193,6 +195,7 @@ def _train_one(
     out: Path,
     bar: tqdm,
     label: str,
+    meter: ledger.Meter,
 ) -> tuple[int, int]:
     """Train (or finish) expert `index`; returns (epochs trained, images seen)."""
     e_cfg = cfg.experts
@@ -245,6 +248,7 @@ def _train_one(
         epochs_run += 1
         bar.set_postfix_str(f"expert {label} ep {epoch + 1}/{e_cfg.epochs} loss {loss:.3f} acc {acc:.1%}", refresh=False)
         bar.update(1)
+        meter.tick()
     test_acc = evaluate_accuracy(net, test)
     save(complete=True, test_acc=test_acc)
     return epochs_run, epochs_run * len(train)

@@ -155,11 +155,11 @@ def remove_stale_temps(folder: Path) -> None:
             entry.unlink(missing_ok=True)
         elif ".tmp-" in entry.name and entry.is_dir():
             pid = entry.name.rsplit(".tmp-", 1)[1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

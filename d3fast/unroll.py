@@ -42,6 +42,7 @@ from d3fast import losses
 from d3fast.data.augment import DSA
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
+from d3fast.phases import backward_phase
 
 
 @dataclass
@@ -237,7 +238,7 @@ class _FlatUnroll(torch.autograd.Function):
 
 def mtt_loss(theta_n: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """Mean over students of ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 ([K, P] each)."""
-    return losses.param_distance(theta_n, target, start).mean()
+    return backward_phase("param distance", theta_n, lambda t: losses.param_distance(t, target, start).mean())
 
 
 __all__ = ["Student", "UnrollSpec", "mtt_loss", "unroll"]

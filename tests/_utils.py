@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from d3fast.config import resolve_config
 from d3fast.data.datasets import IMAGENETTE
 
 
@@ -136,3 +137,16 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float, r
             f"{worst:.2f}x the allowance (atol {atol:g}, rtol {rtol:g}); first at {idx}: "
             f"out {[float(out64[tuple(i)]) for i in idx]} ref {[float(ref64[tuple(i)]) for i in idx]}"
         )
+
+
+# digits with a tiny ConvNet, decoder and expert bank: Algorithm 1 end to end in seconds
+OVERRIDES = [
+    "net.width=8", "experts.num_experts=2", "experts.epochs=3", "device=cpu",
+    "distill.steps=3", "distill.syn_steps=3", "distill.expert_epochs=1", "distill.max_start_epoch=2",
+    "distill.mmd_samples=4", "distill.decoder_width=32", "distill.checkpoint_every=1",
+    "distill.lr_latent=0.01", "distill.lr_decode=1e-3", "distill.lr_lr=1e-4",
+]
+
+
+def cfg_of(*extra):
+    return resolve_config("digits", overrides=OVERRIDES + list(extra))

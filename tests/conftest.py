@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from d3fast.data.prepare import prepare  # noqa: E402
+from d3fast.experts import run_experts  # noqa: E402
+from tests._utils import cfg_of  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def d3fast_home(tmp_path, monkeypatch):
@@ -21,3 +25,21 @@ def d3fast_home(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """digits prepared and two tiny experts trained, once per test module that asks."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("D3FAST_HOME", str(home))
+    prepare(cfg_of(), progress=False)
+    run_experts(cfg_of(), progress=False)
+    mp.undo()
+    return home
+
+
+@pytest.fixture
+def home(shared_home, monkeypatch):
+    monkeypatch.setenv("D3FAST_HOME", str(shared_home))
+    return shared_home

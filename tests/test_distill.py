@@ -13,44 +13,14 @@ import torch.nn.functional as F
 import d3fast.distill as distill_mod
 from d3fast import losses
 from d3fast.checkpoint import load_checkpoint
-from d3fast.config import resolve_config
 from d3fast.data.loader import load_dataset
-from d3fast.data.prepare import prepare
 from d3fast.distill import ExpertBank, distill, distilled_from_run
 from d3fast.distilled import export, init_distilled, load
 from d3fast.errors import D3FastError
-from d3fast.experts import experts_dir, run_experts
+from d3fast.experts import experts_dir
 from d3fast.models import build_network
 from d3fast.unroll import Student, UnrollSpec, unroll
-
-OVERRIDES = [
-    "net.width=8", "experts.num_experts=2", "experts.epochs=3", "device=cpu",
-    "distill.steps=3", "distill.syn_steps=3", "distill.expert_epochs=1", "distill.max_start_epoch=2",
-    "distill.mmd_samples=4", "distill.decoder_width=32", "distill.checkpoint_every=1",
-    "distill.lr_latent=0.01", "distill.lr_decode=1e-3", "distill.lr_lr=1e-4",
-]
-
-
-def cfg_of(*extra):
-    return resolve_config("digits", overrides=OVERRIDES + list(extra))
-
-
-@pytest.fixture(scope="module")
-def shared_home(tmp_path_factory):
-    """digits prepared and two tiny experts trained once for the module."""
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("D3FAST_HOME", str(home))
-    prepare(cfg_of(), progress=False)
-    run_experts(cfg_of(), progress=False)
-    mp.undo()
-    return home
-
-
-@pytest.fixture
-def home(shared_home, monkeypatch):
-    monkeypatch.setenv("D3FAST_HOME", str(shared_home))
-    return shared_home
+from tests._utils import cfg_of
 
 
 def hand_convnet(x, p):
@@ -105,6 +75,10 @@ def test_mtt_matches_hand_unrolled_two_steps(home, mode):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-6)
 
 
+# metrics that measure time or memory, not the computation
+TIMING_KEYS = ("step_s", "images_per_s", "peak_mem_gib", "device_hours", "projected_device_hours")
+
+
 def test_resume_equals_uninterrupted(home, tmp_path):
     straight = distill(cfg_of("distill.ppc=2"), run_dir=tmp_path / "a", progress=False)
     assert straight.step == 3
@@ -121,7 +95,7 @@ def test_resume_equals_uninterrupted(home, tmp_path):
         assert torch.equal(va, vb), k
     lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda ln: {k: v for k, v in json.loads(ln).items() if k not in ("step_s", "images_per_s", "peak_mem_gib")}  # noqa: E731
+    strip = lambda ln: {k: v for k, v in json.loads(ln).items() if k not in TIMING_KEYS}  # noqa: E731
     assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
     first = json.loads(lines_a[0])
     for key in ("mtt", "kl", "mmd", "div", "student_lr", "step_s", "images_per_s", "peak_mem_gib"):

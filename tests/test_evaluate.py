@@ -15,11 +15,11 @@ from d3fast.distill import distill, distilled_from_run
 from d3fast.distilled import load
 from d3fast.evaluate import distilled_batches, evaluate_run, real_subset
 from d3fast.visualize import sample_grid
-from tests.test_distill import cfg_of, home, shared_home  # noqa: F401  (fixtures)
+from tests._utils import cfg_of
 
 
 @pytest.fixture
-def run(home, tmp_path):  # noqa: F811
+def run(home, tmp_path):
     distill(cfg_of("distill.ppc=2", "distill.steps=2"), run_dir=tmp_path / "run", progress=False)
     return tmp_path / "run"
 
@@ -64,7 +64,7 @@ def test_sample_grid(run, tmp_path):
     assert im.size == ((5 * 34 + 2) * scale, (20 * 34 + 2) * scale)  # 20 priors x (mean + 4)
 
 
-def test_cli_distill_evaluate_sample_export(home, tmp_path):  # noqa: F811
+def test_cli_distill_evaluate_sample_export(home, tmp_path):
     runner = CliRunner()
     args = ["distill", "--dataset", "digits", "--runs-dir", str(tmp_path / "runs"), "--steps", "2"]
     sets = sum((["--set", o] for o in
@@ -89,7 +89,7 @@ def test_cli_distill_evaluate_sample_export(home, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_distilled_students_learn_digits(home, tmp_path):  # noqa: F811
+def test_distilled_students_learn_digits(home, tmp_path):
     """End to end on real data: 20 steps of distillation already give students far above
     chance (10%) on the digits test split."""
     cfg = cfg_of("distill.steps=20", "distill.mmd_samples=10", "distill.lr_latent=0.05", "distill.lr_decode=3e-3")

@@ -65,48 +65,55 @@ def prepare(
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    import torch
+
+    from d3fast import ledger  # imported here: decode workers import this module, not torch
+
     try:
-        workers = cfg.data.workers or os.cpu_count() or 1
-        decoded, skipped, counts = 0, [], {}
-        for split in SPLITS:
-            src = source.splits[split]
-            n_dec, bad = _write_split(
-                tmp, split, src, spec.resolution, spec.channels, workers, progress, parallel_min_files
-            )
-            decoded += n_dec
-            if bad and not cfg.data.skip_corrupt:
-                _fail_corrupt(spec.name, bad)
-            if bad:
-                _drop_rows(tmp, split, [i for i, _, _ in bad])
-                skipped += [{"path": p, "error": e} for _, p, e in bad]
-            labels = np.load(tmp / array_files(split)[1])
-            counts[split] = np.bincount(labels, minlength=len(source.classes)).tolist()
-            empty = [source.classes[c] for c, n in enumerate(counts[split]) if n == 0]
-            if empty:
-                raise D3FastError(f"{spec.name} {split}: no readable images for class(es) {', '.join(empty)}")
-        mean, std = _channel_stats(tmp / array_files("train")[0])
-        manifest = {
-            "format": CACHE_FORMAT,
-            "dataset": spec.name,
-            "classes": source.classes,
-            "class_ids": source.class_ids,
-            "num_classes": len(source.classes),
-            "resolution": spec.resolution,
-            "channels": spec.channels,
-            "mean": mean,
-            "std": std,
-            "splits": {s: {"count": int(sum(counts[s])), "per_class": counts[s]} for s in SPLITS},
-            "sha256": {
-                name: sha256_file(tmp / name) for s in SPLITS for name in array_files(s)
-            },
-            "source": {"layout": source.layout, "path": source.path, "fingerprint": source.fingerprint},
-            "skipped": skipped,
-            "d3fast_version": d3fast.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "prepare_seconds": round(time.perf_counter() - t0, 3),
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
-        replace_dir(tmp, cache)
+        # decoding runs on CPU cores: the ledger books it as CPU time; steps = images decoded
+        with ledger.track("prepare", spec.name, cfg.preset, torch.device("cpu"), run=str(cache.resolve())) as meter:
+            workers = cfg.data.workers or os.cpu_count() or 1
+            decoded, skipped, counts = 0, [], {}
+            for split in SPLITS:
+                src = source.splits[split]
+                n_dec, bad = _write_split(
+                    tmp, split, src, spec.resolution, spec.channels, workers, progress, parallel_min_files
+                )
+                decoded += n_dec
+                if bad and not cfg.data.skip_corrupt:
+                    _fail_corrupt(spec.name, bad)
+                if bad:
+                    _drop_rows(tmp, split, [i for i, _, _ in bad])
+                    skipped += [{"path": p, "error": e} for _, p, e in bad]
+                labels = np.load(tmp / array_files(split)[1])
+                counts[split] = np.bincount(labels, minlength=len(source.classes)).tolist()
+                empty = [source.classes[c] for c, n in enumerate(counts[split]) if n == 0]
+                if empty:
+                    raise D3FastError(f"{spec.name} {split}: no readable images for class(es) {', '.join(empty)}")
+            mean, std = _channel_stats(tmp / array_files("train")[0])
+            manifest = {
+                "format": CACHE_FORMAT,
+                "dataset": spec.name,
+                "classes": source.classes,
+                "class_ids": source.class_ids,
+                "num_classes": len(source.classes),
+                "resolution": spec.resolution,
+                "channels": spec.channels,
+                "mean": mean,
+                "std": std,
+                "splits": {s: {"count": int(sum(counts[s])), "per_class": counts[s]} for s in SPLITS},
+                "sha256": {
+                    name: sha256_file(tmp / name) for s in SPLITS for name in array_files(s)
+                },
+                "source": {"layout": source.layout, "path": source.path, "fingerprint": source.fingerprint},
+                "skipped": skipped,
+                "d3fast_version": d3fast.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "prepare_seconds": round(time.perf_counter() - t0, 3),
+            }
+            atomic_write_json(tmp / "manifest.json", manifest)
+            replace_dir(tmp, cache)
+            meter.tick(decoded)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult("prepared", cache, manifest, time.perf_counter() - t0, decoded)

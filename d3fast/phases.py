@@ -1,0 +1,165 @@
+"""Named phases of a distillation step, for `d3fast profile`.
+
+The loop and the ops mark their work with `with phase("decode"): ...`. Normally no timer is
+active and a marker costs one global lookup (~50 ns; a step makes a few hundred). Under
+`d3fast profile` a PhaseTimer is active: each marker
+
+  - opens a `torch.profiler.record_function` range, so the Chrome trace shows the phase;
+  - synchronises the GPU at its edges (otherwise a phase's wall time would be the launch
+    time of its kernels, and the wait would land in whichever phase synchronises next);
+  - books wall time *exclusively*: a phase nested in another (decode inside the unroll)
+    is subtracted from its parent, so the phases of a step add up to the step;
+  - samples memory at its edges (CUDA: allocated bytes; CPU: resident set), which gives
+    the memory-over-the-step plot.
+
+Backward passes run inside autograd, out of reach of a `with` block: `backward_phase`
+places identity nodes around an op, whose backward calls open and close the phase.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_ACTIVE: PhaseTimer | None = None
+_NULL = nullcontext()
+
+
+@dataclass
+class Span:
+    name: str
+    start: float  # seconds since the timer started
+    end: float
+    depth: int
+
+
+@dataclass
+class _Open:
+    name: str
+    start: float
+    child: float = 0.0  # time spent in nested phases
+    record: Any = None
+
+
+@dataclass
+class PhaseTimer:
+    device: torch.device
+    t0: float = field(default_factory=time.perf_counter)
+    # exclusive seconds per phase of the current step, then of every finished step
+    current: dict[str, float] = field(default_factory=dict)
+    steps: list[dict[str, float]] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    memory: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MiB)
+    step_edges: list[float] = field(default_factory=list)
+    _stack: list[_Open] = field(default_factory=list)
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.t0
+
+    def _mem(self, t: float) -> None:
+        if self.device.type == "cuda":
+            mib = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            mib = _rss_mib()
+        self.memory.append((t, mib))
+
+    def enter(self, name: str) -> None:
+        rec = torch.profiler.record_function(name)
+        rec.__enter__()
+        t = self.now()
+        self._mem(t)
+        self._stack.append(_Open(name, t, record=rec))
+
+    def exit(self, name: str) -> None:
+        if not self._stack or self._stack[-1].name != name:
+            open_ = [o.name for o in self._stack]
+            raise RuntimeError(f"phase {name!r} closed while {open_} are open")
+        t = self.now()
+        self._mem(t)
+        top = self._stack.pop()
+        top.record.__exit__(None, None, None)
+        total = t - top.start
+        self.current[name] = self.current.get(name, 0.0) + total - top.child
+        if self._stack:
+            self._stack[-1].child += total
+        self.spans.append(Span(name, top.start, t, len(self._stack)))
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        self.enter(name)
+        try:
+            yield
+        finally:
+            self.exit(name)
+
+    def end_step(self) -> dict[str, float]:
+        """Close the current step's accounting; returns its exclusive seconds per phase."""
+        done, self.current = self.current, {}
+        self.steps.append(done)
+        self.step_edges.append(self.now())
+        return done
+
+
+def phase(name: str) -> Any:
+    """Context manager marking a phase; a no-op unless a PhaseTimer is active."""
+    timer = _ACTIVE
+    return _NULL if timer is None else timer.span(name)
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose backward opens (begin=True) or closes a phase."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str, begin: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.name, ctx.begin = name, begin
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        timer = _ACTIVE
+        if timer is not None:
+            (timer.enter if ctx.begin else timer.exit)(ctx.name)
+        return g, None, None
+
+
+def backward_phase(name: str, inputs: torch.Tensor, fn: Any) -> torch.Tensor:
+    """fn(inputs) with its backward booked as `name` (and its forward too)."""
+    timer = _ACTIVE
+    if timer is None or not inputs.requires_grad:
+        with phase(name):
+            return fn(inputs)
+    with timer.span(name):
+        # backward runs outputs first: the output's mark opens the phase, the input's closes it
+        out = fn(_Mark.apply(inputs, name, False))
+        return _Mark.apply(out, name, True)
+
+
+@contextmanager
+def active(timer: PhaseTimer) -> Iterator[PhaseTimer]:
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("a PhaseTimer is already active")
+    _ACTIVE = timer
+    try:
+        yield timer
+    finally:
+        _ACTIVE = None
+
+
+_PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 4096 / 2**20
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_MIB
+    except OSError:
+        return float("nan")

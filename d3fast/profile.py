@@ -1,0 +1,468 @@
+"""`d3fast profile`: where a distillation step's time and memory go.
+
+Runs the real distillation loop (d3fast/distill.py, same code path) for
+`warmup + steps + trace_steps` steps and writes a report directory:
+
+    report.md      phases of a step, throughput, peak memory, top kernels, fused-kernel rates
+    report.json    the same numbers, machine-readable
+    trace.json     Chrome trace of the traced steps (chrome://tracing or ui.perfetto.dev)
+    phases.png     mean time per phase
+    memory.png     memory over the timed steps, phases shaded
+    metrics.jsonl  the loop's own per-step metrics
+
+Timing is split on purpose: the `steps` timed steps run with the phase timer only (a GPU
+sync at each phase edge, ~10 us), so their step times are honest; torch.profiler, whose
+per-op bookkeeping slows a CPU step by 10-40%, runs only on the `trace_steps` after them,
+which feed the trace and the kernel tables. The report gives both step times.
+
+Without the dataset's cache or its experts (profiling ImageWoof before spending hours on
+experts), stand-ins of the same shapes are used: random uint8 images and random-walk
+expert trajectories of the right network. Step cost does not depend on the values; the
+report says which inputs were used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from d3fast import ledger
+from d3fast.config import Config
+from d3fast.data.cache import read_manifest
+from d3fast.data.datasets import get_spec
+from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.distill import DistillInputs, ExpertBank, distill
+from d3fast.errors import D3FastError
+from d3fast.experts import TRAJ_FORMAT, experts_dir
+from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, save_tensors
+from d3fast.models import build_network
+from d3fast.paths import data_dir
+from d3fast.phases import PhaseTimer, active
+from d3fast.runtime import device_name, resolve_device, versions
+from d3fast.training import flat_params
+
+# display order; "other" is the step time no phase claimed (metrics, progress bar, Python)
+PHASES = ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "losses", "optimizers")
+
+# Dense peaks per device (vendor datasheets): fp32 on CUDA cores (the MMD kernel uses IEEE
+# fp32 dots: TF32 would corrupt |a|^2 + |b|^2 - 2<a, b>), and memory bandwidth (the
+# parameter distance is a streaming op). Matched against torch.cuda.get_device_name.
+DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
+    # (name contains, fp32 TFLOP/s, TB/s)
+    ("H200", 67.0, 4.8),
+    ("H100 NVL", 60.0, 3.9),
+    ("H100 PCIe", 51.0, 2.0),
+    ("H100", 67.0, 3.35),  # SXM5, HBM3
+    ("A100-SXM4-80GB", 19.5, 2.039),
+    ("A100 80GB PCIe", 19.5, 1.935),
+    ("A100", 19.5, 1.555),
+    ("L40S", 91.6, 0.864),
+    ("A10", 31.2, 0.6),
+)
+
+# names the fused ops carry in the profiler: Triton kernels on CUDA, record_function
+# ranges around the C++ calls on the CPU (kernels/__init__.py)
+FUSED = {
+    "mmd2": ("_mmd_fwd_kernel", "d3fast::mmd2_cpp"),
+    "param distance (sums)": ("_param_distance_fwd_kernel", "d3fast::param_distance_sums_cpp"),
+    "param distance (grads)": ("_param_distance_bwd_kernel", "d3fast::param_distance_grads_cpp"),
+}
+
+
+@dataclass
+class ProfileResult:
+    out: Path
+    report: dict[str, Any]
+
+
+def profile(
+    cfg: Config, out: Path, steps: int = 5, trace_steps: int = 2, warmup: int = 1,
+    stand_in: str = "auto", progress: bool = True,
+) -> ProfileResult:
+    """Profile `steps` distillation steps of `cfg` (after `warmup`), trace `trace_steps` more,
+    and write the report directory `out`. stand_in: auto (stand-ins for what is missing) |
+    always | never."""
+    if steps < 1 or trace_steps < 0 or warmup < 0:
+        raise D3FastError("profile: need --steps >= 1, --trace-steps >= 0, --warmup >= 0")
+    if stand_in not in ("auto", "always", "never"):
+        raise D3FastError(f"profile: stand_in must be auto, always or never, not {stand_in!r}")
+    device = resolve_device(cfg.device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    full_steps = cfg.distill.steps
+    pcfg = copy.deepcopy(cfg)
+    pcfg.distill.steps = warmup + steps + trace_steps
+    pcfg.distill.checkpoint_every = 10**9  # one checkpoint, after the last step
+
+    scratch = Path(tempfile.mkdtemp(prefix=".profile-", dir=out))
+    try:
+        inputs, sources = _inputs(pcfg, device, stand_in, scratch)
+        timer = PhaseTimer(device)
+        per_step: list[dict[str, Any]] = []
+        tracer = _tracer(device)
+        bar = tqdm(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
+
+        def on_step(metrics: dict[str, Any]) -> None:
+            phases = timer.end_step()
+            k = len(per_step)
+            kind = "warmup" if k < warmup else "timed" if k < warmup + steps else "traced"
+            per_step.append({"kind": kind, "step_s": metrics["step_s"], "images_per_s": metrics["images_per_s"],
+                             "peak_mem_gib": metrics["peak_mem_gib"], "phases": phases,
+                             "edge_s": timer.step_edges[-1]})
+            bar.set_postfix_str(f"{kind} step {metrics['step_s']:.2f} s", refresh=False)
+            bar.update(1)
+            if k + 1 == warmup + steps and trace_steps:
+                tracer.start()
+
+        with active(timer):
+            res = distill(pcfg, run_dir=scratch / "run", progress=False, inputs=inputs, on_step=on_step,
+                          ledger_phase="profile")
+        if trace_steps:
+            tracer.stop()
+        bar.close()
+        if res.interrupted:
+            raise KeyboardInterrupt
+        shutil.copyfile(scratch / "run" / "metrics.jsonl", out / "metrics.jsonl")
+        report = _report(cfg, pcfg, device, sources, per_step, timer, tracer if trace_steps else None,
+                         inputs, full_steps, warmup, steps, trace_steps)
+        if trace_steps:
+            with atomic_path(out / "trace.json") as tmp:
+                tracer.export_chrome_trace(str(tmp))
+            report["files"].append("trace.json")
+        _plots(report, timer, per_step, out)
+        atomic_write_json(out / "report.json", report)
+        atomic_write_text(out / "report.md", markdown(report))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ProfileResult(out, report)
+
+
+def _tracer(device: torch.device) -> torch.profiler.profile:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts, record_shapes=False, profile_memory=False, with_stack=False)
+
+
+# ---- inputs: the real ones, or stand-ins of the same shapes
+
+
+def _inputs(cfg: Config, device: torch.device, stand_in: str, scratch: Path) -> tuple[DistillInputs, dict[str, str]]:
+    ds = cfg.data.dataset
+    spec = get_spec(ds)
+    need = cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+    prepared = read_manifest(data_dir(ds)) is not None
+    if stand_in == "never" and not prepared:
+        raise D3FastError(f"dataset {ds!r} is not prepared (profile --stand-in never); run `d3fast prepare --dataset {ds}`")
+    if prepared and stand_in != "always":
+        train = load_dataset(ds, "train", device, cfg.data.zca_eps if cfg.data.zca else None)
+        sources = {"data": f"real ({len(train)} train images)"}
+    else:
+        train = _stand_in_data(spec.num_classes, spec.channels, spec.resolution, cfg.distill.mmd_samples, device)
+        if cfg.data.zca:  # the whitening matmul costs the same with any matrix of its size
+            dim = spec.channels * spec.resolution**2
+            train.zca = (torch.eye(dim, device=device), torch.zeros(dim, device=device))
+        sources = {"data": f"stand-in (random uint8, {len(train)} images of {spec.channels}x{spec.resolution}x{spec.resolution})"}
+    bank = None
+    if prepared and stand_in != "always":
+        try:
+            bank = ExpertBank(experts_dir(cfg), need)
+            sources["experts"] = f"real ({len(bank)} trajectories)"
+        except D3FastError:
+            if stand_in == "never":
+                raise
+    if bank is None:
+        bank = _stand_in_experts(cfg, train, need, scratch / "experts")
+        sources["experts"] = f"stand-in ({len(bank)} random-walk trajectories of {need + 1} epochs)"
+    return DistillInputs(train, bank), sources
+
+
+def _stand_in_data(n_cls: int, ch: int, res: int, mmd_samples: int, device: torch.device) -> DeviceDataset:
+    per_class = max(2 * mmd_samples, 64)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_cls * per_class, ch, res, res), generator=g, dtype=torch.uint8)
+    return DeviceDataset(
+        images=images.to(device), labels=torch.arange(n_cls).repeat_interleave(per_class).to(device),
+        mean=torch.full((ch,), 0.5, device=device), std=torch.full((ch,), 0.25, device=device),
+        classes=[f"class{i}" for i in range(n_cls)],
+    )
+
+
+def _stand_in_experts(cfg: Config, train: DeviceDataset, need: int, folder: Path, count: int = 2) -> ExpertBank:
+    """Random-walk trajectories from the network's own init, in the expert file format, so
+    the loop reads them from disk as it would real ones."""
+    for i in range(count):
+        torch.manual_seed(1000 + i)
+        net = _network(cfg, train)
+        theta = flat_params(net)
+        steps = torch.randn(need, theta.numel()) * (1e-3 * theta.abs().mean())
+        traj = torch.cat([theta[None], theta[None] + steps.cumsum(0)])
+        save_tensors(folder / f"expert_{i:04d}.safetensors", {"trajectory": traj},
+                     {"format": TRAJ_FORMAT, "index": i, "seed": 1000 + i, "epochs_done": need, "complete": True,
+                      "test_acc": None, "history": [], "param_layout": [], "stand_in": True})
+    return ExpertBank(folder, need)
+
+
+def _network(cfg: Config, train: DeviceDataset) -> torch.nn.Module:
+    n = cfg.net
+    return build_network(n.name, train.channels, train.num_classes, train.resolution, width=n.width,
+                         depth=n.depth, norm=n.norm, pooling=n.pooling)
+
+
+# ---- the report
+
+
+def _report(
+    cfg: Config, pcfg: Config, device: torch.device, sources: dict[str, str], per_step: list[dict[str, Any]],
+    timer: PhaseTimer, tracer: torch.profiler.profile | None, inputs: DistillInputs, full_steps: int,
+    warmup: int, steps: int, trace_steps: int,
+) -> dict[str, Any]:
+    timed = [s for s in per_step if s["kind"] == "timed"]
+    traced = [s for s in per_step if s["kind"] == "traced"]
+    step_s = statistics.mean(s["step_s"] for s in timed)
+    phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in timed) for p in PHASES}
+    unknown = sorted({p for s in timed for p in s["phases"]} - set(PHASES))
+    for p in unknown:  # a phase added to the loop but not to PHASES still shows up
+        phases[p] = statistics.mean(s["phases"].get(p, 0.0) for s in timed)
+    named = sum(phases.values())
+    phases["other"] = step_s - named
+    dcfg = cfg.distill
+    unit = ledger.hours_unit(device.type)
+    proj_hours = step_s * full_steps / 3600
+    paper = ledger.PAPER_BUDGETS.get(cfg.data.dataset)
+    shapes = _shapes(cfg, inputs.train)
+    report: dict[str, Any] = {
+        "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "device_kind": device.type,
+        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": sources,
+        "config": {k: getattr(dcfg, k) for k in ("ppc", "syn_steps", "batch_syn", "students_per_step", "mmd_samples",
+                                                 "unroll", "amp", "decoder", "decoder_width", "z_dim")}
+        | {"net": f"{cfg.net.name} width {cfg.net.width} depth {cfg.net.depth or 'auto'} {cfg.net.norm}"},
+        "shapes": shapes,
+        "steps": {"warmup": warmup, "timed": steps, "traced": trace_steps},
+        "step_s": {"mean": step_s, "median": statistics.median(s["step_s"] for s in timed),
+                   "min": min(s["step_s"] for s in timed), "max": max(s["step_s"] for s in timed),
+                   "per_step": [s["step_s"] for s in timed]},
+        "steps_per_s": 1 / step_s,
+        "images_per_s": statistics.mean(s["images_per_s"] for s in timed),
+        "phases_s": phases,
+        "phases_fraction": {p: v / step_s for p, v in phases.items()},
+        # how much of the measured step the named phases account for (the rest is "other")
+        "phase_coverage": named / step_s,
+        "peak_memory": _peak_memory(device, timed, timer),
+        "projection": {"steps": full_steps, "device_hours": proj_hours, "unit": unit,
+                       "paper_gpu_hours": paper.gpu_hours if paper else None, "paper_steps": paper.steps if paper else None},
+        "files": ["report.md", "report.json", "phases.png", "memory.png", "metrics.jsonl"],
+    }
+    if traced:
+        traced_s = statistics.mean(s["step_s"] for s in traced)
+        report["traced_step_s"] = traced_s
+        report["profiler_overhead"] = traced_s / step_s
+    if tracer is not None:
+        report["top_kernels"], report["fused_kernels"] = _kernels(tracer, device, trace_steps, shapes)
+    return report
+
+
+def _shapes(cfg: Config, train: DeviceDataset) -> dict[str, int]:
+    """The fused ops' problem sizes in a step of this config."""
+    dcfg = cfg.distill
+    net = _network(cfg, train)
+    with torch.no_grad():
+        feat_dim = net.features(torch.zeros(1, train.channels, train.resolution, train.resolution)).shape[-1]
+    per_prior = max(dcfg.mmd_samples // dcfg.ppc, 1)
+    return {"classes": train.num_classes, "mmd_syn": per_prior * dcfg.ppc, "mmd_real": per_prior * dcfg.ppc,
+            "feature_dim": int(feat_dim), "params": int(sum(p.numel() for p in net.parameters())),
+            "students": dcfg.students_per_step}
+
+
+def _peak_memory(device: torch.device, timed: list[dict[str, Any]], timer: PhaseTimer) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"what": "torch.cuda.max_memory_allocated per step", "gib": max(s["peak_mem_gib"] for s in timed),
+                "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    start = timed[0]["edge_s"] - timed[0]["step_s"]  # memory samples from the first timed step on
+    samples = [m for t, m in timer.memory if t >= start] or [m for _, m in timer.memory]
+    return {"what": "resident set (RSS) sampled at phase edges; process peak from getrusage",
+            "gib": max(samples) / 1024, "process_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _kernels(
+    tracer: torch.profiler.profile, device: torch.device, trace_steps: int, shapes: dict[str, int]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    events = tracer.key_averages()
+    cuda = device.type == "cuda"
+
+    def self_us(e: Any) -> float:
+        return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+    # the phase ranges themselves are not kernels (their self time is Python between ops)
+    rows = sorted((e for e in events if self_us(e) > 0 and e.key not in PHASES), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in rows) or 1.0
+    top = [{"name": e.key, "calls": int(e.count) // max(trace_steps, 1),
+            "ms_per_step": self_us(e) / 1e3 / max(trace_steps, 1), "fraction": self_us(e) / total}
+           for e in rows[:15]]
+
+    peak = _device_peak(device)
+    C, n, m, D = shapes["classes"], shapes["mmd_syn"], shapes["mmd_real"], shapes["feature_dim"]
+    K, P = shapes["students"], shapes["params"]
+    fused = []
+    for op, names in FUSED.items():
+        name = names[0] if cuda else names[1]
+        hits = [e for e in events if e.key == name]
+        if not hits:
+            continue
+        e = hits[0]
+        us = float(e.self_device_time_total if cuda else e.cpu_time_total) / max(int(e.count), 1)
+        row: dict[str, Any] = {"op": op, "kernel": name, "calls_per_step": int(e.count) // max(trace_steps, 1),
+                               "us_per_call": us}
+        if op == "mmd2":
+            # loss and input gradient in one launch: two [n+m, n+m, D] contractions per class
+            flops = 4.0 * C * (n + m) ** 2 * D
+            row["tflops"] = flops / (us * 1e-6) / 1e12
+            row["peak_fraction"] = row["tflops"] / peak[0] if peak else None
+        else:
+            # fp32 reads of student, target and start ([K, P] each), or two reads and a write
+            nbytes = 3.0 * K * P * 4
+            row["tb_per_s"] = nbytes / (us * 1e-6) / 1e12
+            row["peak_fraction"] = row["tb_per_s"] / peak[1] if peak else None
+        fused.append(row)
+    return top, fused
+
+
+def _device_peak(device: torch.device) -> tuple[float, float] | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops, tbs in DEVICE_PEAKS:
+        if key in name:
+            return tflops, tbs
+    return None
+
+
+def markdown(r: dict[str, Any]) -> str:
+    ms = 1e3
+    lines = [
+        f"# d3fast profile: {r['dataset']} ({r['preset'] or 'no preset'})",
+        "",
+        f"- device: {r['device']}; torch {r['versions']['torch']}, d3fast {r['versions']['d3fast']}, "
+        f"commit {(r['versions']['git_commit'] or 'unknown')[:10]}; {r['created']}",
+        f"- inputs: data {r['inputs']['data']}; experts {r['inputs']['experts']}",
+        "- config: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()),
+        f"- steps: {r['steps']['warmup']} warm-up, {r['steps']['timed']} timed, {r['steps']['traced']} traced "
+        "(torch.profiler on the traced ones only)",
+        "",
+        "## Throughput",
+        "",
+        f"- step: {r['step_s']['mean'] * ms:.1f} ms mean (median {r['step_s']['median'] * ms:.1f}, "
+        f"min {r['step_s']['min'] * ms:.1f}, max {r['step_s']['max'] * ms:.1f}); {r['steps_per_s']:.3f} steps/s",
+        f"- images through the networks: {r['images_per_s']:.1f} /s (decoded samples of the MTT and MMD updates)",
+        f"- peak memory: {r['peak_memory']['gib']:.2f} GiB ({r['peak_memory']['what']})",
+    ]
+    p = r["projection"]
+    line = f"- projected: {p['device_hours']:.2f} {p['unit']} for {p['steps']} steps at this rate"
+    if p["paper_gpu_hours"] is not None:
+        line += f"; paper: {p['paper_gpu_hours']:g} GPU-h for {p['paper_steps']} steps"
+    lines.append(line)
+    if "profiler_overhead" in r:
+        lines.append(f"- traced steps: {r['traced_step_s'] * ms:.1f} ms ({r['profiler_overhead']:.2f}x the timed steps: "
+                     "profiler overhead)")
+    lines += [
+        "",
+        "## Time per phase (timed steps, exclusive: nested phases are subtracted from their parent)",
+        "",
+        "| phase | ms / step | share |",
+        "|---|---:|---:|",
+    ]
+    for name, sec in r["phases_s"].items():
+        lines.append(f"| {name} | {sec * ms:.1f} | {r['phases_fraction'][name]:.1%} |")
+    lines += [f"| **step (measured)** | **{r['step_s']['mean'] * ms:.1f}** | phases cover {r['phase_coverage']:.1%} |", ""]
+    lines.append("decode: decoder forward wherever it runs (unroll, its recomputation in backward, MMD); "
+                 "unroll backward: the adjoint recomputation and HVPs; mmd: features, loss and backward of the MMD update.")
+    if r.get("top_kernels"):
+        which = "self CUDA time" if r["device_kind"] == "cuda" else "self CPU time"
+        lines += ["", f"## Top kernels / ops ({which}, traced steps)", "", "| name | calls / step | ms / step | share |",
+                  "|---|---:|---:|---:|"]
+        for k in r["top_kernels"]:
+            lines.append(f"| `{k['name'][:80]}` | {k['calls']} | {k['ms_per_step']:.2f} | {k['fraction']:.1%} |")
+    if r.get("fused_kernels"):
+        lines += ["", "## Fused kernels", "", "| op | kernel | calls / step | us / call | achieved | of peak |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for f in r["fused_kernels"]:
+            rate = f"{f['tflops']:.3f} TFLOP/s" if "tflops" in f else f"{f['tb_per_s'] * 1e3:.1f} GB/s"
+            frac = f"{f['peak_fraction']:.1%}" if f.get("peak_fraction") is not None else "n/a"
+            lines.append(f"| {f['op']} | `{f['kernel']}` | {f['calls_per_step']} | {f['us_per_call']:.0f} | {rate} | {frac} |")
+        if r["device_kind"] != "cuda":
+            lines.append("\nPeak fractions are given for known GPUs (fp32 FLOP/s, memory bandwidth); none for CPUs.")
+    lines += ["", "Files: " + ", ".join(r["files"]), ""]
+    return "\n".join(lines)
+
+
+def _plots(report: dict[str, Any], timer: PhaseTimer, per_step: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip((*PHASES, "other"), plt.get_cmap("tab10").colors, strict=False))
+    names = list(report["phases_s"])
+    vals = [report["phases_s"][n] * 1e3 for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    ax.barh(names[::-1], vals[::-1], color=[colors.get(n, "grey") for n in names[::-1]])
+    for y, (n, v) in enumerate(zip(names[::-1], vals[::-1], strict=True)):
+        ax.text(v, y, f" {v:.1f} ms ({report['phases_fraction'][n]:.0%})", va="center", fontsize=8)
+    ax.set_xlabel("ms per step (exclusive)")
+    ax.set_title(f"{report['dataset']} on {report['device'][:48]}: step {report['step_s']['mean'] * 1e3:.0f} ms")
+    ax.set_xlim(0, max(max(vals), 1e-9) * 1.35)
+    fig.tight_layout()
+    with atomic_path(out / "phases.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    timed = [i for i, s in enumerate(per_step) if s["kind"] == "timed"]
+    t_lo = per_step[timed[0] - 1]["edge_s"] if timed[0] > 0 else 0.0
+    t_hi = per_step[timed[-1]]["edge_s"]
+    mem = [(t, m) for t, m in timer.memory if t_lo <= t <= t_hi]
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    if mem:
+        ax.step([t - t_lo for t, _ in mem], [m for _, m in mem], where="post", color="black", lw=1)
+    seen = set()
+    for sp in timer.spans:
+        if sp.depth == 0 and t_lo <= sp.start <= t_hi:
+            label = sp.name if sp.name not in seen else None
+            seen.add(sp.name)
+            ax.axvspan(sp.start - t_lo, sp.end - t_lo, color=colors.get(sp.name, "grey"), alpha=0.25, lw=0, label=label)
+    for i in timed[:-1]:
+        ax.axvline(per_step[i]["edge_s"] - t_lo, color="grey", ls="--", lw=0.8)
+    unit = "allocated MiB" if report["device_kind"] == "cuda" else "resident MiB"
+    ax.set_xlabel("seconds (timed steps; dashed: step boundaries)")
+    ax.set_ylabel(unit)
+    ax.set_title("memory over the step")
+    if seen:
+        ax.legend(fontsize=7, ncol=4, loc="upper left", bbox_to_anchor=(0, -0.22), frameon=False)
+    fig.tight_layout()
+    with atomic_path(out / "memory.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    p = r["projection"]
+    text = (f"{r['dataset']}: {r['step_s']['mean'] * 1e3:.0f} ms/step, {r['images_per_s']:.0f} images/s, "
+            f"peak {r['peak_memory']['gib']:.2f} GiB; {p['device_hours']:.2f} {p['unit']} for {p['steps']} steps")
+    if p["paper_gpu_hours"] is not None:
+        text += f" (paper {p['paper_gpu_hours']:g} GPU-h)"
+    if not math.isfinite(r["phase_coverage"]):
+        return text
+    return text + f"; phases cover {r['phase_coverage']:.0%} of the step"
+
+
+__all__ = ["PHASES", "ProfileResult", "markdown", "profile", "summary_line"]

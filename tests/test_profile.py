@@ -1,0 +1,70 @@
+"""`d3fast profile` on the CPU: every report file, phases that add up to the measured step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from d3fast import ledger
+from d3fast.cli import cli
+from d3fast.profile import PHASES
+from tests._utils import OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+
+def _run(out, *extra):
+    args = ["profile", "--dataset", "digits", "--out", str(out), "--steps", "3", "--trace-steps", "1", *extra]
+    for o in OVERRIDES:
+        args += ["--set", o]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    return res.output, json.loads((out / "report.json").read_text())
+
+
+def test_profile_report_on_real_inputs(home, tmp_path):
+    out = tmp_path / "prof"
+    text, r = _run(out)
+    assert "phases cover" in text
+    for name in ("report.md", "report.json", "trace.json", "phases.png", "memory.png", "metrics.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+        assert name in r["files"]
+    for png in ("phases.png", "memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["inputs"]["data"].startswith("real") and r["inputs"]["experts"].startswith("real (2")
+
+    # the phase timer and the loop's own step clock are separate measurements: the named
+    # phases must account for the step within 10%
+    steps = r["step_s"]["per_step"]
+    assert len(steps) == 3 and r["steps"] == {"warmup": 1, "timed": 3, "traced": 1}
+    named = sum(v for k, v in r["phases_s"].items() if k != "other")
+    assert 0.9 * r["step_s"]["mean"] <= named <= 1.02 * r["step_s"]["mean"]
+    for p in ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "optimizers"):
+        assert r["phases_s"][p] > 0, p
+    assert set(r["phases_s"]) == {*PHASES, "other"}
+
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"unroll forward", "unroll backward", "decode", "mmd", "param distance"} <= names
+    assert r["top_kernels"] and all(k["name"] not in PHASES for k in r["top_kernels"])
+    fused = {f["op"]: f for f in r["fused_kernels"]}
+    assert fused["mmd2"]["calls_per_step"] == 1 and fused["mmd2"]["tflops"] > 0
+    assert fused["mmd2"]["peak_fraction"] is None  # no reference peak for a CPU
+    md = (out / "report.md").read_text()
+    assert "## Time per phase" in md and "unroll backward" in md and "## Fused kernels" in md
+    rows = [x for x in ledger.Ledger().records(dataset="digits") if x["phase"] == "profile"]
+    assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 5
+
+
+def test_profile_stand_ins_for_a_dataset_without_files(tmp_path):
+    # CIFAR-10 is neither prepared nor has experts here: random inputs of its shapes
+    out = tmp_path / "prof"
+    _, r = _run(out, "--dataset", "cifar10", "--trace-steps", "0", "--set", "net.depth=3")
+    assert r["dataset"] == "cifar10" and r["inputs"]["data"].startswith("stand-in")
+    assert r["inputs"]["experts"].startswith("stand-in")
+    assert r["shapes"]["classes"] == 10 and r["projection"]["paper_gpu_hours"] == 10.0
+    assert not (out / "trace.json").exists() and "trace.json" not in r["files"]
+    res = CliRunner().invoke(cli, ["profile", "--dataset", "cifar10", "--stand-in", "never", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "not prepared" in res.output

@@ -15,17 +15,12 @@ import torch
 from benchmarks._measure import median_time, sync
 from d3fast import kernels
 from d3fast._ext import HAS_EXT
-
-# HBM peak in GB/s by device name fragment (vendor datasheets)
-HBM_PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039,
-                "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935}
+from d3fast.runtime import device_peaks
 
 
 def _peak_gbs(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in HBM_PEAK_GBS.items() if k in name), None)
+    peaks = device_peaks(device)
+    return peaks[1] * 1000 if peaks else None
 
 
 def _elementwise_gbs(P: int, device: torch.device) -> float:
@@ -74,3 +69,13 @@ def test_param_distance(benchmark, provenance, impl, P, mode):
         hbm_peak_gbs=peak, fraction_of_hbm_peak=round(gbs / peak, 3) if peak else None,
         torch_elementwise_gbs=round(_elementwise_gbs(P, device), 1),
     )
+    if impl != "reference":
+        ratios = {"speedup vs reference": round(ref_median / median, 2)}
+        targets = {}
+        if peak:
+            ratios["fraction of HBM peak"] = round(gbs / peak, 3)
+            if P >= 1 << 24:
+                targets["fraction of HBM peak"] = 0.8
+        else:
+            ratios["vs torch elementwise GB/s"] = round(gbs / benchmark.extra_info["torch_elementwise_gbs"], 2)
+        benchmark.extra_info.update(ratios=ratios, targets=targets)

@@ -65,6 +65,8 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mib": peak, "params
 # machine has 24 GiB, so naive points beyond ~14 GiB projected are not attempted
 _NAIVE_MIB_PER_STEP_CPU = 615
 _CPU_BUDGET_MIB = 14 * 1024
+# (batch, steps, mode) -> result, to pair flat and naive runs of the same point
+_SEEN: dict[tuple[int, int, str], dict] = {}
 
 
 def _device() -> torch.device:
@@ -95,6 +97,17 @@ def test_unroll_memory(benchmark, provenance, batch, mode, steps):
         result.update(_run(mode, steps, batch, device))
 
     benchmark.pedantic(once, rounds=1, iterations=1)
+    _SEEN[(batch, steps, mode)] = result
+    other = _SEEN.get((batch, steps, "naive" if mode == "flat" else "flat"))
+    if other is not None:  # both modes measured at this point: the summary's ratios
+        flat, naive = (result, other) if mode == "flat" else (other, result)
+        benchmark.extra_info["ratios"] = {
+            "naive/flat peak memory": round(naive["peak_mib"] / flat["peak_mib"], 2),
+            "naive/flat time": round(naive["seconds"] / flat["seconds"], 2),
+        }
+    elif mode == "flat" and device.type == "cpu":
+        benchmark.extra_info["ratios"] = {
+            "naive/flat peak memory (naive projected)": round(steps * _NAIVE_MIB_PER_STEP_CPU / result["peak_mib"], 2)}
     benchmark.extra_info.update(
         mode=mode, steps=steps, batch_syn=batch, seconds_per_update=round(result["seconds"], 2),
         peak_mib=round(result["peak_mib"], 1), student_params=result["params"],

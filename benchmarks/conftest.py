@@ -83,8 +83,8 @@ def provenance(benchmark, request):
     request.config.stash[RESULTS].append({
         "name": request.node.nodeid,
         "module": request.node.module.__name__.rsplit(".", 1)[-1],
-        "params": {k: _plain(v) for k, v in getattr(request.node, "callspec", None).params.items()}
-        if hasattr(request.node, "callspec") else {},
+        "id": request.node.callspec.id if hasattr(request.node, "callspec") else "",
+        "params": {k: _plain(v) for k, v in request.node.callspec.params.items()} if hasattr(request.node, "callspec") else {},
         "seconds": {"median": s.median, "mean": s.mean, "min": s.min, "max": s.max, "rounds": s.rounds},
         "extra_info": {k: v for k, v in benchmark.extra_info.items() if k not in info},
     })
@@ -109,7 +109,7 @@ def pytest_sessionfinish(session, exitstatus):
     machine = _machine()
     vers = versions()
     kind = "cuda" if machine["cuda"] and "CPU" not in machine["device"] else "cpu"
-    folder = Path(config.getoption("--results-dir")) / f"{kind}-{_slug(machine['device'])}"
+    folder = Path(config.getoption("--results-dir")) / f"{kind}-{_slug(machine['device'].replace('(CPU)', ''))}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     doc = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -147,8 +147,7 @@ def summary_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     for r in results:
         extra = r["extra_info"]
         ratios, targets = extra.get("ratios") or {}, extra.get("targets") or {}
-        params = ",".join(f"{v}" for v in r["params"].values())
-        name = f"{r['module'].removeprefix('bench_')}[{params}]" if params else r["module"].removeprefix("bench_")
+        name = r["module"].removeprefix("bench_") + (f"[{r['id']}]" if r["id"] else "")
         med = _fmt_s(r["seconds"]["median"])
         if not ratios:
             rows.append([name, med, "-", "", "", ""])

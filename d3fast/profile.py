@@ -49,27 +49,11 @@ from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, save_te
 from d3fast.models import build_network
 from d3fast.paths import data_dir
 from d3fast.phases import PhaseTimer, active
-from d3fast.runtime import device_name, resolve_device, versions
+from d3fast.runtime import device_name, device_peaks, resolve_device, versions
 from d3fast.training import flat_params
 
 # display order; "other" is the step time no phase claimed (metrics, progress bar, Python)
 PHASES = ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "losses", "optimizers")
-
-# Dense peaks per device (vendor datasheets): fp32 on CUDA cores (the MMD kernel uses IEEE
-# fp32 dots: TF32 would corrupt |a|^2 + |b|^2 - 2<a, b>), and memory bandwidth (the
-# parameter distance is a streaming op). Matched against torch.cuda.get_device_name.
-DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
-    # (name contains, fp32 TFLOP/s, TB/s)
-    ("H200", 67.0, 4.8),
-    ("H100 NVL", 60.0, 3.9),
-    ("H100 PCIe", 51.0, 2.0),
-    ("H100", 67.0, 3.35),  # SXM5, HBM3
-    ("A100-SXM4-80GB", 19.5, 2.039),
-    ("A100 80GB PCIe", 19.5, 1.935),
-    ("A100", 19.5, 1.555),
-    ("L40S", 91.6, 0.864),
-    ("A10", 31.2, 0.6),
-)
 
 # names the fused ops carry in the profiler: Triton kernels on CUDA, record_function
 # ranges around the C++ calls on the CPU (kernels/__init__.py)
@@ -311,7 +295,7 @@ def _kernels(
             "ms_per_step": self_us(e) / 1e3 / max(trace_steps, 1), "fraction": self_us(e) / total}
            for e in rows[:15]]
 
-    peak = _device_peak(device)
+    peak = device_peaks(device)
     C, n, m, D = shapes["classes"], shapes["mmd_syn"], shapes["mmd_real"], shapes["feature_dim"]
     K, P = shapes["students"], shapes["params"]
     fused = []
@@ -336,16 +320,6 @@ def _kernels(
             row["peak_fraction"] = row["tb_per_s"] / peak[1] if peak else None
         fused.append(row)
     return top, fused
-
-
-def _device_peak(device: torch.device) -> tuple[float, float] | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops, tbs in DEVICE_PEAKS:
-        if key in name:
-            return tflops, tbs
-    return None
 
 
 def markdown(r: dict[str, Any]) -> str:

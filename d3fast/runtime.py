@@ -64,3 +64,28 @@ def versions() -> dict[str, str | None]:
         "python": platform.python_version(),
         "git_commit": git_commit(),
     }
+
+
+# Dense peaks per GPU model (vendor datasheets), matched by substring of
+# torch.cuda.get_device_name, most specific first: fp32 on CUDA cores (the MMD kernel uses
+# IEEE fp32 dots: TF32 would corrupt |a|^2 + |b|^2 - 2<a, b>) and memory bandwidth (the
+# parameter distance is a streaming op).
+DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
+    # (name contains, fp32 TFLOP/s, HBM TB/s)
+    ("H200", 67.0, 4.8),
+    ("H100 NVL", 60.0, 3.9),
+    ("H100 PCIe", 51.0, 2.0),
+    ("H100", 67.0, 3.35),  # SXM5, HBM3
+    ("A100-SXM4-80GB", 19.5, 2.039),
+    ("A100 80GB PCIe", 19.5, 1.935),
+    ("A100", 19.5, 1.555),  # 40 GB, SXM4 and PCIe
+    ("L40S", 91.6, 0.864),
+)
+
+
+def device_peaks(device: torch.device) -> tuple[float, float] | None:
+    """(fp32 TFLOP/s, memory TB/s) of a known GPU; None for CPUs and unlisted GPUs."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next(((f, b) for key, f, b in DEVICE_PEAKS if key in name), None)

@@ -295,7 +295,14 @@ class Meter:
 
 
 def _fmt_h(h: float) -> str:
-    return f"{h:.2f}" if h < 10 else f"{h:.1f}" if h < 100 else f"{h:.0f}"
+    """Two significant digits below 1 h (a 4-step test run costs 0.0012 h, not "0.00")."""
+    if h >= 100:
+        return f"{h:.0f}"
+    if h >= 10:
+        return f"{h:.1f}"
+    if h >= 1 or h == 0:
+        return f"{h:.2f}"
+    return f"{h:.2g}"
 
 
 @contextmanager

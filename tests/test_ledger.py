@@ -114,7 +114,7 @@ def test_projection_with_a_fake_clock(d3fast_home):
         assert m.hours == pytest.approx(spent / 3600)
         assert m.projected_hours(3000, 5) == pytest.approx((spent + 2995 * 36) / 3600)
         # CPU time is shown as CPU-h; the paper's budget is GPU-h at its own step count
-        assert m.budget_text("imagewoof", 3000, 5) == "0.07 CPU-h, proj 30.0 CPU-h / paper 20 GPU-h"
+        assert m.budget_text("imagewoof", 3000, 5) == "0.068 CPU-h, proj 30.0 CPU-h / paper 20 GPU-h"
         assert m.budget_text("digits", 150, 5).endswith("CPU-h")
         assert m.budget_text("cifar10", 500, 5).endswith("/ paper 10 GPU-h@10000")
 

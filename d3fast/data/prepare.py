@@ -70,7 +70,7 @@ def prepare(
     from d3fast import ledger  # imported here: decode workers import this module, not torch
 
     try:
-        # decoding runs on CPU cores: the ledger books it as CPU time; steps = images decoded
+        # decoding runs on CPU cores: the ledger books it as CPU time
         with ledger.track("prepare", spec.name, cfg.preset, torch.device("cpu"), run=str(cache.resolve())) as meter:
             workers = cfg.data.workers or os.cpu_count() or 1
             decoded, skipped, counts = 0, [], {}
@@ -113,7 +113,7 @@ def prepare(
             }
             atomic_write_json(tmp / "manifest.json", manifest)
             replace_dir(tmp, cache)
-            meter.tick(decoded)
+            meter.tick(sum(sum(counts[s]) for s in SPLITS))  # images written to the cache
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult("prepared", cache, manifest, time.perf_counter() - t0, decoded)

@@ -209,6 +209,10 @@ def _resolve_run(run_dir: str, runs_dir: str = "runs"):
 @click.option("--unroll", type=click.Choice(["flat", "naive"]), default=None,
               help="MTT unroll: flat (exact, memory flat in syn_steps; default) or naive (graph through every step).")
 @click.option("--students-per-step", type=int, default=None, help="Students (expert trajectories) per MTT update.")
+@click.option("--mmd-chunk", type=int, default=None,
+              help="Samples per feature-network graph in the MMD update (exact two-pass gradient); 0: automatic.")
+@click.option("--mmd-exact-graph", is_flag=True, default=None,
+              help="MMD update through one graph over every sample (the reference's memory; for checks).")
 @click.option("--resume", "resume_dir", default=None, help="Continue the run in this directory.")
 @click.option("--runs-dir", default="runs", show_default=True, help="Where run directories are created.")
 @click.option("--name", default=None, help="Run name (default: the preset).")
@@ -216,8 +220,8 @@ def _resolve_run(run_dir: str, runs_dir: str = "runs"):
 @click.option("--no-auto", is_flag=True, help="Fail instead of preparing data / training experts.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Run `d3fast evaluate` on the result.")
 def distill(
-    dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, resume_dir, runs_dir, name, device, no_auto,
-    then_evaluate,
+    dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, mmd_chunk, mmd_exact_graph, resume_dir,
+    runs_dir, name, device, no_auto, then_evaluate,
 ) -> None:
     """Learn the distilled distribution (Algorithm 1: MTT + MMD + KL + diversity).
 
@@ -241,7 +245,8 @@ def distill(
     else:
         cfg = _resolve(dataset, preset, overrides, **{
             "distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
-            "distill.students_per_step": students_per_step})
+            "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
+            "distill.mmd_exact_graph": mmd_exact_graph})
         if device is not None:
             cfg.device = device
         _ensure_inputs(cfg, no_auto)

@@ -127,6 +127,11 @@ class DistillConfig:
     mmd_scale: str = "raw"
     # feature network weights: expert at epoch T + M ("expert") or its last epoch ("final")
     mmd_param: str = "expert"
+    # samples whose feature-network graph is held at once in the MMD update (d3fast/embed.py:
+    # chunked two-pass gradient, exact); 0 = automatic, at most min(25% of free memory, 1 GiB)
+    mmd_chunk: int = 0
+    # one graph through every sample's features (the reference's way; for checks)
+    mmd_exact_graph: bool = False
     # 0 disables the MTT update
     mtt_weight: float = 1.0
     # KL(N(mu, exp(logvar)) || N(0, I)) per prior, averaged over priors
@@ -347,6 +352,8 @@ def validate(cfg: Config) -> None:
             raise D3FastError(f"config key {dotted} must be >= 1")
     if cfg.experts.lr <= 0:
         raise D3FastError("config key experts.lr must be > 0")
+    if cfg.distill.mmd_chunk < 0:
+        raise D3FastError("config key distill.mmd_chunk must be >= 0 (0: automatic)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -7,6 +7,8 @@ Per step:
      / ||theta_0 - theta*||^2 + KL.
   2. MMD update (latents, decoder): per class, unbiased mixture-of-Gaussians MMD^2 between
      ConvNet features (expert weights at T + M) of real and decoded samples, + diversity.
+     All classes in one batched decode and one MMD op; the features are embedded chunk by
+     chunk with an exact two-pass gradient (d3fast/embed.py: memory of one chunk's graph).
 
 Every random draw comes from two generators (host: expert and start epoch; device: the
 rest) whose states are checkpointed, so a resumed run repeats the uninterrupted one.
@@ -39,6 +41,7 @@ from d3fast.config import Config, apply_updates, to_dict
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.distilled import Distilled, init_distilled
+from d3fast.embed import embed
 from d3fast.errors import D3FastError
 from d3fast.experts import experts_dir, read_expert_meta
 from d3fast.io import atomic_write_json, read_json
@@ -334,18 +337,22 @@ def mmd_terms(
     feature_net: torch.nn.Module, d: Distilled, train: DeviceDataset, dcfg: Any, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(MMD term, diversity term). Real features come from S images per class; each prior
-    decodes S // PPC samples, so both sides hold about S samples per class."""
+    decodes S // PPC samples, so both sides hold about S samples per class. Every class is
+    decoded in one batch (the decoder's BatchNorm sees the whole sample set, as in the
+    reference) and embedded in chunks of `mmd_chunk` samples (d3fast/embed.py) unless
+    `mmd_exact_graph`."""
     n_cls, ppc = d.num_classes, d.ppc
     per_prior = max(dcfg.mmd_samples // ppc, 1)
+    chunk, one_graph = dcfg.mmd_chunk, dcfg.mmd_exact_graph
     mmd = torch.zeros((), device=d.latents.device)
     if dcfg.mmd_weight > 0:
         with torch.no_grad():
             with phase("data"):
                 real = train.sample_per_class(per_prior * ppc, g)  # [C, S, ch, H, W]
-            f_real = feature_net.features(real.flatten(0, 1)).float().view(n_cls, per_prior * ppc, -1)
+            f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph).float().view(n_cls, per_prior * ppc, -1)
         idx = torch.arange(len(d.latents), device=d.latents.device).repeat_interleave(per_prior)
         x = d.decode(idx, g)  # [C * PPC * per_prior, ch, H, W], class-major
-        f_syn = feature_net.features(x).float().view(n_cls, ppc * per_prior, -1)
+        f_syn = embed(feature_net, x, chunk, one_graph).float().view(n_cls, ppc * per_prior, -1)
         bandwidths = dcfg.mmd_bandwidths
         if dcfg.mmd_scale == "median":
             med = losses.pairwise_sq_dists(f_real, f_real).median().sqrt().item()

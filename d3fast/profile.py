@@ -301,12 +301,14 @@ def _kernels(
     fused = []
     for op, names in FUSED.items():
         name = names[0] if cuda else names[1]
-        hits = [e for e in events if e.key == name]
+        # Triton may suffix a kernel's name with its specialisation; sum every variant
+        hits = [e for e in events if e.key == name or (cuda and e.key.startswith(name))]
         if not hits:
             continue
-        e = hits[0]
-        us = float(e.self_device_time_total if cuda else e.cpu_time_total) / max(int(e.count), 1)
-        row: dict[str, Any] = {"op": op, "kernel": name, "calls_per_step": int(e.count) // max(trace_steps, 1),
+        calls = sum(int(e.count) for e in hits)
+        total_us = sum(float(e.self_device_time_total if cuda else e.cpu_time_total) for e in hits)
+        us = total_us / max(calls, 1)
+        row: dict[str, Any] = {"op": op, "kernel": name, "calls_per_step": calls // max(trace_steps, 1),
                                "us_per_call": us}
         if op == "mmd2":
             # loss and input gradient in one launch: two [n+m, n+m, D] contractions per class

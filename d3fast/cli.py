@@ -364,7 +364,7 @@ def budget(dataset, as_json, show_records) -> None:
         energy = f"{t['energy_kwh']:.2f} kWh" if t["energy_kwh"] is not None else "-"
         status = ", ".join(f"{k} {v}" for k, v in sorted(t["status"].items()))
         table.append([t["dataset"], t["phase"], "GPU" if t["device_kind"] == "cuda" else "CPU", str(t["records"]),
-                      str(t["steps"]), _hms(t["wall_s"]), f"{t['device_hours']:.3f} {t['unit']}", energy, status])
+                      str(t["steps"]), _hms(t["wall_s"]), f"{_hours(t['device_hours'])} {t['unit']}", energy, status])
     click.echo(_table(table))
     if paper:
         click.echo("\nagainst the paper (distillation to convergence, SPEC.md section 8):")
@@ -385,6 +385,10 @@ def budget(dataset, as_json, show_records) -> None:
             recs.append([str(r["id"]), started, r["phase"], r["dataset"], r["device_name"], str(r["steps"]),
                          _hms(r["wall_s"]), r["status"]])
         click.echo(_table(recs))
+
+
+def _hours(h: float) -> str:
+    return f"{h:.3f}" if h >= 0.001 or h == 0 else "<0.001"
 
 
 def _hms(seconds: float) -> str:

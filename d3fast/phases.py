@@ -9,8 +9,9 @@ active and a marker costs one global lookup (~50 ns; a step makes a few hundred)
     time of its kernels, and the wait would land in whichever phase synchronises next);
   - books wall time *exclusively*: a phase nested in another (decode inside the unroll)
     is subtracted from its parent, so the phases of a step add up to the step;
-  - samples memory at its edges (CUDA: allocated bytes; CPU: resident set), which gives
-    the memory-over-the-step plot.
+  - samples memory at its edges (CUDA: allocated bytes; CPU: resident set); a sampler thread
+    (`sample_memory`) adds a reading every 20 ms, so peaks inside a phase (the MMD update's
+    chunked backward) show in the memory-over-the-step plot.
 
 Backward passes run inside autograd, out of reach of a `with` block: `backward_phase`
 places identity nodes around an op, whose backward calls open and close the phase.
@@ -19,6 +20,7 @@ places identity nodes around an op, whose backward calls open and close the phas
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -65,11 +67,31 @@ class PhaseTimer:
         return time.perf_counter() - self.t0
 
     def _mem(self, t: float) -> None:
+        self.memory.append((t, self._read_mem()))
+
+    def _read_mem(self) -> float:
         if self.device.type == "cuda":
-            mib = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            mib = _rss_mib()
-        self.memory.append((t, mib))
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _rss_mib()
+
+    @contextmanager
+    def sample_memory(self, interval_s: float = 0.02) -> Iterator[None]:
+        """Read memory every `interval_s` from a thread (list.append is atomic in CPython;
+        the readings are sorted by time when used). No GPU sync: a host-side counter."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval_s):
+                self.memory.append((time.perf_counter() - self.t0, self._read_mem()))
+
+        thread = threading.Thread(target=run, name="d3fast-memory-sampler", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.memory.sort()
 
     def enter(self, name: str) -> None:
         rec = torch.profiler.record_function(name)

@@ -109,7 +109,7 @@ def profile(
             if k + 1 == warmup + steps and trace_steps:
                 tracer.start()
 
-        with active(timer):
+        with active(timer), timer.sample_memory():
             res = distill(pcfg, run_dir=scratch / "run", progress=False, inputs=inputs, on_step=on_step,
                           ledger_phase="profile")
         if trace_steps:
@@ -271,11 +271,12 @@ def _shapes(cfg: Config, train: DeviceDataset) -> dict[str, int]:
 
 def _peak_memory(device: torch.device, timed: list[dict[str, Any]], timer: PhaseTimer) -> dict[str, Any]:
     if device.type == "cuda":
-        return {"what": "torch.cuda.max_memory_allocated per step", "gib": max(s["peak_mem_gib"] for s in timed),
+        return {"what": "torch.cuda.max_memory_allocated per timed step", "gib": max(s["peak_mem_gib"] for s in timed),
                 "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    start = timed[0]["edge_s"] - timed[0]["step_s"]  # memory samples from the first timed step on
-    samples = [m for t, m in timer.memory if t >= start] or [m for _, m in timer.memory]
-    return {"what": "resident set (RSS) sampled at phase edges; process peak from getrusage",
+    # the timed steps' window: the traced steps after them carry the profiler's own buffers
+    lo, hi = timed[0]["edge_s"] - timed[0]["step_s"], timed[-1]["edge_s"]
+    samples = [m for t, m in timer.memory if lo <= t <= hi] or [m for _, m in timer.memory]
+    return {"what": "resident set (RSS) every 20 ms and at phase edges, timed steps; process peak from getrusage",
             "gib": max(samples) / 1024, "process_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -419,7 +420,7 @@ def _plots(report: dict[str, Any], timer: PhaseTimer, per_step: list[dict[str, A
     for i in timed[:-1]:
         ax.axvline(per_step[i]["edge_s"] - t_lo, color="grey", ls="--", lw=0.8)
     unit = "allocated MiB" if report["device_kind"] == "cuda" else "resident MiB"
-    ax.set_xlabel("seconds (timed steps; dashed: step boundaries)")
+    ax.set_xlabel("seconds (timed steps; dashed: step boundaries; memory read every 20 ms)")
     ax.set_ylabel(unit)
     ax.set_title("memory over the step")
     if seen:

@@ -64,3 +64,16 @@ def test_inactive_markers_do_nothing():
         timer = PhaseTimer(torch.device("cpu"))
         timer.enter("a")
         timer.exit("b")
+
+
+def test_memory_sampler_sees_a_peak_inside_a_phase():
+    timer = PhaseTimer(torch.device("cpu"))
+    with active(timer), timer.sample_memory(0.005):
+        with phase("p"):
+            big = torch.ones(64 * 2**20)  # 256 MiB, written: resident
+            time.sleep(0.1)
+            del big
+            time.sleep(0.02)
+    edge = max(m for _, m in timer.memory[:1] + timer.memory[-1:])
+    assert max(m for _, m in timer.memory) > edge + 200  # the phase edges alone would miss it
+    assert [t for t, _ in timer.memory] == sorted(t for t, _ in timer.memory)

@@ -118,7 +118,7 @@ def profile(
         if res.interrupted:
             raise KeyboardInterrupt
         shutil.copyfile(scratch / "run" / "metrics.jsonl", out / "metrics.jsonl")
-        report = _report(cfg, pcfg, device, sources, per_step, timer, tracer if trace_steps else None,
+        report = _report(cfg, device, sources, per_step, timer, tracer if trace_steps else None,
                          inputs, full_steps, warmup, steps, trace_steps)
         if trace_steps:
             with atomic_path(out / "trace.json") as tmp:
@@ -208,7 +208,7 @@ def _network(cfg: Config, train: DeviceDataset) -> torch.nn.Module:
 
 
 def _report(
-    cfg: Config, pcfg: Config, device: torch.device, sources: dict[str, str], per_step: list[dict[str, Any]],
+    cfg: Config, device: torch.device, sources: dict[str, str], per_step: list[dict[str, Any]],
     timer: PhaseTimer, tracer: torch.profiler.profile | None, inputs: DistillInputs, full_steps: int,
     warmup: int, steps: int, trace_steps: int,
 ) -> dict[str, Any]:

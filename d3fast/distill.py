@@ -41,7 +41,7 @@ from d3fast.config import Config, apply_updates, to_dict
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.distilled import Distilled, init_distilled
-from d3fast.embed import embed
+from d3fast.embed import auto_chunk, embed
 from d3fast.errors import D3FastError
 from d3fast.experts import experts_dir, read_expert_meta
 from d3fast.io import atomic_write_json, read_json
@@ -349,6 +349,8 @@ def mmd_terms(
         with torch.no_grad():
             with phase("data"):
                 real = train.sample_per_class(per_prior * ppc, g)  # [C, S, ch, H, W]
+            if not chunk and not one_graph:  # once for both sides: they have the same image shape
+                chunk = auto_chunk(feature_net.features, feature_net, real[0])
             f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph).float().view(n_cls, per_prior * ppc, -1)
         idx = torch.arange(len(d.latents), device=d.latents.device).repeat_interleave(per_prior)
         x = d.decode(idx, g)  # [C * PPC * per_prior, ch, H, W], class-major

@@ -19,7 +19,7 @@ if os.environ.get("D3FAST_PUREPYTHON", "0") != "1":
     ext_modules.append(
         Pybind11Extension(
             "d3fast._C",
-            sources=["csrc/d3fast_core.cpp", "csrc/mmd.cpp", "csrc/param_distance.cpp", "csrc/bindings.cpp"],
+            sources=["csrc/d3fast_core.cpp", "csrc/mmd.cpp", "csrc/param_dist.cpp", "csrc/bindings.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
             extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-Wno-psabi"] + (["-fopenmp"] if openmp else []),

@@ -33,7 +33,7 @@ def _elementwise_gbs(P: int, device: torch.device) -> float:
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("P", [1 << 20, 1 << 24], ids=["1M", "16M"])
 @pytest.mark.parametrize("impl", ["reference", "cpp", "triton"])
-def test_param_distance(benchmark, provenance, impl, P, mode):
+def test_param_dist(benchmark, provenance, impl, P, mode):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if impl == "cpp" and (device.type != "cpu" or not HAS_EXT):
         pytest.skip("the C++ kernel runs on CPU tensors with d3fast._C built")
@@ -47,14 +47,14 @@ def test_param_distance(benchmark, provenance, impl, P, mode):
 
     def step(which):
         def fn():
-            out = kernels.param_distance(a, t, s, impl=which)
+            out = kernels.param_dist(a, t, s, impl=which)
             if grad:
                 a.grad = None
                 out.backward()
             return out
         return fn
 
-    ref = kernels.param_distance(a.double(), t.double(), s.double(), impl="reference")
+    ref = kernels.param_dist(a.double(), t.double(), s.double(), impl="reference")
     torch.testing.assert_close(step(impl)().double(), ref, rtol=1e-5, atol=0)
     benchmark.pedantic(step(impl), rounds=7, warmup_rounds=1, iterations=1)
     sync(device)

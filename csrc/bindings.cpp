@@ -77,18 +77,18 @@ struct Segments {
 template <typename T>
 Segments<T> segments_of(const py::list& a, const py::list& t, const py::list& s) {
     if (a.size() != t.size() || a.size() != s.size() || a.size() == 0)
-        throw std::invalid_argument("param_distance: a, target and start need the same number of segments");
+        throw std::invalid_argument("param_dist: a, target and start need the same number of segments");
     Segments<T> seg;
     for (size_t k = 0; k < a.size(); ++k) {
         const py::array ak = a[k], tk = t[k], sk = s[k];
         if (ak.ndim() != 2 || tk.ndim() != 2 || sk.ndim() != 2)
-            throw std::invalid_argument("param_distance: segments are [S, P_k]");
+            throw std::invalid_argument("param_dist: segments are [S, P_k]");
         for (const py::array* o : {&tk, &sk}) {
             if (o->shape(0) != ak.shape(0) || o->shape(1) != ak.shape(1))
-                throw std::invalid_argument("param_distance: a, target and start segments differ in shape");
+                throw std::invalid_argument("param_dist: a, target and start segments differ in shape");
         }
         if (k == 0) seg.S = ak.shape(0);
-        if (ak.shape(0) != seg.S) throw std::invalid_argument("param_distance: segments differ in S");
+        if (ak.shape(0) != seg.S) throw std::invalid_argument("param_dist: segments differ in S");
         seg.a.push_back(data_of<T>(ak, "a"));
         seg.t.push_back(data_of<T>(tk, "target"));
         seg.s.push_back(data_of<T>(sk, "start"));
@@ -105,7 +105,7 @@ py::tuple sums_typed(const py::list& a, const py::list& t, const py::list& s) {
     double* d = den.mutable_data();
     {
         py::gil_scoped_release nogil;
-        d3fast::param_distance_sums<T>(seg.a, seg.t, seg.s, seg.sizes, seg.S, n, d);
+        d3fast::param_dist_sums<T>(seg.a, seg.t, seg.s, seg.sizes, seg.S, n, d);
     }
     return py::make_tuple(num, den);
 }
@@ -116,7 +116,7 @@ py::tuple grads_typed(const py::list& a, const py::list& t, const py::list& s, c
                       bool want_s) {
     const auto seg = segments_of<T>(a, t, s);
     if (num.size() != seg.S || den.size() != seg.S || go.size() != seg.S)
-        throw std::invalid_argument("param_distance: num, den and grad_output need S values");
+        throw std::invalid_argument("param_dist: num, den and grad_output need S values");
     std::vector<T*> ga, gt, gs;
     py::list out_a, out_t, out_s;
     auto alloc = [&](bool want, std::vector<T*>& ptrs, py::list& out) {
@@ -135,7 +135,7 @@ py::tuple grads_typed(const py::list& a, const py::list& t, const py::list& s, c
     alloc(want_s, gs, out_s);
     {
         py::gil_scoped_release nogil;
-        d3fast::param_distance_grads<T>(seg.a, seg.t, seg.s, seg.sizes, seg.S, num.data(), den.data(), go.data(),
+        d3fast::param_dist_grads<T>(seg.a, seg.t, seg.s, seg.sizes, seg.S, num.data(), den.data(), go.data(),
                                         ga, gt, gs);
     }
     auto or_none = [](bool want, py::list& l) -> py::object { return want ? py::object(l) : py::object(py::none()); };
@@ -191,7 +191,7 @@ PYBIND11_MODULE(_C, m) {
         "    ValueError: wrong shapes, dtype, layout or lengths.");
 
     m.def(
-        "param_distance_sums",
+        "param_dist_sums",
         [](const py::list& a, const py::list& t, const py::list& s) {
             const py::array first = a[0];
             return is_f64(first) ? sums_typed<double>(a, t, s) : sums_typed<float>(a, t, s);
@@ -205,7 +205,7 @@ PYBIND11_MODULE(_C, m) {
         "    (num [S] float64, den [S] float64).");
 
     m.def(
-        "param_distance_grads",
+        "param_dist_grads",
         [](const py::list& a, const py::list& t, const py::list& s, const py::array_t<double>& num,
            const py::array_t<double>& den, const py::array_t<double>& grad_output, bool want_a, bool want_t,
            bool want_s) {

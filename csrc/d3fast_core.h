@@ -40,17 +40,17 @@ template <typename T>
 void mmd_forward(const MMDArgs<T>& args);
 
 // Trajectory-parameter distance over segments of flat parameter vectors (csrc/
-// param_distance.cpp). Segment k holds a[k], t[k], s[k], each [S, sizes[k]] row-major.
+// param_dist.cpp). Segment k holds a[k], t[k], s[k], each [S, sizes[k]] row-major.
 // Sums per student: num[S] += ||a - t||^2 and den[S] += ||s - t||^2, in double.
 template <typename T>
-void param_distance_sums(const std::vector<const T*>& a, const std::vector<const T*>& t,
+void param_dist_sums(const std::vector<const T*>& a, const std::vector<const T*>& t,
                          const std::vector<const T*>& s, const std::vector<int64_t>& sizes, int64_t S,
                          double* num, double* den);
 
 // Gradients of L_r = num_r / den_r scaled by go[r], per segment; null outputs are skipped:
 //   dL/da = 2 (a - t) / den,  dL/ds = -2 num (s - t) / den^2,  dL/dt = -(dL/da + dL/ds).
 template <typename T>
-void param_distance_grads(const std::vector<const T*>& a, const std::vector<const T*>& t,
+void param_dist_grads(const std::vector<const T*>& a, const std::vector<const T*>& t,
                           const std::vector<const T*>& s, const std::vector<int64_t>& sizes, int64_t S,
                           const double* num, const double* den, const double* go,
                           const std::vector<T*>& grad_a, const std::vector<T*>& grad_t,

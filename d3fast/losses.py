@@ -1,12 +1,12 @@
 """The loss terms of D3 (SPEC.md section 5), as plain PyTorch.
 
-mmd2 and param_distance run the fused ops of d3fast.kernels (references beside them in
+mmd2 and param_dist run the fused ops of d3fast.kernels (references beside them in
 kernels/<op>_ref.py); the other terms are small and stay plain PyTorch.
 
     mmd2(x, y)            per class c, with k(a, b) = sum_s exp(-||a - b||^2 / (2 s^2)):
                           unbiased  mean_{i!=j} k(x_i, x_j) + mean_{i!=j} k(y_i, y_j) - 2 mean_{i,j} k(x_i, y_j)
                           biased    the same with i = j included
-    param_distance        ||a - t||^2 / ||s - t||^2 over the flat parameter vector
+    param_dist        ||a - t||^2 / ||s - t||^2 over the flat parameter vector
     kl_standard_normal    KL(N(mu, diag exp(logvar)) || N(0, I)) = 1/2 sum(exp(logvar) + mu^2 - 1 - logvar),
                           averaged over priors
     diversity             minus the mean, over classes with >= 2 priors and over their pairs,
@@ -22,7 +22,7 @@ import torch
 from d3fast import kernels
 from d3fast.kernels import DEFAULT_BANDWIDTHS, pairwise_sq_dists
 
-__all__ = ["diversity", "kl_standard_normal", "mmd2", "pairwise_sq_dists", "param_distance"]
+__all__ = ["diversity", "kl_standard_normal", "mmd2", "pairwise_sq_dists", "param_dist"]
 
 
 def mmd2(
@@ -41,10 +41,10 @@ def mmd2(
     return kernels.mmd2(x, y, bandwidths, unbiased)
 
 
-def param_distance(a: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+def param_dist(a: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """||a - target||^2 / ||start - target||^2 for flat vectors [P] (or batches [S, P] -> [S]);
-    the fused op of d3fast.kernels, see `kernels.param_distance`."""
-    return kernels.param_distance(a, target, start)
+    the fused op of d3fast.kernels, see `kernels.param_dist`."""
+    return kernels.param_dist(a, target, start)
 
 
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,8 @@ PHASES = ("data", "decode", "unroll forward", "unroll backward", "param distance
 # ranges around the C++ calls on the CPU (kernels/__init__.py)
 FUSED = {
     "mmd2": ("_mmd_fwd_kernel", "d3fast::mmd2_cpp"),
-    "param distance (sums)": ("_param_distance_fwd_kernel", "d3fast::param_distance_sums_cpp"),
-    "param distance (grads)": ("_param_distance_bwd_kernel", "d3fast::param_distance_grads_cpp"),
+    "param distance (sums)": ("_param_dist_fwd_kernel", "d3fast::param_dist_sums_cpp"),
+    "param distance (grads)": ("_param_dist_bwd_kernel", "d3fast::param_dist_grads_cpp"),
 }
 
 

@@ -238,7 +238,7 @@ class _FlatUnroll(torch.autograd.Function):
 
 def mtt_loss(theta_n: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """Mean over students of ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 ([K, P] each)."""
-    return backward_phase("param distance", theta_n, lambda t: losses.param_distance(t, target, start).mean())
+    return backward_phase("param distance", theta_n, lambda t: losses.param_dist(t, target, start).mean())
 
 
 __all__ = ["Student", "UnrollSpec", "mtt_loss", "unroll"]

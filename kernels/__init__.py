@@ -1,8 +1,10 @@
 """d3fast.kernels: fused ops and their dispatch.
 
-Each op has a Triton implementation (`<op>.py`, CUDA tensors), a pure-PyTorch reference
-(`<op>_ref.py`, also the fallback) and, for CPU tensors, the C++ extension d3fast._C.
-`backend(tensor)` picks one per call:
+Each op has one file per implementation: `<op>.py` (Triton kernels and their autograd
+Function, CUDA tensors), `<op>_cpp.py` (the autograd wrapper of the C++ extension d3fast._C,
+CPU tensors) and `<op>_ref.py` (pure PyTorch: the tests' oracle and the fallback). Ops:
+`mmd` (public function `mmd2`) and `param_dist`. This file holds the public functions, their
+argument checks and the dispatch only. `backend(tensor)` picks one implementation per call:
 
     D3FAST_PUREPYTHON=1                                          -> "reference"
     CUDA tensor, Triton importable, D3FAST_DISABLE_TRITON unset  -> "triton"
@@ -16,18 +18,22 @@ TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
-from d3fast.kernels.mmd_ref import DEFAULT_BANDWIDTHS, mmd2_ref, pairwise_sq_dists
-from d3fast.kernels.param_dist_ref import param_distance_ref
 
 from d3fast.errors import D3FastError
+from d3fast.kernels.mmd_cpp import MMDCppFunction
+from d3fast.kernels.mmd_ref import DEFAULT_BANDWIDTHS, mmd2_ref, pairwise_sq_dists
+from d3fast.kernels.param_dist_cpp import ParamDistCppFunction
+from d3fast.kernels.param_dist_ref import param_dist_ref
 
 __all__ = [
-    "DEFAULT_BANDWIDTHS", "backend", "describe", "mmd2", "pairwise_sq_dists", "param_distance", "triton_status",
+    "DEFAULT_BANDWIDTHS", "backend", "describe", "mmd2", "pairwise_sq_dists", "param_dist", "triton_status",
 ]
 
 
@@ -129,11 +135,9 @@ def mmd2(
     else:
         gammas = [1.0 / (2.0 * s * s) for s in bandwidths]
         if which == "cpp":
-            out = _MMDCpp.apply(x, y, lx, ly, tuple(gammas), unbiased)
+            out = MMDCppFunction.apply(x, y, lx, ly, tuple(gammas), unbiased)
         else:
-            from d3fast.kernels.mmd import MMDFunction
-
-            out = MMDFunction.apply(
+            out = _triton("mmd").MMDFunction.apply(
                 x, y, lx.to(x.device), ly.to(x.device), torch.tensor(gammas, device=x.device),
                 mmd_coefficients(lx, ly, unbiased).to(x.device), unbiased,
             )
@@ -172,38 +176,7 @@ def _lengths(lengths: torch.Tensor | None, C: int, rows: int, name: str) -> torc
     return lengths.to(torch.int64)
 
 
-def _cpu_array(t: torch.Tensor):  # -> numpy.ndarray
-    """A C-contiguous float32 (float64 stays float64) numpy view or copy of t."""
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return t.detach().to(dtype).contiguous().numpy()
-
-
-class _MMDCpp(torch.autograd.Function):
-    """d3fast._C.mmd computes the loss and, when needed, the gradient in one pass; backward
-    scales that gradient by the incoming per-class gradient."""
-
-    @staticmethod
-    def forward(ctx, x, y, lx, ly, gammas, unbiased):  # type: ignore[override]
-        from d3fast._ext import _C
-
-        gx_on, gy_on = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # named range: `d3fast profile` finds the kernel's time by this name
-        with torch.profiler.record_function("d3fast::mmd2_cpp"):
-            loss, gx, gy = _C.mmd(_cpu_array(x), _cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on, gy_on)
-        ctx.dtypes = (x.dtype, y.dtype)
-        ctx.save_for_backward(*(torch.from_numpy(g) if g is not None else None for g in (gx, gy)))
-        return torch.from_numpy(loss)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        gx, gy = ctx.saved_tensors
-        scale = grad_out[:, None, None]
-        out_x = (gx * scale).to(ctx.dtypes[0]) if gx is not None else None
-        out_y = (gy * scale).to(ctx.dtypes[1]) if gy is not None else None
-        return out_x, out_y, None, None, None, None
-
-
-def param_distance(
+def param_dist(
     a: torch.Tensor | Sequence[torch.Tensor],
     target: torch.Tensor | Sequence[torch.Tensor],
     start: torch.Tensor | Sequence[torch.Tensor],
@@ -226,13 +199,13 @@ def param_distance(
         D3FastError: empty or mismatched inputs.
 
     Example:
-        >>> param_distance(torch.ones(5), torch.zeros(5), torch.full((5,), 2.0))
+        >>> param_dist(torch.ones(5), torch.zeros(5), torch.full((5,), 2.0))
         tensor(0.2500)
     """
     segs = [_segments(v, name) for v, name in ((a, "a"), (target, "target"), (start, "start"))]
     sa, st, ss = segs
     if not sa or len(sa) != len(st) or len(sa) != len(ss):
-        raise D3FastError(f"param_distance: need the same non-zero number of segments, got {[len(s) for s in segs]}")
+        raise D3FastError(f"param_dist: need the same non-zero number of segments, got {[len(s) for s in segs]}")
     batched = sa[0][1]
     if batched and len(sa) == 1:
         # one expert trajectory for a batch of students: broadcast [P] over [S, P]
@@ -241,18 +214,19 @@ def param_distance(
     for k, (x, y, z) in enumerate(zip(sa, st, ss, strict=True)):
         if not (x[0].shape == y[0].shape == z[0].shape) or x[0].shape[1] == 0 or x[1] != batched:
             raise D3FastError(
-                f"param_distance: segment {k} shapes differ or are empty: {list(x[0].shape)}, "
+                f"param_dist: segment {k} shapes differ or are empty: {list(x[0].shape)}, "
                 f"{list(y[0].shape)}, {list(z[0].shape)}"
             )
         if x[0].shape[0] != sa[0][0].shape[0]:
-            raise D3FastError("param_distance: segments hold different numbers of students")
+            raise D3FastError("param_dist: segments hold different numbers of students")
     which = _chosen(impl, sa[0][0])
     if which == "reference":
         tensors = [[s[0] for s in side] for side in segs]
-        out = param_distance_ref(*tensors)
+        out = param_dist_ref(*tensors)
     else:
         flat = [s[0] for side in segs for s in side]
-        out = _ParamDistance.apply(which, len(sa), *flat)
+        fn = ParamDistCppFunction if which == "cpp" else _triton("param_dist").ParamDistFunction
+        out = fn.apply(len(sa), *flat)
     return out if batched else out[0]
 
 
@@ -261,64 +235,18 @@ def _segments(v: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[tuple
     student) or [S, P]; a list holds one student's parameters, any shapes, each flattened."""
     if isinstance(v, torch.Tensor):
         if v.dim() not in (1, 2):
-            raise D3FastError(f"param_distance: {name} must be [P] or [S, P], got {list(v.shape)}; pass a list for a model's parameters")
+            raise D3FastError(f"param_dist: {name} must be [P] or [S, P], got {list(v.shape)}; pass a list for a model's parameters")
         return [(v if v.dim() == 2 else v[None], v.dim() == 2)]
     return [(p.reshape(1, -1), False) for p in v]
 
 
-class _ParamDistance(torch.autograd.Function):
-    """One pass for the two sums; backward writes the wanted gradients in one more pass."""
+def _triton(op: str) -> ModuleType:
+    """The Triton module of `op`, imported on first use (CPU-only runs never import Triton).
+    Importing a submodule binds it as an attribute of this package, where the module
+    `param_dist` would shadow the function `param_dist`: the public functions are put back."""
+    module = importlib.import_module(f"{__name__}.{op}")
+    globals().update(_PUBLIC)
+    return module
 
-    @staticmethod
-    def forward(ctx, which, n_seg, *flat):  # type: ignore[override]
-        ctx.dtypes = [x.dtype for x in flat]
-        # the layout each implementation reads, made once and kept for backward: contiguous
-        # fp32/fp64 CPU tensors for C++ (viewed as numpy), contiguous tensors for Triton
-        if which == "cpp":
-            flat = tuple(torch.from_numpy(_cpu_array(x)) for x in flat)
-        else:
-            flat = tuple(x.contiguous() for x in flat)
-        a, t, s = flat[:n_seg], flat[n_seg : 2 * n_seg], flat[2 * n_seg :]
-        if which == "cpp":
-            from d3fast._ext import _C
 
-            with torch.profiler.record_function("d3fast::param_distance_sums_cpp"):
-                num, den = (torch.from_numpy(v) for v in _C.param_distance_sums(
-                    [x.numpy() for x in a], [x.numpy() for x in t], [x.numpy() for x in s]
-                ))
-        else:
-            from d3fast.kernels.param_dist import param_distance_sums
-
-            num, den = param_distance_sums(a, t, s)
-        ctx.which, ctx.n_seg = which, n_seg
-        ctx.save_for_backward(*a, *t, *s, num, den)
-        dtype = torch.float64 if ctx.dtypes[0] == torch.float64 else torch.float32
-        return (num / den).to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        n = ctx.n_seg
-        saved = ctx.saved_tensors
-        a, t, s, (num, den) = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n], saved[3 * n :]
-        need = ctx.needs_input_grad[2:]
-        want = (any(need[:n]), any(need[n : 2 * n]), any(need[2 * n :]))
-        if ctx.which == "cpp":
-            from d3fast._ext import _C
-
-            with torch.profiler.record_function("d3fast::param_distance_grads_cpp"):
-                raw = _C.param_distance_grads(
-                    [x.numpy() for x in a], [x.numpy() for x in t], [x.numpy() for x in s],
-                    num.numpy(), den.numpy(), grad_out.detach().double().reshape(-1).numpy(), *want,
-                )
-            grads = [[torch.from_numpy(g) for g in side] if side is not None else None for side in raw]
-        else:
-            from d3fast.kernels.param_dist import param_distance_grads
-
-            grads = param_distance_grads(a, t, s, num, den, grad_out.reshape(-1), want)
-        out: list[torch.Tensor | None] = [None, None]
-        for k, side in enumerate(grads):
-            if side is None:
-                out.extend([None] * n)
-            else:
-                out.extend(g.to(dt) for g, dt in zip(side, ctx.dtypes[k * n : (k + 1) * n], strict=True))
-        return tuple(out)
+_PUBLIC = {"mmd2": mmd2, "param_dist": param_dist}

@@ -22,7 +22,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _param_distance_fwd_kernel(
+def _param_dist_fwd_kernel(
     a_ptr,  # [S, P] one segment, any float dtype
     t_ptr,
     s_ptr,
@@ -54,7 +54,7 @@ def _param_distance_fwd_kernel(
 
 
 @triton.jit
-def _param_distance_bwd_kernel(
+def _param_dist_bwd_kernel(
     a_ptr,
     t_ptr,
     s_ptr,
@@ -95,7 +95,7 @@ def _blocks(t: torch.Tensor) -> tuple[int, int]:
     return (4096, 8) if t.device.type == "cuda" else (64, 2)
 
 
-def param_distance_sums(
+def param_dist_sums(
     a: Sequence[torch.Tensor], t: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segments [S, P_k] (contiguous) -> (num [S], den [S]) in float64."""
@@ -105,14 +105,14 @@ def param_distance_sums(
     partial = torch.empty(S, sum(counts), 2, device=a[0].device, dtype=torch.float32)
     offset = 0
     for ak, tk, sk, n in zip(a, t, s, counts, strict=True):
-        _param_distance_fwd_kernel[(n, S)](ak, tk, sk, partial, ak.shape[1], partial.shape[1], offset,
+        _param_dist_fwd_kernel[(n, S)](ak, tk, sk, partial, ak.shape[1], partial.shape[1], offset,
                                            BLOCK=block, ITERS=iters)
         offset += n
     sums = partial.double().sum(1)
     return sums[:, 0], sums[:, 1]
 
 
-def param_distance_grads(
+def param_dist_grads(
     a: Sequence[torch.Tensor],
     t: Sequence[torch.Tensor],
     s: Sequence[torch.Tensor],
@@ -129,7 +129,7 @@ def param_distance_grads(
     outs: list[list[torch.Tensor]] = [[], [], []]
     for ak, tk, sk in zip(a, t, s, strict=True):
         grads = [torch.empty_like(x) if w else ak for x, w in zip((ak, tk, sk), want, strict=True)]
-        _param_distance_bwd_kernel[(triton.cdiv(ak.shape[1], block), S)](
+        _param_dist_bwd_kernel[(triton.cdiv(ak.shape[1], block), S)](
             ak, tk, sk, ca, cs, *grads, ak.shape[1],
             GRAD_A=want[0], GRAD_T=want[1], GRAD_S=want[2], BLOCK=block,
         )
@@ -137,3 +137,31 @@ def param_distance_grads(
             if w:
                 o.append(gr)
     return tuple(o if w else None for o, w in zip(outs, want, strict=True))
+
+
+class ParamDistFunction(torch.autograd.Function):
+    """(n_seg, a_1..a_n, t_1..t_n, s_1..s_n) with segments [S, P_k] -> [S]; one launch per
+    segment for the sums, one more per segment for the wanted gradients."""
+
+    @staticmethod
+    def forward(ctx, n_seg, *flat):  # type: ignore[override]
+        ctx.dtypes = [x.dtype for x in flat]
+        flat = tuple(x.contiguous() for x in flat)
+        num, den = param_dist_sums(flat[:n_seg], flat[n_seg : 2 * n_seg], flat[2 * n_seg :])
+        ctx.n_seg = n_seg
+        ctx.save_for_backward(*flat, num, den)
+        dtype = torch.float64 if ctx.dtypes[0] == torch.float64 else torch.float32
+        return (num / den).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        n = ctx.n_seg
+        *flat, num, den = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]
+        want = tuple(any(need[k * n : (k + 1) * n]) for k in range(3))
+        grads = param_dist_grads(flat[:n], flat[n : 2 * n], flat[2 * n :], num, den, grad_out.reshape(-1), want)
+        out: list[torch.Tensor | None] = [None]
+        for k, side in enumerate(grads):
+            dts = ctx.dtypes[k * n : (k + 1) * n]
+            out.extend([None] * n if side is None else [g.to(dt) for g, dt in zip(side, dts, strict=True)])
+        return tuple(out)

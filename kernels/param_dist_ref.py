@@ -1,5 +1,5 @@
 """Trajectory-parameter distance in plain PyTorch: the reference for kernels/param_dist.py
-(Triton) and csrc/param_distance.cpp, and the fallback. Imports no Triton.
+(Triton) and csrc/param_dist.cpp, and the fallback. Imports no Triton.
 
     L = ||a - t||^2 / ||s - t||^2           (a: the student after N steps, t: the expert at
                                              T+M, s: the expert at T, where the student started)
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 import torch
 
 
-def param_distance_ref(
+def param_dist_ref(
     a: torch.Tensor | Sequence[torch.Tensor],
     target: torch.Tensor | Sequence[torch.Tensor],
     start: torch.Tensor | Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    """Reference distance; arguments as `d3fast.kernels.param_distance` (checked there).
+    """Reference distance; arguments as `d3fast.kernels.param_dist` (checked there).
     Sums in float64 for float64 inputs, else float32; returns [S] or a scalar."""
     if isinstance(a, torch.Tensor):
         a, target, start = [a], [target], [start]  # type: ignore[list-item]

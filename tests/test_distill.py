@@ -48,7 +48,7 @@ def test_mtt_matches_hand_unrolled_two_steps(home, mode):
 
     spec = UnrollSpec(student, cfg.distill.syn_steps, cfg.distill.batch_syn, None)
     theta_n = unroll(spec, d, theta0[None], torch.Generator().manual_seed(5), mode)[0]
-    loss = losses.param_distance(theta_n, target, theta0)
+    loss = losses.param_dist(theta_n, target, theta0)
     ours = torch.autograd.grad(loss, [d.latents, d.alpha, *d.decoder.parameters()])
 
     # by hand: same draws in the same order (permutation, then per step the noise)
@@ -121,14 +121,14 @@ def test_flat_and_naive_runs_agree_with_several_students(home, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(home, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = losses.param_distance
+    real = losses.param_dist
 
     def poisoned(*args):
         calls["n"] += 1
         out = real(*args)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(losses, "param_distance", poisoned)
+    monkeypatch.setattr(losses, "param_dist", poisoned)
     with pytest.raises(D3FastError, match=r"non-finite loss at step 2: \{'mtt': nan\}.*last good checkpoint"):
         distill(cfg_of(), run_dir=tmp_path / "r", progress=False)
     assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 1

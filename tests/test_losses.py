@@ -59,11 +59,11 @@ def test_mmd2_properties_and_errors():
     assert grad[i].item() == pytest.approx(fd, rel=1e-3, abs=1e-6)
 
 
-def test_param_distance():
+def test_param_dist():
     a, t, s = torch.randn(3, 50, dtype=torch.float64).unbind(0)
     expected = sum((a[i] - t[i]) ** 2 for i in range(50)) / sum((s[i] - t[i]) ** 2 for i in range(50))
-    assert losses.param_distance(a, t, s).item() == pytest.approx(expected.item(), rel=1e-12)
-    batched = losses.param_distance(torch.stack([a, s]), t, s)
+    assert losses.param_dist(a, t, s).item() == pytest.approx(expected.item(), rel=1e-12)
+    batched = losses.param_dist(torch.stack([a, s]), t, s)
     assert batched[1].item() == pytest.approx(1.0) and batched[0].item() == pytest.approx(expected.item())
 
 

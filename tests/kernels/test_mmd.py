@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
-from d3fast.kernels.mmd_ref import mmd2_ref
 
 from d3fast import kernels
 from d3fast.errors import D3FastError
+from d3fast.kernels.mmd_ref import mmd2_ref
 from tests._utils import assert_close
 from tests.kernels.conftest import device_for, impls
 

@@ -1,6 +1,8 @@
 """The trajectory-parameter distance: every implementation against an explicit float64
 formula, forward and every gradient, over flat, batched and segmented inputs."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def formula(a, t, s):
 
 def run(impl, a, t, s, up):
     leaves = [v.detach().clone().requires_grad_(True) for v in (a, t, s)]
-    out = kernels.param_distance(*leaves, impl=impl)
+    out = kernels.param_dist(*leaves, impl=impl)
     (out * up.to(out.device, out.dtype)).sum().backward()
     return (out.detach(), *(v.grad for v in leaves))
 
@@ -76,7 +78,7 @@ def test_segments_equal_the_concatenation(impl):
     shapes = [(5, 3), (17,), (2, 2, 2), (1,)]
     parts = [vectors(sh, i) for i, sh in enumerate(shapes)]
     a, t, s = ([p[k].to(dev).requires_grad_(True) for p in parts] for k in range(3))
-    out = kernels.param_distance(a, t, s, impl=impl)
+    out = kernels.param_dist(a, t, s, impl=impl)
     out.backward()
     flat = [torch.cat([p[k].reshape(-1) for p in parts]) for k in range(3)]
     ref = formula(*flat)
@@ -102,13 +104,13 @@ def test_strided_inputs(impl):
 @pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
 def test_float64_gradcheck(impl):
     a, t, s = (v.requires_grad_(True) for v in vectors((2, 9), 3, torch.float64))
-    assert torch.autograd.gradcheck(lambda x, y, z: kernels.param_distance(x, y, z, impl=impl), (a, t, s))
+    assert torch.autograd.gradcheck(lambda x, y, z: kernels.param_dist(x, y, z, impl=impl), (a, t, s))
 
 
 def test_only_a_needs_grad_leaves_the_expert_alone():
     a, t, s = vectors(50, 0)
     a.requires_grad_(True)
-    kernels.param_distance(a, t, s).backward()
+    kernels.param_dist(a, t, s).backward()
     assert t.grad is None and s.grad is None
     assert_close("da", formula(a.detach(), t, s)[1], a.grad, atol=0, rtol=1e-5)
 
@@ -116,8 +118,17 @@ def test_only_a_needs_grad_leaves_the_expert_alone():
 def test_bad_input_is_a_clear_error():
     a, t, s = vectors(10, 0)
     with pytest.raises(D3FastError, match="shapes differ"):
-        kernels.param_distance(a, t[:5], s)
+        kernels.param_dist(a, t[:5], s)
     with pytest.raises(D3FastError, match="number of segments"):
-        kernels.param_distance([a, a], [t], [s, s])
+        kernels.param_dist([a, a], [t], [s, s])
     with pytest.raises(D3FastError, match="empty"):
-        kernels.param_distance(a[:0], t[:0], s[:0])
+        kernels.param_dist(a[:0], t[:0], s[:0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_the_triton_module_does_not_shadow_the_function():
+    # kernels/param_dist.py is imported on first use; the import binds the module as the
+    # package attribute `param_dist`, which the dispatch must undo
+    a, t, s = vectors(10, 0)
+    kernels.param_dist(a.to(device_for("triton")), t.to(device_for("triton")), s.to(device_for("triton")), impl="triton")
+    assert callable(kernels.param_dist) and kernels.param_dist.__module__ == "d3fast.kernels"

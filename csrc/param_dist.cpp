@@ -83,7 +83,7 @@ inline void chunk_grads_t(const double* a, const double* t, const double* s, int
 }  // namespace
 
 template <typename T>
-void param_distance_sums(const std::vector<const T*>& a, const std::vector<const T*>& t,
+void param_dist_sums(const std::vector<const T*>& a, const std::vector<const T*>& t,
                          const std::vector<const T*>& s, const std::vector<int64_t>& sizes, int64_t S,
                          double* num, double* den) {
     for (int64_t r = 0; r < S; ++r) {
@@ -104,7 +104,7 @@ void param_distance_sums(const std::vector<const T*>& a, const std::vector<const
 }
 
 template <typename T>
-void param_distance_grads(const std::vector<const T*>& a, const std::vector<const T*>& t,
+void param_dist_grads(const std::vector<const T*>& a, const std::vector<const T*>& t,
                           const std::vector<const T*>& s, const std::vector<int64_t>& sizes, int64_t S,
                           const double* num, const double* den, const double* go,
                           const std::vector<T*>& grad_a, const std::vector<T*>& grad_t,
@@ -126,18 +126,18 @@ void param_distance_grads(const std::vector<const T*>& a, const std::vector<cons
     }
 }
 
-template void param_distance_sums<float>(const std::vector<const float*>&, const std::vector<const float*>&,
+template void param_dist_sums<float>(const std::vector<const float*>&, const std::vector<const float*>&,
                                          const std::vector<const float*>&, const std::vector<int64_t>&, int64_t,
                                          double*, double*);
-template void param_distance_sums<double>(const std::vector<const double*>&, const std::vector<const double*>&,
+template void param_dist_sums<double>(const std::vector<const double*>&, const std::vector<const double*>&,
                                           const std::vector<const double*>&, const std::vector<int64_t>&, int64_t,
                                           double*, double*);
-template void param_distance_grads<float>(const std::vector<const float*>&, const std::vector<const float*>&,
+template void param_dist_grads<float>(const std::vector<const float*>&, const std::vector<const float*>&,
                                           const std::vector<const float*>&, const std::vector<int64_t>&, int64_t,
                                           const double*, const double*, const double*,
                                           const std::vector<float*>&, const std::vector<float*>&,
                                           const std::vector<float*>&);
-template void param_distance_grads<double>(const std::vector<const double*>&, const std::vector<const double*>&,
+template void param_dist_grads<double>(const std::vector<const double*>&, const std::vector<const double*>&,
                                            const std::vector<const double*>&, const std::vector<int64_t>&, int64_t,
                                            const double*, const double*, const double*,
                                            const std::vector<double*>&, const std::vector<double*>&,

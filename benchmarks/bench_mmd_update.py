@@ -23,7 +23,7 @@ _RUN = r"""
 import json, sys, time, torch
 from d3fast.config import DistillConfig
 from d3fast.data.loader import DeviceDataset
-from d3fast.distill import mmd_terms
+from d3fast.mmd_update import mmd_terms
 from d3fast.distilled import init_distilled
 from d3fast.embed import activation_bytes, auto_chunk
 from d3fast.models import build_network

@@ -46,16 +46,24 @@ def _config_options(f: Any) -> Any:
     return f
 
 
-def _resolve(dataset: str | None, preset: str | None, overrides: tuple[str, ...], **typed: Any):
+def _resolve(dataset: str | None, preset: str | None, overrides: tuple[str, ...], base: Any = None, **typed: Any):
+    """The config of a command: defaults < preset < typed flags < --set, or, for a resumed
+    run, its recorded config (`base`) < typed flags < --set (d3fast/config.py)."""
     from d3fast.config import resolve_config
 
     nested: dict[str, Any] = {}
     for dotted, value in typed.items():
         if value is None:
             continue
-        section, key = dotted.split(".")
-        nested.setdefault(section, {})[key] = value
-    return resolve_config(dataset, preset, overrides, typed_overrides=nested)
+        *section, key = dotted.split(".")
+        (nested.setdefault(section[0], {}) if section else nested)[key] = value
+    return resolve_config(dataset, preset, overrides, typed_overrides=nested, base=base)
+
+
+def _open_run(where: str, runs_dir: str):
+    from d3fast.run import Run
+
+    return Run.open(where, runs_dir)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,9 +144,8 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     from d3fast.experts import run_experts
 
     cfg = _resolve(dataset, preset, overrides, **{
-        "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader})
-    if device is not None:
-        cfg.device = device
+        "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
+        "device": device})
     _ensure_prepared(cfg, no_auto)
     res = run_experts(cfg)
     m = res.manifest
@@ -163,42 +170,6 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
             raise D3FastError(f"dataset {ds!r} is not prepared; run `d3fast prepare --dataset {ds}`")
         click.echo(f"{ds} is not prepared yet: preparing it first")
         _report_prepare(run_prepare(cfg))
-
-
-def _ensure_inputs(cfg, no_auto: bool) -> None:
-    """Prepare the dataset and train the experts when missing (unless --no-auto)."""
-    from d3fast.experts import experts_dir, run_experts
-
-    ds = cfg.data.dataset
-    _ensure_prepared(cfg, no_auto)
-    need = cfg.distill.max_start_epoch + cfg.distill.expert_epochs
-    if cfg.experts.epochs < need:
-        raise D3FastError(
-            f"experts.epochs={cfg.experts.epochs} < distill.max_start_epoch + expert_epochs = {need}"
-        )
-    manifest = experts_dir(cfg) / "manifest.json"
-    done = 0
-    if manifest.exists():
-        done = sum(r["complete"] and r["epochs"] >= need for r in json.loads(manifest.read_text())["experts"])
-    if done < cfg.experts.num_experts:
-        if no_auto:
-            raise D3FastError(f"{done}/{cfg.experts.num_experts} experts are ready; run `d3fast experts --dataset {ds}`")
-        click.echo(f"{done}/{cfg.experts.num_experts} expert trajectories ready: training the rest first")
-        run_experts(cfg)
-
-
-def _resolve_run(run_dir: str, runs_dir: str = "runs"):
-    from pathlib import Path
-
-    if run_dir == "latest":
-        runs = sorted(Path(runs_dir).glob("*/*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise D3FastError(f"no runs with a checkpoint under {runs_dir}/")
-        return runs[-1].parent
-    path = Path(run_dir)
-    if not (path / "config.json").exists():
-        raise D3FastError(f"{path} is not a run directory (no config.json)")
-    return path
 
 
 @cli.command()
@@ -229,41 +200,39 @@ def distill(
     (every loss term, lr, step time, images/s, peak memory) and checkpoint.pt (whole state,
     every distill.checkpoint_every steps and on Ctrl-C/SIGTERM). --resume RUN_DIR continues.
     """
-    from pathlib import Path
-
     from d3fast.distill import distill as run_distill
-    from d3fast.distill import load_run_config
+    from d3fast.experts import ensure_experts, resolve_data_loader
+    from d3fast.run import Run
 
+    typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
+             "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
+             "distill.mmd_exact_graph": mmd_exact_graph, "device": device}
     if resume_dir:
-        run_dir = _resolve_run(resume_dir, runs_dir)
-        cfg = load_run_config(run_dir)
-        if steps is not None:
-            cfg.distill.steps = steps
-        if device is not None:
-            cfg.device = device
-        res = run_distill(cfg, run_dir=run_dir, resume=True)
+        if name is not None:
+            raise D3FastError("--name names a new run; a resumed run keeps its directory")
+        run = Run.open(resume_dir, runs_dir)
+        cfg = _resolve(dataset, preset, overrides, base=run.read_config(), **typed)
     else:
-        cfg = _resolve(dataset, preset, overrides, **{
-            "distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
-            "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
-            "distill.mmd_exact_graph": mmd_exact_graph})
-        if device is not None:
-            cfg.device = device
-        _ensure_inputs(cfg, no_auto)
-        res = run_distill(cfg, runs_dir=Path(runs_dir), name=name)
+        cfg = _resolve(dataset, preset, overrides, **typed)
+    _ensure_prepared(cfg, no_auto)
+    if not resume_dir:  # a resumed run reads the experts its manifest lists
+        resolve_data_loader(cfg)
+        ensure_experts(cfg, auto=not no_auto, echo=click.echo)
+        run = Run.create(runs_dir, cfg, name)
+    res = run_distill(cfg, run, resume=bool(resume_dir))
     last = res.last
     summary = f"; last mtt {last['mtt']:.4f} mmd {last['mmd']:.4f} student lr {last['student_lr']:.4g}" if last else ""
     state = "stopped early at" if res.interrupted else "reached"
     click.echo(f"{state} step {res.step}/{cfg.distill.steps} in {res.seconds:.1f} s{summary}")
-    click.echo(f"run directory: {res.run_dir}")
+    click.echo(f"run directory: {run.path}")
     if res.interrupted:
-        click.echo(f"continue with: d3fast distill --resume {res.run_dir}")
+        click.echo(f"continue with: d3fast distill --resume {run.path}")
         sys.exit(130)
     if then_evaluate:
-        _evaluate(res.run_dir, None, None, None, device)
+        _evaluate(run, None, None, None, None)
 
 
-def _evaluate(run_dir, archs, students, epochs, device, loader=None) -> None:
+def _evaluate(run, archs, students, epochs, device, loader=None) -> None:
     from d3fast.evaluate import evaluate_run
 
     over: dict[str, Any] = {}
@@ -276,9 +245,9 @@ def _evaluate(run_dir, archs, students, epochs, device, loader=None) -> None:
     updates: dict[str, Any] = {"eval": over} if over else {}
     if loader is not None:
         updates["data"] = {"loader": loader}
-    report = evaluate_run(run_dir, updates or None, device=device)
-    click.echo((run_dir / "eval.md").read_text())
-    click.echo(f"written: {run_dir / 'eval.json'}, {run_dir / 'eval.md'} ({report['seconds']:.0f} s)")
+    report = evaluate_run(run, updates or None, device=device)
+    click.echo((run.path / "eval.md").read_text())
+    click.echo(f"written: {run.path / 'eval.json'}, {run.path / 'eval.md'} ({report['seconds']:.0f} s)")
 
 
 @cli.command()
@@ -289,10 +258,11 @@ def _evaluate(run_dir, archs, students, epochs, device, loader=None) -> None:
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
               help="Where the real test set streams from (default: the run's data.loader).")
-def evaluate(run_dir, archs, students, epochs, device, loader) -> None:
+@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+def evaluate(run_dir, archs, students, epochs, device, loader, runs_dir) -> None:
     """Train students on fresh distilled samples and on two random-real baselines (same
     count, same storage); report mean ± std test accuracy. RUN_DIR may be `latest`."""
-    _evaluate(_resolve_run(run_dir), archs, students, epochs, device, loader)
+    _evaluate(_open_run(run_dir, runs_dir), archs, students, epochs, device, loader)
 
 
 @cli.command()
@@ -300,26 +270,26 @@ def evaluate(run_dir, archs, students, epochs, device, loader) -> None:
 @click.option("--out", required=True, type=click.Path(), help="PNG file to write.")
 @click.option("--samples", default=9, show_default=True, help="Samples per prior after its mean image.")
 @click.option("--seed", default=0, show_default=True)
-def sample(run_dir, out, samples, seed) -> None:
+@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+def sample(run_dir, out, samples, seed, runs_dir) -> None:
     """Write a grid: per prior, its mean image then fresh samples."""
     from pathlib import Path
 
-    from d3fast.distill import distilled_from_run
     from d3fast.visualize import sample_grid
 
-    d, _, step = distilled_from_run(_resolve_run(run_dir))
+    d, _, step = _open_run(run_dir, runs_dir).load_distilled()
     click.echo(f"wrote {sample_grid(d, Path(out), samples, seed)} (step {step}, {len(d.latents)} priors)")
 
 
 @cli.command()
 @click.argument("run_dir")
 @click.option("--out", required=True, type=click.Path(), help="safetensors file to write.")
-def export(run_dir, out) -> None:
+@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+def export(run_dir, out, runs_dir) -> None:
     """Export the distilled object (latents, decoder, learned lr, metadata) as safetensors."""
-    from d3fast.distill import distilled_from_run
     from d3fast.distilled import export as run_export
 
-    d, _, step = distilled_from_run(_resolve_run(run_dir))
+    d, _, step = _open_run(run_dir, runs_dir).load_distilled()
     run_export(d, out)
     click.echo(f"wrote {out}: {len(d.latents)} priors, {d.storage_bytes() / 2**20:.2f} MiB "
                f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {step}")
@@ -346,59 +316,15 @@ def budget(dataset, as_json, show_records) -> None:
 
     book = ledger.Ledger()
     rows = book.records(dataset=dataset)
-    totals = ledger.totals(rows)
-    paper = ledger.paper_comparison(totals)
     if as_json:
-        out = {"ledger": str(book.path), "records": len(rows), "totals": totals, "paper": paper,
+        totals = ledger.totals(rows)
+        out = {"ledger": str(book.path), "records": len(rows), "totals": totals, "paper": ledger.paper_comparison(totals),
                "paper_budgets": {k: vars(v) for k, v in ledger.PAPER_BUDGETS.items()}}
         if show_records:
             out["rows"] = rows
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(f"ledger: {book.path} ({len(rows)} record{'s' if len(rows) != 1 else ''})")
-    if not rows:
-        click.echo("nothing recorded yet: prepare, experts, distill, evaluate and profile add rows as they run")
-        return
-    table = [["dataset", "phase", "device", "runs", "steps", "wall", "device-hours", "energy", "status"]]
-    for t in totals:
-        energy = f"{t['energy_kwh']:.2f} kWh" if t["energy_kwh"] is not None else "-"
-        status = ", ".join(f"{k} {v}" for k, v in sorted(t["status"].items()))
-        table.append([t["dataset"], t["phase"], "GPU" if t["device_kind"] == "cuda" else "CPU", str(t["records"]),
-                      str(t["steps"]), _hms(t["wall_s"]), f"{_hours(t['device_hours'])} {t['unit']}", energy, status])
-    click.echo(_table(table))
-    if paper:
-        click.echo("\nagainst the paper (distillation to convergence, SPEC.md section 8):")
-        for p in paper:
-            line = (f"  {p['dataset']}: {p['hours_per_1k_steps']:.3f} {p['unit']} per 1k steps here -> "
-                    f"{p['projected_paper_steps']:.2f} {p['unit']} for {p['paper_steps']} steps; "
-                    f"paper {p['paper_gpu_hours']:g} GPU-h")
-            if p["ratio_to_paper"] is not None:
-                line += f" ({p['ratio_to_paper']:.2f}x the paper)"
-            else:
-                line += " (CPU time: not comparable to GPU-hours)"
-            click.echo(line)
-    if show_records:
-        click.echo("")
-        recs = [["id", "started", "phase", "dataset", "device", "steps", "wall", "status"]]
-        for r in rows:
-            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
-            recs.append([str(r["id"]), started, r["phase"], r["dataset"], r["device_name"], str(r["steps"]),
-                         _hms(r["wall_s"]), r["status"]])
-        click.echo(_table(recs))
-
-
-def _hours(h: float) -> str:
-    return f"{h:.3f}" if h >= 0.001 or h == 0 else "<0.001"
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    click.echo(ledger.budget_text(book.path, rows, show_records))
 
 
 @cli.command()
@@ -422,9 +348,7 @@ def profile(dataset, preset, overrides, steps, trace_steps, warmup, out, stand_i
     from d3fast.profile import profile as run_profile
     from d3fast.profile import summary_line
 
-    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll})
-    if device is not None:
-        cfg.device = device
+    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll, "device": device})
     out_dir = Path(out) if out else Path("profiles") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     res = run_profile(cfg, out_dir, steps=steps, trace_steps=trace_steps, warmup=warmup, stand_in=stand_in)
     click.echo(summary_line(res.report))

@@ -7,6 +7,7 @@ strings (`experts.lr=0.02`). Unknown keys and values of the wrong type are error
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -305,9 +306,28 @@ def resolve_config(
     preset: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     typed_overrides: dict[str, Any] | None = None,
+    base: Config | None = None,
 ) -> Config:
-    """Defaults < preset < overrides. `typed_overrides` holds values from typed CLI flags
-    (already the right type); `overrides` holds `key=value` strings."""
+    """Defaults < preset < overrides, or, for a resumed run, its recorded config (`base`)
+    < overrides. `typed_overrides` holds values from typed CLI flags (already the right
+    type); `overrides` holds `key=value` strings.
+
+    Raises:
+        D3FastError: an unknown key, a wrong type or a value out of range; with `base`, a
+            preset (a resumed run keeps its configuration).
+    """
+    if base is not None:
+        if preset:
+            raise D3FastError("--preset picks the configuration of a new run; a resumed run keeps its own "
+                              "(change single keys with --set)")
+        cfg = copy.deepcopy(base)
+        if dataset:
+            apply_updates(cfg, {"data": {"dataset": dataset}}, "", from_string=False)
+        if typed_overrides:
+            apply_updates(cfg, typed_overrides, "", from_string=False)
+        apply_updates(cfg, parse_overrides(overrides), "", from_string=True)
+        validate(cfg)
+        return cfg
     cfg = Config()
     name = preset or (dataset if dataset in available_presets() else None)
     if name:
@@ -358,3 +378,70 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"section.key": value} for every key, and {"key": value} for top-level ones."""
+    out: dict[str, Any] = {}
+    for k, v in to_dict(cfg).items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+# What a resumed run may change. Keys in APPLIED_ON_RESUME (or their sections) take effect
+# from the next step (the learning rates reach the optimisers' param groups) and are
+# recorded in the run; the others are fixed by what the checkpoint and the expert
+# trajectories already hold, and changing them is an error that says why.
+APPLIED_ON_RESUME = frozenset({
+    "device", "data.workers", "eval",
+    "distill.steps", "distill.checkpoint_every", "distill.amp", "distill.unroll", "distill.students_per_step",
+    "distill.lr_latent", "distill.lr_lr", "distill.lr_decode",
+    "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.batch_syn",
+    "distill.augment_unroll", "distill.mtt_weight", "distill.kl_weight", "distill.div_weight",
+    "distill.mmd_samples", "distill.mmd_weight", "distill.mmd_reduction", "distill.mmd_bandwidths",
+    "distill.mmd_scale", "distill.mmd_param", "distill.mmd_chunk", "distill.mmd_exact_graph",
+})
+FIXED_ON_RESUME: dict[str, str] = {
+    "preset": "it names the configuration the run started from",
+    "data.dataset": "the distilled object holds this dataset's classes",
+    "data.data_path": "it is read by `d3fast prepare` only; the run reads the prepared cache",
+    "data.skip_corrupt": "it is read by `d3fast prepare` only; the run reads the prepared cache",
+    "data.loader": "it names the expert trajectories the run matches (FFCV-fed experts are others)",
+    "data.zca": "the latents were fitted to data with this whitening",
+    "data.zca_eps": "the latents were fitted to data with this whitening",
+    "net": "the student network's parameters are the expert trajectories' (another network has other experts)",
+    "augment": "the expert trajectories were trained with this augmentation",
+    "experts": "these keys define the expert trajectories the run matches",
+    "distill.ppc": "the checkpoint holds latents of this many priors per class",
+    "distill.z_dim": "the checkpoint holds latents of this size",
+    "distill.decoder": "the checkpoint holds a decoder of this layout",
+    "distill.decoder_width": "the checkpoint holds a decoder of this width",
+    "distill.lr_teacher": "it is the learned student lr's initial value; the checkpoint holds its current value",
+    "distill.seed": "the random streams continue from the checkpoint, not from the seed",
+}
+
+
+def resume_changes(old: Config, new: Config) -> dict[str, list[Any]]:
+    """{"section.key": [old, new]} for every key a resumed run changes.
+
+    Raises:
+        D3FastError: a key that a resumed run cannot change, naming the key and why.
+    """
+    a, b = flatten(old), flatten(new)
+    changes = {k: [a[k], b[k]] for k in a if a[k] != b[k]}
+    for key in changes:
+        if key == "data.loader" and changes[key][0] == "auto":
+            continue  # runs from before the loader was recorded: settling it is no change
+        section = key.split(".")[0]
+        why = FIXED_ON_RESUME.get(key) or FIXED_ON_RESUME.get(section)
+        if why is not None:
+            raise D3FastError(
+                f"cannot change {key} when resuming ({changes[key][0]!r} -> {changes[key][1]!r}): {why}. "
+                "Start a new run for that."
+            )
+        if key not in APPLIED_ON_RESUME and section not in APPLIED_ON_RESUME:
+            raise D3FastError(f"config key {key} is not classified for resuming (d3fast/config.py)")
+    return changes

@@ -1,33 +1,30 @@
-"""`d3fast distill`: Algorithm 1 of D3 (SPEC.md section 5), top to bottom.
+"""`d3fast distill`: Algorithm 1 of D3 (docs/algorithm.md section 5), top to bottom.
 
 Per step:
-  1. MTT update (latents, decoder, learnable lr alpha): start K students from expert
-     epochs, unroll N student SGD steps on freshly decoded (and augmented) samples
-     (d3fast/unroll.py: exact gradient, memory flat in N), L = mean_k ||theta_N - theta*||^2
-     / ||theta_0 - theta*||^2 + KL.
-  2. MMD update (latents, decoder): per class, unbiased mixture-of-Gaussians MMD^2 between
-     ConvNet features (expert weights at T + M) of real and decoded samples, + diversity.
-     All classes in one batched decode and one MMD op; the features are embedded chunk by
-     chunk with an exact two-pass gradient (d3fast/embed.py: memory of one chunk's graph).
+  1. draw K students: an expert and a start epoch each (host generator)
+  2. MTT update (latents, decoder, learnable lr alpha): unroll N student SGD steps on freshly
+     decoded samples (d3fast/unroll.py: exact gradient, memory flat in N),
+     L = mean_k ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 + KL
+  3. MMD update (latents, decoder; d3fast/mmd_update.py): per class, MMD^2 between ConvNet
+     features of real and decoded samples, + diversity
+  4. log a metrics line; checkpoint every `checkpoint_every` steps, at the end, on Ctrl-C
 
-Every random draw comes from two generators (host: expert and start epoch; device: the
-rest) whose states are checkpointed, so a resumed run repeats the uninterrupted one.
-
-Each phase of a step is marked (`with phase(...)`, d3fast/phases.py) for `d3fast profile`;
-the device-hours go to the ledger (d3fast/ledger.py), and the progress bar projects them
-to the full step count next to the paper's budget.
+The state one step hands to the next is a TrainState (d3fast/state.py), whose random
+generators are checkpointed, so a resumed run repeats the uninterrupted one. Every loss is
+checked before its backward and the whole state after every update: a NaN stops the run
+before anything non-finite can reach a checkpoint. The run directory belongs to `Run`
+(d3fast/run.py); the phases are marked for `d3fast profile` (d3fast/phases.py); the
+device-hours go to the ledger (d3fast/ledger.py).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,19 +33,19 @@ import torch
 from tqdm import tqdm
 
 from d3fast import ledger, losses
-from d3fast.checkpoint import load_checkpoint, save_checkpoint
-from d3fast.config import Config, apply_updates, to_dict
+from d3fast.config import Config, DistillConfig
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
-from d3fast.distilled import Distilled, init_distilled
-from d3fast.embed import auto_chunk, embed
+from d3fast.distilled import init_distilled
 from d3fast.errors import D3FastError
-from d3fast.experts import experts_dir, read_expert_meta
-from d3fast.io import atomic_write_json, read_json
+from d3fast.experts import ExpertBank, need_epochs, ready_experts, resolve_data_loader
+from d3fast.io import read_json
+from d3fast.mmd_update import mmd_update
 from d3fast.models import build_network
-from d3fast.phases import phase
+from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORWARD, phase
+from d3fast.run import Run
 from d3fast.runtime import device_name, resolve_device, versions
-from d3fast.training import load_flat_params
+from d3fast.state import NonFiniteError, TrainState, check_finite, check_state
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
 
 
@@ -63,52 +60,236 @@ class DistillInputs:
 
 @dataclass
 class DistillResult:
-    run_dir: Path
+    run: Run
     step: int
     seconds: float
     interrupted: bool
-    last: dict[str, float]
+    last: dict[str, Any]
 
 
-class ExpertBank:
-    """The complete expert trajectories of a config; rows are read lazily from the
-    safetensors files (one expert of ConvNet-5 x 51 epochs is 125 MB)."""
+def distill(
+    cfg: Config, run: Run, resume: bool = False, *, inputs: DistillInputs | None = None, progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None, ledger_phase: str = "distill",
+    clock: Callable[[], float] = time.perf_counter,
+) -> DistillResult:
+    """Run Algorithm 1 in `run`, or continue it from its checkpoint (`resume`; a changed
+    key of `cfg` is applied and recorded, or refused: d3fast/run.py). `on_step(metrics)` is
+    called after every step; `ledger_phase` names the ledger row; `clock` (seconds) times the
+    steps and the device-hours (tests pass a fake one).
 
-    def __init__(self, folder: Path, need_epochs: int):
-        from safetensors import safe_open
+    Raises:
+        D3FastError: missing experts or data, a refused change on resume, a non-finite loss
+            or state (the last good checkpoint is kept).
+    """
+    dcfg, device = cfg.distill, resolve_device(cfg.device)
+    parts = _build(cfg, run, resume, device, inputs)
+    state, bank = parts.state, parts.bank
+    stop, t_start, last = _StopRequest(), clock(), {}
+    bar = tqdm(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
+                            run=str(run.path.resolve()), clock=clock)
+    with stop.installed(), run.metrics(state.step) as metrics, meter_cm as meter:
+        while state.step < dcfg.steps and not stop.requested:
+            t0 = clock()
+            _reset_peak_memory(device)
+            students = draw_students(bank, dcfg, state.g_host, device)
+            try:
+                mtt, kl = mtt_update(state, parts.spec, students, dcfg)
+                mmd, div = mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp)
+            except NonFiniteError as e:
+                raise D3FastError(_nonfinite_message(e, state.step, run, dcfg)) from None
+            state.step += 1
+            meter.tick()
+            last = step_metrics(state, students, dcfg, clock() - t0, meter, device, mtt=mtt, kl=kl, mmd=mmd, div=div)
+            state.note_loss(last["loss"])
+            metrics.write(last)
+            bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
+                                + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step), refresh=False)
+            bar.update(1)
+            if state.step % dcfg.checkpoint_every == 0 or state.step == dcfg.steps or stop.requested:
+                run.save_state(state)
+                meter.flush()
+            if on_step is not None:
+                on_step(last)
+        interrupted = stop.requested and state.step < dcfg.steps
+        if interrupted:
+            meter.final_status = "interrupted"
+    bar.close()
+    return DistillResult(run, state.step, clock() - t_start, interrupted, last)
 
-        self._open = safe_open
-        usable = []
-        for path in sorted(folder.glob("expert_*.safetensors")):
-            # the header alone, not the trajectory (125 MB for ConvNet-5)
-            if read_expert_meta(path)["epochs_done"] >= need_epochs:
-                usable.append(path)
-        if not usable:
-            raise D3FastError(
-                f"no expert in {folder} has the {need_epochs} epochs distillation needs "
-                f"(max_start_epoch + expert_epochs); run `d3fast experts` with --epochs {need_epochs}"
-            )
-        self.files = usable
-        self.folder = folder
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def rows(self, index: int, epochs: list[int]) -> list[torch.Tensor]:
-        with self._open(str(self.files[index]), framework="pt") as f:
-            traj = f.get_slice("trajectory")
-            last = traj.get_shape()[0] - 1
-            return [traj[min(e, last) if e >= 0 else last] for e in epochs]
+@dataclass
+class _Parts:
+    state: TrainState
+    train: DeviceDataset
+    bank: ExpertBank
+    spec: UnrollSpec
+    feature_net: torch.nn.Module
+    amp: Callable[[], AbstractContextManager[Any]]
 
 
-def new_run_dir(cfg: Config, runs_dir: Path, name: str | None) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = runs_dir / cfg.data.dataset / f"{stamp}-{name or cfg.preset or 'run'}"
-    suffix = 1
-    while run.exists():
-        run = run.with_name(f"{run.name}-{suffix}")
-        suffix += 1
-    return run
+def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: DistillInputs | None) -> _Parts:
+    """Data, experts, the student and feature networks, and the state: fresh (and the run
+    recorded) or restored from the run's checkpoint (and the resume recorded)."""
+    dcfg = cfg.distill
+    torch.manual_seed(dcfg.seed)
+    if dcfg.amp and device.type != "cuda":
+        tqdm.write("note: --amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
+    resume = resume and run.config_path.exists()  # nothing recorded yet: a resume is a start
+    if resume:
+        run.check_resume(cfg)  # before anything is built from a refused change
+    elif run.has_checkpoint():
+        raise D3FastError(f"{run.path} already holds a checkpoint: continue it with --resume, or start a new run")
+    if inputs is None:
+        zca = cfg.data.zca_eps if cfg.data.zca else None
+        inputs = DistillInputs(load_dataset(cfg.data.dataset, "train", device, zca), _bank(cfg, run, resume))
+    train, bank = inputs.train, inputs.bank
+    res, channels, n_cls = train.images.shape[-1], train.images.shape[1], train.num_classes
+    student = build_network(cfg.net.name, channels, n_cls, res, width=cfg.net.width, depth=cfg.net.depth,
+                            norm=cfg.net.norm, pooling=cfg.net.pooling).to(device)
+    meta = {"resolution": res, "channels": channels, "mean": train.mean.tolist(), "std": train.std.tolist(),
+            "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width}
+    d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed)
+    state = TrainState.create(d, dcfg, device)
+    if resume:
+        if run.has_checkpoint():
+            state.load_state_dict(run.load_state(device), dcfg)
+        run.resume(cfg, state.step)
+    else:
+        run.start(cfg, {
+            "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "versions": versions(),
+            "experts_dir": str(bank.folder), "experts_used": len(bank), "experts_files": [p.name for p in bank.files],
+            "seeds": {"distill": dcfg.seed, "experts": cfg.experts.seed}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    amp = _amp(dcfg, device)
+    augment = DSA(cfg.augment) if dcfg.augment_unroll else None
+    spec = UnrollSpec(Student(student), dcfg.syn_steps, dcfg.batch_syn, augment, amp)
+    return _Parts(state, train, bank, spec, copy.deepcopy(student).requires_grad_(False), amp)
+
+
+def _bank(cfg: Config, run: Run, resume: bool) -> ExpertBank:
+    """A new run takes every ready expert of its config; a resumed one the files its manifest
+    lists, so that its draws repeat the uninterrupted run's even if more experts were
+    trained since."""
+    if resume and run.manifest_path.exists():
+        m = read_json(run.manifest_path, "run manifest")
+        folder = Path(m["experts_dir"])
+        files = [folder / f for f in m.get("experts_files", [])] or sorted(folder.glob("expert_*.safetensors"))
+        missing = [f.name for f in files if not f.exists()]
+        if missing or not files:
+            raise D3FastError(f"the expert trajectories this run matches are gone from {folder}"
+                              + (f": {', '.join(missing)}" if missing else ""))
+        return ExpertBank(folder, need_epochs(cfg), files)
+    resolve_data_loader(cfg)
+    return ready_experts(cfg)
+
+
+@dataclass
+class Students:
+    """The K students of a step: (expert, start epoch) each, their start and target
+    parameters [K, P], and the MMD feature network's parameters [P] (first student's expert)."""
+
+    picks: list[tuple[int, int]]
+    theta0: torch.Tensor
+    target: torch.Tensor
+    feat_params: torch.Tensor
+
+
+def draw_students(bank: ExpertBank, dcfg: DistillConfig, g: torch.Generator, device: torch.device) -> Students:
+    """Expert k ~ U{bank}, start epoch t ~ U{0..T-1}; theta_0 = expert[t], theta* = expert[t + M];
+    the feature network takes the first expert at epoch T + M ("expert") or its last ("final")."""
+    with phase(DATA):
+        picks = [(int(torch.randint(len(bank), (1,), generator=g)), int(torch.randint(dcfg.max_start_epoch, (1,), generator=g)))
+                 for _ in range(dcfg.students_per_step)]
+        feat_epoch = dcfg.max_start_epoch + dcfg.expert_epochs if dcfg.mmd_param == "expert" else -1
+        rows = [bank.rows(e, [s, s + dcfg.expert_epochs] + ([feat_epoch] if k == 0 else []))
+                for k, (e, s) in enumerate(picks)]
+        return Students(picks, torch.stack([r[0] for r in rows]).to(device), torch.stack([r[1] for r in rows]).to(device),
+                        rows[0][2].to(device))
+
+
+def mtt_update(state: TrainState, spec: UnrollSpec, students: Students, dcfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MTT update of `state` (latents, decoder, alpha): returns the (MTT, KL) terms,
+    detached; zeros when `mtt_weight` is 0.
+
+    Raises:
+        NonFiniteError: a non-finite term (nothing stepped) or non-finite state after the step.
+    """
+    d = state.distilled
+    zero = torch.zeros((), device=d.latents.device)
+    if dcfg.mtt_weight <= 0:
+        return zero, zero
+    with phase(UNROLL_FORWARD):
+        theta_n = unroll(spec, d, students.theta0, state.g_device, dcfg.unroll)
+    mtt = mtt_loss(theta_n, students.target, students.theta0)
+    with phase(LOSSES):
+        kl = losses.kl_standard_normal(d.latents[..., 0], d.latents[..., 1])
+        check_finite("MTT update", mtt=mtt, kl=kl)
+    with phase(OPTIMIZERS):
+        for opt in state.optimizers:
+            opt.zero_grad(set_to_none=True)
+    with phase(UNROLL_BACKWARD):
+        (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl).backward()
+    with phase(OPTIMIZERS):
+        for opt in state.optimizers:
+            opt.step()
+        check_state(state, "MTT update")
+    return mtt.detach(), kl.detach()
+
+
+def step_metrics(
+    state: TrainState, students: Students, dcfg: DistillConfig, seconds: float, meter: ledger.Meter,
+    device: torch.device, **terms: torch.Tensor,
+) -> dict[str, Any]:
+    """The metrics.jsonl line of the step just finished: every loss term, the weighted total,
+    the student lr, the first student's draw, time, throughput, memory and device-hours."""
+    with phase(LOSSES):
+        values = {k: v.item() for k, v in terms.items()}
+    weights = {"mtt": dcfg.mtt_weight, "kl": dcfg.kl_weight, "mmd": dcfg.mmd_weight, "div": dcfg.div_weight}
+    d = state.distilled
+    images = 0
+    if dcfg.mtt_weight > 0:
+        images += dcfg.students_per_step * dcfg.syn_steps * (dcfg.batch_syn or len(d.latents))
+    if dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1):
+        images += d.num_classes * max(dcfg.mmd_samples // dcfg.ppc, 1) * dcfg.ppc
+    expert, start = students.picks[0]
+    return {
+        "step": state.step, **values, "loss": sum(weights[k] * v for k, v in values.items()),
+        "student_lr": d.student_lr, "expert": expert, "start_epoch": start,
+        "step_s": round(seconds, 4), "images_per_s": round(images / seconds, 1) if seconds > 0 else 0.0,
+        "peak_mem_gib": _peak_mem(device),
+        "device_hours": round(meter.prior_hours + meter.hours, 6),
+        "projected_device_hours": round(meter.projected_hours(dcfg.steps, state.step), 6),
+        "hours_unit": meter.unit,
+    }
+
+
+def _nonfinite_message(e: NonFiniteError, step: int, run: Run, dcfg: DistillConfig) -> str:
+    keep = (f"the last good checkpoint ({run.checkpoint_path}) is kept" if run.has_checkpoint()
+            else "no checkpoint was written yet")
+    lower = " ".join(f"--set distill.{k}={getattr(dcfg, k) / 10:g}" for k in ("lr_latent", "lr_decode", "lr_lr"))
+    return (f"non-finite {e.kind} at step {step + 1}: {e.detail} in the {e.where}; stopped without saving this "
+            f"step, {keep}. Lower the learning rates and continue: d3fast distill --resume {run.path} {lower}")
+
+
+def _amp(dcfg: DistillConfig, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """bf16 autocast on CUDA under --amp (decoder, unrolled student, MMD features); else nothing."""
+    if dcfg.amp and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mem(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    # peak resident set of the process (Linux reports KiB)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 class _StopRequest:
@@ -137,284 +318,4 @@ class _StopRequest:
                 signal.signal(s, h)
 
 
-def distill(
-    cfg: Config,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    runs_dir: Path = Path("runs"),
-    name: str | None = None,
-    *,
-    inputs: DistillInputs | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-    ledger_phase: str = "distill",
-    clock: Callable[[], float] = time.monotonic,
-) -> DistillResult:
-    """Run (or resume) Algorithm 1. `on_step(metrics)` is called after every step;
-    `ledger_phase` names the ledger row ("profile" under `d3fast profile`); `clock` times
-    the device-hours (tests pass a fake one)."""
-    dcfg = cfg.distill
-    device = resolve_device(cfg.device)
-    torch.manual_seed(dcfg.seed)
-    if dcfg.amp and device.type != "cuda":
-        tqdm.write("note: --amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
-
-    # ---- setup: data, experts, networks, the distilled object, optimisers
-    need = dcfg.max_start_epoch + dcfg.expert_epochs
-    if inputs is None:
-        zca = cfg.data.zca_eps if cfg.data.zca else None
-        inputs = DistillInputs(load_dataset(cfg.data.dataset, "train", device, zca), ExpertBank(experts_dir(cfg), need))
-    train, bank = inputs.train, inputs.bank
-    res, channels, n_cls = train.images.shape[-1], train.images.shape[1], train.num_classes
-    student = build_network(
-        cfg.net.name, channels, n_cls, res, width=cfg.net.width, depth=cfg.net.depth,
-        norm=cfg.net.norm, pooling=cfg.net.pooling,
-    ).to(device)
-    feature_net = copy.deepcopy(student).requires_grad_(False)
-    meta = {
-        "resolution": res, "channels": channels,
-        "mean": train.mean.tolist(), "std": train.std.tolist(),
-        "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width,
-    }
-    d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed)
-    opt_latent = torch.optim.SGD([d.latents], lr=dcfg.lr_latent, momentum=0.5)
-    opt_lr = torch.optim.SGD([d.alpha], lr=dcfg.lr_lr, momentum=0.5)
-    opt_decoder = torch.optim.Adam(d.decoder.parameters(), lr=dcfg.lr_decode, weight_decay=1e-5)
-    amp_on = dcfg.amp and device.type == "cuda"
-
-    def amp() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp_on else nullcontext()
-
-    spec = UnrollSpec(
-        Student(student), dcfg.syn_steps, dcfg.batch_syn, DSA(cfg.augment) if dcfg.augment_unroll else None, amp,
-    )
-    g_host = torch.Generator().manual_seed(dcfg.seed)
-    g_dev = torch.Generator(device=device).manual_seed(dcfg.seed + 7)
-    step, best = 0, {"step": None, "loss": math.inf}
-
-    if resume:
-        assert run_dir is not None
-        state = load_checkpoint(run_dir / "checkpoint.pt", device)
-        with torch.no_grad():
-            d.latents.copy_(state["latents"])
-            d.alpha.copy_(state["alpha"])
-        d.decoder.load_state_dict(state["decoder"])
-        opt_latent.load_state_dict(state["opt_latent"])
-        opt_lr.load_state_dict(state["opt_lr"])
-        opt_decoder.load_state_dict(state["opt_decoder"])
-        g_host.set_state(state["rng_host"].cpu())
-        g_dev.set_state(state["rng_device"].cpu())
-        step, best = state["step"], json.loads(state["best"])
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
-    else:
-        run_dir = run_dir or new_run_dir(cfg, runs_dir, name)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", to_dict(cfg))
-        atomic_write_json(run_dir / "manifest.json", {
-            "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device),
-            "versions": versions(), "experts_dir": str(bank.folder), "experts_used": len(bank),
-            "seeds": {"distill": dcfg.seed, "experts": cfg.experts.seed},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-
-    def checkpoint() -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "step": step,
-            "latents": d.latents.detach(), "alpha": d.alpha.detach(),
-            "decoder": d.decoder.state_dict(),
-            "opt_latent": opt_latent.state_dict(), "opt_lr": opt_lr.state_dict(),
-            "opt_decoder": opt_decoder.state_dict(),
-            "rng_host": g_host.get_state(), "rng_device": g_dev.get_state(),
-            "best": json.dumps(best),
-            "classes": json.dumps(d.classes), "meta": json.dumps(d.meta), "ppc": dcfg.ppc,
-        })
-
-    # ---- the loop
-    stop = _StopRequest()
-    bar = tqdm(total=dcfg.steps, initial=step, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
-    t_start, last = time.perf_counter(), {}
-    metrics = open(run_dir / "metrics.jsonl", "a")
-    interrupted = False
-    meter_cm = ledger.track(
-        ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
-        run=str(run_dir.resolve()), clock=clock,
-    )
-    with stop.installed(), meter_cm as meter:
-        while step < dcfg.steps and not stop.requested:
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with phase("data"):
-                picks = []
-                for _ in range(dcfg.students_per_step):
-                    expert = int(torch.randint(len(bank), (1,), generator=g_host))
-                    picks.append((expert, int(torch.randint(dcfg.max_start_epoch, (1,), generator=g_host))))
-                # the MMD features use the first student's expert; -1: its last epoch
-                feat_epoch = need if dcfg.mmd_param == "expert" else -1
-                rows = [bank.rows(e, [s, s + dcfg.expert_epochs] + ([feat_epoch] if k == 0 else []))
-                        for k, (e, s) in enumerate(picks)]
-                theta0 = torch.stack([r[0] for r in rows]).to(device)  # [K, P]
-                target = torch.stack([r[1] for r in rows]).to(device)
-                feat_params = rows[0][2].to(device)
-            expert, start = picks[0]
-            images = 0
-
-            # 1. MTT update: latents, decoder, alpha
-            mtt = kl = torch.zeros((), device=device)
-            if dcfg.mtt_weight > 0:
-                with phase("unroll forward"):
-                    theta_n = unroll(spec, d, theta0, g_dev, dcfg.unroll)
-                mtt = mtt_loss(theta_n, target, theta0)
-                with phase("losses"):
-                    kl = losses.kl_standard_normal(d.latents[..., 0], d.latents[..., 1])
-                    _check_finite(step, run_dir, mtt=mtt, kl=kl)
-                with phase("optimizers"):
-                    for opt in (opt_latent, opt_lr, opt_decoder):
-                        opt.zero_grad(set_to_none=True)
-                with phase("unroll backward"):
-                    (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl).backward()
-                with phase("optimizers"):
-                    for opt in (opt_latent, opt_lr, opt_decoder):
-                        opt.step()
-                images += dcfg.students_per_step * dcfg.syn_steps * (dcfg.batch_syn or len(d.latents))
-
-            # 2. MMD update: latents, decoder
-            mmd = div = torch.zeros((), device=device)
-            if dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1):
-                with phase("mmd"):
-                    load_flat_params(feature_net, feat_params)
-                    with amp():
-                        mmd, div = mmd_terms(feature_net, d, train, dcfg, g_dev)
-                with phase("losses"):
-                    _check_finite(step, run_dir, mmd=mmd, div=div)
-                with phase("optimizers"):
-                    opt_latent.zero_grad(set_to_none=True)
-                    opt_decoder.zero_grad(set_to_none=True)
-                with phase("mmd"):
-                    (dcfg.mmd_weight * mmd + dcfg.div_weight * div).backward()
-                with phase("optimizers"):
-                    opt_latent.step()
-                    opt_decoder.step()
-                images += n_cls * (dcfg.mmd_samples // dcfg.ppc) * dcfg.ppc
-
-            step += 1
-            with phase("losses"):
-                total = (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl + dcfg.mmd_weight * mmd + dcfg.div_weight * div).item()
-            dt = time.perf_counter() - t0
-            meter.tick()
-            last = {
-                "step": step, "mtt": mtt.item(), "kl": kl.item(), "mmd": mmd.item(), "div": div.item(),
-                "loss": total, "student_lr": d.student_lr, "expert": expert, "start_epoch": start,
-                "step_s": round(dt, 4), "images_per_s": round(images / dt, 1), "peak_mem_gib": _peak_mem(device),
-                "device_hours": round(meter.prior_hours + meter.hours, 6),
-                "projected_device_hours": round(meter.projected_hours(dcfg.steps, step), 6),
-                "hours_unit": meter.unit,
-            }
-            if total < best["loss"]:
-                best = {"step": step, "loss": total}
-            metrics.write(json.dumps(last) + "\n")
-            metrics.flush()
-            bar.set_postfix_str(
-                f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
-                + meter.budget_text(cfg.data.dataset, dcfg.steps, step),
-                refresh=False,
-            )
-            bar.update(1)
-            if step % dcfg.checkpoint_every == 0 or step == dcfg.steps or stop.requested:
-                checkpoint()
-                meter.flush()
-            if on_step is not None:
-                on_step(last)
-        interrupted = stop.requested and step < dcfg.steps
-        if interrupted:
-            meter.final_status = "interrupted"
-    bar.close()
-    metrics.close()
-    return DistillResult(run_dir, step, time.perf_counter() - t_start, interrupted, last)
-
-
-def mmd_terms(
-    feature_net: torch.nn.Module, d: Distilled, train: DeviceDataset, dcfg: Any, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MMD term, diversity term). Real features come from S images per class; each prior
-    decodes S // PPC samples, so both sides hold about S samples per class. Every class is
-    decoded in one batch (the decoder's BatchNorm sees the whole sample set, as in the
-    reference) and embedded in chunks of `mmd_chunk` samples (d3fast/embed.py) unless
-    `mmd_exact_graph`."""
-    n_cls, ppc = d.num_classes, d.ppc
-    per_prior = max(dcfg.mmd_samples // ppc, 1)
-    chunk, one_graph = dcfg.mmd_chunk, dcfg.mmd_exact_graph
-    mmd = torch.zeros((), device=d.latents.device)
-    if dcfg.mmd_weight > 0:
-        with torch.no_grad():
-            with phase("data"):
-                real = train.sample_per_class(per_prior * ppc, g)  # [C, S, ch, H, W]
-            if not chunk and not one_graph:  # once for both sides: they have the same image shape
-                chunk = auto_chunk(feature_net.features, feature_net, real[0])
-            f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph).float().view(n_cls, per_prior * ppc, -1)
-        idx = torch.arange(len(d.latents), device=d.latents.device).repeat_interleave(per_prior)
-        x = d.decode(idx, g)  # [C * PPC * per_prior, ch, H, W], class-major
-        f_syn = embed(feature_net, x, chunk, one_graph).float().view(n_cls, ppc * per_prior, -1)
-        bandwidths = dcfg.mmd_bandwidths
-        if dcfg.mmd_scale == "median":
-            med = losses.pairwise_sq_dists(f_real, f_real).median().sqrt().item()
-            bandwidths = [b * med for b in bandwidths]
-        per_class = losses.mmd2(f_syn, f_real, bandwidths)
-        mmd = per_class.sum() if dcfg.mmd_reduction == "sum" else per_class.mean()
-    div = torch.zeros((), device=d.latents.device)
-    if ppc > 1 and dcfg.div_weight > 0:
-        means = d.mean_images().float()
-        div = losses.diversity(means.view(n_cls, ppc, *means.shape[1:]))
-    return mmd, div
-
-
-def _check_finite(step: int, run_dir: Path, **terms: torch.Tensor) -> None:
-    bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v).all()}
-    if bad:
-        ckpt = run_dir / "checkpoint.pt"
-        keep = f"the last good checkpoint ({ckpt}) is kept" if ckpt.exists() else "no checkpoint was written yet"
-        raise D3FastError(
-            f"non-finite loss at step {step + 1}: {bad}; stopped without saving this step, {keep}. "
-            "Lower distill.lr_latent / lr_decode / lr_lr, or resume with --resume after changing them."
-        )
-
-
-def _peak_mem(device: torch.device) -> float:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    # peak resident set of the process (Linux reports KiB)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The resolved config a run was started with (unknown keys are errors)."""
-    cfg = Config()
-    apply_updates(cfg, read_json(run_dir / "config.json", "run config"), "", from_string=False)
-    return cfg
-
-
-def distilled_from_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Distilled, Config, int]:
-    """The distilled object of a run's latest checkpoint."""
-    from d3fast.distilled import build_decoder
-
-    cfg = load_run_config(run_dir)
-    state = load_checkpoint(run_dir / "checkpoint.pt", device)
-    meta = json.loads(state["meta"])
-    decoder = build_decoder(meta)
-    decoder.load_state_dict(state["decoder"])
-    classes = json.loads(state["classes"])
-    d = Distilled(
-        latents=state["latents"], decoder=decoder.to(device), alpha=state["alpha"],
-        num_classes=len(classes), ppc=int(state["ppc"]), classes=classes, meta=meta,
-    )
-    return d, cfg, int(state["step"])
-
-
+__all__ = ["DistillInputs", "DistillResult", "Students", "distill", "draw_students", "mtt_update", "step_metrics"]

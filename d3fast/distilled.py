@@ -1,9 +1,12 @@
 """The distilled object: per-prior latent Gaussians, one shared decoder, labels, and the
-learned student lr. Sampling, storage accounting, and the safetensors export."""
+learned student lr (docs/algorithm.md section 1). Sampling, storage accounting, its state
+dict (the checkpoint's share, d3fast/state.py) and the safetensors export."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,6 @@ import torch
 from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
 from d3fast.models import Decoder
-from d3fast.phases import phase
 
 EXPORT_FORMAT = 1
 
@@ -46,8 +48,7 @@ class Distilled:
 
     def decode(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Fresh samples of priors `idx`: normalised images [B, C, H, W]."""
-        with phase("decode"):
-            return self.decoder(self.sample_latents(idx, generator))
+        return self.decoder(self.sample_latents(idx, generator))
 
     def mean_images(self) -> torch.Tensor:
         """f(mu) for every prior: [C * PPC, C, H, W]."""
@@ -65,6 +66,42 @@ class Distilled:
         one_image = self.meta["channels"] * self.meta["resolution"] ** 2  # uint8 bytes
         return self.storage_bytes() / (self.num_classes * one_image)
 
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the object by name: latents, alpha, decoder.<state key>."""
+        yield "latents", self.latents
+        yield "alpha", self.alpha
+        for k, v in self.decoder.state_dict().items():
+            yield f"decoder.{k}", v
+
+    def state_dict(self) -> dict[str, Any]:
+        """The object for a checkpoint: tensors, the decoder's state dict, and classes and
+        meta as JSON strings (what `torch.load(weights_only=True)` reads back)."""
+        return {
+            "latents": self.latents.detach(), "alpha": self.alpha.detach(), "decoder": self.decoder.state_dict(),
+            "classes": json.dumps(self.classes), "meta": json.dumps(self.meta), "ppc": self.ppc,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> Distilled:
+        """Inverse of `state_dict` (also reads the distilled part of a whole checkpoint)."""
+        meta, classes = json.loads(state["meta"]), json.loads(state["classes"])
+        decoder = build_decoder(meta)
+        decoder.load_state_dict(state["decoder"])
+        return cls(
+            latents=state["latents"].to(device), decoder=decoder.to(device), alpha=state["alpha"].to(device),
+            num_classes=len(classes), ppc=int(state["ppc"]), classes=classes, meta=meta,
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy a state dict of the same shapes into this object's tensors, in place (the
+        optimisers keep pointing at them)."""
+        if int(state["ppc"]) != self.ppc or json.loads(state["classes"]) != self.classes:
+            raise D3FastError("the checkpoint holds another distilled object (classes or PPC differ)")
+        with torch.no_grad():
+            self.latents.copy_(state["latents"])
+            self.alpha.copy_(state["alpha"])
+        self.decoder.load_state_dict(state["decoder"])
+
 
 def build_decoder(meta: dict[str, Any]) -> Decoder:
     return Decoder(
@@ -74,6 +111,8 @@ def build_decoder(meta: dict[str, Any]) -> Decoder:
 
 
 def export(d: Distilled, path: str | Path) -> None:
+    """The object as one safetensors file (no pickle): latents, alpha, decoder.<key>, and
+    the metadata decoding needs."""
     tensors = {"latents": d.latents.detach(), "alpha": d.alpha.detach().reshape(1)}
     tensors.update({f"decoder.{k}": v for k, v in d.decoder.state_dict().items()})
     meta = {

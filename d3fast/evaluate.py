@@ -1,5 +1,5 @@
 """`d3fast evaluate`: train students from scratch on the distilled distribution and on
-real-image baselines, then test them on the real test set (SPEC.md section 6).
+real-image baselines, then test them on the real test set (docs/algorithm.md section 6).
 
 Students: SGD (momentum 0.9, weight decay 5e-4), lr = the learned lr for the distilled
 set (eval.lr_real for real images), lr x 0.1 at half the epochs, batch 256, DSA. Each
@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,10 +28,10 @@ from d3fast import ledger
 from d3fast.config import Config
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset, open_split
-from d3fast.distill import distilled_from_run
 from d3fast.distilled import Distilled
 from d3fast.io import atomic_write_json, atomic_write_text
 from d3fast.models import build_network
+from d3fast.run import Run
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
 from d3fast.training import evaluate_accuracy
 
@@ -90,18 +89,27 @@ def real_subset(train: DeviceDataset, per_class: int, g: torch.Generator) -> Dev
 
 
 def evaluate_run(
-    run_dir: Path,
+    run: Run,
     cfg_override: dict[str, Any] | None = None,
     progress: bool = True,
     device: str | None = None,
 ) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of `run` (protocol: the run's eval.* keys, updated by
+    `cfg_override`); writes eval.json and eval.md into the run and returns the report.
+
+    Raises:
+        D3FastError: no usable checkpoint (missing, corrupt, non-finite), missing data.
+    """
     from d3fast.config import apply_updates, validate
+    from d3fast.experts import resolve_data_loader
 
     dev = resolve_device(device or "auto")
-    d, cfg, step = distilled_from_run(run_dir, dev)
+    d, cfg, step = run.load_distilled(dev)
     if cfg_override:
         apply_updates(cfg, cfg_override, "", from_string=False)
         validate(cfg)
+    resolve_data_loader(cfg)
+    run_dir = run.path
     e = cfg.eval
     t0 = time.perf_counter()
     zca = cfg.data.zca_eps if cfg.data.zca else None
@@ -117,8 +125,8 @@ def evaluate_run(
         setups += [("random_same_count", d.ppc), ("random_same_storage", storage_per_class)]
     total = len(e.archs) * len(setups) * e.students
     bar = tqdm(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
-    run = str(run_dir.resolve())
-    with ledger.track("evaluate", cfg.data.dataset, cfg.preset, dev, steps_target=total, run=run) as meter:
+    run_key = str(run_dir.resolve())
+    with ledger.track("evaluate", cfg.data.dataset, cfg.preset, dev, steps_target=total, run=run_key) as meter:
         results: dict[str, Any] = {}
         for a, arch in enumerate(e.archs):
             results[arch] = {}

@@ -1,4 +1,5 @@
-"""`d3fast experts`: expert trajectories for MTT (SPEC.md section 4).
+"""`d3fast experts`: expert trajectories for MTT (docs/algorithm.md section 4), and the
+store distillation reads them from (`ExpertBank`, `ready_experts`).
 
 Each expert is a ConvNet trained from its own random init with plain SGD; its parameter
 vector is saved at init and after every epoch. Files, under <home>/experts/<dataset>/<tag>/:
@@ -11,7 +12,9 @@ vector is saved at init and after every epoch. Files, under <home>/experts/<data
     config.json               the settings that define the trajectories
 
 The tag is a hash of everything that shapes a trajectory (network, augmentation, lr,
-batch, seed, the prepared data's hash), so changed settings never mix with old files.
+batch, seed, the prepared data's hash, and the loader when it is FFCV), so changed settings
+never mix with old files. `data.loader=auto` is resolved once, at the boundary
+(`resolve_data_loader`), so naming the directory never looks at what is installed.
 Each expert's init seed is derived from (seed, index), and each epoch's shuffling and
 augmentation from (seed, index, epoch). Since SGD without momentum has no state beyond
 the parameters, an interrupted expert resumes from its last saved epoch and continues
@@ -20,9 +23,12 @@ the very same trajectory; finished experts are never redone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shlex
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +38,10 @@ import torch
 from tqdm import tqdm
 
 from d3fast import ledger
-from d3fast.config import Config
+from d3fast.config import Config, flatten, resolve_config
 from d3fast.data.augment import DSA
 from d3fast.data.beton import resolve_loader
-from d3fast.data.cache import load_split
+from d3fast.data.cache import load_split, read_manifest
 from d3fast.data.loader import DeviceDataset, open_split
 from d3fast.errors import D3FastError
 from d3fast.io import (
@@ -46,7 +52,7 @@ from d3fast.io import (
     save_tensors,
 )
 from d3fast.models import build_network, default_depth
-from d3fast.paths import experts_root
+from d3fast.paths import data_dir, experts_root
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
 from d3fast.training import (
     evaluate_accuracy,
@@ -82,18 +88,44 @@ def trajectory_config(cfg: Config, data_sha: str) -> dict[str, Any]:
         "seed": cfg.experts.seed,
     }
     # FFCV's crops and flips make other trajectories; cache-fed experts keep their old names
-    if resolve_loader(cfg.data.dataset, cfg.data.loader) == "ffcv":
+    if _loader(cfg) == "ffcv":
         tcfg["loader"] = "ffcv"
     return tcfg
 
 
+def _loader(cfg: Config) -> str:
+    if cfg.data.loader == "auto":
+        raise RuntimeError("data.loader=auto must be resolved first (d3fast.experts.resolve_data_loader)")
+    return cfg.data.loader
+
+
 def experts_dir(cfg: Config) -> Path:
+    """<home>/experts/<dataset>/<network>-<tag>: the trajectories of this config. Needs a
+    prepared dataset and a resolved `data.loader`; reads the cache's manifest only."""
     _, _, manifest = load_split(cfg.data.dataset, "train", mmap=True)
     tcfg = trajectory_config(cfg, manifest["sha256"]["train_x.npy"])
     digest = hashlib.sha256(json.dumps(tcfg, sort_keys=True).encode()).hexdigest()[:10]
     depth = cfg.net.depth or (default_depth(manifest["resolution"]) if cfg.net.name == "convnet" else 0)
     name = f"{cfg.net.name}{depth or ''}-w{cfg.net.width}-{digest}" if cfg.net.name == "convnet" else f"{cfg.net.name}-{digest}"
     return experts_root(cfg.data.dataset) / name
+
+
+def resolve_data_loader(cfg: Config) -> str:
+    """Settle `data.loader=auto` in place, once, where a command starts; the result is what
+    a run's config.json records. Work already done wins: auto keeps the loader whose expert
+    trajectories exist (so `prepare --format ffcv` after training experts from the cache
+    does not start a second set), and otherwise takes FFCV when it is installed and the
+    dataset's .beton files exist (d3fast.data.beton.resolve_loader), else the cache."""
+    if cfg.data.loader != "auto":
+        return cfg.data.loader
+    prepared = read_manifest(data_dir(cfg.data.dataset)) is not None
+    for loader in ("cache", "ffcv") if prepared else ():
+        trial = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=loader))
+        if any(experts_dir(trial).glob("expert_*.safetensors")):
+            cfg.data.loader = loader
+            return loader
+    cfg.data.loader = resolve_loader(cfg.data.dataset, "auto")
+    return cfg.data.loader
 
 
 def expert_path(out_dir: Path, index: int) -> Path:
@@ -113,6 +145,130 @@ def read_expert(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if meta.get("format") != TRAJ_FORMAT or "trajectory" not in tensors:
         raise D3FastError(f"{path} is not a d3fast expert trajectory (format {meta.get('format')})")
     return tensors, meta
+
+
+def write_expert(
+    path: Path, snapshots: torch.Tensor, *, index: int, seed: int, complete: bool, test_acc: float | None,
+    history: list[dict[str, float]], param_layout: list, buffers: torch.Tensor | None = None, **extra: Any,
+) -> None:
+    """One expert's file, atomically: `snapshots` [epochs + 1, P] float32 (parameters at init
+    and after every epoch), optional `buffers` [B], and the metadata `read_expert_meta` reads."""
+    tensors = {"trajectory": snapshots}
+    if buffers is not None and buffers.numel():
+        tensors["buffers"] = buffers
+    meta = {
+        "format": TRAJ_FORMAT, "index": index, "seed": seed, "epochs_done": len(snapshots) - 1,
+        "complete": complete, "test_acc": test_acc, "history": history, "param_layout": param_layout, **extra,
+    }
+    save_tensors(path, tensors, meta)
+
+
+class ExpertBank:
+    """The expert trajectories distillation can use: every file in `folder` with at least
+    `need_epochs` epochs. Rows are read lazily from the safetensors files (one expert of
+    ConvNet-5 x 51 epochs is 125 MB); start-up reads the headers only."""
+
+    def __init__(self, folder: Path, need_epochs: int, files: list[Path] | None = None):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self.folder, self.need_epochs = folder, need_epochs
+        if files is None:
+            files = [p for p in sorted(folder.glob("expert_*.safetensors"))
+                     if read_expert_meta(p)["epochs_done"] >= need_epochs]
+        else:  # a given list (a resumed run's) must hold every file, each long enough
+            short = [p.name for p in files if read_expert_meta(p)["epochs_done"] < need_epochs]
+            if short:
+                raise D3FastError(f"expert trajectories {', '.join(short)} in {folder} have fewer than the "
+                                  f"{need_epochs} epochs distillation needs")
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def rows(self, index: int, epochs: list[int]) -> list[torch.Tensor]:
+        """Parameter vectors [P] of expert `index` at `epochs` (-1: its last epoch)."""
+        with self._open(str(self.files[index]), framework="pt") as f:
+            traj = f.get_slice("trajectory")
+            last = traj.get_shape()[0] - 1
+            return [traj[min(e, last) if e >= 0 else last] for e in epochs]
+
+
+def need_epochs(cfg: Config) -> int:
+    """Epochs of expert trajectory distillation reads: max_start_epoch + expert_epochs."""
+    return cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+
+
+def ready_experts(cfg: Config, minimum: int = 1) -> ExpertBank:
+    """The experts of `cfg` that distillation can use now.
+
+    Raises:
+        D3FastError: fewer than `minimum` of them; the message holds the full `d3fast
+            experts` command (with its --epochs and --set values) that trains them.
+    """
+    need = need_epochs(cfg)
+    folder = experts_dir(cfg)
+    bank = ExpertBank(folder, need, files=None if folder.is_dir() else [])
+    if len(bank) < minimum:
+        have = "no expert" if not len(bank) else f"only {len(bank)} of the {minimum} experts"
+        raise D3FastError(
+            f"{have} in {folder} has the {need} epochs distillation needs (distill.max_start_epoch + "
+            f"distill.expert_epochs); train them with:\n  {experts_command(cfg)}"
+        )
+    return bank
+
+
+def experts_command(cfg: Config) -> str:
+    """The `d3fast experts` command line that trains the experts `cfg` distills from: the
+    dataset and preset, --num-experts, --epochs (at least what distillation needs) and a
+    --set for every trajectory-shaping key that differs from the preset."""
+    base = flatten(resolve_config(cfg.data.dataset, cfg.preset or None))
+    args = ["d3fast", "experts", "--dataset", cfg.data.dataset]
+    if cfg.preset and cfg.preset != cfg.data.dataset:
+        args += ["--preset", cfg.preset]
+    args += ["--num-experts", str(cfg.experts.num_experts),
+             "--epochs", str(max(cfg.experts.epochs, need_epochs(cfg)))]
+    for key, value in flatten(cfg).items():
+        section = key.split(".")[0]
+        if section not in ("data", "net", "augment", "experts") or key in (
+            "data.dataset", "experts.num_experts", "experts.epochs"
+        ) or base.get(key) == value:
+            continue
+        args += ["--set", f"{key}={_cli_value(value)}"]
+    if cfg.device != "auto":
+        args += ["--device", cfg.device]
+    return shlex.join(args)
+
+
+def _cli_value(value: Any) -> str:
+    """A value as `--set` parses it back (d3fast/config.py)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+def ensure_experts(cfg: Config, auto: bool = True, echo: Callable[[str], None] = print) -> ExpertBank:
+    """The `experts.num_experts` experts of `cfg`, training the missing ones first (unless
+    `auto` is off: then an error with the command that trains them)."""
+    try:
+        return ready_experts(cfg, cfg.experts.num_experts)
+    except D3FastError:
+        if not auto:
+            raise
+    need = need_epochs(cfg)
+    if cfg.experts.epochs < need:
+        raise D3FastError(
+            f"experts.epochs={cfg.experts.epochs} is less than the {need} epochs distillation reads "
+            f"(distill.max_start_epoch + distill.expert_epochs); add --set experts.epochs={need}"
+        )
+    have = len(ready_experts(cfg, 0))
+    echo(f"{have}/{cfg.experts.num_experts} expert trajectories ready: training the rest first")
+    run_experts(cfg)
+    return ready_experts(cfg, cfg.experts.num_experts)
 
 
 def _build(cfg: Config, data: DeviceDataset, seed: int) -> torch.nn.Module:
@@ -146,7 +302,9 @@ def _load_buffers(net: torch.nn.Module, flat: torch.Tensor) -> None:
 
 
 def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
+    """Train (or finish) experts 0 .. num_experts - 1 of `cfg` into `experts_dir(cfg)`."""
     device = resolve_device(cfg.device)
+    resolve_data_loader(cfg)
     ds = cfg.data.dataset
     train = open_split(cfg, "train", device)
     test = open_split(cfg, "test", device)
@@ -217,21 +375,8 @@ def _train_one(
     epochs_run = 0
 
     def save(complete: bool, test_acc: float | None) -> None:
-        tensors = {"trajectory": torch.stack(snapshots)}
-        bufs = _buffers(net)
-        if bufs.numel():
-            tensors["buffers"] = bufs
-        meta = {
-            "format": TRAJ_FORMAT,
-            "index": index,
-            "seed": seed,
-            "epochs_done": len(snapshots) - 1,
-            "complete": complete,
-            "test_acc": test_acc,
-            "history": history,
-            "param_layout": layout,
-        }
-        save_tensors(path, tensors, meta)
+        write_expert(path, torch.stack(snapshots), index=index, seed=seed, complete=complete, test_acc=test_acc,
+                     history=history, param_layout=layout, buffers=_buffers(net))
 
     for epoch in range(len(snapshots) - 1, e_cfg.epochs):
         t0 = time.perf_counter()

@@ -394,3 +394,53 @@ def paper_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ratio_to_paper": per_step * paper.steps / paper.gpu_hours if t["device_kind"] == "cuda" else None,
         })
     return out
+
+
+def budget_text(path: Path, rows: list[dict[str, Any]], show_records: bool = False) -> str:
+    """`d3fast budget`'s report: totals per dataset, phase and device kind, the distill rate
+    against the paper's budget, and optionally every row."""
+    lines = [f"ledger: {path} ({len(rows)} record{'s' if len(rows) != 1 else ''})"]
+    if not rows:
+        return "\n".join(lines + ["nothing recorded yet: prepare, experts, distill, evaluate and profile add rows as they run"])
+    sums = totals(rows)
+    table = [["dataset", "phase", "device", "runs", "steps", "wall", "device-hours", "energy", "status"]]
+    for t in sums:
+        energy = f"{t['energy_kwh']:.2f} kWh" if t["energy_kwh"] is not None else "-"
+        status = ", ".join(f"{k} {v}" for k, v in sorted(t["status"].items()))
+        table.append([t["dataset"], t["phase"], "GPU" if t["device_kind"] == "cuda" else "CPU", str(t["records"]),
+                      str(t["steps"]), _hms(t["wall_s"]), f"{_hours(t['device_hours'])} {t['unit']}", energy, status])
+    lines.append(_table(table))
+    paper = paper_comparison(sums)
+    if paper:
+        lines.append("\nagainst the paper (distillation to convergence, docs/algorithm.md section 8):")
+        for p in paper:
+            line = (f"  {p['dataset']}: {p['hours_per_1k_steps']:.3f} {p['unit']} per 1k steps here -> "
+                    f"{p['projected_paper_steps']:.2f} {p['unit']} for {p['paper_steps']} steps; "
+                    f"paper {p['paper_gpu_hours']:g} GPU-h")
+            if p["ratio_to_paper"] is not None:
+                line += f" ({p['ratio_to_paper']:.2f}x the paper)"
+            else:
+                line += " (CPU time: not comparable to GPU-hours)"
+            lines.append(line)
+    if show_records:
+        recs = [["id", "started", "phase", "dataset", "device", "steps", "wall", "status"]]
+        for r in rows:
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
+            recs.append([str(r["id"]), started, r["phase"], r["dataset"], r["device_name"], str(r["steps"]),
+                         _hms(r["wall_s"]), r["status"]])
+        lines += ["", _table(recs)]
+    return "\n".join(lines)
+
+
+def _hours(h: float) -> str:
+    return f"{h:.3f}" if h >= 0.001 or h == 0 else "<0.001"
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -30,6 +30,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,18 +43,16 @@ from d3fast.config import Config
 from d3fast.data.cache import read_manifest
 from d3fast.data.datasets import get_spec
 from d3fast.data.loader import DeviceDataset, load_dataset
-from d3fast.distill import DistillInputs, ExpertBank, distill
+from d3fast.distill import DistillInputs, distill
 from d3fast.errors import D3FastError
-from d3fast.experts import TRAJ_FORMAT, experts_dir
-from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, save_tensors
+from d3fast.experts import ExpertBank, need_epochs, ready_experts, resolve_data_loader, write_expert
+from d3fast.io import atomic_path, atomic_write_json, atomic_write_text
 from d3fast.models import build_network
 from d3fast.paths import data_dir
-from d3fast.phases import PhaseTimer, active
+from d3fast.phases import PHASES, PhaseTimer, active
+from d3fast.run import Run
 from d3fast.runtime import device_name, device_peaks, resolve_device, versions
 from d3fast.training import flat_params
-
-# display order; "other" is the step time no phase claimed (metrics, progress bar, Python)
-PHASES = ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "losses", "optimizers")
 
 # names the fused ops carry in the profiler: Triton kernels on CUDA, record_function
 # ranges around the C++ calls on the CPU (kernels/__init__.py)
@@ -72,11 +71,12 @@ class ProfileResult:
 
 def profile(
     cfg: Config, out: Path, steps: int = 5, trace_steps: int = 2, warmup: int = 1,
-    stand_in: str = "auto", progress: bool = True,
+    stand_in: str = "auto", progress: bool = True, clock: Callable[[], float] = time.perf_counter,
 ) -> ProfileResult:
     """Profile `steps` distillation steps of `cfg` (after `warmup`), trace `trace_steps` more,
     and write the report directory `out`. stand_in: auto (stand-ins for what is missing) |
-    always | never."""
+    always | never. `clock` (seconds) drives the phase timer and the loop's step times alike
+    (tests pass a fake one)."""
     if steps < 1 or trace_steps < 0 or warmup < 0:
         raise D3FastError("profile: need --steps >= 1, --trace-steps >= 0, --warmup >= 0")
     if stand_in not in ("auto", "always", "never"):
@@ -92,7 +92,7 @@ def profile(
     scratch = Path(tempfile.mkdtemp(prefix=".profile-", dir=out))
     try:
         inputs, sources = _inputs(pcfg, device, stand_in, scratch)
-        timer = PhaseTimer(device)
+        timer = PhaseTimer(device, clock)
         per_step: list[dict[str, Any]] = []
         tracer = _tracer(device)
         bar = tqdm(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
@@ -110,8 +110,8 @@ def profile(
                 tracer.start()
 
         with active(timer), timer.sample_memory():
-            res = distill(pcfg, run_dir=scratch / "run", progress=False, inputs=inputs, on_step=on_step,
-                          ledger_phase="profile")
+            res = distill(pcfg, Run.at(scratch / "run"), inputs=inputs, progress=False, on_step=on_step,
+                          ledger_phase="profile", clock=clock)
         if trace_steps:
             tracer.stop()
         bar.close()
@@ -145,7 +145,7 @@ def _tracer(device: torch.device) -> torch.profiler.profile:
 def _inputs(cfg: Config, device: torch.device, stand_in: str, scratch: Path) -> tuple[DistillInputs, dict[str, str]]:
     ds = cfg.data.dataset
     spec = get_spec(ds)
-    need = cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+    need = need_epochs(cfg)
     prepared = read_manifest(data_dir(ds)) is not None
     if stand_in == "never" and not prepared:
         raise D3FastError(f"dataset {ds!r} is not prepared (profile --stand-in never); run `d3fast prepare --dataset {ds}`")
@@ -160,8 +160,9 @@ def _inputs(cfg: Config, device: torch.device, stand_in: str, scratch: Path) -> 
         sources = {"data": f"stand-in (random uint8, {len(train)} images of {spec.channels}x{spec.resolution}x{spec.resolution})"}
     bank = None
     if prepared and stand_in != "always":
+        resolve_data_loader(cfg)
         try:
-            bank = ExpertBank(experts_dir(cfg), need)
+            bank = ready_experts(cfg)
             sources["experts"] = f"real ({len(bank)} trajectories)"
         except D3FastError:
             if stand_in == "never":
@@ -192,9 +193,8 @@ def _stand_in_experts(cfg: Config, train: DeviceDataset, need: int, folder: Path
         theta = flat_params(net)
         steps = torch.randn(need, theta.numel()) * (1e-3 * theta.abs().mean())
         traj = torch.cat([theta[None], theta[None] + steps.cumsum(0)])
-        save_tensors(folder / f"expert_{i:04d}.safetensors", {"trajectory": traj},
-                     {"format": TRAJ_FORMAT, "index": i, "seed": 1000 + i, "epochs_done": need, "complete": True,
-                      "test_acc": None, "history": [], "param_layout": [], "stand_in": True})
+        write_expert(folder / f"expert_{i:04d}.safetensors", traj, index=i, seed=1000 + i, complete=True,
+                     test_acc=None, history=[], param_layout=[], stand_in=True)
     return ExpertBank(folder, need)
 
 

@@ -42,7 +42,7 @@ from d3fast import losses
 from d3fast.data.augment import DSA
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
-from d3fast.phases import backward_phase
+from d3fast.phases import DECODE, PARAM_DISTANCE, backward_phase, phase
 
 
 @dataclass
@@ -92,7 +92,8 @@ class _Chunks:
 
 def _samples(d: Distilled, idx: torch.Tensor, students: int, augment: DSA | None, g: torch.Generator) -> torch.Tensor:
     """Decoded, augmented samples of priors idx for every student: [K * B, C, H, W]."""
-    x = d.decode(idx.repeat(students), g)
+    with phase(DECODE):
+        x = d.decode(idx.repeat(students), g)
     return augment(x, g) if augment is not None else x
 
 
@@ -238,7 +239,7 @@ class _FlatUnroll(torch.autograd.Function):
 
 def mtt_loss(theta_n: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """Mean over students of ||theta_N - theta*||^2 / ||theta_0 - theta*||^2 ([K, P] each)."""
-    return backward_phase("param distance", theta_n, lambda t: losses.param_dist(t, target, start).mean())
+    return backward_phase(PARAM_DISTANCE, theta_n, lambda t: losses.param_dist(t, target, start).mean())
 
 
 __all__ = ["Student", "UnrollSpec", "mtt_loss", "unroll"]

@@ -149,4 +149,9 @@ OVERRIDES = [
 
 
 def cfg_of(*extra):
-    return resolve_config("digits", overrides=OVERRIDES + list(extra))
+    """The tiny digits config, its data.loader settled as a command would (digits: cache)."""
+    from d3fast.experts import resolve_data_loader
+
+    cfg = resolve_config("digits", overrides=OVERRIDES + list(extra))
+    resolve_data_loader(cfg)
+    return cfg

@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import d3fast.distill as distill_mod
 from d3fast import losses
-from d3fast.checkpoint import load_checkpoint
 from d3fast.data.loader import load_dataset
-from d3fast.distill import ExpertBank, distill, distilled_from_run
+from d3fast.distill import distill
 from d3fast.distilled import export, init_distilled, load
 from d3fast.errors import D3FastError
-from d3fast.experts import experts_dir
+from d3fast.experts import ExpertBank, experts_dir
 from d3fast.models import build_network
+from d3fast.run import Run
+from d3fast.state import load_checkpoint
 from d3fast.unroll import Student, UnrollSpec, unroll
 from tests._utils import cfg_of
 
@@ -80,16 +80,16 @@ TIMING_KEYS = ("step_s", "images_per_s", "peak_mem_gib", "device_hours", "projec
 
 
 def test_resume_equals_uninterrupted(home, tmp_path):
-    straight = distill(cfg_of("distill.ppc=2"), run_dir=tmp_path / "a", progress=False)
+    straight = distill(cfg_of("distill.ppc=2"), Run.at(tmp_path / "a"), progress=False)
     assert straight.step == 3
-    part = distill(cfg_of("distill.ppc=2", "distill.steps=2"), run_dir=tmp_path / "b", progress=False)
+    part = distill(cfg_of("distill.ppc=2", "distill.steps=2"), Run.at(tmp_path / "b"), progress=False)
     assert part.step == 2
-    cfg = distill_mod.load_run_config(tmp_path / "b")
+    cfg = Run(tmp_path / "b").read_config()
     cfg.distill.steps = 3
-    resumed = distill(cfg, run_dir=tmp_path / "b", resume=True, progress=False)
+    resumed = distill(cfg, Run.at(tmp_path / "b"), resume=True, progress=False)
     assert resumed.step == 3
-    a, _, _ = distilled_from_run(tmp_path / "a")
-    b, _, _ = distilled_from_run(tmp_path / "b")
+    a, _, _ = Run(tmp_path / "a").load_distilled()
+    b, _, _ = Run(tmp_path / "b").load_distilled()
     assert torch.equal(a.latents, b.latents) and torch.equal(a.alpha, b.alpha)
     for (k, va), vb in zip(a.decoder.state_dict().items(), b.decoder.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
@@ -108,9 +108,9 @@ def test_flat_and_naive_runs_agree_with_several_students(home, tmp_path):
     # differences of near-zero gradients (a conv bias before BatchNorm) into lr-sized ones
     for mode in ("flat", "naive"):
         cfg = cfg_of("distill.ppc=2", "distill.steps=1", "distill.students_per_step=2", f"distill.unroll={mode}")
-        distill(cfg, run_dir=tmp_path / mode, progress=False)
-    flat, _, _ = distilled_from_run(tmp_path / "flat")
-    naive, _, _ = distilled_from_run(tmp_path / "naive")
+        distill(cfg, Run.at(tmp_path / mode), progress=False)
+    flat, _, _ = Run(tmp_path / "flat").load_distilled()
+    naive, _, _ = Run(tmp_path / "naive").load_distilled()
     torch.testing.assert_close(flat.latents, naive.latents, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(flat.alpha, naive.alpha, rtol=1e-5, atol=1e-9)
     mtt = {m: [json.loads(ln)["mtt"] for ln in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
@@ -130,7 +130,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(home, tmp_path, monkeypatch):
 
     monkeypatch.setattr(losses, "param_dist", poisoned)
     with pytest.raises(D3FastError, match=r"non-finite loss at step 2: \{'mtt': nan\}.*last good checkpoint"):
-        distill(cfg_of(), run_dir=tmp_path / "r", progress=False)
+        distill(cfg_of(), Run.at(tmp_path / "r"), progress=False)
     assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 1
 
 
@@ -146,33 +146,33 @@ def test_stop_request_saves_and_resumes(home, tmp_path, monkeypatch):
 
     monkeypatch.setattr(losses, "kl_standard_normal", interrupting)
     cfg = cfg_of("distill.checkpoint_every=100")
-    res = distill(cfg, run_dir=tmp_path / "r", progress=False)
+    res = distill(cfg, Run.at(tmp_path / "r"), progress=False)
     assert res.interrupted and res.step == 2  # step 2 finished, then saved
     assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 2
     monkeypatch.setattr(losses, "kl_standard_normal", real)
-    res = distill(distill_mod.load_run_config(tmp_path / "r"), run_dir=tmp_path / "r", resume=True, progress=False)
+    res = distill(Run(tmp_path / "r").read_config(), Run.at(tmp_path / "r"), resume=True, progress=False)
     assert res.step == 3 and not res.interrupted
 
 
 def test_corrupt_checkpoint_is_a_clear_error(home, tmp_path):
-    distill(cfg_of("distill.steps=1"), run_dir=tmp_path / "r", progress=False)
+    distill(cfg_of("distill.steps=1"), Run.at(tmp_path / "r"), progress=False)
     ckpt = tmp_path / "r" / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:300])
     with pytest.raises(D3FastError, match="checkpoint .* is corrupt or truncated"):
-        distill(distill_mod.load_run_config(tmp_path / "r"), run_dir=tmp_path / "r", resume=True, progress=False)
+        distill(Run(tmp_path / "r").read_config(), Run.at(tmp_path / "r"), resume=True, progress=False)
     ckpt.write_bytes(b"")
     with pytest.raises(D3FastError, match="corrupt or truncated"):
-        distilled_from_run(tmp_path / "r")
+        Run(tmp_path / "r").load_distilled()
 
 
 def test_missing_experts_epochs_is_explained(home, tmp_path):
     with pytest.raises(D3FastError, match="no expert .* has the 9 epochs"):
-        distill(cfg_of("distill.max_start_epoch=8"), run_dir=tmp_path / "r", progress=False)
+        distill(cfg_of("distill.max_start_epoch=8"), Run.at(tmp_path / "r"), progress=False)
 
 
 def test_export_round_trip(home, tmp_path):
-    distill(cfg_of("distill.ppc=2", "distill.steps=1"), run_dir=tmp_path / "r", progress=False)
-    d, _, _ = distilled_from_run(tmp_path / "r")
+    distill(cfg_of("distill.ppc=2", "distill.steps=1"), Run.at(tmp_path / "r"), progress=False)
+    d, _, _ = Run(tmp_path / "r").load_distilled()
     export(d, tmp_path / "d.safetensors")
     e = load(tmp_path / "d.safetensors")
     assert torch.equal(d.latents, e.latents) and e.ppc == 2 and e.classes == d.classes

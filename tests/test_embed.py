@@ -14,9 +14,9 @@ from d3fast import embed as embed_mod
 from d3fast import kernels
 from d3fast.config import resolve_config
 from d3fast.data.loader import DeviceDataset
-from d3fast.distill import mmd_terms
 from d3fast.distilled import init_distilled
 from d3fast.embed import activation_bytes, auto_chunk, embed
+from d3fast.mmd_update import mmd_terms
 from d3fast.models import build_network
 
 META = {"resolution": 16, "channels": 3, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "z_dim": 8,

@@ -11,25 +11,26 @@ from PIL import Image
 
 from d3fast.cli import cli
 from d3fast.data.loader import load_dataset
-from d3fast.distill import distill, distilled_from_run
+from d3fast.distill import distill
 from d3fast.distilled import load
 from d3fast.evaluate import distilled_batches, evaluate_run, real_subset
+from d3fast.run import Run
 from d3fast.visualize import sample_grid
 from tests._utils import cfg_of
 
 
 @pytest.fixture
 def run(home, tmp_path):
-    distill(cfg_of("distill.ppc=2", "distill.steps=2"), run_dir=tmp_path / "run", progress=False)
+    distill(cfg_of("distill.ppc=2", "distill.steps=2"), Run.at(tmp_path / "run"), progress=False)
     return tmp_path / "run"
 
 
 def test_evaluate_writes_report_with_baselines(run):
-    r = evaluate_run(run, {"eval": {"students": 2, "epochs": 2, "samples_per_class": 3}}, progress=False, device="cpu")
+    r = evaluate_run(Run(run), {"eval": {"students": 2, "epochs": 2, "samples_per_class": 3}}, progress=False, device="cpu")
     res = r["results"]["convnet"]
     assert set(res) == {"d3", "random_same_count", "random_same_storage"}
     assert res["random_same_count"]["images_per_class"] == 2  # = PPC
-    d, _, _ = distilled_from_run(run)
+    d, _, _ = Run(run).load_distilled()
     min_class = min(len(i) for i in load_dataset("digits", "train").class_indices())
     assert res["random_same_storage"]["images_per_class"] == min(int(d.images_per_class_equivalent()), min_class)
     for v in res.values():
@@ -42,7 +43,7 @@ def test_evaluate_writes_report_with_baselines(run):
 
 
 def test_students_see_fresh_balanced_samples(run):
-    d, _, _ = distilled_from_run(run)
+    d, _, _ = Run(run).load_distilled()
     batches = distilled_batches(d, samples_per_class=6, batch_size=25, bn="batch")
     g = torch.Generator().manual_seed(0)
     first = list(batches(g))
@@ -57,7 +58,7 @@ def test_students_see_fresh_balanced_samples(run):
 
 
 def test_sample_grid(run, tmp_path):
-    d, _, _ = distilled_from_run(run)
+    d, _, _ = Run(run).load_distilled()
     out = sample_grid(d, tmp_path / "grid.png", samples=4)
     im = Image.open(out)
     scale = 96 // 32
@@ -93,8 +94,8 @@ def test_distilled_students_learn_digits(home, tmp_path):
     """End to end on real data: 20 steps of distillation already give students far above
     chance (10%) on the digits test split."""
     cfg = cfg_of("distill.steps=20", "distill.mmd_samples=10", "distill.lr_latent=0.05", "distill.lr_decode=3e-3")
-    distill(cfg, run_dir=tmp_path / "run", progress=False)
-    r = evaluate_run(tmp_path / "run", {"eval": {"students": 2, "epochs": 30, "baselines": False}},
+    distill(cfg, Run.at(tmp_path / "run"), progress=False)
+    r = evaluate_run(Run(tmp_path / "run"), {"eval": {"students": 2, "epochs": 30, "baselines": False}},
                      progress=False, device="cpu")
     d3 = r["results"]["convnet"]["d3"]
     # measured here: 73.5% and 60.8%; 40% leaves room for other CPUs' arithmetic

@@ -9,7 +9,7 @@ import d3fast.experts as experts_mod
 from d3fast.config import resolve_config
 from d3fast.data.prepare import prepare
 from d3fast.errors import D3FastError
-from d3fast.experts import expert_path, read_expert, run_experts
+from d3fast.experts import expert_path, read_expert, resolve_data_loader, run_experts
 
 
 def small_cfg(seed=0, **extra):
@@ -21,7 +21,9 @@ def small_cfg(seed=0, **extra):
         f"experts.seed={seed}",
         "device=cpu",
     ] + [f"{k}={v}" for k, v in extra.items()]
-    return resolve_config("digits", overrides=overrides)
+    cfg = resolve_config("digits", overrides=overrides)
+    resolve_data_loader(cfg)
+    return cfg
 
 
 @pytest.fixture

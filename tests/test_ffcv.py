@@ -106,13 +106,15 @@ def test_ffcv_is_for_rgb_datasets_and_needs_its_files(tree):
 
 @needs_ffcv
 def test_experts_stream_from_ffcv_into_their_own_directory(tree):
-    from d3fast.experts import experts_dir, read_expert_meta, run_experts
+    from d3fast.experts import experts_dir, read_expert_meta, resolve_data_loader, run_experts
 
     beton.write_betons("imagenette", "raw", workers=1, progress=False)
     small = ["net.width=8", "experts.num_experts=1", "experts.epochs=2", "experts.batch_size=16"]
     c_ffcv, c_cache = cfg(tree, "data.loader=ffcv", *small), cfg(tree, "data.loader=cache", *small)
     assert experts_dir(c_ffcv) != experts_dir(c_cache)
-    assert experts_dir(cfg(tree, *small)) == experts_dir(c_ffcv)  # auto picks the betons
+    c_auto = cfg(tree, *small)
+    assert resolve_data_loader(c_auto) == "ffcv" and c_auto.data.loader == "ffcv"  # auto picks the betons
+    assert experts_dir(c_auto) == experts_dir(c_ffcv)
     res = run_experts(c_ffcv, progress=False)
     meta = read_expert_meta(res.out_dir / "expert_0000.safetensors")
     assert meta["complete"] and meta["epochs_done"] == 2 and 0.0 <= meta["test_acc"] <= 1.0

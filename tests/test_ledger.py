@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from d3fast import ledger
 from d3fast.cli import cli
 from d3fast.errors import D3FastError
+from d3fast.run import Run
 from tests._utils import cfg_of
 
 CPU = torch.device("cpu")
@@ -121,9 +122,10 @@ def test_projection_with_a_fake_clock(d3fast_home):
 
 def test_distill_records_hours_and_projects_with_a_fake_clock(home, tmp_path, monkeypatch):
     from d3fast import distill as distill_mod
+    from d3fast import mmd_update
 
     clock = FakeClock()
-    real_terms = distill_mod.mmd_terms
+    real_terms = mmd_update.mmd_terms
     calls = []
 
     def timed_terms(*args, **kwargs):
@@ -132,10 +134,10 @@ def test_distill_records_hours_and_projects_with_a_fake_clock(home, tmp_path, mo
         calls.append(1)
         return real_terms(*args, **kwargs)
 
-    monkeypatch.setattr(distill_mod, "mmd_terms", timed_terms)
+    monkeypatch.setattr(mmd_update, "mmd_terms", timed_terms)
     cfg = cfg_of("distill.steps=3")
     run = tmp_path / "run"
-    distill_mod.distill(cfg, run_dir=run, progress=False, clock=clock)
+    distill_mod.distill(cfg, Run.at(run), progress=False, clock=clock)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["device_hours"] for x in lines] == pytest.approx([100 / 3600, 136 / 3600, 172 / 3600], abs=1e-6)
     assert lines[0]["projected_device_hours"] == pytest.approx(300 / 3600, abs=1e-6)
@@ -150,9 +152,9 @@ def test_distill_records_hours_and_projects_with_a_fake_clock(home, tmp_path, mo
 
     # resume to 5 steps: the earlier segment's hours count, the rate is this segment's
     calls.clear()
-    cfg2 = distill_mod.load_run_config(run)
+    cfg2 = Run(run).read_config()
     cfg2.distill.steps = 5
-    distill_mod.distill(cfg2, run_dir=run, resume=True, progress=False, clock=clock)
+    distill_mod.distill(cfg2, Run.at(run), resume=True, progress=False, clock=clock)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[3]["device_hours"] == pytest.approx((172 + 100) / 3600, abs=1e-6)
     assert lines[3]["projected_device_hours"] == pytest.approx((172 + 100 + 100) / 3600, abs=1e-6)

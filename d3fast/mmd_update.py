@@ -1,0 +1,92 @@
+"""The MMD update of a distillation step (docs/algorithm.md section 5): match the feature
+distribution of each class's decoded samples to its real images', plus the diversity term,
+then step the latents and the decoder.
+
+All classes are decoded in one batch (the decoder's train-mode BatchNorm sees the whole
+sample set, as in the reference code) and go through one batched MMD op over [C, n, D] x
+[C, m, D]. The ConvNet features are embedded in chunks with an exact two-pass gradient
+(d3fast/embed.py), so the feature network holds one chunk's graph at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+
+from d3fast import losses
+from d3fast.config import DistillConfig
+from d3fast.data.loader import DeviceDataset
+from d3fast.distilled import Distilled
+from d3fast.embed import auto_chunk, embed
+from d3fast.phases import DATA, DECODE, LOSSES, MMD, OPTIMIZERS, phase
+from d3fast.state import TrainState, check_finite, check_state
+from d3fast.training import load_flat_params
+
+
+def mmd_update(
+    state: TrainState, feature_net: torch.nn.Module, feat_params: torch.Tensor, train: DeviceDataset,
+    dcfg: DistillConfig, amp: Callable[[], AbstractContextManager[None]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MMD update of `state` (latents and decoder): returns the (MMD, diversity) terms,
+    detached; zeros when both are off.
+
+    Raises:
+        NonFiniteError: a non-finite term (nothing stepped) or non-finite state after the step.
+    """
+    d = state.distilled
+    zero = torch.zeros((), device=d.latents.device)
+    if not (dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1)):
+        return zero, zero
+    with phase(MMD):
+        load_flat_params(feature_net, feat_params)
+        with amp():
+            mmd, div = mmd_terms(feature_net, d, train, dcfg, state.g_device)
+    with phase(LOSSES):
+        check_finite("MMD update", mmd=mmd, div=div)
+    with phase(OPTIMIZERS):
+        state.opt_latent.zero_grad(set_to_none=True)
+        state.opt_decoder.zero_grad(set_to_none=True)
+    with phase(MMD):
+        (dcfg.mmd_weight * mmd + dcfg.div_weight * div).backward()
+    with phase(OPTIMIZERS):
+        state.opt_latent.step()
+        state.opt_decoder.step()
+        check_state(state, "MMD update")
+    return mmd.detach(), div.detach()
+
+
+def mmd_terms(
+    feature_net: torch.nn.Module, d: Distilled, train: DeviceDataset, dcfg: DistillConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MMD term, diversity term), with their graphs. Real features come from S images per
+    class; each prior decodes S // PPC samples, so both sides hold about S samples per
+    class. Features are embedded in chunks of `mmd_chunk` samples unless `mmd_exact_graph`."""
+    n_cls, ppc = d.num_classes, d.ppc
+    per_prior = max(dcfg.mmd_samples // ppc, 1)
+    chunk, one_graph = dcfg.mmd_chunk, dcfg.mmd_exact_graph
+    mmd = torch.zeros((), device=d.latents.device)
+    if dcfg.mmd_weight > 0:
+        with torch.no_grad():
+            with phase(DATA):
+                real = train.sample_per_class(per_prior * ppc, g)  # [C, S, ch, H, W]
+            if not chunk and not one_graph:  # once for both sides: they have the same image shape
+                chunk = auto_chunk(feature_net.features, feature_net, real[0])  # type: ignore[arg-type]
+            f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph).float().view(n_cls, per_prior * ppc, -1)
+        idx = torch.arange(len(d.latents), device=d.latents.device).repeat_interleave(per_prior)
+        with phase(DECODE):
+            x = d.decode(idx, g)  # [C * PPC * per_prior, ch, H, W], class-major
+        f_syn = embed(feature_net, x, chunk, one_graph).float().view(n_cls, ppc * per_prior, -1)
+        bandwidths = dcfg.mmd_bandwidths
+        if dcfg.mmd_scale == "median":
+            med = losses.pairwise_sq_dists(f_real, f_real).median().sqrt().item()
+            bandwidths = [b * med for b in bandwidths]
+        per_class = losses.mmd2(f_syn, f_real, bandwidths)
+        mmd = per_class.sum() if dcfg.mmd_reduction == "sum" else per_class.mean()
+    div = torch.zeros((), device=d.latents.device)
+    if ppc > 1 and dcfg.div_weight > 0:
+        with phase(DECODE):
+            means = d.mean_images().float()
+        div = losses.diversity(means.view(n_cls, ppc, *means.shape[1:]))
+    return mmd, div

@@ -1,0 +1,227 @@
+"""A distillation run's directory: the one owner of its files.
+
+    runs/<dataset>/<time>-<name>/
+        config.json     the run's config now (rewritten when a resume changes a key)
+        manifest.json   what the run started with: versions, device, seeds, experts
+        history.jsonl   one line per segment (start or resume): step, time, command, and
+                        the keys it changed as [old, new]
+        metrics.jsonl   one line per step (d3fast/distill.py)
+        checkpoint.pt   the TrainState (d3fast/state.py)
+        eval.json, eval.md
+
+`distill`, `profile`, `evaluate`, `sample` and `export` reach these files only through
+`Run`; reading a run's distilled object (`load_distilled`) needs nothing of the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from d3fast.config import Config, apply_updates, resume_changes, to_dict
+from d3fast.distilled import Distilled
+from d3fast.errors import D3FastError
+from d3fast.io import atomic_write_json, atomic_write_text, read_json
+from d3fast.state import TrainState, load_checkpoint, nonfinite_tensors, save_checkpoint
+
+
+class Run:
+    """A run directory; `create` a new one, `open` an existing one, or `at` a given path."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def history_path(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    # ---- finding runs
+
+    @classmethod
+    def create(cls, runs_dir: str | os.PathLike, cfg: Config, name: str | None = None) -> Run:
+        """A new, empty directory runs_dir/<dataset>/<time>-<name>. The directory is claimed
+        with an exclusive mkdir, so runs started in the same second get distinct ones."""
+        parent = Path(runs_dir) / cfg.data.dataset
+        parent.mkdir(parents=True, exist_ok=True)
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{name or cfg.preset or 'run'}"
+        for suffix in range(10_000):
+            path = parent / (stem if suffix == 0 else f"{stem}-{suffix}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return cls(path)
+        raise D3FastError(f"could not create a run directory under {parent}")
+
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> Run:
+        """The run at `path`, created when missing (tests, `d3fast profile`'s scratch run)."""
+        run = cls(path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def open(cls, where: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> Run:
+        """An existing run: a directory holding config.json, or `latest` (the run under
+        `runs_dir` whose checkpoint was written last).
+
+        Raises:
+            D3FastError: not a run directory, or no run with a checkpoint under runs_dir.
+        """
+        if str(where) == "latest":
+            return cls.latest(runs_dir)
+        run = cls(where)
+        if not run.config_path.exists():
+            raise D3FastError(f"{run.path} is not a run directory (no config.json)")
+        return run
+
+    @classmethod
+    def latest(cls, runs_dir: str | os.PathLike = "runs") -> Run:
+        found = sorted(Path(runs_dir).glob("*/*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise D3FastError(f"no runs with a checkpoint under {runs_dir}/")
+        return cls(found[-1].parent)
+
+    # ---- config, manifest, history
+
+    def read_config(self) -> Config:
+        """The run's config as recorded (unknown keys and wrong types are errors)."""
+        cfg = Config()
+        apply_updates(cfg, read_json(self.config_path, "run config"), "", from_string=False)
+        return cfg
+
+    def start(self, cfg: Config, manifest: dict[str, Any]) -> None:
+        """Record a new run: config, manifest, and the first history line."""
+        atomic_write_json(self.config_path, to_dict(cfg))
+        atomic_write_json(self.manifest_path, manifest)
+        self._history({"event": "start", "step": 0, "changes": {}})
+
+    def resume(self, cfg: Config, step: int) -> dict[str, list[Any]]:
+        """Check `cfg` against the recorded config, record the keys it changes (config.json
+        and a history line) and return them as {"section.key": [old, new]}.
+
+        Raises:
+            D3FastError: a key a resumed run cannot change (d3fast/config.py), named with why.
+        """
+        changes = self.check_resume(cfg)
+        if changes:
+            atomic_write_json(self.config_path, to_dict(cfg))
+        self._history({"event": "resume", "step": step, "changes": changes})
+        return changes
+
+    def check_resume(self, cfg: Config) -> dict[str, list[Any]]:
+        """The keys `cfg` changes against the recorded config, or D3FastError for a key that
+        a resumed run cannot change."""
+        return resume_changes(self.read_config(), cfg)
+
+    def history(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.history_path)
+
+    def _history(self, record: dict[str, Any]) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "command": _command()}
+        lines = [json.dumps(r) for r in self.history()] + [json.dumps(record)]
+        atomic_write_text(self.history_path, "\n".join(lines) + "\n")
+
+    # ---- state
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.exists()
+
+    def save_state(self, state: TrainState) -> None:
+        """Checkpoint `state`, atomically; non-finite state is refused (NonFiniteError) and
+        the last good checkpoint stays as it was."""
+        save_checkpoint(self.checkpoint_path, state)
+
+    def load_state(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        return load_checkpoint(self.checkpoint_path, device)
+
+    def load_distilled(self, device: torch.device | str = "cpu") -> tuple[Distilled, Config, int]:
+        """(distilled object, config, step) of the latest checkpoint.
+
+        Raises:
+            D3FastError: no or a corrupt checkpoint, or a distilled object holding NaN or inf.
+        """
+        cfg = self.read_config()
+        state = self.load_state(device)
+        d = Distilled.from_state_dict(state, device)
+        bad = nonfinite_tensors(d.named_tensors())
+        if bad:
+            raise D3FastError(
+                f"the checkpoint of {self.path} (step {state['step']}) holds non-finite values in "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: it cannot be used. Resume from an earlier "
+                "run or start a new one with lower learning rates"
+            )
+        return d, cfg, int(state["step"])
+
+    # ---- metrics
+
+    @contextmanager
+    def metrics(self, step: int) -> Iterator[MetricsWriter]:
+        """Append per-step metrics after `step`: lines of later steps (written after the
+        checkpoint being resumed) and a torn last line (a crash mid-write) are dropped."""
+        keep = [r for r in _read_jsonl(self.metrics_path, torn_ok=True) if r.get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+        with open(self.metrics_path, "a") as f:
+            yield MetricsWriter(f)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.metrics_path, torn_ok=True)
+
+
+class MetricsWriter:
+    def __init__(self, f: IO[str]) -> None:
+        self._f = f
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+
+def _read_jsonl(path: Path, torn_ok: bool = False) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file ([] when missing). With torn_ok, a last line cut
+    short by a crash is dropped; any other bad line is an error naming the file."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if torn_ok and i == len(lines) - 1:
+                break
+            raise D3FastError(f"{path} line {i + 1} is corrupt; delete or repair that line") from None
+    return out
+
+
+def _command() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""

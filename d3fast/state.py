@@ -1,0 +1,178 @@
+"""The training state of a distillation run and its checkpoint file.
+
+`TrainState` is everything one step hands to the next (docs/algorithm.md section 5): the
+distilled object (latents, decoder, learnable student lr alpha), its three optimisers, both
+random generators (host: expert and start epoch; device: every other draw) and the step
+count. Its `state_dict()` is the checkpoint's schema, written in this one place;
+`Distilled.from_state_dict` reads the distilled part back without the optimisers (evaluate,
+sample, export).
+
+A checkpoint is written only from finite state (`nonfinite_tensors`), atomically, and read
+with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts, no code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d3fast.config import DistillConfig
+from d3fast.distilled import Distilled
+from d3fast.errors import D3FastError
+from d3fast.io import atomic_path
+
+CKPT_FORMAT = 1
+
+
+class NonFiniteError(D3FastError):
+    """A loss term (`kind` "loss") or a state tensor ("state") became NaN or inf in the
+    update `where`; `detail` names the terms with their values, or the tensors."""
+
+    def __init__(self, kind: str, where: str, detail: str) -> None:
+        self.kind, self.where, self.detail = kind, where, detail
+        super().__init__(f"non-finite {kind} in the {where}: {detail}")
+
+
+def check_finite(where: str, **terms: torch.Tensor) -> None:
+    """Raise NonFiniteError when a loss term holds NaN or inf (before its backward)."""
+    bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v).all()}
+    if bad:
+        raise NonFiniteError("loss", where, str(bad))
+
+
+def check_state(state: TrainState, where: str) -> None:
+    """Raise NonFiniteError when an optimiser step left a state tensor non-finite (a finite
+    loss can still have inf gradients, or an lr large enough to overflow)."""
+    bad = state.nonfinite()
+    if bad:
+        raise NonFiniteError("state", where, ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf (one device sync)."""
+    named = [(k, t) for k, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t.detach()).all().to("cpu", non_blocking=True) for _, t in named]).tolist()
+    return [k for (k, _), good in zip(named, ok, strict=True) if not good]
+
+
+@dataclass
+class TrainState:
+    distilled: Distilled
+    opt_latent: torch.optim.SGD
+    opt_lr: torch.optim.SGD
+    opt_decoder: torch.optim.Adam
+    g_host: torch.Generator
+    g_device: torch.Generator
+    step: int = 0
+    # the lowest total loss so far and its step
+    best: dict[str, Any] = field(default_factory=lambda: {"step": None, "loss": math.inf})
+
+    @classmethod
+    def create(cls, d: Distilled, dcfg: DistillConfig, device: torch.device) -> TrainState:
+        """Step 0: the optimisers of docs/algorithm.md section 5 (latents and alpha: SGD with
+        momentum 0.5; decoder: Adam, weight decay 1e-5) and generators seeded from
+        `dcfg.seed` (device generator: seed + 7, so the two streams differ)."""
+        return cls(
+            distilled=d,
+            opt_latent=torch.optim.SGD([d.latents], lr=dcfg.lr_latent, momentum=0.5),
+            opt_lr=torch.optim.SGD([d.alpha], lr=dcfg.lr_lr, momentum=0.5),
+            opt_decoder=torch.optim.Adam(d.decoder.parameters(), lr=dcfg.lr_decode, weight_decay=1e-5),
+            g_host=torch.Generator().manual_seed(dcfg.seed),
+            g_device=torch.Generator(device=device).manual_seed(dcfg.seed + 7),
+        )
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        return (self.opt_latent, self.opt_lr, self.opt_decoder)
+
+    def set_learning_rates(self, dcfg: DistillConfig) -> None:
+        """The config's learning rates into the optimisers' param groups: a resumed run's
+        `--set distill.lr_*` must win over the rates stored with the optimiser state."""
+        for opt, lr in zip(self.optimizers, (dcfg.lr_latent, dcfg.lr_lr, dcfg.lr_decode), strict=True):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def note_loss(self, total: float) -> None:
+        if total < self.best["loss"]:
+            self.best = {"step": self.step, "loss": total}
+
+    def named_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """The distilled tensors and every optimiser buffer (momenta, Adam moments)."""
+        yield from self.distilled.named_tensors()
+        for name, opt in zip(("opt_latent", "opt_lr", "opt_decoder"), self.optimizers, strict=True):
+            for i, per_param in enumerate(opt.state.values()):
+                for k, v in per_param.items():
+                    if isinstance(v, torch.Tensor):
+                        yield f"{name}.{i}.{k}", v
+
+    def nonfinite(self) -> list[str]:
+        return nonfinite_tensors(self.named_tensors())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CKPT_FORMAT,
+            "step": self.step,
+            **self.distilled.state_dict(),
+            "opt_latent": self.opt_latent.state_dict(),
+            "opt_lr": self.opt_lr.state_dict(),
+            "opt_decoder": self.opt_decoder.state_dict(),
+            "rng_host": self.g_host.get_state(),
+            "rng_device": self.g_device.get_state(),
+            "rng_device_type": self.g_device.device.type,
+            "best": json.dumps(self.best),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], dcfg: DistillConfig) -> None:
+        """Restore a checkpoint into this state (built by `create` with the run's config),
+        then apply the config's learning rates. A device generator saved on another kind of
+        device (a CPU run resumed on CUDA) cannot continue its stream: it is reseeded from
+        (seed, step) and a note says the run now differs from an uninterrupted one."""
+        self.distilled.load_state_dict(state)
+        self.opt_latent.load_state_dict(state["opt_latent"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.opt_decoder.load_state_dict(state["opt_decoder"])
+        self.step, self.best = int(state["step"]), json.loads(state["best"])
+        self.g_host.set_state(state["rng_host"].cpu())
+        saved_type = state.get("rng_device_type")
+        try:
+            if saved_type not in (None, self.g_device.device.type):
+                raise RuntimeError(saved_type)
+            self.g_device.set_state(state["rng_device"].cpu())
+        except RuntimeError:
+            from tqdm import tqdm
+
+            self.g_device.manual_seed(dcfg.seed + 7 + 1_000_003 * self.step)
+            tqdm.write(f"note: the device random stream was saved on {saved_type or 'another device'}; "
+                       f"it restarts here, so this run no longer repeats an uninterrupted one exactly")
+        self.set_learning_rates(dcfg)
+
+
+def save_checkpoint(path: Path, state: TrainState) -> None:
+    """Write `state` atomically, refusing non-finite state (the last good file stays)."""
+    check_state(state, "checkpoint")
+    with atomic_path(path) as tmp:
+        torch.save(state.state_dict(), tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's state dict, loaded with weights_only=True onto `device`."""
+    if not path.exists():
+        raise D3FastError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise D3FastError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first_line})") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise D3FastError(f"{path} is not a d3fast checkpoint")
+    return state

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from d3fast.config import resolve_config
 from d3fast.data.datasets import IMAGENETTE
@@ -155,3 +156,30 @@ def cfg_of(*extra):
     cfg = resolve_config("digits", overrides=OVERRIDES + list(extra))
     resolve_data_loader(cfg)
     return cfg
+
+
+class FakeClock:
+    """A clock that stands still until the test moves it (`clock.t += seconds`)."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class OpClock(TorchDispatchMode):
+    """A deterministic clock for whole training steps: it reads the number of tensor ops
+    dispatched so far (forward and backward) while active. Phase accounting under it says
+    which share of a step's ops ran inside named phases, the same on every machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __call__(self) -> float:
+        return float(self.ops)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))

@@ -18,17 +18,9 @@ from d3fast import ledger
 from d3fast.cli import cli
 from d3fast.errors import D3FastError
 from d3fast.run import Run
-from tests._utils import cfg_of
+from tests._utils import FakeClock, cfg_of
 
 CPU = torch.device("cpu")
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _child(code: str, home) -> subprocess.CompletedProcess:

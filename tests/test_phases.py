@@ -1,55 +1,66 @@
 """The phase timer behind `d3fast profile`: exclusive accounting of nested phases, backward
-passes booked through autograd marks, and no effect on values or gradients."""
+passes booked through autograd marks, and no effect on values or gradients. Time comes
+from a fake clock the tests move by hand."""
 
 from __future__ import annotations
 
-import time
+import threading
 
 import pytest
 import torch
 
 from d3fast import phases
 from d3fast.phases import PhaseTimer, active, backward_phase, phase
+from tests._utils import FakeClock
 
 
 class _SlowBackward(torch.autograd.Function):
+    """x * 3, whose backward takes 0.05 s of the test's clock."""
+
+    clock: FakeClock
+
     @staticmethod
     def forward(ctx, x):
         return x * 3
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(0.05)
+        _SlowBackward.clock.t += 0.05
         return g * 3
 
 
 def test_nested_phases_are_exclusive():
-    timer = PhaseTimer(torch.device("cpu"))
+    clock = FakeClock()
+    timer = PhaseTimer(torch.device("cpu"), clock)
     with active(timer):
         with phase("outer"):
-            time.sleep(0.03)
+            clock.t += 0.03
             with phase("inner"):
-                time.sleep(0.05)
+                clock.t += 0.05
             with phase("inner"):
-                time.sleep(0.02)
+                clock.t += 0.02
+        clock.t += 0.5  # outside every phase: not booked
         step = timer.end_step()
-    assert step["inner"] == pytest.approx(0.07, abs=0.015)
-    assert step["outer"] == pytest.approx(0.03, abs=0.015)
-    assert [s.depth for s in timer.spans] == [1, 1, 0]
+    assert step == {"inner": pytest.approx(0.07), "outer": pytest.approx(0.03)}
+    assert [(s.name, s.depth) for s in timer.spans] == [("inner", 1), ("inner", 1), ("outer", 0)]
+    assert [round(s.end - s.start, 9) for s in timer.spans] == [0.05, 0.02, 0.1]
+    assert timer.step_edges == [pytest.approx(0.6)]
     assert len(timer.memory) == 6 and all(m > 0 for _, m in timer.memory)  # RSS at every edge
 
 
 def test_backward_marks_book_the_backward_and_keep_gradients():
+    clock = FakeClock()
+    _SlowBackward.clock = clock
     x = torch.randn(5, requires_grad=True)
-    timer = PhaseTimer(torch.device("cpu"))
+    timer = PhaseTimer(torch.device("cpu"), clock)
     with active(timer):
         y = backward_phase("slow op", x, lambda t: _SlowBackward.apply(t).sum())
         with phase("backward"):
-            time.sleep(0.02)
+            clock.t += 0.02
             y.backward()
         step = timer.end_step()
-    assert step["slow op"] == pytest.approx(0.05, abs=0.02)
-    assert step["backward"] == pytest.approx(0.02, abs=0.015)
+    # the op's 0.05 s inside autograd go to "slow op", only the rest to the enclosing phase
+    assert step == {"slow op": pytest.approx(0.05), "backward": pytest.approx(0.02)}
     torch.testing.assert_close(x.grad, torch.full((5,), 3.0))
 
 
@@ -67,13 +78,32 @@ def test_inactive_markers_do_nothing():
 
 
 def test_memory_sampler_sees_a_peak_inside_a_phase():
-    timer = PhaseTimer(torch.device("cpu"))
-    with active(timer), timer.sample_memory(0.005):
+    clock = FakeClock()
+    timer = PhaseTimer(torch.device("cpu"), clock)
+    read = timer._read_mem
+    sampled, edges, seen = [], [], threading.Event()
+
+    def sampler_read() -> float:
+        mib = read()
+        sampled.append(mib)
+        if len(sampled) >= 3:
+            seen.set()
+        return mib
+
+    def edge(t: float) -> None:
+        edges.append(read())
+        timer.memory.append((t, edges[-1]))
+
+    timer._read_mem, timer._mem = sampler_read, edge  # type: ignore[method-assign]
+    with active(timer), timer.sample_memory(0.001):
         with phase("p"):
             big = torch.ones(64 * 2**20)  # 256 MiB, written: resident
-            time.sleep(0.1)
+            sampled.clear()
+            seen.clear()
+            # three sampler readings while the tensor lives: wait on an event, not a sleep
+            assert seen.wait(timeout=60)
+            clock.t += 1.0
             del big
-            time.sleep(0.02)
-    edge = max(m for _, m in timer.memory[:1] + timer.memory[-1:])
-    assert max(m for _, m in timer.memory) > edge + 200  # the phase edges alone would miss it
+    assert len(edges) == 2  # the phase's entry and exit
+    assert max(m for _, m in timer.memory) > max(edges) + 200  # the edges alone would miss the peak
     assert [t for t, _ in timer.memory] == sorted(t for t, _ in timer.memory)

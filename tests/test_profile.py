@@ -9,8 +9,9 @@ from click.testing import CliRunner
 
 from d3fast import ledger
 from d3fast.cli import cli
-from d3fast.profile import PHASES
-from tests._utils import OVERRIDES
+from d3fast.phases import PHASES
+from d3fast.profile import profile, summary_line
+from tests._utils import OVERRIDES, OpClock, cfg_of
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +27,30 @@ def _run(out, *extra):
 
 def test_profile_report_on_real_inputs(home, tmp_path):
     out = tmp_path / "prof"
-    text, r = _run(out)
-    assert "phases cover" in text
+    cfg = cfg_of()
+    # time counted in tensor ops: the same report on every machine, no timing noise
+    with OpClock() as clock:
+        res = profile(cfg, out, steps=3, trace_steps=1, warmup=1, progress=False, clock=clock)
+    r = res.report
+    assert "phases cover" in summary_line(r)
     for name in ("report.md", "report.json", "trace.json", "phases.png", "memory.png", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
         assert name in r["files"]
     for png in ("phases.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r["inputs"]["data"].startswith("real") and r["inputs"]["experts"].startswith("real (2")
+    assert json.loads((out / "report.json").read_text())["phases_s"] == r["phases_s"]
 
-    # the phase timer and the loop's own step clock are separate measurements: the named
-    # phases must account for the step within 10%
+    # the phase timer and the loop's own step clock are separate readings of one clock: the
+    # named phases must hold 99% of a step's tensor ops (measured: 99.4%; the rest are the
+    # record_function ops the timer opens at each phase edge), and exclusive booking can
+    # never exceed the step
     steps = r["step_s"]["per_step"]
     assert len(steps) == 3 and r["steps"] == {"warmup": 1, "timed": 3, "traced": 1}
     named = sum(v for k, v in r["phases_s"].items() if k != "other")
-    assert 0.9 * r["step_s"]["mean"] <= named <= 1.02 * r["step_s"]["mean"]
-    for p in ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "optimizers"):
+    assert 0.99 * r["step_s"]["mean"] <= named <= r["step_s"]["mean"]
+    assert r["phases_s"]["other"] == pytest.approx(r["step_s"]["mean"] - named)
+    for p in ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "optimizers", "losses"):
         assert r["phases_s"][p] > 0, p
     assert set(r["phases_s"]) == {*PHASES, "other"}
 

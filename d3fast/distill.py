@@ -101,7 +101,7 @@ def distill(
                 raise D3FastError(_nonfinite_message(e, state.step, run, dcfg)) from None
             state.step += 1
             meter.tick()
-            last = step_metrics(state, students, dcfg, lambda: clock() - t0, meter, device, mtt=mtt, kl=kl, mmd=mmd, div=div)
+            last = step_metrics(state, students, dcfg, clock, t0, meter, device, mtt=mtt, kl=kl, mmd=mmd, div=div)
             state.note_loss(last["loss"])
             metrics.write(last)
             bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
@@ -239,15 +239,15 @@ def mtt_update(state: TrainState, spec: UnrollSpec, students: Students, dcfg: Di
 
 
 def step_metrics(
-    state: TrainState, students: Students, dcfg: DistillConfig, elapsed: Callable[[], float], meter: ledger.Meter,
-    device: torch.device, **terms: torch.Tensor,
+    state: TrainState, students: Students, dcfg: DistillConfig, clock: Callable[[], float], started: float,
+    meter: ledger.Meter, device: torch.device, **terms: torch.Tensor,
 ) -> dict[str, Any]:
     """The metrics.jsonl line of the step just finished: every loss term, the weighted total,
-    the student lr, the first student's draw, time (`elapsed()` seconds, read once the terms
+    the student lr, the first student's draw, time (clock() - started, read once the terms
     are on the host: that waits for the device), throughput, memory and device-hours."""
     with phase(LOSSES):
         values = {k: v.item() for k, v in terms.items()}
-    seconds = elapsed()
+    seconds = clock() - started
     weights = {"mtt": dcfg.mtt_weight, "kl": dcfg.kl_weight, "mmd": dcfg.mmd_weight, "div": dcfg.div_weight}
     d = state.distilled
     images = 0

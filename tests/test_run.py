@@ -1,0 +1,264 @@
+"""The run's state: non-finite values never reach a checkpoint, a resume applies and records
+every change it is allowed to make and refuses the others, the experts directory does not
+depend on what is installed, and a hint that names a command is one that works."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from d3fast import losses, mmd_update
+from d3fast.cli import cli
+from d3fast.config import APPLIED_ON_RESUME, FIXED_ON_RESUME, Config, flatten
+from d3fast.distill import distill
+from d3fast.errors import D3FastError
+from d3fast.run import Run
+from d3fast.state import load_checkpoint
+from tests._utils import OVERRIDES, cfg_of
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def straight(shared_home, tmp_path_factory):
+    """An uninterrupted 4-step run, checkpointed every step."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("D3FAST_HOME", str(shared_home))
+    run = Run.at(tmp_path_factory.mktemp("straight") / "run")
+    distill(cfg_of(f"distill.steps={STEPS}", "distill.ppc=2"), run, progress=False)
+    mp.undo()
+    return Run(run.path).load_distilled()[0]
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity whose backward returns NaN: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _poison_mtt_loss(monkeypatch, at_call):
+    real, calls = losses.param_dist, []
+
+    def poisoned(*args):
+        calls.append(1)
+        out = real(*args)
+        return out * float("nan") if len(calls) == at_call else out
+
+    monkeypatch.setattr(losses, "param_dist", poisoned)
+
+
+def _poison_mmd_gradient(monkeypatch, at_call):
+    real, calls = mmd_update.mmd_terms, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        mmd, div = real(*args, **kwargs)
+        return (_NaNGrad.apply(mmd), div) if len(calls) == at_call else (mmd, div)
+
+    monkeypatch.setattr(mmd_update, "mmd_terms", poisoned)
+
+
+def _poison_optimizer_step(monkeypatch, at_call):
+    # the decoder's Adam steps twice per distill step (MTT, then MMD update)
+    real, calls = torch.optim.Adam.step, []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        out = real(self, *args, **kwargs)
+        if len(calls) == at_call:
+            with torch.no_grad():
+                next(iter(self.param_groups[0]["params"])).view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+
+
+@pytest.mark.parametrize("poison, at_call, where", [
+    (_poison_mtt_loss, 3, "loss at step 3: {'mtt': nan} in the MTT update"),
+    (_poison_mmd_gradient, 3, "state at step 3: latents, decoder."),
+    (_poison_optimizer_step, 5, "state at step 3: decoder."),
+], ids=["mtt-loss", "mmd-gradient", "optimizer-step"])
+def test_nan_anywhere_keeps_the_last_checkpoint_and_the_run_resumable(
+    home, tmp_path, monkeypatch, straight, poison, at_call, where
+):
+    run = Run.at(tmp_path / "r")
+    cfg = cfg_of(f"distill.steps={STEPS}", "distill.ppc=2")
+    saved: dict[int, bytes] = {}
+    on_step = lambda m: saved.__setitem__(m["step"], run.checkpoint_path.read_bytes())  # noqa: E731
+    with monkeypatch.context() as mp:
+        poison(mp, at_call)
+        with pytest.raises(D3FastError, match="non-finite") as err:
+            distill(cfg, run, progress=False, on_step=on_step)
+    msg = str(err.value)
+    assert where in msg and "last good checkpoint" in msg and f"d3fast distill --resume {run.path}" in msg
+    assert sorted(saved) == [1, 2]
+    assert run.checkpoint_path.read_bytes() == saved[2]  # bit-identical to the step-2 checkpoint
+    assert [m["step"] for m in run.read_metrics()] == [1, 2]
+    # resumable, and since the bad step was never saved, equal to the uninterrupted run
+    res = distill(run.read_config(), run, resume=True, progress=False)
+    assert res.step == STEPS
+    d, _, _ = run.load_distilled()
+    assert torch.equal(d.latents, straight.latents) and torch.equal(d.alpha, straight.alpha)
+
+
+def test_the_issue_example_a_huge_lr_stops_before_any_nan_is_saved(home, tmp_path):
+    # lr_latent 1e8: the loss of step 1 is finite, its MMD update makes the latents NaN
+    run = Run.at(tmp_path / "r")
+    with pytest.raises(D3FastError, match="non-finite state at step 1: latents") as err:
+        distill(cfg_of("distill.lr_latent=1e8", "distill.steps=6"), run, progress=False)
+    assert "no checkpoint was written yet" in str(err.value) and not run.has_checkpoint()
+
+
+def _bad_run(tmp_path) -> Run:
+    """A run whose checkpoint holds NaN latents, as an older d3fast could leave behind."""
+    run = Run.at(tmp_path / "bad")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    state = load_checkpoint(run.checkpoint_path)
+    state["latents"][0, 0, 0] = float("nan")
+    torch.save(state, run.checkpoint_path)
+    return run
+
+
+@pytest.mark.parametrize("command", ["export", "sample", "evaluate"])
+def test_commands_refuse_a_non_finite_run(home, tmp_path, command):
+    run = _bad_run(tmp_path)
+    args = [command, str(run.path)] + (["--out", str(tmp_path / "x")] if command != "evaluate" else [])
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert "holds non-finite values in latents" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def _cli(*args, sets=()):
+    """A command with the tiny digits overrides, then `sets` (later --set values win)."""
+    tiny = sum((["--set", o] for o in OVERRIDES if not o.startswith(("device", "distill.steps"))), [])
+    return CliRunner().invoke(cli, [*args, *tiny, *sets, "--device", "cpu"])
+
+
+def _resume(run, *args):
+    return CliRunner().invoke(cli, ["distill", "--resume", str(run.path), *args])
+
+
+def test_resume_applies_and_records_changed_learning_rates(home, tmp_path):
+    res = _cli("distill", "--dataset", "digits", "--runs-dir", str(tmp_path), "--steps", "2", "--no-auto")
+    assert res.exit_code == 0, res.output
+    run = Run(next((tmp_path / "digits").iterdir()))
+    before = load_checkpoint(run.checkpoint_path)
+
+    res = _resume(run, "--steps", "3", "--set", "distill.lr_latent=0", "--set", "distill.lr_decode=0",
+                  "--set", "distill.lr_lr=0")
+    assert res.exit_code == 0 and "reached step 3/3" in res.output, res.output
+    after = load_checkpoint(run.checkpoint_path)
+    assert after["step"] == 3
+    for opt in ("opt_latent", "opt_lr", "opt_decoder"):
+        assert [g["lr"] for g in after[opt]["param_groups"]] == [0.0], opt
+    # with every learning rate at 0, the step moved nothing (it did: the issue's bug)
+    assert torch.equal(after["latents"], before["latents"]) and torch.equal(after["alpha"], before["alpha"])
+    for k, v in before["decoder"].items():
+        if v.is_floating_point() and "running" not in k:
+            assert torch.equal(after["decoder"][k], v), k
+    cfg = run.read_config()
+    assert (cfg.distill.lr_latent, cfg.distill.lr_decode, cfg.distill.lr_lr, cfg.distill.steps) == (0, 0, 0, 3)
+    last = run.history()[-1]
+    assert last["event"] == "resume" and last["step"] == 2
+    assert last["changes"]["distill.lr_latent"] == [0.01, 0.0] and last["changes"]["distill.steps"] == [2, 3]
+
+    # the recorded step count is what a plain --resume (the Ctrl-C hint) continues to
+    res = _resume(run)
+    assert res.exit_code == 0 and "reached step 3/3" in res.output and run.history()[-1]["changes"] == {}
+    res = _resume(run, "--steps", "4")
+    assert res.exit_code == 0 and "reached step 4/4" in res.output
+
+
+@pytest.mark.parametrize("flag, key", [
+    (["--set", "distill.ppc=3"], "distill.ppc"),
+    (["--ppc", "3"], "distill.ppc"),
+    (["--set", "net.width=16"], "net.width"),
+    (["--dataset", "fashion-mnist"], "data.dataset"),
+    (["--set", "experts.lr=0.5"], "experts.lr"),
+    (["--set", "distill.seed=5"], "distill.seed"),
+])
+def test_resume_refuses_what_the_state_fixes(home, tmp_path, flag, key):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    config_before = run.config_path.read_bytes()
+    res = _resume(run, *flag)
+    assert res.exit_code == 2, res.output
+    assert f"cannot change {key} when resuming" in res.output and "Traceback" not in res.output
+    assert run.config_path.read_bytes() == config_before and load_checkpoint(run.checkpoint_path)["step"] == 1
+    res = _resume(run, "--preset", "digits")
+    assert res.exit_code == 2 and "--preset" in res.output
+
+
+def test_every_config_key_is_classified_for_resuming():
+    for key in flatten(Config()):
+        section = key.split(".")[0]
+        applied = key in APPLIED_ON_RESUME or section in APPLIED_ON_RESUME
+        fixed = key in FIXED_ON_RESUME or section in FIXED_ON_RESUME
+        assert applied != fixed, key
+
+
+def test_the_not_ready_hint_run_as_printed_lets_the_distill_start(tmp_path):
+    # a fresh home: the tiny experts of OVERRIDES have 3 epochs; this distill needs 6
+    res = _cli("experts", "--dataset", "digits")
+    assert res.exit_code == 0, res.output
+    need = ["--set", "experts.epochs=7", "--set", "distill.max_start_epoch=5"]
+    args = ["distill", "--dataset", "digits", "--runs-dir", str(tmp_path), "--steps", "1", "--no-auto"]
+    res = _cli(*args, sets=need)
+    assert res.exit_code == 2, res.output
+    hint = res.output.strip().splitlines()[-1].strip()
+    assert hint.startswith("d3fast experts ") and "--epochs 7" in hint
+    res = CliRunner().invoke(cli, shlex.split(hint)[1:])
+    assert res.exit_code == 0 and "2/2 experts complete" in res.output, res.output
+    res = _cli(*args, sets=need)
+    assert res.exit_code == 0 and "reached step 1/1" in res.output, res.output
+
+
+def test_naming_the_experts_directory_imports_no_ffcv(home):
+    code = (
+        "import sys; from tests._utils import cfg_of; from d3fast.experts import experts_dir\n"
+        "cfg = cfg_of('data.loader=cache'); experts_dir(cfg)\n"
+        "assert not any(m == 'ffcv' or m.startswith('ffcv.') for m in sys.modules), 'ffcv imported'\n"
+        "assert 'd3fast.distill' not in sys.modules\n"
+        "import d3fast.evaluate, d3fast.run\n"
+        "assert 'd3fast.distill' not in sys.modules, 'evaluate imports the training loop'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_distill_loop_fits_one_screen():
+    from d3fast.distill import distill as fn
+
+    assert len(inspect.getsource(fn).splitlines()) <= 60
+
+
+def test_run_directories_of_the_same_second_are_distinct(tmp_path):
+    cfg = cfg_of()
+    paths = {Run.create(tmp_path, cfg, "same").path for _ in range(5)}
+    assert len(paths) == 5 and all(p.is_dir() for p in paths)
+
+
+def test_torn_metrics_line_is_dropped_on_resume(home, tmp_path):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=2"), run, progress=False)
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 3, "mtt": 0.')  # a crash mid-write
+    cfg = run.read_config()
+    cfg.distill.steps = 3
+    res = distill(cfg, run, resume=True, progress=False)
+    assert res.step == 3 and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+    json.loads(run.metrics_path.read_text().splitlines()[-1])

@@ -119,3 +119,27 @@ def test_experts_stream_from_ffcv_into_their_own_directory(tree):
     meta = read_expert_meta(res.out_dir / "expert_0000.safetensors")
     assert meta["complete"] and meta["epochs_done"] == 2 and 0.0 <= meta["test_acc"] <= 1.0
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
+
+
+@needs_ffcv
+def test_writing_betons_keeps_the_experts_of_an_existing_config(tree):
+    """The issue's case: experts trained from the cache, then `prepare --format ffcv`; the same
+    command must find the same experts directory, not start a second set."""
+    from click.testing import CliRunner
+
+    from d3fast.cli import cli
+    from d3fast.experts import experts_dir, resolve_data_loader, run_experts
+
+    small = ["net.width=8", "experts.num_experts=1", "experts.epochs=1", "experts.batch_size=16"]
+    before = cfg(tree, *small)
+    assert resolve_data_loader(before) == "cache"  # no betons yet
+    run_experts(before, progress=False)
+    res = CliRunner().invoke(cli, ["prepare", "--dataset", "imagenette", "--data-path", str(tree / "tree"),
+                                   "--format", "ffcv", "--workers", "1"])
+    assert res.exit_code == 0 and "FFCV" in res.output, res.output
+    after = cfg(tree, *small)
+    assert resolve_data_loader(after) == "cache"  # the trained experts win over the new betons
+    assert experts_dir(after) == experts_dir(before)
+    # with no experts of this config yet, auto takes the betons
+    other = cfg(tree, *small, "experts.seed=7")
+    assert resolve_data_loader(other) == "ffcv"

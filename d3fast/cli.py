@@ -135,7 +135,7 @@ def _report_prepare(res) -> None:
 @click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
               help="Where training batches stream from (default auto: FFCV files when present, else the cache).")
 def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader) -> None:
-    """Train expert trajectories (SPEC.md section 4) for MTT.
+    """Train expert trajectories (docs/algorithm.md section 4) for MTT.
 
     Each expert saves its parameters at init and after every epoch, atomically. Re-running
     after an interruption continues the missing experts (and the interrupted one from its
@@ -310,7 +310,7 @@ def config(dataset, preset, overrides) -> None:
 @click.option("--records", "show_records", is_flag=True, help="Also list every ledger row.")
 def budget(dataset, as_json, show_records) -> None:
     """Device-hours spent per dataset and phase (from the ledger under $D3FAST_HOME),
-    against the paper's GPU-hour budget (SPEC.md section 8). CPU time is listed as CPU-h,
+    against the paper's GPU-hour budget (docs/algorithm.md section 8). CPU time is listed as CPU-h,
     never as GPU time."""
     from d3fast import ledger
 

@@ -77,7 +77,7 @@ class ExpertConfig:
     # Snapshots are saved after each epoch; distillation uses epochs up to
     # max_start_epoch + expert_epochs, so this must reach that.
     epochs: int = 50
-    # SPEC section 4: plain SGD, no momentum or weight decay, on purpose.
+    # docs/algorithm.md section 4: plain SGD, no momentum or weight decay, on purpose.
     lr: float = 0.01
     batch_size: int = 256
     augment: bool = True
@@ -86,7 +86,7 @@ class ExpertConfig:
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    """Algorithm 1 (SPEC.md section 5). Names follow the reference code."""
+    """Algorithm 1 (docs/algorithm.md section 5). Names follow the reference code."""
 
     # latent priors per class (PPC)
     ppc: int = 1
@@ -148,7 +148,7 @@ class DistillConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Student evaluation (SPEC.md section 6)."""
+    """Student evaluation (docs/algorithm.md section 6)."""
 
     archs: list[str] = field(default_factory=lambda: ["convnet"])
     students: int = 5

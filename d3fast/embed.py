@@ -1,6 +1,6 @@
 """Feature embedding in chunks with an exact gradient: the memory-flat half of the MMD update.
 
-At PPC=1 the MMD update dominates memory (SPEC.md section 5): with one graph, every decoded
+At PPC=1 the MMD update dominates memory (docs/algorithm.md section 5): with one graph, every decoded
 sample keeps its ConvNet activations for backward: 35 MiB of layer outputs per image for
 ConvNet-5 (width 128) at 128x128, 10 GiB for 10 classes x 30 samples.
 `embed` computes the same features and the same gradient with two passes:

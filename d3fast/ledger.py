@@ -16,7 +16,7 @@ every checkpoint); a killed run loses at most that much accounting. Readers repo
 `running` row whose process is gone (same host) as `killed`, with the time it had logged.
 
 Concurrency: SQLite in WAL mode, every write one short `BEGIN IMMEDIATE` transaction with
-a 30 s busy timeout, so parallel runs (one per GPU, SPEC section 8's class-parallel
+a 30 s busy timeout, so parallel runs (one per GPU, docs/algorithm.md section 9's class-parallel
 TinyImageNet) append safely. Accounting never stops a run: a write that fails (locked
 past the timeout, read-only home, full disk) prints one warning and the run goes on.
 """
@@ -75,7 +75,7 @@ class PaperBudget:
     steps: int
 
 
-# SPEC.md section 8 (the paper's appendix C): distillation cost to convergence.
+# docs/algorithm.md section 8 (the paper's appendix C): distillation cost to convergence.
 PAPER_BUDGETS: dict[str, PaperBudget] = {
     "cifar10": PaperBudget(10.0, 10_000),
     "tinyimagenet": PaperBudget(160.0, 20_000),

@@ -1,4 +1,4 @@
-"""The loss terms of D3 (SPEC.md section 5), as plain PyTorch.
+"""The loss terms of D3 (docs/algorithm.md section 5), as plain PyTorch.
 
 mmd2 and param_dist run the fused ops of d3fast.kernels (references beside them in
 kernels/<op>_ref.py); the other terms are small and stay plain PyTorch.

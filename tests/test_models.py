@@ -9,7 +9,7 @@ def conv_params(cin, cout, k):
 
 
 def test_convnet_known_parameter_counts():
-    # SPEC/issue: ConvNet-3 on 3x32x32 -> 320,010; ConvNet-5 on 3x128x128 -> 615,690
+    # the layout of docs/algorithm.md section 3: ConvNet-3 on 3x32x32 -> 320,010; ConvNet-5 on 3x128x128 -> 615,690
     assert count_parameters(build_network("convnet", 3, 10, 32)) == 320_010
     assert count_parameters(build_network("convnet", 3, 10, 128)) == 615_690
     # by formula: conv + instance-norm affine per block, Linear on 128*4*4

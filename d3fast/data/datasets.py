@@ -17,7 +17,7 @@ class DatasetSpec:
     imagenet_classes: tuple[tuple[str, int, str], ...] = ()
 
 
-# Label i is the i-th index of SPEC.md section 7 (the MTT/D3 configs' order); the wnid is
+# Label i is the i-th index of docs/algorithm.md section 7 (the MTT/D3 configs' order); the wnid is
 # that index in torchvision's (sorted-wnid) order.
 IMAGENETTE = (
     ("n01440764", 0, "tench"),

@@ -1,6 +1,6 @@
 """The shared decoder f_theta of D3: latent z (64-d) -> image.
 
-Two layouts (SPEC.md section 2):
+Two layouts (docs/algorithm.md section 2):
     paper  Linear(z -> 256*4*4) -> k x [ConvT(4, s2, p1) -> BN -> LeakyReLU], channels
            halving 256 -> 128 -> 64 -> ..., k = log2(res/4) -> Conv3x3 -> tanh
     tiny   the reference code's TinyVAE: width w (128/256), start at 2x2, channel

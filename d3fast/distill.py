@@ -262,7 +262,7 @@ def step_metrics(
         "step_s": round(seconds, 4), "images_per_s": round(images / seconds, 1) if seconds > 0 else 0.0,
         "peak_mem_gib": _peak_mem(device),
         "device_hours": round(meter.prior_hours + meter.hours, 6),
-        "projected_device_hours": round(meter.projected_hours(dcfg.steps, state.step), 6),
+        "projected_device_hours": round(meter.projected_hours(dcfg.steps, state.step) or 0.0, 6),
         "hours_unit": meter.unit,
     }
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -120,7 +121,8 @@ def embed(
     One pass (a single graph) when `exact_graph`, when x needs no gradient (then chunks run
     under no_grad), when the chunk covers every sample, or when the network's output
     depends on the batch (train-mode batch norm)."""
-    features = features or net.features  # type: ignore[assignment]
+    if features is None:
+        features = cast(Callable[[torch.Tensor], torch.Tensor], net.features)
     if chunk < 0:
         raise ValueError(f"chunk must be >= 0, got {chunk}")
     if exact_graph or batch_dependent(net):

@@ -137,7 +137,7 @@ def evaluate_run(
                     g = torch.Generator(device=dev).manual_seed(seed)
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(seed)
-                        kw = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
+                        kw: dict[str, Any] = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
                               "pooling": cfg.net.pooling} if arch == "convnet" else {}
                         net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
                     net = net.to(dev)
@@ -145,6 +145,7 @@ def evaluate_run(
                         batches = distilled_batches(d, e.samples_per_class, e.batch_size, e.decoder_bn)
                         lr = d.student_lr
                     else:
+                        assert per_class is not None  # the baselines have a count
                         subset = real_subset(train, per_class, g)
 
                         def batches(gen: torch.Generator, subset: DeviceDataset = subset):

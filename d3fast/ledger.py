@@ -132,6 +132,7 @@ class Ledger:
             con.execute("BEGIN IMMEDIATE")
             cur = con.execute(f"INSERT INTO records ({cols}) VALUES ({marks})", tuple(row.values()))
             con.execute("COMMIT")
+            assert cur.lastrowid is not None  # set by every INSERT
             return int(cur.lastrowid)
 
     def update(self, row_id: int, **values: Any) -> None:
@@ -218,7 +219,8 @@ class Meter:
         self._energy = _Energy(device)
         self.row_id: int | None = None
         self._warned = False
-        self._write(lambda: setattr(self, "row_id", self.ledger.insert(**row)))
+        if ledger is not None:
+            self._write(lambda: setattr(self, "row_id", ledger.insert(**row)))
 
     @property
     def wall_s(self) -> float:
@@ -280,8 +282,9 @@ class Meter:
         joules = self._energy.joules()
         if joules is not None:
             values["energy_j"] = joules
-        if self.ledger is not None and self.row_id is not None:
-            self._write(lambda: self.ledger.update(self.row_id, **values))
+        book, row_id = self.ledger, self.row_id
+        if book is not None and row_id is not None:
+            self._write(lambda: book.update(row_id, **values))
 
     def _write(self, fn: Callable[[], None]) -> None:
         if self.ledger is None:

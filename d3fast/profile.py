@@ -48,6 +48,7 @@ from d3fast.errors import D3FastError
 from d3fast.experts import ExpertBank, need_epochs, ready_experts, resolve_data_loader, write_expert
 from d3fast.io import atomic_path, atomic_write_json, atomic_write_text
 from d3fast.models import build_network
+from d3fast.models._layers import FeatureClassifier
 from d3fast.paths import data_dir
 from d3fast.phases import PHASES, PhaseTimer, active
 from d3fast.run import Run
@@ -198,10 +199,10 @@ def _stand_in_experts(cfg: Config, train: DeviceDataset, need: int, folder: Path
     return ExpertBank(folder, need)
 
 
-def _network(cfg: Config, train: DeviceDataset) -> torch.nn.Module:
+def _network(cfg: Config, train: DeviceDataset) -> FeatureClassifier:
     n = cfg.net
     return build_network(n.name, train.channels, train.num_classes, train.resolution, width=n.width,
-                         depth=n.depth, norm=n.norm, pooling=n.pooling)
+                         depth=n.depth, norm=n.norm, pooling=n.pooling)  # type: ignore[return-value]
 
 
 # ---- the report
@@ -389,7 +390,8 @@ def _plots(report: dict[str, Any], timer: PhaseTimer, per_step: list[dict[str, A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip((*PHASES, "other"), plt.get_cmap("tab10").colors, strict=False))
+    cmap = plt.get_cmap("tab10")
+    colors = {name: cmap(i) for i, name in enumerate((*PHASES, "other"))}
     names = list(report["phases_s"])
     vals = [report["phases_s"][n] * 1e3 for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))

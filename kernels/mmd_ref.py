@@ -40,7 +40,10 @@ def _mmd2_dense(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float], u
         if same:
             # the diagonal is exactly 0 (the norm expansion leaves a rounding residue)
             d2 = d2 * (1 - torch.eye(d2.shape[-1], dtype=d2.dtype, device=d2.device))
-        return sum(torch.exp(-d2 / (2 * s * s)) for s in bandwidths)
+        out = torch.zeros_like(d2)
+        for s in bandwidths:
+            out = out + torch.exp(-d2 / (2 * s * s))
+        return out
 
     kxx, kyy, kxy = k(x, x, True), k(y, y, True), k(x, y, False)
     if unbiased:

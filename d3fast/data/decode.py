@@ -21,9 +21,9 @@ def decode_image(path: str, size: int, channels: int) -> np.ndarray:
     3x faster than a full decode, and the final bilinear resize does the rest.
     """
     mode = "RGB" if channels == 3 else "L"
-    with Image.open(path) as im:
-        im.draft(mode, (size, size))
-        im = im.convert(mode)
+    with Image.open(path) as src:
+        src.draft(mode, (size, size))
+        im: Image.Image = src.convert(mode)
         w, h = im.size
         if min(w, h) != size:
             scale = size / min(w, h)

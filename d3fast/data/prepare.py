@@ -56,8 +56,9 @@ def prepare(
         tqdm.write(f"note: {note}")
     cache = data_dir(spec.name)
     fresh, reason = freshness(cache, source.fingerprint, spec.resolution)
-    if fresh and not force:
-        return PrepareResult("reused", cache, read_manifest(cache), time.perf_counter() - t0, 0)
+    manifest = read_manifest(cache) if fresh and not force else None
+    if manifest is not None:
+        return PrepareResult("reused", cache, manifest, time.perf_counter() - t0, 0)
     if progress and reason != "no cache yet":
         tqdm.write(f"re-preparing {spec.name}: {reason}")
 

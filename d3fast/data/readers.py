@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def _locate(spec: DatasetSpec, data_path: str | None) -> Path:
     raise D3FastError(f"no data found for {spec.name}: pass --data-path{hint}{searched}")
 
 
-def _fingerprint(root: Path, files: list[Path | str], extra: str = "") -> str:
+def _fingerprint(root: Path, files: Sequence[Path | str], extra: str = "") -> str:
     h = hashlib.sha256(extra.encode())
     for f in files:
         st = os.stat(f)

@@ -34,6 +34,9 @@ class Decoder(nn.Module):
     Input z: [B, z_dim]; output: normalised images [B, channels, res, res].
     """
 
+    mean: torch.Tensor  # [1, channels, 1, 1] buffers
+    std: torch.Tensor
+
     def __init__(
         self,
         res: int,

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from d3fast.kernels.param_dist_ref import input_grads
+
 
 @triton.jit
 def _param_dist_fwd_kernel(
@@ -160,8 +162,4 @@ class ParamDistFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[1:]
         want = tuple(any(need[k * n : (k + 1) * n]) for k in range(3))
         grads = param_dist_grads(flat[:n], flat[n : 2 * n], flat[2 * n :], num, den, grad_out.reshape(-1), want)
-        out: list[torch.Tensor | None] = [None]
-        for k, side in enumerate(grads):
-            dts = ctx.dtypes[k * n : (k + 1) * n]
-            out.extend([None] * n if side is None else [g.to(dt) for g, dt in zip(side, dts, strict=True)])
-        return tuple(out)
+        return input_grads(grads, ctx.dtypes, n)

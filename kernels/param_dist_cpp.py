@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from d3fast.kernels.mmd_cpp import cpu_array
+from d3fast.kernels.param_dist_ref import input_grads
 
 
 class ParamDistCppFunction(torch.autograd.Function):
@@ -40,8 +41,5 @@ class ParamDistCppFunction(torch.autograd.Function):
                 arrays[:n], arrays[n : 2 * n], arrays[2 * n :], num, den,
                 grad_out.detach().double().reshape(-1).numpy(), *want,
             )
-        out: list[torch.Tensor | None] = [None]
-        for k, side in enumerate(raw):
-            dts = ctx.dtypes[k * n : (k + 1) * n]
-            out.extend([None] * n if side is None else [torch.from_numpy(g).to(dt) for g, dt in zip(side, dts, strict=True)])
-        return tuple(out)
+        sides = [None if side is None else [torch.from_numpy(g) for g in side] for side in raw]
+        return input_grads(sides, ctx.dtypes, n)

@@ -29,3 +29,16 @@ def param_dist_ref(
     num = sum(((ak.to(dtype) - tk.to(dtype)) ** 2).sum(-1) for ak, tk in zip(a, target, strict=True))
     den = sum(((sk.to(dtype) - tk.to(dtype)) ** 2).sum(-1) for sk, tk in zip(start, target, strict=True))
     return num / den  # type: ignore[operator]
+
+
+def input_grads(
+    sides: Sequence[Sequence[torch.Tensor] | None], dtypes: Sequence[torch.dtype], n_seg: int
+) -> tuple[torch.Tensor | None, ...]:
+    """Autograd's return value for inputs (n_seg, a_1..a_n, t_1..t_n, s_1..s_n): None for
+    n_seg, then each side's segment gradients in their input dtypes (None for a side that
+    needs none). Shared by the Triton and C++ wrappers."""
+    out: list[torch.Tensor | None] = [None]
+    for k, side in enumerate(sides):
+        dts = dtypes[k * n_seg : (k + 1) * n_seg]
+        out.extend([None] * n_seg if side is None else [g.to(dt) for g, dt in zip(side, dts, strict=True)])
+    return tuple(out)

@@ -162,12 +162,13 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
     """Prepare the dataset when it has no cache yet (unless --no-auto)."""
     from d3fast.data.cache import read_manifest
     from d3fast.data.prepare import prepare as run_prepare
+    from d3fast.data.prepare import prepare_command
     from d3fast.paths import data_dir
 
     ds = cfg.data.dataset
     if read_manifest(data_dir(ds)) is None:
         if no_auto:
-            raise D3FastError(f"dataset {ds!r} is not prepared; run `d3fast prepare --dataset {ds}`")
+            raise D3FastError(f"dataset {ds!r} is not prepared; run:\n  {prepare_command(cfg)}")
         click.echo(f"{ds} is not prepared yet: preparing it first")
         _report_prepare(run_prepare(cfg))
 

@@ -43,6 +43,7 @@ from d3fast.config import Config
 from d3fast.data.cache import read_manifest
 from d3fast.data.datasets import get_spec
 from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.data.prepare import prepare_command
 from d3fast.distill import DistillInputs, distill
 from d3fast.errors import D3FastError
 from d3fast.experts import ExpertBank, need_epochs, ready_experts, resolve_data_loader, write_expert
@@ -149,7 +150,7 @@ def _inputs(cfg: Config, device: torch.device, stand_in: str, scratch: Path) -> 
     need = need_epochs(cfg)
     prepared = read_manifest(data_dir(ds)) is not None
     if stand_in == "never" and not prepared:
-        raise D3FastError(f"dataset {ds!r} is not prepared (profile --stand-in never); run `d3fast prepare --dataset {ds}`")
+        raise D3FastError(f"dataset {ds!r} is not prepared (profile --stand-in never); run:\n  {prepare_command(cfg)}")
     if prepared and stand_in != "always":
         train = load_dataset(ds, "train", device, cfg.data.zca_eps if cfg.data.zca else None)
         sources = {"data": f"real ({len(train)} train images)"}

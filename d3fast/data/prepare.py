@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shlex
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -207,3 +208,14 @@ def _channel_stats(x_path: Path) -> tuple[list[float], list[float]]:
 def describe_source(source: Source) -> str:
     n = {s: len(source.splits[s].labels) for s in SPLITS}
     return f"{source.layout} at {source.path}: {n['train']} train / {n['test']} test images"
+
+
+def prepare_command(cfg: Config) -> str:
+    """The `d3fast prepare` command line for `cfg`'s dataset, with its source path and
+    --skip-corrupt when the config sets them (for error messages that send the user there)."""
+    args = ["d3fast", "prepare", "--dataset", cfg.data.dataset]
+    if cfg.data.data_path:
+        args += ["--data-path", cfg.data.data_path]
+    if cfg.data.skip_corrupt:
+        args.append("--skip-corrupt")
+    return shlex.join(args)

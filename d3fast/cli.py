@@ -208,19 +208,20 @@ def distill(
     typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
              "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
              "distill.mmd_exact_graph": mmd_exact_graph, "device": device}
-    if resume_dir:
+    if resume_dir is not None:
         if name is not None:
             raise D3FastError("--name names a new run; a resumed run keeps its directory")
         run = Run.open(resume_dir, runs_dir)
         cfg = _resolve(dataset, preset, overrides, base=run.read_config(), **typed)
+        run.check_resume(cfg)  # a refused change fails before any data is prepared
     else:
         cfg = _resolve(dataset, preset, overrides, **typed)
     _ensure_prepared(cfg, no_auto)
-    if not resume_dir:  # a resumed run reads the experts its manifest lists
+    if resume_dir is None:  # a resumed run reads the experts its manifest lists
         resolve_data_loader(cfg)
         ensure_experts(cfg, auto=not no_auto, echo=click.echo)
         run = Run.create(runs_dir, cfg, name)
-    res = run_distill(cfg, run, resume=bool(resume_dir))
+    res = run_distill(cfg, run, resume=resume_dir is not None)
     last = res.last
     summary = f"; last mtt {last['mtt']:.4f} mmd {last['mmd']:.4f} student lr {last['student_lr']:.4g}" if last else ""
     state = "stopped early at" if res.interrupted else "reached"
@@ -278,7 +279,7 @@ def sample(run_dir, out, samples, seed, runs_dir) -> None:
 
     from d3fast.visualize import sample_grid
 
-    d, _, step = _open_run(run_dir, runs_dir).load_distilled()
+    d, step = _open_run(run_dir, runs_dir).load_distilled()
     click.echo(f"wrote {sample_grid(d, Path(out), samples, seed)} (step {step}, {len(d.latents)} priors)")
 
 
@@ -290,7 +291,7 @@ def export(run_dir, out, runs_dir) -> None:
     """Export the distilled object (latents, decoder, learned lr, metadata) as safetensors."""
     from d3fast.distilled import export as run_export
 
-    d, _, step = _open_run(run_dir, runs_dir).load_distilled()
+    d, step = _open_run(run_dir, runs_dir).load_distilled()
     run_export(d, out)
     click.echo(f"wrote {out}: {len(d.latents)} priors, {d.storage_bytes() / 2**20:.2f} MiB "
                f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {step}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ import tomllib
 from d3fast.errors import D3FastError
 
 
+def ranged(default: Any, lo: float | None = None, hi: float | None = None, *, above: bool = False) -> Any:
+    """A config field with its valid range: lo <= value (lo < value with `above`) and
+    value <= hi. `validate` checks every field's range, for every command and on resume;
+    floats must also be finite."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "above": above})
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: str = "digits"
@@ -29,7 +37,7 @@ class DataConfig:
     # Drop unreadable images (listed in the manifest) instead of failing.
     skip_corrupt: bool = False
     # Decode processes for prepare, FFCV loader threads; 0 = one per core.
-    workers: int = 0
+    workers: int = ranged(0, 0)
     # Streaming loader for experts and evaluation: auto (FFCV when installed and its files
     # exist, else the cache) | cache (device-resident uint8) | ffcv (d3fast/data/beton.py)
     loader: str = "auto"
@@ -37,16 +45,16 @@ class DataConfig:
     zca: bool = False
     # Regulariser of the ZCA covariance; 0.1 is MTT's value (kornia's default is 1e-6,
     # which amplifies the near-zero-variance directions of 32x32 images into noise).
-    zca_eps: float = 0.1
+    zca_eps: float = ranged(0.1, 0, above=True)
 
 
 @dataclass(kw_only=True)
 class NetConfig:
     # convnet | resnet18 | vgg11 | alexnet
     name: str = "convnet"
-    width: int = 128
+    width: int = ranged(128, 1)
     # 0 picks by resolution: 3 at 28/32 px, 4 at 64 px, 5 at 128 px.
-    depth: int = 0
+    depth: int = ranged(0, 0)
     # instancenorm | batchnorm | layernorm | groupnorm | none
     norm: str = "instancenorm"
     # avgpooling | maxpooling | none
@@ -61,27 +69,29 @@ class AugConfig:
     strategy: str = "color_crop_cutout_flip_scale_rotate"
     # single: one op drawn per batch (the reference's default 'S'); all: apply every op.
     mode: str = "single"
-    prob_flip: float = 0.5
-    ratio_scale: float = 1.2
-    ratio_rotate: float = 15.0
-    ratio_crop_pad: float = 0.125
-    ratio_cutout: float = 0.5
-    brightness: float = 1.0
-    saturation: float = 2.0
-    contrast: float = 0.5
+    prob_flip: float = ranged(0.5, 0, 1)
+    # scales are drawn from [1 / ratio_scale, ratio_scale]
+    ratio_scale: float = ranged(1.2, 1)
+    # degrees
+    ratio_rotate: float = ranged(15.0, 0, 180)
+    ratio_crop_pad: float = ranged(0.125, 0, 1)
+    ratio_cutout: float = ranged(0.5, 0, 1)
+    brightness: float = ranged(1.0, 0)
+    saturation: float = ranged(2.0, 0)
+    contrast: float = ranged(0.5, 0)
 
 
 @dataclass(kw_only=True)
 class ExpertConfig:
-    num_experts: int = 100
+    num_experts: int = ranged(100, 1)
     # Snapshots are saved after each epoch; distillation uses epochs up to
     # max_start_epoch + expert_epochs, so this must reach that.
-    epochs: int = 50
+    epochs: int = ranged(50, 1)
     # docs/algorithm.md section 4: plain SGD, no momentum or weight decay, on purpose.
-    lr: float = 0.01
-    batch_size: int = 256
+    lr: float = ranged(0.01, 0, above=True)
+    batch_size: int = ranged(256, 1)
     augment: bool = True
-    seed: int = 0
+    seed: int = ranged(0, 0)
 
 
 @dataclass(kw_only=True)
@@ -89,37 +99,38 @@ class DistillConfig:
     """Algorithm 1 (docs/algorithm.md section 5). Names follow the reference code."""
 
     # latent priors per class (PPC)
-    ppc: int = 1
-    steps: int = 3000
+    ppc: int = ranged(1, 1)
+    steps: int = ranged(3000, 1)
     # N: student steps unrolled per MTT update
-    syn_steps: int = 20
+    syn_steps: int = ranged(20, 1)
     # M: the target is the expert M epochs after the start
-    expert_epochs: int = 3
+    expert_epochs: int = ranged(3, 1)
     # T: start epochs are drawn from 0..T-1
-    max_start_epoch: int = 25
+    max_start_epoch: int = ranged(25, 1)
     # B: latents per unrolled student step; 0 = all of them
-    batch_syn: int = 0
+    batch_syn: int = ranged(0, 0)
     # flat: exact gradient by recomputation, memory flat in syn_steps | naive: graph through
     # every step (the reference's way; for checks)
     unroll: str = "flat"
     # K students (each its own expert and start epoch) unrolled together; their MTT losses
     # are averaged
-    students_per_step: int = 1
+    students_per_step: int = ranged(1, 1)
     # initial learnable student lr alpha (lr = leaky_relu(alpha) + 1e-4)
-    lr_teacher: float = 0.01
-    lr_latent: float = 3e-4
-    lr_lr: float = 1e-6
-    lr_decode: float = 3e-4
+    lr_teacher: float = ranged(0.01, 0, above=True)
+    # optimiser learning rates; 0 freezes that part
+    lr_latent: float = ranged(3e-4, 0)
+    lr_lr: float = ranged(1e-6, 0)
+    lr_decode: float = ranged(3e-4, 0)
     # paper | tiny
     decoder: str = "paper"
-    decoder_width: int = 256
-    z_dim: int = 64
+    decoder_width: int = ranged(256, 1)
+    z_dim: int = ranged(64, 1)
     # DSA on decoded images inside the unroll (as MTT does; the D3 code has none)
     augment_unroll: bool = True
     # S: real images per class for MMD; each latent decodes S // ppc samples
-    mmd_samples: int = 30
+    mmd_samples: int = ranged(30, 1)
     # 0 disables the MMD update
-    mmd_weight: float = 1.0
+    mmd_weight: float = ranged(1.0, 0)
     # sum over classes (reference: grows with C) | mean
     mmd_reduction: str = "sum"
     mmd_bandwidths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
@@ -130,17 +141,17 @@ class DistillConfig:
     mmd_param: str = "expert"
     # samples whose feature-network graph is held at once in the MMD update (d3fast/embed.py:
     # chunked two-pass gradient, exact); 0 = automatic, at most min(25% of free memory, 1 GiB)
-    mmd_chunk: int = 0
+    mmd_chunk: int = ranged(0, 0)
     # one graph through every sample's features (the reference's way; for checks)
     mmd_exact_graph: bool = False
     # 0 disables the MTT update
-    mtt_weight: float = 1.0
+    mtt_weight: float = ranged(1.0, 0)
     # KL(N(mu, exp(logvar)) || N(0, I)) per prior, averaged over priors
-    kl_weight: float = 1e-4
+    kl_weight: float = ranged(1e-4, 0)
     # PPC >= 2: minus the mean squared distance between a class's decoded mean images
-    div_weight: float = 1e-2
-    seed: int = 0
-    checkpoint_every: int = 50
+    div_weight: float = ranged(1e-2, 0)
+    seed: int = ranged(0, 0)
+    checkpoint_every: int = ranged(50, 1)
     # bf16 autocast on CUDA for decoding, the unrolled student and MMD features; parameters,
     # adjoints and losses stay fp32
     amp: bool = False
@@ -151,21 +162,21 @@ class EvalConfig:
     """Student evaluation (docs/algorithm.md section 6)."""
 
     archs: list[str] = field(default_factory=lambda: ["convnet"])
-    students: int = 5
-    epochs: int = 300
-    batch_size: int = 256
+    students: int = ranged(5, 1)
+    epochs: int = ranged(300, 1)
+    batch_size: int = ranged(256, 1)
     # fresh distilled samples per class per epoch
-    samples_per_class: int = 10
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    samples_per_class: int = ranged(10, 1)
+    momentum: float = ranged(0.9, 0, 1)
+    weight_decay: float = ranged(5e-4, 0)
     # lr of the real-image baselines (the distilled set uses its learned lr)
-    lr_real: float = 0.01
+    lr_real: float = ranged(0.01, 0, above=True)
     # batch: decoder BatchNorm uses the sampled batch's statistics, as while distilling;
     # running: the running statistics gathered while distilling
     decoder_bn: str = "batch"
     baselines: bool = True
     # the equal-storage baseline is capped by the train set size
-    seed: int = 0
+    seed: int = ranged(0, 0)
 
 
 @dataclass(kw_only=True)
@@ -271,6 +282,9 @@ def _coerce(value: Any, tp: Any, key: str, from_string: bool) -> Any:
 
 
 def apply_updates(obj: Any, updates: dict[str, Any], prefix: str, from_string: bool) -> None:
+    if not isinstance(updates, dict):
+        raise D3FastError(f"config {prefix.rstrip('.') or 'file'} must be a mapping of keys to values, "
+                          f"got {type(updates).__name__}")
     types_ = _field_types(type(obj))
     for key, value in updates.items():
         full = f"{prefix}{key}"
@@ -347,6 +361,12 @@ def resolve_config(
 
 
 def validate(cfg: Config) -> None:
+    """Every value in its range (the fields' `ranged` metadata; floats finite), every choice
+    known, and the combinations the loop cannot run refused, naming the key.
+
+    Raises:
+        D3FastError: the first bad value, with its key and the valid range.
+    """
     from d3fast.data.datasets import DATASETS
 
     if cfg.data.dataset not in DATASETS:
@@ -358,22 +378,34 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise D3FastError(f"config key {dotted}: {value!r} is not one of {', '.join(allowed)}")
+    for part in dataclasses.fields(cfg):
+        obj = getattr(cfg, part.name)
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                _check_range(f"{part.name}.{f.name}", getattr(obj, f.name), f.metadata)
     bad_archs = [a for a in cfg.eval.archs if a not in CHOICES["net.name"]]
-    if bad_archs:
-        raise D3FastError(f"eval.archs: unknown {bad_archs}; known: {', '.join(CHOICES['net.name'])}")
-    for dotted in (
-        "experts.epochs", "experts.num_experts", "experts.batch_size", "net.width",
-        "distill.ppc", "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch",
-        "distill.mmd_samples", "distill.z_dim", "distill.checkpoint_every", "distill.students_per_step",
-        "eval.students", "eval.epochs", "eval.batch_size", "eval.samples_per_class",
-    ):
-        section, key = dotted.split(".")
-        if getattr(getattr(cfg, section), key) < 1:
-            raise D3FastError(f"config key {dotted} must be >= 1")
-    if cfg.experts.lr <= 0:
-        raise D3FastError("config key experts.lr must be > 0")
-    if cfg.distill.mmd_chunk < 0:
-        raise D3FastError("config key distill.mmd_chunk must be >= 0 (0: automatic)")
+    if bad_archs or not cfg.eval.archs:
+        raise D3FastError(f"eval.archs: unknown {bad_archs or 'empty list'}; known: {', '.join(CHOICES['net.name'])}")
+    d = cfg.distill
+    bw = d.mmd_bandwidths
+    if not 1 <= len(bw) <= 16 or not all(math.isfinite(b) and b > 0 for b in bw):
+        raise D3FastError(f"config key distill.mmd_bandwidths: need 1 to 16 finite values > 0, got {bw}")
+    if d.mmd_weight > 0 and max(d.mmd_samples // d.ppc, 1) * d.ppc < 2:
+        raise D3FastError("config key distill.mmd_samples: the unbiased MMD needs at least 2 samples per class "
+                          f"(mmd_samples={d.mmd_samples}, ppc={d.ppc})")
+    if d.unroll == "flat" and cfg.net.norm == "batchnorm":
+        raise D3FastError("distill.unroll=flat needs a student without running statistics, and net.norm=batchnorm "
+                          "keeps some: use net.norm=instancenorm or distill.unroll=naive")
+
+
+def _check_range(key: str, value: Any, meta: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise D3FastError(f"config key {key} must be finite, got {value}")
+    lo, hi, above = meta.get("lo"), meta.get("hi"), meta.get("above", False)
+    if lo is not None and (value <= lo if above else value < lo):
+        raise D3FastError(f"config key {key} must be {'>' if above else '>='} {lo:g}, got {value}")
+    if hi is not None and value > hi:
+        raise D3FastError(f"config key {key} must be <= {hi:g}, got {value}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

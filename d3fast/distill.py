@@ -24,7 +24,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,19 +33,24 @@ import torch
 from tqdm import tqdm
 
 from d3fast import ledger, losses
-from d3fast.config import Config, DistillConfig
+from d3fast.config import Config, DistillConfig, flatten, resolve_config
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
 from d3fast.distilled import init_distilled
 from d3fast.errors import D3FastError
-from d3fast.experts import ExpertBank, need_epochs, ready_experts, resolve_data_loader
-from d3fast.io import read_json
+from d3fast.experts import (
+    ExpertBank,
+    experts_command,
+    need_epochs,
+    ready_experts,
+    resolve_data_loader,
+)
 from d3fast.mmd_update import mmd_update
 from d3fast.models import build_network
 from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORWARD, phase
 from d3fast.run import Run
 from d3fast.runtime import device_name, resolve_device, versions
-from d3fast.state import NonFiniteError, TrainState, check_finite, check_state
+from d3fast.state import DivergedError, TrainState, check_finite, check_state, distilled_problems
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
 
 
@@ -82,40 +87,40 @@ def distill(
             or state (the last good checkpoint is kept).
     """
     dcfg, device = cfg.distill, resolve_device(cfg.device)
-    parts = _build(cfg, run, resume, device, inputs)
-    state, bank = parts.state, parts.bank
     stop, t_start, last = _StopRequest(), clock(), {}
-    bar = tqdm(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
-                            run=str(run.path.resolve()), clock=clock)
-    with stop.installed(), run.metrics(state.step) as metrics, meter_cm as meter:
-        while state.step < dcfg.steps and not stop.requested:
-            t0 = clock()
-            _reset_peak_memory(device)
-            students = draw_students(bank, dcfg, state.g_host, device)
-            try:
-                mtt, kl = mtt_update(state, parts.spec, students, dcfg)
-                mmd, div = mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp)
-            except NonFiniteError as e:
-                raise D3FastError(_nonfinite_message(e, state.step, run, dcfg)) from None
-            state.step += 1
-            meter.tick()
-            last = step_metrics(state, students, dcfg, clock, t0, meter, device, mtt=mtt, kl=kl, mmd=mmd, div=div)
-            state.note_loss(last["loss"])
-            metrics.write(last)
-            bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
-                                + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step), refresh=False)
-            bar.update(1)
-            if state.step % dcfg.checkpoint_every == 0 or state.step == dcfg.steps or stop.requested:
-                run.save_state(state)
-                meter.flush()
-            if on_step is not None:
-                on_step(last)
-        interrupted = stop.requested and state.step < dcfg.steps
-        if interrupted:
-            meter.final_status = "interrupted"
-    bar.close()
+    with run.lock(), stop.installed():
+        parts = _build(cfg, run, resume, device, inputs)
+        state, bank = parts.state, parts.bank
+        bar = tqdm(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
+                                run=str(run.path.resolve()), clock=clock, prior_hours=run.hours_at(state.step))
+        with closing(bar), run.metrics(state.step) as metrics, meter_cm as meter:
+            while state.step < dcfg.steps and not stop.requested:
+                t0 = clock()
+                _reset_peak_memory(device)
+                students = draw_students(bank, dcfg, state.g_host, device)
+                try:
+                    mtt, kl = mtt_update(state, parts.spec, students, dcfg)
+                    mmd, div = mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp)
+                except DivergedError as e:
+                    raise D3FastError(_diverged_message(e, state.step, run, cfg)) from None
+                state.step += 1
+                meter.tick()
+                last = step_metrics(state, students, dcfg, clock, t0, meter, device, mtt=mtt, kl=kl, mmd=mmd, div=div)
+                state.note_loss(last["loss"])
+                metrics.write(last)
+                bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
+                                    + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step), refresh=False)
+                bar.update(1)
+                if state.step % dcfg.checkpoint_every == 0 or state.step == dcfg.steps or stop.requested:
+                    run.save_state(state)
+                    meter.flush()
+                if on_step is not None:
+                    on_step(last)
+            interrupted = stop.requested and state.step < dcfg.steps
+            if interrupted:
+                meter.final_status = "interrupted"
     return DistillResult(run, state.step, clock() - t_start, interrupted, last)
 
 
@@ -155,6 +160,15 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
     if resume:
         if run.has_checkpoint():
             state.load_state_dict(run.load_state(device), dcfg)
+            problem = distilled_problems(state.distilled)
+            if problem is not None:
+                raise D3FastError(f"the checkpoint of {run.path} (step {state.step}) cannot be trained on: "
+                                  f"{problem[0]} ({problem[1]}); start a new run with lower learning rates")
+        else:
+            tqdm.write(f"note: {run.path} holds no checkpoint yet: starting it from step 0")
+        if dcfg.steps < state.step:
+            raise D3FastError(f"distill.steps={dcfg.steps} is below the step this run reached ({state.step}); "
+                              f"pass --steps {state.step} or more")
         run.resume(cfg, state.step)
     else:
         run.start(cfg, {
@@ -172,15 +186,18 @@ def _bank(cfg: Config, run: Run, resume: bool) -> ExpertBank:
     """A new run takes every ready expert of its config; a resumed one the files its manifest
     lists, so that its draws repeat the uninterrupted run's even if more experts were
     trained since."""
-    if resume and run.manifest_path.exists():
-        m = read_json(run.manifest_path, "run manifest")
+    if resume:
+        m = run.read_manifest()
         folder = Path(m["experts_dir"])
         files = [folder / f for f in m.get("experts_files", [])] or sorted(folder.glob("expert_*.safetensors"))
         missing = [f.name for f in files if not f.exists()]
         if missing or not files:
             raise D3FastError(f"the expert trajectories this run matches are gone from {folder}"
                               + (f": {', '.join(missing)}" if missing else ""))
-        return ExpertBank(folder, need_epochs(cfg), files)
+        try:
+            return ExpertBank(folder, need_epochs(cfg), files)
+        except D3FastError as e:
+            raise D3FastError(f"{e}; extend them with:\n  {experts_command(cfg)}") from None
     resolve_data_loader(cfg)
     return ready_experts(cfg)
 
@@ -214,7 +231,7 @@ def mtt_update(state: TrainState, spec: UnrollSpec, students: Students, dcfg: Di
     detached; zeros when `mtt_weight` is 0.
 
     Raises:
-        NonFiniteError: a non-finite term (nothing stepped) or non-finite state after the step.
+        DivergedError: a non-finite term (nothing stepped) or unusable state after the step.
     """
     d = state.distilled
     zero = torch.zeros((), device=d.latents.device)
@@ -267,12 +284,19 @@ def step_metrics(
     }
 
 
-def _nonfinite_message(e: NonFiniteError, step: int, run: Run, dcfg: DistillConfig) -> str:
+def _diverged_message(e: DivergedError, step: int, run: Run, cfg: Config) -> str:
+    """What diverged, what was kept, and the --resume command with lower learning rates:
+    the preset's value, or a tenth of the current one when that is lower."""
     keep = (f"the last good checkpoint ({run.checkpoint_path}) is kept" if run.has_checkpoint()
             else "no checkpoint was written yet")
-    lower = " ".join(f"--set distill.{k}={getattr(dcfg, k) / 10:g}" for k in ("lr_latent", "lr_decode", "lr_lr"))
-    return (f"non-finite {e.kind} at step {step + 1}: {e.detail} in the {e.where}; stopped without saving this "
-            f"step, {keep}. Lower the learning rates and continue: d3fast distill --resume {run.path} {lower}")
+    preset = flatten(resolve_config(cfg.data.dataset, cfg.preset or None))
+    lower = []
+    for k in ("lr_latent", "lr_decode", "lr_lr"):
+        now = getattr(cfg.distill, k)
+        if now > 0:
+            lower.append(f"--set distill.{k}={min(now / 10, preset[f'distill.{k}']):.3g}")
+    return (f"{e.what} at step {step + 1}: {e.detail} in the {e.where}; stopped without saving this step, "
+            f"{keep}. Lower the learning rates and continue: d3fast distill --resume {run.path} {' '.join(lower)}")
 
 
 def _amp(dcfg: DistillConfig, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:

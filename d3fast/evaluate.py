@@ -104,7 +104,8 @@ def evaluate_run(
     from d3fast.experts import resolve_data_loader
 
     dev = resolve_device(device or "auto")
-    d, cfg, step = run.load_distilled(dev)
+    d, step = run.load_distilled(dev)
+    cfg = run.read_config()
     if cfg_override:
         apply_updates(cfg, cfg_override, "", from_string=False)
         validate(cfg)

@@ -312,11 +312,14 @@ def _fmt_h(h: float) -> str:
 def track(
     phase: str, dataset: str, preset: str, device: torch.device, *, steps_target: int | None = None,
     run: str | None = None, clock: Callable[[], float] = time.monotonic, ledger: Ledger | None = None,
+    prior_hours: float = 0.0,
 ) -> Iterator[Meter]:
     """Record a phase in the ledger: `with track("distill", ...) as meter: ... meter.tick()`.
 
     Ends the row as done, interrupted (Ctrl-C / SIGTERM) or failed (an exception). A resumed
-    run's earlier segments (same `run`) are summed into the meter's prior hours.
+    run's earlier segments (same `run`) are summed into the meter's prior hours, or
+    `prior_hours` (what the run's own record holds) when that is more: a run copied to
+    another path, or a ledger turned off or lost, keeps its hours.
     `D3FAST_LEDGER=0` turns recording off (projections still work)."""
     from d3fast.runtime import device_name
 
@@ -324,13 +327,12 @@ def track(
         book = None
     else:
         book = ledger or Ledger()
-    prior_hours = 0.0
     if book is not None and run is not None:
         try:
             earlier = [r for r in book.records(run=run) if r["phase"] == phase]
         except (sqlite3.Error, D3FastError):
             earlier = []
-        prior_hours = sum(r["device_hours"] for r in earlier)
+        prior_hours = max(prior_hours, sum(r["device_hours"] for r in earlier))
     row = {
         "started": time.time(), "updated": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
         "phase": phase, "dataset": dataset, "preset": preset or "", "run": run,

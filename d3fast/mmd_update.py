@@ -33,7 +33,7 @@ def mmd_update(
     detached; zeros when both are off.
 
     Raises:
-        NonFiniteError: a non-finite term (nothing stepped) or non-finite state after the step.
+        DivergedError: a non-finite term (nothing stepped) or unusable state after the step.
     """
     d = state.distilled
     zero = torch.zeros((), device=d.latents.device)

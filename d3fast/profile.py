@@ -94,6 +94,11 @@ def profile(
     scratch = Path(tempfile.mkdtemp(prefix=".profile-", dir=out))
     try:
         inputs, sources = _inputs(pcfg, device, stand_in, scratch)
+        if sources["experts"].startswith("stand-in"):
+            # random-walk trajectories give meaningless gradients that can throw the learned
+            # lr below zero and stop the run; optimisers stepping with lr 0 do the same work
+            pcfg.distill.lr_latent = pcfg.distill.lr_lr = pcfg.distill.lr_decode = 0.0
+            sources["experts"] += "; optimiser learning rates set to 0"
         timer = PhaseTimer(device, clock)
         per_step: list[dict[str, Any]] = []
         tracer = _tracer(device)

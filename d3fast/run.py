@@ -4,7 +4,9 @@
         config.json     the run's config now (rewritten when a resume changes a key)
         manifest.json   what the run started with: versions, device, seeds, experts
         history.jsonl   one line per segment (start or resume): step, time, command, and
-                        the keys it changed as [old, new]
+                        the keys it changed as [old, new]; the start line also holds the
+                        whole config and manifest, so either file can be rebuilt from it
+        .lock           held (flock) by the process distilling in the run
         metrics.jsonl   one line per step (d3fast/distill.py)
         checkpoint.pt   the TrainState (d3fast/state.py)
         eval.json, eval.md
@@ -15,22 +17,25 @@
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+from tqdm import tqdm
 
 from d3fast.config import Config, apply_updates, resume_changes, to_dict
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
-from d3fast.io import atomic_write_json, atomic_write_text, read_json
-from d3fast.state import TrainState, load_checkpoint, nonfinite_tensors, save_checkpoint
+from d3fast.io import atomic_write_json, atomic_write_text
+from d3fast.state import TrainState, distilled_problems, load_checkpoint, save_checkpoint
 
 
 class Run:
@@ -97,8 +102,10 @@ class Run:
         """
         if str(where) == "latest":
             return cls.latest(runs_dir)
+        if not str(where).strip():
+            raise D3FastError("no run given: name a run directory or `latest`")
         run = cls(where)
-        if not run.config_path.exists():
+        if not (run.config_path.exists() or run.history_path.exists()):
             raise D3FastError(f"{run.path} is not a run directory (no config.json)")
         return run
 
@@ -112,16 +119,63 @@ class Run:
     # ---- config, manifest, history
 
     def read_config(self) -> Config:
-        """The run's config as recorded (unknown keys and wrong types are errors)."""
+        """The run's config as recorded (unknown keys and wrong types are errors). A missing
+        or corrupt config.json is rebuilt from history.jsonl (the start config plus every
+        recorded change), with a note.
+
+        Raises:
+            D3FastError: config.json unusable and history.jsonl holds no config.
+        """
         cfg = Config()
-        apply_updates(cfg, read_json(self.config_path, "run config"), "", from_string=False)
+        apply_updates(cfg, self._recorded("config", self.config_path, self._config_from_history), "",
+                      from_string=False)
         return cfg
 
+    def read_manifest(self) -> dict[str, Any]:
+        """manifest.json, rebuilt from history.jsonl's start line when missing or corrupt."""
+        return self._recorded("manifest", self.manifest_path, lambda: self._start_record().get("manifest"))
+
+    def _recorded(self, what: str, path: Path, rebuild: Callable[[], Any]) -> Any:
+        if not path.exists():
+            problem = "is missing"
+        else:
+            try:
+                value = json.loads(path.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                problem = f"is corrupt ({e})"
+            else:
+                if isinstance(value, dict):
+                    return value
+                problem = f"holds a JSON {type(value).__name__}, not a mapping"
+        value = rebuild() if self.history_path.exists() else None
+        if not isinstance(value, dict):
+            raise D3FastError(f"{path} {problem}, and history.jsonl does not record the run's {what} to rebuild it: "
+                              "this run cannot be resumed (its checkpoint still exports with `d3fast export`)")
+        atomic_write_json(path, value)
+        tqdm.write(f"note: {path} {problem}; rebuilt it from {self.history_path}")
+        return value
+
+    def _start_record(self) -> dict[str, Any]:
+        return next((r for r in self.history() if r.get("event") == "start"), {})
+
+    def _config_from_history(self) -> dict[str, Any] | None:
+        records = self.history()
+        starts = [i for i, r in enumerate(records) if r.get("event") == "start" and "config" in r]
+        if not starts:
+            return None
+        config = copy.deepcopy(records[starts[-1]]["config"])
+        for record in records[starts[-1] + 1 :]:
+            for key, (_, new) in record.get("changes", {}).items():
+                *section, name = key.split(".")
+                (config[section[0]] if section else config)[name] = new
+        return config
+
     def start(self, cfg: Config, manifest: dict[str, Any]) -> None:
-        """Record a new run: config, manifest, and the first history line."""
+        """Record a new run: config, manifest, and the first history line (which holds both)."""
         atomic_write_json(self.config_path, to_dict(cfg))
         atomic_write_json(self.manifest_path, manifest)
-        self._history({"event": "start", "step": 0, "changes": {}})
+        self._history({"event": "start", "step": 0, "changes": {}, "config": to_dict(cfg), "manifest": manifest},
+                      fresh=True)
 
     def resume(self, cfg: Config, step: int) -> dict[str, list[Any]]:
         """Check `cfg` against the recorded config, record the keys it changes (config.json
@@ -144,10 +198,33 @@ class Run:
     def history(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.history_path)
 
-    def _history(self, record: dict[str, Any]) -> None:
+    def _history(self, record: dict[str, Any], fresh: bool = False) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "command": _command()}
-        lines = [json.dumps(r) for r in self.history()] + [json.dumps(record)]
-        atomic_write_text(self.history_path, "\n".join(lines) + "\n")
+        lines = [] if fresh else [json.dumps(r) for r in self.history()]
+        atomic_write_text(self.history_path, "\n".join([*lines, json.dumps(record)]) + "\n")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run exclusively while distilling in it: an flock on `.lock`, which the
+        OS releases when the process ends, however it ends.
+
+        Raises:
+            D3FastError: another process holds it (its pid is named).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise D3FastError(f"{self.path} is in use by another d3fast process (pid {holder}); "
+                                  "wait for it to finish or stop it first") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
 
     # ---- state
 
@@ -162,23 +239,22 @@ class Run:
     def load_state(self, device: torch.device | str = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.checkpoint_path, device)
 
-    def load_distilled(self, device: torch.device | str = "cpu") -> tuple[Distilled, Config, int]:
-        """(distilled object, config, step) of the latest checkpoint.
+    def load_distilled(self, device: torch.device | str = "cpu") -> tuple[Distilled, int]:
+        """(distilled object, step) of the latest checkpoint (the config is not needed).
 
         Raises:
             D3FastError: no or a corrupt checkpoint, or a distilled object holding NaN or inf.
         """
-        cfg = self.read_config()
         state = self.load_state(device)
         d = Distilled.from_state_dict(state, device)
-        bad = nonfinite_tensors(d.named_tensors())
-        if bad:
+        problem = distilled_problems(d)
+        if problem is not None:
+            what, detail = problem
             raise D3FastError(
-                f"the checkpoint of {self.path} (step {state['step']}) holds non-finite values in "
-                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: it cannot be used. Resume from an earlier "
-                "run or start a new one with lower learning rates"
+                f"the checkpoint of {self.path} (step {state['step']}) cannot be used: {what} ({detail}). "
+                "Start a new run with lower learning rates"
             )
-        return d, cfg, int(state["step"])
+        return d, int(state["step"])
 
     # ---- metrics
 
@@ -193,6 +269,11 @@ class Run:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.metrics_path, torn_ok=True)
+
+    def hours_at(self, step: int) -> float:
+        """Device-hours the run's metrics record up to `step` (0 before the first)."""
+        return next((float(r.get("device_hours", 0.0)) for r in reversed(self.read_metrics())
+                     if r.get("step") == step), 0.0)
 
 
 class MetricsWriter:

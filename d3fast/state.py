@@ -32,28 +32,52 @@ from d3fast.io import atomic_path
 CKPT_FORMAT = 1
 
 
-class NonFiniteError(D3FastError):
-    """A loss term (`kind` "loss") or a state tensor ("state") became NaN or inf in the
-    update `where`; `detail` names the terms with their values, or the tensors."""
+# exp(logvar) (the KL term) overflows float32 above 88.7, and sampling takes exp(logvar / 2):
+# a log-variance past this bound is finite in the checkpoint but makes every later step NaN
+MAX_LOGVAR = 88.0
 
-    def __init__(self, kind: str, where: str, detail: str) -> None:
-        self.kind, self.where, self.detail = kind, where, detail
-        super().__init__(f"non-finite {kind} in the {where}: {detail}")
+
+class DivergedError(D3FastError):
+    """The update `where` produced a loss or a state that training cannot continue from:
+    `what` says which kind ("non-finite loss", "non-finite state", "overflowing state",
+    "non-positive student lr"), `detail` names the terms, tensors or values."""
+
+    def __init__(self, what: str, where: str, detail: str) -> None:
+        self.what, self.where, self.detail = what, where, detail
+        super().__init__(f"{what} in the {where}: {detail}")
 
 
 def check_finite(where: str, **terms: torch.Tensor) -> None:
-    """Raise NonFiniteError when a loss term holds NaN or inf (before its backward)."""
+    """Raise DivergedError when a loss term holds NaN or inf (before its backward)."""
     bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v).all()}
     if bad:
-        raise NonFiniteError("loss", where, str(bad))
+        raise DivergedError("non-finite loss", where, str(bad))
+
+
+def distilled_problems(d: Distilled) -> tuple[str, str] | None:
+    """(what, detail) when the distilled object cannot be trained or used: a NaN or inf
+    tensor, a log-variance whose exp overflows, or a student lr <= 0; else None."""
+    bad = nonfinite_tensors(d.named_tensors())
+    if bad:
+        return "non-finite state", ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+    top = float(d.latents[..., 1].detach().max())
+    if top > MAX_LOGVAR:
+        return "overflowing state", f"latent log-variance up to {top:.4g} (exp overflows float32 above {MAX_LOGVAR:g})"
+    if not d.student_lr > 0:
+        return "non-positive student lr", f"{d.student_lr:.4g} (distill.lr_lr moved alpha below zero)"
+    return None
 
 
 def check_state(state: TrainState, where: str) -> None:
-    """Raise NonFiniteError when an optimiser step left a state tensor non-finite (a finite
-    loss can still have inf gradients, or an lr large enough to overflow)."""
+    """Raise DivergedError when an optimiser step left the state unusable: any NaN or inf
+    tensor (a finite loss can still have inf gradients), an overflowing log-variance, or a
+    non-positive student lr."""
     bad = state.nonfinite()
     if bad:
-        raise NonFiniteError("state", where, ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+        raise DivergedError("non-finite state", where, ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    problem = distilled_problems(state.distilled)
+    if problem is not None:
+        raise DivergedError(problem[0], where, problem[1])
 
 
 def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

@@ -88,8 +88,8 @@ def test_resume_equals_uninterrupted(home, tmp_path):
     cfg.distill.steps = 3
     resumed = distill(cfg, Run.at(tmp_path / "b"), resume=True, progress=False)
     assert resumed.step == 3
-    a, _, _ = Run(tmp_path / "a").load_distilled()
-    b, _, _ = Run(tmp_path / "b").load_distilled()
+    a, _ = Run(tmp_path / "a").load_distilled()
+    b, _ = Run(tmp_path / "b").load_distilled()
     assert torch.equal(a.latents, b.latents) and torch.equal(a.alpha, b.alpha)
     for (k, va), vb in zip(a.decoder.state_dict().items(), b.decoder.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
@@ -109,8 +109,8 @@ def test_flat_and_naive_runs_agree_with_several_students(home, tmp_path):
     for mode in ("flat", "naive"):
         cfg = cfg_of("distill.ppc=2", "distill.steps=1", "distill.students_per_step=2", f"distill.unroll={mode}")
         distill(cfg, Run.at(tmp_path / mode), progress=False)
-    flat, _, _ = Run(tmp_path / "flat").load_distilled()
-    naive, _, _ = Run(tmp_path / "naive").load_distilled()
+    flat, _ = Run(tmp_path / "flat").load_distilled()
+    naive, _ = Run(tmp_path / "naive").load_distilled()
     torch.testing.assert_close(flat.latents, naive.latents, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(flat.alpha, naive.alpha, rtol=1e-5, atol=1e-9)
     mtt = {m: [json.loads(ln)["mtt"] for ln in (tmp_path / m / "metrics.jsonl").read_text().splitlines()]
@@ -172,7 +172,7 @@ def test_missing_experts_epochs_is_explained(home, tmp_path):
 
 def test_export_round_trip(home, tmp_path):
     distill(cfg_of("distill.ppc=2", "distill.steps=1"), Run.at(tmp_path / "r"), progress=False)
-    d, _, _ = Run(tmp_path / "r").load_distilled()
+    d, _ = Run(tmp_path / "r").load_distilled()
     export(d, tmp_path / "d.safetensors")
     e = load(tmp_path / "d.safetensors")
     assert torch.equal(d.latents, e.latents) and e.ppc == 2 and e.classes == d.classes

@@ -30,7 +30,7 @@ def test_evaluate_writes_report_with_baselines(run):
     res = r["results"]["convnet"]
     assert set(res) == {"d3", "random_same_count", "random_same_storage"}
     assert res["random_same_count"]["images_per_class"] == 2  # = PPC
-    d, _, _ = Run(run).load_distilled()
+    d, _ = Run(run).load_distilled()
     min_class = min(len(i) for i in load_dataset("digits", "train").class_indices())
     assert res["random_same_storage"]["images_per_class"] == min(int(d.images_per_class_equivalent()), min_class)
     for v in res.values():
@@ -43,7 +43,7 @@ def test_evaluate_writes_report_with_baselines(run):
 
 
 def test_students_see_fresh_balanced_samples(run):
-    d, _, _ = Run(run).load_distilled()
+    d, _ = Run(run).load_distilled()
     batches = distilled_batches(d, samples_per_class=6, batch_size=25, bn="batch")
     g = torch.Generator().manual_seed(0)
     first = list(batches(g))
@@ -58,7 +58,7 @@ def test_students_see_fresh_balanced_samples(run):
 
 
 def test_sample_grid(run, tmp_path):
-    d, _, _ = Run(run).load_distilled()
+    d, _ = Run(run).load_distilled()
     out = sample_grid(d, tmp_path / "grid.png", samples=4)
     im = Image.open(out)
     scale = 96 // 32

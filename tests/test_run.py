@@ -110,37 +110,61 @@ def test_nan_anywhere_keeps_the_last_checkpoint_and_the_run_resumable(
     # resumable, and since the bad step was never saved, equal to the uninterrupted run
     res = distill(run.read_config(), run, resume=True, progress=False)
     assert res.step == STEPS
-    d, _, _ = run.load_distilled()
+    d, _ = run.load_distilled()
     assert torch.equal(d.latents, straight.latents) and torch.equal(d.alpha, straight.alpha)
 
 
 def test_the_issue_example_a_huge_lr_stops_before_any_nan_is_saved(home, tmp_path):
-    # lr_latent 1e8: step 1's MTT update throws the latents far out; its MMD update then makes
-    # them NaN (C++ MMD: a finite loss with inf gradients) or its loss NaN (the reference)
+    # lr_latent 1e8: step 1's MTT update throws the log-variances past exp's float32 range
     run = Run.at(tmp_path / "r")
-    with pytest.raises(D3FastError, match=r"non-finite (state at step 1: latents|loss at step 1: \{'mmd': nan\})") as err:
+    with pytest.raises(D3FastError, match="overflowing state at step 1: latent log-variance") as err:
         distill(cfg_of("distill.lr_latent=1e8", "distill.steps=6"), run, progress=False)
-    assert "no checkpoint was written yet" in str(err.value) and not run.has_checkpoint()
+    assert "in the MTT update" in str(err.value) and "no checkpoint was written yet" in str(err.value)
+    assert not run.has_checkpoint()
 
 
-def _bad_run(tmp_path) -> Run:
-    """A run whose checkpoint holds NaN latents, as an older d3fast could leave behind."""
+@pytest.mark.parametrize("bad, what", [
+    ("distill.lr_latent=1e4", "overflowing state"),  # finite, but exp(logvar) overflows
+    ("distill.lr_lr=1e9", "non-positive student lr"),  # finite, but gradient ascent
+])
+def test_finite_but_unusable_state_is_never_saved_and_the_hint_resumes(home, tmp_path, bad, what):
+    res = _cli("distill", "--dataset", "digits", "--runs-dir", str(tmp_path), "--steps", "3", "--no-auto",
+               sets=["--set", bad])
+    assert res.exit_code == 2 and what in res.output, res.output
+    run = Run(next((tmp_path / "digits").iterdir()))
+    if run.has_checkpoint():
+        run.load_distilled()  # whatever was saved is usable
+    hint = res.output[res.output.index("d3fast distill --resume"):].split()
+    assert hint[3] == str(run.path)
+    res = CliRunner().invoke(cli, hint[1:])
+    assert res.exit_code == 0 and "reached step 3/3" in res.output, res.output
+    assert len(run.load_distilled()) == 2
+
+
+def _bad_run(tmp_path, key, value) -> Run:
+    """A run whose checkpoint holds a bad value, as an older d3fast could leave behind."""
     run = Run.at(tmp_path / "bad")
     distill(cfg_of("distill.steps=1"), run, progress=False)
     state = load_checkpoint(run.checkpoint_path)
-    state["latents"][0, 0, 0] = float("nan")
+    state[key].view(-1)[0] = value
     torch.save(state, run.checkpoint_path)
     return run
 
 
 @pytest.mark.parametrize("command", ["export", "sample", "evaluate"])
-def test_commands_refuse_a_non_finite_run(home, tmp_path, command):
-    run = _bad_run(tmp_path)
+@pytest.mark.parametrize("key, value, says", [
+    ("latents", float("nan"), "non-finite state (latents)"),
+    ("alpha", -5.0, "non-positive student lr"),  # lr = leaky_relu(-5) + 1e-4 < 0
+])
+def test_commands_refuse_an_unusable_run(home, tmp_path, command, key, value, says):
+    run = _bad_run(tmp_path, key, value)
     args = [command, str(run.path)] + (["--out", str(tmp_path / "x")] if command != "evaluate" else [])
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, res.output
-    assert "holds non-finite values in latents" in res.output and "Traceback" not in res.output
+    assert f"cannot be used: {says}" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x").exists()
+    res = _resume(run, "--steps", "2")
+    assert res.exit_code == 2 and f"cannot be trained on: {says}" in res.output, res.output
 
 
 def _cli(*args, sets=()):
@@ -263,3 +287,89 @@ def test_torn_metrics_line_is_dropped_on_resume(home, tmp_path):
     res = distill(cfg, run, resume=True, progress=False)
     assert res.step == 3 and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
     json.loads(run.metrics_path.read_text().splitlines()[-1])
+
+
+def test_an_empty_resume_argument_is_an_error_not_a_new_run(home, tmp_path):
+    res = CliRunner().invoke(cli, ["distill", "--resume", "", "--runs-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "no run given" in res.output, res.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_refused_dataset_change_prepares_nothing(home, tmp_path):
+    from d3fast.paths import data_dir
+
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    res = _resume(run, "--dataset", "cifar10")
+    assert res.exit_code == 2 and "cannot change data.dataset" in res.output, res.output
+    assert not data_dir("cifar10").exists()
+
+
+def test_steps_below_the_reached_step_are_refused_and_not_recorded(home, tmp_path):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=2"), run, progress=False)
+    res = _resume(run, "--steps", "1")
+    assert res.exit_code == 2 and "below the step this run reached (2)" in res.output, res.output
+    assert run.read_config().distill.steps == 2 and len(run.history()) == 1
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "list", "deleted"])
+def test_config_and_manifest_are_rebuilt_from_the_history(home, tmp_path, damage):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    assert _resume(run, "--steps", "2", "--set", "distill.kl_weight=0.5").exit_code == 0
+    config, manifest = run.config_path.read_bytes(), run.manifest_path.read_bytes()
+    for path in (run.config_path, run.manifest_path):
+        if damage == "deleted":
+            path.unlink()
+        else:
+            path.write_text('{"data": ' if damage == "corrupt" else "[]")
+    res = _resume(run, "--steps", "3")
+    assert res.exit_code == 0 and "rebuilt it from" in res.output and "reached step 3/3" in res.output, res.output
+    assert json.loads(run.manifest_path.read_bytes()) == json.loads(manifest)
+    rebuilt = json.loads(run.config_path.read_bytes())
+    assert rebuilt["distill"]["kl_weight"] == 0.5 and rebuilt == {**json.loads(config), "distill": {
+        **json.loads(config)["distill"], "steps": 3}}
+
+
+def test_without_a_history_a_lost_config_is_a_clear_error(home, tmp_path):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    run.history_path.unlink()
+    run.config_path.write_text("[]")
+    res = _resume(run, "--steps", "2")
+    assert res.exit_code == 2 and "holds a JSON list" in res.output and "cannot be resumed" in res.output
+    res = CliRunner().invoke(cli, ["export", str(run.path), "--out", str(tmp_path / "d.safetensors")])
+    assert res.exit_code == 0, res.output  # as the message says: the checkpoint still exports
+
+
+def test_a_run_in_progress_is_locked_against_a_second_process(home, tmp_path):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    code = ("import sys; from d3fast.run import Run\n"
+            f"cm = Run({str(run.path)!r}).lock(); cm.__enter__(); print('locked', flush=True); sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = _resume(run, "--steps", "2")
+        assert res.exit_code == 2 and f"in use by another d3fast process (pid {holder.pid})" in res.output, res.output
+        assert load_checkpoint(run.checkpoint_path)["step"] == 1 and len(run.history()) == 1
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # the holder is gone: the OS released its lock
+    res = _resume(run, "--steps", "2")
+    assert res.exit_code == 0 and "reached step 2/2" in res.output, res.output
+
+
+def test_device_hours_carry_over_to_a_copied_run(home, tmp_path):
+    import shutil
+
+    run = Run.at(tmp_path / "a")
+    distill(cfg_of("distill.steps=2"), run, progress=False)
+    copy = Run(shutil.copytree(run.path, tmp_path / "b"))  # another path: the ledger knows nothing of it
+    cfg = copy.read_config()
+    cfg.distill.steps = 3
+    distill(cfg, copy, resume=True, progress=False)
+    hours = [m["device_hours"] for m in copy.read_metrics()]
+    assert hours[2] > hours[1] > hours[0] > 0

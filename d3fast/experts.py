@@ -28,7 +28,8 @@ import hashlib
 import json
 import shlex
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from d3fast.io import (
     atomic_write_json,
     load_metadata,
     load_tensors,
+    locked,
     remove_stale_temps,
     save_tensors,
 )
@@ -141,10 +143,29 @@ def read_expert_meta(path: Path) -> dict[str, Any]:
 
 
 def read_expert(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An expert's tensors and metadata, every epoch's row checked against its CRC-32."""
     tensors, meta = load_tensors(path, "expert trajectory")
     if meta.get("format") != TRAJ_FORMAT or "trajectory" not in tensors:
         raise D3FastError(f"{path} is not a d3fast expert trajectory (format {meta.get('format')})")
+    traj = tensors["trajectory"]
+    _check_rows(path, meta, range(len(traj)), list(traj))
     return tensors, meta
+
+
+def _row_crc(row: torch.Tensor) -> int:
+    return zlib.crc32(row.detach().contiguous().numpy().data)
+
+
+def _check_rows(path: Path, meta: dict[str, Any], epochs: Iterable[int], rows: list[torch.Tensor]) -> None:
+    """Refuse rows whose CRC-32 differs from the one written with them (files written before
+    d3fast recorded CRCs carry none and are read as they are)."""
+    crcs = meta.get("row_crc32")
+    if crcs is None:
+        return
+    bad = [e for e, row in zip(epochs, rows, strict=True) if e >= len(crcs) or _row_crc(row) != crcs[e]]
+    if bad:
+        raise D3FastError(f"expert trajectory {path} is corrupt: epoch(s) {bad} fail their CRC check (bit rot or "
+                          "an overwrite); delete it and re-run `d3fast experts` to train it again")
 
 
 def write_expert(
@@ -153,12 +174,15 @@ def write_expert(
 ) -> None:
     """One expert's file, atomically: `snapshots` [epochs + 1, P] float32 (parameters at init
     and after every epoch), optional `buffers` [B], and the metadata `read_expert_meta` reads."""
+    snapshots = snapshots.float().contiguous()
     tensors = {"trajectory": snapshots}
     if buffers is not None and buffers.numel():
         tensors["buffers"] = buffers
     meta = {
         "format": TRAJ_FORMAT, "index": index, "seed": seed, "epochs_done": len(snapshots) - 1,
-        "complete": complete, "test_acc": test_acc, "history": history, "param_layout": param_layout, **extra,
+        "complete": complete, "test_acc": test_acc, "history": history, "param_layout": param_layout,
+        # verified whenever a row is read back (ExpertBank.rows, read_expert)
+        "row_crc32": [_row_crc(row) for row in snapshots], **extra,
     }
     save_tensors(path, tensors, meta)
 
@@ -173,15 +197,16 @@ class ExpertBank:
 
         self._open = safe_open
         self.folder, self.need_epochs = folder, need_epochs
+        given = files is not None
         if files is None:
-            files = [p for p in sorted(folder.glob("expert_*.safetensors"))
-                     if read_expert_meta(p)["epochs_done"] >= need_epochs]
-        else:  # a given list (a resumed run's) must hold every file, each long enough
-            short = [p.name for p in files if read_expert_meta(p)["epochs_done"] < need_epochs]
-            if short:
-                raise D3FastError(f"expert trajectories {', '.join(short)} in {folder} have fewer than the "
-                                  f"{need_epochs} epochs distillation needs")
-        self.files = files
+            files = sorted(folder.glob("expert_*.safetensors"))
+        metas = {p: read_expert_meta(p) for p in files}
+        short = [p.name for p in files if metas[p]["epochs_done"] < need_epochs]
+        if short and given:  # a given list (a resumed run's) must hold every file, each long enough
+            raise D3FastError(f"expert trajectories {', '.join(short)} in {folder} have fewer than the "
+                              f"{need_epochs} epochs distillation needs")
+        self.files = [p for p in files if metas[p]["epochs_done"] >= need_epochs]
+        self._metas = [metas[p] for p in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -191,7 +216,10 @@ class ExpertBank:
         with self._open(str(self.files[index]), framework="pt") as f:
             traj = f.get_slice("trajectory")
             last = traj.get_shape()[0] - 1
-            return [traj[min(e, last) if e >= 0 else last] for e in epochs]
+            picked = [min(e, last) if e >= 0 else last for e in epochs]
+            rows = [traj[e] for e in picked]
+        _check_rows(self.files[index], self._metas[index], picked, rows)
+        return rows
 
 
 def need_epochs(cfg: Config) -> int:
@@ -316,32 +344,49 @@ def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
     augment = DSA(cfg.augment) if cfg.experts.augment else None
     e_cfg = cfg.experts
 
-    todo: list[tuple[int, int]] = []  # (index, epochs already done)
-    for i in range(e_cfg.num_experts):
-        path = expert_path(out, i)
-        if path.exists():
-            meta = read_expert_meta(path)
-            if meta["complete"] and meta["epochs_done"] >= e_cfg.epochs:
-                continue
-            todo.append((i, min(meta["epochs_done"], e_cfg.epochs)))
-        else:
-            todo.append((i, 0))
-
+    todo = [(i, done) for i in range(e_cfg.num_experts) if (done := _epochs_to_resume(out, i, e_cfg.epochs)) is not None]
     total = sum(e_cfg.epochs - done for _, done in todo)
     bar = tqdm(total=total, desc="experts", unit="ep", disable=not progress, dynamic_ncols=True)
     t_start, images_seen, epochs_run = time.perf_counter(), 0, 0
     try:
         with ledger.track("experts", ds, cfg.preset, device, steps_target=total, run=str(out.resolve())) as meter:
-            for n_done, (i, _) in enumerate(todo):
-                epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, f"{n_done + 1}/{len(todo)}", meter)
-                epochs_run += epochs
-                images_seen += imgs
-                write_manifest(cfg, out, device)
+            # each expert under its own lock: concurrent jobs split the experts between them;
+            # the ones another job holds are waited for last, and trained if it died
+            deferred: list[tuple[int, int]] = []
+            for wait, batch in ((False, todo), (True, deferred)):
+                for i, _ in batch:
+                    with locked(out / f"expert_{i:04d}.lock", wait=wait) as held:
+                        if not held:
+                            deferred.append((i, 0))
+                            continue
+                        if _epochs_to_resume(out, i, e_cfg.epochs) is None:  # another job finished it
+                            continue
+                        label = f"{i + 1}/{e_cfg.num_experts}"
+                        epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, label, meter)
+                    epochs_run += epochs
+                    images_seen += imgs
+                    write_manifest(cfg, out, device)
     finally:
         bar.close()
     seconds = time.perf_counter() - t_start
     manifest = write_manifest(cfg, out, device)
     return ExpertsResult(out, manifest, epochs_run, seconds, images_seen / seconds if epochs_run else 0.0)
+
+
+def _epochs_to_resume(out: Path, index: int, epochs: int) -> int | None:
+    """Epochs expert `index` already holds when it needs (more) training to reach `epochs`;
+    None when it needs none. An interrupted expert holding more epochs than asked is left
+    as it is, with a note: lowering --epochs never deletes epochs."""
+    path = expert_path(out, index)
+    if not path.exists():
+        return 0
+    meta = read_expert_meta(path)
+    done = meta["epochs_done"]
+    if done > epochs and not meta["complete"]:
+        tqdm.write(f"note: {path.name} holds {done} epochs of an interrupted run; left as it is "
+                   f"(`--epochs {done}` or more finishes it)")
+        return None
+    return None if meta["complete"] and done >= epochs else done
 
 
 def _train_one(
@@ -363,7 +408,7 @@ def _train_one(
     history: list[dict[str, float]] = []
     if path.exists():
         tensors, meta = read_expert(path)
-        snapshots = list(tensors["trajectory"][: e_cfg.epochs + 1])
+        snapshots = list(tensors["trajectory"])
         history = meta["history"][: len(snapshots) - 1]
         load_flat_params(net, snapshots[-1])
         if "buffers" in tensors:

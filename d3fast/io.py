@@ -1,17 +1,23 @@
-"""Atomic file writes and safe loads.
+"""Atomic file writes, safe loads, locks and temporary files.
 
 Every file d3fast writes goes to a temporary name in the same directory and is renamed
-into place, so a crash or Ctrl-C leaves either the old file or the new one, never a torn
-one. Tensors are stored as safetensors (no pickle).
+into place, so a crash, Ctrl-C or a full disk leaves either the old file or the new one,
+never a torn one; a failed write becomes one D3FastError naming the path and the free
+space. Temporary names carry their writer (host and pid), so a cleanup removes only the
+temporaries of processes that are gone, never those of a live job sharing the directory.
+Tensors are stored as safetensors (no pickle).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -38,9 +44,85 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        failure = write_failure(path, e)
+        if failure is not None:
+            raise failure from None
         raise
+
+
+# what the writers d3fast uses say when the disk fills or a size limit is hit: OSError with
+# these errnos (numpy, json), SafetensorError "os error 28", torch's zip writer "unexpected pos"
+_FULL_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "the file size limit was reached"}
+_FULL_TEXTS = ("no space left", "os error 28", "os error 122", "os error 27", "file too large", "unexpected pos",
+               "failed writing", "file write failed")
+
+
+def write_failure(path: str | os.PathLike, e: BaseException) -> D3FastError | None:
+    """A D3FastError for an exception that means "could not write `path`" (disk full, quota,
+    size limit), naming the free space; None for any other exception."""
+    if isinstance(e, D3FastError | KeyboardInterrupt | SystemExit):
+        return None
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        why = _FULL_ERRNOS[e.errno]
+    elif any(t in str(e).lower() for t in _FULL_TEXTS):
+        why = f"the write failed ({str(e).splitlines()[0][:120]})"
+    else:
+        return None
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return D3FastError(f"could not write {path}: {why}; {free}. The previous {path.name} is intact, if there "
+                       "was one: free some space and run the command again")
+
+
+def owner_tag() -> str:
+    """Who writes a temporary: a short hash of the host and the pid ("3f9a1c2e-12345")."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{host}-{os.getpid()}"
+
+
+def owner_gone(tag: str) -> bool:
+    """Whether the writer named by `tag` (owner_tag, or a bare pid of older versions) has
+    ended. A writer on another host is never judged gone: its pid means nothing here."""
+    host, _, pid = tag.rpartition("-")
+    if not pid.isdigit():
+        return False
+    if host and host != owner_tag().split("-")[0]:
+        return False
+    return not pid_alive(int(pid))
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, wait: bool = False) -> Iterator[bool]:
+    """Hold an flock on `path` (created if missing), released by the OS however the process
+    ends. Yields True when held; with wait=False, False when another process holds it. The
+    holder's pid is written into the file for messages (`lock_holder`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield True
+    finally:
+        os.close(fd)
+
+
+def lock_holder(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _umask() -> int:
@@ -70,6 +152,25 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise D3FastError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise D3FastError(f"{what} {path} is corrupt ({e}); delete it and re-run") from None
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def verify_sha256(path: str | os.PathLike, digest: str, what: str, fix: str) -> None:
+    """Check that `path` hashes to `digest`, once per process for an unchanged file (same
+    size and mtime), so a flipped byte is refused before anything is read from it.
+
+    Raises:
+        D3FastError: the file differs from what was written ("corrupt"), with `fix`.
+    """
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(key) == digest:
+        return
+    if sha256_file(path) != digest:
+        raise D3FastError(f"{what} {path} does not match the sha256 recorded when it was written (corrupt); {fix}")
+    _VERIFIED[key] = digest
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -144,19 +245,25 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def temp_dir(final: Path) -> Path:
+    """The name a directory is built under before `replace_dir` swaps it in."""
+    return final.with_name(f"{final.name}.tmp-{owner_tag()}")
+
+
 def remove_stale_temps(folder: Path) -> None:
-    """Remove temporary files and directories that a killed process left in `folder`:
-    `.<name>.*.tmp` files from `atomic_path`, and `<name>.tmp-<pid>` directories whose
-    process no longer runs."""
+    """Remove the temporaries that ended writers left in `folder`: `.<name>.<owner>.*.tmp`
+    files from `atomic_path` and `<name>.tmp-<owner>` directories from `temp_dir`. Those of
+    live writers, and of writers on other hosts, stay."""
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
-            entry.unlink(missing_ok=True)
-        elif ".tmp-" in entry.name and entry.is_dir():
-            pid = entry.name.rsplit(".tmp-", 1)[1]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+        name = entry.name
+        if name.startswith(".") and name.endswith(".tmp") and entry.is_file():
+            parts = name[: -len(".tmp")].rsplit(".", 2)  # [".<name>", owner, random]
+            if len(parts) == 3 and owner_gone(parts[1]):
+                entry.unlink(missing_ok=True)
+        elif ".tmp-" in name and entry.is_dir() and owner_gone(name.rsplit(".tmp-", 1)[1]):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

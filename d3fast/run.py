@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from d3fast.config import Config, apply_updates, resume_changes, to_dict
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
-from d3fast.io import atomic_write_json, atomic_write_text
+from d3fast.io import atomic_write_json, atomic_write_text, lock_holder, locked, write_failure
 from d3fast.state import TrainState, distilled_problems, load_checkpoint, save_checkpoint
 
 
@@ -211,20 +210,11 @@ class Run:
         Raises:
             D3FastError: another process holds it (its pid is named).
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise D3FastError(f"{self.path} is in use by another d3fast process (pid {holder}); "
-                                  "wait for it to finish or stop it first") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with locked(self.path / ".lock") as held:
+            if not held:
+                raise D3FastError(f"{self.path} is in use by another d3fast process (pid "
+                                  f"{lock_holder(self.path / '.lock')}); wait for it to finish or stop it first")
             yield
-        finally:
-            os.close(fd)
 
     # ---- state
 
@@ -262,10 +252,10 @@ class Run:
     def metrics(self, step: int) -> Iterator[MetricsWriter]:
         """Append per-step metrics after `step`: lines of later steps (written after the
         checkpoint being resumed) and a torn last line (a crash mid-write) are dropped."""
-        keep = [r for r in _read_jsonl(self.metrics_path, torn_ok=True) if r.get("step", 0) <= step]
+        keep = [r for r in _read_jsonl(self.metrics_path, torn_ok=True, note=True) if r.get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
         with open(self.metrics_path, "a") as f:
-            yield MetricsWriter(f)
+            yield MetricsWriter(f, self.metrics_path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.metrics_path, torn_ok=True)
@@ -277,15 +267,21 @@ class Run:
 
 
 class MetricsWriter:
-    def __init__(self, f: IO[str]) -> None:
-        self._f = f
+    """Appends one JSON line per step, flushed; a full disk is one D3FastError (the line may
+    be torn: the next resume drops it)."""
+
+    def __init__(self, f: IO[str], path: Path) -> None:
+        self._f, self._path = f, path
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise write_failure(self._path, e) or e from None
 
 
-def _read_jsonl(path: Path, torn_ok: bool = False) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, torn_ok: bool = False, note: bool = False) -> list[dict[str, Any]]:
     """The records of a JSON-lines file ([] when missing). With torn_ok, a last line cut
     short by a crash is dropped; any other bad line is an error naming the file."""
     if not path.exists():
@@ -296,9 +292,14 @@ def _read_jsonl(path: Path, torn_ok: bool = False) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise json.JSONDecodeError("not a JSON object", line, 0)
+            out.append(record)
         except json.JSONDecodeError:
             if torn_ok and i == len(lines) - 1:
+                if note:
+                    tqdm.write(f"note: dropped the torn last line of {path} (a crash or a full disk mid-write)")
                 break
             raise D3FastError(f"{path} line {i + 1} is corrupt; delete or repair that line") from None
     return out

@@ -189,14 +189,34 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint's state dict, loaded with weights_only=True onto `device`."""
+    """A checkpoint's state dict, loaded with weights_only=True onto `device`, after every
+    record's CRC-32 in the zip (torch.save writes them; torch.load does not check them) has
+    been verified: a flipped byte is refused, not trained on.
+
+    Raises:
+        D3FastError: missing, truncated, corrupt (a CRC mismatch), holding objects other
+            than tensors and plain values, or not a d3fast checkpoint.
+    """
     if not path.exists():
         raise D3FastError(f"no checkpoint at {path}")
     try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise D3FastError(f"checkpoint {path} is corrupt or truncated (not a readable zip: {type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise D3FastError(f"checkpoint {path} is corrupt: its record {bad!r} fails its CRC check (bit rot or an "
+                          "overwrite); resume from a copy, or start the run again")
+    try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
-        first_line = (str(e).splitlines() or [""])[0][:200]
-        raise D3FastError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first_line})") from None
+    except pickle.UnpicklingError:
+        raise D3FastError(
+            f"{path} was refused: it holds Python objects other than tensors and plain values, which only a "
+            "load that runs code could read. A d3fast checkpoint never does; do not load this file"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else ""
+        raise D3FastError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise D3FastError(f"{path} is not a d3fast checkpoint")
     return state

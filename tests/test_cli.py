@@ -1,4 +1,5 @@
 import json
+import os
 
 from click.testing import CliRunner
 
@@ -62,16 +63,23 @@ def test_python_dash_m_and_version():
 
 
 def test_stale_temporaries_are_removed(d3fast_home):
-    from d3fast.io import remove_stale_temps
+    """Only temporaries whose writer has ended go: a live writer's stay, and so do those of
+    a writer on another host sharing the directory (its pid means nothing here)."""
+    from d3fast.io import atomic_path, owner_tag, remove_stale_temps, temp_dir
 
+    host = owner_tag().split("-")[0]
     folder = d3fast_home / "data"
-    (folder / "digits.tmp-999999999").mkdir(parents=True)  # no such process
-    (folder / ".expert_0001.safetensors.abc.tmp").write_bytes(b"torn")
-    import os
-
-    (folder / f"digits.tmp-{os.getpid()}").mkdir()  # a live writer's directory stays
-    remove_stale_temps(folder)
-    assert sorted(p.name for p in folder.iterdir()) == [f"digits.tmp-{os.getpid()}"]
+    folder.mkdir(parents=True)
+    dead = [f"digits.tmp-{host}-999999999", ".expert_0001.safetensors." + f"{host}-999999999.abc123.tmp"]
+    other_host = [f"digits.tmp-00000000-{os.getpid()}", ".e.safetensors.00000000-999999999.x1.tmp"]
+    live = [temp_dir(folder / "digits").name]
+    for name in dead + other_host + live:
+        (folder / name).mkdir() if ".tmp-" in name else (folder / name).write_bytes(b"torn")
+    with atomic_path(folder / "f.json") as tmp:
+        tmp.write_text("{}")
+        remove_stale_temps(folder)  # this very write's temporary survives
+        assert tmp.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(other_host + live + ["f.json"])
 
 
 def test_atomic_writes_respect_umask(tmp_path):

@@ -30,7 +30,15 @@ from tqdm import tqdm
 from d3fast.data.cache import data_dir, load_split
 from d3fast.data.loader import normalize_uint8
 from d3fast.errors import D3FastError
-from d3fast.io import atomic_write_json, read_json, remove_stale_temps, replace_dir, sha256_file
+from d3fast.io import (
+    atomic_write_json,
+    read_json,
+    remove_stale_temps,
+    replace_dir,
+    sha256_file,
+    temp_dir,
+    verify_sha256,
+)
 
 FFCV_DATASETS = ("imagenette", "imagewoof", "tinyimagenet", "cifar10")
 BETON_FORMAT = "d3fast-beton-1"
@@ -110,7 +118,7 @@ def write_betons(
         except D3FastError:
             pass  # stale or damaged: rewrite below
     remove_stale_temps(out.parent)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = temp_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     manifest: dict[str, Any] = {
@@ -282,7 +290,11 @@ class BetonDataset:
 
 
 def open_beton_split(dataset: str, split: str, device: torch.device, workers: int = 0, seed: int = 0) -> BetonDataset:
+    """A split's beton for streaming, after checking it against the sha256 written with it
+    (once per process per unchanged file: 0.5 s for ImageNette's 465 MB train split)."""
     man = check_betons(dataset, verify_hash=False)
+    verify_sha256(beton_dir(dataset) / f"{split}.beton", man["sha256"][split], "FFCV file",
+                  f"rebuild with `d3fast prepare --dataset {dataset} --format ffcv --force`")
     mean, std = (torch.tensor(man[k], dtype=torch.float32, device=device) for k in ("mean", "std"))
     return BetonDataset(
         path=beton_dir(dataset) / f"{split}.beton", train=split == "train", device=device, mean=mean, std=std,

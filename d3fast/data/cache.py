@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from d3fast.errors import D3FastError
-from d3fast.io import read_json, sha256_file
+from d3fast.io import read_json, sha256_file, verify_sha256
 from d3fast.paths import data_dir
 
 CACHE_FORMAT = 1
@@ -66,8 +66,11 @@ def freshness(cache: Path, fingerprint: str, resolution: int) -> tuple[bool, str
 def load_split(dataset: str, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """(images uint8 [N, C, H, W], labels int64 [N], manifest) of a prepared dataset.
 
-    Raises D3FastError when the dataset is not prepared or its files do not match the
-    manifest's shapes (a cheap check; `d3fast prepare` re-verifies the hashes).
+    A full load (not `mmap`) first checks both files against the sha256 the manifest
+    recorded (once per process per unchanged file): a corrupt cache is refused, not
+    trained on. A memory map (manifest and shape lookups) checks the shapes only.
+
+    Raises D3FastError when the dataset is not prepared or its files are damaged.
     """
     cache = data_dir(dataset)
     manifest = read_manifest(cache)
@@ -77,13 +80,15 @@ def load_split(dataset: str, split: str, mmap: bool = False) -> tuple[np.ndarray
         raise D3FastError(f"unknown split {split!r}; expected one of {SPLITS}")
     xs, ys = array_files(split)
     info = manifest["splits"][split]
+    fix = f"run `d3fast prepare --dataset {dataset} --force`"
     try:
+        if not mmap:
+            for name in (xs, ys):
+                verify_sha256(cache / name, manifest["sha256"][name], f"cache file of {dataset!r}", fix)
         x = np.load(cache / xs, mmap_mode="r" if mmap else None, allow_pickle=False)
         y = np.load(cache / ys, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise D3FastError(
-            f"cache of {dataset!r} is damaged ({e}); run `d3fast prepare --dataset {dataset} --force`"
-        ) from None
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise D3FastError(f"cache of {dataset!r} is damaged ({type(e).__name__}: {e}); {fix}") from None
     c, r = manifest["channels"], manifest["resolution"]
     if x.shape != (info["count"], c, r, r) or x.dtype != np.uint8 or y.shape != (info["count"],):
         raise D3FastError(

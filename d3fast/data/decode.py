@@ -23,7 +23,7 @@ def decode_image(path: str, size: int, channels: int) -> np.ndarray:
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as src:
         src.draft(mode, (size, size))
-        im: Image.Image = src.convert(mode)
+        im: Image.Image = to_8bit(src).convert(mode)
         w, h = im.size
         if min(w, h) != size:
             scale = size / min(w, h)
@@ -36,6 +36,32 @@ def decode_image(path: str, size: int, channels: int) -> np.ndarray:
         arr = np.asarray(im, dtype=np.uint8)
     # [H, W, C] -> [C, H, W]
     return arr.transpose(2, 0, 1).copy() if channels == 3 else arr[None].copy()
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """An 8-bit image (L, RGB, ...) from any Pillow mode, values scaled rather than clipped.
+
+    16-bit greys (I;16*, and I holding values above 255) map 0..65535 to 0..255: Pillow's own
+    convert("L") clips them, so a 16-bit ramp came out 98% white. Floats (F) in [0, 1] are
+    scaled by 255. Alpha (LA, RGBA, PA, palettes with a transparent colour) is composited
+    over white: convert("RGB") would show whatever colour the transparent pixels hold.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        elif mode == "I" and top <= 255:
+            scale = 1.0
+        else:
+            scale = 255.0 / 65535.0
+        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
+    if mode in ("LA", "La", "RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im
 
 
 def decode_chunk(

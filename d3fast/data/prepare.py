@@ -18,16 +18,18 @@ from tqdm import tqdm
 import d3fast
 from d3fast.config import Config
 from d3fast.data.cache import CACHE_FORMAT, SPLITS, array_files, freshness, read_manifest
-from d3fast.data.datasets import get_spec
+from d3fast.data.datasets import DatasetSpec, get_spec
 from d3fast.data.decode import decode_chunk
 from d3fast.data.readers import Source, SplitSource, read_source
 from d3fast.errors import D3FastError
 from d3fast.io import (
     atomic_write_json,
     atomic_write_text,
+    locked,
     remove_stale_temps,
     replace_dir,
     sha256_file,
+    temp_dir,
 )
 from d3fast.paths import data_dir
 
@@ -50,12 +52,22 @@ class PrepareResult:
 def prepare(
     cfg: Config, force: bool = False, progress: bool = True, parallel_min_files: int = PARALLEL_MIN_FILES
 ) -> PrepareResult:
+    """Decode `cfg.data.dataset` into its cache, or reuse the cache when it is up to date.
+    Concurrent calls for one dataset take turns (an flock beside the cache): the second
+    finds the first one's cache instead of decoding again."""
     spec = get_spec(cfg.data.dataset)
+    cache = data_dir(spec.name)
+    with locked(cache.parent / f".{spec.name}.lock", wait=True):
+        return _prepare(cfg, spec, cache, force, progress, parallel_min_files)
+
+
+def _prepare(
+    cfg: Config, spec: DatasetSpec, cache: Path, force: bool, progress: bool, parallel_min_files: int
+) -> PrepareResult:
     t0 = time.perf_counter()
     source = read_source(spec, cfg.data.data_path)
     for note in source.notes:
         tqdm.write(f"note: {note}")
-    cache = data_dir(spec.name)
     fresh, reason = freshness(cache, source.fingerprint, spec.resolution)
     manifest = read_manifest(cache) if fresh and not force else None
     if manifest is not None:
@@ -64,7 +76,7 @@ def prepare(
         tqdm.write(f"re-preparing {spec.name}: {reason}")
 
     remove_stale_temps(cache.parent)
-    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    tmp = temp_dir(cache)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     import torch

@@ -17,6 +17,7 @@ Ctrl-C exits with 130 after saving what was finished.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -27,6 +28,9 @@ from d3fast.errors import D3FastError
 
 
 class _Group(click.Group):
+    """Expected failures (D3FastError) print one `error:` line and exit 2; anything else
+    prints one line naming the file that holds its traceback and exits 1."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -36,6 +40,37 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.secho("interrupted: finished work is saved; re-run the same command to continue", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:
+            if os.environ.get("D3FAST_DEBUG", "0") == "1":
+                raise
+            from d3fast.io import write_failure
+
+            failure = write_failure(getattr(e, "filename", None) or ".", e)
+            if failure is not None:
+                click.secho(f"error: {failure}", fg="red", err=True)
+                sys.exit(2)
+            click.secho(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                        f" (a bug in d3fast; the traceback is in {_crash_report(e)})", fg="red", err=True)
+            sys.exit(1)
+
+
+def _crash_report(e: BaseException) -> str:
+    """Write the traceback of `e` under <home>/logs/; returns the file's path."""
+    import traceback
+
+    from d3fast.io import atomic_write_text
+    from d3fast.paths import home
+
+    path = home() / "logs" / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    text = f"d3fast {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(e))
+    try:
+        atomic_write_text(path, text)
+    except Exception:  # nowhere to write: the traceback goes to stderr instead
+        sys.stderr.write(text)
+        return "the output above"
+    return str(path)
 
 
 def _config_options(f: Any) -> Any:

@@ -86,7 +86,10 @@ class Distilled:
         """Inverse of `state_dict` (also reads the distilled part of a whole checkpoint)."""
         meta, classes = json.loads(state["meta"]), json.loads(state["classes"])
         decoder = build_decoder(meta)
-        decoder.load_state_dict(state["decoder"])
+        try:
+            decoder.load_state_dict(state["decoder"])
+        except RuntimeError as e:
+            raise D3FastError(f"the checkpoint's decoder does not match its settings ({str(e).splitlines()[0]})") from None
         return cls(
             latents=state["latents"].to(device), decoder=decoder.to(device), alpha=state["alpha"].to(device),
             num_classes=len(classes), ppc=int(state["ppc"]), classes=classes, meta=meta,
@@ -95,12 +98,16 @@ class Distilled:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy a state dict of the same shapes into this object's tensors, in place (the
         optimisers keep pointing at them)."""
-        if int(state["ppc"]) != self.ppc or json.loads(state["classes"]) != self.classes:
-            raise D3FastError("the checkpoint holds another distilled object (classes or PPC differ)")
+        if int(state["ppc"]) != self.ppc or json.loads(state["classes"]) != self.classes \
+                or state["latents"].shape != self.latents.shape:
+            raise D3FastError("the checkpoint holds another distilled object (classes, PPC or latent size differ)")
         with torch.no_grad():
             self.latents.copy_(state["latents"])
             self.alpha.copy_(state["alpha"])
-        self.decoder.load_state_dict(state["decoder"])
+        try:
+            self.decoder.load_state_dict(state["decoder"])
+        except RuntimeError as e:
+            raise D3FastError(f"the checkpoint's decoder does not match this run ({str(e).splitlines()[0]})") from None
 
 
 def build_decoder(meta: dict[str, Any]) -> Decoder:

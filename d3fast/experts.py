@@ -50,6 +50,7 @@ from d3fast.io import (
     load_metadata,
     load_tensors,
     locked,
+    read_json,
     remove_stale_temps,
     save_tensors,
 )
@@ -139,7 +140,34 @@ def read_expert_meta(path: Path) -> dict[str, Any]:
     meta = load_metadata(path, "expert trajectory")
     if meta.get("format") != TRAJ_FORMAT:
         raise D3FastError(f"{path} is not a d3fast expert trajectory (format {meta.get('format')})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise D3FastError(f"expert trajectory {path} has a damaged header ({problem}); delete it and re-run "
+                          "`d3fast experts` to train it again")
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not integer(meta.get("epochs_done")) or meta["epochs_done"] < 0:
+        return "epochs_done is not a count"
+    if not isinstance(meta.get("complete"), bool):
+        return "complete is not true/false"
+    if not isinstance(meta.get("history"), list) or not all(
+        isinstance(h, dict) and isinstance(h.get("seconds", 0), int | float) for h in meta["history"]
+    ):
+        return "history is not a list of epochs"
+    crcs = meta.get("row_crc32")
+    if crcs is not None and (not isinstance(crcs, list) or not all(integer(c) for c in crcs)):
+        return "row_crc32 is not a list of integers"
+    if not isinstance(meta.get("param_layout", []), list):
+        return "param_layout is not a list"
+    acc = meta.get("test_acc")
+    if acc is not None and not (isinstance(acc, int | float) and not isinstance(acc, bool)):
+        return "test_acc is not a number"
+    return None
 
 
 def read_expert(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -472,7 +500,7 @@ def write_manifest(cfg: Config, out: Path, device: torch.device) -> dict[str, An
         "format": TRAJ_FORMAT,
         "dataset": cfg.data.dataset,
         "tag": out.name,
-        "config": json.loads((out / "config.json").read_text()),
+        "config": read_json(out / "config.json", "experts config"),
         "hyperparameters": {
             "optimizer": "SGD",
             "lr": cfg.experts.lr,

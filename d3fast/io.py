@@ -33,8 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and `path` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
+    if path.is_dir():
+        raise D3FastError(f"could not write {path}: it is a directory; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
+    except OSError as e:
+        raise write_failure(path, e) or e from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -58,20 +63,26 @@ _FULL_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EFBIG: "the file size limit was reached"}
 _FULL_TEXTS = ("no space left", "os error 28", "os error 122", "os error 27", "file too large", "unexpected pos",
                "failed writing", "file write failed")
+_PLACE_ERRNOS = {errno.EISDIR: "it is a directory", errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied", errno.EROFS: "the file system is read-only",
+                 errno.ENOTDIR: "a part of the path is not a directory"}
 
 
 def write_failure(path: str | os.PathLike, e: BaseException) -> D3FastError | None:
-    """A D3FastError for an exception that means "could not write `path`" (disk full, quota,
-    size limit), naming the free space; None for any other exception."""
+    """A D3FastError for an exception that means "could not write `path`": a full disk, a
+    quota or size limit (naming the free space), or a place that cannot be written (a
+    directory, no permission, a read-only file system); None for any other exception."""
     if isinstance(e, D3FastError | KeyboardInterrupt | SystemExit):
         return None
+    path = Path(path)
+    if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
+        return D3FastError(f"could not write {path}: {_PLACE_ERRNOS[e.errno]}; choose another path")
     if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
         why = _FULL_ERRNOS[e.errno]
     elif any(t in str(e).lower() for t in _FULL_TEXTS):
         why = f"the write failed ({str(e).splitlines()[0][:120]})"
     else:
         return None
-    path = Path(path)
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
     except OSError:

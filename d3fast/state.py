@@ -162,11 +162,15 @@ class TrainState:
         device (a CPU run resumed on CUDA) cannot continue its stream: it is reseeded from
         (seed, step) and a note says the run now differs from an uninterrupted one."""
         self.distilled.load_state_dict(state)
-        self.opt_latent.load_state_dict(state["opt_latent"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
-        self.opt_decoder.load_state_dict(state["opt_decoder"])
-        self.step, self.best = int(state["step"]), json.loads(state["best"])
-        self.g_host.set_state(state["rng_host"].cpu())
+        try:
+            self.opt_latent.load_state_dict(state["opt_latent"])
+            self.opt_lr.load_state_dict(state["opt_lr"])
+            self.opt_decoder.load_state_dict(state["opt_decoder"])
+            self.best = json.loads(state["best"])
+            self.g_host.set_state(state["rng_host"].cpu())
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise D3FastError(f"the checkpoint's optimiser or generator state does not fit this run ({e})") from None
+        self.step = int(state["step"])
         saved_type = state.get("rng_device_type")
         try:
             if saved_type not in (None, self.g_device.device.type):
@@ -219,4 +223,47 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         raise D3FastError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise D3FastError(f"{path} is not a d3fast checkpoint")
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise D3FastError(f"checkpoint {path} is damaged ({problem})")
     return state
+
+
+def _checkpoint_problem(state: dict[str, Any]) -> str | None:
+    """What is missing or mistyped in a loaded checkpoint (None: the schema holds)."""
+    def tensor(key: str, dims: int | None = None) -> bool:
+        v = state.get(key)
+        return isinstance(v, torch.Tensor) and (dims is None or v.dim() == dims)
+
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return "step is not a count"
+    if not tensor("latents", 3) or state["latents"].shape[-1] != 2 or not state["latents"].is_floating_point():
+        return "latents are not a float [priors, z, 2] tensor"
+    if not tensor("alpha", 0) or not state["alpha"].is_floating_point():
+        return "alpha is not a float scalar"
+    if not isinstance(state.get("decoder"), dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["decoder"].items()
+    ):
+        return "decoder is not a state dict"
+    try:
+        classes, meta = json.loads(state["classes"]), json.loads(state["meta"])
+    except (KeyError, TypeError, ValueError):
+        return "classes or meta are not JSON"
+    ppc = state.get("ppc")
+    if not isinstance(ppc, int) or isinstance(ppc, bool) or ppc < 1:
+        return "ppc is not a count"
+    if not isinstance(classes, list) or not classes or len(classes) * ppc != len(state["latents"]):
+        return f"{len(state['latents'])} latents do not make {ppc} per class of the classes listed"
+    keys = {"resolution": int, "channels": int, "mean": list, "std": list, "z_dim": int, "decoder": str,
+            "decoder_width": int}
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in keys.items()):
+        return "meta lacks the decoder's settings"
+    if meta["z_dim"] != state["latents"].shape[1]:
+        return "meta.z_dim differs from the latents"
+    for key in ("opt_latent", "opt_lr", "opt_decoder"):
+        if not isinstance(state.get(key), dict):
+            return f"{key} is not an optimiser state"
+    if not tensor("rng_host", 1) or not tensor("rng_device", 1) or not isinstance(state.get("best"), str):
+        return "the random generator states or best are missing"
+    return None

@@ -16,9 +16,11 @@ from tests._utils import cfg_of  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def d3fast_home(tmp_path, monkeypatch):
-    """Every test gets its own empty d3fast home: nothing touches ~/.d3fast."""
+    """Every test gets its own empty d3fast home: nothing touches ~/.d3fast. Unexpected
+    exceptions reach the test with their traceback (D3FAST_DEBUG=1), not a crash file."""
     home = tmp_path / "d3home"
     monkeypatch.setenv("D3FAST_HOME", str(home))
+    monkeypatch.setenv("D3FAST_DEBUG", "1")
     return home
 
 

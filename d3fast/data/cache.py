@@ -30,10 +30,42 @@ def array_files(split: str) -> tuple[str, str]:
 
 
 def read_manifest(cache: Path) -> dict[str, Any] | None:
+    """The cache's manifest (None when there is no cache), its fields checked.
+
+    Raises:
+        D3FastError: unreadable, or a field missing or of the wrong type.
+    """
     path = cache / "manifest.json"
     if not path.exists():
         return None
-    return read_json(path, "cache manifest")
+    m = read_json(path, "cache manifest")
+    fix = f"run `d3fast prepare --dataset {cache.name} --force`"
+    problem = _manifest_problem(m)
+    if problem:
+        raise D3FastError(f"cache manifest {path} is damaged ({problem}); {fix}")
+    return m
+
+
+def _manifest_problem(m: Any) -> str | None:
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not a mapping"
+    fields = {"format": int, "classes": list, "num_classes": int, "resolution": int, "channels": int,
+              "mean": list, "std": list, "splits": dict, "sha256": dict, "source": dict}
+    for key, kind in fields.items():
+        if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+            return f"{key!r} missing or not a {kind.__name__}"
+    for split in SPLITS:
+        info = m["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("count"), int) or info["count"] < 0:
+            return f"splits.{split}.count missing or not a count"
+        for name in array_files(split):
+            if not isinstance(m["sha256"].get(name), str):
+                return f"sha256 of {name} missing"
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in m["mean"] + m["std"]):
+        return "mean/std are not numbers"
+    if min(m["resolution"], m["channels"], m["num_classes"]) < 1:
+        return "resolution, channels and num_classes must be >= 1"
+    return None
 
 
 def verify_hashes(cache: Path, manifest: dict[str, Any]) -> list[str]:
@@ -48,12 +80,15 @@ def verify_hashes(cache: Path, manifest: dict[str, Any]) -> list[str]:
 
 def freshness(cache: Path, fingerprint: str, resolution: int) -> tuple[bool, str]:
     """Whether the cache at `cache` can be reused for a source with `fingerprint`."""
-    manifest = read_manifest(cache)
+    try:
+        manifest = read_manifest(cache)
+    except D3FastError as e:
+        return False, str(e)
     if manifest is None:
         return False, "no cache yet"
     if manifest.get("format") != CACHE_FORMAT:
         return False, f"cache format {manifest.get('format')} != {CACHE_FORMAT}"
-    if manifest["source"]["fingerprint"] != fingerprint:
+    if manifest["source"].get("fingerprint") != fingerprint:
         return False, "the source files changed"
     if manifest["resolution"] != resolution:
         return False, "the resolution changed"

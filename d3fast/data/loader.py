@@ -168,5 +168,8 @@ def fit_zca(dataset: str, eps: float, manifest: dict) -> tuple[torch.Tensor, tor
         raise D3FastError("ZCA needs at least 2 train images")
     zca = kornia.enhance.ZCAWhitening(eps=eps).fit(flat)
     w, mu = zca.transform_matrix.float().T.contiguous(), zca.mean_vector.float().flatten()
+    if not (torch.isfinite(w).all() and torch.isfinite(mu).all()):
+        raise D3FastError(f"the ZCA whitening of {dataset} with data.zca_eps={eps:g} is not finite; raise data.zca_eps "
+                          "(0.1 is MTT's value)")
     save_tensors(path, {"matrix": w, "mean": mu}, {"train_sha256": train_hash, "eps": eps})
     return w, mu

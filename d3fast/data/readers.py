@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +144,7 @@ def read_idx(path: Path) -> np.ndarray:
                 data = f.read()
         else:
             data = path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise D3FastError(f"{path} is corrupt or truncated ({e}); download it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise D3FastError(f"{path} is not an IDX file (bad magic number)")
@@ -153,13 +155,16 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < header:
         raise D3FastError(f"{path} is truncated inside its header")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    need = int(np.prod(dims))
+    need = math.prod(dims)  # Python ints: numpy's int64 product overflows on a damaged header
     if len(data) - header < need:
         raise D3FastError(
             f"{path} is truncated: header says {dims} ({need} bytes), "
             f"file holds {len(data) - header}; download it again"
         )
-    return np.frombuffer(data, dtype=np.uint8, count=need, offset=header).reshape(dims)
+    try:
+        return np.frombuffer(data, dtype=np.uint8, count=need, offset=header).reshape(dims)
+    except ValueError as e:  # dims numpy cannot hold, e.g. 0 x 2^31 x 2^31 x 2^31
+        raise D3FastError(f"{path} has an impossible IDX shape {dims} ({e})") from None
 
 
 def read_fashion_mnist(root: Path) -> Source:
@@ -229,15 +234,21 @@ def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _CifarUnpickler(f, encoding="bytes").load()
     except _ForbiddenGlobal as e:
         raise D3FastError(f"{path} is not a CIFAR-10 python batch ({e})") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a damaged pickle raises anything from EOFError to MemoryError
+        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(batch, dict):
         raise D3FastError(f"{path} is not a CIFAR-10 python batch (no dict inside)")
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    batch = {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise D3FastError(f"{path} has no 'data'/'labels' entries: not a CIFAR-10 batch")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch["labels"], dtype=np.int64)
+    try:
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch["labels"])
+        if data.dtype != np.uint8 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"data {data.dtype} / labels {labels.dtype}, expected uint8 / integers")
+        labels = labels.astype(np.int64)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise D3FastError(f"{path} is not a CIFAR-10 batch ({e})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise D3FastError(f"{path}: data {data.shape} / labels {labels.shape}, expected [N, 3072] / [N]")
     return data.reshape(-1, 3, 32, 32), labels

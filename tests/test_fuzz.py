@@ -1,0 +1,284 @@
+"""Property tests over everything d3fast parses from disk or the command line: whatever the
+bytes or values, the result is either correct or a D3FastError, never another exception
+(which the CLI would show as a crash)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from d3fast.config import Config, apply_updates, parse_overrides, resolve_config
+from d3fast.data import readers
+from d3fast.data.cache import load_split
+from d3fast.errors import D3FastError
+from d3fast.experts import ExpertBank, read_expert, read_expert_meta, write_expert
+from d3fast.io import save_tensors
+from d3fast.paths import data_dir
+from d3fast.state import load_checkpoint
+
+# parsers only: nothing here depends on the C++ extension, so the D3FAST_PUREPYTHON pass skips it
+pytestmark = pytest.mark.slow
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# JSON-like values, what a hand-edited or damaged file may hold
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _ok_or_d3fast_error(fn, *args):
+    try:
+        return fn(*args)
+    except D3FastError:
+        return None
+
+
+@pytest.fixture
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+# ---- IDX (Fashion-MNIST)
+
+@SETTINGS
+@given(data=st.binary(max_size=200), gz=st.booleans())
+def test_idx_arbitrary_bytes(scratch, data, gz):
+    path = scratch / ("f.idx.gz" if gz else "f.idx")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    _ok_or_d3fast_error(readers.read_idx, path)
+
+
+@SETTINGS
+@given(dims=st.lists(st.integers(0, 2**32 - 1), max_size=5), body=st.binary(max_size=64), kind=st.sampled_from([8, 9, 13]))
+def test_idx_headers(scratch, dims, body, kind):
+    path = scratch / "h.idx"
+    path.write_bytes(bytes([0, 0, kind, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + body)
+    out = _ok_or_d3fast_error(readers.read_idx, path)
+    if out is not None:
+        assert list(out.shape) == dims and out.dtype == np.uint8
+
+
+def test_idx_not_gzip_but_named_gz(scratch):
+    path = scratch / "x.gz"
+    path.write_bytes(b"\x1f\x8b" + b"\x00" * 30)  # a gzip magic with a broken stream
+    with pytest.raises(D3FastError):
+        readers.read_idx(path)
+
+
+# ---- CIFAR-10 batches
+
+@SETTINGS
+@given(data=st.binary(max_size=400))
+def test_cifar_pickle_arbitrary_bytes(scratch, data):
+    path = scratch / "data_batch_1"
+    path.write_bytes(data)
+    _ok_or_d3fast_error(readers._load_cifar_pickle, path)
+
+
+@SETTINGS
+@given(batch=st.dictionaries(st.sampled_from([b"data", b"labels", "data", "labels", b"x"]), json_values, max_size=3))
+def test_cifar_pickle_arbitrary_structures(scratch, batch):
+    path = scratch / "data_batch_1"
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    out = _ok_or_d3fast_error(readers._load_cifar_pickle, path)
+    if out is not None:
+        x, y = out
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == np.uint8 and len(x) == len(y)
+
+
+@SETTINGS
+@given(n=st.integers(0, 3), extra=st.integers(0, 3072))
+def test_cifar_binary_sizes(scratch, n, extra):
+    path = scratch / "data_batch_1.bin"
+    path.write_bytes(bytes(3073 * n + extra))
+    out = _ok_or_d3fast_error(readers._load_cifar_bin, path)
+    if out is not None:
+        assert out[0].shape == (n, 3, 32, 32)
+
+
+# ---- expert trajectories
+
+@SETTINGS
+@given(data=st.binary(max_size=300))
+def test_expert_arbitrary_bytes(scratch, data):
+    path = scratch / "expert_0000.safetensors"
+    path.write_bytes(data)
+    _ok_or_d3fast_error(read_expert_meta, path)
+    _ok_or_d3fast_error(read_expert, path)
+
+
+expert_keys = ["epochs_done", "complete", "history", "row_crc32", "index", "seed", "param_layout", "test_acc"]
+
+
+@SETTINGS
+@given(meta=st.dictionaries(st.sampled_from(expert_keys), json_values | st.integers(0, 5), max_size=8),
+       fmt=st.sampled_from([1, 1, 1, 2, "1"]))
+def test_expert_arbitrary_headers(scratch, meta, fmt):
+    path = scratch / "expert_0000.safetensors"
+    save_tensors(path, {"trajectory": torch.zeros(3, 4)}, {"format": fmt, **meta})
+    if _ok_or_d3fast_error(read_expert_meta, path) is not None:
+        bank = _ok_or_d3fast_error(ExpertBank, scratch, 1)
+        if bank is not None and len(bank):
+            _ok_or_d3fast_error(bank.rows, 0, [0, -1])
+
+
+def test_expert_row_flip_is_caught(scratch):
+    path = scratch / "expert_0000.safetensors"
+    traj = torch.arange(12.0).view(3, 4)
+    write_expert(path, traj, index=0, seed=0, complete=True, test_acc=None, history=[], param_layout=[])
+    raw = bytearray(path.read_bytes())
+    raw[-4:] = b"\x00\x00\x80\x7f"  # the last value of the last row becomes inf
+    path.write_bytes(bytes(raw))
+    with pytest.raises(D3FastError, match="fail their CRC check"):
+        ExpertBank(scratch, 1).rows(0, [0, 2])
+    assert torch.equal(ExpertBank(scratch, 1).rows(0, [0])[0], traj[0])  # intact rows still read
+
+
+# ---- checkpoints
+
+@SETTINGS
+@given(data=st.binary(max_size=400))
+def test_checkpoint_arbitrary_bytes(scratch, data):
+    path = scratch / "checkpoint.pt"
+    path.write_bytes(data)
+    _ok_or_d3fast_error(load_checkpoint, path)
+
+
+@SETTINGS
+@given(obj=json_values)
+def test_checkpoint_arbitrary_contents(scratch, obj):
+    path = scratch / "checkpoint.pt"
+    torch.save(obj, path)
+    _ok_or_d3fast_error(load_checkpoint, path)
+    torch.save({"format": 1, **obj} if isinstance(obj, dict) else {"format": 1, "step": obj}, path)
+    _ok_or_d3fast_error(load_checkpoint, path)
+
+
+def test_checkpoint_with_code_is_refused_without_unsafe_advice(scratch):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = scratch / "checkpoint.pt"
+    torch.save({"format": 1, "x": Evil()}, path)
+    with pytest.raises(D3FastError) as e:
+        load_checkpoint(path)
+    assert "do not load this file" in str(e.value) and "weights_only=False" not in str(e.value)
+
+
+def test_checkpoint_in_place_overwrite_fails_its_crc(scratch):
+    path = scratch / "checkpoint.pt"
+    torch.save({"format": 1, "opt": torch.ones(4096)}, path)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 64
+    raw[start : start + 16] = b"\x55" * 16  # same size, 16 bytes of the tensor changed
+    path.write_bytes(bytes(raw))
+    with pytest.raises(D3FastError, match="fails its CRC check"):
+        load_checkpoint(path)
+
+
+# ---- config overrides and run configs
+
+override_text = st.text(alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyz_.=-+0123456789eE[],\" nain")), max_size=40)
+
+
+@SETTINGS
+@given(items=st.lists(override_text, max_size=4))
+def test_overrides_arbitrary_text(items):
+    cfg = _ok_or_d3fast_error(resolve_config, "digits", None, items)
+    if cfg is not None:
+        assert isinstance(cfg, Config)
+
+
+@SETTINGS
+@given(key=st.sampled_from(["distill.steps", "distill.lr_latent", "distill.mmd_bandwidths", "data.zca_eps",
+                            "eval.archs", "net.width", "augment.prob_flip", "experts.seed", "distill.amp"]),
+       value=json_values)
+def test_overrides_arbitrary_typed_values(key, value):
+    section, name = key.split(".")
+    _ok_or_d3fast_error(resolve_config, "digits", None, (), {section: {name: value}})
+
+
+@SETTINGS
+@given(doc=json_values)
+def test_run_config_arbitrary_json(doc):
+    _ok_or_d3fast_error(apply_updates, Config(), doc, "", False)
+
+
+def test_parse_overrides_shapes():
+    assert parse_overrides(["a.b=1", "a.c= x "]) == {"a": {"b": "1", "c": "x"}}
+    with pytest.raises(D3FastError):
+        parse_overrides(["novalue"])
+
+
+# ---- dataset cache manifests
+
+@SETTINGS
+@given(doc=json_values)
+def test_cache_manifest_arbitrary_json(d3fast_home, doc):
+    cache = data_dir("digits")
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "manifest.json").write_text(json.dumps(doc))
+    for mmap in (True, False):
+        _ok_or_d3fast_error(load_split, "digits", "train", mmap)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=200))
+def test_cache_manifest_arbitrary_bytes(d3fast_home, data):
+    cache = data_dir("digits")
+    cache.mkdir(parents=True, exist_ok=True)
+    Path(cache / "manifest.json").write_bytes(data)
+    _ok_or_d3fast_error(load_split, "digits", "train", True)
+
+
+def _valid_state() -> dict:
+    from d3fast.config import DistillConfig
+    from d3fast.distilled import init_distilled
+    from d3fast.state import TrainState
+
+    meta = {"resolution": 8, "channels": 1, "mean": [0.5], "std": [0.25], "z_dim": 4, "decoder": "paper",
+            "decoder_width": 4}
+    d = init_distilled(2, 1, ["a", "b"], meta, 0.01, torch.device("cpu"), 0)
+    return TrainState.create(d, DistillConfig(), torch.device("cpu")).state_dict()
+
+
+STATE_KEYS = sorted(_valid_state())
+
+
+@SETTINGS
+@given(key=st.sampled_from(STATE_KEYS), value=json_values | st.just("drop"),
+       meta_key=st.sampled_from(["resolution", "channels", "mean", "z_dim", "decoder", "decoder_width", None]))
+def test_checkpoint_with_one_field_damaged(scratch, key, value, meta_key):
+    from d3fast.run import Run
+
+    state = _valid_state()
+    if meta_key is not None and key == "meta":
+        meta = json.loads(state["meta"])
+        meta[meta_key] = value
+        state["meta"] = json.dumps(meta)
+    elif value == "drop":
+        del state[key]
+    else:
+        state[key] = value
+    run = Run.at(scratch / "run")
+    torch.save(state, run.checkpoint_path)
+    out = _ok_or_d3fast_error(run.load_distilled)
+    if out is not None:
+        d, step = out
+        assert len(d.latents) == 2 and step >= 0

@@ -187,7 +187,10 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     acc = ""
     if m["test_acc_mean"] is not None:
         acc = f"; test accuracy {m['test_acc_mean']:.1%} ± {m['test_acc_std']:.1%} (n={m['num_complete']})"
-    click.echo(f"{m['num_complete']}/{cfg.experts.num_experts} experts complete in {res.out_dir}{acc}")
+    asked = cfg.experts.num_experts
+    done = sum(r["complete"] for r in m["experts"] if r["index"] < asked)
+    extra = f" (+{m['num_complete'] - done} more from earlier runs)" if m["num_complete"] > done else ""
+    click.echo(f"{done}/{asked} experts complete in {res.out_dir}{extra}{acc}")
     if res.trained_epochs:
         click.echo(f"this run: {res.trained_epochs} epochs in {res.seconds:.1f} s, "
                    f"{res.images_per_s:.0f} train img/s on {m['device']}")

@@ -52,7 +52,7 @@ class DataConfig:
 class NetConfig:
     # convnet | resnet18 | vgg11 | alexnet
     name: str = "convnet"
-    width: int = ranged(128, 1)
+    width: int = ranged(128, 1, 65536)
     # 0 picks by resolution: 3 at 28/32 px, 4 at 64 px, 5 at 128 px.
     depth: int = ranged(0, 0)
     # instancenorm | batchnorm | layernorm | groupnorm | none
@@ -71,14 +71,14 @@ class AugConfig:
     mode: str = "single"
     prob_flip: float = ranged(0.5, 0, 1)
     # scales are drawn from [1 / ratio_scale, ratio_scale]
-    ratio_scale: float = ranged(1.2, 1)
+    ratio_scale: float = ranged(1.2, 1, 100)
     # degrees
     ratio_rotate: float = ranged(15.0, 0, 180)
     ratio_crop_pad: float = ranged(0.125, 0, 1)
     ratio_cutout: float = ranged(0.5, 0, 1)
-    brightness: float = ranged(1.0, 0)
-    saturation: float = ranged(2.0, 0)
-    contrast: float = ranged(0.5, 0)
+    brightness: float = ranged(1.0, 0, 100)
+    saturation: float = ranged(2.0, 0, 100)
+    contrast: float = ranged(0.5, 0, 100)
 
 
 @dataclass(kw_only=True)
@@ -114,7 +114,7 @@ class DistillConfig:
     unroll: str = "flat"
     # K students (each its own expert and start epoch) unrolled together; their MTT losses
     # are averaged
-    students_per_step: int = ranged(1, 1)
+    students_per_step: int = ranged(1, 1, 1024)
     # initial learnable student lr alpha (lr = leaky_relu(alpha) + 1e-4)
     lr_teacher: float = ranged(0.01, 0, above=True)
     # optimiser learning rates; 0 freezes that part
@@ -123,8 +123,8 @@ class DistillConfig:
     lr_decode: float = ranged(3e-4, 0)
     # paper | tiny
     decoder: str = "paper"
-    decoder_width: int = ranged(256, 1)
-    z_dim: int = ranged(64, 1)
+    decoder_width: int = ranged(256, 1, 65536)
+    z_dim: int = ranged(64, 1, 65536)
     # DSA on decoded images inside the unroll (as MTT does; the D3 code has none)
     augment_unroll: bool = True
     # S: real images per class for MMD; each latent decodes S // ppc samples
@@ -386,10 +386,17 @@ def validate(cfg: Config) -> None:
     bad_archs = [a for a in cfg.eval.archs if a not in CHOICES["net.name"]]
     if bad_archs or not cfg.eval.archs:
         raise D3FastError(f"eval.archs: unknown {bad_archs or 'empty list'}; known: {', '.join(CHOICES['net.name'])}")
+    from d3fast.data.augment import OPS
+
+    ops = cfg.augment.strategy.split("_") if cfg.augment.strategy.lower() != "none" else []
+    if not cfg.augment.strategy or any(op not in OPS for op in ops):
+        raise D3FastError(f"config key augment.strategy: {cfg.augment.strategy!r} is not ops from "
+                          f"{', '.join(OPS)} joined by '_', or none")
     d = cfg.distill
     bw = d.mmd_bandwidths
-    if not 1 <= len(bw) <= 16 or not all(math.isfinite(b) and b > 0 for b in bw):
-        raise D3FastError(f"config key distill.mmd_bandwidths: need 1 to 16 finite values > 0, got {bw}")
+    # 1 / (2 s^2) must stay a normal float32, and a kernel wider than any feature distance is 0
+    if not 1 <= len(bw) <= 16 or not all(math.isfinite(b) and 1e-6 <= b <= 1e6 for b in bw):
+        raise D3FastError(f"config key distill.mmd_bandwidths: need 1 to 16 values in [1e-6, 1e6], got {bw}")
     if d.mmd_weight > 0 and max(d.mmd_samples // d.ppc, 1) * d.ppc < 2:
         raise D3FastError("config key distill.mmd_samples: the unbiased MMD needs at least 2 samples per class "
                           f"(mmd_samples={d.mmd_samples}, ppc={d.ppc})")
@@ -398,9 +405,19 @@ def validate(cfg: Config) -> None:
                           "keeps some: use net.norm=instancenorm or distill.unroll=naive")
 
 
+# every int must fit the 32-bit and 64-bit fields it ends in (seeds, SQLite, tensor sizes),
+# every float a float32 (optimiser hyperparameters become float32 tensors)
+INT_MAX = 2**31 - 1
+FLOAT_MAX = 3.0e38
+
+
 def _check_range(key: str, value: Any, meta: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise D3FastError(f"config key {key} must be finite, got {value}")
+    if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > (
+        INT_MAX if isinstance(value, int) else FLOAT_MAX
+    ):
+        raise D3FastError(f"config key {key} is out of range: {value}")
     lo, hi, above = meta.get("lo"), meta.get("hi"), meta.get("above", False)
     if lo is not None and (value <= lo if above else value < lo):
         raise D3FastError(f"config key {key} must be {'>' if above else '>='} {lo:g}, got {value}")

@@ -47,6 +47,7 @@ from d3fast.experts import (
 )
 from d3fast.mmd_update import mmd_update
 from d3fast.models import build_network
+from d3fast.paths import home
 from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORWARD, phase
 from d3fast.run import Run
 from d3fast.runtime import device_name, resolve_device, versions
@@ -165,7 +166,7 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
                 raise D3FastError(f"the checkpoint of {run.path} (step {state.step}) cannot be trained on: "
                                   f"{problem[0]} ({problem[1]}); start a new run with lower learning rates")
         else:
-            tqdm.write(f"note: {run.path} holds no checkpoint yet: starting it from step 0")
+            _check_no_progress_lost(run, dcfg)
         if dcfg.steps < state.step:
             raise D3FastError(f"distill.steps={dcfg.steps} is below the step this run reached ({state.step}); "
                               f"pass --steps {state.step} or more")
@@ -173,7 +174,8 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
     else:
         run.start(cfg, {
             "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "versions": versions(),
-            "experts_dir": str(bank.folder), "experts_used": len(bank), "experts_files": [p.name for p in bank.files],
+            "experts_dir": str(bank.folder), "experts_rel": _under_home(bank.folder), "experts_used": len(bank),
+            "experts_files": [p.name for p in bank.files],
             "seeds": {"distill": dcfg.seed, "experts": cfg.experts.seed}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
     amp = _amp(dcfg, device)
@@ -182,13 +184,39 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
     return _Parts(state, train, bank, spec, copy.deepcopy(student).requires_grad_(False), amp)
 
 
+def _under_home(path: Path) -> str | None:
+    try:
+        return str(path.resolve().relative_to(home().resolve()))
+    except ValueError:
+        return None
+
+
+def _check_no_progress_lost(run: Run, dcfg: DistillConfig) -> None:
+    """A resume without a checkpoint starts from step 0, which is right when none was ever
+    written (a crash before the first one) and destroys progress when it was lost.
+
+    Raises:
+        D3FastError: the run had passed a checkpoint step, or had been resumed before.
+    """
+    reached = max((int(m.get("step", 0)) for m in run.read_metrics()), default=0)
+    resumed = max((int(r.get("step", 0)) for r in run.history()), default=0)
+    if reached >= dcfg.checkpoint_every or resumed > 0:
+        raise D3FastError(
+            f"{run.checkpoint_path} is missing, but the run had reached step {max(reached, resumed)}: restore the "
+            f"checkpoint from a copy, or delete {run.metrics_path} to start this run over from step 0"
+        )
+    tqdm.write(f"note: {run.path} holds no checkpoint yet: starting it from step 0")
+
+
 def _bank(cfg: Config, run: Run, resume: bool) -> ExpertBank:
     """A new run takes every ready expert of its config; a resumed one the files its manifest
     lists, so that its draws repeat the uninterrupted run's even if more experts were
     trained since."""
     if resume:
         m = run.read_manifest()
-        folder = Path(m["experts_dir"])
+        # under the current home first: a home moved or mounted elsewhere keeps its runs
+        rel = m.get("experts_rel")
+        folder = home() / rel if rel and (home() / rel).is_dir() else Path(m["experts_dir"])
         files = [folder / f for f in m.get("experts_files", [])] or sorted(folder.glob("expert_*.safetensors"))
         missing = [f.name for f in files if not f.exists()]
         if missing or not files:
@@ -319,7 +347,7 @@ def _peak_mem(device: torch.device) -> float:
 
 
 class _StopRequest:
-    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. Second Ctrl-C: abort now."""
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. A second one: abort now."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -327,7 +355,7 @@ class _StopRequest:
     @contextmanager
     def installed(self) -> Iterator[None]:
         def handler(signum: int, frame: Any) -> None:
-            if self.requested and signum == signal.SIGINT:
+            if self.requested:  # the second signal: a step that never ends must not hold the job
                 raise KeyboardInterrupt
             self.requested = True
             tqdm.write("stop requested: finishing this step and saving a checkpoint (Ctrl-C again aborts)")

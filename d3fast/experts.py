@@ -137,7 +137,7 @@ def expert_path(out_dir: Path, index: int) -> Path:
 
 def read_expert_meta(path: Path) -> dict[str, Any]:
     """An expert's metadata from the file header alone (no trajectory is loaded)."""
-    meta = load_metadata(path, "expert trajectory")
+    meta = load_metadata(path, "expert trajectory", tensor_shapes=True)
     if meta.get("format") != TRAJ_FORMAT:
         raise D3FastError(f"{path} is not a d3fast expert trajectory (format {meta.get('format')})")
     problem = _meta_problem(meta)
@@ -153,6 +153,9 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
 
     if not integer(meta.get("epochs_done")) or meta["epochs_done"] < 0:
         return "epochs_done is not a count"
+    shape = meta.get("__shapes__", {}).get("trajectory")
+    if shape is None or len(shape) != 2 or shape[0] != meta["epochs_done"] + 1:
+        return f"epochs_done={meta['epochs_done']} but the trajectory holds {shape[0] if shape else 'no'} rows"
     if not isinstance(meta.get("complete"), bool):
         return "complete is not true/false"
     if not isinstance(meta.get("history"), list) or not all(
@@ -160,8 +163,9 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     ):
         return "history is not a list of epochs"
     crcs = meta.get("row_crc32")
-    if crcs is not None and (not isinstance(crcs, list) or not all(integer(c) for c in crcs)):
-        return "row_crc32 is not a list of integers"
+    if crcs is not None and (not isinstance(crcs, list) or not all(integer(c) for c in crcs)
+                             or len(crcs) != meta["epochs_done"] + 1):
+        return "row_crc32 is not one integer per stored epoch"
     if not isinstance(meta.get("param_layout", []), list):
         return "param_layout is not a list"
     acc = meta.get("test_acc")

@@ -62,8 +62,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 _FULL_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EFBIG: "the file size limit was reached"}
 _FULL_TEXTS = ("no space left", "os error 28", "os error 122", "os error 27", "file too large", "unexpected pos",
-               "failed writing", "file write failed")
-_PLACE_ERRNOS = {errno.EISDIR: "it is a directory", errno.EACCES: "permission denied",
+               "failed writing", "file write failed", "iostream error", "requested and")
+_PLACE_ERRNOS = {errno.EISDIR: "a directory is where a file belongs", errno.EACCES: "permission denied",
                  errno.EPERM: "permission denied", errno.EROFS: "the file system is read-only",
                  errno.ENOTDIR: "a part of the path is not a directory"}
 
@@ -76,7 +76,7 @@ def write_failure(path: str | os.PathLike, e: BaseException) -> D3FastError | No
         return None
     path = Path(path)
     if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
-        return D3FastError(f"could not write {path}: {_PLACE_ERRNOS[e.errno]}; choose another path")
+        return D3FastError(f"cannot use {path}: {_PLACE_ERRNOS[e.errno]}; move it aside or choose another path")
     if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
         why = _FULL_ERRNOS[e.errno]
     elif any(t in str(e).lower() for t in _FULL_TEXTS):
@@ -155,6 +155,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def seal(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` plus "seal": the sha256 of its canonical JSON. Files only d3fast writes
+    (manifests, history lines) carry one, so an edit or bit rot that still parses as JSON is
+    caught by `unseal` instead of being used."""
+    body = {k: v for k, v in record.items() if k != "seal"}
+    return {**body, "seal": _json_digest(body)}
+
+
+def unseal(record: Any, what: str, path: str | os.PathLike) -> Any:
+    """`record` without its seal, after checking it (records without one, written before
+    seals existed, pass as they are).
+
+    Raises:
+        D3FastError: the content differs from what was sealed.
+    """
+    if not isinstance(record, dict) or "seal" not in record:
+        return record
+    body = {k: v for k, v in record.items() if k != "seal"}
+    if record["seal"] != _json_digest(body):
+        raise D3FastError(f"{what} {path} was changed after d3fast wrote it (its seal does not match)")
+    return body
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     try:
@@ -163,6 +190,8 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise D3FastError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise D3FastError(f"{what} {path} is corrupt ({e}); delete it and re-run") from None
+    except OSError as e:  # a directory where the file should be, no permission
+        raise D3FastError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}
@@ -202,8 +231,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, Any
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
-    """The metadata of a `save_tensors` file, reading only its header."""
+def load_metadata(path: str | os.PathLike, what: str = "file", tensor_shapes: bool = False) -> dict[str, Any]:
+    """The metadata of a `save_tensors` file, reading only its header; with `tensor_shapes`,
+    also {"__shapes__": {name: shape}} of the tensors it holds."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -212,7 +242,10 @@ def load_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, Any]
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
-        return {k: json.loads(v) for k, v in raw.items()}
+            meta: dict[str, Any] = {k: json.loads(v) for k, v in raw.items()}
+            if tensor_shapes:
+                meta["__shapes__"] = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        return meta
     except Exception as e:  # safetensors raises several types for torn files
         raise D3FastError(
             f"{what} {path} is corrupt or truncated ({type(e).__name__}: {e}); "

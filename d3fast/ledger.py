@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from d3fast.errors import D3FastError
 from d3fast.io import pid_alive
@@ -119,6 +120,8 @@ class Ledger:
             except sqlite3.DatabaseError as e:
                 if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
                     raise
+                if isinstance(e, sqlite3.OperationalError) and ("disk" in str(e) or "I/O" in str(e)):
+                    raise D3FastError(f"cannot write the ledger {self.path} ({e}: is the disk full?)") from None
                 raise D3FastError(
                     f"the ledger {self.path} is corrupt ({e}); move it aside (the runs themselves are "
                     "unaffected) and d3fast starts a new one"
@@ -294,7 +297,8 @@ class Meter:
         except (sqlite3.Error, OSError, D3FastError) as e:
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"d3fast ledger: not recorded ({e}); the run itself is unaffected", stacklevel=3)
+                # one plain line: a Python warning would print its source line as well
+                tqdm.write(f"warning: d3fast ledger: not recorded ({e}); the run itself is unaffected", file=sys.stderr)
 
 
 def _fmt_h(h: float) -> str:

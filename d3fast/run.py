@@ -33,7 +33,15 @@ from tqdm import tqdm
 from d3fast.config import Config, apply_updates, resume_changes, to_dict
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
-from d3fast.io import atomic_write_json, atomic_write_text, lock_holder, locked, write_failure
+from d3fast.io import (
+    atomic_write_json,
+    atomic_write_text,
+    lock_holder,
+    locked,
+    seal,
+    unseal,
+    write_failure,
+)
 from d3fast.state import TrainState, distilled_problems, load_checkpoint, save_checkpoint
 
 
@@ -132,16 +140,21 @@ class Run:
 
     def read_manifest(self) -> dict[str, Any]:
         """manifest.json, rebuilt from history.jsonl's start line when missing or corrupt."""
-        return self._recorded("manifest", self.manifest_path, lambda: self._start_record().get("manifest"))
+        return self._recorded("manifest", self.manifest_path, lambda: self._start_record().get("manifest"),
+                              sealed=True)
 
-    def _recorded(self, what: str, path: Path, rebuild: Callable[[], Any]) -> Any:
-        if not path.exists():
-            problem = "is missing"
+    def _recorded(self, what: str, path: Path, rebuild: Callable[[], Any], sealed: bool = False) -> Any:
+        if not path.is_file():
+            problem = "is missing" if not path.exists() else "is not a file"
         else:
             try:
                 value = json.loads(path.read_bytes())
+                if sealed:
+                    value = unseal(value, f"run {what}", path)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 problem = f"is corrupt ({e})"
+            except D3FastError:
+                problem = "was changed after d3fast wrote it"
             else:
                 if isinstance(value, dict):
                     return value
@@ -150,7 +163,9 @@ class Run:
         if not isinstance(value, dict):
             raise D3FastError(f"{path} {problem}, and history.jsonl does not record the run's {what} to rebuild it: "
                               "this run cannot be resumed (its checkpoint still exports with `d3fast export`)")
-        atomic_write_json(path, value)
+        if path.is_dir():
+            raise D3FastError(f"{path} is a directory where the run's {what} belongs; move it aside")
+        atomic_write_json(path, seal(value) if sealed else value)
         tqdm.write(f"note: {path} {problem}; rebuilt it from {self.history_path}")
         return value
 
@@ -172,7 +187,7 @@ class Run:
     def start(self, cfg: Config, manifest: dict[str, Any]) -> None:
         """Record a new run: config, manifest, and the first history line (which holds both)."""
         atomic_write_json(self.config_path, to_dict(cfg))
-        atomic_write_json(self.manifest_path, manifest)
+        atomic_write_json(self.manifest_path, seal(manifest))
         self._history({"event": "start", "step": 0, "changes": {}, "config": to_dict(cfg), "manifest": manifest},
                       fresh=True)
 
@@ -190,17 +205,37 @@ class Run:
         return changes
 
     def check_resume(self, cfg: Config) -> dict[str, list[Any]]:
-        """The keys `cfg` changes against the recorded config, or D3FastError for a key that
-        a resumed run cannot change."""
-        return resume_changes(self.read_config(), cfg)
+        """The keys `cfg` changes against the run's config as its history records it (the
+        start config plus every recorded change; config.json for runs without one), so an
+        edit of config.json is a change like a --set: applied and recorded, or refused.
+
+        Raises:
+            D3FastError: a key that a resumed run cannot change.
+        """
+        recorded = self.read_config()
+        from_history = self._config_from_history()
+        if from_history is not None:
+            recorded = Config()
+            apply_updates(recorded, from_history, "", from_string=False)
+        return resume_changes(recorded, cfg)
 
     def history(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.history_path)
+        """The history's records, each checked against its seal.
+
+        Raises:
+            D3FastError: a line that is not JSON or was changed after it was written.
+        """
+        return [unseal(r, f"line {i + 1} of", self.history_path) for i, r in enumerate(_read_jsonl(self.history_path))]
 
     def _history(self, record: dict[str, Any], fresh: bool = False) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "command": _command()}
-        lines = [] if fresh else [json.dumps(r) for r in self.history()]
-        atomic_write_text(self.history_path, "\n".join([*lines, json.dumps(record)]) + "\n")
+        lines = [] if fresh else self.history()
+        if not fresh and not any(r.get("event") == "start" and "config" in r for r in lines):
+            # a lost or emptied history: start it again from the files it backs up
+            lines.insert(0, {"event": "start", "rebuilt": True, "step": 0, "changes": {},
+                             "config": to_dict(self.read_config()), "manifest": self.read_manifest()})
+        text = "".join(json.dumps(seal(r)) + "\n" for r in [*lines, record])
+        atomic_write_text(self.history_path, text)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -286,17 +321,20 @@ def _read_jsonl(path: Path, torn_ok: bool = False, note: bool = False) -> list[d
     short by a crash is dropped; any other bad line is an error naming the file."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise D3FastError(f"cannot read {path}: {e.strerror}") from None
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))  # strict: a damaged byte is a damaged line
             if not isinstance(record, dict):
-                raise json.JSONDecodeError("not a JSON object", line, 0)
+                raise ValueError("not a JSON object")
             out.append(record)
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
             if torn_ok and i == len(lines) - 1:
                 if note:
                     tqdm.write(f"note: dropped the torn last line of {path} (a crash or a full disk mid-write)")

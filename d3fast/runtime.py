@@ -23,6 +23,12 @@ def resolve_device(name: str) -> torch.device:
         raise D3FastError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise D3FastError(f"device {name!r} requested but CUDA is not available (see `d3fast doctor`)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise D3FastError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise D3FastError(f"device {name!r}: the CPU is one device; use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise D3FastError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     return dev
 
 

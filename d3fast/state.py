@@ -13,6 +13,8 @@ with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import pickle
@@ -185,11 +187,45 @@ class TrainState:
         self.set_learning_rates(dcfg)
 
 
+def state_digest(state: dict[str, Any]) -> str:
+    """sha256 over a state dict's content: every tensor's dtype, shape and bytes, and every
+    other value's repr, walked in a fixed order. Stored in the checkpoint and checked on
+    load, it catches damage that the zip CRCs miss (a flipped bit in the zip's directory can
+    make torch read the wrong bytes without any error)."""
+    h = hashlib.sha256()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            h.update(b"D%d" % len(v))
+            for k in sorted(v, key=repr):
+                h.update(repr(k).encode())
+                walk(v[k])
+        elif isinstance(v, list | tuple):
+            h.update(b"L%d" % len(v))
+            for x in v:
+                walk(x)
+        else:
+            h.update(repr(v).encode())
+
+    walk({k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
 def save_checkpoint(path: Path, state: TrainState) -> None:
-    """Write `state` atomically, refusing non-finite state (the last good file stays)."""
+    """Write `state` atomically with its content digest, refusing unusable state (the last
+    good file stays). Serialised in memory first: the zip's record names are then
+    torch's fixed "archive/...", not the temporary file's name."""
     check_state(state, "checkpoint")
+    sd = state.state_dict()
+    sd["sha256"] = state_digest(sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
     with atomic_path(path) as tmp:
-        torch.save(state.state_dict(), tmp)
+        tmp.write_bytes(buf.getbuffer())
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -206,7 +242,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # BadZipFile, OSError, NotImplementedError (a flipped flag or method), ...
         raise D3FastError(f"checkpoint {path} is corrupt or truncated (not a readable zip: {type(e).__name__}: {e})") from None
     if bad is not None:
         raise D3FastError(f"checkpoint {path} is corrupt: its record {bad!r} fails its CRC check (bit rot or an "
@@ -218,11 +254,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
             f"{path} was refused: it holds Python objects other than tensors and plain values, which only a "
             "load that runs code could read. A d3fast checkpoint never does; do not load this file"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # RuntimeError, EOFError, ValueError, OSError, ... from a damaged file
         first = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else ""
         raise D3FastError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise D3FastError(f"{path} is not a d3fast checkpoint")
+    if "sha256" in state and state.pop("sha256") != state_digest(state):
+        raise D3FastError(f"checkpoint {path} is corrupt: its content does not match the digest written with it "
+                          "(bit rot or an overwrite); resume from a copy, or start the run again")
     problem = _checkpoint_problem(state)
     if problem:
         raise D3FastError(f"checkpoint {path} is damaged ({problem})")

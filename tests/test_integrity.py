@@ -23,6 +23,7 @@ from d3fast.distill import distill
 from d3fast.errors import D3FastError
 from d3fast.experts import expert_path, experts_dir, read_expert_meta, run_experts, write_expert
 from d3fast.run import Run
+from d3fast.state import load_checkpoint
 from tests._utils import OVERRIDES, cfg_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,3 +347,140 @@ def test_a_killed_writer_leaves_no_file_behind_and_its_temp_is_cleaned(tmp_path)
 def test_resource_limits_are_restored():
     # the file-size limit test runs in a child: this process keeps its own limit
     assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY
+
+
+# ---- found by trying to break it: damage that still parses, and limits
+
+def test_a_flipped_bit_in_the_checkpoint_zip_directory_is_caught(home, tmp_path):
+    """The zip CRCs miss a directory-flag bit set on a record's central-directory entry,
+    and torch then reads the wrong bytes; the digest written with the state catches it."""
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    raw = bytearray(run.checkpoint_path.read_bytes())
+    i = raw.find(b"PK\x01\x02")
+    while not raw[i + 46 : i + 46 + int.from_bytes(raw[i + 28 : i + 30], "little")].endswith(b"/data/1"):
+        i = raw.find(b"PK\x01\x02", i + 1)
+    raw[i + 38] |= 0x10
+    run.checkpoint_path.write_bytes(bytes(raw))
+    with pytest.raises(D3FastError, match="corrupt"):
+        load_checkpoint(run.checkpoint_path)
+    raw[i + 10] = 99  # an unknown compression method in the same entry: NotImplementedError inside zipfile
+    run.checkpoint_path.write_bytes(bytes(raw))
+    with pytest.raises(D3FastError, match="corrupt"):
+        load_checkpoint(run.checkpoint_path)
+
+
+def test_an_expert_header_claiming_more_epochs_than_it_stores_is_refused(home, tmp_path):
+    from d3fast.io import load_tensors, save_tensors
+
+    src = expert_path(experts_dir(cfg_of()), 0)
+    tensors, meta = load_tensors(src)
+    path = tmp_path / "expert_0000.safetensors"
+    save_tensors(path, tensors, {**meta, "epochs_done": meta["epochs_done"] + 4})
+    with pytest.raises(D3FastError, match="damaged header .*but the trajectory holds 4 rows"):
+        read_expert_meta(path)
+
+
+def test_edited_manifest_values_are_caught(home, tmp_path):
+    """The cache manifest's mean, a run manifest's expert list: still valid JSON after an
+    edit, caught by the seal written with them."""
+    import json
+
+    from d3fast.data.cache import read_manifest
+    from d3fast.paths import data_dir
+
+    path = data_dir("digits") / "manifest.json"
+    original = path.read_bytes()
+    try:
+        doc = json.loads(original)
+        doc["mean"] = [0.705]
+        path.write_text(json.dumps(doc))
+        with pytest.raises(D3FastError, match="was changed after d3fast wrote it.*prepare --dataset digits --force"):
+            read_manifest(path.parent)
+    finally:
+        path.write_bytes(original)
+
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    doc = json.loads(run.manifest_path.read_text())
+    doc["experts_files"] = [doc["experts_files"][0]] * 2
+    run.manifest_path.write_text(json.dumps(doc))
+    res = CliRunner().invoke(cli, ["distill", "--resume", str(run.path), "--steps", "2"])
+    assert res.exit_code == 0 and "was changed after d3fast wrote it; rebuilt it" in res.output, res.output
+    assert len(set(run.read_manifest()["experts_files"])) == 2
+
+
+def test_a_hand_edited_run_config_is_recorded_or_refused(home, tmp_path):
+    import json
+
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    doc = json.loads(run.config_path.read_text())
+    doc["distill"]["syn_steps"] = 2
+    run.config_path.write_text(json.dumps(doc))
+    res = CliRunner().invoke(cli, ["distill", "--resume", str(run.path), "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert run.history()[-1]["changes"] == {"distill.syn_steps": [3, 2], "distill.steps": [1, 2]}
+    doc["distill"]["ppc"] = 3
+    run.config_path.write_text(json.dumps(doc))
+    res = CliRunner().invoke(cli, ["distill", "--resume", str(run.path), "--steps", "3"])
+    assert res.exit_code == 2 and "cannot change distill.ppc when resuming" in res.output, res.output
+
+
+def test_a_lost_checkpoint_never_restarts_a_run_silently(home, tmp_path):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=2"), run, progress=False)
+    run.checkpoint_path.unlink()
+    res = CliRunner().invoke(cli, ["distill", "--resume", str(run.path), "--steps", "3"])
+    assert res.exit_code == 2 and "is missing, but the run had reached step 2" in res.output, res.output
+    assert [m["step"] for m in run.read_metrics()] == [1, 2]
+
+
+@pytest.mark.parametrize("log", ["metrics.jsonl", "history.jsonl"])
+def test_a_non_utf8_byte_in_a_log_is_a_clear_error(home, tmp_path, log):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=2"), run, progress=False)
+    path = run.path / log
+    raw = bytearray(path.read_bytes())
+    raw[5] = 0xFF  # inside the first line, which the next resume must read
+    path.write_bytes(bytes(raw))
+    res = CliRunner().invoke(cli, ["distill", "--resume", str(run.path), "--steps", "3"])
+    assert res.exit_code == 2 and f"{log} line 1 is corrupt" in res.output and "Traceback" not in res.output
+
+
+def test_32_bit_integer_images_are_scaled(tmp_path):
+    full = np.linspace(0, 2**31 - 1, 256).reshape(16, 16).astype(np.int32)
+    out = _decode(Image.fromarray(full), tmp_path, "TIFF")[0]
+    assert np.abs(out.astype(int) - np.linspace(0, 255, 256).reshape(16, 16)).max() <= 1
+    signed = (np.linspace(-1, 1, 256).reshape(16, 16)).astype(np.float32)
+    assert 120 < _decode(Image.fromarray(signed), tmp_path, "TIFF").mean() < 135
+
+
+def test_a_network_deeper_than_the_image_is_refused(tmp_path):
+    res = _cli("experts", "--dataset", "digits", "--set", "net.depth=6")
+    assert res.exit_code == 2 and "net.depth=6 halves 32 px below 1 px: at most 5" in res.output, res.output
+
+
+def test_a_second_sigterm_aborts_a_step_that_never_ends():
+    from d3fast.distill import _StopRequest
+
+    stop = _StopRequest()
+    with stop.installed(), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested  # the first asks for a graceful stop
+        os.kill(os.getpid(), signal.SIGTERM)  # the second does not wait for the step
+
+
+@pytest.mark.parametrize("device, says", [("cpu:7", "the CPU is one device"), ("tpu", "unknown device")])
+def test_impossible_devices_are_named(device, says):
+    from d3fast.runtime import resolve_device
+
+    with pytest.raises(D3FastError, match=says):
+        resolve_device(device)
+
+
+def test_a_full_disk_during_prepare_is_one_clear_error(tiny_disk, monkeypatch):
+    monkeypatch.setenv("D3FAST_HOME", str(tiny_disk / "home"))
+    res = CliRunner().invoke(cli, ["prepare", "--dataset", "digits"])
+    assert res.exit_code == 2 and "could not write" in res.output and "MiB free there" in res.output, res.output
+    assert "Traceback" not in res.output

@@ -35,8 +35,10 @@ from d3fast.io import (
     read_json,
     remove_stale_temps,
     replace_dir,
+    seal,
     sha256_file,
     temp_dir,
+    unseal,
     verify_sha256,
 )
 
@@ -142,7 +144,7 @@ def write_betons(
             manifest["counts"][split] = len(y)
             manifest["sha256"][split] = sha256_file(path)
             manifest["bytes"][split] = path.stat().st_size
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / "manifest.json", seal(manifest))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +159,12 @@ def check_betons(dataset: str, verify_hash: bool = True) -> dict[str, Any]:
     fix = f"rebuild with `d3fast prepare --dataset {dataset} --format ffcv --force`"
     if not (out / "manifest.json").exists():
         raise D3FastError(f"no FFCV files for {dataset} in {out}; write them with `d3fast prepare --dataset {dataset} --format ffcv`")
-    man = read_json(out / "manifest.json", "FFCV manifest")
+    try:
+        man = unseal(read_json(out / "manifest.json", "FFCV manifest"), "FFCV manifest", out / "manifest.json")
+    except D3FastError as e:
+        raise D3FastError(f"{e}; {fix}") from None
+    if not isinstance(man, dict):
+        raise D3FastError(f"{out / 'manifest.json'} is not a d3fast FFCV manifest; {fix}")
     if man.get("format") != BETON_FORMAT:
         raise D3FastError(f"{out / 'manifest.json'} is not a d3fast FFCV manifest; {fix}")
     for split in ("train", "test"):

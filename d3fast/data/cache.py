@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from d3fast.errors import D3FastError
-from d3fast.io import read_json, sha256_file, verify_sha256
+from d3fast.io import read_json, sha256_file, unseal, verify_sha256
 from d3fast.paths import data_dir
 
 CACHE_FORMAT = 1
@@ -38,8 +38,11 @@ def read_manifest(cache: Path) -> dict[str, Any] | None:
     path = cache / "manifest.json"
     if not path.exists():
         return None
-    m = read_json(path, "cache manifest")
     fix = f"run `d3fast prepare --dataset {cache.name} --force`"
+    try:
+        m = unseal(read_json(path, "cache manifest"), "cache manifest", path)
+    except D3FastError as e:
+        raise D3FastError(f"{e}; {fix}") from None
     problem = _manifest_problem(m)
     if problem:
         raise D3FastError(f"cache manifest {path} is damaged ({problem}); {fix}")

@@ -42,20 +42,25 @@ def to_8bit(im: Image.Image) -> Image.Image:
     """An 8-bit image (L, RGB, ...) from any Pillow mode, values scaled rather than clipped.
 
     16-bit greys (I;16*, and I holding values above 255) map 0..65535 to 0..255: Pillow's own
-    convert("L") clips them, so a 16-bit ramp came out 98% white. Floats (F) in [0, 1] are
-    scaled by 255. Alpha (LA, RGBA, PA, palettes with a transparent colour) is composited
+    convert("L") clips them, so a 16-bit ramp came out 98% white; I values above 65535 are
+    read as 32-bit (0..2^31 - 1). Floats (F) in [0, 1] are scaled by 255, in [-1, 1] shifted
+    first. Alpha (LA, RGBA, PA, palettes with a transparent colour) is composited
     over white: convert("RGB") would show whatever colour the transparent pixels hold.
     """
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(im).astype(np.float64)
-        top = float(a.max()) if a.size else 0.0
+        lo, top = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if mode == "F":
+            # [0, 1] and [-1, 1] are the float conventions; anything else is read as 0..255
+            a = (a + 1) / 2 if lo < 0 and lo >= -1 and top <= 1 else a
             scale = 255.0 if top <= 1.0 else 1.0
         elif mode == "I" and top <= 255:
             scale = 1.0
-        else:
+        elif top <= 65535:
             scale = 255.0 / 65535.0
+        else:  # 32-bit integers
+            scale = 255.0 / (2**31 - 1)
         return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
     if mode in ("LA", "La", "RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")

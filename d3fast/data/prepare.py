@@ -28,8 +28,10 @@ from d3fast.io import (
     locked,
     remove_stale_temps,
     replace_dir,
+    seal,
     sha256_file,
     temp_dir,
+    write_failure,
 )
 from d3fast.paths import data_dir
 
@@ -125,9 +127,11 @@ def _prepare(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "prepare_seconds": round(time.perf_counter() - t0, 3),
             }
-            atomic_write_json(tmp / "manifest.json", manifest)
+            atomic_write_json(tmp / "manifest.json", seal(manifest))
             replace_dir(tmp, cache)
             meter.tick(sum(sum(counts[s]) for s in SPLITS))  # images written to the cache
+    except OSError as e:
+        raise write_failure(Path(getattr(e, "filename", None) or tmp / "x"), e) or e from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult("prepared", cache, manifest, time.perf_counter() - t0, decoded)

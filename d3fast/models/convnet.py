@@ -42,6 +42,9 @@ class ConvNet(FeatureClassifier):
     ):
         super().__init__()
         depth = depth or default_depth(res)
+        side = 32 if res == 28 else res
+        if pooling != "none" and side >> depth < 1:
+            raise D3FastError(f"net.depth={depth} halves {res} px below 1 px: at most {side.bit_length() - 1} here")
         layers: list[nn.Module] = []
         c, side = in_channels, res
         for d in range(depth):

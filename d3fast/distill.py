@@ -142,10 +142,9 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
     torch.manual_seed(dcfg.seed)
     if dcfg.amp and device.type != "cuda":
         tqdm.write("note: --amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
-    resume = resume and run.config_path.exists()  # nothing recorded yet: a resume is a start
-    if resume:
-        run.check_resume(cfg)  # before anything is built from a refused change
-    elif run.has_checkpoint():
+    resume = resume and run.recorded()  # nothing recorded yet: a resume is a start
+    changes = run.check_resume(cfg) if resume else {}  # before anything is built from a refused change
+    if not resume and run.has_checkpoint():
         raise D3FastError(f"{run.path} already holds a checkpoint: continue it with --resume, or start a new run")
     if inputs is None:
         zca = cfg.data.zca_eps if cfg.data.zca else None
@@ -170,7 +169,7 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
         if dcfg.steps < state.step:
             raise D3FastError(f"distill.steps={dcfg.steps} is below the step this run reached ({state.step}); "
                               f"pass --steps {state.step} or more")
-        run.resume(cfg, state.step)
+        run.resume(cfg, state.step, changes)
     else:
         run.start(cfg, {
             "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "versions": versions(),

@@ -314,19 +314,18 @@ def _cli_value(value: Any) -> str:
 def ensure_experts(cfg: Config, auto: bool = True, echo: Callable[[str], None] = print) -> ExpertBank:
     """The `experts.num_experts` experts of `cfg`, training the missing ones first (unless
     `auto` is off: then an error with the command that trains them)."""
-    try:
-        return ready_experts(cfg, cfg.experts.num_experts)
-    except D3FastError:
-        if not auto:
-            raise
+    bank = ready_experts(cfg, 0)
+    if len(bank) >= cfg.experts.num_experts:
+        return bank
+    if not auto:
+        return ready_experts(cfg, cfg.experts.num_experts)  # raises, with the command that trains them
     need = need_epochs(cfg)
     if cfg.experts.epochs < need:
         raise D3FastError(
             f"experts.epochs={cfg.experts.epochs} is less than the {need} epochs distillation reads "
             f"(distill.max_start_epoch + distill.expert_epochs); add --set experts.epochs={need}"
         )
-    have = len(ready_experts(cfg, 0))
-    echo(f"{have}/{cfg.experts.num_experts} expert trajectories ready: training the rest first")
+    echo(f"{len(bank)}/{cfg.experts.num_experts} expert trajectories ready: training the rest first")
     run_experts(cfg)
     return ready_experts(cfg, cfg.experts.num_experts)
 

@@ -33,8 +33,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and `path` is left untouched.
     """
     path = Path(path)
-    if path.is_dir():
-        raise D3FastError(f"could not write {path}: it is a directory; choose another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
@@ -63,7 +61,7 @@ _FULL_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EFBIG: "the file size limit was reached"}
 _FULL_TEXTS = ("no space left", "os error 28", "os error 122", "os error 27", "file too large", "unexpected pos",
                "failed writing", "file write failed", "iostream error", "requested and")
-_PLACE_ERRNOS = {errno.EISDIR: "a directory is where a file belongs", errno.EACCES: "permission denied",
+_PLACE_ERRNOS = {errno.EISDIR: "it is a directory", errno.EACCES: "permission denied",
                  errno.EPERM: "permission denied", errno.EROFS: "the file system is read-only",
                  errno.ENOTDIR: "a part of the path is not a directory"}
 

@@ -112,7 +112,7 @@ class Run:
         if not str(where).strip():
             raise D3FastError("no run given: name a run directory or `latest`")
         run = cls(where)
-        if not (run.config_path.exists() or run.history_path.exists()):
+        if not run.recorded():
             raise D3FastError(f"{run.path} is not a run directory (no config.json)")
         return run
 
@@ -124,6 +124,10 @@ class Run:
         return cls(found[-1].parent)
 
     # ---- config, manifest, history
+
+    def recorded(self) -> bool:
+        """Whether the run has been started: its config is on disk or can be rebuilt."""
+        return self.config_path.exists() or self.history_path.exists()
 
     def read_config(self) -> Config:
         """The run's config as recorded (unknown keys and wrong types are errors). A missing
@@ -163,8 +167,6 @@ class Run:
         if not isinstance(value, dict):
             raise D3FastError(f"{path} {problem}, and history.jsonl does not record the run's {what} to rebuild it: "
                               "this run cannot be resumed (its checkpoint still exports with `d3fast export`)")
-        if path.is_dir():
-            raise D3FastError(f"{path} is a directory where the run's {what} belongs; move it aside")
         atomic_write_json(path, seal(value) if sealed else value)
         tqdm.write(f"note: {path} {problem}; rebuilt it from {self.history_path}")
         return value
@@ -191,18 +193,12 @@ class Run:
         self._history({"event": "start", "step": 0, "changes": {}, "config": to_dict(cfg), "manifest": manifest},
                       fresh=True)
 
-    def resume(self, cfg: Config, step: int) -> dict[str, list[Any]]:
-        """Check `cfg` against the recorded config, record the keys it changes (config.json
-        and a history line) and return them as {"section.key": [old, new]}.
-
-        Raises:
-            D3FastError: a key a resumed run cannot change (d3fast/config.py), named with why.
-        """
-        changes = self.check_resume(cfg)
+    def resume(self, cfg: Config, step: int, changes: dict[str, list[Any]]) -> None:
+        """Record a resume at `step` with the `changes` that `check_resume(cfg)` returned:
+        config.json when a key changed, and a history line."""
         if changes:
             atomic_write_json(self.config_path, to_dict(cfg))
         self._history({"event": "resume", "step": step, "changes": changes})
-        return changes
 
     def check_resume(self, cfg: Config) -> dict[str, list[Any]]:
         """The keys `cfg` changes against the run's config as its history records it (the
@@ -212,9 +208,10 @@ class Run:
         Raises:
             D3FastError: a key that a resumed run cannot change.
         """
-        recorded = self.read_config()
         from_history = self._config_from_history()
-        if from_history is not None:
+        if from_history is None:
+            recorded = self.read_config()
+        else:
             recorded = Config()
             apply_updates(recorded, from_history, "", from_string=False)
         return resume_changes(recorded, cfg)
@@ -257,8 +254,8 @@ class Run:
         return self.checkpoint_path.exists()
 
     def save_state(self, state: TrainState) -> None:
-        """Checkpoint `state`, atomically; non-finite state is refused (NonFiniteError) and
-        the last good checkpoint stays as it was."""
+        """Checkpoint `state`, atomically; unusable state is refused (DivergedError) and the
+        last good checkpoint stays as it was."""
         save_checkpoint(self.checkpoint_path, state)
 
     def load_state(self, device: torch.device | str = "cpu") -> dict[str, Any]:

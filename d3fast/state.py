@@ -59,7 +59,13 @@ def check_finite(where: str, **terms: torch.Tensor) -> None:
 def distilled_problems(d: Distilled) -> tuple[str, str] | None:
     """(what, detail) when the distilled object cannot be trained or used: a NaN or inf
     tensor, a log-variance whose exp overflows, or a student lr <= 0; else None."""
-    bad = nonfinite_tensors(d.named_tensors())
+    return _problems(d.named_tensors(), d)
+
+
+def _problems(named: Iterable[tuple[str, torch.Tensor]], d: Distilled) -> tuple[str, str] | None:
+    """`distilled_problems`, with the finiteness check over `named` (the distilled tensors,
+    or the whole training state's): one scan of each tensor."""
+    bad = nonfinite_tensors(named)
     if bad:
         return "non-finite state", ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
     top = float(d.latents[..., 1].detach().max())
@@ -74,10 +80,7 @@ def check_state(state: TrainState, where: str) -> None:
     """Raise DivergedError when an optimiser step left the state unusable: any NaN or inf
     tensor (a finite loss can still have inf gradients), an overflowing log-variance, or a
     non-positive student lr."""
-    bad = state.nonfinite()
-    if bad:
-        raise DivergedError("non-finite state", where, ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
-    problem = distilled_problems(state.distilled)
+    problem = _problems(state.named_tensors(), state.distilled)
     if problem is not None:
         raise DivergedError(problem[0], where, problem[1])
 
@@ -140,9 +143,6 @@ class TrainState:
                 for k, v in per_param.items():
                     if isinstance(v, torch.Tensor):
                         yield f"{name}.{i}.{k}", v
-
-    def nonfinite(self) -> list[str]:
-        return nonfinite_tensors(self.named_tensors())
 
     def state_dict(self) -> dict[str, Any]:
         return {

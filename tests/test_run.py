@@ -373,3 +373,12 @@ def test_device_hours_carry_over_to_a_copied_run(home, tmp_path):
     distill(cfg, copy, resume=True, progress=False)
     hours = [m["device_hours"] for m in copy.read_metrics()]
     assert hours[2] > hours[1] > hours[0] > 0
+
+
+def test_a_run_without_config_json_still_resumes_from_its_history(home, tmp_path):
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=2"), run, progress=False)
+    run.config_path.unlink()
+    res = distill(cfg_of("distill.steps=3"), run, resume=True, progress=False)
+    assert res.step == 3 and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+    assert [r["event"] for r in run.history()] == ["start", "resume"]

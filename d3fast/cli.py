@@ -373,13 +373,16 @@ def budget(dataset, as_json, show_records) -> None:
 @click.option("--trace-steps", type=int, default=2, show_default=True,
               help="Steps after the timed ones run under torch.profiler (trace, kernel tables); 0: none.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps first (allocator, autotuning, JIT).")
+@click.option("--free-steps", type=int, default=None,
+              help="Steps without phase markers (no GPU syncs), timed as distill runs; they give the step rate. "
+                   "Default: --steps on CUDA, 0 on the CPU.")
 @click.option("--out", type=click.Path(), default=None, help="Report directory (default: profiles/<dataset>-<time>).")
 @click.option("--stand-in", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Random data / expert trajectories of the right shapes when the real ones are missing.")
 @click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA, as in distill.")
 @click.option("--unroll", type=click.Choice(["flat", "naive"]), default=None, help="MTT unroll mode, as in distill.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
-def profile(dataset, preset, overrides, steps, trace_steps, warmup, out, stand_in, amp, unroll, device) -> None:
+def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, out, stand_in, amp, unroll, device) -> None:
     """Where a distillation step's time and memory go: runs warm-up + timed + traced steps of
     the real loop and writes report.md, report.json, trace.json (Chrome trace), phases.png
     and memory.png. Needs no experts: stand-ins of the right shapes are used when missing."""
@@ -390,7 +393,8 @@ def profile(dataset, preset, overrides, steps, trace_steps, warmup, out, stand_i
 
     cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll, "device": device})
     out_dir = Path(out) if out else Path("profiles") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    res = run_profile(cfg, out_dir, steps=steps, trace_steps=trace_steps, warmup=warmup, stand_in=stand_in)
+    res = run_profile(cfg, out_dir, steps=steps, trace_steps=trace_steps, warmup=warmup, stand_in=stand_in,
+                      free_steps=free_steps)
     click.echo(summary_line(res.report))
     click.echo(f"inputs: data {res.report['inputs']['data']}; experts {res.report['inputs']['experts']}")
     click.echo(f"report: {out_dir / 'report.md'} (+ {', '.join(f for f in res.report['files'] if f != 'report.md')})")

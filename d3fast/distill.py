@@ -10,9 +10,10 @@ Per step:
   4. log a metrics line; checkpoint every `checkpoint_every` steps, at the end, on Ctrl-C
 
 The state one step hands to the next is a TrainState (d3fast/state.py), whose random
-generators are checkpointed, so a resumed run repeats the uninterrupted one. Every loss is
-checked before its backward and the whole state after every update: a NaN stops the run
-before anything non-finite can reach a checkpoint. The run directory belongs to `Run`
+generators are checkpointed, so a resumed run repeats the uninterrupted one. Every loss and
+the whole state after every update are checked on the device, and read back with the step's
+metrics in one transfer (the step's only wait for a GPU): a NaN stops the run, naming the
+update where it began, before anything non-finite can reach a checkpoint. The run directory belongs to `Run`
 (d3fast/run.py); the phases are marked for `d3fast profile` (d3fast/phases.py); the
 device-hours go to the ledger (d3fast/ledger.py).
 """
@@ -51,7 +52,7 @@ from d3fast.paths import home
 from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORWARD, phase
 from d3fast.run import Run
 from d3fast.runtime import device_name, resolve_device, versions
-from d3fast.state import DivergedError, TrainState, check_finite, check_state, distilled_problems
+from d3fast.state import DivergedError, StepChecks, TrainState, distilled_problems
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
 
 
@@ -101,14 +102,17 @@ def distill(
                 t0 = clock()
                 _reset_peak_memory(device)
                 students = draw_students(bank, dcfg, state.g_host, device)
+                checks = StepChecks()
+                mtt, kl = mtt_update(state, parts.spec, students, dcfg, checks)
+                mmd, div = mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp, checks)
                 try:
-                    mtt, kl = mtt_update(state, parts.spec, students, dcfg)
-                    mmd, div = mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp)
+                    with phase(LOSSES):  # the step's one wait for the device
+                        values = checks.read(mtt=mtt, kl=kl, mmd=mmd, div=div, student_lr=state.distilled.lr())
                 except DivergedError as e:
                     raise D3FastError(_diverged_message(e, state.step, run, cfg)) from None
                 state.step += 1
                 meter.tick()
-                last = step_metrics(state, students, dcfg, clock, t0, meter, device, mtt=mtt, kl=kl, mmd=mmd, div=div)
+                last = step_metrics(state, students, dcfg, clock, t0, meter, device, values)
                 state.note_loss(last["loss"])
                 metrics.write(last)
                 bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
@@ -249,27 +253,34 @@ def draw_students(bank: ExpertBank, dcfg: DistillConfig, g: torch.Generator, dev
         feat_epoch = dcfg.max_start_epoch + dcfg.expert_epochs if dcfg.mmd_param == "expert" else -1
         rows = [bank.rows(e, [s, s + dcfg.expert_epochs] + ([feat_epoch] if k == 0 else []))
                 for k, (e, s) in enumerate(picks)]
-        return Students(picks, torch.stack([r[0] for r in rows]).to(device), torch.stack([r[1] for r in rows]).to(device),
-                        rows[0][2].to(device))
+        return Students(picks, _to_device(torch.stack([r[0] for r in rows]), device),
+                        _to_device(torch.stack([r[1] for r in rows]), device), _to_device(rows[0][2], device))
 
 
-def mtt_update(state: TrainState, spec: UnrollSpec, students: Students, dcfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, without waiting for it (a
+    copy from pageable memory blocks the host until the device has caught up)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def mtt_update(
+    state: TrainState, spec: UnrollSpec, students: Students, dcfg: DistillConfig, checks: StepChecks
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One MTT update of `state` (latents, decoder, alpha): returns the (MTT, KL) terms,
-    detached; zeros when `mtt_weight` is 0.
-
-    Raises:
-        DivergedError: a non-finite term (nothing stepped) or unusable state after the step.
-    """
+    detached; zeros when `mtt_weight` is 0. The terms and the state after the step are
+    noted in `checks`, which the loop reads once per step (d3fast/state.py)."""
     d = state.distilled
     zero = torch.zeros((), device=d.latents.device)
     if dcfg.mtt_weight <= 0:
         return zero, zero
     with phase(UNROLL_FORWARD):
-        theta_n = unroll(spec, d, students.theta0, state.g_device, dcfg.unroll)
+        theta_n = unroll(spec, d, students.theta0, state.g_device, dcfg.unroll, host=state.g_host)
     mtt = mtt_loss(theta_n, students.target, students.theta0)
     with phase(LOSSES):
         kl = losses.kl_standard_normal(d.latents[..., 0], d.latents[..., 1])
-        check_finite("MTT update", mtt=mtt, kl=kl)
+        checks.loss("MTT update", mtt=mtt, kl=kl)
     with phase(OPTIMIZERS):
         for opt in state.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -278,19 +289,19 @@ def mtt_update(state: TrainState, spec: UnrollSpec, students: Students, dcfg: Di
     with phase(OPTIMIZERS):
         for opt in state.optimizers:
             opt.step()
-        check_state(state, "MTT update")
+        checks.state(list(state.named_tensors()), d, "MTT update")
     return mtt.detach(), kl.detach()
 
 
 def step_metrics(
     state: TrainState, students: Students, dcfg: DistillConfig, clock: Callable[[], float], started: float,
-    meter: ledger.Meter, device: torch.device, **terms: torch.Tensor,
+    meter: ledger.Meter, device: torch.device, values: dict[str, float],
 ) -> dict[str, Any]:
-    """The metrics.jsonl line of the step just finished: every loss term, the weighted total,
-    the student lr, the first student's draw, time (clock() - started, read once the terms
-    are on the host: that waits for the device), throughput, memory and device-hours."""
-    with phase(LOSSES):
-        values = {k: v.item() for k, v in terms.items()}
+    """The metrics.jsonl line of the step just finished: every loss term and the student lr
+    (`values`, read from the device: that waited for it), the weighted total, the first
+    student's draw, time (clock() - started), throughput, memory and device-hours."""
+    values = dict(values)
+    student_lr = values.pop("student_lr")
     seconds = clock() - started
     weights = {"mtt": dcfg.mtt_weight, "kl": dcfg.kl_weight, "mmd": dcfg.mmd_weight, "div": dcfg.div_weight}
     d = state.distilled
@@ -302,7 +313,7 @@ def step_metrics(
     expert, start = students.picks[0]
     return {
         "step": state.step, **values, "loss": sum(weights[k] * v for k, v in values.items()),
-        "student_lr": d.student_lr, "expert": expert, "start_epoch": start,
+        "student_lr": student_lr, "expert": expert, "start_epoch": start,
         "step_s": round(seconds, 4), "images_per_s": round(images / seconds, 1) if seconds > 0 else 0.0,
         "peak_mem_gib": _peak_mem(device),
         "device_hours": round(meter.prior_hours + meter.hours, 6),

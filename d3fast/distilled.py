@@ -35,9 +35,14 @@ class Distilled:
         """[C * PPC]: prior i belongs to class i // PPC."""
         return torch.arange(self.num_classes, device=self.latents.device).repeat_interleave(self.ppc)
 
+    def lr(self) -> torch.Tensor:
+        """The student lr leaky_relu(alpha) + 1e-4, a 0-d tensor with alpha's graph."""
+        return torch.nn.functional.leaky_relu(self.alpha) + 1e-4
+
     @property
     def student_lr(self) -> float:
-        return float(torch.nn.functional.leaky_relu(self.alpha.detach()) + 1e-4)
+        """`lr()` as a number (reads the device)."""
+        return float(self.lr().detach())
 
     def sample_latents(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """z = mu + eps * exp(logvar / 2) for priors `idx` ([B]) -> [B, z]."""
@@ -85,7 +90,7 @@ class Distilled:
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> Distilled:
         """Inverse of `state_dict` (also reads the distilled part of a whole checkpoint)."""
         meta, classes = json.loads(state["meta"]), json.loads(state["classes"])
-        decoder = build_decoder(meta)
+        decoder = _decoder_holding(meta, state["decoder"])
         try:
             decoder.load_state_dict(state["decoder"])
         except RuntimeError as e:
@@ -108,6 +113,26 @@ class Distilled:
             self.decoder.load_state_dict(state["decoder"])
         except RuntimeError as e:
             raise D3FastError(f"the checkpoint's decoder does not match this run ({str(e).splitlines()[0]})") from None
+
+
+def _decoder_holding(meta: dict[str, Any], stored: dict[str, torch.Tensor]) -> Decoder:
+    """The decoder `meta` describes (a checkpoint's or an export's), once its tensor shapes
+    are known to equal the stored ones: checked on the meta device first, where nothing is allocated, so that a damaged
+    width (say 50,000: an 80 GB decoder) is refused instead of built.
+
+    Raises:
+        D3FastError: settings that build no decoder, or one of other shapes.
+    """
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_decoder(meta).state_dict().items()}
+        held = {k: tuple(v.shape) for k, v in stored.items()}
+        if shapes != held:
+            diff = sorted(set(shapes.items()) ^ set(held.items()), key=str)[:3]
+            raise D3FastError(f"the stored decoder does not match its settings (differing: {diff})")
+        return build_decoder(meta)
+    except (KeyError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise D3FastError(f"the decoder settings stored with it are unusable ({type(e).__name__}: {e})") from None
 
 
 def build_decoder(meta: dict[str, Any]) -> Decoder:
@@ -140,8 +165,8 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled:
     tensors, meta = load_tensors(path, "distilled object")
     if meta.get("format") != EXPORT_FORMAT or "latents" not in tensors:
         raise D3FastError(f"{path} is not a d3fast distilled export")
-    decoder = build_decoder(meta)
     state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    decoder = _decoder_holding(meta, state)
     decoder.load_state_dict(state)
     return Distilled(
         latents=tensors["latents"].to(device),

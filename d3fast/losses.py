@@ -30,15 +30,17 @@ def mmd2(
     y: torch.Tensor,
     bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
     unbiased: bool = True,
+    bandwidth_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared MMD with a mixture of Gaussian kernels, batched over classes: [C, n, D] and
     [C, m, D] (or [n, D] and [m, D]) -> [C] (or a scalar). The fused op of d3fast.kernels
     (Triton on CUDA, C++ on CPU, kernels/mmd_ref.py otherwise); see `kernels.mmd2`.
+    `bandwidth_scale`: a 0-d tensor multiplying every bandwidth (the median heuristic).
 
     Raises:
         D3FastError: n < 2 or m < 2 with the unbiased estimator.
     """
-    return kernels.mmd2(x, y, bandwidths, unbiased)
+    return kernels.mmd2(x, y, bandwidths, unbiased, bandwidth_scale=bandwidth_scale)
 
 
 def param_dist(a: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

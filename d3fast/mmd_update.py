@@ -21,20 +21,17 @@ from d3fast.data.loader import DeviceDataset
 from d3fast.distilled import Distilled
 from d3fast.embed import auto_chunk, embed
 from d3fast.phases import DATA, DECODE, LOSSES, MMD, OPTIMIZERS, phase
-from d3fast.state import TrainState, check_finite, check_state
+from d3fast.state import StepChecks, TrainState
 from d3fast.training import load_flat_params
 
 
 def mmd_update(
     state: TrainState, feature_net: torch.nn.Module, feat_params: torch.Tensor, train: DeviceDataset,
-    dcfg: DistillConfig, amp: Callable[[], AbstractContextManager[None]],
+    dcfg: DistillConfig, amp: Callable[[], AbstractContextManager[None]], checks: StepChecks,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MMD update of `state` (latents and decoder): returns the (MMD, diversity) terms,
-    detached; zeros when both are off.
-
-    Raises:
-        DivergedError: a non-finite term (nothing stepped) or unusable state after the step.
-    """
+    detached; zeros when both are off. The terms and the state after the step are noted in
+    `checks` (read once per step by the loop)."""
     d = state.distilled
     zero = torch.zeros((), device=d.latents.device)
     if not (dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1)):
@@ -44,7 +41,7 @@ def mmd_update(
         with amp():
             mmd, div = mmd_terms(feature_net, d, train, dcfg, state.g_device)
     with phase(LOSSES):
-        check_finite("MMD update", mmd=mmd, div=div)
+        checks.loss("MMD update", mmd=mmd, div=div)
     with phase(OPTIMIZERS):
         state.opt_latent.zero_grad(set_to_none=True)
         state.opt_decoder.zero_grad(set_to_none=True)
@@ -53,8 +50,13 @@ def mmd_update(
     with phase(OPTIMIZERS):
         state.opt_latent.step()
         state.opt_decoder.step()
-        check_state(state, "MMD update")
+        checks.state(list(state.named_tensors()), d, "MMD update")
     return mmd.detach(), div.detach()
+
+
+def fp32(device: torch.device) -> AbstractContextManager[None]:
+    """Autocast off: what runs inside computes in the dtype of its (float32) inputs."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def mmd_terms(
@@ -78,15 +80,18 @@ def mmd_terms(
         with phase(DECODE):
             x = d.decode(idx, g)  # [C * PPC * per_prior, ch, H, W], class-major
         f_syn = embed(feature_net, x, chunk, one_graph).float().view(n_cls, ppc * per_prior, -1)
-        bandwidths = dcfg.mmd_bandwidths
-        if dcfg.mmd_scale == "median":
-            med = losses.pairwise_sq_dists(f_real, f_real).median().sqrt().item()
-            bandwidths = [b * med for b in bandwidths]
-        per_class = losses.mmd2(f_syn, f_real, bandwidths)
+        with fp32(x.device):  # distances of features: full precision even under --amp
+            scale = None
+            if dcfg.mmd_scale == "median":
+                # sqrt(median d^2) of the real features, kept on the device (no read-back);
+                # floored so that identical images cannot make every bandwidth 0
+                scale = losses.pairwise_sq_dists(f_real, f_real).median().sqrt().clamp_min(1e-12)
+            per_class = losses.mmd2(f_syn, f_real, dcfg.mmd_bandwidths, bandwidth_scale=scale)
         mmd = per_class.sum() if dcfg.mmd_reduction == "sum" else per_class.mean()
     div = torch.zeros((), device=d.latents.device)
     if ppc > 1 and dcfg.div_weight > 0:
         with phase(DECODE):
-            means = d.mean_images().float()
-        div = losses.diversity(means.view(n_cls, ppc, *means.shape[1:]))
+            means = d.mean_images()
+        with fp32(means.device):
+            div = losses.diversity(means.float().view(n_cls, ppc, *means.shape[1:]))
     return mmd, div

@@ -181,6 +181,13 @@ def backward_phase(name: str, inputs: torch.Tensor, fn: Any) -> torch.Tensor:
         return _Mark.apply(out, name, True)
 
 
+def set_marking(timer: PhaseTimer | None) -> None:
+    """Between steps: whether the markers report to `timer` or do nothing (`d3fast profile`'s
+    free-running steps run without them, so without their GPU syncs)."""
+    global _ACTIVE
+    _ACTIVE = timer
+
+
 @contextmanager
 def active(timer: PhaseTimer) -> Iterator[PhaseTimer]:
     global _ACTIVE

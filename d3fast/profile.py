@@ -10,10 +10,14 @@ Runs the real distillation loop (d3fast/distill.py, same code path) for
     memory.png     memory over the timed steps, phases shaded
     metrics.jsonl  the loop's own per-step metrics
 
-Timing is split on purpose: the `steps` timed steps run with the phase timer only (a GPU
-sync at each phase edge, ~10 us), so their step times are honest; torch.profiler, whose
-per-op bookkeeping slows a CPU step by 10-40%, runs only on the `trace_steps` after them,
-which feed the trace and the kernel tables. The report gives both step times.
+Timing is split on purpose. `free_steps` run with no marker at all: the loop as `distill`
+runs it, one wait for the device per step, so the CPU queues kernels while the GPU runs
+them; their time is the step rate, and the projection uses it. The `steps` timed steps run
+with the phase timer (a GPU sync at each phase edge, a few hundred per step): honest
+per-phase times, at the cost of that overlap. torch.profiler, whose per-op bookkeeping slows
+a CPU step by 10-40%, runs only on the `trace_steps` after them, which feed the trace and
+the kernel tables. The report gives every step time. On the CPU the phase edges wait for
+nothing, so `free_steps` defaults to 0 there.
 
 Without the dataset's cache or its experts (profiling ImageWoof before spending hours on
 experts), stand-ins of the same shapes are used: random uint8 images and random-walk
@@ -51,7 +55,7 @@ from d3fast.io import atomic_path, atomic_write_json, atomic_write_text
 from d3fast.models import build_network
 from d3fast.models._layers import FeatureClassifier
 from d3fast.paths import data_dir
-from d3fast.phases import PHASES, PhaseTimer, active
+from d3fast.phases import PHASES, PhaseTimer, active, set_marking
 from d3fast.run import Run
 from d3fast.runtime import device_name, device_peaks, resolve_device, versions
 from d3fast.training import flat_params
@@ -74,21 +78,27 @@ class ProfileResult:
 def profile(
     cfg: Config, out: Path, steps: int = 5, trace_steps: int = 2, warmup: int = 1,
     stand_in: str = "auto", progress: bool = True, clock: Callable[[], float] = time.perf_counter,
+    free_steps: int | None = None,
 ) -> ProfileResult:
-    """Profile `steps` distillation steps of `cfg` (after `warmup`), trace `trace_steps` more,
-    and write the report directory `out`. stand_in: auto (stand-ins for what is missing) |
-    always | never. `clock` (seconds) drives the phase timer and the loop's step times alike
-    (tests pass a fake one)."""
-    if steps < 1 or trace_steps < 0 or warmup < 0:
-        raise D3FastError("profile: need --steps >= 1, --trace-steps >= 0, --warmup >= 0")
+    """Profile `cfg`'s distillation steps: `warmup`, then `free_steps` without markers (None:
+    as many as `steps` on CUDA, 0 on the CPU), `steps` with the phase timer, `trace_steps`
+    under torch.profiler; write the report directory `out`. stand_in: auto (stand-ins for
+    what is missing) | always | never. `clock` (seconds) drives the phase timer and the
+    loop's step times alike (tests pass a fake one)."""
+    if steps < 1 or trace_steps < 0 or warmup < 0 or (free_steps or 0) < 0:
+        raise D3FastError("profile: need --steps >= 1, --trace-steps >= 0, --warmup >= 0, --free-steps >= 0")
     if stand_in not in ("auto", "always", "never"):
         raise D3FastError(f"profile: stand_in must be auto, always or never, not {stand_in!r}")
     device = resolve_device(cfg.device)
+    if free_steps is None:
+        free_steps = steps if device.type == "cuda" else 0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     full_steps = cfg.distill.steps
     pcfg = copy.deepcopy(cfg)
-    pcfg.distill.steps = warmup + steps + trace_steps
+    pcfg.distill.steps = warmup + free_steps + steps + trace_steps
+    # step k's kind; the markers are on for every kind but "free"
+    kinds = ["warmup"] * warmup + ["free"] * free_steps + ["timed"] * steps + ["traced"] * trace_steps
     pcfg.distill.checkpoint_every = 10**9  # one checkpoint, after the last step
 
     scratch = Path(tempfile.mkdtemp(prefix=".profile-", dir=out))
@@ -107,16 +117,19 @@ def profile(
         def on_step(metrics: dict[str, Any]) -> None:
             phases = timer.end_step()
             k = len(per_step)
-            kind = "warmup" if k < warmup else "timed" if k < warmup + steps else "traced"
+            kind = kinds[k]
             per_step.append({"kind": kind, "step_s": metrics["step_s"], "images_per_s": metrics["images_per_s"],
                              "peak_mem_gib": metrics["peak_mem_gib"], "phases": phases,
                              "edge_s": timer.step_edges[-1]})
             bar.set_postfix_str(f"{kind} step {metrics['step_s']:.2f} s", refresh=False)
             bar.update(1)
-            if k + 1 == warmup + steps and trace_steps:
+            if k + 1 < len(kinds):
+                set_marking(None if kinds[k + 1] == "free" else timer)
+            if k + 1 == len(kinds) - trace_steps and trace_steps:
                 tracer.start()
 
         with active(timer), timer.sample_memory():
+            set_marking(None if kinds[0] == "free" else timer)
             res = distill(pcfg, Run.at(scratch / "run"), inputs=inputs, progress=False, on_step=on_step,
                           ledger_phase="profile", clock=clock)
         if trace_steps:
@@ -126,7 +139,7 @@ def profile(
             raise KeyboardInterrupt
         shutil.copyfile(scratch / "run" / "metrics.jsonl", out / "metrics.jsonl")
         report = _report(cfg, device, sources, per_step, timer, tracer if trace_steps else None,
-                         inputs, full_steps, warmup, steps, trace_steps)
+                         inputs, full_steps, warmup, steps, trace_steps, free_steps)
         if trace_steps:
             with atomic_path(out / "trace.json") as tmp:
                 tracer.export_chrome_trace(str(tmp))
@@ -217,11 +230,15 @@ def _network(cfg: Config, train: DeviceDataset) -> FeatureClassifier:
 def _report(
     cfg: Config, device: torch.device, sources: dict[str, str], per_step: list[dict[str, Any]],
     timer: PhaseTimer, tracer: torch.profiler.profile | None, inputs: DistillInputs, full_steps: int,
-    warmup: int, steps: int, trace_steps: int,
+    warmup: int, steps: int, trace_steps: int, free_steps: int,
 ) -> dict[str, Any]:
     timed = [s for s in per_step if s["kind"] == "timed"]
     traced = [s for s in per_step if s["kind"] == "traced"]
+    free = [s for s in per_step if s["kind"] == "free"]
     step_s = statistics.mean(s["step_s"] for s in timed)
+    # the step rate: free-running steps where measured (the markers' syncs cost a GPU its
+    # overlap with the host), else the timed ones (on the CPU they are the same)
+    rate_s = statistics.median(s["step_s"] for s in free) if free else step_s
     phases = {p: statistics.mean(s["phases"].get(p, 0.0) for s in timed) for p in PHASES}
     unknown = sorted({p for s in timed for p in s["phases"]} - set(PHASES))
     for p in unknown:  # a phase added to the loop but not to PHASES still shows up
@@ -230,7 +247,7 @@ def _report(
     phases["other"] = step_s - named
     dcfg = cfg.distill
     unit = ledger.hours_unit(device.type)
-    proj_hours = step_s * full_steps / 3600
+    proj_hours = rate_s * full_steps / 3600
     paper = ledger.PAPER_BUDGETS.get(cfg.data.dataset)
     shapes = _shapes(cfg, inputs.train)
     report: dict[str, Any] = {
@@ -240,11 +257,14 @@ def _report(
                                                  "unroll", "amp", "decoder", "decoder_width", "z_dim")}
         | {"net": f"{cfg.net.name} width {cfg.net.width} depth {cfg.net.depth or 'auto'} {cfg.net.norm}"},
         "shapes": shapes,
-        "steps": {"warmup": warmup, "timed": steps, "traced": trace_steps},
+        "steps": {"warmup": warmup, "free": free_steps, "timed": steps, "traced": trace_steps},
         "step_s": {"mean": step_s, "median": statistics.median(s["step_s"] for s in timed),
                    "min": min(s["step_s"] for s in timed), "max": max(s["step_s"] for s in timed),
                    "per_step": [s["step_s"] for s in timed]},
-        "steps_per_s": 1 / step_s,
+        "steps_per_s": 1 / rate_s,
+        # seconds per step as `distill` runs (no markers): the median of the free-running
+        # steps, or the timed steps' mean when none ran
+        "rate_step_s": rate_s,
         "images_per_s": statistics.mean(s["images_per_s"] for s in timed),
         "phases_s": phases,
         "phases_fraction": {p: v / step_s for p, v in phases.items()},
@@ -255,6 +275,10 @@ def _report(
                        "paper_gpu_hours": paper.gpu_hours if paper else None, "paper_steps": paper.steps if paper else None},
         "files": ["report.md", "report.json", "phases.png", "memory.png", "metrics.jsonl"],
     }
+    if free:
+        report["free_step_s"] = {"median": rate_s, "min": min(s["step_s"] for s in free),
+                                 "max": max(s["step_s"] for s in free), "per_step": [s["step_s"] for s in free]}
+        report["marker_overhead"] = step_s / rate_s
     if traced:
         traced_s = statistics.mean(s["step_s"] for s in traced)
         report["traced_step_s"] = traced_s
@@ -341,13 +365,21 @@ def markdown(r: dict[str, Any]) -> str:
         f"commit {(r['versions']['git_commit'] or 'unknown')[:10]}; {r['created']}",
         f"- inputs: data {r['inputs']['data']}; experts {r['inputs']['experts']}",
         "- config: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()),
-        f"- steps: {r['steps']['warmup']} warm-up, {r['steps']['timed']} timed, {r['steps']['traced']} traced "
-        "(torch.profiler on the traced ones only)",
+        f"- steps: {r['steps']['warmup']} warm-up, {r['steps'].get('free', 0)} free-running (no markers), "
+        f"{r['steps']['timed']} timed (phase markers), {r['steps']['traced']} traced (torch.profiler)",
         "",
         "## Throughput",
         "",
-        f"- step: {r['step_s']['mean'] * ms:.1f} ms mean (median {r['step_s']['median'] * ms:.1f}, "
-        f"min {r['step_s']['min'] * ms:.1f}, max {r['step_s']['max'] * ms:.1f}); {r['steps_per_s']:.3f} steps/s",
+    ]
+    if "free_step_s" in r:
+        f = r["free_step_s"]
+        lines.append(f"- step as distill runs it: {f['median'] * ms:.1f} ms, median of the free-running steps "
+                     f"(min {f['min'] * ms:.1f}, max {f['max'] * ms:.1f}); {r['steps_per_s']:.3f} steps/s")
+    lines += [
+        f"- step with phase markers: {r['step_s']['mean'] * ms:.1f} ms mean (median {r['step_s']['median'] * ms:.1f}, "
+        f"min {r['step_s']['min'] * ms:.1f}, max {r['step_s']['max'] * ms:.1f})"
+        + (f", {r['marker_overhead']:.2f}x the free-running step (their syncs)" if "marker_overhead" in r
+           else f"; {r['steps_per_s']:.3f} steps/s"),
         f"- images through the networks: {r['images_per_s']:.1f} /s (decoded samples of the MTT and MMD updates)",
         f"- peak memory: {r['peak_memory']['gib']:.2f} GiB ({r['peak_memory']['what']})",
     ]
@@ -441,7 +473,7 @@ def _plots(report: dict[str, Any], timer: PhaseTimer, per_step: list[dict[str, A
 
 def summary_line(r: dict[str, Any]) -> str:
     p = r["projection"]
-    text = (f"{r['dataset']}: {r['step_s']['mean'] * 1e3:.0f} ms/step, {r['images_per_s']:.0f} images/s, "
+    text = (f"{r['dataset']}: {r.get('rate_step_s', r['step_s']['mean']) * 1e3:.0f} ms/step, {r['images_per_s']:.0f} images/s, "
             f"peak {r['peak_memory']['gib']:.2f} GiB; {p['device_hours']:.2f} {p['unit']} for {p['steps']} steps")
     if p["paper_gpu_hours"] is not None:
         text += f" (paper {p['paper_gpu_hours']:g} GPU-h)"

@@ -7,7 +7,7 @@ count. Its `state_dict()` is the checkpoint's schema, written in this one place;
 `Distilled.from_state_dict` reads the distilled part back without the optimisers (evaluate,
 sample, export).
 
-A checkpoint is written only from finite state (`nonfinite_tensors`), atomically, and read
+A checkpoint is written only from usable state (`check_state`), atomically, and read
 with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts, no code.
 """
 
@@ -49,49 +49,117 @@ class DivergedError(D3FastError):
         super().__init__(f"{what} in the {where}: {detail}")
 
 
-def check_finite(where: str, **terms: torch.Tensor) -> None:
-    """Raise DivergedError when a loss term holds NaN or inf (before its backward)."""
-    bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v).all()}
-    if bad:
-        raise DivergedError("non-finite loss", where, str(bad))
-
-
 def distilled_problems(d: Distilled) -> tuple[str, str] | None:
     """(what, detail) when the distilled object cannot be trained or used: a NaN or inf
     tensor, a log-variance whose exp overflows, or a student lr <= 0; else None."""
-    return _problems(d.named_tensors(), d)
-
-
-def _problems(named: Iterable[tuple[str, torch.Tensor]], d: Distilled) -> tuple[str, str] | None:
-    """`distilled_problems`, with the finiteness check over `named` (the distilled tensors,
-    or the whole training state's): one scan of each tensor."""
-    bad = nonfinite_tensors(named)
-    if bad:
-        return "non-finite state", ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-    top = float(d.latents[..., 1].detach().max())
-    if top > MAX_LOGVAR:
-        return "overflowing state", f"latent log-variance up to {top:.4g} (exp overflows float32 above {MAX_LOGVAR:g})"
-    if not d.student_lr > 0:
-        return "non-positive student lr", f"{d.student_lr:.4g} (distill.lr_lr moved alpha below zero)"
-    return None
+    checks = StepChecks()
+    checks.state(list(d.named_tensors()), d, "checkpoint")
+    return checks.problem(checks.fetch())
 
 
 def check_state(state: TrainState, where: str) -> None:
-    """Raise DivergedError when an optimiser step left the state unusable: any NaN or inf
-    tensor (a finite loss can still have inf gradients), an overflowing log-variance, or a
-    non-positive student lr."""
-    problem = _problems(state.named_tensors(), state.distilled)
-    if problem is not None:
-        raise DivergedError(problem[0], where, problem[1])
+    """Raise DivergedError when the state is unusable: any NaN or inf tensor (a finite loss
+    can still have inf gradients), an overflowing log-variance, or a non-positive student
+    lr. Reads the device at once (a checkpoint is about to be written)."""
+    checks = StepChecks()
+    checks.state(list(state.named_tensors()), state.distilled, where)
+    checks.raise_first(checks.fetch())
 
 
-def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an inf (one device sync)."""
-    named = [(k, t) for k, t in named if t.is_floating_point() and t.numel()]
-    if not named:
-        return []
-    ok = torch.stack([torch.isfinite(t.detach()).all().to("cpu", non_blocking=True) for _, t in named]).tolist()
-    return [k for (k, _), good in zip(named, ok, strict=True) if not good]
+class StepChecks:
+    """The checks of one distillation step, computed on the device as the step runs and
+    read back together with the step's metrics in one transfer (`read`): a GPU step then
+    waits for the device once, not at every `if` (about 10 reads per step before).
+
+    `loss(where, **terms)` notes loss terms (non-finite: "non-finite loss"); `state(...)`
+    notes the state after an update: whether each tensor is finite, the largest latent
+    log-variance (above MAX_LOGVAR: "overflowing state") and the student lr (<= 0:
+    "non-positive student lr"). `read` raises DivergedError for the first check that
+    failed, in the order they were noted, so the report names the update where it began;
+    the updates after it ran on the bad values, which nothing keeps (no checkpoint is
+    written from this step)."""
+
+    def __init__(self) -> None:
+        # (kind, where, names, number of values); the values themselves, in order, on the
+        # devices that hold them
+        self._notes: list[tuple[str, str, list[str], int]] = []
+        self._values: list[torch.Tensor] = []
+
+    def loss(self, where: str, **terms: torch.Tensor) -> None:
+        self._note("loss", where, list(terms), [torch.stack([t.detach().float().reshape(()) for t in terms.values()])])
+
+    def state(self, named: list[tuple[str, torch.Tensor]], d: Distilled, where: str) -> None:
+        groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+        for k, t in named:  # Adam's step counts stay on the CPU beside CUDA parameters
+            if t.is_floating_point() and t.numel():
+                groups.setdefault(t.device, []).append((k, t.detach()))
+        # 0 * x is NaN exactly where x is NaN or inf; its 1-norm is then NaN, else 0: no
+        # overflow, whatever the magnitudes (a plain sum of x could reach inf from finite
+        # values), and a few multi-tensor launches for all ~120 tensors
+        flags = [torch.stack(torch._foreach_norm(torch._foreach_mul([t for _, t in g], 0.0), 1)).float()
+                 for g in groups.values()]
+        top = d.latents.detach()[..., 1].max().float().reshape(1)
+        lr = d.lr().detach().float().reshape(1)
+        self._note("state", where, [k for g in groups.values() for k, _ in g], [*flags, top, lr])
+
+    def _note(self, kind: str, where: str, names: list[str], values: list[torch.Tensor]) -> None:
+        self._notes.append((kind, where, names, sum(v.numel() for v in values)))
+        self._values += values
+
+    def fetch(self, **extra: torch.Tensor) -> list[float]:
+        """Every noted value, then `extra`'s, read with one transfer per device holding them."""
+        parts = self._values + [t.detach().reshape(1) for t in extra.values()]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(parts):
+            by_device.setdefault(t.device, []).append(i)
+        read: list[list[float]] = [[] for _ in parts]
+        for idx in by_device.values():
+            flat = torch.cat([parts[i].to(torch.float64) for i in idx]).tolist()
+            at = 0
+            for i in idx:
+                read[i], at = flat[at : at + parts[i].numel()], at + parts[i].numel()
+        return [v for chunk in read for v in chunk]
+
+    def read(self, **metrics: torch.Tensor) -> dict[str, float]:
+        """One read of the device: raises DivergedError for the first failed check, else
+        returns `metrics` (0-d tensors) as floats."""
+        values = self.fetch(**metrics)
+        self.raise_first(values)
+        return dict(zip(metrics, values[len(values) - len(metrics):], strict=True))
+
+    def raise_first(self, values: list[float]) -> None:
+        found = self.problem(values, with_where=True)
+        if found is not None:
+            what, detail, where = found
+            raise DivergedError(what, where, detail)
+
+    def problem(self, values: list[float], with_where: bool = False) -> Any:
+        """The first failed check as (what, detail[, where]), or None."""
+        at = 0
+        for kind, where, names, n in self._notes:
+            v, at = values[at : at + n], at + n
+            found = _loss_problem(names, v) if kind == "loss" else _state_problem(names, v)
+            if found is not None:
+                return (*found, where) if with_where else found
+        return None
+
+
+def _loss_problem(names: list[str], values: list[float]) -> tuple[str, str] | None:
+    bad = {k: v for k, v in zip(names, values, strict=True) if not math.isfinite(v)}
+    return ("non-finite loss", str(bad)) if bad else None
+
+
+def _state_problem(names: list[str], values: list[float]) -> tuple[str, str] | None:
+    """From `StepChecks.state`'s values: one flag per tensor (0 or NaN), top, lr."""
+    *flags, top, lr = values
+    bad = [k for k, f in zip(names, flags, strict=True) if not f == 0]
+    if bad:
+        return "non-finite state", ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+    if top > MAX_LOGVAR:
+        return "overflowing state", f"latent log-variance up to {top:.4g} (exp overflows float32 above {MAX_LOGVAR:g})"
+    if not lr > 0:
+        return "non-positive student lr", f"{lr:.4g} (distill.lr_lr moved alpha below zero)"
+    return None
 
 
 @dataclass

@@ -90,24 +90,38 @@ class _Chunks:
         return self.queue.pop(0)
 
 
-def _samples(d: Distilled, idx: torch.Tensor, students: int, augment: DSA | None, g: torch.Generator) -> torch.Tensor:
-    """Decoded, augmented samples of priors idx for every student: [K * B, C, H, W]."""
+def _samples(
+    d: Distilled, idx: torch.Tensor, students: int, augment: DSA | None, g: torch.Generator, op: int | None
+) -> torch.Tensor:
+    """Decoded, augmented (DSA op `op`) samples of priors idx for every student: [K * B, C, H, W]."""
     with phase(DECODE):
         x = d.decode(idx.repeat(students), g)
-    return augment(x, g) if augment is not None else x
+    return augment(x, g, op) if augment is not None else x
+
+
+def _ops(spec: UnrollSpec, g: torch.Generator, host: torch.Generator | None) -> list[int | None]:
+    """The DSA op of every unrolled step, drawn up front on the host: from `host`, or from
+    `g` when that is a CPU generator; a CUDA `g` alone leaves the draw to each step."""
+    if spec.augment is None:
+        return [None] * spec.steps
+    host = host if host is not None else g if g.device.type == "cpu" else None
+    return spec.augment.draw_ops(spec.steps, host) if host is not None else [None] * spec.steps
 
 
 def unroll(
-    spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, g: torch.Generator, mode: str = "flat"
+    spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, g: torch.Generator, mode: str = "flat",
+    host: torch.Generator | None = None,
 ) -> torch.Tensor:
     """theta_N [K, P] from theta0 [K, P] (K students), differentiable w.r.t. d.latents,
     d.decoder's parameters and d.alpha. mode: "flat" (recomputation, memory flat in N) or
-    "naive" (graph through every step)."""
+    "naive" (graph through every step). `g` draws the batches, samples and augmentation
+    parameters on the device; `host`, a CPU generator, picks the DSA ops (see `_ops`)."""
     if theta0.dim() != 2:
         raise D3FastError(f"unroll: theta0 must be [students, P], got {list(theta0.shape)}")
-    lr = F.leaky_relu(d.alpha) + 1e-4
+    lr = d.lr()
+    ops = _ops(spec, g, host)
     if mode == "naive":
-        return _unroll_naive(spec, d, theta0, lr, g)
+        return _unroll_naive(spec, d, theta0, lr, g, ops)
     if mode == "flat":
         if any(True for _ in spec.student.module.buffers()):
             raise D3FastError(
@@ -115,18 +129,20 @@ def unroll(
                 "some); use net.norm=instancenorm or --unroll naive"
             )
         phi = [d.latents, *d.decoder.parameters()]
-        return _FlatUnroll.apply(lr, theta0, _Run(spec, d, g), *phi)
+        return _FlatUnroll.apply(lr, theta0, _Run(spec, d, g, ops), *phi)
     raise D3FastError(f"unknown unroll mode {mode!r}: use flat or naive")
 
 
-def _unroll_naive(spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _unroll_naive(
+    spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator, ops: list[int | None]
+) -> torch.Tensor:
     K = theta0.shape[0]
     chunks = _Chunks(len(d.latents), spec.batch, g, theta0.device)
     thetas = [t.clone().requires_grad_(True) for t in theta0.detach()]
-    for _ in range(spec.steps):
+    for op in ops:
         idx = chunks.next()
         with spec.amp():
-            x = _samples(d, idx, K, spec.augment, g).unflatten(0, (K, -1))
+            x = _samples(d, idx, K, spec.augment, g, op).unflatten(0, (K, -1))
         y = d.labels[idx]
         for k in range(K):
             with spec.amp():
@@ -143,9 +159,11 @@ class _Run:
     spec: UnrollSpec
     d: Distilled
     g: torch.Generator
+    ops: list[int | None]  # the DSA op of each step
     # theta_0 .. theta_{N-1}, [K, P] each; in host memory when the unroll runs on a GPU, so
     # that device memory stays flat in N (on CPU they are the one term that grows: 4 P bytes
-    # per step, 2.3 MiB for ConvNet-5)
+    # per step, 2.3 MiB for ConvNet-5). On a GPU they are rows of one pinned buffer, copied
+    # asynchronously both ways: the stream orders each copy, and the host never waits.
     thetas: list[torch.Tensor] = field(default_factory=list)
     plan: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, generator state)
 
@@ -186,13 +204,18 @@ class _FlatUnroll(torch.autograd.Function):
         K = theta0.shape[0]
         chunks = _Chunks(len(d.latents), spec.batch, run.g, theta0.device)
         theta, lr_ = theta0.detach(), lr.detach()
-        for _ in range(spec.steps):
+        # pinned: the caching host allocator hands the same pages back every step
+        store = torch.empty((spec.steps, *theta.shape), dtype=theta.dtype, pin_memory=True) if theta.is_cuda else None
+        for i, op in enumerate(run.ops):
             idx = chunks.next()
             state = run.g.get_state()
             with torch.no_grad(), spec.amp():
-                x = _samples(d, idx, K, spec.augment, run.g).unflatten(0, (K, -1))
+                x = _samples(d, idx, K, spec.augment, run.g, op).unflatten(0, (K, -1))
                 gk = _step_grads(spec.student, theta, x, d.labels[idx])
-            run.thetas.append(theta.cpu() if theta.is_cuda else theta)
+            if store is not None:
+                run.thetas.append(store[i].copy_(theta, non_blocking=True))
+            else:
+                run.thetas.append(theta)
             run.plan.append((idx, state))
             # fp32 parameters even when the step ran under bf16 autocast
             theta = theta - lr_ * gk.to(theta.dtype)
@@ -215,12 +238,12 @@ class _FlatUnroll(torch.autograd.Function):
         saved_buffers = [b.detach().clone() for b in d.decoder.buffers()]
         gen = torch.Generator(device=run.g.device)
         a = a.detach()
-        for stored, (idx, state) in zip(reversed(run.thetas), reversed(run.plan), strict=True):
-            theta = stored.to(a.device)
+        for stored, (idx, state), op in zip(reversed(run.thetas), reversed(run.plan), reversed(run.ops), strict=True):
+            theta = stored.to(a.device, non_blocking=True)
             gen.set_state(state)
             with torch.enable_grad():
                 with spec.amp():
-                    x = _samples(d, idx, K, spec.augment, gen)  # [K * B, C, H, W], graph to phi
+                    x = _samples(d, idx, K, spec.augment, gen, op)  # [K * B, C, H, W], graph to phi
                 with spec.amp():
                     # s_i = <g_i, a_{i+1}>; its derivatives w.r.t. theta_i (HVP) and x_i
                     hvp, dx, s = _adjoint_terms(spec.student, theta, x.detach().unflatten(0, (K, -1)), d.labels[idx], a)

@@ -18,6 +18,7 @@ TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -27,7 +28,7 @@ from types import ModuleType
 import torch
 
 from d3fast.errors import D3FastError
-from d3fast.kernels.mmd_cpp import MMDCppFunction
+from d3fast.kernels.mmd_cpp import MMDCppFunction, cpp_gammas
 from d3fast.kernels.mmd_ref import DEFAULT_BANDWIDTHS, mmd2_ref, pairwise_sq_dists
 from d3fast.kernels.param_dist_cpp import ParamDistCppFunction
 from d3fast.kernels.param_dist_ref import param_dist_ref
@@ -84,6 +85,7 @@ def mmd2(
     x_lengths: torch.Tensor | None = None,
     y_lengths: torch.Tensor | None = None,
     impl: str | None = None,
+    bandwidth_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared MMD with a mixture of Gaussian kernels, for all classes at once.
 
@@ -96,6 +98,9 @@ def mmd2(
         x_lengths, y_lengths: [C] integer rows used per class (the rest is padding and gets a
             zero gradient). Default: every row.
         impl: force "triton", "cpp" or "reference" (tests, benchmarks). Default: `backend(x)`.
+        bandwidth_scale: a positive 0-d tensor that multiplies every bandwidth (the median
+            heuristic's sqrt(median d^2)), kept on the device so that no value is read back;
+            no gradient flows to it. Default: none.
     Returns:
         [C] (a scalar for 2-D inputs), float32 (float64 for float64 inputs). The unbiased
         estimate can be slightly negative. Gradients flow to x and y.
@@ -116,11 +121,15 @@ def mmd2(
         raise D3FastError(f"mmd2: need 1 to 16 positive bandwidths, got {list(bandwidths)}")
     C, n, D = x.shape
     m = y.shape[1]
+    # given lengths are checked on the host; without them nothing is built or read here
+    full = x_lengths is None and y_lengths is None
     lx = _lengths(x_lengths, C, n, "x_lengths")
     ly = _lengths(y_lengths, C, m, "y_lengths")
-    if unbiased and (int(lx.min()) < 2 or int(ly.min()) < 2):
+    min_x = n if x_lengths is None else int(lx.min())
+    min_y = m if y_lengths is None else int(ly.min())
+    if unbiased and (min_x < 2 or min_y < 2):
         raise D3FastError(
-            f"unbiased MMD needs >= 2 samples per side in every class, got {int(lx.min())} and {int(ly.min())}; "
+            f"unbiased MMD needs >= 2 samples per side in every class, got {min_x} and {min_y}; "
             "use more samples or unbiased=False"
         )
     if x.dtype != y.dtype:
@@ -130,17 +139,24 @@ def mmd2(
     which = _chosen(impl, x)
     if which == "triton" and x.dtype == torch.float64 and impl is None:
         which = "reference"  # float64 is for gradcheck; Triton's fp64 dot is not worth a kernel
+    scale = None if bandwidth_scale is None else bandwidth_scale.detach()
     if which == "reference":
-        out = mmd2_ref(x, y, bandwidths, unbiased, x_lengths=lx, y_lengths=ly)
+        # every row used: one batched pass (with lengths the reference loops over classes)
+        out = mmd2_ref(x, y, bandwidths, unbiased, x_lengths=None if full else lx, y_lengths=None if full else ly,
+                       bandwidth_scale=scale)
+    elif which == "cpp":
+        out = MMDCppFunction.apply(x, y, lx, ly, cpp_gammas(bandwidths, scale), unbiased)
     else:
-        gammas = [1.0 / (2.0 * s * s) for s in bandwidths]
-        if which == "cpp":
-            out = MMDCppFunction.apply(x, y, lx, ly, tuple(gammas), unbiased)
+        # the per-class constants live on the device, cached: no host-to-device copy per call
+        gam = _gammas_on(tuple(bandwidths), x.device)
+        if scale is not None:
+            gam = gam / scale.float().square()
+        if full:
+            dx, dy, coef = _full_lengths_on(C, n, m, unbiased, x.device)
         else:
-            out = _triton("mmd").MMDFunction.apply(
-                x, y, lx.to(x.device), ly.to(x.device), torch.tensor(gammas, device=x.device),
-                mmd_coefficients(lx, ly, unbiased).to(x.device), unbiased,
-            )
+            dx, dy, coef = lx.to(x.device, torch.int32), ly.to(x.device, torch.int32), \
+                mmd_coefficients(lx, ly, unbiased).to(x.device)
+        out = _triton("mmd").MMDFunction.apply(x, y, dx, dy, gam, coef, unbiased)
     return out[0] if squeeze else out
 
 
@@ -157,6 +173,21 @@ def _chosen(impl: str | None, t: torch.Tensor) -> str:
     return impl
 
 
+@functools.lru_cache(maxsize=16)
+def _gammas_on(bandwidths: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """gamma_s = 1 / (2 s^2) as a float32 tensor on `device` (never modified: shared)."""
+    return torch.tensor([1.0 / (2.0 * s * s) for s in bandwidths], dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _full_lengths_on(C: int, n: int, m: int, unbiased: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lengths n and m (int32 [C]) and the pair coefficients [C, 3] on `device`, cached by
+    shape: a training loop copies them to the device once (never modified: shared)."""
+    lx, ly = torch.full((C,), n, dtype=torch.int64), torch.full((C,), m, dtype=torch.int64)
+    coef = mmd_coefficients(lx, ly, unbiased)
+    return lx.to(device, torch.int32), ly.to(device, torch.int32), coef.to(device)
+
+
 def mmd_coefficients(lx: torch.Tensor, ly: torch.Tensor, unbiased: bool) -> torch.Tensor:
     """[C, 3] float32 weights c_xx, c_yy, c_xy of the pair sums (kernels/mmd_ref.py)."""
     nx, ny = lx.double(), ly.double()
@@ -166,6 +197,8 @@ def mmd_coefficients(lx: torch.Tensor, ly: torch.Tensor, unbiased: bool) -> torc
 
 
 def _lengths(lengths: torch.Tensor | None, C: int, rows: int, name: str) -> torch.Tensor:
+    """Given lengths checked, as int64 on the CPU; None: every row (a CPU tensor, built
+    without reading any device)."""
     if lengths is None:
         return torch.full((C,), rows, dtype=torch.int64)
     lengths = torch.as_tensor(lengths).detach().cpu()

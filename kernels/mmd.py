@@ -140,7 +140,8 @@ def mmd_fwd(
     unbiased: bool,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-class loss [C] (fp32) and, with compute_grad, dloss[c]/dZ as fp32 [C, n + m, D]."""
+    """Per-class loss [C] (fp32) and, with compute_grad, dloss[c]/dZ as fp32 [C, n + m, D].
+    x_lengths, y_lengths: [C] int32, coef [C, 3] and gammas fp32, all contiguous on z's device."""
     C, nx, D = x.shape
     z = torch.cat([x, y], dim=1).contiguous()  # [C, N, D], one copy, O((n + m) D)
     N = z.shape[1]
@@ -150,7 +151,7 @@ def mmd_fwd(
     partial = torch.empty(C, grid[0], device=z.device, dtype=torch.float32)
     acc = torch.zeros_like(z, dtype=torch.float32) if compute_grad else partial
     _mmd_fwd_kernel[grid](
-        z, sq, x_lengths.to(torch.int32).contiguous(), y_lengths.to(torch.int32).contiguous(), coef, gammas,
+        z, sq, x_lengths, y_lengths, coef, gammas,
         partial, acc, N, nx, D,
         NUM_GAMMAS=gammas.numel(), UNBIASED=unbiased, COMPUTE_GRAD=compute_grad,
         IEEE=z.dtype == torch.float32 or z.dtype == torch.float64,

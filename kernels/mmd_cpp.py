@@ -4,6 +4,8 @@ wanted, dloss/dx and dloss/dy together, so backward only scales them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -12,6 +14,13 @@ def cpu_array(t: torch.Tensor) -> np.ndarray:
     """A C-contiguous float32 (float64 stays float64) numpy view or copy of t."""
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     return t.detach().to(dtype).contiguous().numpy()
+
+
+def cpp_gammas(bandwidths: Sequence[float], scale: torch.Tensor | None) -> tuple[float, ...]:
+    """gamma_s = 1 / (2 (s scale)^2) as numbers; `scale` is a CPU tensor here (the C++
+    kernels take CPU tensors only), so reading it waits for no device."""
+    s2 = 1.0 if scale is None else float(scale) ** 2
+    return tuple(1.0 / (2.0 * s * s * s2) for s in bandwidths)
 
 
 class MMDCppFunction(torch.autograd.Function):

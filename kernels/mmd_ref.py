@@ -31,12 +31,16 @@ def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a2 + b2 - 2 * a @ b.transpose(-1, -2)).clamp_min(0)
 
 
-def _mmd2_dense(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float], unbiased: bool) -> torch.Tensor:
-    """[C, n, D], [C, m, D] -> [C], every row used."""
+def _mmd2_dense(
+    x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float], unbiased: bool, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[C, n, D], [C, m, D] -> [C], every row used; bandwidths multiplied by `scale`."""
     n, m = x.shape[-2], y.shape[-2]
 
     def k(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
         d2 = pairwise_sq_dists(a, b)
+        if scale is not None:  # exp(-d^2 / (2 (s scale)^2))
+            d2 = d2 / scale.to(d2.dtype).square()
         if same:
             # the diagonal is exactly 0 (the norm expansion leaves a rounding residue)
             d2 = d2 * (1 - torch.eye(d2.shape[-1], dtype=d2.dtype, device=d2.device))
@@ -63,6 +67,7 @@ def mmd2_ref(
     unbiased: bool = True,
     x_lengths: torch.Tensor | None = None,
     y_lengths: torch.Tensor | None = None,
+    bandwidth_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference MMD^2 per class; arguments as `d3fast.kernels.mmd2` (checked there).
 
@@ -72,9 +77,10 @@ def mmd2_ref(
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(dtype), y.to(dtype)
     if x_lengths is None and y_lengths is None:
-        return _mmd2_dense(x, y, bandwidths, unbiased)
+        return _mmd2_dense(x, y, bandwidths, unbiased, bandwidth_scale)
     lx = x_lengths.tolist() if x_lengths is not None else [x.shape[1]] * x.shape[0]
     ly = y_lengths.tolist() if y_lengths is not None else [y.shape[1]] * y.shape[0]
     return torch.cat([
-        _mmd2_dense(x[c : c + 1, : lx[c]], y[c : c + 1, : ly[c]], bandwidths, unbiased) for c in range(x.shape[0])
+        _mmd2_dense(x[c : c + 1, : lx[c]], y[c : c + 1, : ly[c]], bandwidths, unbiased, bandwidth_scale)
+        for c in range(x.shape[0])
     ])

@@ -183,3 +183,48 @@ class OpClock(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         return func(*args, **(kwargs or {}))
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for a GPU, run on any device: reading a
+    value (`item`, `float(t)`, `if t`: aten._local_scalar_dense), data-dependent shapes
+    (nonzero, masked_select, unique) and tensors made from host data (`torch.tensor(list)`:
+    aten.lift_fresh, a blocking copy when it lands on a GPU). `tolist()` bypasses the
+    dispatcher, so it is counted by a patch. Each record is (op, the innermost d3fast frame as
+    file:line:function, or "torch.optim:0:step" inside an optimiser)."""
+
+    OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, str]] = []
+        self._tolist = torch.Tensor.tolist
+
+    def _where(self) -> str:
+        import traceback
+
+        stack = traceback.extract_stack()[:-2]
+        if any("/torch/optim/" in f.filename for f in stack):
+            return "torch.optim:0:step"
+        frames = [f for f in stack if ("/d3fast/" in f.filename or "/kernels/" in f.filename) and not f.name.startswith("<")]
+        return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}:{frames[-1].name}" if frames else "?"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.OPS:
+            self.records.append((name, self._where()))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        mode = self
+
+        def tolist(t):
+            mode.records.append(("tolist", mode._where()))
+            return mode._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)

@@ -195,3 +195,24 @@ def test_expert_bank_reports_a_torn_file(home, tmp_path):
     (tmp_path / src.name).write_bytes(src.read_bytes()[:100])
     with pytest.raises(D3FastError, match="expert trajectory .* is corrupt or truncated"):
         ExpertBank(tmp_path, 1)
+
+
+def test_a_step_waits_for_the_device_once(home):
+    """Every check and metric of a step is read back in one transfer: on a GPU the host
+    waits for the device once per step. Host-side work (drawing experts, start epochs and
+    DSA ops from the CPU generator, reading expert rows from disk), the C++ kernels'
+    wrappers (CPU tensors only) and torch.optim's step counters (kept on the CPU beside
+    CUDA parameters, for this reason) read no device and are left out."""
+    from tests._utils import HostSyncs
+
+    def device_side(where: str) -> bool:
+        file, _, func = where.split(":")
+        return func not in ("draw_students", "draw_ops", "rows") and not file.endswith("_cpp.py") and file != "torch.optim"
+
+    cfg = cfg_of("distill.steps=3", "distill.checkpoint_every=100", "distill.ppc=2", "distill.mmd_scale=median")
+    marks: list[int] = []
+    with HostSyncs() as syncs:
+        distill(cfg, Run.at(home / "runs" / "syncs"), progress=False, on_step=lambda m: marks.append(len(syncs.records)))
+    # step 2 runs from the first mark to the second (step 1 builds caches, step 3 saves)
+    step2 = [r for r in syncs.records[marks[0] : marks[1]] if device_side(r[1])]
+    assert [(op, where.rsplit(":", 1)[1]) for op, where in step2] == [("tolist", "fetch")], step2

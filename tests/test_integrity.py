@@ -484,3 +484,31 @@ def test_a_full_disk_during_prepare_is_one_clear_error(tiny_disk, monkeypatch):
     res = CliRunner().invoke(cli, ["prepare", "--dataset", "digits"])
     assert res.exit_code == 2 and "could not write" in res.output and "MiB free there" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("key, value", [("decoder_width", 50_000), ("resolution", 1 << 20), ("mean", [None])])
+def test_damaged_decoder_settings_are_refused_before_anything_is_built(tmp_path, key, value):
+    # decoder_width 50,000 describes an ~80 GB decoder: building it to find out would take
+    # the machine down (the OOM killer), so the shapes are compared on the meta device first
+    import json
+
+    from d3fast.distilled import export, init_distilled, load
+    from d3fast.state import TrainState
+
+    meta = {"resolution": 8, "channels": 1, "mean": [0.5], "std": [0.25], "z_dim": 4, "decoder": "paper",
+            "decoder_width": 4}
+    d = init_distilled(2, 1, ["a", "b"], meta, 0.01, torch.device("cpu"), 0)
+    state = TrainState.create(d, cfg_of().distill, torch.device("cpu")).state_dict()
+    state["meta"] = json.dumps({**meta, key: value})
+    run = Run.at(tmp_path / "run")
+    torch.save(state, run.checkpoint_path)
+    with pytest.raises(D3FastError, match="decoder"):
+        run.load_distilled()
+    # an export edited the same way
+    from d3fast.io import load_tensors, save_tensors
+
+    export(d, tmp_path / "d.safetensors")
+    tensors, stored = load_tensors(tmp_path / "d.safetensors", "distilled object")
+    save_tensors(tmp_path / "e.safetensors", tensors, {**stored, key: value})
+    with pytest.raises(D3FastError, match="decoder"):
+        load(tmp_path / "e.safetensors")

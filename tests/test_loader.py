@@ -52,3 +52,37 @@ def test_fused_normalisation_equals_the_formula():
     # channels_last input (FFCV's batches) keeps its layout and values
     cl = normalize_uint8(x.contiguous(memory_format=torch.channels_last), mean, std)
     torch.testing.assert_close(cl, normalize_uint8(x, mean, std), rtol=0, atol=0)
+
+
+def _toy(counts: list[int]):
+    from d3fast.data.loader import DeviceDataset
+
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))
+    labels = labels[perm]
+    # image i holds the value i: a sampled image names its index
+    images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1)
+    ds = DeviceDataset(images, labels, torch.zeros(1), torch.full((1,), 1 / 255), [str(c) for c in range(len(counts))])
+    return ds, labels
+
+
+def test_per_class_sampling_is_uniform_without_replacement_and_never_syncs():
+    from tests._utils import HostSyncs
+
+    ds, labels = _toy([7, 3, 12])  # class 1 has fewer than n images: drawn with replacement
+    n, rounds = 5, 3000
+    ds.sample_per_class(n)  # builds the class table (its one sync)
+    g = torch.Generator().manual_seed(0)
+    with HostSyncs() as syncs:
+        draws = [ds.sample_per_class(n, g).view(3, n).round().long() for _ in range(rounds)]
+    assert syncs.records == []
+    hits = torch.zeros(len(labels))
+    for idx in draws:
+        assert all(bool((labels[idx[c]] == c).all()) for c in range(3))  # every row is its class
+        for c in (0, 2):  # enough images: no repeats within a draw
+            assert len(set(idx[c].tolist())) == n
+        hits.index_add_(0, idx.flatten(), torch.ones(idx.numel()))
+    # each image of class c is drawn n / count_c of the time (with replacement: n / 3 copies)
+    for c, count in enumerate([7, 3, 12]):
+        share = hits[labels == c] / (rounds * n / count)
+        assert float((share - 1).abs().max()) < 0.1, share

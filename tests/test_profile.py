@@ -30,7 +30,7 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     cfg = cfg_of()
     # time counted in tensor ops: the same report on every machine, no timing noise
     with OpClock() as clock:
-        res = profile(cfg, out, steps=3, trace_steps=1, warmup=1, progress=False, clock=clock)
+        res = profile(cfg, out, steps=3, trace_steps=1, warmup=1, progress=False, clock=clock, free_steps=2)
     r = res.report
     assert "phases cover" in summary_line(r)
     for name in ("report.md", "report.json", "trace.json", "phases.png", "memory.png", "metrics.jsonl"):
@@ -46,7 +46,13 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     # record_function ops the timer opens at each phase edge), and exclusive booking can
     # never exceed the step
     steps = r["step_s"]["per_step"]
-    assert len(steps) == 3 and r["steps"] == {"warmup": 1, "timed": 3, "traced": 1}
+    assert len(steps) == 3 and r["steps"] == {"warmup": 1, "free": 2, "timed": 3, "traced": 1}
+    # free-running steps run without markers: fewer ops (no record_function at phase
+    # edges), and they set the rate the projection uses
+    free = r["free_step_s"]
+    assert len(free["per_step"]) == 2 and free["max"] < r["step_s"]["min"] and r["marker_overhead"] > 1
+    assert r["rate_step_s"] == free["median"] and r["steps_per_s"] == 1 / free["median"]
+    assert r["projection"]["device_hours"] == pytest.approx(free["median"] * cfg.distill.steps / 3600)
     named = sum(v for k, v in r["phases_s"].items() if k != "other")
     assert 0.99 * r["step_s"]["mean"] <= named <= r["step_s"]["mean"]
     assert r["phases_s"]["other"] == pytest.approx(r["step_s"]["mean"] - named)
@@ -64,7 +70,7 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     md = (out / "report.md").read_text()
     assert "## Time per phase" in md and "unroll backward" in md and "## Fused kernels" in md
     rows = [x for x in ledger.Ledger().records(dataset="digits") if x["phase"] == "profile"]
-    assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 5
+    assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 7
 
 
 def test_profile_stand_ins_for_a_dataset_without_files(tmp_path):

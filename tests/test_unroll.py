@@ -15,31 +15,32 @@ from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
 N_CLS, PPC, RES = 3, 2, 8
 
 
-def setup(dtype, students=1, augment=True, batch=4, steps=2, norm="instancenorm"):
+def setup(dtype, students=1, augment=True, batch=4, steps=2, norm="instancenorm", device="cpu"):
     meta = {"resolution": RES, "channels": 1, "mean": [0.5], "std": [0.25], "z_dim": 6,
             "decoder": "tiny", "decoder_width": 8}
     d = init_distilled(N_CLS, PPC, ["a", "b", "c"], meta, 0.05, torch.device("cpu"), seed=3)
-    d.decoder.to(dtype)
-    d.latents = d.latents.detach().to(dtype).requires_grad_(True)
-    d.alpha = d.alpha.detach().to(dtype).requires_grad_(True)
+    d.decoder.to(device, dtype)
+    d.latents = d.latents.detach().to(device, dtype).requires_grad_(True)
+    d.alpha = d.alpha.detach().to(device, dtype).requires_grad_(True)
     torch.manual_seed(0)
-    net = build_network("convnet", 1, N_CLS, RES, width=8, depth=1, norm=norm).to(dtype)
+    net = build_network("convnet", 1, N_CLS, RES, width=8, depth=1, norm=norm).to(device, dtype)
     student = Student(net)
     P = sum(student.sizes)
     g = torch.Generator().manual_seed(11)
     theta0 = torch.randn(students, P, generator=g, dtype=dtype) * 0.3
     target = theta0 + torch.randn(students, P, generator=g, dtype=dtype) * 0.05
     spec = UnrollSpec(student, steps, batch, DSA(AugConfig()) if augment else None)
-    return d, spec, theta0, target
+    return d, spec, theta0.to(device), target.to(device)
 
 
 def gradients(mode, d, spec, theta0, target):
-    """MTT loss and its gradients w.r.t. every distilled tensor, from a fixed generator."""
-    g = torch.Generator().manual_seed(5)
+    """MTT loss and its gradients w.r.t. every distilled tensor, from fixed generators (on
+    theta0's device, and a CPU one for the DSA ops)."""
+    g = torch.Generator(device=theta0.device).manual_seed(5)
     phi = [d.latents, d.alpha, *d.decoder.parameters()]
     for p in phi:
         p.grad = None
-    loss = mtt_loss(unroll(spec, d, theta0, g, mode), target, theta0)
+    loss = mtt_loss(unroll(spec, d, theta0, g, mode, host=torch.Generator().manual_seed(6)), target, theta0)
     grads = torch.autograd.grad(loss, phi)
     return loss.detach(), grads, g.get_state()
 

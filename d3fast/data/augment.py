@@ -48,11 +48,21 @@ class DSA:
             raise D3FastError(f"unknown augmentation op(s) {unknown}; known: {', '.join(OPS)}")
         self.ops = names
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.apply(x, self.sample(x, generator))
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, op: int | None = None) -> torch.Tensor:
+        return self.apply(x, self.sample(x, generator, op))
 
-    def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> AugParams:
-        """Draw parameters for a batch shaped like `x` ([B, C, H, W])."""
+    def draw_ops(self, count: int, host: torch.Generator) -> list[int | None]:
+        """The op of each of `count` calls in mode "single", drawn from a CPU generator, so
+        that picking them never waits for a GPU (a device draw read back with .item() is a
+        sync); None each in mode "all"."""
+        if self.cfg.mode != "single" or not self.ops:
+            return [None] * count
+        return torch.randint(len(self.ops), (count,), generator=host).tolist()
+
+    def sample(self, x: torch.Tensor, generator: torch.Generator | None = None, op: int | None = None) -> AugParams:
+        """Draw parameters for a batch shaped like `x` ([B, C, H, W]). In mode "single",
+        `op` (an index into the strategy's ops, from `draw_ops`) picks the op; without it
+        the op is drawn from `generator`, which on a GPU waits for the device."""
         if not self.ops:
             return AugParams([])
         b, _, h, w = x.shape
@@ -62,33 +72,34 @@ class DSA:
             return torch.rand(*shape, generator=generator, device=dev)
 
         if self.cfg.mode == "single":
-            pick = int(torch.randint(len(self.ops), (1,), generator=generator, device=dev).item())
-            ops = [self.ops[pick]]
+            if op is None:
+                op = int(torch.randint(len(self.ops), (1,), generator=generator, device=dev).item())
+            ops = [self.ops[op]]
         else:
             ops = list(self.ops)
         c = self.cfg
         values: dict[str, dict[str, torch.Tensor]] = {}
-        for op in ops:
-            if op == "color":
-                values[op] = {"brightness": u(b), "saturation": u(b), "contrast": u(b)}
-            elif op == "crop":
+        for name in ops:
+            if name == "color":
+                values[name] = {"brightness": u(b), "saturation": u(b), "contrast": u(b)}
+            elif name == "crop":
                 sh, sw = int(h * c.ratio_crop_pad + 0.5), int(w * c.ratio_crop_pad + 0.5)
-                values[op] = {
+                values[name] = {
                     "dy": torch.randint(-sh, sh + 1, (b,), generator=generator, device=dev),
                     "dx": torch.randint(-sw, sw + 1, (b,), generator=generator, device=dev),
                 }
-            elif op == "cutout":
-                values[op] = {
+            elif name == "cutout":
+                values[name] = {
                     "cy": torch.randint(0, h, (b,), generator=generator, device=dev),
                     "cx": torch.randint(0, w, (b,), generator=generator, device=dev),
                 }
-            elif op == "flip":
-                values[op] = {"flip": u(b) < c.prob_flip}
-            elif op == "scale":
+            elif name == "flip":
+                values[name] = {"flip": u(b) < c.prob_flip}
+            elif name == "scale":
                 lo = 1.0 / c.ratio_scale
-                values[op] = {"sx": u(b) * (c.ratio_scale - lo) + lo, "sy": u(b) * (c.ratio_scale - lo) + lo}
-            elif op == "rotate":
-                values[op] = {"angle": (u(b) - 0.5) * 2 * c.ratio_rotate / 180 * math.pi}
+                values[name] = {"sx": u(b) * (c.ratio_scale - lo) + lo, "sy": u(b) * (c.ratio_scale - lo) + lo}
+            elif name == "rotate":
+                values[name] = {"angle": (u(b) - 0.5) * 2 * c.ratio_rotate / 180 * math.pi}
         return AugParams(ops, values)
 
     def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:

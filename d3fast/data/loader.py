@@ -8,7 +8,7 @@ and normalised on the device, so there is no host-to-device copy per step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,8 @@ class DeviceDataset:
     classes: list[str]
     # ZCA whitening matrix [D, D] and mean [D] over normalised, flattened images.
     zca: tuple[torch.Tensor, torch.Tensor] | None = None
+    # class_table()'s cache, built on first use (one host sync for the whole run)
+    _table: tuple[torch.Tensor, list[int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -87,19 +89,43 @@ class DeviceDataset:
             yield self.normalize(self.images[idx]), self.labels[idx]
 
     def class_indices(self) -> list[torch.Tensor]:
+        """Indices of each class's images, [count_c] each (one host sync per class)."""
         return [torch.nonzero(self.labels == c).flatten() for c in range(self.num_classes)]
+
+    def class_table(self) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Every class's image indices in one [num_classes, max count] table (rows padded
+        with 0), and the counts as a list and as a [num_classes] tensor on the device; built
+        once and kept, so that sampling from it needs no host sync."""
+        if self._table is None:
+            per = self.class_indices()
+            counts = [len(i) for i in per]
+            if min(counts, default=0) == 0:
+                empty = [self.classes[c] for c, n in enumerate(counts) if n == 0]
+                raise D3FastError(f"the split holds no image of class(es) {', '.join(empty[:5])}")
+            table = torch.zeros(len(per), max(counts), dtype=torch.int64, device=self.device)
+            for c, idx in enumerate(per):
+                table[c, : len(idx)] = idx
+            self._table = (table, counts, torch.tensor(counts, device=self.device))
+        return self._table
 
     def sample_per_class(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images of every class, normalised: [num_classes, n, C, H, W]. Without
-        replacement when a class has at least n images."""
-        out = []
-        for idx in self.class_indices():
-            if len(idx) >= n:
-                pick = idx[torch.randperm(len(idx), generator=generator, device=self.device)[:n]]
-            else:
-                pick = idx[torch.randint(len(idx), (n,), generator=generator, device=self.device)]
-            out.append(self.images[pick])
-        x = torch.stack(out)  # [C, n, ch, H, W]
+        replacement when a class has at least n images (the n smallest of uniform keys over
+        its images: a uniform n-subset in random order), with replacement otherwise. All
+        classes in one draw, with no host sync (the MMD update runs it every step)."""
+        table, counts, count = self.class_table()
+        C, width = table.shape
+        keys = torch.rand(C, width, generator=generator, device=self.device)
+        keys = keys.masked_fill(torch.arange(width, device=self.device)[None] >= count[:, None], 2.0)
+        if n <= width:
+            cols = keys.topk(n, dim=1, largest=False, sorted=True).indices  # [C, n]
+        else:
+            cols = torch.zeros(C, n, dtype=torch.int64, device=self.device)
+        if min(counts) < n:  # those classes draw with replacement
+            repl = (torch.rand(C, n, generator=generator, device=self.device) * count[:, None]).long()
+            repl = repl.minimum(count[:, None] - 1)
+            cols = torch.where((count < n)[:, None], repl, cols)
+        x = self.images[table.gather(1, cols)]  # [C, n, ch, H, W]
         return self.normalize(x.flatten(0, 1)).view(*x.shape[:2], *x.shape[2:])
 
     def subset(self, indices: torch.Tensor) -> DeviceDataset:

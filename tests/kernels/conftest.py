@@ -12,9 +12,11 @@ def impls() -> list:
     (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)."""
     out = [pytest.param("reference", id="ref")]
     out.append(pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(not HAS_EXT, reason="d3fast._C not loaded")))
+    # `-m cuda` selects them: on a GPU they run the compiled kernels on CUDA tensors
     out.append(pytest.param(
         "triton", id="triton",
-        marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
+        marks=[pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
+               pytest.mark.cuda],
     ))
     return out
 

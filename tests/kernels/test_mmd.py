@@ -123,6 +123,20 @@ def test_float64_gradcheck(impl, unbiased):
     assert torch.autograd.gradcheck(lambda a, b: kernels.mmd2(a, b, impl=impl, unbiased=unbiased), (x, y))
 
 
+@pytest.mark.parametrize("impl", impls())
+def test_a_bandwidth_scale_tensor_equals_scaled_bandwidths(impl):
+    # the median heuristic's scale stays a device tensor: same loss and gradient as the
+    # bandwidths multiplied on the host
+    x, y = features(3, 11, 24, 0) * 3, features(3, 9, 24, 1, 0.1) * 3
+    scale, bw = torch.tensor(2.5), (1.0, 2.0, 4.0)
+    up = torch.randn(3, generator=torch.Generator().manual_seed(4))
+    ref = run("reference", x.double(), y.double(), up, bandwidths=tuple(b * 2.5 for b in bw))
+    dev = device_for(impl)
+    out = run(impl, x.to(dev), y.to(dev), up, bandwidths=bw, bandwidth_scale=scale.to(dev))
+    for part, r, o in zip(("loss", "dx", "dy"), ref, out, strict=True):
+        assert_close(f"{impl} scaled {part}", r, o.cpu().double(), atol=RTOL[torch.float32] * float(r.abs().max()), rtol=0)
+
+
 def test_reference_equals_a_double_loop_over_pairs():
     x, y = features(1, 6, 5, 0, dtype=torch.float64)[0], features(1, 4, 5, 1, 0.1, dtype=torch.float64)[0]
     bw = (1.0, 3.0)

@@ -1,0 +1,652 @@
+"""The GPU check: d3fast's whole CUDA path installed, tested and measured in one command, with
+every result in one folder. Run through scripts/gpu_check.sh; README "GPU check" says how.
+
+    scripts/gpu_check.sh [--out DIR] [--quick] [--cpu]
+
+Sections, in order (each one's outcome is recorded even when an earlier one failed):
+
+  setup     wheels carried in .whl/ (kornia and kornia_rs, from scripts/gpu_wheels.sh) into a
+            private site folder when missing; d3fast itself from this tree (`pip install -e`
+            without network; falls back to the tree on sys.path)
+  tests     `pytest -m cuda tests/`: every Triton kernel test on CUDA tensors, flat vs naive
+            unroll on CUDA, chunked vs one-graph MMD update, DSA, one sync per step, a short
+            digits run under --amp resumed (tests/test_cuda.py)
+  kernels   MMD^2 forward+backward, Triton against the reference and torch.compile of the
+            reference, at the ImageWoof shape (C=10, n=m=30, D=2048), n=m=256 and 1024, and an
+            ImageNet-64 subtask (C=200); the parameter distance at the real P (ConvNet-5 at
+            128 px: 615,690) against an empty kernel's launch, and at 64M against the copy
+            bandwidth measured here. Timed with triton.testing.do_bench (CUDA events, L2
+            flushed, median), each implementation first checked against the float64 reference
+  memory    the MTT unroll's peak memory (max_memory_allocated) flat vs naive at 10, 20, 40
+            and 80 steps at the ImageWoof shape; the MMD update's, one graph vs chunked
+  profile   `d3fast profile --dataset imagewoof` on stand-in inputs without and with --amp:
+            free-running and phase-marked steps, phase shares, the projection to the preset's
+            3,000 steps against the paper's 20 GPU-hours
+
+--quick: setup, tests and profile only (under 3 minutes on an H200; the whole check: under 8).
+--cpu: the same sections on the CPU at tiny sizes, CUDA-only parts reported as skipped, so
+that this script itself is tested without a GPU (tests/test_gpu_check.py).
+
+Results in --out DIR: gpu_check.json (every number, with provenance), summary.md (the table
+against the issue's targets), tests.log, profile-<name>.md. The summary is printed last.
+The exit status is 0 when every section ran and every test passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = Path(os.environ.get("GPU_CHECK_SITE", "/tmp/d3fast-gpu-site"))
+
+# the issue's targets (16): (label, comparison, value)
+TARGETS = {
+    "step_ms": ("ImageWoof step, ms (<= 120; stretch <= 60)", "<=", 120.0),
+    "mmd_speedup_256": ("fused MMD^2 fwd+bwd vs reference, n=m=256", ">=", 3.0),
+    "mmd_launch_ratio": ("MMD^2 at the ImageWoof shape / empty-kernel launch", "<=", 3.0),
+    "dist_copy_fraction": ("parameter distance at 64M / copy bandwidth", ">=", 0.8),
+    "unroll_80_vs_10": ("flat unroll peak, 80 steps / 10 steps", "<=", 1.2),
+    "naive_vs_flat_40": ("naive / flat unroll peak at 40 steps", ">=", 5.0),
+}
+
+
+@dataclass
+class Sizes:
+    """The shapes each section runs at: the real ones on a GPU, tiny ones with --cpu."""
+
+    mmd_shapes: dict[str, tuple[int, int, int, int]]
+    dist_real: int
+    dist_big: int
+    unroll: dict[str, Any]
+    unroll_steps: tuple[int, ...]
+    mmd_update: dict[str, Any]
+    profile_overrides: tuple[str, ...]
+    profile_steps: dict[str, int]
+    profile_dataset: str
+
+
+GPU = Sizes(
+    mmd_shapes={"imagewoof C=10 n=m=30": (10, 30, 30, 2048), "C=10 n=m=256": (10, 256, 256, 2048),
+                "C=10 n=m=1024": (10, 1024, 1024, 2048), "imagenet-64 subtask C=200 n=m=30": (200, 30, 30, 2048)},
+    dist_real=615_690, dist_big=64 << 20,
+    unroll={"res": 128, "width": 128, "depth": 5, "classes": 10, "batch": 10, "decoder_width": 256},
+    unroll_steps=(10, 20, 40, 80),
+    mmd_update={"res": 128, "width": 128, "classes": 10, "samples": 30, "decoder_width": 256},
+    profile_overrides=(), profile_steps={"warmup": 2, "free": 10, "timed": 10, "traced": 1},
+    profile_dataset="imagewoof",
+)
+CPU = Sizes(
+    mmd_shapes={"tiny C=3 n=m=8": (3, 8, 8, 32), "tiny C=2 n=m=17": (2, 17, 17, 24)},
+    dist_real=5_000, dist_big=1 << 20,
+    unroll={"res": 16, "width": 8, "depth": 2, "classes": 3, "batch": 3, "decoder_width": 16},
+    unroll_steps=(2, 4),
+    mmd_update={"res": 16, "width": 8, "classes": 3, "samples": 6, "decoder_width": 16},
+    profile_overrides=("net.width=8", "distill.syn_steps=2", "distill.decoder_width=16", "distill.mmd_samples=6",
+                       "distill.batch_syn=5"),
+    profile_steps={"warmup": 1, "free": 1, "timed": 1, "traced": 0},
+    profile_dataset="digits",
+)
+
+
+class Check:
+    """The results document, filled section by section and written after each one, so that
+    a killed run still leaves what it measured."""
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.out, self.args, self.t0 = out, args, time.perf_counter()
+        self.doc: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": self.mode,
+                                    "command": " ".join(sys.argv), "sections": {}}
+
+    @property
+    def mode(self) -> str:
+        return "cpu" if self.args.cpu else "quick" if self.args.quick else "full"
+
+    def section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            result = {"status": "ok", **fn()}
+        except Skipped as e:
+            result = {"status": "skipped", "why": str(e)}
+        except Exception as e:  # one broken section must not cost the others
+            result = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+            print(result["traceback"], file=sys.stderr, flush=True)
+        result["seconds"] = round(time.perf_counter() - t, 1)
+        self.doc["sections"][name] = result
+        print(f"   {name}: {result['status']} in {result['seconds']} s", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.doc["seconds"] = round(time.perf_counter() - self.t0, 1)
+        _write(self.out / "gpu_check.json", json.dumps(self.doc, indent=1, default=str) + "\n")
+
+
+class Skipped(Exception):
+    pass
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---- setup
+
+
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Carried wheels and d3fast importable here and in the pytest subprocess."""
+    out: dict[str, Any] = {"python": sys.executable, "python_version": platform.python_version()}
+    if args.cpu:
+        out["note"] = "--cpu: the current environment is used as it is"
+    else:
+        wheels = sorted((ROOT / ".whl").glob("*.whl"))
+        missing = [m for m in ("kornia",) if not _importable(m)]
+        out["wheels"] = [w.name for w in wheels]
+        if missing and wheels:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True, timeout=300)
+            out["installed_into"] = str(SITE)
+        elif missing:
+            out["warning"] = f"{missing} missing and no wheels in .whl/ (run scripts/gpu_wheels.sh where pip works)"
+        # d3fast itself: an editable install gives the `d3fast` command; the C++ extension
+        # is for CPU tensors, so it is not built here (D3FAST_PUREPYTHON at build time only)
+        res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                              "--no-build-isolation", "-e", str(ROOT)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "D3FAST_PUREPYTHON": "1"})
+        out["d3fast_install"] = "editable install" if res.returncode == 0 else \
+            f"failed ({res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else res.returncode}); using the tree"
+    _use_paths()
+    import torch
+
+    import d3fast
+    from d3fast import kernels
+
+    out.update({
+        "d3fast": d3fast.__version__, "d3fast_from": str(Path(d3fast.__file__).parent), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "kernels": kernels.describe(),
+        "modules": {m: _version(m) for m in ("triton", "kornia", "numpy", "safetensors", "pytest")},
+    })
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        out["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
+                      "capability": f"{p.major}.{p.minor}", "driver": _nvidia_smi()}
+    return out
+
+
+def _use_paths() -> None:
+    for p in (str(SITE), str(ROOT)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(SITE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None or (SITE / module).is_dir()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(__import__(module), "__version__", "?")
+    except Exception:
+        return None
+
+
+def _nvidia_smi() -> str | None:
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return res.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# ---- tests
+
+
+def tests(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/", "-q", "-p", "no:cacheprovider", "-rfEs"]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    log = res.stdout + res.stderr
+    _write(out / "tests.log", log)
+    tail = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or [""]
+    counts = {k: int(n) for n, k in ((w.split()[0], w.split()[1].rstrip(",")) for w in _count_words(tail[0]))}
+    result = {"command": " ".join(cmd[2:]), "exit_status": res.returncode, "summary": tail[0].strip("= "),
+              "counts": counts, "wall_s": round(time.perf_counter() - t, 1)}
+    if res.returncode != 0:
+        result["failed"] = [ln for ln in log.splitlines() if ln.startswith(("FAILED", "ERROR"))][:40]
+    return result
+
+
+def _count_words(line: str) -> list[str]:
+    import re
+
+    return re.findall(r"\d+ (?:passed|failed|skipped|deselected|errors?|xfailed|xpassed)", line)
+
+
+# ---- kernels
+
+
+def _timer(device: Any) -> Callable[[Callable[[], object]], float]:
+    """Median seconds of fn(): do_bench on CUDA, wall time of 5 calls after a warm-up on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median")) / 1e3
+
+    def cpu(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    return cpu
+
+
+def _empty_launch(device: Any) -> float | None:
+    """Seconds of one launch of an empty Triton kernel, timed like the ops: the floor."""
+    if device.type != "cuda":
+        return None
+    import torch
+    import triton
+    from triton.testing import do_bench
+
+    @triton.jit
+    def _nothing(p):
+        pass
+
+    buf = torch.empty(1, device=device)
+    return float(do_bench(lambda: _nothing[(1,)](buf), warmup=25, rep=100, return_mode="median")) / 1e3
+
+
+def kernel_bench(sizes: Sizes) -> dict[str, Any]:
+    import torch
+
+    from d3fast.kernels.mmd_ref import mmd2_ref
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timer = _timer(device)
+    fused = "triton" if device.type == "cuda" else "cpp"
+    floor = _empty_launch(device)
+    out: dict[str, Any] = {"device": str(device), "fused": fused, "empty_launch_us": floor and round(floor * 1e6, 2),
+                           "mmd": {}, "param_dist": {}}
+    compiled = torch.compile(mmd2_ref, dynamic=False) if device.type == "cuda" else None
+    for name, shape in sizes.mmd_shapes.items():
+        out["mmd"][name] = _mmd_row(name, shape, device, fused, compiled, timer, floor)
+    for label, P in (("real P", sizes.dist_real), ("big P", sizes.dist_big)):
+        out["param_dist"][label] = _dist_row(P, device, fused, timer, floor)
+    return out
+
+
+def _mmd_row(name: str, shape: tuple[int, int, int, int], device: Any, fused: str, compiled: Any,
+             timer: Callable[[Callable[[], object]], float], floor: float | None) -> dict[str, Any]:
+    """MMD^2 of one shape: each implementation checked against float64, then timed."""
+    import torch
+
+    from d3fast import kernels
+    from d3fast.kernels.mmd_ref import mmd2_ref
+
+    C, n, m, D = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    x = (torch.randn(C, n, D, generator=g, device=device) * (1.5 / D**0.5)).requires_grad_(True)
+    y = torch.randn(C, m, D, generator=g, device=device) * (1.5 / D**0.5) + 0.02
+    impls: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        fused: lambda a, b: kernels.mmd2(a, b, impl=fused),
+        "reference": lambda a, b: kernels.mmd2(a, b, impl="reference"),
+    }
+    if compiled is not None:
+        impls["compiled reference"] = compiled
+    truth = mmd2_ref(x.double(), y.double())
+    row: dict[str, Any] = {"shape": [C, n, m, D]}
+    for impl, f in impls.items():
+        err = float((f(x, y).detach().double() - truth).abs().max() / truth.abs().max().clamp_min(1e-12))
+        if err > 1e-3:
+            raise AssertionError(f"MMD^2 {impl} at {name}: relative error {err:.2e} against float64")
+
+        def fwd_bwd(f: Callable[..., torch.Tensor] = f) -> None:
+            x.grad = None
+            f(x, y).sum().backward()
+
+        def fwd(f: Callable[..., torch.Tensor] = f) -> None:
+            with torch.no_grad():
+                f(x, y)
+
+        row[impl] = {"fwd_bwd_ms": round(timer(fwd_bwd) * 1e3, 4), "fwd_ms": round(timer(fwd) * 1e3, 4), "rel_err": err}
+    row["speedup_vs_reference"] = round(row["reference"]["fwd_bwd_ms"] / row[fused]["fwd_bwd_ms"], 2)
+    if "compiled reference" in row:
+        row["speedup_vs_compiled"] = round(row["compiled reference"]["fwd_bwd_ms"] / row[fused]["fwd_bwd_ms"], 2)
+    if floor:
+        row["fwd_vs_empty_launch"] = round(row[fused]["fwd_ms"] / 1e3 / floor, 2)
+    return row
+
+
+def _dist_row(P: int, device: Any, fused: str, timer: Callable[[Callable[[], object]], float],
+              floor: float | None) -> dict[str, Any]:
+    """The parameter distance at P: checked against float64, timed forward and forward +
+    backward, against a copy of P floats (read + write: the bandwidth this device reaches)."""
+    import torch
+
+    from d3fast import kernels
+
+    g = torch.Generator(device=device).manual_seed(0)
+    t = torch.randn(P, generator=g, device=device)
+    a = (t + 0.1 * torch.randn(P, generator=g, device=device)).requires_grad_(True)
+    s = t + torch.randn(P, generator=g, device=device)
+    ref = float(kernels.param_dist(a.double(), t.double(), s.double(), impl="reference"))
+    got = float(kernels.param_dist(a, t, s, impl=fused))
+    if abs(got - ref) > 1e-4 * abs(ref):
+        raise AssertionError(f"param_dist {fused} P={P}: {got} vs {ref}")
+
+    def dist_fwd() -> None:
+        with torch.no_grad():
+            kernels.param_dist(a, t, s, impl=fused)
+
+    def dist_fwd_bwd() -> None:
+        a.grad = None
+        kernels.param_dist(a, t, s, impl=fused).backward()
+
+    src, dst = torch.randn(P, device=device), torch.empty(P, device=device)
+    copy_s = timer(lambda: dst.copy_(src))
+    f_s, fb_s = timer(dist_fwd), timer(dist_fwd_bwd)
+    row = {"P": P, "fwd_us": round(f_s * 1e6, 2), "fwd_bwd_us": round(fb_s * 1e6, 2),
+           "fwd_gbs": round(12 * P / f_s / 1e9, 1), "fwd_bwd_gbs": round(24 * P / fb_s / 1e9, 1),
+           "copy_gbs": round(8 * P / copy_s / 1e9, 1)}
+    row["fwd_vs_copy"] = round(row["fwd_gbs"] / row["copy_gbs"], 3)
+    if floor:
+        row["fwd_vs_empty_launch"] = round(f_s / floor, 2)
+    return row
+
+
+# ---- memory
+
+
+def _peak(fn: Callable[[], object], device: Any) -> float:
+    """MiB above what was held before, at fn()'s peak (CUDA: allocator; CPU: VmHWM)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def status(key: str) -> float:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(key)) / 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    fn()
+    return status("VmHWM") - base
+
+
+def memory_bench(sizes: Sizes) -> dict[str, Any]:
+    import torch
+
+    from d3fast.config import AugConfig, resolve_config
+    from d3fast.data.augment import DSA
+    from d3fast.data.loader import DeviceDataset
+    from d3fast.distilled import init_distilled
+    from d3fast.mmd_update import mmd_terms
+    from d3fast.models import build_network
+    from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    u = sizes.unroll
+    meta = {"resolution": u["res"], "channels": 3, "mean": [0.45] * 3, "std": [0.25] * 3, "z_dim": 64,
+            "decoder": "paper", "decoder_width": u["decoder_width"]}
+    d = init_distilled(u["classes"], 1, [str(i) for i in range(u["classes"])], meta, 0.01, device, seed=0)
+    student = Student(build_network("convnet", 3, u["classes"], u["res"], width=u["width"], depth=u["depth"]).to(device))
+    P = sum(student.sizes)
+    theta0 = torch.randn(1, P, device=device) * 0.02
+    target = theta0 + torch.randn(1, P, device=device) * 0.001
+    total = torch.cuda.get_device_properties(device).total_memory / 2**20 if device.type == "cuda" else None
+    unroll_rows: dict[str, Any] = {"params": P, "batch_syn": u["batch"], "points": []}
+    per_step_naive: float | None = None
+    for mode in ("flat", "naive"):
+        for steps in sizes.unroll_steps:
+            if mode == "naive" and per_step_naive and total and per_step_naive * steps > 0.8 * total:
+                unroll_rows["points"].append({"mode": mode, "steps": steps, "skipped": f"~{per_step_naive * steps / 1024:.0f} GiB"})
+                continue
+
+            def update(n: int = steps, mode: str = mode) -> None:
+                spec = UnrollSpec(student, n, u["batch"], DSA(AugConfig()))
+                gen = torch.Generator(device=device).manual_seed(0)
+                mtt_loss(unroll(spec, d, theta0, gen, mode, host=torch.Generator().manual_seed(0)), target, theta0).backward()
+
+            update(2)  # warm-up (cuDNN autotuning, allocator)
+            t = time.perf_counter()
+            peak = _peak(update, device)
+            secs = time.perf_counter() - t
+            unroll_rows["points"].append({"mode": mode, "steps": steps, "peak_mib": round(peak, 1), "seconds": round(secs, 3)})
+            if mode == "naive":
+                per_step_naive = peak / steps
+            d.latents.grad = None
+            d.alpha.grad = None
+            for p in d.decoder.parameters():
+                p.grad = None
+    pts = {(p["mode"], p["steps"]): p.get("peak_mib") for p in unroll_rows["points"]}
+    lo, hi = min(sizes.unroll_steps), max(sizes.unroll_steps)
+    unroll_rows["flat_longest_vs_shortest"] = _ratio(pts[("flat", hi)], pts[("flat", lo)])
+    mid = 40 if 40 in sizes.unroll_steps else hi
+    unroll_rows[f"naive_vs_flat_at_{mid}"] = _ratio(pts.get(("naive", mid)), pts[("flat", mid)])
+
+    mu = sizes.mmd_update
+    meta_m = {**meta, "resolution": mu["res"], "decoder_width": mu["decoder_width"]}
+    C, S = mu["classes"], mu["samples"]
+    d2 = init_distilled(C, 1, [str(i) for i in range(C)], meta_m, 0.01, device, seed=0)
+    net = build_network("convnet", 3, C, mu["res"], width=mu["width"]).to(device).requires_grad_(False)
+    g0 = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (C * 2 * S, 3, mu["res"], mu["res"]), generator=g0, dtype=torch.uint8)
+    train = DeviceDataset(images.to(device), torch.arange(C).repeat_interleave(2 * S).to(device),
+                          torch.full((3,), 0.45, device=device), torch.full((3,), 0.25, device=device), [str(i) for i in range(C)])
+    mmd_rows = []
+    for label, over in (("one graph", ["distill.mmd_exact_graph=true"]), ("auto chunk", []),
+                        ("chunk 10", ["distill.mmd_chunk=10"])):
+        dcfg = resolve_config("imagewoof", overrides=[f"distill.mmd_samples={S}", *over]).distill
+        result: dict[str, float] = {}
+
+        def step(dcfg: Any = dcfg, result: dict[str, float] = result) -> None:
+            mmd, _ = mmd_terms(net, d2, train, dcfg, torch.Generator(device=device).manual_seed(0))
+            d2.latents.grad = None
+            mmd.backward()
+            result["loss"] = float(mmd)
+
+        step()
+        t = time.perf_counter()
+        peak = _peak(step, device)
+        mmd_rows.append({"mode": label, "peak_mib": round(peak, 1), "seconds": round(time.perf_counter() - t, 3),
+                         "loss": result["loss"]})
+    return {"device": str(device), "unroll": unroll_rows, "mmd_update": {"samples": C * S, "points": mmd_rows}}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is below 1 MiB (the tiny --cpu sizes:
+    page-granular readings, not a measurement)."""
+    return None if a is None or b is None or b < 1 else round(a / b, 3)
+
+
+# ---- profile
+
+
+def profile_runs(sizes: Sizes, out: Path, scratch: Path) -> dict[str, Any]:
+    import torch
+
+    from d3fast.config import resolve_config
+    from d3fast.profile import profile
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ["D3FAST_HOME"] = str(scratch / "home")
+    if sizes.profile_dataset == "digits":
+        from d3fast.data.prepare import prepare
+
+        prepare(resolve_config("digits"), progress=False)
+    results: dict[str, Any] = {}
+    st = sizes.profile_steps
+    for amp in (False, True):
+        name = f"{sizes.profile_dataset}{'-amp' if amp else ''}"
+        if amp and device == "cpu":
+            results[name] = {"skipped": "bf16 autocast runs on CUDA only"}
+            continue
+        cfg = resolve_config(sizes.profile_dataset,
+                             overrides=[f"device={device}", f"distill.amp={str(amp).lower()}", *sizes.profile_overrides])
+        res = profile(cfg, scratch / name, steps=st["timed"], trace_steps=st["traced"], warmup=st["warmup"],
+                      free_steps=st["free"], stand_in="always", progress=False)
+        r = res.report
+        (out / f"profile-{name}.md").write_text((scratch / name / "report.md").read_text())
+        results[name] = {
+            "step_ms": round(r["rate_step_s"] * 1e3, 2), "marked_step_ms": round(r["step_s"]["mean"] * 1e3, 2),
+            "marker_overhead": r.get("marker_overhead"), "steps": r["steps"], "images_per_s": round(r["images_per_s"], 1),
+            "peak_memory_gib": round(r["peak_memory"]["gib"], 3),
+            "phases_fraction": {k: round(v, 4) for k, v in r["phases_fraction"].items()},
+            "projection": r["projection"], "top_kernels": (r.get("top_kernels") or [])[:12],
+            "fused_kernels": r.get("fused_kernels"), "config": r["config"], "inputs": r["inputs"],
+        }
+    return results
+
+
+# ---- summary
+
+
+def summary(doc: dict[str, Any]) -> str:
+    s = doc["sections"]
+    setup_ = s.get("setup", {})
+    gpu = setup_.get("gpu") or {}
+    lines = [
+        f"# GPU check ({doc['mode']}), {doc['created']}",
+        "",
+        f"- machine: {gpu.get('name') or 'no GPU (CPU mode)'}"
+        + (f", {gpu['memory_gib']} GiB, driver {gpu.get('driver')}" if gpu else "")
+        + f"; torch {setup_.get('torch')}, CUDA {setup_.get('cuda')}, triton {(setup_.get('modules') or {}).get('triton')}, "
+        f"Python {setup_.get('python_version')}",
+        f"- d3fast {setup_.get('d3fast')} at commit {doc.get('commit') or 'unknown'}; {setup_.get('d3fast_install', '')}",
+        "- sections: " + ", ".join(f"{k} {v['status']} ({v['seconds']} s)" for k, v in s.items())
+        + f"; total {doc.get('seconds')} s",
+        "",
+        "| target | measured | goal | verdict |",
+        "|---|---|---|---|",
+    ]
+    on_gpu = doc["mode"] != "cpu"
+    for key, value, note in _measured(s):
+        label, op, goal = TARGETS[key]
+        if value is None:
+            verdict = "not measured"
+        elif not on_gpu:
+            verdict = "n/a on the CPU"
+        else:
+            verdict = "met" if (value <= goal if op == "<=" else value >= goal) else "MISSED"
+        shown = "-" if value is None else f"{value:.3g}"
+        lines.append(f"| {label} | {shown}{note} | {op} {goal:g} | {verdict} |")
+    t = s.get("tests", {})
+    lines += ["", f"- tests (`pytest -m cuda`): {t.get('summary') or t.get('status')}"]
+    for f in t.get("failed", [])[:20]:
+        lines.append(f"  - {f}")
+    for name, sec in s.items():
+        if sec["status"] == "failed":
+            lines.append(f"- {name} failed: {sec['error']}")
+        elif sec["status"] == "skipped":
+            lines.append(f"- {name} skipped: {sec['why']}")
+    return "\n".join(lines) + "\n"
+
+
+def _measured(s: dict[str, Any]) -> list[tuple[str, float | None, str]]:
+    prof = s.get("profile", {})
+    k = s.get("kernels", {})
+    mem = s.get("memory", {})
+    rows: list[tuple[str, float | None, str]] = []
+    for name, r in prof.items():
+        if isinstance(r, dict) and "step_ms" in r:
+            rows.append(("step_ms", r["step_ms"], f" ms ({name}, {r['projection']['device_hours']:.3g} h / "
+                                                  f"{r['projection']['steps']} steps)"))
+    if not rows:
+        rows.append(("step_ms", None, ""))
+    mmd = k.get("mmd") or {}
+    big = next((v for n, v in mmd.items() if "256" in n), None) or next(iter(mmd.values()), None)
+    rows.append(("mmd_speedup_256", big and big["speedup_vs_reference"], " x" if big else ""))
+    woof = next(iter(mmd.values()), None)
+    rows.append(("mmd_launch_ratio", woof and woof.get("fwd_vs_empty_launch"), " x" if woof else ""))
+    dist = (k.get("param_dist") or {}).get("big P")
+    rows.append(("dist_copy_fraction", dist and dist["fwd_vs_copy"],
+                 f" ({dist['fwd_gbs']} of {dist['copy_gbs']} GB/s)" if dist else ""))
+    un = mem.get("unroll") or {}
+    rows.append(("unroll_80_vs_10", un.get("flat_longest_vs_shortest"), ""))
+    rows.append(("naive_vs_flat_40", next((v for kk, v in un.items() if kk.startswith("naive_vs_flat")), None), ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: gpu-check/<time>)")
+    ap.add_argument("--quick", action="store_true", help="setup, tests and profile only")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (tests the script itself)")
+    args = ap.parse_args(argv)
+    out = args.out or ROOT / "gpu-check" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, args)
+    check.doc["commit"] = os.environ.get("GPU_CHECK_COMMIT") or _git_commit()
+    sizes = CPU if args.cpu else GPU
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="d3fast-gpu-check-"))
+    check.section("setup", lambda: setup(args))
+    if not args.cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device here; run with --cpu to check the script on the CPU", file=sys.stderr)
+            check.doc["sections"]["setup"]["status"] = "failed"
+    check.section("tests", lambda: tests(args, out))
+    for name, fn in (("kernels", lambda: kernel_bench(sizes)), ("memory", lambda: memory_bench(sizes))):
+        if args.quick:
+            check.section(name, _skip("--quick"))
+        else:
+            check.section(name, fn)
+    check.section("profile", lambda: profile_runs(sizes, out, scratch))
+    check.save()
+    text = summary(check.doc)
+    _write(out / "summary.md", text)
+    print(f"\nresults: {out}\n")
+    print(text)
+    ok = all(v["status"] in ("ok", "skipped") for v in check.doc["sections"].values()) and \
+        check.doc["sections"]["tests"].get("exit_status") == 0
+    return 0 if ok else 1
+
+
+def _skip(why: str) -> Callable[[], dict[str, Any]]:
+    def fn() -> dict[str, Any]:
+        raise Skipped(why)
+
+    return fn
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return res.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

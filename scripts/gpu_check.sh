@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU check in one command (scripts/gpu_check.py says what it runs and writes):
+#   scripts/gpu_check.sh --out DIR            on a CUDA machine, no network needed (< 8 min on an H200)
+#   scripts/gpu_check.sh --out DIR --quick    setup, CUDA tests and the profile only (< 3 min)
+#   scripts/gpu_check.sh --cpu --out DIR      the same driver on the CPU at tiny sizes
+# On a GPU machine it runs with the python3 that holds torch (PYTHON overrides it); here,
+# with --cpu, with .venv's when there is one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [[ " $* " == *" --cpu "* && -z "${PYTHON:-}" && -x .venv/bin/python ]]; then
+  PY=.venv/bin/python
+fi
+export PYTHONUNBUFFERED=1
+exec "$PY" scripts/gpu_check.py "$@"

@@ -1,0 +1,131 @@
+"""The CUDA path, on a GPU (skipped without one; `scripts/gpu_check.sh` runs `pytest -m cuda`):
+the dispatch picks the compiled Triton kernels, the flat unroll equals the naive one on CUDA
+(pinned host storage of theta, CUDA generators), the chunked MMD update equals one graph,
+DSA on CUDA equals DSA on the CPU for the same draws, a distillation step waits for the
+device once, and a short digits run under --amp resumes into the uninterrupted run."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from d3fast import kernels
+from d3fast.config import AugConfig, resolve_config
+from d3fast.data.augment import DSA
+from d3fast.data.loader import DeviceDataset
+from d3fast.distill import distill
+from d3fast.mmd_update import mmd_terms
+from d3fast.run import Run
+from tests._utils import cfg_of
+from tests.test_embed import META, _setup
+from tests.test_unroll import assert_grads_match, gradients, rel_err, setup
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)"),
+]
+CUDA = torch.device("cuda")
+
+
+def test_cuda_tensors_take_the_compiled_triton_kernels():
+    ok, why = kernels.triton_status()
+    assert ok and why == "CUDA", why
+    assert kernels.backend(torch.zeros(1, device=CUDA)) == "triton"
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-8), (torch.float32, 1e-3)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("students", [1, 3])
+def test_flat_equals_naive_on_cuda(dtype, tol, students):
+    d, spec, theta0, target = setup(dtype, students=students, steps=5, device=CUDA)
+    loss_n, grads_n, state_n = gradients("naive", d, spec, theta0, target)
+    d2, spec2, _, _ = setup(dtype, students=students, steps=5, device=CUDA)
+    loss_f, grads_f, state_f = gradients("flat", d2, spec2, theta0, target)
+    assert torch.equal(state_n, state_f)
+    assert rel_err(loss_f, loss_n) < tol
+    assert grads_n[0].norm() > 0
+    names = ["latents", "alpha"] + [n for n, _ in d.decoder.named_parameters()]
+    assert_grads_match(names, grads_f, grads_n, tol)
+
+
+def test_flat_unroll_on_cuda_equals_the_cpu_one():
+    # same draws cannot be had from a CUDA and a CPU generator; without augmentation and
+    # with every latent per step the unroll is deterministic up to the sampled noise, so
+    # the noise is switched off through the log-variances (exp(-80) = 0 in float64)
+    out = []
+    for device in ("cpu", CUDA):
+        d, spec, theta0, target = setup(torch.float64, augment=False, batch=0, steps=4, device=device)
+        with torch.no_grad():
+            d.latents[..., 1] = -80.0
+        out.append(gradients("flat", d, spec, theta0, target)[:2])
+    (loss_c, grads_c), (loss_g, grads_g) = out
+    assert rel_err(loss_g.cpu(), loss_c) < 1e-9
+    for gc, gg in zip(grads_c, grads_g, strict=True):
+        assert rel_err(gg.cpu(), gc) < 1e-7
+
+
+def test_chunked_mmd_update_equals_one_graph_on_cuda():
+    cfg = resolve_config("digits", overrides=["distill.mmd_samples=6"])
+    out = []
+    for over in ({"mmd_chunk": 4}, {"mmd_exact_graph": True}):
+        dcfg = copy.deepcopy(cfg.distill)
+        for k, v in over.items():
+            setattr(dcfg, k, v)
+        d, net = _setup(3, torch.float32)
+        d.decoder.to(CUDA)
+        d.latents = d.latents.detach().to(CUDA).requires_grad_(True)
+        net.to(CUDA)
+        images = torch.randint(0, 256, (30, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+        train = DeviceDataset(images.to(CUDA), torch.arange(3).repeat_interleave(10).to(CUDA),
+                              torch.tensor(META["mean"], device=CUDA), torch.tensor(META["std"], device=CUDA), ["a", "b", "c"])
+        mmd, _ = mmd_terms(net, d, train, dcfg, torch.Generator(device=CUDA).manual_seed(0))
+        out.append((mmd.detach(), torch.autograd.grad(mmd, [d.latents, *d.decoder.parameters()])))
+    (m1, g1), (m2, g2) = out
+    torch.testing.assert_close(m1, m2, rtol=1e-4, atol=0)
+    for a, b in zip(g1, g2, strict=True):
+        assert rel_err(a, b) < 1e-3
+
+
+@pytest.mark.parametrize("op", ["color", "crop", "cutout", "flip", "scale", "rotate"])
+def test_dsa_on_cuda_equals_the_cpu_for_the_same_draws(op):
+    dsa = DSA(AugConfig(strategy=op))
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    params = dsa.sample(x, torch.Generator().manual_seed(1), op=0)
+    on_gpu = copy.deepcopy(params)
+    on_gpu.values = {k: {n: t.to(CUDA) for n, t in v.items()} for k, v in params.values.items()}
+    torch.testing.assert_close(dsa.apply(x.to(CUDA), on_gpu).cpu(), dsa.apply(x, params), rtol=1e-5, atol=1e-5)
+
+
+def test_a_distill_step_waits_for_the_device_once(home, tmp_path):
+    cfg = cfg_of("distill.steps=4", "distill.checkpoint_every=100", "device=cuda", "distill.ppc=2")
+    per_step: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            distill(cfg, Run.at(tmp_path / "r"), progress=False, on_step=lambda m: per_step.append(len(caught)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [b - a for a, b in zip(per_step, per_step[1:], strict=False)]
+    # steps 2 and 3 (step 1 builds caches, step 4 saves the checkpoint)
+    assert syncs[:2] == [1, 1], (syncs, [str(w.message)[:120] for w in caught[per_step[0] : per_step[1]]])
+
+
+def test_digits_under_amp_resumes_into_the_uninterrupted_run(home, tmp_path):
+    over = ("device=cuda", "distill.amp=true", "distill.checkpoint_every=2")
+    straight = Run.at(tmp_path / "straight")
+    distill(cfg_of("distill.steps=4", *over), straight, progress=False)
+    halves = Run.at(tmp_path / "halves")
+    distill(cfg_of("distill.steps=2", *over), halves, progress=False)
+    res = distill(cfg_of("distill.steps=4", *over), halves, resume=True, progress=False)
+    assert res.step == 4
+    a, b = straight.read_metrics(), halves.read_metrics()
+    assert [(m["expert"], m["start_epoch"]) for m in a] == [(m["expert"], m["start_epoch"]) for m in b]
+    # the same draws; cuDNN's and the atomics' summation order may differ between runs
+    for ma, mb in zip(a, b, strict=True):
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-3, abs=1e-6)
+    da, db = straight.load_distilled()[0], halves.load_distilled()[0]
+    assert rel_err(db.latents, da.latents) < 1e-3
+    assert all(m["peak_mem_gib"] > 0 for m in a)

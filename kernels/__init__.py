@@ -253,6 +253,8 @@ def param_dist(
         if x[0].shape[0] != sa[0][0].shape[0]:
             raise D3FastError("param_dist: segments hold different numbers of students")
     which = _chosen(impl, sa[0][0])
+    if which == "triton" and sa[0][0].dtype == torch.float64 and impl is None:
+        which = "reference"  # the Triton kernels sum in fp32: float64 (gradcheck, tests) stays exact
     if which == "reference":
         tensors = [[s[0] for s in side] for side in segs]
         out = param_dist_ref(*tensors)

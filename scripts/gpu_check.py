@@ -24,6 +24,9 @@ Sections, in order (each one's outcome is recorded even when an earlier one fail
             3,000 steps against the paper's 20 GPU-hours
 
 --quick: setup, tests and profile only (under 3 minutes on an H200; the whole check: under 8).
+--budget S: the whole check stops at S seconds (default 540; --quick 170): each section runs
+under an alarm set to what is left, and the sections after it are skipped, so the command
+ends inside a device session's 10-minute limit with what it measured written.
 --cpu: the same sections on the CPU at tiny sizes, CUDA-only parts reported as skipped, so
 that this script itself is tested without a GPU (tests/test_gpu_check.py).
 
@@ -113,24 +116,44 @@ class Check:
     def mode(self) -> str:
         return "cpu" if self.args.cpu else "quick" if self.args.quick else "full"
 
+    def left(self) -> float:
+        return self.args.budget - (time.perf_counter() - self.t0)
+
     def section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        """Run one section inside what is left of the time budget (an alarm stops it there:
+        a device session is lost if the command outlives its limit)."""
+        import signal
+
         t = time.perf_counter()
-        print(f"== {name}", flush=True)
+        print(f"== {name} ({self.left():.0f} s of the budget left)", flush=True)
+
+        def out_of_time(signum: int, frame: Any) -> None:
+            raise TimeoutError(f"the time budget (--budget {self.args.budget:.0f} s) ran out in this section")
+
+        old = signal.signal(signal.SIGALRM, out_of_time)
         try:
+            if self.left() < 5:
+                raise Skipped(f"no time left of the budget (--budget {self.args.budget:.0f} s)")
+            signal.setitimer(signal.ITIMER_REAL, self.left())
             result = {"status": "ok", **fn()}
         except Skipped as e:
             result = {"status": "skipped", "why": str(e)}
         except Exception as e:  # one broken section must not cost the others
             result = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
             print(result["traceback"], file=sys.stderr, flush=True)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
         result["seconds"] = round(time.perf_counter() - t, 1)
         self.doc["sections"][name] = result
         print(f"   {name}: {result['status']} in {result['seconds']} s", flush=True)
         self.save()
 
     def save(self) -> None:
+        """gpu_check.json and summary.md as they stand: a run killed from outside keeps them."""
         self.doc["seconds"] = round(time.perf_counter() - self.t0, 1)
         _write(self.out / "gpu_check.json", json.dumps(self.doc, indent=1, default=str) + "\n")
+        _write(self.out / "summary.md", summary(self.doc))
 
 
 class Skipped(Exception):
@@ -156,19 +179,17 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         missing = [m for m in ("kornia",) if not _importable(m)]
         out["wheels"] = [w.name for w in wheels]
         if missing and wheels:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True, timeout=300)
-            out["installed_into"] = str(SITE)
+            # not fatal: kornia serves ZCA (CIFAR-10) only, nothing this check runs needs it
+            res = _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], 120)
+            out["wheels_install"] = "ok" if res[0] == 0 else f"failed: {res[1]}"
         elif missing:
             out["warning"] = f"{missing} missing and no wheels in .whl/ (run scripts/gpu_wheels.sh where pip works)"
         # d3fast itself: an editable install gives the `d3fast` command; the C++ extension
         # is for CPU tensors, so it is not built here (D3FAST_PUREPYTHON at build time only)
-        res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                              "--no-build-isolation", "-e", str(ROOT)], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "D3FAST_PUREPYTHON": "1"})
-        out["d3fast_install"] = "editable install" if res.returncode == 0 else \
-            f"failed ({res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else res.returncode}); using the tree"
-    _use_paths()
+        code, tail = _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                           "--no-build-isolation", "-e", str(ROOT)], 120, {"D3FAST_PUREPYTHON": "1"})
+        out["d3fast_install"] = "editable install" if code == 0 else f"pip install -e failed, the tree is used: {tail}"
     import torch
 
     import d3fast
@@ -184,6 +205,15 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         out["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
                       "capability": f"{p.major}.{p.minor}", "driver": _nvidia_smi()}
     return out
+
+
+def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """(exit status, the last 20 lines of its output); a timeout is status -1."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout:.0f} s"
+    return res.returncode, "\n".join((res.stdout + res.stderr).strip().splitlines()[-20:])
 
 
 def _use_paths() -> None:
@@ -218,18 +248,36 @@ def _nvidia_smi() -> str | None:
 # ---- tests
 
 
-def tests(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def tests(args: argparse.Namespace, out: Path, timeout: float) -> dict[str, Any]:
+    """`pytest -m cuda tests/`, its output streamed into tests.log (kept when it times out)."""
+    import importlib.util
+    import re
+
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/", "-q", "-p", "no:cacheprovider", "-rfEs"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += ["--timeout", "240"]  # one hung test must not take the whole session
     t = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
-    log = res.stdout + res.stderr
-    _write(out / "tests.log", log)
-    tail = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or [""]
-    counts = {k: int(n) for n, k in ((w.split()[0], w.split()[1].rstrip(",")) for w in _count_words(tail[0]))}
-    result = {"command": " ".join(cmd[2:]), "exit_status": res.returncode, "summary": tail[0].strip("= "),
+    with open(out / "tests.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+        code: int | None = None
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # timed out, or the budget's alarm: the tests stop with the section
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = (out / "tests.log").read_text(errors="replace")
+    summaries = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)", ln) and " in " in ln]
+    line = summaries[-1].strip("= ") if summaries else ""
+    counts = {w.split()[1].rstrip(","): int(w.split()[0]) for w in _count_words(line)}
+    result = {"command": " ".join(cmd[2:]), "exit_status": code, "summary": line or "no pytest summary line",
               "counts": counts, "wall_s": round(time.perf_counter() - t, 1)}
-    if res.returncode != 0:
-        result["failed"] = [ln for ln in log.splitlines() if ln.startswith(("FAILED", "ERROR"))][:40]
+    if code is None:
+        result["summary"] = f"timed out after {timeout:.0f} s ({line or 'no summary'}); see tests.log"
+    if code != 0:
+        result["failed"] = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))][:40]
     return result
 
 
@@ -288,6 +336,14 @@ def kernel_bench(sizes: Sizes) -> dict[str, Any]:
     floor = _empty_launch(device)
     out: dict[str, Any] = {"device": str(device), "fused": fused, "empty_launch_us": floor and round(floor * 1e6, 2),
                            "mmd": {}, "param_dist": {}}
+    if device.type == "cuda":
+        import torch._dynamo
+
+        # 4 shapes x (with, without grad) reach dynamo's default limit of 8 graphs, past
+        # which it would silently run eager code under the "compiled" label
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
     compiled = torch.compile(mmd2_ref, dynamic=False) if device.type == "cuda" else None
     for name, shape in sizes.mmd_shapes.items():
         out["mmd"][name] = _mmd_row(name, shape, device, fused, compiled, timer, floor)
@@ -536,11 +592,12 @@ def summary(doc: dict[str, Any]) -> str:
     lines = [
         f"# GPU check ({doc['mode']}), {doc['created']}",
         "",
-        f"- machine: {gpu.get('name') or 'no GPU (CPU mode)'}"
+        f"- machine: {gpu.get('name') or ('no GPU (CPU mode: tiny shapes, not the targets)' if doc['mode'] == 'cpu' else 'NO CUDA DEVICE FOUND')}"
         + (f", {gpu['memory_gib']} GiB, driver {gpu.get('driver')}" if gpu else "")
         + f"; torch {setup_.get('torch')}, CUDA {setup_.get('cuda')}, triton {(setup_.get('modules') or {}).get('triton')}, "
         f"Python {setup_.get('python_version')}",
-        f"- d3fast {setup_.get('d3fast')} at commit {doc.get('commit') or 'unknown'}; {setup_.get('d3fast_install', '')}",
+        f"- d3fast {setup_.get('d3fast')} at commit {doc.get('commit') or 'unknown'}"
+        + (f"; {setup_['d3fast_install']}" if setup_.get("d3fast_install") else ""),
         "- sections: " + ", ".join(f"{k} {v['status']} ({v['seconds']} s)" for k, v in s.items())
         + f"; total {doc.get('seconds')} s",
         "",
@@ -564,9 +621,9 @@ def summary(doc: dict[str, Any]) -> str:
         lines.append(f"  - {f}")
     for name, sec in s.items():
         if sec["status"] == "failed":
-            lines.append(f"- {name} failed: {sec['error']}")
+            lines.append(f"- {name} failed: {sec.get('error', '')}")
         elif sec["status"] == "skipped":
-            lines.append(f"- {name} skipped: {sec['why']}")
+            lines.append(f"- {name} skipped: {sec.get('why', '')}")
     return "\n".join(lines) + "\n"
 
 
@@ -600,34 +657,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: gpu-check/<time>)")
     ap.add_argument("--quick", action="store_true", help="setup, tests and profile only")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (tests the script itself)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole check; sections past it are skipped (default: 540, --quick 170)")
     args = ap.parse_args(argv)
-    out = args.out or ROOT / "gpu-check" / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    args.budget = args.budget or (170.0 if args.quick else 540.0)
+    out = (args.out or ROOT / "gpu-check" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    if out.exists() and not out.is_dir():
+        print(f"gpu_check: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"gpu_check: cannot create --out {out}: {e.strerror}", file=sys.stderr)
+        return 2
+    _use_paths()  # the tree importable whatever setup manages to install
     check = Check(out, args)
     check.doc["commit"] = os.environ.get("GPU_CHECK_COMMIT") or _git_commit()
     sizes = CPU if args.cpu else GPU
+    import shutil
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix="d3fast-gpu-check-"))
-    check.section("setup", lambda: setup(args))
-    if not args.cpu:
-        import torch
+    try:
+        check.section("setup", lambda: setup(args))
+        no_gpu = None
+        if not args.cpu:
+            import torch
 
-        if not torch.cuda.is_available():
-            print("gpu_check: no CUDA device here; run with --cpu to check the script on the CPU", file=sys.stderr)
-            check.doc["sections"]["setup"]["status"] = "failed"
-    check.section("tests", lambda: tests(args, out))
-    for name, fn in (("kernels", lambda: kernel_bench(sizes)), ("memory", lambda: memory_bench(sizes))):
-        if args.quick:
-            check.section(name, _skip("--quick"))
-        else:
-            check.section(name, fn)
-    check.section("profile", lambda: profile_runs(sizes, out, scratch))
-    check.save()
-    text = summary(check.doc)
-    _write(out / "summary.md", text)
+            if not torch.cuda.is_available():
+                no_gpu = "no CUDA device here (run with --cpu to check the script on the CPU)"
+                check.doc["sections"]["setup"].update(status="failed", error=no_gpu)
+        # the tests leave the measurements their time: ~200 s (full) or ~60 s (--quick)
+        reserve = 0 if args.cpu else 60 if args.quick else 200
+        check.section("tests", lambda: tests(args, out, max(min(check.left() - reserve, 300), 30)))
+        for name, fn in (("kernels", lambda: kernel_bench(sizes)), ("memory", lambda: memory_bench(sizes)),
+                         ("profile", lambda: profile_runs(sizes, out, scratch))):
+            if no_gpu:
+                check.section(name, _skip(no_gpu))
+            elif args.quick and name != "profile":
+                check.section(name, _skip("--quick"))
+            else:
+                check.section(name, fn)
+        check.save()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nresults: {out}\n")
-    print(text)
+    print(summary(check.doc))
     ok = all(v["status"] in ("ok", "skipped") for v in check.doc["sections"].values()) and \
         check.doc["sections"]["tests"].get("exit_status") == 0
     return 0 if ok else 1
@@ -641,11 +716,16 @@ def _skip(why: str) -> Callable[[], dict[str, Any]]:
 
 
 def _git_commit() -> str | None:
+    """HEAD, with "-dirty" for uncommitted changes; None without git (a copied tree: pass
+    GPU_CHECK_COMMIT)."""
     try:
-        res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return res.stdout.strip() or None
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "d3fast", "kernels", "scripts",
+                                "tests"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
+    commit = head.stdout.strip()
+    return (commit + ("-dirty" if dirty.stdout.strip() else "")) if commit else None
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
 #   scripts/gpu_check.sh --cpu --out DIR      the same driver on the CPU at tiny sizes
 # On a GPU machine it runs with the python3 that holds torch (PYTHON overrides it); here,
 # with --cpu, with .venv's when there is one.
+# A relative --out is taken from where the command is run.
+# Provenance: without .git (a copied tree) pass GPU_CHECK_COMMIT=<hash>.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY=${PYTHON:-python3}
-if [[ " $* " == *" --cpu "* && -z "${PYTHON:-}" && -x .venv/bin/python ]]; then
-  PY=.venv/bin/python
+if [[ " $* " == *" --cpu "* && -z "${PYTHON:-}" && -x "$ROOT/.venv/bin/python" ]]; then
+  PY="$ROOT/.venv/bin/python"
 fi
 export PYTHONUNBUFFERED=1
-exec "$PY" scripts/gpu_check.py "$@"
+exec "$PY" "$ROOT/scripts/gpu_check.py" "$@"

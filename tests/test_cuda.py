@@ -30,6 +30,16 @@ pytestmark = [
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """cuDNN and cuBLAS default to TF32 on Hopper (10-bit mantissas): comparisons between
+    two paths would measure TF32's error, not ours."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_cuda_tensors_take_the_compiled_triton_kernels():
     ok, why = kernels.triton_status()
     assert ok and why == "CUDA", why
@@ -62,8 +72,10 @@ def test_flat_unroll_on_cuda_equals_the_cpu_one():
         out.append(gradients("flat", d, spec, theta0, target)[:2])
     (loss_c, grads_c), (loss_g, grads_g) = out
     assert rel_err(loss_g.cpu(), loss_c) < 1e-9
-    for gc, gg in zip(grads_c, grads_g, strict=True):
-        assert rel_err(gg.cpu(), gc) < 1e-7
+    # per tensor, against 1e-3 of the whole gradient where a tensor's own is ~0 (conv
+    # biases before BatchNorm: 0 in exact arithmetic)
+    names = ["latents", "alpha"] + [f"decoder.{i}" for i in range(len(grads_c) - 2)]
+    assert_grads_match(names, [g.cpu() for g in grads_g], grads_c, 1e-7)
 
 
 def test_chunked_mmd_update_equals_one_graph_on_cuda():
@@ -98,19 +110,31 @@ def test_dsa_on_cuda_equals_the_cpu_for_the_same_draws(op):
     torch.testing.assert_close(dsa.apply(x.to(CUDA), on_gpu).cpu(), dsa.apply(x, params), rtol=1e-5, atol=1e-5)
 
 
-def test_a_distill_step_waits_for_the_device_once(home, tmp_path):
-    cfg = cfg_of("distill.steps=4", "distill.checkpoint_every=100", "device=cuda", "distill.ppc=2")
+def _syncs_per_step(cfg, run: Run, resume: bool = False) -> tuple[list[int], list[str]]:
+    """Device waits per step (torch.cuda.set_sync_debug_mode), and the first messages."""
     per_step: list[int] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            distill(cfg, Run.at(tmp_path / "r"), progress=False, on_step=lambda m: per_step.append(len(caught)))
+            distill(cfg, run, resume=resume, progress=False,
+                    on_step=lambda m: per_step.append(sum("synchroniz" in str(w.message) for w in caught)))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [b - a for a, b in zip(per_step, per_step[1:], strict=False)]
+    msgs = [str(w.message)[:160] for w in caught if "synchroniz" in str(w.message)]
+    return [b - a for a, b in zip(per_step, per_step[1:], strict=False)], msgs[:10]
+
+
+def test_a_distill_step_waits_for_the_device_once(home, tmp_path):
+    over = ("distill.checkpoint_every=100", "device=cuda", "distill.ppc=2")
+    run = Run.at(tmp_path / "r")
+    syncs, msgs = _syncs_per_step(cfg_of("distill.steps=4", *over), run)
     # steps 2 and 3 (step 1 builds caches, step 4 saves the checkpoint)
-    assert syncs[:2] == [1, 1], (syncs, [str(w.message)[:120] for w in caught[per_step[0] : per_step[1]]])
+    assert syncs[:2] == [1, 1], (syncs, msgs)
+    # resumed: the optimisers' step counts come back on the CPU (on the GPU, foreach Adam
+    # would read each one every step)
+    syncs, msgs = _syncs_per_step(cfg_of("distill.steps=8", *over), run, resume=True)
+    assert syncs[:2] == [1, 1], (syncs, msgs)
 
 
 def test_digits_under_amp_resumes_into_the_uninterrupted_run(home, tmp_path):

@@ -35,7 +35,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except D3FastError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            click.secho(f"error: {_rank_prefix()}{e}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted: finished work is saved; re-run the same command to continue", err=True)
@@ -45,6 +45,12 @@ class _Group(click.Group):
         except Exception as e:
             if os.environ.get("D3FAST_DEBUG", "0") == "1":
                 raise
+            if type(e).__module__.startswith("torch.distributed") or "ProcessGroup" in str(e)[:300]:
+                # a collective failed: another rank died, hung past D3FAST_DIST_TIMEOUT, or left
+                click.secho(f"error: {_rank_prefix()}a collective with the other ranks failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:240] if str(e) else ''}): another rank died or hangs; this rank "
+                            "stops too. The last checkpoint is kept: relaunch with --resume", fg="red", err=True)
+                sys.exit(2)
             from d3fast.io import write_failure
 
             failure = write_failure(getattr(e, "filename", None) or ".", e)
@@ -54,6 +60,13 @@ class _Group(click.Group):
             click.secho(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                         f" (a bug in d3fast; the traceback is in {_crash_report(e)})", fg="red", err=True)
             sys.exit(1)
+
+
+def _rank_prefix() -> str:
+    """"rank R: " in a process of a torchrun job (each rank prints its own errors)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
 
 
 def _crash_report(e: BaseException) -> str:
@@ -223,7 +236,9 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
               help="Samples per feature-network graph in the MMD update (exact two-pass gradient); 0: automatic.")
 @click.option("--mmd-exact-graph", is_flag=True, default=None,
               help="MMD update through one graph over every sample (the reference's memory; for checks).")
-@click.option("--resume", "resume_dir", default=None, help="Continue the run in this directory.")
+@click.option("--resume", "resume_dir", default=None,
+              help="Continue the run in this directory (`latest`: the newest; `auto` with --name: the run of that "
+                   "name if there is one, else start it: for jobs torchrun or a scheduler restarts).")
 @click.option("--runs-dir", default="runs", show_default=True, help="Where run directories are created.")
 @click.option("--name", default=None, help="Run name (default: the preset).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
@@ -239,13 +254,25 @@ def distill(
     (every loss term, lr, step time, images/s, peak memory) and checkpoint.pt (whole state,
     every distill.checkpoint_every steps and on Ctrl-C/SIGTERM). --resume RUN_DIR continues.
     """
+    from d3fast.dist import World
     from d3fast.distill import distill as run_distill
     from d3fast.experts import ensure_experts, resolve_data_loader
     from d3fast.run import Run
 
+    # under torchrun: join the other ranks (NCCL on CUDA, gloo on the CPU); each rank
+    # trains on cuda:LOCAL_RANK
+    world = World.from_env(device or "auto")
+    if world.distributed:
+        device = world.device(device or "auto")
     typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
              "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
              "distill.mmd_exact_graph": mmd_exact_graph, "device": device}
+    if resume_dir == "auto":  # continue the run named NAME if there is one (restarted jobs), else start it
+        if not name:
+            raise D3FastError("--resume auto needs --name NAME: it continues the newest run of that name")
+        cfg = _resolve(dataset, preset, overrides, **typed)
+        found = Run.named(runs_dir, cfg.data.dataset, name)
+        resume_dir, name = (str(found.path), None) if found is not None else (None, name)
     if resume_dir is not None:
         if name is not None:
             raise D3FastError("--name names a new run; a resumed run keeps its directory")
@@ -254,12 +281,17 @@ def distill(
         run.check_resume(cfg)  # a refused change fails before any data is prepared
     else:
         cfg = _resolve(dataset, preset, overrides, **typed)
+    # every rank prepares and trains experts: both are locked per dataset and per expert,
+    # so the ranks share the work and find it done
     _ensure_prepared(cfg, no_auto)
     if resume_dir is None:  # a resumed run reads the experts its manifest lists
         resolve_data_loader(cfg)
-        ensure_experts(cfg, auto=not no_auto, echo=click.echo)
-        run = Run.create(runs_dir, cfg, name)
-    res = run_distill(cfg, run, resume=resume_dir is not None)
+        ensure_experts(cfg, auto=not no_auto, echo=click.echo if world.main else lambda *a, **k: None)
+        run = world.on_main(lambda: Run.create(runs_dir, cfg, name))
+    res = run_distill(cfg, run, resume=resume_dir is not None, world=world, progress=world.main)
+    world.close()
+    if not world.main:
+        sys.exit(130 if res.interrupted else 0)
     last = res.last
     summary = f"; last mtt {last['mtt']:.4f} mmd {last['mmd']:.4f} student lr {last['student_lr']:.4g}" if last else ""
     state = "stopped early at" if res.interrupted else "reached"

@@ -37,6 +37,7 @@ from d3fast import ledger, losses
 from d3fast.config import Config, DistillConfig, flatten, resolve_config
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.dist import World
 from d3fast.distilled import init_distilled
 from d3fast.errors import D3FastError
 from d3fast.experts import (
@@ -77,39 +78,46 @@ class DistillResult:
 def distill(
     cfg: Config, run: Run, resume: bool = False, *, inputs: DistillInputs | None = None, progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None, ledger_phase: str = "distill",
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] = time.perf_counter, world: World | None = None,
 ) -> DistillResult:
     """Run Algorithm 1 in `run`, or continue it from its checkpoint (`resume`; a changed
     key of `cfg` is applied and recorded, or refused: d3fast/run.py). `on_step(metrics)` is
     called after every step; `ledger_phase` names the ledger row; `clock` (seconds) times the
-    steps and the device-hours (tests pass a fake one).
+    steps and the device-hours (tests pass a fake one). `world`: this process's rank of a
+    distributed run (d3fast/dist.py; rank 0 alone writes the run, metrics and ledger).
 
     Raises:
         D3FastError: missing experts or data, a refused change on resume, a non-finite loss
-            or state (the last good checkpoint is kept).
+            or state (the last good checkpoint is kept), ranks that disagree.
     """
+    world = world or World()
     dcfg, device = cfg.distill, resolve_device(cfg.device)
     stop, t_start, last = _StopRequest(), clock(), {}
-    with run.lock(), stop.installed():
-        parts = _build(cfg, run, resume, device, inputs)
+    main = world.main
+    with run.lock() if main else nullcontext(), stop.installed():
+        parts = _build(cfg, run, resume, device, inputs, world)
         state, bank = parts.state, parts.bank
-        bar = tqdm(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not progress,
+        bar = tqdm(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not (progress and main),
                    dynamic_ncols=True)
         meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
-                                run=str(run.path.resolve()), clock=clock, prior_hours=run.hours_at(state.step))
-        with closing(bar), run.metrics(state.step) as metrics, meter_cm as meter:
-            while state.step < dcfg.steps and not stop.requested:
+                                run=str(run.path.resolve()), clock=clock, prior_hours=run.hours_at(state.step),
+                                devices=world.size, record=main)
+        with closing(bar), run.metrics(state.step) if main else _no_metrics() as metrics, meter_cm as meter:
+            stopping = False
+            while state.step < dcfg.steps and not stopping:
                 t0 = clock()
                 _reset_peak_memory(device)
-                students = draw_students(bank, dcfg, state.g_host, device)
-                checks = StepChecks()
-                mtt, kl = mtt_update(state, parts.spec, students, dcfg, checks)
-                mmd, div = mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp, checks)
+                students = draw_students(bank, dcfg, state.g_host, device, parts.spec.share)
+                checks = StepChecks(world)
+                mtt_update(state, parts.spec, students, dcfg, checks, world)
+                mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp, checks, world)
+                checks.raise_flag(stop.requested)  # a stop on any rank stops them all, after the same step
                 try:
                     with phase(LOSSES):  # the step's one wait for the device
-                        values = checks.read(mtt=mtt, kl=kl, mmd=mmd, div=div, student_lr=state.distilled.lr())
+                        values = checks.read(student_lr=state.distilled.lr())  # with the terms noted
                 except DivergedError as e:
                     raise D3FastError(_diverged_message(e, state.step, run, cfg)) from None
+                stopping = checks.flag
                 state.step += 1
                 meter.tick()
                 last = step_metrics(state, students, dcfg, clock, t0, meter, device, values)
@@ -118,15 +126,33 @@ def distill(
                 bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
                                     + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step), refresh=False)
                 bar.update(1)
-                if state.step % dcfg.checkpoint_every == 0 or state.step == dcfg.steps or stop.requested:
-                    run.save_state(state)
-                    meter.flush()
+                if state.step % dcfg.checkpoint_every == 0 or state.step == dcfg.steps or stopping:
+                    _checkpoint(state, run, world, meter)
                 if on_step is not None:
                     on_step(last)
-            interrupted = stop.requested and state.step < dcfg.steps
+            interrupted = state.step < dcfg.steps
             if interrupted:
                 meter.final_status = "interrupted"
     return DistillResult(run, state.step, clock() - t_start, interrupted, last)
+
+
+def _checkpoint(state: TrainState, run: Run, world: World, meter: ledger.Meter) -> None:
+    """Rank 0 saves the state, once the ranks are known to hold the same one."""
+    world.check_same([t for _, t in state.named_tensors()], f"states at step {state.step}")
+    if world.main:
+        run.save_state(state)
+    meter.flush()
+
+
+class _NoMetrics:
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
+@contextmanager
+def _no_metrics() -> Iterator[_NoMetrics]:
+    """The metrics writer of ranks other than 0: rank 0 writes the run's metrics."""
+    yield _NoMetrics()
 
 
 @dataclass
@@ -139,17 +165,28 @@ class _Parts:
     amp: Callable[[], AbstractContextManager[Any]]
 
 
-def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: DistillInputs | None) -> _Parts:
+def _build(
+    cfg: Config, run: Run, resume: bool, device: torch.device, inputs: DistillInputs | None, world: World,
+) -> _Parts:
     """Data, experts, the student and feature networks, and the state: fresh (and the run
-    recorded) or restored from the run's checkpoint (and the resume recorded)."""
+    recorded) or restored from the run's checkpoint (and the resume recorded). Distributed:
+    the ranks' configs are compared, rank 0 decides and records, every rank reads the same
+    files (a run directory rank 1 cannot see is an error on every rank)."""
     dcfg = cfg.distill
     torch.manual_seed(dcfg.seed)
-    if dcfg.amp and device.type != "cuda":
+    if dcfg.amp and device.type != "cuda" and world.main:
         tqdm.write("note: --amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
-    resume = resume and run.recorded()  # nothing recorded yet: a resume is a start
-    changes = run.check_resume(cfg) if resume else {}  # before anything is built from a refused change
-    if not resume and run.has_checkpoint():
-        raise D3FastError(f"{run.path} already holds a checkpoint: continue it with --resume, or start a new run")
+    world.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
+    share = (dcfg.students_per_step, world.students(dcfg.students_per_step)) if world.distributed else None
+
+    def decide() -> tuple[bool, dict[str, Any]]:
+        recorded = resume and run.recorded()  # nothing recorded yet: a resume is a start
+        changes = run.check_resume(cfg) if recorded else {}  # before anything is built from a refused change
+        if not recorded and run.has_checkpoint():
+            raise D3FastError(f"{run.path} already holds a checkpoint: continue it with --resume, or start a new run")
+        return recorded, changes
+
+    resume, changes = world.on_main(decide)
     if inputs is None:
         zca = cfg.data.zca_eps if cfg.data.zca else None
         inputs = DistillInputs(load_dataset(cfg.data.dataset, "train", device, zca), _bank(cfg, run, resume))
@@ -160,6 +197,7 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
     meta = {"resolution": res, "channels": channels, "mean": train.mean.tolist(), "std": train.std.tolist(),
             "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width}
     d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed)
+    d.decoder.span_ranks(world.distributed)
     state = TrainState.create(d, dcfg, device)
     if resume:
         if run.has_checkpoint():
@@ -173,17 +211,20 @@ def _build(cfg: Config, run: Run, resume: bool, device: torch.device, inputs: Di
         if dcfg.steps < state.step:
             raise D3FastError(f"distill.steps={dcfg.steps} is below the step this run reached ({state.step}); "
                               f"pass --steps {state.step} or more")
-        run.resume(cfg, state.step, changes)
-    else:
+        if world.main:
+            run.resume(cfg, state.step, changes)
+    elif world.main:
         run.start(cfg, {
             "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "versions": versions(),
             "experts_dir": str(bank.folder), "experts_rel": _under_home(bank.folder), "experts_used": len(bank),
             "experts_files": [p.name for p in bank.files],
             "seeds": {"distill": dcfg.seed, "experts": cfg.experts.seed}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": world.size,
         })
+    world.same_files(run)
     amp = _amp(dcfg, device)
     augment = DSA(cfg.augment) if dcfg.augment_unroll else None
-    spec = UnrollSpec(Student(student), dcfg.syn_steps, dcfg.batch_syn, augment, amp)
+    spec = UnrollSpec(Student(student), dcfg.syn_steps, dcfg.batch_syn, augment, amp, share)
     return _Parts(state, train, bank, spec, copy.deepcopy(student).requires_grad_(False), amp)
 
 
@@ -244,17 +285,22 @@ class Students:
     feat_params: torch.Tensor
 
 
-def draw_students(bank: ExpertBank, dcfg: DistillConfig, g: torch.Generator, device: torch.device) -> Students:
+def draw_students(
+    bank: ExpertBank, dcfg: DistillConfig, g: torch.Generator, device: torch.device, share: tuple[int, slice] | None = None,
+) -> Students:
     """Expert k ~ U{bank}, start epoch t ~ U{0..T-1}; theta_0 = expert[t], theta* = expert[t + M];
-    the feature network takes the first expert at epoch T + M ("expert") or its last ("final")."""
+    the feature network takes the first expert at epoch T + M ("expert") or its last ("final").
+    Every rank draws all K students; with `share` (K, this rank's students) only its own
+    students' rows are read and moved to the device."""
     with phase(DATA):
         picks = [(int(torch.randint(len(bank), (1,), generator=g)), int(torch.randint(dcfg.max_start_epoch, (1,), generator=g)))
                  for _ in range(dcfg.students_per_step)]
         feat_epoch = dcfg.max_start_epoch + dcfg.expert_epochs if dcfg.mmd_param == "expert" else -1
-        rows = [bank.rows(e, [s, s + dcfg.expert_epochs] + ([feat_epoch] if k == 0 else []))
-                for k, (e, s) in enumerate(picks)]
+        mine = share[1] if share is not None else slice(0, len(picks))
+        rows = [bank.rows(e, [s, s + dcfg.expert_epochs]) for e, s in picks[mine]]
+        feat = bank.rows(picks[0][0], [feat_epoch])[0]
         return Students(picks, _to_device(torch.stack([r[0] for r in rows]), device),
-                        _to_device(torch.stack([r[1] for r in rows]), device), _to_device(rows[0][2], device))
+                        _to_device(torch.stack([r[1] for r in rows]), device), _to_device(feat, device))
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -266,31 +312,39 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def mtt_update(
-    state: TrainState, spec: UnrollSpec, students: Students, dcfg: DistillConfig, checks: StepChecks
+    state: TrainState, spec: UnrollSpec, students: Students, dcfg: DistillConfig, checks: StepChecks,
+    world: World | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MTT update of `state` (latents, decoder, alpha): returns the (MTT, KL) terms,
-    detached; zeros when `mtt_weight` is 0. The terms and the state after the step are
-    noted in `checks`, which the loop reads once per step (d3fast/state.py)."""
+    detached (in a distributed run, this rank's shares: they sum over the ranks to the
+    terms); zeros when `mtt_weight` is 0. The terms and the state after the step are noted
+    in `checks`, which the loop reads once per step (d3fast/state.py)."""
+    world = world or World()
     d = state.distilled
     zero = torch.zeros((), device=d.latents.device)
     if dcfg.mtt_weight <= 0:
+        checks.loss("MTT update", mtt=zero, kl=zero)
         return zero, zero
     with phase(UNROLL_FORWARD):
         theta_n = unroll(spec, d, students.theta0, state.g_device, dcfg.unroll, host=state.g_host)
     mtt = mtt_loss(theta_n, students.target, students.theta0)
     with phase(LOSSES):
         kl = losses.kl_standard_normal(d.latents[..., 0], d.latents[..., 1])
-        checks.loss("MTT update", mtt=mtt, kl=kl)
+        # this rank's students are K / W of the K: its share of the mean over students
+        mtt_share, kl_share = mtt / world.size, kl / world.size
+        checks.loss("MTT update", mtt=mtt_share, kl=kl_share)
     with phase(OPTIMIZERS):
         for opt in state.optimizers:
             opt.zero_grad(set_to_none=True)
     with phase(UNROLL_BACKWARD):
+        # the mean of the ranks' losses is the one-process loss; their gradients are averaged
         (dcfg.mtt_weight * mtt + dcfg.kl_weight * kl).backward()
     with phase(OPTIMIZERS):
+        world.average_grads(d.params())
         for opt in state.optimizers:
             opt.step()
         checks.state(list(state.named_tensors()), d, "MTT update")
-    return mtt.detach(), kl.detach()
+    return mtt_share.detach(), kl_share.detach()
 
 
 def step_metrics(

@@ -35,6 +35,10 @@ class Distilled:
         """[C * PPC]: prior i belongs to class i // PPC."""
         return torch.arange(self.num_classes, device=self.latents.device).repeat_interleave(self.ppc)
 
+    def params(self) -> list[torch.Tensor]:
+        """Every learned tensor: latents, alpha, the decoder's parameters."""
+        return [self.latents, self.alpha, *self.decoder.parameters()]
+
     def lr(self) -> torch.Tensor:
         """The student lr leaky_relu(alpha) + 1e-4, a 0-d tensor with alpha's graph."""
         return torch.nn.functional.leaky_relu(self.alpha) + 1e-4
@@ -44,20 +48,28 @@ class Distilled:
         """`lr()` as a number (reads the device)."""
         return float(self.lr().detach())
 
-    def sample_latents(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """z = mu + eps * exp(logvar / 2) for priors `idx` ([B]) -> [B, z]."""
+    def sample_latents(
+        self, idx: torch.Tensor, generator: torch.Generator | None, rows: slice | None = None
+    ) -> torch.Tensor:
+        """z = mu + eps * exp(logvar / 2) for priors `idx` ([B]) -> [B, z]; with `rows`, the
+        noise of all B is drawn (the generator moves as for the whole batch) and rows `rows`
+        are returned: a rank of a distributed run keeps its share of a single process's draw."""
+        eps = torch.randn((len(idx), self.latents.shape[1]), generator=generator, device=self.latents.device,
+                          dtype=self.latents.dtype)
+        if rows is not None:
+            idx, eps = idx[rows], eps[rows]
         lat = self.latents[idx]
         mu, logvar = lat[..., 0], lat[..., 1]
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar)
 
-    def decode(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Fresh samples of priors `idx`: normalised images [B, C, H, W]."""
-        return self.decoder(self.sample_latents(idx, generator))
+    def decode(self, idx: torch.Tensor, generator: torch.Generator | None, rows: slice | None = None) -> torch.Tensor:
+        """Fresh samples of priors `idx` (rows `rows` of them): normalised images [B, C, H, W]."""
+        return self.decoder(self.sample_latents(idx, generator, rows))
 
-    def mean_images(self) -> torch.Tensor:
-        """f(mu) for every prior: [C * PPC, C, H, W]."""
-        return self.decoder(self.latents[..., 0])
+    def mean_images(self, priors: slice | None = None) -> torch.Tensor:
+        """f(mu) for every prior (or the priors `priors`): [C * PPC, C, H, W]."""
+        mu = self.latents[..., 0]
+        return self.decoder(mu if priors is None else mu[priors])
 
     def storage_bytes(self) -> int:
         """Bytes to store the object as float32: latents + decoder weights and BatchNorm

@@ -51,8 +51,25 @@ def report() -> list[tuple[str, str]]:
     ok, why = ffcv_status()
     rows.append(("loader ffcv", "available (`--loader auto` uses it where `prepare --format ffcv` wrote files)"
                  if ok else f"{why} (bash scripts/bootstrap.sh installs it; `--loader auto` uses the cache)"))
+    rows.append(("distributed", _distributed()))
     rows.append(("d3fast home", str(home()) + (" (D3FAST_HOME)" if "D3FAST_HOME" in os.environ else "")))
     data = home() / "data"
     prepared = sorted(p.name for p in data.iterdir() if (p / "manifest.json").exists()) if data.is_dir() else []
     rows.append(("prepared datasets", ", ".join(prepared) or "none"))
     return rows
+
+
+def _distributed() -> str:
+    """What torchrun set for this process (rank, world size, rendezvous) and which backend a
+    distributed run would take; the devices this rank may use."""
+    import torch.distributed as td
+
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    backends = [b for b, ok in (("nccl", td.is_nccl_available()), ("gloo", td.is_gloo_available())) if ok]
+    backend = "nccl" if torch.cuda.is_available() and "nccl" in backends else "gloo"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = (f"rank {env.get('RANK', '?')} of {env['WORLD_SIZE']} (local rank {env.get('LOCAL_RANK', '?')}, "
+             f"rendezvous {env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')})"
+             if int(env.get("WORLD_SIZE", "1")) > 1 else "single process (launch with torchrun for several)")
+    return (f"{where}; backend {backend} (available: {', '.join(backends) or 'none'})"
+            + (f"; CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""))

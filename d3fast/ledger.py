@@ -316,7 +316,7 @@ def _fmt_h(h: float) -> str:
 def track(
     phase: str, dataset: str, preset: str, device: torch.device, *, steps_target: int | None = None,
     run: str | None = None, clock: Callable[[], float] = time.monotonic, ledger: Ledger | None = None,
-    prior_hours: float = 0.0,
+    prior_hours: float = 0.0, devices: int = 1, record: bool = True,
 ) -> Iterator[Meter]:
     """Record a phase in the ledger: `with track("distill", ...) as meter: ... meter.tick()`.
 
@@ -324,10 +324,12 @@ def track(
     run's earlier segments (same `run`) are summed into the meter's prior hours, or
     `prior_hours` (what the run's own record holds) when that is more: a run copied to
     another path, or a ledger turned off or lost, keeps its hours.
-    `D3FAST_LEDGER=0` turns recording off (projections still work)."""
+    `devices`: how many devices the phase holds (the ranks of a distributed run: hours are
+    wall time x devices). `record=False` (the ranks other than 0) or `D3FAST_LEDGER=0` turn
+    recording off (projections still work)."""
     from d3fast.runtime import device_name
 
-    if os.environ.get("D3FAST_LEDGER", "1") == "0":
+    if os.environ.get("D3FAST_LEDGER", "1") == "0" or not record:
         book = None
     else:
         book = ledger or Ledger()
@@ -341,7 +343,7 @@ def track(
         "started": time.time(), "updated": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
         "phase": phase, "dataset": dataset, "preset": preset or "", "run": run,
         "device_kind": "cuda" if device.type == "cuda" else "cpu", "device_name": device_name(device),
-        "device_count": 1, "steps_target": steps_target, "status": "running",
+        "device_count": devices, "steps_target": steps_target, "status": "running",
     }
     meter = Meter(book, row, device, clock, prior_hours)
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -115,6 +116,14 @@ class Run:
         if not run.recorded():
             raise D3FastError(f"{run.path} is not a run directory (no config.json)")
         return run
+
+    @classmethod
+    def named(cls, runs_dir: str | os.PathLike, dataset: str, name: str) -> Run | None:
+        """The newest started run of `dataset` created with `--name name`, or None (what
+        `--resume auto` continues: a job restarted by torchrun or a scheduler finds its run)."""
+        pattern = re.compile(rf"^\d{{8}}-\d{{6}}-{re.escape(name)}(-\d+)?$")
+        found = sorted(p for p in (Path(runs_dir) / dataset).glob("*") if pattern.match(p.name) and cls(p).recorded())
+        return cls(found[-1]) if found else None
 
     @classmethod
     def latest(cls, runs_dir: str | os.PathLike = "runs") -> Run:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from d3fast.config import DistillConfig
+from d3fast.dist import World
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
 from d3fast.io import atomic_path
@@ -79,13 +80,25 @@ class StepChecks:
     the updates after it ran on the bad values, which nothing keeps (no checkpoint is
     written from this step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: World | None = None) -> None:
         # (kind, where, names, number of values); the values themselves, in order, on the
         # devices that hold them
         self._notes: list[tuple[str, str, list[str], int]] = []
         self._values: list[torch.Tensor] = []
+        # distributed: the loss terms noted are this rank's shares, summed over the ranks
+        # (one all-reduce) before they are read
+        self.world = world
+        self._shares: list[int] = []
+        # a host flag every rank reports (a stop request), OR-ed over the ranks by the same
+        # all-reduce: `flag` after `read`
+        self._flag = 0.0
+        self.flag = False
+
+    def raise_flag(self, on: bool) -> None:
+        self._flag = 1.0 if on else 0.0
 
     def loss(self, where: str, **terms: torch.Tensor) -> None:
+        self._shares.append(len(self._values))
         self._note("loss", where, list(terms), [torch.stack([t.detach().float().reshape(()) for t in terms.values()])])
 
     def state(self, named: list[tuple[str, torch.Tensor]], d: Distilled, where: str) -> None:
@@ -108,6 +121,16 @@ class StepChecks:
 
     def fetch(self, **extra: torch.Tensor) -> list[float]:
         """Every noted value, then `extra`'s, read with one transfer per device holding them."""
+        self.flag = self._flag > 0
+        if self.world is not None and self.world.distributed:
+            dev = self._values[self._shares[0]].device if self._shares else torch.device("cpu")
+            flag = torch.full((1,), self._flag, device=dev)
+            summed = self.world.sum_(torch.cat([*(self._values[i] for i in self._shares), flag]))
+            sizes = [self._values[i].numel() for i in self._shares]
+            for i, v in zip(self._shares, summed[:-1].split(sizes), strict=True):
+                self._values[i] = v
+            self._values.append(summed[-1:])  # read with the rest: the OR of the ranks' flags
+            self._notes.append(("flag", "", ["flag"], 1))
         parts = self._values + [t.detach().reshape(1) for t in extra.values()]
         by_device: dict[torch.device, list[int]] = {}
         for i, t in enumerate(parts):
@@ -122,10 +145,17 @@ class StepChecks:
 
     def read(self, **metrics: torch.Tensor) -> dict[str, float]:
         """One read of the device: raises DivergedError for the first failed check, else
-        returns `metrics` (0-d tensors) as floats."""
+        returns the loss terms noted (summed over the ranks) and `metrics` (0-d tensors) as
+        floats, by name."""
         values = self.fetch(**metrics)
         self.raise_first(values)
-        return dict(zip(metrics, values[len(values) - len(metrics):], strict=True))
+        out: dict[str, float] = {}
+        at = 0
+        for kind, _, names, n in self._notes:
+            if kind == "loss":
+                out.update(zip(names, values[at : at + n], strict=True))
+            at += n
+        return out | dict(zip(metrics, values[len(values) - len(metrics):], strict=True))
 
     def raise_first(self, values: list[float]) -> None:
         found = self.problem(values, with_where=True)
@@ -138,6 +168,9 @@ class StepChecks:
         at = 0
         for kind, where, names, n in self._notes:
             v, at = values[at : at + n], at + n
+            if kind == "flag":
+                self.flag = v[0] > 0
+                continue
             found = _loss_problem(names, v) if kind == "loss" else _state_problem(names, v)
             if found is not None:
                 return (*found, where) if with_where else found
@@ -236,6 +269,8 @@ class TrainState:
             self.opt_latent.load_state_dict(state["opt_latent"])
             self.opt_lr.load_state_dict(state["opt_lr"])
             self.opt_decoder.load_state_dict(state["opt_decoder"])
+            for opt in self.optimizers:  # loaded onto the device with the rest: back to the CPU
+                _steps_on_cpu(opt)
             self.best = json.loads(state["best"])
             self.g_host.set_state(state["rng_host"].cpu())
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -253,6 +288,16 @@ class TrainState:
             tqdm.write(f"note: the device random stream was saved on {saved_type or 'another device'}; "
                        f"it restarts here, so this run no longer repeats an uninterrupted one exactly")
         self.set_learning_rates(dcfg)
+
+
+def _steps_on_cpu(opt: torch.optim.Optimizer) -> None:
+    """Adam's step counts where torch keeps them for a plain (not fused, not capturable)
+    optimiser: on the CPU. A checkpoint loaded with map_location=cuda puts them on the GPU,
+    and foreach Adam then reads each with .item(): two device waits per parameter per step."""
+    for per_param in opt.state.values():
+        step = per_param.get("step")
+        if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+            per_param["step"] = step.cpu()
 
 
 def state_digest(state: dict[str, Any]) -> str:

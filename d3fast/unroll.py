@@ -73,6 +73,9 @@ class UnrollSpec:
     batch: int  # latents per step; 0 = all
     augment: DSA | None
     amp: Callable[[], AbstractContextManager[None]] = nullcontext
+    # distributed (d3fast/dist.py): (K, this rank's students) of all K students of the step;
+    # the draws are made for all K, the rows of this rank's students decoded. None: one process.
+    share: tuple[int, slice] | None = None
 
 
 class _Chunks:
@@ -91,12 +94,21 @@ class _Chunks:
 
 
 def _samples(
-    d: Distilled, idx: torch.Tensor, students: int, augment: DSA | None, g: torch.Generator, op: int | None
+    spec: UnrollSpec, d: Distilled, idx: torch.Tensor, students: int, g: torch.Generator, op: int | None
 ) -> torch.Tensor:
-    """Decoded, augmented (DSA op `op`) samples of priors idx for every student: [K * B, C, H, W]."""
+    """Decoded, augmented (DSA op `op`) samples of priors idx for this process's `students`
+    students: [students * B, C, H, W]. Distributed, the noise and augmentation draws are
+    those of all K students and this rank keeps its students' rows."""
+    if spec.share is None:
+        with phase(DECODE):
+            x = d.decode(idx.repeat(students), g)
+        return spec.augment(x, g, op) if spec.augment is not None else x
+    total, mine = spec.share
+    B = len(idx)
+    rows = slice(mine.start * B, mine.stop * B)
     with phase(DECODE):
-        x = d.decode(idx.repeat(students), g)
-    return augment(x, g, op) if augment is not None else x
+        x = d.decode(idx.repeat(total), g, rows)
+    return spec.augment(x, g, op, rows=rows, batch=total * B) if spec.augment is not None else x
 
 
 def _ops(spec: UnrollSpec, g: torch.Generator, host: torch.Generator | None) -> list[int | None]:
@@ -142,7 +154,7 @@ def _unroll_naive(
     for op in ops:
         idx = chunks.next()
         with spec.amp():
-            x = _samples(d, idx, K, spec.augment, g, op).unflatten(0, (K, -1))
+            x = _samples(spec, d, idx, K, g, op).unflatten(0, (K, -1))
         y = d.labels[idx]
         for k in range(K):
             with spec.amp():
@@ -210,7 +222,7 @@ class _FlatUnroll(torch.autograd.Function):
             idx = chunks.next()
             state = run.g.get_state()
             with torch.no_grad(), spec.amp():
-                x = _samples(d, idx, K, spec.augment, run.g, op).unflatten(0, (K, -1))
+                x = _samples(spec, d, idx, K, run.g, op).unflatten(0, (K, -1))
                 gk = _step_grads(spec.student, theta, x, d.labels[idx])
             if store is not None:
                 run.thetas.append(store[i].copy_(theta, non_blocking=True))
@@ -243,7 +255,7 @@ class _FlatUnroll(torch.autograd.Function):
             gen.set_state(state)
             with torch.enable_grad():
                 with spec.amp():
-                    x = _samples(d, idx, K, spec.augment, gen, op)  # [K * B, C, H, W], graph to phi
+                    x = _samples(spec, d, idx, K, gen, op)  # [K * B, C, H, W], graph to phi
                 with spec.amp():
                     # s_i = <g_i, a_{i+1}>; its derivatives w.r.t. theta_i (HVP) and x_i
                     hvp, dx, s = _adjoint_terms(spec.student, theta, x.detach().unflatten(0, (K, -1)), d.labels[idx], a)

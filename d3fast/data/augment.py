@@ -48,8 +48,18 @@ class DSA:
             raise D3FastError(f"unknown augmentation op(s) {unknown}; known: {', '.join(OPS)}")
         self.ops = names
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, op: int | None = None) -> torch.Tensor:
-        return self.apply(x, self.sample(x, generator, op))
+    def __call__(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, op: int | None = None,
+        rows: slice | None = None, batch: int | None = None,
+    ) -> torch.Tensor:
+        """Augment x; with `rows` and `batch`, x holds rows `rows` of a batch of `batch`: the
+        draws are made for the whole batch (the generator moves as in one process) and x gets
+        its rows' (a rank of a distributed run)."""
+        if rows is None:
+            return self.apply(x, self.sample(x, generator, op))
+        params = self.sample(x, generator, op, batch=batch)
+        params.values = {k: {n: t[rows] for n, t in v.items()} for k, v in params.values.items()}
+        return self.apply(x, params)
 
     def draw_ops(self, count: int, host: torch.Generator) -> list[int | None]:
         """The op of each of `count` calls in mode "single", drawn from a CPU generator, so
@@ -59,13 +69,17 @@ class DSA:
             return [None] * count
         return torch.randint(len(self.ops), (count,), generator=host).tolist()
 
-    def sample(self, x: torch.Tensor, generator: torch.Generator | None = None, op: int | None = None) -> AugParams:
+    def sample(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, op: int | None = None, batch: int | None = None
+    ) -> AugParams:
         """Draw parameters for a batch shaped like `x` ([B, C, H, W]). In mode "single",
         `op` (an index into the strategy's ops, from `draw_ops`) picks the op; without it
-        the op is drawn from `generator`, which on a GPU waits for the device."""
+        the op is drawn from `generator`, which on a GPU waits for the device. `batch`
+        overrides x's batch size."""
         if not self.ops:
             return AugParams([])
         b, _, h, w = x.shape
+        b = batch or b
         dev = x.device
 
         def u(*shape: int) -> torch.Tensor:

@@ -108,11 +108,15 @@ class DeviceDataset:
             self._table = (table, counts, torch.tensor(counts, device=self.device))
         return self._table
 
-    def sample_per_class(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_per_class(
+        self, n: int, generator: torch.Generator | None = None, classes: slice | None = None
+    ) -> torch.Tensor:
         """n images of every class, normalised: [num_classes, n, C, H, W]. Without
         replacement when a class has at least n images (the n smallest of uniform keys over
         its images: a uniform n-subset in random order), with replacement otherwise. All
-        classes in one draw, with no host sync (the MMD update runs it every step)."""
+        classes in one draw, with no host sync (the MMD update runs it every step). With
+        `classes`, every class's draw is made and those classes' images are returned (a rank
+        of a distributed run keeps its share of a single process's draw)."""
         table, counts, count = self.class_table()
         C, width = table.shape
         keys = torch.rand(C, width, generator=generator, device=self.device)
@@ -125,7 +129,8 @@ class DeviceDataset:
             repl = (torch.rand(C, n, generator=generator, device=self.device) * count[:, None]).long()
             repl = repl.minimum(count[:, None] - 1)
             cols = torch.where((count < n)[:, None], repl, cols)
-        x = self.images[table.gather(1, cols)]  # [C, n, ch, H, W]
+        picked = table.gather(1, cols)
+        x = self.images[picked if classes is None else picked[classes]]  # [C, n, ch, H, W]
         return self.normalize(x.flatten(0, 1)).view(*x.shape[:2], *x.shape[2:])
 
     def subset(self, indices: torch.Tensor) -> DeviceDataset:

@@ -19,8 +19,35 @@ from torch import nn
 from d3fast.errors import D3FastError
 
 
+class RanksBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, buffers and state dict) whose training-mode batch
+    statistics span every rank's batch when `spans_ranks` is set (d3fast/dist.py): split
+    over W ranks, a decode normalises with the moments a single process would compute on
+    all the samples, and its running statistics move the same way (unbiased variance,
+    momentum 0.1). The gradient flows through the shared moments (all-reduced back)."""
+
+    spans_ranks: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.spans_ranks):
+            return super().forward(x)
+        from d3fast.dist import batch_moments
+
+        mean, var, n = batch_moments(x.float())
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+                self.running_mean.mul_(1 - m).add_(m * mean.float())
+                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).float())
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = torch.rsqrt(var + self.eps).float().view(shape)
+        y = (x.float() - mean.float().view(shape)) * scale
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
 def _up_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.LeakyReLU())
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), RanksBatchNorm2d(cout), nn.LeakyReLU())
 
 
 class Decoder(nn.Module):
@@ -71,6 +98,13 @@ class Decoder(nn.Module):
         self.to_image = nn.Conv2d(chans[-1][1], channels, 3, padding=1)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def span_ranks(self, on: bool) -> None:
+        """Batch statistics over every rank's samples (distributed distillation) or this
+        process's alone."""
+        for m in self.modules():
+            if isinstance(m, RanksBatchNorm2d):
+                m.spans_ranks = on
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.project(z).view(-1, self.width, self.start, self.start)

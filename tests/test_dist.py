@@ -1,0 +1,242 @@
+"""One distillation over several processes (torch.distributed, gloo on the CPU; d3fast/dist.py):
+2 ranks x 1 student must equal 1 process x 2 students, the ranks must agree on their
+config, and a run directory a rank cannot see is an error on every rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from d3fast.distill import distill
+from d3fast.run import Run
+from tests._utils import cfg_of
+
+STEPS = 3
+OVER = (f"distill.steps={STEPS}", "distill.students_per_step=2", "distill.ppc=2", "distill.checkpoint_every=1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, ...], out: str,
+          rank_overrides: dict[int, tuple[str, ...]]) -> None:
+    """One rank of a torchrun-like launch: the environment torchrun sets, then distill."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), D3FAST_DIST_TIMEOUT="120")
+    torch.set_num_threads(1)
+    from d3fast.dist import World
+
+    world = World.from_env("cpu")
+    try:
+        run = Run.at(run_dir) if world.main else Run(run_dir)
+        distill(cfg_of(*overrides, *rank_overrides.get(rank, ())), run, progress=False, world=world)
+        Path(out, f"rank{rank}.ok").write_text("ok")
+    except Exception as e:  # reported to the test through a file: spawn only says "failed"
+        Path(out, f"rank{rank}.err").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        world.close()
+
+
+def launch(
+    size: int, run_dir: Path, overrides: tuple[str, ...], out: Path, rank_overrides: dict | None = None
+) -> dict[int, str]:
+    """Run `size` ranks (`rank_overrides`: extra config per rank); {rank: error text} for
+    those that failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_rank, args=(size, _free_port(), str(run_dir), overrides, str(out), rank_overrides or {}),
+             nprocs=size, join=True)
+    return {r: (out / f"rank{r}.err").read_text() for r in range(size) if (out / f"rank{r}.err").exists()}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _threads_run(path: Path, threads: int, over: tuple[str, ...] = OVER) -> Run:
+    """One process, `threads` threads: the reference, or (another thread count) the float32 floor."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run = Run.at(path)
+        distill(cfg_of(*over), run, progress=False)
+        return run
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_two_ranks_of_one_student_equal_one_process_of_two(home, tmp_path):
+    one = _threads_run(tmp_path / "one", 1)
+    # the float32 floor: the same process with 2 threads instead of 1 (other summation orders)
+    floor = _threads_run(tmp_path / "one-2threads", 2)
+    errors = launch(2, tmp_path / "two", OVER, tmp_path / "out")
+    assert not errors, errors
+    two = Run(tmp_path / "two")
+    (d1, s1), (d2, s2), (df, _) = one.load_distilled(), two.load_distilled(), floor.load_distilled()
+    assert s1 == s2 == STEPS
+    assert rel(d2.latents, d1.latents) < 1e-6
+    # every tensor within 2x the float32 floor (+1e-6): the split adds no error of its own.
+    # The learned lr's gradient sums the unroll's s_i terms with heavy cancellation (floor:
+    # 6.5e-6 measured); conv biases right before a BatchNorm are removed by it, their
+    # gradient is rounding noise that Adam turns into full steps (floor: 7e-2), so they and
+    # the running means they shift are left out
+    pairs = [("alpha", d2.alpha, d1.alpha, df.alpha)] + [
+        (k, d2.decoder.state_dict()[k], v, df.decoder.state_dict()[k]) for k, v in d1.decoder.state_dict().items()
+        if v.is_floating_point() and not k.endswith((".0.bias", "running_mean"))]
+    for name, a, b, f in pairs:
+        assert rel(a, b) <= 2 * rel(f, b) + 1e-6, (name, rel(a, b), rel(f, b))
+    # rank 0 alone wrote the run: one metrics line per step, with the terms of all ranks
+    m1, m2 = one.read_metrics(), two.read_metrics()
+    assert [m["step"] for m in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("mtt", "kl", "mmd", "div"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
+    assert two.read_manifest()["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ranks_with_other_configs_or_an_unseen_run_directory_stop_together(home, tmp_path):
+    # rank 1 gets another seed: both ranks stop at the config check, naming the rank
+    errors = launch(2, tmp_path / "a", OVER, tmp_path / "out-a", rank_overrides={1: ("distill.seed=5",)})
+    assert set(errors) == {0, 1} and all("ranks [1]" in e and "another config" in e for e in errors.values()), errors
+    # K = 3 students cannot be split over 2 ranks
+    errors = launch(2, tmp_path / "b", (*OVER[:1], "distill.students_per_step=3"), tmp_path / "out-b")
+    assert set(errors) == {0, 1} and all("multiple of the 2 ranks" in e for e in errors.values()), errors
+
+
+def _torchrun_cmd(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    import sys
+
+    sets = sum((["--set", o] for o in OVERRIDES_CLI), [])
+    return [str(Path(sys.executable).parent / "torchrun"), *extra, "--nproc-per-node", str(nproc),
+            "-m", "d3fast", "distill", "--dataset", "digits", "--no-auto", *sets, *args]
+
+
+def _torchrun(home: Path, *args: str, nproc: int = 2, extra: tuple[str, ...] = (), timeout: int = 300):
+    """`torchrun --nproc-per-node N -m d3fast distill ...` with the tiny digits settings, as a
+    user runs it; returns the finished process."""
+    import subprocess
+
+    cmd = _torchrun_cmd(*args, nproc=nproc, extra=extra)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(home))
+
+
+def _env(home: Path) -> dict[str, str]:
+    # a restarted round must not read the last round's addresses from a shared store
+    # (pytorch/pytorch#135712): README "Many GPUs and nodes" says to set this with --max-restarts
+    env = {**os.environ, "D3FAST_HOME": str(home), "OMP_NUM_THREADS": "1", "D3FAST_DIST_TIMEOUT": "60",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env.pop("D3FAST_DEBUG", None)
+    return env
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_on_localhost_and_distill(home, tmp_path):
+    """Two torchrun "nodes" (one process each) meeting through c10d rendezvous on 127.0.0.1."""
+    import subprocess
+
+    port, runs = _free_port(), tmp_path / "runs"
+    procs = [subprocess.Popen(
+        _torchrun_cmd("--steps", "2", "--students-per-step", "2", "--runs-dir", str(runs), nproc=1,
+                      extra=("--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
+                             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", tmp_path.name)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(home)) for node in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
+    (run_dir,) = (runs / "digits").iterdir()
+    run = Run(run_dir)
+    assert [m["step"] for m in run.read_metrics()] == [1, 2] and run.read_manifest()["world_size"] == 2
+
+
+OVERRIDES_CLI = [o for o in __import__("tests._utils", fromlist=["OVERRIDES"]).OVERRIDES
+                 if not o.startswith(("device", "distill.steps"))]
+
+
+@pytest.mark.slow
+def test_torchrun_runs_one_distillation_and_a_restarted_job_resumes_it(home, tmp_path):
+    runs = tmp_path / "runs"
+    res = _torchrun(home, "--steps", "2", "--students-per-step", "2", "--runs-dir", str(runs), "--name", "job",
+                    "--resume", "auto", extra=("--standalone",))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    made = list((runs / "digits").iterdir())
+    assert len(made) == 1  # rank 0 made the run; rank 1 used it
+    run = Run(made[0])
+    assert [m["step"] for m in run.read_metrics()] == [1, 2] and run.read_manifest()["world_size"] == 2
+    assert res.stdout.count("reached step 2/2") == 1  # rank 0 reports
+    # the same command again, as a scheduler's restart: --resume auto finds the run of that
+    # name; one process continues what two began (the draws do not depend on the world size)
+    res = _torchrun(home, "--steps", "3", "--students-per-step", "2", "--runs-dir", str(runs), "--name", "job",
+                    "--resume", "auto", nproc=1, extra=("--standalone",))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert list((runs / "digits").iterdir()) == made and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+
+
+def _pid_of_rank(rank: int, marker: str) -> int | None:
+    """The pid of the torchrun worker with RANK=rank whose environment holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and marker.encode() in b"\0".join(env) and b"TORCHELASTIC_RUN_ID" in b"\0".join(env):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_job_which_resumes_to_the_uninterrupted_state(home, tmp_path):
+    import signal
+    import threading
+    import time
+
+    runs, steps = tmp_path / "runs", 5
+    # the uninterrupted run of the same world size (2 ranks x 1 student: the single-process
+    # run of 2 students takes the vmapped path, whose float32 rounding drifts 1.5e-5 apart
+    # from the loop's by step 5)
+    assert not launch(2, tmp_path / "straight", (f"distill.steps={steps}", "distill.students_per_step=2"),
+                      tmp_path / "out")
+    straight = Run(tmp_path / "straight")
+    marker = f"D3FAST_TEST_MARK={tmp_path.name}"
+    killed: list[int] = []
+
+    def kill_rank_1_after_step_2() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            metrics = list(runs.glob("digits/*/metrics.jsonl"))
+            if metrics and len(metrics[0].read_text().splitlines()) >= 2:
+                pid = _pid_of_rank(1, marker)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_rank_1_after_step_2, daemon=True)
+    watcher.start()
+    os.environ[marker.split("=")[0]] = marker.split("=")[1]
+    try:
+        res = _torchrun(home, "--steps", str(steps), "--students-per-step", "2", "--runs-dir", str(runs),
+                        "--name", "job", "--resume", "auto", extra=("--standalone", "--max-restarts", "1"))
+    finally:
+        os.environ.pop(marker.split("=")[0])
+    watcher.join(5)
+    assert killed, "rank 1 was never seen running"
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    (run_dir,) = (runs / "digits").iterdir()
+    run = Run(run_dir)
+    assert [m["step"] for m in run.read_metrics()] == list(range(1, steps + 1))
+    assert sum(1 for r in run.history() if r.get("event") == "resume" or "resumed" in str(r)) >= 1
+    (d, s), (ref, _) = run.load_distilled(), straight.load_distilled()
+    assert s == steps and rel(d.latents, ref.latents) < 1e-6 and rel(d.alpha, ref.alpha) < 1e-6
+    for (k, a), b in zip(d.decoder.state_dict().items(), ref.decoder.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), k

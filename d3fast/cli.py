@@ -191,11 +191,18 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     """
     from d3fast.experts import run_experts
 
+    # under torchrun each rank trains its share (experts rank, rank + W, ...) on its own GPU;
+    # the per-expert locks make the ranks finish together, with no collective to time out
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size > 1 and (device or "auto") in ("auto", "cuda") and _cuda_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     cfg = _resolve(dataset, preset, overrides, **{
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
         "device": device})
     _ensure_prepared(cfg, no_auto)
-    res = run_experts(cfg)
+    res = run_experts(cfg, progress=rank == 0, shard=(rank, size))
+    if rank != 0:
+        return
     m = res.manifest
     acc = ""
     if m["test_acc_mean"] is not None:
@@ -207,6 +214,12 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     if res.trained_epochs:
         click.echo(f"this run: {res.trained_epochs} epochs in {res.seconds:.1f} s, "
                    f"{res.images_per_s:.0f} train img/s on {m['device']}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _ensure_prepared(cfg, no_auto: bool) -> None:

@@ -360,8 +360,13 @@ def _load_buffers(net: torch.nn.Module, flat: torch.Tensor) -> None:
         offset += n
 
 
-def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
-    """Train (or finish) experts 0 .. num_experts - 1 of `cfg` into `experts_dir(cfg)`."""
+def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> ExpertsResult:
+    """Train (or finish) experts 0 .. num_experts - 1 of `cfg` into `experts_dir(cfg)`.
+
+    `shard` = (rank, world size) of a torchrun job: rank r trains experts r, r + W, ... first,
+    then waits for the others' (or trains those no live process holds), so every rank ends
+    with all experts done and no collective is needed (an expert's trajectory depends only
+    on (seed, index): sharded or not, the files are the same)."""
     device = resolve_device(cfg.device)
     resolve_data_loader(cfg)
     ds = cfg.data.dataset
@@ -376,15 +381,18 @@ def run_experts(cfg: Config, progress: bool = True) -> ExpertsResult:
     e_cfg = cfg.experts
 
     todo = [(i, done) for i in range(e_cfg.num_experts) if (done := _epochs_to_resume(out, i, e_cfg.epochs)) is not None]
-    total = sum(e_cfg.epochs - done for _, done in todo)
+    rank, size = shard
+    mine = [t for t in todo if t[0] % size == rank]  # this rank's share first, the rest after
+    todo = mine + [t for t in todo if t[0] % size != rank]
+    total = sum(e_cfg.epochs - done for _, done in mine)
     bar = tqdm(total=total, desc="experts", unit="ep", disable=not progress, dynamic_ncols=True)
     t_start, images_seen, epochs_run = time.perf_counter(), 0, 0
     try:
         with ledger.track("experts", ds, cfg.preset, device, steps_target=total, run=str(out.resolve())) as meter:
             # each expert under its own lock: concurrent jobs split the experts between them;
             # the ones another job holds are waited for last, and trained if it died
-            deferred: list[tuple[int, int]] = []
-            for wait, batch in ((False, todo), (True, deferred)):
+            deferred: list[tuple[int, int]] = [t for t in todo if t not in mine]
+            for wait, batch in ((False, mine), (True, deferred)):
                 for i, _ in batch:
                     with locked(out / f"expert_{i:04d}.lock", wait=wait) as held:
                         if not held:

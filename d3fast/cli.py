@@ -45,11 +45,11 @@ class _Group(click.Group):
         except Exception as e:
             if os.environ.get("D3FAST_DEBUG", "0") == "1":
                 raise
-            if type(e).__module__.startswith("torch.distributed") or "ProcessGroup" in str(e)[:300]:
-                # a collective failed: another rank died, hung past D3FAST_DIST_TIMEOUT, or left
-                click.secho(f"error: {_rank_prefix()}a collective with the other ranks failed ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:240] if str(e) else ''}): another rank died or hangs; this rank "
-                            "stops too. The last checkpoint is kept: relaunch with --resume", fg="red", err=True)
+            from d3fast.dist import collective_failure
+
+            dist_failed = collective_failure(e)
+            if dist_failed:  # another rank died, hung past D3FAST_DIST_TIMEOUT, or left
+                click.secho(f"error: {_rank_prefix()}{dist_failed}", fg="red", err=True)
                 sys.exit(2)
             from d3fast.io import write_failure
 

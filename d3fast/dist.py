@@ -245,6 +245,22 @@ class World:
             td.destroy_process_group()
 
 
+def collective_failure(e: BaseException) -> str | None:
+    """The one-line message for an exception raised inside a torch.distributed collective
+    (another rank crashed, hung past D3FAST_DIST_TIMEOUT, or left), or None for any other.
+    gloo reports a dead peer as a plain RuntimeError ("Connection closed by peer"), so the
+    traceback's frames decide, not the type."""
+    tb, inside = e.__traceback__, type(e).__module__.startswith("torch.distributed")
+    while tb is not None and not inside:
+        inside = "/torch/distributed/" in tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    if not inside:
+        return None
+    first = str(e).splitlines()[0][:240] if str(e) else ""
+    return (f"a collective with the other ranks failed ({type(e).__name__}: {first}): another rank died or "
+            "hangs, so this one stops too. The last checkpoint is kept: relaunch with --resume")
+
+
 def _last_line(run: Any) -> str | None:
     try:
         lines = run.history()
@@ -299,4 +315,4 @@ def step_traffic(learned: int, bn_channels: list[int], syn_steps: int, unroll: s
     return out
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "World", "batch_moments", "step_traffic"]
+__all__ = ["DEFAULT_TIMEOUT_S", "World", "batch_moments", "collective_failure", "step_traffic"]

@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, ...], out: str,
-          rank_overrides: dict[int, tuple[str, ...]]) -> None:
+          rank_overrides: dict[int, tuple[str, ...]], die_after: dict[int, int] | None = None) -> None:
     """One rank of a torchrun-like launch: the environment torchrun sets, then distill."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), D3FAST_DIST_TIMEOUT="120")
@@ -38,10 +38,18 @@ def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, .
     world = World.from_env("cpu")
     try:
         run = Run.at(run_dir) if world.main else Run(run_dir)
-        distill(cfg_of(*overrides, *rank_overrides.get(rank, ())), run, progress=False, world=world)
+        def on_step(m: dict) -> None:
+            if (die_after or {}).get(rank) == m["step"]:
+                os._exit(9)  # a crash: no cleanup, no goodbye to the other ranks
+
+        distill(cfg_of(*overrides, *rank_overrides.get(rank, ())), run, progress=False, world=world, on_step=on_step)
         Path(out, f"rank{rank}.ok").write_text("ok")
     except Exception as e:  # reported to the test through a file: spawn only says "failed"
-        Path(out, f"rank{rank}.err").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        from d3fast.dist import collective_failure
+
+        # what the CLI prints (collective_failure), else the exception
+        text = collective_failure(e) or f"{type(e).__name__}: {e}"
+        Path(out, f"rank{rank}.err").write_text(f"{text}\n{traceback.format_exc()}")
     finally:
         world.close()
 
@@ -279,3 +287,30 @@ def test_experts_sharded_over_two_ranks_equal_one_process(tmp_path, monkeypatch)
     monkeypatch.setenv("D3FAST_HOME", str(homes["two"]))
     rows = [r for r in ledger.Ledger().records(dataset="digits") if r["phase"] == "experts"]
     assert sorted(r["steps"] for r in rows) == [2, 4], rows
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_others_with_a_clear_error(home, tmp_path):
+    """Without torchrun's agent to clean up: rank 1 crashes after step 2; rank 0 must not wait
+    forever but fail within the collective timeout (60 s here) with an error naming the
+    collective, and the last checkpoint (step 2) must stay usable."""
+    import time
+
+    ctx = mp.get_context("spawn")
+    out = tmp_path / "out"
+    out.mkdir()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path / "run"), (*OVER[1:], "distill.steps=20"),
+                                             str(out), {}, {1: 2})) for r in range(2)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    waited = time.monotonic() - t0
+    assert all(p.exitcode is not None for p in procs), "a rank is still hanging"
+    assert procs[1].exitcode == 9 and waited < 150
+    err = (out / "rank0.err").read_text()
+    assert "another rank died or hangs" in err.splitlines()[0] and not (out / "rank0.ok").exists(), err[:500]
+    d, step = Run(tmp_path / "run").load_distilled()
+    assert step >= 2

@@ -28,7 +28,8 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, ...], out: str,
-          rank_overrides: dict[int, tuple[str, ...]], die_after: dict[int, int] | None = None) -> None:
+          rank_overrides: dict[int, tuple[str, ...]], die_after: dict[int, int] | None = None,
+          run_dirs: dict[int, str] | None = None) -> None:
     """One rank of a torchrun-like launch: the environment torchrun sets, then distill."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), D3FAST_DIST_TIMEOUT="120")
@@ -37,6 +38,7 @@ def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, .
 
     world = World.from_env("cpu")
     try:
+        run_dir = (run_dirs or {}).get(rank, run_dir)  # another node's view of the filesystem
         run = Run.at(run_dir) if world.main else Run(run_dir)
         def on_step(m: dict) -> None:
             if (die_after or {}).get(rank) == m["step"]:
@@ -55,13 +57,14 @@ def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, .
 
 
 def launch(
-    size: int, run_dir: Path, overrides: tuple[str, ...], out: Path, rank_overrides: dict | None = None
+    size: int, run_dir: Path, overrides: tuple[str, ...], out: Path, rank_overrides: dict | None = None,
+    run_dirs: dict | None = None,
 ) -> dict[int, str]:
-    """Run `size` ranks (`rank_overrides`: extra config per rank); {rank: error text} for
-    those that failed."""
+    """Run `size` ranks (`rank_overrides`: extra config per rank; `run_dirs`: the run
+    directory as another rank sees it); {rank: error text} for those that failed."""
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank, args=(size, _free_port(), str(run_dir), overrides, str(out), rank_overrides or {}),
-             nprocs=size, join=True)
+    mp.spawn(_rank, args=(size, _free_port(), str(run_dir), overrides, str(out), rank_overrides or {}, None,
+                          run_dirs), nprocs=size, join=True)
     return {r: (out / f"rank{r}.err").read_text() for r in range(size) if (out / f"rank{r}.err").exists()}
 
 
@@ -119,6 +122,9 @@ def test_ranks_with_other_configs_or_an_unseen_run_directory_stop_together(home,
     # K = 3 students cannot be split over 2 ranks
     errors = launch(2, tmp_path / "b", (*OVER[:1], "distill.students_per_step=3"), tmp_path / "out-b")
     assert set(errors) == {0, 1} and all("multiple of the 2 ranks" in e for e in errors.values()), errors
+    # rank 1 does not see rank 0's run directory (no shared filesystem): both stop, rank 1 named
+    errors = launch(2, tmp_path / "c", OVER, tmp_path / "out-c", run_dirs={1: str(tmp_path / "elsewhere")})
+    assert set(errors) == {0, 1} and all("rank 1: cannot see rank 0's run directory" in e for e in errors.values()), errors
 
 
 def _torchrun_cmd(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:

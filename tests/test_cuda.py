@@ -13,14 +13,12 @@ import pytest
 import torch
 
 from d3fast import kernels
-from d3fast.config import AugConfig, resolve_config
+from d3fast.config import AugConfig
 from d3fast.data.augment import DSA
-from d3fast.data.loader import DeviceDataset
 from d3fast.distill import distill
-from d3fast.mmd_update import mmd_terms
 from d3fast.run import Run
 from tests._utils import cfg_of
-from tests.test_embed import META, _setup
+from tests.test_embed import chunked_and_one_graph
 from tests.test_unroll import assert_grads_match, gradients, rel_err, setup
 
 pytestmark = [
@@ -79,22 +77,7 @@ def test_flat_unroll_on_cuda_equals_the_cpu_one():
 
 
 def test_chunked_mmd_update_equals_one_graph_on_cuda():
-    cfg = resolve_config("digits", overrides=["distill.mmd_samples=6"])
-    out = []
-    for over in ({"mmd_chunk": 4}, {"mmd_exact_graph": True}):
-        dcfg = copy.deepcopy(cfg.distill)
-        for k, v in over.items():
-            setattr(dcfg, k, v)
-        d, net = _setup(3, torch.float32)
-        d.decoder.to(CUDA)
-        d.latents = d.latents.detach().to(CUDA).requires_grad_(True)
-        net.to(CUDA)
-        images = torch.randint(0, 256, (30, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-        train = DeviceDataset(images.to(CUDA), torch.arange(3).repeat_interleave(10).to(CUDA),
-                              torch.tensor(META["mean"], device=CUDA), torch.tensor(META["std"], device=CUDA), ["a", "b", "c"])
-        mmd, _ = mmd_terms(net, d, train, dcfg, torch.Generator(device=CUDA).manual_seed(0))
-        out.append((mmd.detach(), torch.autograd.grad(mmd, [d.latents, *d.decoder.parameters()])))
-    (m1, g1), (m2, g2) = out
+    (m1, g1), (m2, g2) = chunked_and_one_graph(CUDA, samples=6)
     torch.testing.assert_close(m1, m2, rtol=1e-4, atol=0)
     for a, b in zip(g1, g2, strict=True):
         assert rel_err(a, b) < 1e-3

@@ -84,23 +84,31 @@ def test_two_pass_equals_one_graph_float32():
     _compare([6, 4, 5], [1, 4, 7], torch.float32, rtol=1e-4)
 
 
-def test_mmd_terms_chunked_equals_exact_graph():
-    """The distill loop's MMD term: chunked (mmd_chunk=4 over 3 x 5 samples) vs one graph."""
-    cfg = resolve_config("digits", overrides=["distill.mmd_samples=5"])
+def chunked_and_one_graph(device: str | torch.device = "cpu", samples: int = 5):
+    """The distill loop's MMD term and its gradients to latents and decoder, chunked
+    (mmd_chunk=4 over 3 classes x `samples`) and through one graph, on `device`."""
+    cfg = resolve_config("digits", overrides=[f"distill.mmd_samples={samples}"])
     out = []
     for over in ({"mmd_chunk": 4}, {"mmd_exact_graph": True}):
         dcfg = copy.deepcopy(cfg.distill)
         for k, v in over.items():
             setattr(dcfg, k, v)
         d, net = _setup(3, torch.float32)
-        g = torch.Generator().manual_seed(0)
+        d.decoder.to(device)
+        d.latents = d.latents.detach().to(device).requires_grad_(True)
+        net.to(device)
         images = torch.randint(0, 256, (30, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-        train = DeviceDataset(images, torch.arange(3).repeat_interleave(10), torch.tensor(META["mean"]),
-                              torch.tensor(META["std"]), ["a", "b", "c"])
-        mmd, _ = mmd_terms(net, d, train, dcfg, g)
-        grads = torch.autograd.grad(mmd, [d.latents, *d.decoder.parameters()])
-        out.append((mmd.detach(), grads))
-    (m1, g1), (m2, g2) = out
+        train = DeviceDataset(images.to(device), torch.arange(3).repeat_interleave(10).to(device),
+                              torch.tensor(META["mean"], device=device), torch.tensor(META["std"], device=device),
+                              ["a", "b", "c"])
+        mmd, _ = mmd_terms(net, d, train, dcfg, torch.Generator(device=device).manual_seed(0))
+        out.append((mmd.detach(), torch.autograd.grad(mmd, [d.latents, *d.decoder.parameters()])))
+    return out
+
+
+def test_mmd_terms_chunked_equals_exact_graph():
+    """The distill loop's MMD term: chunked (mmd_chunk=4 over 3 x 5 samples) vs one graph."""
+    (m1, g1), (m2, g2) = chunked_and_one_graph()
     torch.testing.assert_close(m1, m2, rtol=1e-5, atol=0)
     for a, b in zip(g1, g2, strict=True):
         assert ((a - b).norm() / b.norm()).item() < 1e-4

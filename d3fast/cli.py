@@ -31,6 +31,17 @@ class _Group(click.Group):
     """Expected failures (D3FastError) print one `error:` line and exit 2; anything else
     prints one line naming the file that holds its traceback and exits 1."""
 
+    # the commands that know how to run under torchrun; the others would run W full copies
+    # (each rank writing the same files and booking the same hours)
+    DISTRIBUTED = ("distill", "experts", "doctor", "config", "budget")
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and name not in self.DISTRIBUTED:
+            raise D3FastError(f"`d3fast {name}` runs in one process: launch it without torchrun "
+                              "(distill and experts are the commands that use several)")
+        return name, cmd, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -280,20 +291,22 @@ def distill(
     typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
              "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
              "distill.mmd_exact_graph": mmd_exact_graph, "device": device}
+    # which run, and its config, are rank 0's decisions (every rank gets them, or its error)
     if resume_dir == "auto":  # continue the run named NAME if there is one (restarted jobs), else start it
         if not name:
             raise D3FastError("--resume auto needs --name NAME: it continues the newest run of that name")
         cfg = _resolve(dataset, preset, overrides, **typed)
-        found = Run.named(runs_dir, cfg.data.dataset, name)
+        found = world.on_main(lambda: Run.named(runs_dir, cfg.data.dataset, name))
         resume_dir, name = (str(found.path), None) if found is not None else (None, name)
     if resume_dir is not None:
         if name is not None:
             raise D3FastError("--name names a new run; a resumed run keeps its directory")
-        run = Run.open(resume_dir, runs_dir)
-        cfg = _resolve(dataset, preset, overrides, base=run.read_config(), **typed)
-        run.check_resume(cfg)  # a refused change fails before any data is prepared
+        run = world.on_main(lambda: Run.open(resume_dir, runs_dir))
+        cfg = _resolve(dataset, preset, overrides, base=world.on_main(run.read_config), **typed)
+        world.on_main(lambda: run.check_resume(cfg))  # a refused change fails before any data is prepared
     else:
         cfg = _resolve(dataset, preset, overrides, **typed)
+    world.check_split(cfg)  # same config, K and the classes divisible: before any work
     # every rank prepares and trains experts: both are locked per dataset and per expert,
     # so the ranks share the work and find it done
     _ensure_prepared(cfg, no_auto)

@@ -167,8 +167,9 @@ class World:
             D3FastError: the ranks hold different values (names the ranks)."""
         if not self.distributed:
             return
-        s = torch.stack([t.detach().double().sum() for t in tensors] + [torch.zeros((), dtype=torch.float64,
-                                                                                      device=tensors[0].device)])
+        dev = tensors[0].device  # Adam's step counts live on the CPU beside CUDA parameters
+        s = torch.stack([t.detach().double().sum().to(dev) for t in tensors] + [torch.zeros((), dtype=torch.float64,
+                                                                                              device=dev)])
         lo, hi = s.clone(), s.clone()
         td.all_reduce(lo, td.ReduceOp.MIN)
         td.all_reduce(hi, td.ReduceOp.MAX)
@@ -178,11 +179,11 @@ class World:
                               f"{hi.tolist()[:3]}, this rank {mine[:3]}); a rank ran other code, data or a "
                               "nondeterministic kernel: stop and resume from the last checkpoint")
 
-    def check_config(self, config: dict[str, Any]) -> None:
-        """Every rank must run the same config: compared by hash at start.
+    def check_config(self, config: dict[str, Any], what: str = "config") -> None:
+        """Every rank must run the same `config` (or files): compared by hash.
 
         Raises:
-            D3FastError: naming the ranks whose config differs from rank 0's."""
+            D3FastError: naming the ranks whose `what` differs from rank 0's."""
         if not self.distributed:
             return
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
@@ -190,8 +191,27 @@ class World:
         td.all_gather_object(all_digests, digest)
         odd = [r for r, h in enumerate(all_digests) if h != all_digests[0]]
         if odd:
-            raise D3FastError(f"ranks {odd} were started with another config than rank 0 (config hashes differ); "
+            raise D3FastError(f"ranks {odd} were started with another {what} than rank 0 (hashes differ); "
                               "every rank must get the same command line and files")
+
+    def check_split(self, cfg: Any) -> None:
+        """Before any work: the same config on every rank, K students a multiple of the
+        ranks, and no more ranks than classes when the MMD update runs.
+
+        Raises:
+            D3FastError: on every rank alike."""
+        if not self.distributed:
+            return
+        from d3fast.config import flatten
+        from d3fast.data.datasets import get_spec
+
+        self.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
+        self.students(cfg.distill.students_per_step)
+        d = cfg.distill
+        classes = get_spec(cfg.data.dataset).num_classes
+        if (d.mmd_weight > 0 or (d.div_weight > 0 and d.ppc > 1)) and classes < self.size:
+            raise D3FastError(f"{classes} classes cannot be split over {self.size} ranks for the MMD update: "
+                              f"use at most {classes} processes")
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """fn() run on rank 0 and its result on every rank; a D3FastError it raises is
@@ -269,18 +289,33 @@ def _last_line(run: Any) -> str | None:
     return json.dumps(lines[-1], sort_keys=True) if lines else None
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """y = sum over ranks of x, differentiable: every rank's loss depends on y, so the
+    gradient of x is the sum over ranks of their dL/dy (one all-reduce each way)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        td.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        g = g.clone()
+        td.all_reduce(g)
+        return g
+
+
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of x [B, C, ...] over every rank's batch, with
     their gradient, and the count of values per channel (a float64 0-d tensor): one
     differentiable all-reduce of float64 sums [sum x, sum x^2, count]. float64 keeps
     E[x^2] - E[x]^2 exact to ~1e-16 relative for activations of this size."""
-    from torch.distributed.nn.functional import all_reduce
-
     dims = [0, *range(2, x.dim())]
     xd = x.double()
     local = torch.cat([xd.sum(dims), (xd * xd).sum(dims),
                        torch.full((1,), x.numel() / x.shape[1], dtype=torch.float64, device=x.device)])
-    total = all_reduce(local)
+    total = _SumOverRanks.apply(local)
     c = x.shape[1]
     n = total[-1]
     mean = total[:c] / n

@@ -92,7 +92,7 @@ def distill(
     """
     world = world or World()
     dcfg, device = cfg.distill, resolve_device(cfg.device)
-    stop, t_start, last = _StopRequest(), clock(), {}
+    stop, t_start, last = _StopRequest(world.distributed, world.main), clock(), {}
     main = world.main
     with run.lock() if main else nullcontext(), stop.installed():
         parts = _build(cfg, run, resume, device, inputs, world)
@@ -191,6 +191,9 @@ def _build(
         zca = cfg.data.zca_eps if cfg.data.zca else None
         inputs = DistillInputs(load_dataset(cfg.data.dataset, "train", device, zca), _bank(cfg, run, resume))
     train, bank = inputs.train, inputs.bank
+    # ranks on unshared homes read their own data and experts: they must be the same files
+    world.check_config({"experts": [(f.name, f.stat().st_size) for f in bank.files], "train": len(train),
+                        "classes": train.classes}, "expert files or training data")
     res, channels, n_cls = train.images.shape[-1], train.images.shape[1], train.num_classes
     student = build_network(cfg.net.name, channels, n_cls, res, width=cfg.net.width, depth=cfg.net.depth,
                             norm=cfg.net.norm, pooling=cfg.net.pooling).to(device)
@@ -411,18 +414,26 @@ def _peak_mem(device: torch.device) -> float:
 
 
 class _StopRequest:
-    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. A second one: abort now."""
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. A second one: abort now;
+    but not under torchrun (`distributed`): there one stop reaches a worker twice (Slurm
+    signals every process of the step, torchrun forwards it again), and torchrun kills its
+    workers 30 s after a stop anyway."""
 
-    def __init__(self) -> None:
+    def __init__(self, distributed: bool = False, main: bool = True) -> None:
         self.requested = False
+        self.distributed, self.main = distributed, main
 
     @contextmanager
     def installed(self) -> Iterator[None]:
         def handler(signum: int, frame: Any) -> None:
             if self.requested:  # the second signal: a step that never ends must not hold the job
+                if self.distributed:
+                    return
                 raise KeyboardInterrupt
             self.requested = True
-            tqdm.write("stop requested: finishing this step and saving a checkpoint (Ctrl-C again aborts)")
+            if self.main:
+                tqdm.write("stop requested: finishing this step and saving a checkpoint"
+                           + ("" if self.distributed else " (Ctrl-C again aborts)"))
 
         try:
             old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -5,6 +5,7 @@ config, and a run directory a rank cannot see is an error on every rank."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import traceback
 from pathlib import Path
@@ -41,8 +42,12 @@ def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, .
         run_dir = (run_dirs or {}).get(rank, run_dir)  # another node's view of the filesystem
         run = Run.at(run_dir) if world.main else Run(run_dir)
         def on_step(m: dict) -> None:
-            if (die_after or {}).get(rank) == m["step"]:
+            after = (die_after or {}).get(rank)
+            if after == m["step"]:
                 os._exit(9)  # a crash: no cleanup, no goodbye to the other ranks
+            if after == -m["step"]:  # a Slurm stop: SIGTERM to the worker, then torchrun's copy of it
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
 
         distill(cfg_of(*overrides, *rank_overrides.get(rank, ())), run, progress=False, world=world, on_step=on_step)
         Path(out, f"rank{rank}.ok").write_text("ok")
@@ -192,6 +197,12 @@ def test_torchrun_runs_one_distillation_and_a_restarted_job_resumes_it(home, tmp
                     "--resume", "auto", nproc=1, extra=("--standalone",))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert list((runs / "digits").iterdir()) == made and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+    # a split that cannot work is refused on every rank before anything is made
+    res = _torchrun(home, "--steps", "2", "--students-per-step", "3", "--runs-dir", str(tmp_path / "none"),
+                    extra=("--standalone",))
+    assert res.returncode != 0 and res.stderr.count("must be a multiple of the 2 ranks") == 2, res.stderr[-2000:]
+    # no worker traceback (torchrun prints its own ChildFailedError), nothing made
+    assert 'd3fast/' not in res.stderr.replace(str(home), "") and not (tmp_path / "none").exists()
 
 
 def _pid_of_rank(rank: int, marker: str) -> int | None:
@@ -320,3 +331,36 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(home, tmp_path):
     assert "another rank died or hangs" in err.splitlines()[0] and not (out / "rank0.ok").exists(), err[:500]
     d, step = Run(tmp_path / "run").load_distilled()
     assert step >= 2
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from d3fast.cli import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path)])
+    assert res.exit_code == 2 and "rank 1: `d3fast evaluate` runs in one process" in res.output, res.output
+    assert CliRunner().invoke(cli, ["doctor"]).exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_slurm_stop_reaching_every_worker_twice_saves_a_checkpoint(home, tmp_path):
+    """scancel signals every process of the step and torchrun forwards it again: a second
+    SIGTERM must not abort a distributed worker. Rank 1 gets both after step 2 (between steps:
+    the request is read with step 3's terms); both ranks stop after step 3 and rank 0 saves it."""
+    ctx = mp.get_context("spawn")
+    out = tmp_path / "out"
+    out.mkdir()
+    port = _free_port()
+    over = (*OVER[1:], "distill.steps=20", "distill.checkpoint_every=100")
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path / "run"), over, str(out), {}, {1: -2}))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert [p.exitcode for p in procs] == [0, 0] and not list(out.glob("*.err"))
+    d, step = Run(tmp_path / "run").load_distilled()
+    assert step == 3 and [m["step"] for m in Run(tmp_path / "run").read_metrics()] == [1, 2, 3]

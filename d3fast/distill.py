@@ -215,7 +215,7 @@ def _build(
             raise D3FastError(f"distill.steps={dcfg.steps} is below the step this run reached ({state.step}); "
                               f"pass --steps {state.step} or more")
         if world.main:
-            run.resume(cfg, state.step, changes)
+            run.resume(cfg, state.step, changes, world.size)
     elif world.main:
         run.start(cfg, {
             "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "versions": versions(),

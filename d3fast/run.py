@@ -202,12 +202,12 @@ class Run:
         self._history({"event": "start", "step": 0, "changes": {}, "config": to_dict(cfg), "manifest": manifest},
                       fresh=True)
 
-    def resume(self, cfg: Config, step: int, changes: dict[str, list[Any]]) -> None:
+    def resume(self, cfg: Config, step: int, changes: dict[str, list[Any]], world_size: int = 1) -> None:
         """Record a resume at `step` with the `changes` that `check_resume(cfg)` returned:
-        config.json when a key changed, and a history line."""
+        config.json when a key changed, and a history line (with the processes it runs on)."""
         if changes:
             atomic_write_json(self.config_path, to_dict(cfg))
-        self._history({"event": "resume", "step": step, "changes": changes})
+        self._history({"event": "resume", "step": step, "changes": changes, "world_size": world_size})
 
     def check_resume(self, cfg: Config) -> dict[str, list[Any]]:
         """The keys `cfg` changes against the run's config as its history records it (the

@@ -197,6 +197,7 @@ def test_torchrun_runs_one_distillation_and_a_restarted_job_resumes_it(home, tmp
                     "--resume", "auto", nproc=1, extra=("--standalone",))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert list((runs / "digits").iterdir()) == made and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+    assert run.history()[-1]["world_size"] == 1  # the resume records the processes it ran on
     # a split that cannot work is refused on every rank before anything is made
     res = _torchrun(home, "--steps", "2", "--students-per-step", "3", "--runs-dir", str(tmp_path / "none"),
                     extra=("--standalone",))

@@ -200,19 +200,20 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     after an interruption continues the missing experts (and the interrupted one from its
     last epoch); the same seed gives the same trajectories.
     """
+    from d3fast.dist import World
     from d3fast.experts import run_experts
 
     # under torchrun each rank trains its share (experts rank, rank + W, ...) on its own GPU;
-    # the per-expert locks make the ranks finish together, with no collective to time out
-    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if size > 1 and (device or "auto") in ("auto", "cuda") and _cuda_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    # the per-expert locks make the ranks finish together: no process group, no collective
+    world = World.from_env(device or "auto", join=False)
+    if world.distributed:
+        device = world.device(device or "auto")
     cfg = _resolve(dataset, preset, overrides, **{
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
         "device": device})
     _ensure_prepared(cfg, no_auto)
-    res = run_experts(cfg, progress=rank == 0, shard=(rank, size))
-    if rank != 0:
+    res = run_experts(cfg, progress=world.main, shard=(world.rank, world.size))
+    if not world.main:
         return
     m = res.manifest
     acc = ""
@@ -225,12 +226,6 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     if res.trained_epochs:
         click.echo(f"this run: {res.trained_epochs} epochs in {res.seconds:.1f} s, "
                    f"{res.images_per_s:.0f} train img/s on {m['device']}")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _ensure_prepared(cfg, no_auto: bool) -> None:

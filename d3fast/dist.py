@@ -54,9 +54,10 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> World:
-        """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), joined; the single
-        process without them.
+    def from_env(cls, device: str = "auto", join: bool = True) -> World:
+        """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), joined into a process
+        group unless `join` is False (a command that needs no collective); the single process
+        without them.
 
         Raises:
             D3FastError: a partial environment, or a process group that cannot form.
@@ -68,7 +69,7 @@ class World:
             local = int(os.environ.get("LOCAL_RANK", "0"))
         except (KeyError, ValueError) as e:
             raise D3FastError(f"torch.distributed environment incomplete ({e}); launch with torchrun") from None
-        if not td.is_initialized():
+        if join and not td.is_initialized():
             cuda = device != "cpu" and torch.cuda.is_available()
             if cuda:
                 torch.cuda.set_device(local)

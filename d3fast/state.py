@@ -120,28 +120,22 @@ class StepChecks:
         self._values += values
 
     def fetch(self, **extra: torch.Tensor) -> list[float]:
-        """Every noted value, then `extra`'s, read with one transfer per device holding them."""
-        self.flag = self._flag > 0
+        """Every noted value, then `extra`'s, read with one transfer per device holding them.
+        Distributed, the loss shares and the flag are first summed over the ranks (one
+        all-reduce), and the flag read with the rest sets `flag`."""
+        parts = self._values + [t.detach().reshape(1) for t in extra.values()]
+        summed_flag = None
         if self.world is not None and self.world.distributed:
             dev = self._values[self._shares[0]].device if self._shares else torch.device("cpu")
             flag = torch.full((1,), self._flag, device=dev)
             summed = self.world.sum_(torch.cat([*(self._values[i] for i in self._shares), flag]))
             sizes = [self._values[i].numel() for i in self._shares]
             for i, v in zip(self._shares, summed[:-1].split(sizes), strict=True):
-                self._values[i] = v
-            self._values.append(summed[-1:])  # read with the rest: the OR of the ranks' flags
-            self._notes.append(("flag", "", ["flag"], 1))
-        parts = self._values + [t.detach().reshape(1) for t in extra.values()]
-        by_device: dict[torch.device, list[int]] = {}
-        for i, t in enumerate(parts):
-            by_device.setdefault(t.device, []).append(i)
-        read: list[list[float]] = [[] for _ in parts]
-        for idx in by_device.values():
-            flat = torch.cat([parts[i].to(torch.float64) for i in idx]).tolist()
-            at = 0
-            for i in idx:
-                read[i], at = flat[at : at + parts[i].numel()], at + parts[i].numel()
-        return [v for chunk in read for v in chunk]
+                parts[i] = v
+            summed_flag = summed[-1:]
+        values = _read_all(parts + ([summed_flag] if summed_flag is not None else []))
+        self.flag = (values.pop() if summed_flag is not None else self._flag) > 0
+        return values
 
     def read(self, **metrics: torch.Tensor) -> dict[str, float]:
         """One read of the device: raises DivergedError for the first failed check, else
@@ -168,13 +162,24 @@ class StepChecks:
         at = 0
         for kind, where, names, n in self._notes:
             v, at = values[at : at + n], at + n
-            if kind == "flag":
-                self.flag = v[0] > 0
-                continue
             found = _loss_problem(names, v) if kind == "loss" else _state_problem(names, v)
             if found is not None:
                 return (*found, where) if with_where else found
         return None
+
+
+def _read_all(parts: list[torch.Tensor]) -> list[float]:
+    """The values of `parts`, in order, with one transfer per device holding some."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(parts):
+        by_device.setdefault(t.device, []).append(i)
+    read: list[list[float]] = [[] for _ in parts]
+    for idx in by_device.values():
+        flat = torch.cat([parts[i].to(torch.float64) for i in idx]).tolist()
+        at = 0
+        for i in idx:
+            read[i], at = flat[at : at + parts[i].numel()], at + parts[i].numel()
+    return [v for chunk in read for v in chunk]
 
 
 def _loss_problem(names: list[str], values: list[float]) -> tuple[str, str] | None:

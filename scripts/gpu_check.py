@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -291,22 +290,11 @@ def _count_words(line: str) -> list[str]:
 
 
 def _timer(device: Any) -> Callable[[Callable[[], object]], float]:
-    """Median seconds of fn(): do_bench on CUDA, wall time of 5 calls after a warm-up on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+    """Median seconds of fn(): the benchmarks' timer (do_bench on CUDA, wall time of 5 calls
+    after a warm-up on the CPU)."""
+    from benchmarks._measure import median_time
 
-        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median")) / 1e3
-
-    def cpu(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    return cpu
+    return lambda fn: median_time(fn, device)
 
 
 def _empty_launch(device: Any) -> float | None:
@@ -435,16 +423,12 @@ def _dist_row(P: int, device: Any, fused: str, timer: Callable[[Callable[[], obj
 
 
 def _peak(fn: Callable[[], object], device: Any) -> float:
-    """MiB above what was held before, at fn()'s peak (CUDA: allocator; CPU: VmHWM)."""
-    import torch
-
+    """MiB above what was held before, at fn()'s peak (CUDA: allocator; CPU: VmHWM of this
+    process, reset first)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        from benchmarks._measure import peak_cuda_mib
+
+        return peak_cuda_mib(fn, device)
 
     def status(key: str) -> float:
         with open("/proc/self/status") as f:

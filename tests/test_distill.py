@@ -215,4 +215,4 @@ def test_a_step_waits_for_the_device_once(home):
         distill(cfg, Run.at(home / "runs" / "syncs"), progress=False, on_step=lambda m: marks.append(len(syncs.records)))
     # step 2 runs from the first mark to the second (step 1 builds caches, step 3 saves)
     step2 = [r for r in syncs.records[marks[0] : marks[1]] if device_side(r[1])]
-    assert [(op, where.rsplit(":", 1)[1]) for op, where in step2] == [("tolist", "fetch")], step2
+    assert [(op, where.rsplit(":", 1)[1]) for op, where in step2] == [("tolist", "_read_all")], step2

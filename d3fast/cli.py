@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -102,6 +103,15 @@ def _config_options(f: Any) -> Any:
                      help="Override a config key, e.g. --set experts.lr=0.02 (repeatable).")(f)
     f = click.option("--preset", default=None, help="Preset name (default: the dataset's own).")(f)
     f = click.option("--dataset", default=None, help="Dataset name, e.g. digits, fashion-mnist, imagewoof.")(f)
+    return f
+
+
+def _subtask_options(f: Any) -> Any:
+    f = click.option("--subtask", type=int, default=None,
+                     help="Work on block i (0..S-1) of the --subtasks split only (default: every block).")(f)
+    f = click.option("--subtasks", type=int, default=None,
+                     help="Split the classes into S contiguous blocks, distilled independently and merged "
+                          "(ImageNet-1K: 5 x 200 or 2 x 500).")(f)
     return f
 
 
@@ -193,12 +203,15 @@ def _report_prepare(res) -> None:
 @click.option("--no-auto", is_flag=True, help="Fail instead of preparing the dataset when it is missing.")
 @click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
               help="Where training batches stream from (default auto: FFCV files when present, else the cache).")
-def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader) -> None:
+@_subtask_options
+def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader, subtasks, subtask) -> None:
     """Train expert trajectories (docs/algorithm.md section 4) for MTT.
 
     Each expert saves its parameters at init and after every epoch, atomically. Re-running
     after an interruption continues the missing experts (and the interrupted one from its
-    last epoch); the same seed gives the same trajectories.
+    last epoch); the same seed gives the same trajectories. With --subtasks S, each
+    subtask's experts see its classes only (one directory per subtask; all of them, one
+    after another, unless --subtask picks one).
     """
     from d3fast.dist import World
     from d3fast.experts import run_experts
@@ -210,11 +223,31 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
         device = world.device(device or "auto")
     cfg = _resolve(dataset, preset, overrides, **{
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
-        "device": device})
+        "device": device, "data.subtasks": subtasks, "data.subtask": subtask})
     _ensure_prepared(cfg, no_auto)
-    res = run_experts(cfg, progress=world.main, shard=(world.rank, world.size))
-    if not world.main:
-        return
+    for one in _each_subtask(cfg):
+        if one.data.subtasks > 1 and world.main:
+            click.echo(f"subtask {one.data.subtask} of {one.data.subtasks}:")
+        res = run_experts(one, progress=world.main, shard=(world.rank, world.size))
+        if world.main:
+            _report_experts(one, res)
+
+
+def _each_subtask(cfg) -> list:
+    """`cfg` itself, or with data.subtasks > 1 and no data.subtask, one copy per subtask."""
+    import copy
+
+    if cfg.data.subtasks == 1 or cfg.data.subtask >= 0:
+        return [cfg]
+    out = []
+    for i in range(cfg.data.subtasks):
+        one = copy.deepcopy(cfg)
+        one.data.subtask = i
+        out.append(one)
+    return out
+
+
+def _report_experts(cfg, res) -> None:
     m = res.manifest
     acc = ""
     if m["test_acc_mean"] is not None:
@@ -263,15 +296,23 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @click.option("--no-auto", is_flag=True, help="Fail instead of preparing data / training experts.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Run `d3fast evaluate` on the result.")
+@click.option("--soft-labels/--no-soft-labels", default=None,
+              help="Label each prior with a whole-dataset expert's softmax at the end (stored and counted in storage).")
+@_subtask_options
 def distill(
     dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, mmd_chunk, mmd_exact_graph, resume_dir,
-    runs_dir, name, device, no_auto, then_evaluate,
+    runs_dir, name, device, no_auto, then_evaluate, soft_labels, subtasks, subtask,
 ) -> None:
     """Learn the distilled distribution (Algorithm 1: MTT + MMD + KL + diversity).
 
     Writes runs/<dataset>/<timestamp>-<name>/: config.json, manifest.json, metrics.jsonl
     (every loss term, lr, step time, images/s, peak memory) and checkpoint.pt (whole state,
     every distill.checkpoint_every steps and on Ctrl-C/SIGTERM). --resume RUN_DIR continues.
+
+    With --subtasks S (and no --subtask) it distills every subtask, each in its own run
+    <name>-sub<i>of<S> (one after another; under torchrun, rank r takes subtasks r, r+W, ...),
+    then merges them into runs/<dataset>/<name>-merged. Running the same command again
+    continues the unfinished subtask runs and reuses the finished ones.
     """
     from d3fast.dist import World
     from d3fast.distill import distill as run_distill
@@ -285,7 +326,13 @@ def distill(
         device = world.device(device or "auto")
     typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
              "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
-             "distill.mmd_exact_graph": mmd_exact_graph, "device": device}
+             "distill.mmd_exact_graph": mmd_exact_graph, "device": device, "distill.soft_labels": soft_labels,
+             "data.subtasks": subtasks, "data.subtask": subtask}
+    if resume_dir in (None, "auto"):
+        whole = _resolve(dataset, preset, overrides, **typed)
+        if whole.data.subtasks > 1 and whole.data.subtask < 0:
+            _distill_subtasks(whole, world, runs_dir, name, no_auto, then_evaluate)
+            return
     # which run, and its config, are rank 0's decisions (every rank gets them, or its error)
     if resume_dir == "auto":  # continue the run named NAME if there is one (restarted jobs), else start it
         if not name:
@@ -321,8 +368,87 @@ def distill(
     if res.interrupted:
         click.echo(f"continue with: d3fast distill --resume {run.path}")
         sys.exit(130)
+    if cfg.distill.soft_labels and cfg.data.subtasks == 1:
+        _label_run(run, cfg, device)
     if then_evaluate:
         _evaluate(run, None, None, None, None)
+
+
+def _label_run(run, cfg, device) -> None:
+    """Soft labels for the run's checkpoint, beside it (d3fast/soft_labels.py)."""
+    from d3fast.runtime import resolve_device
+    from d3fast.soft_labels import label, save_run_labels
+
+    dev = resolve_device(device or cfg.device)
+    d, step = run.load_distilled(dev)
+    info = label(d, cfg, dev)
+    assert d.soft_labels is not None
+    path = save_run_labels(run.path, d.soft_labels, step, info)
+    click.echo(f"soft labels of step {step} from {info['expert']} (epoch {info['epoch']}): {path}")
+
+
+def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool, then_evaluate: bool) -> None:
+    """Every subtask of cfg's split in its own run, then the merge (rank 0)."""
+    import datetime
+
+    import torch.distributed as td
+
+    from d3fast.config import flatten
+    from d3fast.dist import World
+    from d3fast.distill import distill as run_distill
+    from d3fast.experts import ensure_experts, resolve_data_loader
+    from d3fast.merge import merge_runs
+    from d3fast.run import Run
+    from d3fast.runtime import resolve_device
+
+    S = cfg.data.subtasks
+    if world.size > S:
+        raise D3FastError(f"{world.size} processes for {S} subtasks: launch at most {S} (each rank distills whole "
+                          "subtasks), or one torchrun job per subtask with --subtask i to spread a subtask over "
+                          "several GPUs")
+    world.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
+    # the ranks meet again when every subtask is done, hours later: a barrier on its own group
+    # with a timeout past any distillation (a crashed rank still stops the job: torchrun ends them all)
+    done_group = td.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world.distributed else None
+    base = name or cfg.preset or "run"
+    _ensure_prepared(cfg, no_auto)
+    echo = click.echo if world.main else (lambda *a, **k: None)
+    for one in _each_subtask(cfg):
+        i = one.data.subtask
+        if i % world.size != world.rank:
+            continue
+        run_name = f"{base}-sub{i}of{S}"
+        found = Run.named(runs_dir, one.data.dataset, run_name)
+        echo(f"subtask {i} of {S}: " + (f"continuing {found.path}" if found else f"new run {run_name}"))
+        resolve_data_loader(one)
+        if found is None:
+            ensure_experts(one, auto=not no_auto, echo=echo)
+            run = Run.create(runs_dir, one, run_name)
+        else:
+            run = found
+        res = run_distill(one, run, resume=found is not None, world=World(), progress=world.main)
+        if res.interrupted:
+            click.echo(f"stopped early at step {res.step} of subtask {i}: run the same command again to continue")
+            sys.exit(130)
+    if done_group is not None:
+        td.barrier(group=done_group)
+    if not world.main:
+        world.close()
+        return
+    runs = []
+    for i in range(S):
+        found = Run.named(runs_dir, cfg.data.dataset, f"{base}-sub{i}of{S}")
+        if found is None:
+            raise D3FastError(f"the run of subtask {i} ({base}-sub{i}of{S}) is missing under {runs_dir}/{cfg.data.dataset}")
+        runs.append(found.path)
+    merged, out = merge_runs(runs, Path(runs_dir) / cfg.data.dataset / f"{base}-merged", force=True,
+                             soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device))
+    world.close()
+    click.echo(f"merged {S} subtasks into {out}: {merged.num_classes} classes, {merged.storage_bytes() / 2**20:.2f} MiB "
+               f"(= {merged.images_per_class_equivalent():.2f} uint8 images per class)"
+               + ("; soft labels" if merged.soft_labels is not None else ""))
+    if then_evaluate:
+        _evaluate(Run(out), None, None, None, None)
 
 
 def _evaluate(run, archs, students, epochs, device, loader=None) -> None:
@@ -366,12 +492,10 @@ def evaluate(run_dir, archs, students, epochs, device, loader, runs_dir) -> None
 @click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
 def sample(run_dir, out, samples, seed, runs_dir) -> None:
     """Write a grid: per prior, its mean image then fresh samples."""
-    from pathlib import Path
-
     from d3fast.visualize import sample_grid
 
     d, step = _open_run(run_dir, runs_dir).load_distilled()
-    click.echo(f"wrote {sample_grid(d, Path(out), samples, seed)} (step {step}, {len(d.latents)} priors)")
+    click.echo(f"wrote {sample_grid(d, Path(out), samples, seed)} (step {step}, {d.num_priors} priors)")
 
 
 @cli.command()
@@ -384,8 +508,61 @@ def export(run_dir, out, runs_dir) -> None:
 
     d, step = _open_run(run_dir, runs_dir).load_distilled()
     run_export(d, out)
-    click.echo(f"wrote {out}: {len(d.latents)} priors, {d.storage_bytes() / 2**20:.2f} MiB "
+    click.echo(f"wrote {out}: {d.num_priors} priors, {d.storage_bytes() / 2**20:.2f} MiB "
                f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {step}")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(), help="Directory of the merged object (run-shaped).")
+@click.option("--partial", is_flag=True, help="Also merge runs stopped before their distill.steps.")
+@click.option("--soft-labels/--no-soft-labels", default=None,
+              help="Label the merged object with a whole-dataset expert (default: as the runs' distill.soft_labels).")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (for soft labels).")
+@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
+    """Merge the runs of every subtask of one split (RUN_0 ... RUN_{S-1}, any order) into one
+    distilled object: each class decodes through its own subtask's decoder; storage is the
+    sum. evaluate, sample and export take the --out directory like a run's."""
+    from d3fast.merge import merge_runs
+    from d3fast.runtime import resolve_device
+
+    merged, path = merge_runs(list(run_dirs), out, partial=partial, soft_labels=soft_labels, force=force,
+                              device=resolve_device(device or "auto"), runs_dir=runs_dir)
+    steps = ", ".join(str(s["step"]) for s in merged.sources)
+    click.echo(f"merged {len(merged.parts)} subtasks (steps {steps}) into {path}: {merged.num_classes} classes x "
+               f"{merged.ppc} priors, {merged.storage_bytes() / 2**20:.2f} MiB (= "
+               f"{merged.images_per_class_equivalent():.2f} uint8 images per class)"
+               + ("; soft labels" if merged.soft_labels is not None else ""))
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--epoch", type=int, default=None, help="Epoch of the whole-dataset expert (default: distill.soft_label_epoch).")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
+@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+def label(run_dir, epoch, device, runs_dir) -> None:
+    """Soft labels for a run's latest checkpoint or a merged object: each prior's mean image
+    through a ConvNet expert trained on all classes (its softmax), stored with the object."""
+    from d3fast.config import validate
+    from d3fast.distilled import Merged
+    from d3fast.runtime import resolve_device
+
+    run = _open_run(run_dir, runs_dir)
+    cfg = run.read_config()
+    if epoch is not None:
+        cfg.distill.soft_label_epoch = epoch
+        validate(cfg)
+    if run.merged_path.exists():
+        from d3fast.merge import relabel
+
+        merged = relabel(run, cfg, resolve_device(device or "auto"))
+        assert isinstance(merged, Merged)
+        click.echo(f"labelled {merged.num_priors} priors of {run.path} ({merged.storage_bytes() / 2**20:.2f} MiB "
+                   "with the labels)")
+        return
+    _label_run(run, cfg, device)
 
 
 @cli.command()
@@ -435,16 +612,19 @@ def budget(dataset, as_json, show_records) -> None:
 @click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA, as in distill.")
 @click.option("--unroll", type=click.Choice(["flat", "naive"]), default=None, help="MTT unroll mode, as in distill.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
-def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, out, stand_in, amp, unroll, device) -> None:
+@_subtask_options
+def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, out, stand_in, amp, unroll, device,
+            subtasks, subtask) -> None:
     """Where a distillation step's time and memory go: runs warm-up + timed + traced steps of
     the real loop and writes report.md, report.json, trace.json (Chrome trace), phases.png
     and memory.png. Needs no experts: stand-ins of the right shapes are used when missing."""
-    from pathlib import Path
-
     from d3fast.profile import profile as run_profile
     from d3fast.profile import summary_line
 
-    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll, "device": device})
+    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll, "device": device,
+                                                  "data.subtasks": subtasks, "data.subtask": subtask})
+    if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
+        cfg.data.subtask = 0  # the subtasks are alike in size: one stands for all (the projection counts S)
     out_dir = Path(out) if out else Path("profiles") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     res = run_profile(cfg, out_dir, steps=steps, trace_steps=trace_steps, warmup=warmup, stand_in=stand_in,
                       free_steps=free_steps)

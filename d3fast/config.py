@@ -46,6 +46,12 @@ class DataConfig:
     # Regulariser of the ZCA covariance; 0.1 is MTT's value (kornia's default is 1e-6,
     # which amplifies the near-zero-variance directions of 32x32 images into noise).
     zca_eps: float = ranged(0.1, 0, above=True)
+    # S: the classes split into S contiguous blocks distilled independently and merged
+    # (docs/algorithm.md section 9; the reference's 5 x 200 and 2 x 500 ImageNet-1K splits)
+    subtasks: int = ranged(1, 1, 65536)
+    # the block this command works on, 0..S-1; -1: every block (distill runs them all and
+    # merges; evaluation of a merged object reads every class)
+    subtask: int = ranged(-1, -1, 65535)
 
 
 @dataclass(kw_only=True)
@@ -152,6 +158,11 @@ class DistillConfig:
     div_weight: float = ranged(1e-2, 0)
     seed: int = ranged(0, 0)
     checkpoint_every: int = ranged(50, 1)
+    # label each prior by the softmax of a ConvNet expert trained on all classes (its mean image
+    # f(mu) through the expert at epoch soft_label_epoch), stored with the object and counted
+    # in its storage; evaluation then trains students on these soft targets
+    soft_labels: bool = False
+    soft_label_epoch: int = ranged(2, 0)
     # bf16 autocast on CUDA for decoding, the unrolled student and MMD features; parameters,
     # adjoints and losses stay fp32
     amp: bool = False
@@ -175,6 +186,10 @@ class EvalConfig:
     # running: the running statistics gathered while distilling
     decoder_bn: str = "batch"
     baselines: bool = True
+    # soft-label students: T^2 x cross-entropy of softmax(logits / T) against the stored
+    # probabilities sharpened to p^(1/T) (Hinton et al. 2015); T = 1 is the reference's plain
+    # soft cross-entropy
+    soft_temperature: float = ranged(1.0, 0, 100, above=True)
     # the equal-storage baseline is capped by the train set size
     seed: int = ranged(0, 0)
 
@@ -400,6 +415,15 @@ def validate(cfg: Config) -> None:
     if d.mmd_weight > 0 and max(d.mmd_samples // d.ppc, 1) * d.ppc < 2:
         raise D3FastError("config key distill.mmd_samples: the unbiased MMD needs at least 2 samples per class "
                           f"(mmd_samples={d.mmd_samples}, ppc={d.ppc})")
+    from d3fast.data.datasets import class_blocks
+
+    class_blocks(DATASETS[cfg.data.dataset].num_classes, cfg.data.subtasks)  # S <= classes
+    if cfg.data.subtask >= cfg.data.subtasks:
+        raise D3FastError(f"config key data.subtask: {cfg.data.subtask} is out of range for data.subtasks="
+                          f"{cfg.data.subtasks} (0..{cfg.data.subtasks - 1}, or -1 for every subtask)")
+    if cfg.data.subtasks > 1 and cfg.data.loader == "ffcv":
+        raise D3FastError("data.loader=ffcv streams whole datasets; subtasks (data.subtasks > 1) read their classes "
+                          "from the cache: use data.loader=cache")
     if d.unroll == "flat" and cfg.net.norm == "batchnorm":
         raise D3FastError("distill.unroll=flat needs a student without running statistics, and net.norm=batchnorm "
                           "keeps some: use net.norm=instancenorm or distill.unroll=naive")
@@ -452,6 +476,7 @@ APPLIED_ON_RESUME = frozenset({
     "distill.augment_unroll", "distill.mtt_weight", "distill.kl_weight", "distill.div_weight",
     "distill.mmd_samples", "distill.mmd_weight", "distill.mmd_reduction", "distill.mmd_bandwidths",
     "distill.mmd_scale", "distill.mmd_param", "distill.mmd_chunk", "distill.mmd_exact_graph",
+    "distill.soft_labels", "distill.soft_label_epoch",
 })
 FIXED_ON_RESUME: dict[str, str] = {
     "preset": "it names the configuration the run started from",
@@ -461,6 +486,8 @@ FIXED_ON_RESUME: dict[str, str] = {
     "data.loader": "it names the expert trajectories the run matches (FFCV-fed experts are others)",
     "data.zca": "the latents were fitted to data with this whitening",
     "data.zca_eps": "the latents were fitted to data with this whitening",
+    "data.subtasks": "the distilled object holds the classes of one block of this split",
+    "data.subtask": "the distilled object holds this block's classes",
     "net": "the student network's parameters are the expert trajectories' (another network has other experts)",
     "augment": "the expert trajectories were trained with this augmentation",
     "experts": "these keys define the expert trajectories the run matches",

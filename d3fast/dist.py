@@ -204,12 +204,13 @@ class World:
         if not self.distributed:
             return
         from d3fast.config import flatten
-        from d3fast.data.datasets import get_spec
+        from d3fast.data.datasets import subtask_block
 
         self.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
         self.students(cfg.distill.students_per_step)
         d = cfg.distill
-        classes = get_spec(cfg.data.dataset).num_classes
+        start, stop = subtask_block(cfg.data.dataset, cfg.data.subtasks, max(cfg.data.subtask, 0))
+        classes = stop - start
         if (d.mmd_weight > 0 or (d.div_weight > 0 and d.ppc > 1)) and classes < self.size:
             raise D3FastError(f"{classes} classes cannot be split over {self.size} ranks for the MMD update: "
                               f"use at most {classes} processes")

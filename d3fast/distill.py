@@ -36,7 +36,7 @@ from tqdm import tqdm
 from d3fast import ledger, losses
 from d3fast.config import Config, DistillConfig, flatten, resolve_config
 from d3fast.data.augment import DSA
-from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.data.loader import DeviceDataset, load_view
 from d3fast.dist import World
 from d3fast.distilled import init_distilled
 from d3fast.errors import D3FastError
@@ -91,6 +91,10 @@ def distill(
             or state (the last good checkpoint is kept), ranks that disagree.
     """
     world = world or World()
+    if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
+        raise D3FastError(f"data.subtasks={cfg.data.subtasks}: a run distills one subtask; set data.subtask "
+                          f"(0..{cfg.data.subtasks - 1}), or run `d3fast distill --subtasks {cfg.data.subtasks}`, "
+                          "which distills every subtask and merges them")
     dcfg, device = cfg.distill, resolve_device(cfg.device)
     stop, t_start, last = _StopRequest(world.distributed, world.main), clock(), {}
     main = world.main
@@ -188,8 +192,7 @@ def _build(
 
     resume, changes = world.on_main(decide)
     if inputs is None:
-        zca = cfg.data.zca_eps if cfg.data.zca else None
-        inputs = DistillInputs(load_dataset(cfg.data.dataset, "train", device, zca), _bank(cfg, run, resume))
+        inputs = DistillInputs(load_view(cfg, "train", device), _bank(cfg, run, resume))
     train, bank = inputs.train, inputs.bank
     # ranks on unshared homes read their own data and experts: they must be the same files
     world.check_config({"experts": [(f.name, f.stat().st_size) for f in bank.files], "train": len(train),

@@ -1,13 +1,18 @@
 """The distilled object: per-prior latent Gaussians, one shared decoder, labels, and the
 learned student lr (docs/algorithm.md section 1). Sampling, storage accounting, its state
-dict (the checkpoint's share, d3fast/state.py) and the safetensors export."""
+dict (the checkpoint's share, d3fast/state.py) and the safetensors export.
+
+A `Merged` object holds the S subtask objects of one dataset (docs/algorithm.md section 9):
+class c decodes through the decoder of the subtask whose block holds c; its storage is the
+sum of theirs. `Sampler` draws from either kind."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,18 @@ class Distilled:
     ppc: int
     classes: list[str]
     meta: dict[str, Any]  # resolution, channels, mean, std, decoder kind/width, z_dim
+    # [C * PPC, classes of the whole dataset]: each prior's soft label (a probability row),
+    # when labelled (d3fast/soft_labels.py); stored with the object and counted in its storage
+    soft_labels: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_priors(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def parts(self) -> list[Distilled]:
+        """The objects holding the priors, each with its own decoder: this one."""
+        return [self]
 
     @property
     def labels(self) -> torch.Tensor:
@@ -73,11 +90,13 @@ class Distilled:
 
     def storage_bytes(self) -> int:
         """Bytes to store the object as float32: latents + decoder weights and BatchNorm
-        statistics + the lr (labels are implied by the prior order)."""
+        statistics + the lr (hard labels are implied by the prior order) + the soft labels
+        when it has them."""
         dec = sum(t.numel() for t in self.decoder.state_dict().values() if t.is_floating_point())
         # the normalisation mean/std buffers are dataset metadata, not learned storage
         dec -= 2 * self.meta["channels"]
-        return 4 * (self.latents.numel() + dec + 1)
+        soft = 0 if self.soft_labels is None else self.soft_labels.numel()
+        return 4 * (self.latents.numel() + dec + 1 + soft)
 
     def images_per_class_equivalent(self) -> float:
         one_image = self.meta["channels"] * self.meta["resolution"] ** 2  # uint8 bytes
@@ -154,41 +173,196 @@ def build_decoder(meta: dict[str, Any]) -> Decoder:
     )
 
 
-def export(d: Distilled, path: str | Path) -> None:
-    """The object as one safetensors file (no pickle): latents, alpha, decoder.<key>, and
-    the metadata decoding needs."""
-    tensors = {"latents": d.latents.detach(), "alpha": d.alpha.detach().reshape(1)}
-    tensors.update({f"decoder.{k}": v for k, v in d.decoder.state_dict().items()})
+def export(d: Distilled | Merged, path: str | Path) -> None:
+    """The object as one safetensors file (no pickle): latents, alpha, decoder.<key> (a
+    merged object: part<i>.latents, part<i>.alpha, part<i>.decoder.<key> per subtask),
+    soft_labels when labelled, and the metadata decoding needs."""
+    tensors: dict[str, torch.Tensor] = {}
+    parts_meta = []
+    for i, part in enumerate(d.parts):
+        prefix = f"part{i}." if isinstance(d, Merged) else ""
+        tensors[f"{prefix}latents"] = part.latents.detach()
+        tensors[f"{prefix}alpha"] = part.alpha.detach().reshape(1)
+        tensors.update({f"{prefix}decoder.{k}": v for k, v in part.decoder.state_dict().items()})
+        parts_meta.append({"meta": part.meta, "classes": part.classes, "student_lr": part.student_lr})
+    if d.soft_labels is not None:
+        tensors["soft_labels"] = d.soft_labels.detach()
     meta = {
         "format": EXPORT_FORMAT,
-        **d.meta,
+        **d.parts[0].meta,
         "classes": d.classes,
         "num_classes": d.num_classes,
         "ppc": d.ppc,
         "student_lr": d.student_lr,
         "storage_bytes": d.storage_bytes(),
         "images_per_class_equivalent": round(d.images_per_class_equivalent(), 3),
+        "soft_labels": d.soft_labels is not None,
     }
+    if isinstance(d, Merged):
+        meta |= {"kind": "merged", "parts": parts_meta, "sources": d.sources}
     save_tensors(path, tensors, meta)
 
 
-def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled:
-    """Load an exported distilled object (safetensors; no pickle)."""
+_DECODER_META = ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width", "decoder_linear")
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Merged:
+    """Load an exported distilled object, single or merged (safetensors; no pickle).
+
+    Raises:
+        D3FastError: not a d3fast export, or tensors that do not match their metadata.
+    """
     tensors, meta = load_tensors(path, "distilled object")
-    if meta.get("format") != EXPORT_FORMAT or "latents" not in tensors:
+    if meta.get("format") != EXPORT_FORMAT or not ("latents" in tensors or "part0.latents" in tensors):
         raise D3FastError(f"{path} is not a d3fast distilled export")
-    state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    soft = tensors.get("soft_labels")
+    try:
+        if meta.get("kind") == "merged":
+            parts = [_part_from(tensors, f"part{i}.", p["meta"], p["classes"], meta["ppc"], device)
+                     for i, p in enumerate(meta["parts"])]
+            return Merged.of(parts, soft_labels=None if soft is None else soft.to(device), sources=meta.get("sources", []))
+        d = _part_from(tensors, "", {k: meta[k] for k in _DECODER_META if k in meta}, meta["classes"], meta["ppc"], device)
+    except (KeyError, TypeError, ValueError) as e:
+        raise D3FastError(f"{path} is a damaged distilled export ({type(e).__name__}: {e})") from None
+    d.soft_labels = None if soft is None else soft.to(device)
+    _check_soft_labels(d, str(path))
+    return d
+
+
+def _part_from(
+    tensors: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any], classes: list[str], ppc: int,
+    device: torch.device | str,
+) -> Distilled:
+    state = {k[len(prefix) + len("decoder."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}decoder.")}
     decoder = _decoder_holding(meta, state)
     decoder.load_state_dict(state)
+    latents = tensors[f"{prefix}latents"]
+    if latents.dim() != 3 or latents.shape[0] != len(classes) * ppc or latents.shape[2] != 2:
+        raise ValueError(f"{prefix}latents of shape {list(latents.shape)} for {len(classes)} classes x {ppc} priors")
     return Distilled(
-        latents=tensors["latents"].to(device),
-        decoder=decoder.to(device),
-        alpha=tensors["alpha"].reshape(()).to(device),
-        num_classes=meta["num_classes"],
-        ppc=meta["ppc"],
-        classes=meta["classes"],
-        meta={k: meta[k] for k in ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width")},
+        latents=latents.to(device), decoder=decoder.to(device), alpha=tensors[f"{prefix}alpha"].reshape(()).to(device),
+        num_classes=len(classes), ppc=ppc, classes=classes, meta=meta,
     )
+
+
+def _check_soft_labels(d: Distilled | Merged, where: str) -> None:
+    s = d.soft_labels
+    if s is not None and (s.dim() != 2 or s.shape[0] != d.num_priors or not torch.isfinite(s).all()):
+        raise D3FastError(f"the soft labels of {where} do not fit the object ({list(s.shape)} for {d.num_priors} "
+                          "priors, or not finite): label it again with `d3fast label`")
+
+
+@dataclass
+class Merged:
+    """The S subtask objects of one dataset as one distilled object (docs/algorithm.md
+    section 9). Prior i of the merged order is prior i - offset of the part holding it;
+    class c's priors are c * PPC .. c * PPC + PPC - 1, as in a single object."""
+
+    parts: list[Distilled]  # in class order: part k holds classes offsets[k] .. offsets[k+1]-1
+    classes: list[str]
+    ppc: int
+    soft_labels: torch.Tensor | None = field(default=None, repr=False)  # [C * PPC, C]
+    # the runs it was merged from: [{"run", "subtask", "step", ...}]
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, parts: list[Distilled], soft_labels: torch.Tensor | None = None,
+           sources: list[dict[str, Any]] | None = None) -> Merged:
+        """Raises D3FastError: parts of another PPC, resolution, channels or normalisation."""
+        if not parts:
+            raise D3FastError("nothing to merge")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.ppc != first.ppc:
+                raise D3FastError(f"cannot merge objects of {first.ppc} and {p.ppc} priors per class")
+            same = ("resolution", "channels", "mean", "std")
+            if any(p.meta[k] != first.meta[k] for k in same):
+                raise D3FastError("cannot merge objects of other image sizes or normalisation (resolution, channels, "
+                                  "mean/std differ)")
+        classes = [c for p in parts for c in p.classes]
+        m = cls(parts, classes, first.ppc, soft_labels, list(sources or []))
+        _check_soft_labels(m, "the merged object")
+        return m
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_priors(self) -> int:
+        return sum(p.num_priors for p in self.parts)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.parts[0].meta
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Every prior's [mean, log-variance], merged order: [C * PPC, z, 2] when the parts
+        share z_dim (for counting and inspection; decoding goes through `Sampler`)."""
+        return torch.cat([p.latents for p in self.parts]) if len({p.latents.shape[1:] for p in self.parts}) == 1 \
+            else torch.empty(self.num_priors, 0, 2)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.arange(self.num_classes, device=self.parts[0].latents.device).repeat_interleave(self.ppc)
+
+    @property
+    def student_lr(self) -> float:
+        """The mean of the parts' learned student lrs: each was learned for its subtask's
+        students; the merged students train on every class (the reference evaluates its
+        merged objects at a fixed lr, lr_teacher)."""
+        return sum(p.student_lr for p in self.parts) / len(self.parts)
+
+    def storage_bytes(self) -> int:
+        """The parts' float32 bytes (latents, decoders, lrs) + the soft labels."""
+        soft = 0 if self.soft_labels is None else 4 * self.soft_labels.numel()
+        return sum(p.storage_bytes() for p in self.parts) + soft
+
+    def images_per_class_equivalent(self) -> float:
+        one_image = self.meta["channels"] * self.meta["resolution"] ** 2
+        return self.storage_bytes() / (self.num_classes * one_image)
+
+    def to(self, device: torch.device | str) -> Merged:
+        for p in self.parts:
+            p.latents, p.alpha, p.decoder = p.latents.to(device), p.alpha.to(device), p.decoder.to(device)
+        if self.soft_labels is not None:
+            self.soft_labels = self.soft_labels.to(device)
+        return self
+
+
+class Sampler:
+    """Fresh samples of a distilled or merged object through copies of its decoder(s), in
+    train mode (BatchNorm on the batch's statistics, as while distilling: `bn="batch"`) or
+    eval mode (the running statistics: `bn="running"`). The object is not changed."""
+
+    def __init__(self, d: Distilled | Merged, bn: str = "batch") -> None:
+        self.parts = d.parts
+        self.decoders = [copy.deepcopy(p.decoder).train(bn == "batch") for p in self.parts]
+        counts = [p.num_priors for p in self.parts]
+        self.starts = [sum(counts[:k]) for k in range(len(counts) + 1)]
+
+    @torch.no_grad()
+    def __call__(self, priors: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Samples of priors `priors` ([B], merged order) -> normalised images [B, C, H, W]."""
+        if len(self.parts) == 1:
+            return self.decoders[0](self.parts[0].sample_latents(priors, generator))
+        out: torch.Tensor | None = None
+        for k, (part, dec) in enumerate(zip(self.parts, self.decoders, strict=True)):
+            rows = torch.nonzero((priors >= self.starts[k]) & (priors < self.starts[k + 1])).flatten()
+            if len(rows) == 0:
+                continue
+            x = dec(part.sample_latents(priors[rows] - self.starts[k], generator))
+            if out is None:
+                out = x.new_empty((len(priors), *x.shape[1:]))
+            out[rows] = x
+        assert out is not None, "no prior of any part"
+        return out
+
+    @torch.no_grad()
+    def means(self) -> torch.Tensor:
+        """f(mu) of every prior, merged order: [C * PPC, C, H, W] (each part's priors as one batch)."""
+        return torch.cat([dec(p.latents[..., 0]) for p, dec in zip(self.parts, self.decoders, strict=True)])
 
 
 def init_distilled(

@@ -8,13 +8,16 @@ eval.samples_per_class per class. Baselines, trained the same way:
     random_same_count    PPC random real images per class
     random_same_storage  random real images whose uint8 bytes equal the distilled
                          object's float32 bytes (capped at the train set)
+A merged object (d3fast merge) decodes each class through its own subtask's decoder and
+trains at the mean of the parts' learned lrs. An object with soft labels trains one set of
+students on them (soft cross-entropy at eval.soft_temperature, d3fast/losses.py) and one on
+the hard labels, reported side by side.
 Accuracy is the test accuracy after the last epoch: there is no checkpoint selection,
 so nothing is chosen on the test set. Mean and std over students per architecture.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,9 +30,10 @@ from tqdm import tqdm
 from d3fast import ledger
 from d3fast.config import Config
 from d3fast.data.augment import DSA
-from d3fast.data.loader import DeviceDataset, load_dataset, open_split
-from d3fast.distilled import Distilled
+from d3fast.data.loader import DeviceDataset, load_view, open_split
+from d3fast.distilled import Distilled, Merged, Sampler
 from d3fast.io import atomic_write_json, atomic_write_text
+from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network
 from d3fast.run import Run
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
@@ -57,26 +61,29 @@ def train_student(
         for x, y in batches(g):
             if augment is not None:
                 x = augment(x, g)
-            loss = F.cross_entropy(net(x), y)
+            # float targets are soft labels ([B, classes] probabilities)
+            out = net(x)
+            loss = soft_cross_entropy(out, y, e.soft_temperature) if y.is_floating_point() else F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
 
-def distilled_batches(d: Distilled, samples_per_class: int, batch_size: int, bn: str) -> Batches:
-    """Per epoch: C x samples_per_class fresh samples, each from a random prior of its class."""
-    decoder = copy.deepcopy(d.decoder)
-    decoder.train(bn == "batch")
+def distilled_batches(
+    d: Distilled | Merged, samples_per_class: int, batch_size: int, bn: str, soft: bool = False
+) -> Batches:
+    """Per epoch: C x samples_per_class fresh samples, each from a random prior of its class,
+    with its class (or, with `soft`, its prior's soft label) as the target."""
+    sample = Sampler(d, bn)
+    dev = d.parts[0].latents.device
 
     def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        dev = d.latents.device
         labels = torch.arange(d.num_classes, device=dev).repeat_interleave(samples_per_class)
         labels = labels[torch.randperm(len(labels), generator=g, device=dev)]
         for y in labels.split(batch_size):
             prior = y * d.ppc + torch.randint(d.ppc, y.shape, generator=g, device=dev)
-            with torch.no_grad():
-                x = decoder(d.sample_latents(prior, g))
-            yield x, y
+            x = sample(prior, g)
+            yield x, (d.soft_labels[prior] if soft and d.soft_labels is not None else y)
 
     return batches
 
@@ -113,8 +120,7 @@ def evaluate_run(
     run_dir = run.path
     e = cfg.eval
     t0 = time.perf_counter()
-    zca = cfg.data.zca_eps if cfg.data.zca else None
-    train = load_dataset(cfg.data.dataset, "train", dev, zca)
+    train = load_view(cfg, "train", dev)
     # the test split streams from the loader the experts used (FFCV center crops or the cache)
     test = open_split(cfg, "test", dev)
     augment = DSA(cfg.augment)
@@ -122,6 +128,8 @@ def evaluate_run(
     storage_per_class = min(int(d.images_per_class_equivalent()), min_class)
 
     setups: list[tuple[str, int | None]] = [("d3", None)]
+    if d.soft_labels is not None:  # soft labels first, the hard-label students beside them
+        setups.insert(0, ("d3_soft", None))
     if e.baselines:
         setups += [("random_same_count", d.ppc), ("random_same_storage", storage_per_class)]
     total = len(e.archs) * len(setups) * e.students
@@ -142,8 +150,9 @@ def evaluate_run(
                               "pooling": cfg.net.pooling} if arch == "convnet" else {}
                         net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
                     net = net.to(dev)
-                    if kind == "d3":
-                        batches = distilled_batches(d, e.samples_per_class, e.batch_size, e.decoder_bn)
+                    if kind in ("d3", "d3_soft"):
+                        batches = distilled_batches(d, e.samples_per_class, e.batch_size, e.decoder_bn,
+                                                    soft=kind == "d3_soft")
                         lr = d.student_lr
                     else:
                         assert per_class is not None  # the baselines have a count
@@ -165,11 +174,13 @@ def evaluate_run(
     bar.close()
     report = {
         "run_dir": str(run_dir), "dataset": cfg.data.dataset, "distill_step": step,
-        "ppc": d.ppc, "student_lr": d.student_lr,
+        "ppc": d.ppc, "student_lr": d.student_lr, "soft_labels": d.soft_labels is not None,
+        "subtasks": len(d.parts),
         "storage_bytes": d.storage_bytes(),
         "images_per_class_equivalent": round(d.images_per_class_equivalent(), 2),
         "protocol": {k: getattr(e, k) for k in ("students", "epochs", "batch_size", "samples_per_class",
-                                                 "momentum", "weight_decay", "lr_real", "decoder_bn", "seed")},
+                                                 "momentum", "weight_decay", "lr_real", "decoder_bn", "seed",
+                                                 "soft_temperature")},
         "results": results, "device": device_name(dev), "versions": versions(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -182,7 +193,12 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of {r['run_dir']} (step {r['distill_step']})",
         "",
-        f"{r['dataset']}, PPC {r['ppc']}, learned student lr {r['student_lr']:.4g}; storage "
+        f"{r['dataset']}, PPC {r['ppc']}, "
+        + (f"merged from {r['subtasks']} subtasks (mean of their learned lrs: " if r.get("subtasks", 1) > 1
+           else "learned student lr ")
+        + f"{r['student_lr']:.4g}{')' if r.get('subtasks', 1) > 1 else ''}; "
+        + ("soft labels (temperature " f"{r['protocol'].get('soft_temperature', 1.0):g}); " if r.get("soft_labels") else "")
+        + "storage "
         f"{r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 images per class. "
         f"{r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
         "test accuracy after the last epoch (no selection).",
@@ -190,7 +206,8 @@ def markdown(r: dict[str, Any]) -> str:
         "| arch | training set | images/class | test accuracy |",
         "|---|---|---|---|",
     ]
-    names = {"d3": "D3 (fresh samples)", "random_same_count": "random real, same count",
+    names = {"d3_soft": "D3 (fresh samples), soft labels", "d3": "D3 (fresh samples)" + (
+        ", hard labels" if r.get("soft_labels") else ""), "random_same_count": "random real, same count",
              "random_same_storage": "random real, same storage"}
     for arch, kinds in r["results"].items():
         for kind, v in kinds.items():

@@ -80,7 +80,7 @@ class ExpertsResult:
 def trajectory_config(cfg: Config, data_sha: str) -> dict[str, Any]:
     """Everything that shapes a trajectory; its hash names the experts directory."""
     net = asdict(cfg.net)
-    tcfg = {
+    tcfg: dict[str, Any] = {
         "dataset": cfg.data.dataset,
         "data_sha256": data_sha,
         "zca_eps": cfg.data.zca_eps if cfg.data.zca else None,
@@ -90,6 +90,8 @@ def trajectory_config(cfg: Config, data_sha: str) -> dict[str, Any]:
         "batch_size": cfg.experts.batch_size,
         "seed": cfg.experts.seed,
     }
+    if cfg.data.subtasks > 1:  # a subtask's experts see its classes only (whole-dataset tags unchanged)
+        tcfg["subtask"] = [cfg.data.subtask, cfg.data.subtasks]
     # FFCV's crops and flips make other trajectories; cache-fed experts keep their old names
     if _loader(cfg) == "ffcv":
         tcfg["loader"] = "ffcv"
@@ -110,6 +112,11 @@ def experts_dir(cfg: Config) -> Path:
     digest = hashlib.sha256(json.dumps(tcfg, sort_keys=True).encode()).hexdigest()[:10]
     depth = cfg.net.depth or (default_depth(manifest["resolution"]) if cfg.net.name == "convnet" else 0)
     name = f"{cfg.net.name}{depth or ''}-w{cfg.net.width}-{digest}" if cfg.net.name == "convnet" else f"{cfg.net.name}-{digest}"
+    if cfg.data.subtasks > 1:
+        if cfg.data.subtask < 0:
+            raise D3FastError(f"data.subtasks={cfg.data.subtasks}: experts are trained per subtask; set data.subtask "
+                              f"(--subtask 0..{cfg.data.subtasks - 1})")
+        name = f"{name}-sub{cfg.data.subtask}of{cfg.data.subtasks}"
     return experts_root(cfg.data.dataset) / name
 
 
@@ -121,6 +128,9 @@ def resolve_data_loader(cfg: Config) -> str:
     dataset's .beton files exist (d3fast.data.beton.resolve_loader), else the cache."""
     if cfg.data.loader != "auto":
         return cfg.data.loader
+    if cfg.data.subtasks > 1:  # subtasks read their classes from the cache (FFCV streams whole datasets)
+        cfg.data.loader = "cache"
+        return "cache"
     prepared = read_manifest(data_dir(cfg.data.dataset)) is not None
     for loader in ("cache", "ffcv") if prepared else ():
         trial = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=loader))

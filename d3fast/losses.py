@@ -11,6 +11,9 @@ kernels/<op>_ref.py); the other terms are small and stay plain PyTorch.
                           averaged over priors
     diversity             minus the mean, over classes with >= 2 priors and over their pairs,
                           of the mean squared difference of two decoded mean images
+    soft_cross_entropy    T^2 mean_b sum_c -q_T[b, c] log softmax(z[b] / T)_c, q_T = q^(1/T) / sum q^(1/T)
+                          (students on soft labels; Hinton et al. 2015, "Distilling the knowledge
+                          in a neural network", with stored probabilities instead of logits)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from d3fast import kernels
 from d3fast.kernels import DEFAULT_BANDWIDTHS, pairwise_sq_dists
 
-__all__ = ["diversity", "kl_standard_normal", "mmd2", "pairwise_sq_dists", "param_dist"]
+__all__ = ["diversity", "kl_standard_normal", "mmd2", "pairwise_sq_dists", "param_dist", "soft_cross_entropy"]
 
 
 def mmd2(
@@ -64,3 +67,21 @@ def diversity(mean_images: torch.Tensor) -> torch.Tensor:
     flat = mean_images.reshape(c, p, -1)
     d2 = pairwise_sq_dists(flat, flat) / flat.shape[-1]  # [C, P, P]
     return -d2.sum((-1, -2)).mean() / (p * (p - 1))
+
+
+def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of a student against soft labels, at temperature T.
+
+    Args:
+        logits: [B, C] student outputs.
+        probs: [B, C] target probabilities (rows sum to 1), e.g. an expert's softmax.
+        temperature: T > 0; the targets are sharpened (T < 1) or flattened (T > 1) as
+            q^(1/T) renormalised, which is softmax(log q / T): the softmax of the expert's
+            logits at temperature T. The T^2 factor keeps the gradient's scale independent of T.
+    Returns:
+        0-d tensor: the mean over the batch. At T = 1 this is torch's cross-entropy with
+        probability targets (the reference's soft-label training).
+    """
+    log_q = torch.log(probs.clamp_min(1e-12)) / temperature
+    target = torch.softmax(log_q, dim=1)
+    return -(target * torch.log_softmax(logits / temperature, dim=1)).sum(1).mean() * temperature**2

@@ -45,8 +45,8 @@ from tqdm import tqdm
 from d3fast import ledger
 from d3fast.config import Config
 from d3fast.data.cache import read_manifest
-from d3fast.data.datasets import get_spec
-from d3fast.data.loader import DeviceDataset, load_dataset
+from d3fast.data.datasets import get_spec, subtask_block
+from d3fast.data.loader import DeviceDataset, load_view
 from d3fast.data.prepare import prepare_command
 from d3fast.distill import DistillInputs, distill
 from d3fast.errors import D3FastError
@@ -170,10 +170,11 @@ def _inputs(cfg: Config, device: torch.device, stand_in: str, scratch: Path) -> 
     if stand_in == "never" and not prepared:
         raise D3FastError(f"dataset {ds!r} is not prepared (profile --stand-in never); run:\n  {prepare_command(cfg)}")
     if prepared and stand_in != "always":
-        train = load_dataset(ds, "train", device, cfg.data.zca_eps if cfg.data.zca else None)
+        train = load_view(cfg, "train", device)
         sources = {"data": f"real ({len(train)} train images)"}
     else:
-        train = _stand_in_data(spec.num_classes, spec.channels, spec.resolution, cfg.distill.mmd_samples, device)
+        start, stop = subtask_block(ds, cfg.data.subtasks, max(cfg.data.subtask, 0))
+        train = _stand_in_data(stop - start, spec.channels, spec.resolution, cfg.distill.mmd_samples, device)
         if cfg.data.zca:  # the whitening matmul costs the same with any matrix of its size
             dim = spec.channels * spec.resolution**2
             train.zca = (torch.eye(dim, device=device), torch.zeros(dim, device=device))
@@ -271,7 +272,10 @@ def _report(
         # how much of the measured step the named phases account for (the rest is "other")
         "phase_coverage": named / step_s,
         "peak_memory": _peak_memory(device, timed, timer),
+        # a subtask's hours; the job distills data.subtasks of them (one after another, or
+        # one per device in parallel: the same device-hours)
         "projection": {"steps": full_steps, "device_hours": proj_hours, "unit": unit,
+                       "subtasks": cfg.data.subtasks, "all_subtasks_device_hours": proj_hours * cfg.data.subtasks,
                        "paper_gpu_hours": paper.gpu_hours if paper else None, "paper_steps": paper.steps if paper else None},
         "files": ["report.md", "report.json", "phases.png", "memory.png", "metrics.jsonl"],
     }
@@ -385,6 +389,8 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     p = r["projection"]
     line = f"- projected: {p['device_hours']:.2f} {p['unit']} for {p['steps']} steps at this rate"
+    if p.get("subtasks", 1) > 1:
+        line += f" per subtask, {p['all_subtasks_device_hours']:.2f} {p['unit']} for all {p['subtasks']} subtasks"
     if p["paper_gpu_hours"] is not None:
         line += f"; paper: {p['paper_gpu_hours']:g} GPU-h for {p['paper_steps']} steps"
     lines.append(line)
@@ -475,6 +481,8 @@ def summary_line(r: dict[str, Any]) -> str:
     p = r["projection"]
     text = (f"{r['dataset']}: {r.get('rate_step_s', r['step_s']['mean']) * 1e3:.0f} ms/step, {r['images_per_s']:.0f} images/s, "
             f"peak {r['peak_memory']['gib']:.2f} GiB; {p['device_hours']:.2f} {p['unit']} for {p['steps']} steps")
+    if p.get("subtasks", 1) > 1:
+        text += f" per subtask ({p['all_subtasks_device_hours']:.2f} {p['unit']} for all {p['subtasks']})"
     if p["paper_gpu_hours"] is not None:
         text += f" (paper {p['paper_gpu_hours']:g} GPU-h)"
     if not math.isfinite(r["phase_coverage"]):

@@ -10,6 +10,11 @@
         metrics.jsonl   one line per step (d3fast/distill.py)
         checkpoint.pt   the TrainState (d3fast/state.py)
         eval.json, eval.md
+        soft_labels.safetensors   the checkpoint's soft labels, when labelled (d3fast/soft_labels.py)
+
+A merged object's directory (`d3fast merge`) holds config.json (the dataset's, every
+subtask), manifest.json (the runs merged) and merged.safetensors; `load_distilled` reads it
+like a run's checkpoint, so evaluate, sample and export take either.
 
 `distill`, `profile`, `evaluate`, `sample` and `export` reach these files only through
 `Run`; reading a run's distilled object (`load_distilled`) needs nothing of the training loop.
@@ -32,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from d3fast.config import Config, apply_updates, resume_changes, to_dict
-from d3fast.distilled import Distilled
+from d3fast.distilled import Distilled, Merged
 from d3fast.errors import D3FastError
 from d3fast.io import (
     atomic_write_json,
@@ -270,12 +275,28 @@ class Run:
     def load_state(self, device: torch.device | str = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.checkpoint_path, device)
 
-    def load_distilled(self, device: torch.device | str = "cpu") -> tuple[Distilled, int]:
-        """(distilled object, step) of the latest checkpoint (the config is not needed).
+    @property
+    def merged_path(self) -> Path:
+        return self.path / "merged.safetensors"
+
+    def load_distilled(self, device: torch.device | str = "cpu") -> tuple[Distilled | Merged, int]:
+        """(distilled object, step) of the latest checkpoint (the config is not needed), with
+        its soft labels when the run has them for that step; for a merged directory, the
+        merged object and the lowest step of its parts.
 
         Raises:
-            D3FastError: no or a corrupt checkpoint, or a distilled object holding NaN or inf.
+            D3FastError: no or a corrupt checkpoint, a distilled object holding NaN or inf,
+                soft labels of another step.
         """
+        if self.merged_path.exists():
+            from d3fast.distilled import load
+
+            merged = load(self.merged_path, device)
+            for part in merged.parts:
+                problem = distilled_problems(part)
+                if problem is not None:
+                    raise D3FastError(f"{self.merged_path} cannot be used: {problem[0]} ({problem[1]})")
+            return merged, min((int(s.get("step", 0)) for s in getattr(merged, "sources", [])), default=0)
         state = self.load_state(device)
         d = Distilled.from_state_dict(state, device)
         problem = distilled_problems(d)
@@ -285,6 +306,10 @@ class Run:
                 f"the checkpoint of {self.path} (step {state['step']}) cannot be used: {what} ({detail}). "
                 "Start a new run with lower learning rates"
             )
+        from d3fast.soft_labels import load_run_labels
+
+        labels = load_run_labels(self.path, int(state["step"]), d.num_priors)
+        d.soft_labels = None if labels is None else labels.to(device)
         return d, int(state["step"])
 
     # ---- metrics

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from d3fast.distilled import Distilled
+from d3fast.distilled import Distilled, Merged, Sampler
 from d3fast.io import atomic_path
 
 
@@ -22,14 +21,16 @@ def to_uint8(x: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray
 
 
 @torch.no_grad()
-def sample_grid(d: Distilled, out: Path, samples: int = 9, seed: int = 0, scale: int = 0) -> Path:
-    """One row per prior: its mean image f(mu), then `samples` fresh samples."""
-    decoder = copy.deepcopy(d.decoder).train()
-    g = torch.Generator(device=d.latents.device).manual_seed(seed)
-    n = len(d.latents)
-    idx = torch.arange(n, device=d.latents.device).repeat_interleave(samples)
-    means = decoder(d.latents[..., 0])  # [n, C, H, W]
-    draws = decoder(d.sample_latents(idx, g)).view(n, samples, *means.shape[1:])
+def sample_grid(d: Distilled | Merged, out: Path, samples: int = 9, seed: int = 0, scale: int = 0) -> Path:
+    """One row per prior: its mean image f(mu), then `samples` fresh samples (a merged
+    object's classes each through their own subtask's decoder)."""
+    sample = Sampler(d, "batch")
+    dev = d.parts[0].latents.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    n = d.num_priors
+    idx = torch.arange(n, device=dev).repeat_interleave(samples)
+    means = sample.means()  # [n, C, H, W]
+    draws = sample(idx, g).view(n, samples, *means.shape[1:])
     imgs = to_uint8(torch.cat([means[:, None], draws], 1).flatten(0, 1), d.meta["mean"], d.meta["std"])
     h, w, c = imgs.shape[1:]
     pad = 2

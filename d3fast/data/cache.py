@@ -101,12 +101,15 @@ def freshness(cache: Path, fingerprint: str, resolution: int) -> tuple[bool, str
     return True, "up to date"
 
 
-def load_split(dataset: str, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_split(
+    dataset: str, split: str, mmap: bool = False, verify: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(images uint8 [N, C, H, W], labels int64 [N], manifest) of a prepared dataset.
 
     A full load (not `mmap`) first checks both files against the sha256 the manifest
     recorded (once per process per unchanged file): a corrupt cache is refused, not
-    trained on. A memory map (manifest and shape lookups) checks the shapes only.
+    trained on. A memory map (manifest and shape lookups) checks the shapes only, unless
+    `verify` (a subtask reads a verified map and copies its classes' rows only).
 
     Raises D3FastError when the dataset is not prepared or its files are damaged.
     """
@@ -120,7 +123,7 @@ def load_split(dataset: str, split: str, mmap: bool = False) -> tuple[np.ndarray
     info = manifest["splits"][split]
     fix = f"run `d3fast prepare --dataset {dataset} --force`"
     try:
-        if not mmap:
+        if verify if verify is not None else not mmap:
             for name in (xs, ys):
                 verify_sha256(cache / name, manifest["sha256"][name], f"cache file of {dataset!r}", fix)
         x = np.load(cache / xs, mmap_mode="r" if mmap else None, allow_pickle=False)

@@ -71,3 +71,27 @@ def get_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise D3FastError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[name]
+
+
+def class_blocks(num_classes: int, subtasks: int) -> list[tuple[int, int]]:
+    """The S contiguous class blocks [start, stop) of a subtask split (docs/algorithm.md
+    section 9): the reference's split (imagebatch_i = classes 200 i .. 200 i + 199 of 1,000)
+    when S divides the classes; otherwise the first C mod S blocks hold one class more.
+
+    Raises:
+        D3FastError: S < 1 or more subtasks than classes.
+    """
+    from d3fast.errors import D3FastError
+
+    if not 1 <= subtasks <= num_classes:
+        raise D3FastError(f"config key data.subtasks: {subtasks} subtasks cannot split {num_classes} classes "
+                          f"(1..{num_classes})")
+    base, extra = divmod(num_classes, subtasks)
+    starts = [i * base + min(i, extra) for i in range(subtasks + 1)]
+    return list(zip(starts[:-1], starts[1:], strict=True))
+
+
+def subtask_block(dataset: str, subtasks: int, subtask: int) -> tuple[int, int]:
+    """The classes [start, stop) of `subtask` (-1: every class)."""
+    n = get_spec(dataset).num_classes
+    return (0, n) if subtask < 0 else class_blocks(n, subtasks)[subtask]

@@ -1,0 +1,190 @@
+"""`d3fast merge`: the S subtask runs of one dataset as one distilled object (docs/algorithm.md
+section 9; the reference's `eval_federated.py` re-assembles its subtasks the same way).
+
+The merged directory is run-shaped, so `evaluate`, `sample` and `export` read it as they read
+a run:
+
+    <out>/
+        config.json          the dataset's config with data.subtask = -1 (every class)
+        manifest.json        the runs merged: path, subtask, step, checkpoint sha256
+        merged.safetensors   every part's latents, decoder and lr, the soft labels (d3fast/distilled.py)
+
+It is written under a temporary name and swapped in whole. While merging, every source
+run's lock is held, so a run still distilling is refused and none starts mid-merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d3fast.config import Config, to_dict
+from d3fast.distilled import Distilled, Merged, export
+from d3fast.errors import D3FastError
+from d3fast.io import (
+    atomic_write_json,
+    lock_holder,
+    locked,
+    remove_stale_temps,
+    replace_dir,
+    seal,
+    sha256_file,
+    temp_dir,
+    write_failure,
+)
+from d3fast.run import Run
+from d3fast.runtime import device_name, versions
+
+# what every part must share: the runs of one subtask split of one distillation setup
+SAME_KEYS = ("data.dataset", "data.subtasks", "data.zca", "data.zca_eps", "distill.ppc", "distill.decoder",
+             "distill.decoder_width", "distill.decoder_linear", "distill.z_dim", "net.name")
+
+
+def _key(cfg: Config, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name, None)
+
+
+def check_parts(runs: list[Run], configs: list[Config]) -> None:
+    """One run per subtask of one split, all of the same setup.
+
+    Raises:
+        D3FastError: naming the runs: other datasets or settings, a run that is not a
+            subtask run, two runs of one subtask, or subtasks missing.
+    """
+    if not runs:
+        raise D3FastError("name the subtask runs to merge")
+    first = configs[0]
+    for run, cfg in zip(runs, configs, strict=True):
+        if (run.path / "merged.safetensors").exists():
+            raise D3FastError(f"{run.path} is a merged object, not a subtask run")
+        if cfg.data.subtasks < 2 or cfg.data.subtask < 0:
+            raise D3FastError(f"{run.path} distills all of {cfg.data.dataset} (data.subtasks={cfg.data.subtasks}): "
+                              "only runs of one subtask each are merged")
+        diff = [f"{k}: {_key(first, k)!r} vs {_key(cfg, k)!r}" for k in SAME_KEYS if _key(first, k) != _key(cfg, k)]
+        if diff:
+            raise D3FastError(f"{runs[0].path} and {run.path} are not parts of one distillation ({'; '.join(diff)})")
+    by_block: dict[int, list[Path]] = {}
+    for run, cfg in zip(runs, configs, strict=True):
+        by_block.setdefault(cfg.data.subtask, []).append(run.path)
+    twice = {i: paths for i, paths in by_block.items() if len(paths) > 1}
+    if twice:
+        i, paths = min(twice.items())
+        raise D3FastError(f"subtask {i} is given twice ({', '.join(map(str, paths))}): name one run per subtask")
+    missing = [i for i in range(first.data.subtasks) if i not in by_block]
+    if missing:
+        raise D3FastError(f"subtask(s) {', '.join(map(str, missing))} of {first.data.subtasks} are missing: distill "
+                          f"them (d3fast distill --dataset {first.data.dataset} --subtasks {first.data.subtasks} "
+                          f"--subtask {missing[0]} ...) and name every run")
+
+
+def merge_runs(
+    run_dirs: Sequence[str | Path], out: str | Path, *, partial: bool = False, soft_labels: bool | None = None,
+    force: bool = False, device: torch.device | str = "cpu", runs_dir: str = "runs",
+) -> tuple[Merged, Path]:
+    """Merge the subtask runs `run_dirs` into the directory `out`; returns the object and `out`.
+    `soft_labels` (None: as the runs' distill.soft_labels) labels the merged object with a
+    whole-dataset expert (d3fast/soft_labels.py).
+
+    Raises:
+        D3FastError: the parts do not make one object (check_parts), a run still
+            distilling, stopped before its distill.steps (unless `partial`), or holding NaN
+            or inf; `out` exists (unless `force`) or is one of the runs.
+    """
+    runs = [Run.open(str(p), runs_dir) for p in run_dirs]
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        if run.path.resolve() in seen:
+            raise D3FastError(f"{run.path} is given twice: name each subtask's run once")
+        seen[run.path.resolve()] = run.path
+    out = Path(out)
+    if any(out.resolve() == r.path.resolve() for r in runs):
+        raise D3FastError(f"--out {out} is one of the runs being merged")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise D3FastError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+    with contextlib.ExitStack() as held:
+        for run in runs:  # a run distilling now holds its lock: refused, and none starts until we are done
+            if not held.enter_context(locked(run.path / ".lock")):
+                raise D3FastError(f"{run.path} is still distilling (pid {lock_holder(run.path / '.lock')}): merge it "
+                                  "when it has finished")
+        configs = [r.read_config() for r in runs]
+        check_parts(runs, configs)
+        order = sorted(range(len(runs)), key=lambda k: configs[k].data.subtask)
+        runs, configs = [runs[k] for k in order], [configs[k] for k in order]
+        parts: list[Distilled] = []
+        sources = []
+        for run, cfg in zip(runs, configs, strict=True):
+            d, step = run.load_distilled(device)
+            assert isinstance(d, Distilled)  # check_parts refused merged directories
+            if step < cfg.distill.steps and not partial:
+                raise D3FastError(f"{run.path} stopped at step {step} of {cfg.distill.steps}: continue it with "
+                                  f"`d3fast distill --resume {run.path}`, or merge what it has with --partial")
+            d.soft_labels = None  # a part's labels are not the merged object's
+            parts.append(d)
+            sources.append({"run": str(run.path.resolve()), "subtask": cfg.data.subtask, "step": step,
+                            "steps": cfg.distill.steps, "checkpoint_sha256": sha256_file(run.checkpoint_path)})
+        merged = Merged.of(parts, sources=sources)
+        cfg = copy.deepcopy(configs[0])
+        cfg.data.subtask = -1
+        if soft_labels is not None:
+            cfg.distill.soft_labels = soft_labels
+        label_info = None
+        if cfg.distill.soft_labels:
+            from d3fast.soft_labels import label
+
+            label_info = label(merged, cfg, torch.device(device))
+        _write(out, merged, cfg, label_info, torch.device(device))
+    return merged, out
+
+
+def _write(out: Path, merged: Merged, cfg: Config, label_info: dict[str, Any] | None, device: torch.device) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent)
+    tmp = temp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        export(merged, tmp / "merged.safetensors")
+        atomic_write_json(tmp / "config.json", to_dict(cfg))
+        atomic_write_json(tmp / "manifest.json", seal({
+            "kind": "merged", "dataset": cfg.data.dataset, "subtasks": len(merged.parts), "sources": merged.sources,
+            "classes": merged.num_classes, "ppc": merged.ppc, "storage_bytes": merged.storage_bytes(),
+            "images_per_class_equivalent": merged.images_per_class_equivalent(), "soft_labels": label_info,
+            "device": device_name(device), "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }))
+        replace_dir(tmp, out)
+    except OSError as e:
+        raise write_failure(Path(getattr(e, "filename", None) or tmp), e) or e from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def relabel(run: Run, cfg: Config, device: torch.device) -> Merged:
+    """Soft labels for the merged object in `run` (its directory), written back in place
+    (the export and the manifest are each replaced atomically).
+
+    Raises:
+        D3FastError: not a merged directory, or no labelling expert (d3fast/soft_labels.py).
+    """
+    from d3fast.io import read_json, unseal
+    from d3fast.soft_labels import label
+
+    merged, _ = run.load_distilled(device)
+    if not isinstance(merged, Merged):
+        raise D3FastError(f"{run.path} holds no merged object")
+    info = label(merged, cfg, device)
+    export(merged, run.merged_path)
+    manifest = unseal(read_json(run.manifest_path, "merged manifest"), "merged manifest", run.manifest_path)
+    cfg.distill.soft_labels = True
+    atomic_write_json(run.config_path, to_dict(cfg))
+    atomic_write_json(run.manifest_path, seal({**manifest, "soft_labels": info,
+                                               "storage_bytes": merged.storage_bytes(),
+                                               "images_per_class_equivalent": merged.images_per_class_equivalent()}))
+    return merged

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -207,15 +208,18 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler for the CIFAR-10 python batches that can build numpy arrays and nothing
-    else: a tampered file cannot run code."""
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickler for python batches (CIFAR-10, Imagenet64) that can build numpy arrays and
+    nothing else: a tampered file cannot run code."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # protocol 5 (Python 3.14's default) rebuilds an array from its in-band buffer
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         # protocol-2 pickles written by Python 3 encode bytes as _codecs.encode(str, "latin1")
         ("_codecs", "encode"),
     }
@@ -223,22 +227,33 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: ANN201
         if (module, name) not in self.ALLOWED:
             raise _ForbiddenGlobal(f"refusing to load global {module}.{name}")
-        if module == "numpy.core.multiarray":
-            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module.removeprefix("numpy.core.")
         return super().find_class(module, name)
 
 
-def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_pickled_dict(path: Path, what: str, fix: str = "") -> dict[str, Any]:
+    """The dict pickled in `path`, loaded by `_NumpyUnpickler`, bytes keys (Python 2 files)
+    decoded to str.
+
+    Raises:
+        D3FastError: a global other than numpy's array builders ("not <what>"), a damaged
+            file ("corrupt or truncated" + `fix`), or no dict inside.
+    """
     try:
         with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
+            batch = _NumpyUnpickler(f, encoding="bytes").load()
     except _ForbiddenGlobal as e:
-        raise D3FastError(f"{path} is not a CIFAR-10 python batch ({e})") from None
+        raise D3FastError(f"{path} is not {what} ({e})") from None
     except Exception as e:  # a damaged pickle raises anything from EOFError to MemoryError
-        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]})") from None
+        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}){fix}") from None
     if not isinstance(batch, dict):
-        raise D3FastError(f"{path} is not a CIFAR-10 python batch (no dict inside)")
-    batch = {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        raise D3FastError(f"{path} is not {what} (no dict inside)")
+    return {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_pickled_dict(path, "a CIFAR-10 python batch")
     if "data" not in batch or "labels" not in batch:
         raise D3FastError(f"{path} has no 'data'/'labels' entries: not a CIFAR-10 batch")
     try:

@@ -1,9 +1,10 @@
 """Dataset readers: find a dataset's files in its standard layout and say what to decode.
 
 A reader returns a `Source`: per split, the labels plus either decoded uint8 arrays
-(IDX, CIFAR batches, scikit-learn digits) or image files to decode (JPEG trees). Readers
-check the layout and raise `D3FastError` with the path and a fix when it is wrong; they
-never decode JPEGs themselves (prepare does that on all cores).
+(IDX, CIFAR batches, scikit-learn digits), image files to decode (JPEG trees) or parts that
+load one batch file each (Imagenet64, too large to hold whole). Readers check the layout and
+raise `D3FastError` with the path and a fix when it is wrong; they never decode JPEGs
+themselves (prepare does that on all cores).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import pickle
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,22 @@ from d3fast.errors import D3FastError
 
 
 @dataclass
+class Part:
+    """The next `count` rows of a split, loaded only when prepare writes them."""
+
+    count: int
+    load: Callable[[], np.ndarray]  # -> uint8 [count, C, H, W]; raises D3FastError
+    path: str  # the file it comes from, for error messages
+
+
+@dataclass
 class SplitSource:
     labels: np.ndarray  # int64 [N]
     files: list[str] | None = None  # image files to decode, aligned with labels
     images: np.ndarray | None = None  # uint8 [N, C, H, W] when already decoded
+    # Consecutive row blocks (counts summing to N) for splits too large for memory: prepare
+    # loads and writes one at a time.
+    parts: list[Part] | None = None
 
 
 @dataclass

@@ -164,8 +164,9 @@ def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force,
     files; found automatically where Debian's dataset-fashion-mnist puts them), digits
     (scikit-learn, embedded), cifar10 (cifar-10-batches-py or -bin), tinyimagenet
     (tiny-imagenet-200), imagenette/imagewoof (ImageNet-1k tree or fast.ai
-    imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/). `--format ffcv` then writes
-    train/test .beton files beside the cache from the same decoded images.
+    imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/), imagenet64 (Imagenet64_train_npz/
+    and Imagenet64_val_npz/, or the pickled Imagenet64_train/ and _val/). `--format ffcv`
+    then writes train/test .beton files beside the cache from the same decoded images.
     """
     from d3fast.data.beton import require_ffcv, write_betons
     from d3fast.data.prepare import prepare as run

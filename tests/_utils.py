@@ -3,8 +3,10 @@ standard layouts, for the readers to find."""
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,107 @@ def make_cifar10(root: Path, per_batch: int = 10, binary: bool = False):
         with open(folder / "batches.meta", "wb") as f:
             pickle.dump({b"label_names": [b"airplane"] * 10}, f, protocol=2)
     return folder, batches
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle did: str and bytes become Python 2 `str` opcodes (read
+    back as bytes under encoding="bytes") and numpy is named `numpy.core`."""
+
+    def save_bytes(self, obj: bytes) -> None:
+        if self.proto == 0:
+            self.write(b"S'" + codecs.escape_encode(obj)[0] + b"'\n")
+        elif len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj: str) -> None:
+        self.save_bytes(obj.encode("latin1"))
+
+    def save_global(self, obj, name=None) -> None:
+        name = name or obj.__qualname__
+        module = pickle.whichmodule(obj, name).replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+
+
+def imagenet64_rows(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 64, 64, 3] pictures -> the files' uint8 [N, 12288] rows: all of R, then G,
+    then B, each plane row-major (what the Imagenet64 scripts wrote)."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
+
+
+def write_imagenet64_tree(
+    root: Path,
+    per_class_train: int = 1,
+    per_class_val: int = 1,
+    fmt: str = "npz",
+    protocol: int | None = None,
+    flat: bool = False,
+    seed: int = 0,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A tiny Downsampled ImageNet 64x64 in the official download's format: all 1000 classes
+    (prepare refuses an empty one) with `per_class_train` images each, shuffled over
+    train_data_batch_1..10 (9 of n // 10 images, the rest in the 10th) and `per_class_val`
+    in val_data. Each file is a dict of `data` (uint8 [n, 12288], rows as `imagenet64_rows`)
+    and `labels` (1..1000); train files also hold `mean` (float64 [12288], over all train
+    images).
+
+    Args:
+        root: where the tree goes (created).
+        fmt: "npz" (`np.savez` into Imagenet64_train_npz/ and Imagenet64_val_npz/, labels an
+            int64 array), "pickle" (`pickle.dump` from Python 3, str keys, labels a list) or
+            "pickle-py2" (as Python 2's cPickle wrote it), both pickles into Imagenet64_train/
+            and Imagenet64_val/ with no suffix. Default: "npz".
+        protocol: the pickle protocol. Default: the writer's own default (`pickle.
+            DEFAULT_PROTOCOL`; 0 for Python 2).
+        flat: put all 11 files directly in `root` instead of the two subfolders.
+        seed: pixels and shuffling.
+
+    Returns:
+        {file stem ("train_data_batch_1", ..., "val_data"): (pictures uint8 [n, 64, 64, 3],
+        labels int64 [n], 1-based)}. About 0.6 MB per 50 images: 1 + 1 per class is 25 MB.
+
+    Example:
+        files = write_imagenet64_tree(tmp_path)   # then --data-path tmp_path
+    """
+    if fmt not in ("npz", "pickle", "pickle-py2"):
+        raise ValueError(f"fmt must be npz, pickle or pickle-py2, not {fmt!r}")
+    rng = np.random.default_rng(seed)
+    train_dir, val_dir = ("Imagenet64_train_npz", "Imagenet64_val_npz") if fmt == "npz" else (
+        "Imagenet64_train", "Imagenet64_val")
+    if flat:
+        train_dir = val_dir = "."
+    train_y = rng.permutation(np.repeat(np.arange(1, 1001), per_class_train))
+    val_y = rng.permutation(np.repeat(np.arange(1, 1001), per_class_val))
+    train_x = rng.integers(0, 256, (len(train_y), 64, 64, 3), dtype=np.uint8)
+    val_x = rng.integers(0, 256, (len(val_y), 64, 64, 3), dtype=np.uint8)
+    mean = imagenet64_rows(train_x).mean(axis=0)
+    size = len(train_y) // 10
+    cuts = [i * size for i in range(10)] + [len(train_y)]
+    files = {f"train_data_batch_{i + 1}": (train_x[cuts[i] : cuts[i + 1]], train_y[cuts[i] : cuts[i + 1]])
+             for i in range(10)}
+    files["val_data"] = (val_x, val_y)
+    for name, (x, y) in files.items():
+        folder = root / (val_dir if name == "val_data" else train_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        entries: dict = {"data": imagenet64_rows(x), "labels": y.tolist()}
+        if name != "val_data":
+            entries["mean"] = mean
+        if fmt == "npz":
+            np.savez(folder / f"{name}.npz", **{**entries, "labels": np.asarray(y, np.int64)})
+        elif fmt == "pickle":
+            with open(folder / name, "wb") as f:
+                pickle.dump(entries, f, protocol=protocol)
+        else:
+            with open(folder / name, "wb") as f:
+                _Py2Pickler(f, protocol=0 if protocol is None else protocol).dump(entries)
+    return files
 
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float) -> None:

@@ -62,6 +62,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "tinyimagenet": DatasetSpec("tinyimagenet", 200, 64, 3),
     "imagenette": DatasetSpec("imagenette", 10, 128, 3, imagenet_classes=IMAGENETTE),
     "imagewoof": DatasetSpec("imagewoof", 10, 128, 3, imagenet_classes=IMAGEWOOF),
+    # Downsampled ImageNet-1k (Chrabaszcz et al. 2017): 1.28M train / 50k val images
+    "imagenet64": DatasetSpec("imagenet64", 1000, 64, 3),
 }
 
 

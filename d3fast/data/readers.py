@@ -1,22 +1,25 @@
 """Dataset readers: find a dataset's files in its standard layout and say what to decode.
 
 A reader returns a `Source`: per split, the labels plus either decoded uint8 arrays
-(IDX, CIFAR batches, scikit-learn digits) or image files to decode (JPEG trees). Readers
-check the layout and raise `D3FastError` with the path and a fix when it is wrong; they
-never decode JPEGs themselves (prepare does that on all cores).
+(IDX, CIFAR batches, scikit-learn digits), image files to decode (JPEG trees) or parts that
+load one batch file each (Imagenet64, too large to hold whole). Readers check the layout and
+raise `D3FastError` with the path and a fix when it is wrong; they never decode JPEGs
+themselves (prepare does that on all cores).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
 import os
 import pickle
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +28,22 @@ from d3fast.errors import D3FastError
 
 
 @dataclass
+class Part:
+    """The next `count` rows of a split, loaded only when prepare writes them."""
+
+    count: int
+    load: Callable[[], np.ndarray]  # -> uint8 [count, C, H, W]; raises D3FastError
+    path: str  # the file it comes from, for error messages
+
+
+@dataclass
 class SplitSource:
     labels: np.ndarray  # int64 [N]
     files: list[str] | None = None  # image files to decode, aligned with labels
     images: np.ndarray | None = None  # uint8 [N, C, H, W] when already decoded
+    # Consecutive row blocks (counts summing to N) for splits too large for memory: prepare
+    # loads and writes one at a time.
+    parts: list[Part] | None = None
 
 
 @dataclass
@@ -51,6 +66,7 @@ def read_source(spec: DatasetSpec, data_path: str | None) -> Source:
         "tinyimagenet": lambda: read_tinyimagenet(_locate(spec, data_path)),
         "imagenette": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
         "imagewoof": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
+        "imagenet64": lambda: read_imagenet64(_locate(spec, data_path)),
     }
     return readers[spec.name]()
 
@@ -207,15 +223,18 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler for the CIFAR-10 python batches that can build numpy arrays and nothing
-    else: a tampered file cannot run code."""
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickler for python batches (CIFAR-10, Imagenet64) that can build numpy arrays and
+    nothing else: a tampered file cannot run code."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # protocol 5 (Python 3.14's default) rebuilds an array from its in-band buffer
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         # protocol-2 pickles written by Python 3 encode bytes as _codecs.encode(str, "latin1")
         ("_codecs", "encode"),
     }
@@ -223,22 +242,33 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: ANN201
         if (module, name) not in self.ALLOWED:
             raise _ForbiddenGlobal(f"refusing to load global {module}.{name}")
-        if module == "numpy.core.multiarray":
-            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module.removeprefix("numpy.core.")
         return super().find_class(module, name)
 
 
-def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_pickled_dict(path: Path, what: str, fix: str = "") -> dict[str, Any]:
+    """The dict pickled in `path`, loaded by `_NumpyUnpickler`, bytes keys (Python 2 files)
+    decoded to str.
+
+    Raises:
+        D3FastError: a global other than numpy's array builders ("not <what>"), a damaged
+            file ("corrupt or truncated" + `fix`), or no dict inside.
+    """
     try:
         with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
+            batch = _NumpyUnpickler(f, encoding="bytes").load()
     except _ForbiddenGlobal as e:
-        raise D3FastError(f"{path} is not a CIFAR-10 python batch ({e})") from None
+        raise D3FastError(f"{path} is not {what} ({e})") from None
     except Exception as e:  # a damaged pickle raises anything from EOFError to MemoryError
-        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]})") from None
+        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}){fix}") from None
     if not isinstance(batch, dict):
-        raise D3FastError(f"{path} is not a CIFAR-10 python batch (no dict inside)")
-    batch = {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        raise D3FastError(f"{path} is not {what} (no dict inside)")
+    return {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_pickled_dict(path, "a CIFAR-10 python batch")
     if "data" not in batch or "labels" not in batch:
         raise D3FastError(f"{path} has no 'data'/'labels' entries: not a CIFAR-10 batch")
     try:
@@ -443,3 +473,213 @@ def read_imagenet_subset(root: Path, spec: DatasetSpec) -> Source:
         path=str(root),
         fingerprint=_fingerprint(root, all_files, extra=str(spec.resolution)),
     )
+
+
+# ---------------------------------------------------------------- Downsampled ImageNet 64x64
+
+IMAGENET64_TRAIN = tuple(f"train_data_batch_{i}" for i in range(1, 11))
+IMAGENET64_VAL = "val_data"
+# npz first: its labels load without its pixels (see _imagenet64_labels_npz)
+IMAGENET64_SUFFIXES = (".npz", "", ".pkl", ".pickle")
+_IM64_ROW = 3 * 64 * 64  # bytes per image: the R, G, then B plane, each row-major 64x64
+_IM64_FIX = "; download it again"
+_IM64_EXPECTED = (
+    "train_data_batch_1 .. train_data_batch_10 and val_data (.npz, or pickled with no suffix, "
+    ".pkl or .pickle), in it or in a subfolder such as Imagenet64_train_npz/ and Imagenet64_val_npz/"
+)
+
+
+def read_imagenet64(root: Path) -> Source:
+    """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017, image-net.org's Imagenet64_train
+    and Imagenet64_val downloads): train_data_batch_1..10 and val_data in `root` or its
+    immediate subfolders, each a .npz or a pickled dict holding `data` (uint8 [N, 12288],
+    channel-major) and `labels` (1..1000). Labels become 0..999 in the files' order; class
+    names come from `root`/map_clsloc.txt when present, else "class 1".."class 1000".
+
+    Only the labels are read here: each file becomes one `Part` of its split (1.28M train
+    images are 15.7 GB), loaded when prepare writes it.
+
+    Raises:
+        D3FastError: files missing, damaged, of the wrong shape or dtype, labels outside
+            1..1000, or a data/labels length mismatch; each names the file.
+    """
+    files, notes = _find_imagenet64_files(root)
+    splits = {}
+    for split, names in (("train", IMAGENET64_TRAIN), ("test", (IMAGENET64_VAL,))):
+        labels, parts = [], []
+        for name in names:
+            path = files[name]
+            y = _imagenet64_labels_npz(path) if path.suffix == ".npz" else _imagenet64_labels_pickle(path)
+            labels.append(y)
+            parts.append(Part(len(y), functools.partial(_imagenet64_images, path, len(y)), str(path)))
+        splits[split] = SplitSource(labels=np.concatenate(labels), parts=parts)
+    classes, class_ids, map_files = _imagenet64_classes(root)
+    kinds = {"npz" if p.suffix == ".npz" else "pickle" for p in files.values()}
+    return Source(
+        classes=classes,
+        class_ids=class_ids,
+        splits=splits,
+        layout=f"imagenet64-{kinds.pop() if len(kinds) == 1 else 'mixed'}",
+        path=str(root),
+        fingerprint=_fingerprint(root, [*files.values(), *map_files]),
+        notes=notes,
+    )
+
+
+def _find_imagenet64_files(root: Path) -> tuple[dict[str, Path], list[str]]:
+    """{file stem: path} of the 11 Imagenet64 files and notes about duplicates. One found in
+    several places is taken as .npz before pickled, then `root` before subfolders (sorted)."""
+    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    found: dict[str, Path] = {}
+    notes: list[str] = []
+    for name in (*IMAGENET64_TRAIN, IMAGENET64_VAL):
+        cands = [f / (name + s) for s in IMAGENET64_SUFFIXES for f in folders if (f / (name + s)).is_file()]
+        if cands:
+            found[name] = cands[0]
+        if len(cands) > 1 and not notes:
+            notes.append(f"several copies of the Imagenet64 files: using {cands[0]} (not "
+                         f"{', '.join(str(c) for c in cands[1:])}) and the like")
+    if not found:
+        raise D3FastError(f"{root} holds no Imagenet64 files: expected {_IM64_EXPECTED}")
+    missing = [n for n in (*IMAGENET64_TRAIN, IMAGENET64_VAL) if n not in found]
+    if missing:
+        where = {str(p.parent) for p in found.values()}
+        raise D3FastError(
+            f"Imagenet64 files missing: {', '.join(missing)} (found the others in "
+            f"{', '.join(sorted(where))}); download them again into {root} or a subfolder"
+        )
+    return found, notes
+
+
+def _imagenet64_labels(path: Path, raw: Any) -> np.ndarray:
+    """int64 [N] labels 0..999 from a file's 1-based `labels` entry."""
+    try:
+        y = np.asarray(raw)
+    except (ValueError, TypeError, OverflowError) as e:  # ragged or odd lists
+        raise D3FastError(f"{path}: 'labels' is not a list of integers ({e}){_IM64_FIX}") from None
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+        raise D3FastError(
+            f"{path}: 'labels' is {y.dtype} {list(y.shape)}, expected a list of integers 1..1000{_IM64_FIX}"
+        )
+    y = y.astype(np.int64)
+    bad = y[(y < 1) | (y > 1000)]
+    if bad.size:
+        raise D3FastError(
+            f"{path}: label {bad[0]} outside 1..1000 ({bad.size} such); Imagenet64 labels are "
+            f"1-based: not an Imagenet64 file or a damaged one{_IM64_FIX}"
+        )
+    return y - 1
+
+
+def _check_imagenet64_data(path: Path, shape: tuple[int, ...], dtype: np.dtype, count: int) -> None:
+    if dtype != np.uint8 or len(shape) != 2 or shape[1] != _IM64_ROW:
+        hint = " (3072 columns: this is Imagenet32)" if len(shape) == 2 and shape[1] == 3 * 32 * 32 else ""
+        raise D3FastError(
+            f"{path}: 'data' is {dtype} {list(shape)}, expected uint8 [N, {_IM64_ROW}] "
+            f"(64x64 RGB, channel-major){hint}; download the Imagenet64 files again"
+        )
+    if shape[0] != count:
+        raise D3FastError(f"{path} holds {shape[0]} images but {count} labels{_IM64_FIX}")
+
+
+def _open_npz(path: Path) -> Any:
+    """np.load of an .npz (lazy per key, no pickles); D3FastError unless it is a zip of arrays."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # a truncated zip raises BadZipFile, garbage ValueError or OSError
+        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}){_IM64_FIX}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise D3FastError(f"{path} is a single .npy array, not an .npz with 'data' and 'labels'{_IM64_FIX}")
+    if not {"data", "labels"} <= set(z.files):
+        z.close()
+        raise D3FastError(f"{path} has no 'data'/'labels' arrays (holds {z.files}): not an Imagenet64 batch")
+    return z
+
+
+def _imagenet64_labels_npz(path: Path) -> np.ndarray:
+    """The labels of an .npz, its `data` checked from the .npy header alone (a 12 KiB read,
+    not 1.57 GB)."""
+    with _open_npz(path) as z:
+        try:
+            raw = z["labels"]
+            member = "data.npy" if "data.npy" in z.zip.namelist() else "data"
+            with z.zip.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                # other versions (utf-8 field names) never hold uint8 pixels: the load says so
+                header = read(f) if read is not None else None
+        except Exception as e:
+            raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}){_IM64_FIX}") from None
+    y = _imagenet64_labels(path, raw)
+    if header is not None:
+        shape, _, dtype = header
+        _check_imagenet64_data(path, shape, dtype, len(y))
+    return y
+
+
+def _imagenet64_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 [N, 12288], labels 0..999) of a pickled batch."""
+    batch = _load_pickled_dict(path, "an Imagenet64 python batch", _IM64_FIX)
+    if "data" not in batch or "labels" not in batch:
+        raise D3FastError(f"{path} has no 'data'/'labels' entries: not an Imagenet64 batch")
+    y = _imagenet64_labels(path, batch["labels"])
+    data = batch["data"]
+    if not isinstance(data, np.ndarray):
+        raise D3FastError(f"{path}: 'data' is a {type(data).__name__}, not a numpy array{_IM64_FIX}")
+    _check_imagenet64_data(path, data.shape, data.dtype, len(y))
+    return data, y
+
+
+def _imagenet64_labels_pickle(path: Path) -> np.ndarray:
+    # The labels of a pickle come only with its pixels, so the pickled variant is read twice:
+    # here (then dropped) and again when prepare writes it: 31 GB of reads instead of 15.7,
+    # about 30 s more at 500 MB/s. Keeping the pixels instead would take 15.7 GB of RAM, or a
+    # scratch copy as large as the cache itself.
+    return _imagenet64_pickle(path)[1]
+
+
+def _imagenet64_images(path: Path, count: int) -> np.ndarray:
+    """uint8 [count, 3, 64, 64] of one file, loaded in full (1.57 GB for a train batch).
+
+    Raises D3FastError: damaged, or no longer the `count` images its labels announced."""
+    if path.suffix == ".npz":
+        with _open_npz(path) as z:
+            try:
+                data = z["data"]
+            except Exception as e:  # a bad CRC or a short member shows only now
+                raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}){_IM64_FIX}") from None
+    else:
+        data, _ = _imagenet64_pickle(path)
+    _check_imagenet64_data(path, data.shape, data.dtype, count)
+    return data.reshape(count, 3, 64, 64)
+
+
+def _imagenet64_classes(root: Path) -> tuple[list[str], list[str], list[Path]]:
+    """(names, ids, [map file if used]): map_clsloc.txt's wnids and names in id order, else
+    the ids "1".."1000" (the files do not say which wnid a label is)."""
+    path = root / "map_clsloc.txt"
+    if not path.is_file():
+        ids = [str(i) for i in range(1, 1001)]
+        return [f"class {i}" for i in ids], ids, []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise D3FastError(f"{path} cannot be read ({e}); fix or remove it") from None
+    entries: dict[int, tuple[str, str]] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=2)
+        if len(parts) != 3 or not parts[1].isdecimal() or not 1 <= int(parts[1]) <= 1000:
+            raise D3FastError(f"{path}:{n}: expected '<wnid> <id 1..1000> <name>', got {line!r}")
+        if int(parts[1]) in entries:
+            raise D3FastError(f"{path}:{n}: id {parts[1]} appears twice")
+        entries[int(parts[1])] = (parts[0], parts[2].strip().replace("_", " "))
+    missing = [str(i) for i in range(1, 1001) if i not in entries]
+    if missing:
+        raise D3FastError(
+            f"{path} has no line for id(s) {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}: "
+            "expected one '<wnid> <id> <name>' line per class 1..1000; fix or remove it"
+        )
+    return [entries[i][1] for i in range(1, 1001)], [entries[i][0] for i in range(1, 1001)], [path]

@@ -370,6 +370,10 @@ def distill(
         click.echo(f"continue with: d3fast distill --resume {run.path}")
         sys.exit(130)
     if cfg.distill.soft_labels and cfg.data.subtasks == 1:
+        from d3fast.soft_labels import ensure_labelling_expert
+
+        if not no_auto:
+            ensure_labelling_expert(cfg, click.echo)
         _label_run(run, cfg, device)
     if then_evaluate:
         _evaluate(run, None, None, None, None)
@@ -433,6 +437,10 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
             sys.exit(130)
     if done_group is not None:
         td.barrier(group=done_group)
+    if world.main and cfg.distill.soft_labels and not no_auto:
+        from d3fast.soft_labels import ensure_labelling_expert
+
+        ensure_labelling_expert(cfg, click.echo)
     if not world.main:
         world.close()
         return

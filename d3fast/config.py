@@ -223,6 +223,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# a dataset whose presets are named otherwise: --dataset NAME alone picks this one
+DATASET_PRESETS = {"imagenet64": "imagenet64-ipc1"}
+
+
 def available_presets() -> list[str]:
     files = resources.files("d3fast.presets").iterdir()
     return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
@@ -358,7 +362,7 @@ def resolve_config(
         validate(cfg)
         return cfg
     cfg = Config()
-    name = preset or (dataset if dataset in available_presets() else None)
+    name = preset or DATASET_PRESETS.get(dataset or "") or (dataset if dataset in available_presets() else None)
     if name:
         apply_updates(cfg, load_preset(name), "", from_string=False)
         cfg.preset = name

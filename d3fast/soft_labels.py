@@ -14,6 +14,7 @@ merge is made, `d3fast label` (re)labels either.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,29 @@ SOFT_FILE = "soft_labels.safetensors"
 
 
 def full_class_config(cfg: Config) -> Config:
-    """`cfg` for the whole dataset (no subtask split): the experts that label see every class."""
+    """`cfg` for the one expert that labels: the whole dataset (no subtask split), trained
+    for distill.soft_label_epoch epochs (at least 1)."""
     full = copy.deepcopy(cfg)
     full.data.subtasks, full.data.subtask = 1, -1
+    full.data.loader = "auto"
     full.experts.num_experts = 1
-    full.experts.epochs = max(full.experts.epochs, cfg.distill.soft_label_epoch)
+    full.experts.epochs = max(cfg.distill.soft_label_epoch, 1)
+    # what `need_epochs` reads: the labels need that epoch, no distillation window
+    full.distill.max_start_epoch, full.distill.expert_epochs = full.experts.epochs, 0
     return full
+
+
+def ensure_labelling_expert(cfg: Config, echo: Callable[[str], None] = print) -> None:
+    """Train the whole-dataset expert that soft labels need, when there is none yet."""
+    from d3fast.experts import ExpertBank, experts_dir, resolve_data_loader, run_experts
+
+    full = full_class_config(cfg)
+    resolve_data_loader(full)
+    folder = experts_dir(full)
+    if len(ExpertBank(folder, cfg.distill.soft_label_epoch, files=None if folder.is_dir() else [])):
+        return
+    echo(f"soft labels need an expert trained on all classes of {cfg.data.dataset}: training one first")
+    run_experts(full)
 
 
 def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -52,18 +70,14 @@ def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Modul
     from d3fast.experts import ExpertBank, experts_command, experts_dir, resolve_data_loader
 
     full = full_class_config(cfg)
-    full.data.loader = "auto"
     resolve_data_loader(full)
     epoch = cfg.distill.soft_label_epoch
     folder = experts_dir(full)
     bank = ExpertBank(folder, epoch, files=None if folder.is_dir() else [])
     if not len(bank):
-        # the command trains the one expert the labels need, as long as they need
-        need = copy.deepcopy(full)
-        need.distill.max_start_epoch, need.distill.expert_epochs = max(epoch, 1), 0
         raise D3FastError(f"soft labels need a ConvNet expert trained on all classes of {cfg.data.dataset} for "
                           f"{epoch} epochs (distill.soft_label_epoch), and {folder} has none; train one with:\n  "
-                          f"{experts_command(need)}")
+                          f"{experts_command(full)}")
     manifest = load_split(cfg.data.dataset, "train", mmap=True)[2]
     net = build_network(cfg.net.name, manifest["channels"], manifest["num_classes"], manifest["resolution"],
                         width=cfg.net.width, depth=cfg.net.depth, norm=cfg.net.norm, pooling=cfg.net.pooling)

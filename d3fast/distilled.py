@@ -28,7 +28,7 @@ class Distilled:
     num_classes: int
     ppc: int
     classes: list[str]
-    meta: dict[str, Any]  # resolution, channels, mean, std, decoder kind/width, z_dim
+    meta: dict[str, Any]  # resolution, channels, mean, std, decoder kind/width/linear, z_dim
 
     @property
     def labels(self) -> torch.Tensor:
@@ -148,9 +148,18 @@ def _decoder_holding(meta: dict[str, Any], stored: dict[str, torch.Tensor]) -> D
 
 
 def build_decoder(meta: dict[str, Any]) -> Decoder:
+    """The decoder `meta` describes. Checkpoints and exports from before the medium and
+    large decoders have no "decoder_linear": their decoders always have the linear layer.
+
+    Raises:
+        D3FastError: a decoder_linear that is not true/false, or settings Decoder refuses.
+    """
+    linear = meta.get("decoder_linear", True)
+    if not isinstance(linear, bool):
+        raise D3FastError(f"the stored decoder_linear must be true or false, got {linear!r}")
     return Decoder(
         meta["resolution"], meta["channels"], meta["mean"], meta["std"],
-        z_dim=meta["z_dim"], kind=meta["decoder"], width=meta["decoder_width"],
+        z_dim=meta["z_dim"], kind=meta["decoder"], width=meta["decoder_width"], linear=linear,
     )
 
 
@@ -187,7 +196,8 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled:
         num_classes=meta["num_classes"],
         ppc=meta["ppc"],
         classes=meta["classes"],
-        meta={k: meta[k] for k in ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width")},
+        meta={**{k: meta[k] for k in ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width")},
+              "decoder_linear": meta.get("decoder_linear", True)},
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
 from d3fast.models import Decoder
+from d3fast.storage import decoder_state_values, ipc_equivalent
 
 EXPORT_FORMAT = 1
 
@@ -73,15 +74,13 @@ class Distilled:
 
     def storage_bytes(self) -> int:
         """Bytes to store the object as float32: latents + decoder weights and BatchNorm
-        statistics + the lr (labels are implied by the prior order)."""
-        dec = sum(t.numel() for t in self.decoder.state_dict().values() if t.is_floating_point())
-        # the normalisation mean/std buffers are dataset metadata, not learned storage
-        dec -= 2 * self.meta["channels"]
-        return 4 * (self.latents.numel() + dec + 1)
+        statistics + the lr (labels are implied by the prior order); d3fast/storage.py's
+        formula, which `storage.object_bytes` computes from the settings alone."""
+        return 4 * (self.latents.numel() + decoder_state_values(self.decoder) + 1)
 
     def images_per_class_equivalent(self) -> float:
-        one_image = self.meta["channels"] * self.meta["resolution"] ** 2  # uint8 bytes
-        return self.storage_bytes() / (self.num_classes * one_image)
+        """`storage_bytes` in uint8 images per class (`storage.ipc_equivalent`)."""
+        return ipc_equivalent(self.storage_bytes(), self.num_classes, self.meta["channels"], self.meta["resolution"])
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of the object by name: latents, alpha, decoder.<state key>."""

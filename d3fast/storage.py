@@ -150,14 +150,15 @@ def choose_budget(
     and 256 with z 64; medium with its linear layer and z 2048; large without it and z
     4096). A budget of k = floor(ipc) >= 1 images per class buys, within `TOLERANCE` (1%):
       1. priors first: the most priors per class, at most k (one per image of budget, as
-         the paper pairs them: 1, 2 and 10 at 1, 2 and 10 images per class), that some
+         the reference code's ImageNet-1K runs pair them: 1, 2 and 10 at 1, 2 and 10
+         images per class), that some
          candidate's object (`object_bytes`: latents, S decoders and lrs, soft labels)
          fits in k images per class;
       2. then the largest candidate that fits those priors.
     Below 1 image per class the budget is ipc itself and buys 1 prior. Why: the priors are
     what a student samples each class from, so a budget buys them before decoder capacity
-    (the paper's 2-image object takes medium with 2 priors over large with 1, which also
-    fits). The fraction above a whole number buys nothing, which makes the rule monotone: a
+    (the reference's 2-image object takes medium with 2 priors over large with 1, which
+    also fits). The fraction above a whole number buys nothing, which makes the rule monotone: a
     larger budget never stores fewer bytes. Proof sketch, from k to k + 1 images (along the
     candidates, the decoder and z both grow, so at any number of priors the cost grows too;
     small width 64 is the cheapest): with the full k priors, the chosen decoder costs > 0,
@@ -168,7 +169,7 @@ def choose_budget(
     The reference code's three ImageNet-1K objects (1000 classes, 3 x 64 x 64, soft labels,
     float32 values; its budgets of 1, 2 and 10 images per class) are reproduced with
     pixel_bytes=4, budgets counted in float32 images (stored values against pixel
-    values), the only accounting in which they hold: they store 0.413 images per class
+    values), the accounting in which they hold: they store 0.413 images per class
     (budget 1: small w256, 1 prior, 5 subtasks; 20,307,280 bytes), 1.769 (budget 2:
     medium, 2 priors, 2 subtasks; 86,973,728 bytes) and 10.048 (budget 10: large without
     its linear layer, 10 priors, 5 subtasks; 493,891,920 bytes: hence the tolerance;

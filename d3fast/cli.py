@@ -52,6 +52,11 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.secho("interrupted: finished work is saved; re-run the same command to continue", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `d3fast config | head`: the reader left; nothing to report
+            # stdout is pointed at /dev/null so that Python's exit-time flush cannot fail again
+            # (the recipe of the Python docs, "Note on SIGPIPE")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as e:
@@ -112,6 +117,16 @@ def _subtask_options(f: Any) -> Any:
     f = click.option("--subtasks", type=int, default=None,
                      help="Split the classes into S contiguous blocks, distilled independently and merged "
                           "(ImageNet-1K: 5 x 200 or 2 x 500).")(f)
+    return f
+
+
+def _budget_options(f: Any) -> Any:
+    f = click.option("--budget-images", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True,
+                     help="What one image of --budget-ipc is: float32 values (the paper's accounting, as synthetic "
+                          "images are stored) or uint8 pixels (d3fast's reports).")(f)
+    f = click.option("--budget-ipc", type=float, default=None,
+                     help="Storage budget in images per class: chooses the decoder size/width and priors per class "
+                          "that fit it (soft labels and subtasks included; float32 storage).")(f)
     return f
 
 
@@ -205,7 +220,9 @@ def _report_prepare(res) -> None:
 @click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
               help="Where training batches stream from (default auto: FFCV files when present, else the cache).")
 @_subtask_options
-def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader, subtasks, subtask) -> None:
+@click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
+def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader, subtasks, subtask,
+            data_path) -> None:
     """Train expert trajectories (docs/algorithm.md section 4) for MTT.
 
     Each expert saves its parameters at init and after every epoch, atomically. Re-running
@@ -224,7 +241,7 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
         device = world.device(device or "auto")
     cfg = _resolve(dataset, preset, overrides, **{
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
-        "device": device, "data.subtasks": subtasks, "data.subtask": subtask})
+        "device": device, "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path})
     _ensure_prepared(cfg, no_auto)
     for one in _each_subtask(cfg):
         if one.data.subtasks > 1 and world.main:
@@ -300,9 +317,12 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @click.option("--soft-labels/--no-soft-labels", default=None,
               help="Label each prior with a whole-dataset expert's softmax at the end (stored and counted in storage).")
 @_subtask_options
+@_budget_options
+@click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
 def distill(
     dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, mmd_chunk, mmd_exact_graph, resume_dir,
-    runs_dir, name, device, no_auto, then_evaluate, soft_labels, subtasks, subtask,
+    runs_dir, name, device, no_auto, then_evaluate, soft_labels, subtasks, subtask, budget_ipc, budget_images,
+    data_path,
 ) -> None:
     """Learn the distilled distribution (Algorithm 1: MTT + MMD + KL + diversity).
 
@@ -328,7 +348,11 @@ def distill(
     typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
              "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
              "distill.mmd_exact_graph": mmd_exact_graph, "device": device, "distill.soft_labels": soft_labels,
-             "data.subtasks": subtasks, "data.subtask": subtask}
+             "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path}
+    if budget_ipc is not None:
+        if resume_dir not in (None, "auto"):
+            raise D3FastError("--budget-ipc chooses the decoder and priors of a new run; a resumed run keeps its own")
+        typed |= _budget(dataset, preset, overrides, typed, budget_ipc, budget_images)
     if resume_dir in (None, "auto"):
         whole = _resolve(dataset, preset, overrides, **typed)
         if whole.data.subtasks > 1 and whole.data.subtask < 0:
@@ -377,6 +401,38 @@ def distill(
         _label_run(run, cfg, device)
     if then_evaluate:
         _evaluate(run, None, None, None, None)
+
+
+# the keys --budget-ipc sets (d3fast/storage.py choose_budget)
+BUDGET_KEYS = ("distill.decoder", "distill.decoder_width", "distill.decoder_linear", "distill.z_dim", "distill.ppc")
+
+
+def _budget(dataset, preset, overrides, typed: dict[str, Any], ipc: float, images: str) -> dict[str, Any]:
+    """The settings that fit `ipc` images per class of storage, printed with their bytes.
+
+    Raises:
+        D3FastError: a budget key also set by hand, or a budget nothing fits (naming the
+            smallest that does)."""
+    from d3fast.config import parse_overrides
+    from d3fast.data.datasets import get_spec
+    from d3fast.storage import choose_budget, ipc_equivalent
+
+    given = [k for k in BUDGET_KEYS if typed.get(k) is not None
+             or k.split(".")[1] in parse_overrides(list(overrides)).get("distill", {})]
+    if given:
+        raise D3FastError(f"--budget-ipc chooses {', '.join(BUDGET_KEYS)}; drop {', '.join(given)} or the budget")
+    cfg = _resolve(dataset, preset, overrides, **typed)
+    spec = get_spec(cfg.data.dataset)
+    res = spec.resolution
+    choice = choose_budget(ipc, num_classes=spec.num_classes, channels=spec.channels, res=res,
+                           subtasks=cfg.data.subtasks, soft_labels=cfg.distill.soft_labels,
+                           pixel_bytes=4 if images == "float32" else 1)
+    other = ipc_equivalent(choice.bytes, spec.num_classes, spec.channels, res, pixel_bytes=1 if images == "float32" else 4)
+    click.echo(f"storage budget {ipc:g} {images} images per class ({spec.num_classes} classes, {cfg.data.subtasks} "
+               f"subtask(s), {'with' if cfg.distill.soft_labels else 'without'} soft labels, float32 storage): "
+               f"{choice.describe()} ({other:.3f} {'uint8' if images == 'float32' else 'float32'} images)")
+    return {"distill.decoder": choice.decoder, "distill.decoder_width": choice.decoder_width,
+            "distill.decoder_linear": choice.decoder_linear, "distill.z_dim": choice.z_dim, "distill.ppc": choice.ppc}
 
 
 def _label_run(run, cfg, device) -> None:
@@ -576,11 +632,15 @@ def label(run_dir, epoch, device, runs_dir) -> None:
 
 @cli.command()
 @_config_options
-def config(dataset, preset, overrides) -> None:
-    """Print the resolved configuration as JSON."""
+@_budget_options
+def config(dataset, preset, overrides, budget_ipc, budget_images) -> None:
+    """Print the resolved configuration as JSON (--budget-ipc: with the decoder and priors
+    that budget chooses)."""
     from d3fast.config import to_dict
 
-    click.echo(json.dumps(to_dict(_resolve(dataset, preset, overrides)), indent=2))
+    typed = _budget(dataset, preset, overrides, {}, budget_ipc, budget_images) if budget_ipc is not None else {}
+    cfg = _resolve(dataset, preset, overrides, **typed)
+    click.echo(json.dumps(to_dict(cfg), indent=2), err=False)
 
 
 @cli.command()

@@ -127,9 +127,16 @@ class DistillConfig:
     lr_latent: float = ranged(3e-4, 0)
     lr_lr: float = ranged(1e-6, 0)
     lr_decode: float = ranged(3e-4, 0)
-    # paper | tiny
+    # paper | tiny | small | medium | large (docs/algorithm.md section 2; the reference
+    # code's ImageNet-1K budgets: small w256 at 1 IPC, medium at 2, large at 10)
     decoder: str = "paper"
+    # start channels of paper (256) and tiny/small (128 or 256); medium and large ignore
+    # it (their ladders start at 512 and 1024 channels)
     decoder_width: int = ranged(256, 1, 65536)
+    # medium | large: a Linear(z_dim -> top x 2 x 2) input layer; false reshapes z itself,
+    # so z_dim must be 4 x top (2048 medium, 4096 large: the reference's large decoder).
+    # paper, tiny and small always have it
+    decoder_linear: bool = True
     z_dim: int = ranged(64, 1, 65536)
     # DSA on decoded images inside the unroll (as MTT does; the D3 code has none)
     augment_unroll: bool = True
@@ -214,7 +221,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "net.pooling": ("avgpooling", "maxpooling", "none"),
     "augment.mode": ("single", "all"),
     "data.loader": ("auto", "cache", "ffcv"),
-    "distill.decoder": ("paper", "tiny"),
+    "distill.decoder": ("paper", "tiny", "small", "medium", "large"),
     "distill.mmd_reduction": ("sum", "mean"),
     "distill.mmd_scale": ("raw", "median"),
     "distill.mmd_param": ("expert", "final"),
@@ -428,6 +435,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.subtasks > 1 and cfg.data.loader == "ffcv":
         raise D3FastError("data.loader=ffcv streams whole datasets; subtasks (data.subtasks > 1) read their classes "
                           "from the cache: use data.loader=cache")
+    from d3fast.models.decoder import VAE_TOP, vae_z_dim
+
+    if d.decoder in VAE_TOP and not d.decoder_linear and d.z_dim != vae_z_dim(d.decoder):
+        raise D3FastError(f"config key distill.z_dim: a {d.decoder} decoder without its linear layer "
+                          f"(distill.decoder_linear=false) needs z_dim {vae_z_dim(d.decoder)}, got {d.z_dim}")
     if d.unroll == "flat" and cfg.net.norm == "batchnorm":
         raise D3FastError("distill.unroll=flat needs a student without running statistics, and net.norm=batchnorm "
                           "keeps some: use net.norm=instancenorm or distill.unroll=naive")
@@ -499,6 +511,7 @@ FIXED_ON_RESUME: dict[str, str] = {
     "distill.z_dim": "the checkpoint holds latents of this size",
     "distill.decoder": "the checkpoint holds a decoder of this layout",
     "distill.decoder_width": "the checkpoint holds a decoder of this width",
+    "distill.decoder_linear": "the checkpoint holds a decoder of this layout",
     "distill.lr_teacher": "it is the learned student lr's initial value; the checkpoint holds its current value",
     "distill.seed": "the random streams continue from the checkpoint, not from the seed",
 }

@@ -201,7 +201,8 @@ def _build(
     student = build_network(cfg.net.name, channels, n_cls, res, width=cfg.net.width, depth=cfg.net.depth,
                             norm=cfg.net.norm, pooling=cfg.net.pooling).to(device)
     meta = {"resolution": res, "channels": channels, "mean": train.mean.tolist(), "std": train.std.tolist(),
-            "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width}
+            "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width,
+            "decoder_linear": dcfg.decoder_linear}
     d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed)
     d.decoder.span_ranks(world.distributed)
     state = TrainState.create(d, dcfg, device)

@@ -21,6 +21,7 @@ import torch
 from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
 from d3fast.models import Decoder
+from d3fast.storage import decoder_state_values, ipc_equivalent
 
 EXPORT_FORMAT = 1
 
@@ -33,7 +34,7 @@ class Distilled:
     num_classes: int
     ppc: int
     classes: list[str]
-    meta: dict[str, Any]  # resolution, channels, mean, std, decoder kind/width, z_dim
+    meta: dict[str, Any]  # resolution, channels, mean, std, decoder kind/width/linear, z_dim
     # [C * PPC, classes of the whole dataset]: each prior's soft label (a probability row),
     # when labelled (d3fast/soft_labels.py); stored with the object and counted in its storage
     soft_labels: torch.Tensor | None = field(default=None, repr=False)
@@ -91,16 +92,14 @@ class Distilled:
     def storage_bytes(self) -> int:
         """Bytes to store the object as float32: latents + decoder weights and BatchNorm
         statistics + the lr (hard labels are implied by the prior order) + the soft labels
-        when it has them."""
-        dec = sum(t.numel() for t in self.decoder.state_dict().values() if t.is_floating_point())
-        # the normalisation mean/std buffers are dataset metadata, not learned storage
-        dec -= 2 * self.meta["channels"]
+        when it has them; d3fast/storage.py's formula, which `storage.object_bytes` computes
+        from the settings alone."""
         soft = 0 if self.soft_labels is None else self.soft_labels.numel()
-        return 4 * (self.latents.numel() + dec + 1 + soft)
+        return 4 * (self.latents.numel() + decoder_state_values(self.decoder) + 1 + soft)
 
     def images_per_class_equivalent(self) -> float:
-        one_image = self.meta["channels"] * self.meta["resolution"] ** 2  # uint8 bytes
-        return self.storage_bytes() / (self.num_classes * one_image)
+        """`storage_bytes` in uint8 images per class (`storage.ipc_equivalent`)."""
+        return ipc_equivalent(self.storage_bytes(), self.num_classes, self.meta["channels"], self.meta["resolution"])
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of the object by name: latents, alpha, decoder.<state key>."""
@@ -167,9 +166,18 @@ def _decoder_holding(meta: dict[str, Any], stored: dict[str, torch.Tensor]) -> D
 
 
 def build_decoder(meta: dict[str, Any]) -> Decoder:
+    """The decoder `meta` describes. Checkpoints and exports from before the medium and
+    large decoders have no "decoder_linear": their decoders always have the linear layer.
+
+    Raises:
+        D3FastError: a decoder_linear that is not true/false, or settings Decoder refuses.
+    """
+    linear = meta.get("decoder_linear", True)
+    if not isinstance(linear, bool):
+        raise D3FastError(f"the stored decoder_linear must be true or false, got {linear!r}")
     return Decoder(
         meta["resolution"], meta["channels"], meta["mean"], meta["std"],
-        z_dim=meta["z_dim"], kind=meta["decoder"], width=meta["decoder_width"],
+        z_dim=meta["z_dim"], kind=meta["decoder"], width=meta["decoder_width"], linear=linear,
     )
 
 
@@ -221,7 +229,8 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Me
             parts = [_part_from(tensors, f"part{i}.", p["meta"], p["classes"], meta["ppc"], device)
                      for i, p in enumerate(meta["parts"])]
             return Merged.of(parts, soft_labels=None if soft is None else soft.to(device), sources=meta.get("sources", []))
-        d = _part_from(tensors, "", {k: meta[k] for k in _DECODER_META if k in meta}, meta["classes"], meta["ppc"], device)
+        d = _part_from(tensors, "", {k: meta[k] for k in _DECODER_META if k in meta} | {
+            "decoder_linear": meta.get("decoder_linear", True)}, meta["classes"], meta["ppc"], device)
     except (KeyError, TypeError, ValueError) as e:
         raise D3FastError(f"{path} is a damaged distilled export ({type(e).__name__}: {e})") from None
     d.soft_labels = None if soft is None else soft.to(device)

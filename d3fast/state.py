@@ -416,6 +416,8 @@ def _checkpoint_problem(state: dict[str, Any]) -> str | None:
             "decoder_width": int}
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in keys.items()):
         return "meta lacks the decoder's settings"
+    if not isinstance(meta.get("decoder_linear", True), bool):
+        return "meta.decoder_linear is not true/false"
     if meta["z_dim"] != state["latents"].shape[1]:
         return "meta.z_dim differs from the latents"
     for key in ("opt_latent", "opt_lr", "opt_decoder"):

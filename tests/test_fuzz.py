@@ -263,7 +263,8 @@ STATE_KEYS = sorted(_valid_state())
 
 @SETTINGS
 @given(key=st.sampled_from(STATE_KEYS), value=json_values | st.just("drop"),
-       meta_key=st.sampled_from(["resolution", "channels", "mean", "z_dim", "decoder", "decoder_width", None]))
+       meta_key=st.sampled_from(["resolution", "channels", "mean", "z_dim", "decoder", "decoder_width",
+                                "decoder_linear", None]))
 def test_checkpoint_with_one_field_damaged(scratch, key, value, meta_key):
     from d3fast.run import Run
 

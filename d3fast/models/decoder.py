@@ -1,14 +1,24 @@
-"""The shared decoder f_theta of D3: latent z (64-d) -> image.
+"""The shared decoder f_theta of D3: latent z -> image.
 
-Two layouts (docs/algorithm.md section 2):
-    paper  Linear(z -> 256*4*4) -> k x [ConvT(4, s2, p1) -> BN -> LeakyReLU], channels
-           halving 256 -> 128 -> 64 -> ..., k = log2(res/4) -> Conv3x3 -> tanh
-    tiny   the reference code's TinyVAE: width w (128/256), start at 2x2, channel
-           divisors 1, 2, 4, 8, 8, ..., one more block than paper -> Conv3x3 -> tanh
+Five layouts (docs/algorithm.md section 2); every BatchNorm is a RanksBatchNorm2d:
+    paper   Linear(z -> 256*4*4) -> k x [ConvT(4, s2, p1) -> BN -> LeakyReLU], channels
+            halving 256 -> 128 -> 64 -> ..., k = log2(res/4) -> Conv3x3 -> tanh
+    tiny    the reference code's TinyVAE (decoder.py): width w, start at 2x2, channel
+    small   divisors 1, 2, 4, 8, 8, ..., one more block than paper -> Conv3x3 -> tanh.
+            "small" is the reference's name for it (its ImageNet-1K 1-IPC budget, w 256)
+    medium  the reference's VanillaVAE decoder: start at 2x2 with `top` channels (medium
+    large   512, large 1024), from Linear(z -> top*2*2) or, without it, z itself
+            reshaped (z_dim = 4*top), then log2(res/2) - 1 blocks
+            [ConvT(3, s2, p1, output_padding 1) -> BN -> LeakyReLU] halving the channels,
+            one more such block keeping them, Conv3x3 -> tanh. At 64 px the ladder is the
+            reference's hidden_dims (medium 512..32, large 1024..64); at other resolutions
+            it keeps its top and has one step per doubling (medium 512..64 at 32 px, as
+            the reference's CIFAR medium, and 512..16 at 128 px)
 The tanh output t in [-1, 1] is read as a pixel value (t + 1) / 2 in [0, 1] and then
 normalised with the dataset's mean/std, so decoded images span exactly the range of
 normalised real data (about [-2.1, 2.6] on ImageNet statistics) rather than [-1, 1].
-LeakyReLU uses PyTorch's default slope 0.01, as the reference does.
+LeakyReLU uses PyTorch's default slope 0.01, as the reference does. 28 px decodes at 32
+and center-crops.
 """
 
 from __future__ import annotations
@@ -17,6 +27,10 @@ import torch
 from torch import nn
 
 from d3fast.errors import D3FastError
+
+KINDS = ("paper", "tiny", "small", "medium", "large")
+# start channels of the VanillaVAE layouts: the reference's hidden_dims[-1]
+VAE_TOP = {"medium": 512, "large": 1024}
 
 
 class RanksBatchNorm2d(nn.BatchNorm2d):
@@ -50,19 +64,41 @@ def _up_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), RanksBatchNorm2d(cout), nn.LeakyReLU())
 
 
+def _vae_block(cin: int, cout: int) -> nn.Sequential:
+    # kernel 3 with output_padding 1 doubles the side exactly, as kernel 4 does above
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1), RanksBatchNorm2d(cout),
+                         nn.LeakyReLU())
+
+
+def vae_z_dim(kind: str) -> int:
+    """The latent size a medium or large decoder without its linear layer needs: z is
+    reshaped to [top, 2, 2], so 4 * top (2048 medium, 4096 large)."""
+    return 4 * VAE_TOP[kind]
+
+
 class Decoder(nn.Module):
     """Args:
         res: output side (28 decodes at 32 and center-crops).
         channels: image channels.
         mean, std: per-channel normalisation of the dataset, [channels] each.
         z_dim: latent size. Default: 64.
-        kind: "paper" or "tiny". Default: "paper".
-        width: start channels (paper: 256; tiny: kernel_num, 128 or 256). Default: 256.
+        kind: "paper", "tiny", "small", "medium" or "large" (module docstring). Default:
+            "paper".
+        width: start channels of paper (256) and tiny/small (the reference's kernel_num:
+            128 or 256); medium and large ignore it (their top is 512 / 1024). Default: 256.
+        linear: medium/large: map z to the 2x2 start with a Linear layer; False reshapes z
+            itself, which needs z_dim = 4 * top. paper, tiny and small always have their
+            Linear and ignore it. Default: True.
     Input z: [B, z_dim]; output: normalised images [B, channels, res, res].
+
+    Raises:
+        D3FastError: an unknown kind, a resolution that is not a power of two >= 8 (or
+            28), or medium/large without the linear layer and z_dim != 4 * top.
     """
 
     mean: torch.Tensor  # [1, channels, 1, 1] buffers
     std: torch.Tensor
+    project: nn.Linear | None
 
     def __init__(
         self,
@@ -73,28 +109,38 @@ class Decoder(nn.Module):
         z_dim: int = 64,
         kind: str = "paper",
         width: int = 256,
+        linear: bool = True,
     ):
         super().__init__()
         out_res = 32 if res == 28 else res
         if out_res < 8 or out_res & (out_res - 1):
             raise D3FastError(f"decoder needs a power-of-two resolution >= 8 (or 28), got {res}")
         self.res, self.z_dim, self.kind = res, z_dim, kind
+        doublings = (out_res // 2).bit_length() - 1  # from a 2x2 start: 5 at 64 px
+        block = _up_block
         if kind == "paper":
             start, chans = 4, []
             c = width
-            for _ in range((out_res // 4).bit_length() - 1):
+            for _ in range(doublings - 1):
                 chans.append((c, max(c // 2, 1)))
                 c = max(c // 2, 1)
-        elif kind == "tiny":
+        elif kind in ("tiny", "small"):
             start = 2
-            n_blocks = (out_res // 2).bit_length() - 1
-            div = [1, 2, 4] + [8] * (n_blocks - 2)
-            chans = [(width // div[i], width // div[i + 1]) for i in range(n_blocks)]
+            div = [1, 2, 4] + [8] * (doublings - 2)
+            chans = [(width // div[i], width // div[i + 1]) for i in range(doublings)]
+        elif kind in VAE_TOP:
+            start, width, block = 2, VAE_TOP[kind], _vae_block
+            dims = [max(width >> i, 1) for i in range(doublings)]
+            chans = [*zip(dims, dims[1:], strict=False), (dims[-1], dims[-1])]
+            if not linear and z_dim != vae_z_dim(kind):
+                raise D3FastError(f"a {kind} decoder without its linear layer reshapes z to {width} x 2 x 2: "
+                                  f"it needs z_dim {vae_z_dim(kind)}, got {z_dim}")
         else:
-            raise D3FastError(f"unknown decoder kind {kind!r}; expected paper or tiny")
-        self.start, self.width = start, width
-        self.project = nn.Linear(z_dim, width * start * start)
-        self.blocks = nn.Sequential(*[_up_block(a, b) for a, b in chans])
+            raise D3FastError(f"unknown decoder kind {kind!r}; expected one of {', '.join(KINDS)}")
+        self.linear = linear or kind not in VAE_TOP
+        self.start, self.width = start, width  # width: channels of the start tensor
+        self.project = nn.Linear(z_dim, width * start * start) if self.linear else None
+        self.blocks = nn.Sequential(*[block(a, b) for a, b in chans])
         self.to_image = nn.Conv2d(chans[-1][1], channels, 3, padding=1)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -107,7 +153,7 @@ class Decoder(nn.Module):
                 m.spans_ranks = on
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.project(z).view(-1, self.width, self.start, self.start)
+        h = (z if self.project is None else self.project(z)).reshape(-1, self.width, self.start, self.start)
         t = torch.tanh(self.to_image(self.blocks(h)))  # [B, C, R, R] in [-1, 1]
         if self.res == 28:
             t = t[:, :, 2:30, 2:30]

@@ -243,7 +243,7 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
         "device": device, "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path})
     _ensure_prepared(cfg, no_auto)
-    for one in _each_subtask(cfg):
+    for one in _each_subtask(cfg, click.echo if world.main else lambda *a, **k: None):
         if one.data.subtasks > 1 and world.main:
             click.echo(f"subtask {one.data.subtask} of {one.data.subtasks}:")
         res = run_experts(one, progress=world.main, shard=(world.rank, world.size))
@@ -251,10 +251,19 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
             _report_experts(one, res)
 
 
-def _each_subtask(cfg) -> list:
-    """`cfg` itself, or with data.subtasks > 1 and no data.subtask, one copy per subtask."""
+def _each_subtask(cfg, echo=click.echo) -> list:
+    """`cfg` itself, or with data.subtasks > 1 and no data.subtask, one copy per subtask.
+    Blocks of unequal size are stated (S does not divide the classes)."""
     import copy
 
+    from d3fast.data.datasets import class_blocks, get_spec
+
+    if cfg.data.subtasks > 1:
+        blocks = class_blocks(get_spec(cfg.data.dataset).num_classes, cfg.data.subtasks)
+        sizes = [b - a for a, b in blocks]
+        if len(set(sizes)) > 1:
+            echo(f"note: {sum(sizes)} classes do not split evenly into {len(sizes)} subtasks: blocks of "
+                 f"{', '.join(map(str, sizes))} classes")
     if cfg.data.subtasks == 1 or cfg.data.subtask >= 0:
         return [cfg]
     out = []
@@ -474,7 +483,7 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
     base = name or cfg.preset or "run"
     _ensure_prepared(cfg, no_auto)
     echo = click.echo if world.main else (lambda *a, **k: None)
-    for one in _each_subtask(cfg):
+    for one in _each_subtask(cfg, echo):
         i = one.data.subtask
         if i % world.size != world.rank:
             continue

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from d3fast.distill import distill
+from d3fast.experts import run_experts
 from d3fast.run import Run
 from tests._utils import cfg_of
 
@@ -365,3 +366,31 @@ def test_a_slurm_stop_reaching_every_worker_twice_saves_a_checkpoint(home, tmp_p
     assert [p.exitcode for p in procs] == [0, 0] and not list(out.glob("*.err"))
     d, step = Run(tmp_path / "run").load_distilled()
     assert step == 3 and [m["step"] for m in Run(tmp_path / "run").read_metrics()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_spreads_subtasks_over_the_ranks_and_rank_0_merges(home, tmp_path):
+    """`torchrun --nproc-per-node 2 -m d3fast distill --subtasks 2`: rank r distills subtask r
+    as one process would (its own run), then rank 0 merges both."""
+    from d3fast.distilled import Merged
+
+    runs = tmp_path / "runs"
+    for i in range(2):  # the subtasks' experts, as `d3fast experts --subtasks 2` trains them
+        run_experts(cfg_of("data.subtasks=2", f"data.subtask={i}"), progress=False)
+    res = _torchrun(home, "--steps", "2", "--subtasks", "2", "--runs-dir", str(runs), "--name", "job",
+                    extra=("--standalone",))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count("merged 2 subtasks") == 1  # rank 0 merges and reports
+    parts = [Run.named(runs, "digits", f"job-sub{i}of2") for i in range(2)]
+    assert all(p is not None and p.read_manifest()["world_size"] == 1 for p in parts)
+    merged, _ = Run(runs / "digits" / "job-merged").load_distilled()
+    assert isinstance(merged, Merged) and merged.num_classes == 10
+    # rank 1's subtask equals the same subtask distilled alone in this process
+    alone = Run.at(tmp_path / "alone")
+    distill(cfg_of("data.subtasks=2", "data.subtask=1", "distill.steps=2"), alone, progress=False)
+    a, b = alone.load_distilled()[0], parts[1].load_distilled()[0]  # type: ignore[union-attr]
+    assert torch.allclose(a.latents, b.latents, rtol=1e-4, atol=1e-6)
+    # more ranks than subtasks: refused before any work, naming the fix
+    res = _torchrun(home, "--steps", "2", "--subtasks", "2", "--runs-dir", str(tmp_path / "none"), nproc=3,
+                    extra=("--standalone",))
+    assert res.returncode != 0 and "3 processes for 2 subtasks: launch at most 2" in res.stderr

@@ -207,9 +207,36 @@ def _tiny() -> list[str]:
     return [o for o in OVERRIDES if not o.startswith("device")]
 
 
-def test_merged_storage_and_soft_labels_count(home, parts, tmp_path):
+def test_merged_storage_is_the_formula_of_its_settings(home, parts, tmp_path):
+    from d3fast.storage import object_bytes
+
     merged, _ = merge_runs(parts, tmp_path / "m")
-    before = merged.storage_bytes()
+    kw = {"num_classes": 10, "ppc": 2, "z_dim": 64, "decoder": "paper", "decoder_width": 32, "res": 32, "channels": 1,
+          "subtasks": 2}
+    assert merged.storage_bytes() == object_bytes(**kw)
     m2 = copy.copy(merged)
     m2.soft_labels = torch.full((20, 10), 0.1)
-    assert m2.storage_bytes() == before + 4 * 20 * 10
+    assert m2.storage_bytes() == object_bytes(**kw, soft_labels=True) == merged.storage_bytes() + 4 * 20 * 10
+
+
+@pytest.mark.slow
+def test_digits_in_two_subtasks_merged_beats_random_real_images(home, tmp_path):
+    """The whole path on real data: digits split into 2 subtasks of 5 classes, each with its
+    own experts and 150 steps, merged; students on the merged object (every class, each
+    through its own subtask's decoder) beat students on 1 random real image per class.
+    Measured: 78.6 % vs 63.9 % (3 students x 30 epochs; ~90 s on 2 cores)."""
+    sets = ["net.width=16", "experts.num_experts=2", "experts.epochs=4", "distill.steps=150", "distill.syn_steps=5",
+            "distill.expert_epochs=1", "distill.max_start_epoch=3", "distill.mmd_samples=10", "distill.checkpoint_every=50",
+            "distill.decoder_width=32", "distill.lr_latent=0.01", "distill.lr_decode=1e-3", "distill.lr_lr=1e-6"]
+    runs = []
+    for i in range(2):
+        cfg = resolve_config("digits", overrides=[*sets, "device=cpu", "data.subtasks=2", f"data.subtask={i}"])
+        cfg.data.loader = "cache"
+        run_experts(cfg, progress=False)
+        runs.append(Run.at(tmp_path / f"sub{i}"))
+        distill(cfg, runs[-1], progress=False)
+    _, out = merge_runs([r.path for r in runs], tmp_path / "merged")
+    r = evaluate_run(Run(out), {"eval": {"students": 3, "epochs": 30}}, progress=False, device="cpu")
+    res = r["results"]["convnet"]
+    assert r["subtasks"] == 2 and res["random_same_count"]["images_per_class"] == 1
+    assert res["d3"]["mean"] > res["random_same_count"]["mean"] + 0.05, res

@@ -458,7 +458,9 @@ def _label_run(run, cfg, device) -> None:
 
 
 def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool, then_evaluate: bool) -> None:
-    """Every subtask of cfg's split in its own run, then the merge (rank 0)."""
+    """Every subtask of cfg's split in its own run, then the merge (rank 0). Under torchrun
+    with W <= S ranks, rank r distills subtasks r, r + W, ... alone; with W = G x S, the G
+    consecutive ranks of group i distill subtask i together (data-parallel, as one run)."""
     import datetime
 
     import torch.distributed as td
@@ -472,11 +474,15 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
     from d3fast.runtime import resolve_device
 
     S = cfg.data.subtasks
-    if world.size > S:
+    if world.size > S and world.size % S:
         raise D3FastError(f"{world.size} processes for {S} subtasks: launch at most {S} (each rank distills whole "
-                          "subtasks), or one torchrun job per subtask with --subtask i to spread a subtask over "
-                          "several GPUs")
+                          f"subtasks) or a multiple of {S} (each subtask on {S} equal groups of ranks)")
     world.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
+    if world.size > S:  # groups of G = W / S ranks, one subtask each
+        g, team = world.groups(S)
+        mine = [g]
+    else:
+        team, mine = World(), list(range(world.rank, S, world.size))
     # the ranks meet again when every subtask is done, hours later: a barrier on its own group
     # with a timeout past any distillation (a crashed rank still stops the job: torchrun ends them all)
     done_group = td.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world.distributed else None
@@ -485,18 +491,20 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
     echo = click.echo if world.main else (lambda *a, **k: None)
     for one in _each_subtask(cfg, echo):
         i = one.data.subtask
-        if i % world.size != world.rank:
+        if i not in mine:
             continue
+        team.check_split(one)  # K students a multiple of the group's ranks, before any work
         run_name = f"{base}-sub{i}of{S}"
-        found = Run.named(runs_dir, one.data.dataset, run_name)
-        echo(f"subtask {i} of {S}: " + (f"continuing {found.path}" if found else f"new run {run_name}"))
+        found = team.on_main(lambda: Run.named(runs_dir, one.data.dataset, run_name))  # noqa: B023
+        echo(f"subtask {i} of {S}: " + (f"continuing {found.path}" if found else f"new run {run_name}")
+             + (f" on ranks {world.rank}..{world.rank + team.size - 1}" if team.distributed else ""))
         resolve_data_loader(one)
-        if found is None:
+        if found is None:  # the group's ranks share the expert training through its locks
             ensure_experts(one, auto=not no_auto, echo=echo)
-            run = Run.create(runs_dir, one, run_name)
+            run = team.on_main(lambda: Run.create(runs_dir, one, run_name))  # noqa: B023
         else:
             run = found
-        res = run_distill(one, run, resume=found is not None, world=World(), progress=world.main)
+        res = run_distill(one, run, resume=found is not None, world=team, progress=world.main)
         if res.interrupted:
             click.echo(f"stopped early at step {res.step} of subtask {i}: run the same command again to continue")
             sys.exit(130)

@@ -43,6 +43,10 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # a world of some of the job's ranks (`groups`): their process group and the job rank of
+    # its rank 0 (the source of broadcasts); None and 0 for the whole job
+    group: Any = None
+    root: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -80,6 +84,28 @@ class World:
                 raise D3FastError(f"rank {rank}: the process group did not form ({type(e).__name__}: {e})") from None
         return cls(rank, size, local)
 
+    def groups(self, n: int) -> tuple[int, World]:
+        """(g, this rank's world) of n equal groups of consecutive ranks: group g holds ranks
+        g W/n .. (g + 1) W/n - 1, and its world runs one distillation over them (subtask g of
+        n under torchrun, docs/algorithm.md section 9). Every rank creates every group, in
+        order (torch.distributed's rule for new_group).
+
+        Raises:
+            D3FastError: W not a multiple of n."""
+        if self.size % n:
+            raise D3FastError(f"{self.size} processes cannot form {n} equal groups: use a multiple of {n}")
+        per = self.size // n
+        if not self.distributed or per == self.size:
+            return 0, self
+        mine: tuple[int, Any] = (0, None)
+        for g in range(n):
+            ranks = list(range(g * per, (g + 1) * per))
+            pg = td.new_group(ranks) if per > 1 else None
+            if self.rank in ranks:
+                mine = (g, pg)
+        g, pg = mine
+        return g, World(self.rank - g * per, per, self.local_rank, pg, g * per)
+
     def device(self, name: str) -> str:
         """The device this rank trains on: "auto"/"cuda" become cuda:LOCAL_RANK."""
         if self.distributed and name in ("auto", "cuda") and torch.cuda.is_available():
@@ -115,7 +141,7 @@ class World:
         params = list(params)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           for p in params])
-        td.all_reduce(flat)
+        td.all_reduce(flat, group=self.group)
         flat /= self.size
         at = 0
         for p in params:
@@ -130,7 +156,7 @@ class World:
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In place: the sum of `t` over the ranks."""
         if self.distributed:
-            td.all_reduce(t)
+            td.all_reduce(t, group=self.group)
         return t
 
     def gather_cat(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -139,13 +165,13 @@ class World:
         if not self.distributed:
             return t
         sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(self.size)]
-        td.all_gather(sizes, torch.tensor([t.shape[dim]], device=t.device))
+        td.all_gather(sizes, torch.tensor([t.shape[dim]], device=t.device), group=self.group)
         big = max(int(s) for s in sizes)
         pad = list(t.shape)
         pad[dim] = big - t.shape[dim]
         padded = torch.cat([t, t.new_zeros(pad)], dim) if pad[dim] else t.contiguous()
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        td.all_gather(parts, padded)
+        td.all_gather(parts, padded, group=self.group)
         return torch.cat([p.narrow(dim, 0, int(s)) for p, s in zip(parts, sizes, strict=True)], dim)
 
     def broadcast(self, obj: Any) -> Any:
@@ -153,12 +179,12 @@ class World:
         if not self.distributed:
             return obj
         box = [obj if self.main else None]
-        td.broadcast_object_list(box, src=0)
+        td.broadcast_object_list(box, src=self.root, group=self.group)
         return box[0]
 
     def barrier(self) -> None:
         if self.distributed:
-            td.barrier()
+            td.barrier(group=self.group)
 
     def check_same(self, tensors: Sequence[torch.Tensor], what: str) -> None:
         """Stop every rank when the ranks' `tensors` differ (a checksum compared by one
@@ -172,8 +198,8 @@ class World:
         s = torch.stack([t.detach().double().sum().to(dev) for t in tensors] + [torch.zeros((), dtype=torch.float64,
                                                                                               device=dev)])
         lo, hi = s.clone(), s.clone()
-        td.all_reduce(lo, td.ReduceOp.MIN)
-        td.all_reduce(hi, td.ReduceOp.MAX)
+        td.all_reduce(lo, td.ReduceOp.MIN, group=self.group)
+        td.all_reduce(hi, td.ReduceOp.MAX, group=self.group)
         if not torch.equal(lo, hi):
             mine = s.tolist()
             raise D3FastError(f"rank {self.rank}: the ranks' {what} differ (checksums {lo.tolist()[:3]} .. "
@@ -189,7 +215,7 @@ class World:
             return
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
         all_digests: list[str | None] = [None] * self.size
-        td.all_gather_object(all_digests, digest)
+        td.all_gather_object(all_digests, digest, group=self.group)
         odd = [r for r, h in enumerate(all_digests) if h != all_digests[0]]
         if odd:
             raise D3FastError(f"ranks {odd} were started with another {what} than rank 0 (hashes differ); "
@@ -241,7 +267,7 @@ class World:
                 raise D3FastError(problem)
             return
         found: list[str | None] = [None] * self.size
-        td.all_gather_object(found, problem)
+        td.all_gather_object(found, problem, group=self.group)
         bad = [(r, p) for r, p in enumerate(found) if p]
         if bad:
             raise D3FastError("; ".join(f"rank {r}: {p}" for r, p in bad))
@@ -263,7 +289,7 @@ class World:
         self.agree(problem)
 
     def close(self) -> None:
-        if self.distributed and td.is_initialized():
+        if self.group is None and td.is_initialized():  # a group's world leaves with the whole job's
             td.destroy_process_group()
 
 
@@ -296,19 +322,20 @@ class _SumOverRanks(torch.autograd.Function):
     gradient of x is the sum over ranks of their dL/dy (one all-reduce each way)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, group: Any = None) -> torch.Tensor:
+        ctx.group = group
         y = x.clone()
-        td.all_reduce(y)
+        td.all_reduce(y, group=group)
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         g = g.clone()
-        td.all_reduce(g)
-        return g
+        td.all_reduce(g, group=ctx.group)
+        return g, None
 
 
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_moments(x: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of x [B, C, ...] over every rank's batch, with
     their gradient, and the count of values per channel (a float64 0-d tensor): one
     differentiable all-reduce of float64 sums [sum x, sum x^2, count]. float64 keeps
@@ -317,7 +344,7 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     xd = x.double()
     local = torch.cat([xd.sum(dims), (xd * xd).sum(dims),
                        torch.full((1,), x.numel() / x.shape[1], dtype=torch.float64, device=x.device)])
-    total = _SumOverRanks.apply(local)
+    total = _SumOverRanks.apply(local, group)
     c = x.shape[1]
     n = total[-1]
     mean = total[:c] / n

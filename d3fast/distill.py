@@ -91,10 +91,6 @@ def distill(
             or state (the last good checkpoint is kept), ranks that disagree.
     """
     world = world or World()
-    if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
-        raise D3FastError(f"data.subtasks={cfg.data.subtasks}: a run distills one subtask; set data.subtask "
-                          f"(0..{cfg.data.subtasks - 1}), or run `d3fast distill --subtasks {cfg.data.subtasks}`, "
-                          "which distills every subtask and merges them")
     dcfg, device = cfg.distill, resolve_device(cfg.device)
     stop, t_start, last = _StopRequest(world.distributed, world.main), clock(), {}
     main = world.main
@@ -177,6 +173,10 @@ def _build(
     the ranks' configs are compared, rank 0 decides and records, every rank reads the same
     files (a run directory rank 1 cannot see is an error on every rank)."""
     dcfg = cfg.distill
+    if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
+        raise D3FastError(f"data.subtasks={cfg.data.subtasks}: a run distills one subtask; set data.subtask "
+                          f"(0..{cfg.data.subtasks - 1}), or run `d3fast distill --subtasks {cfg.data.subtasks}`, "
+                          "which distills every subtask and merges them")
     torch.manual_seed(dcfg.seed)
     if dcfg.amp and device.type != "cuda" and world.main:
         tqdm.write("note: --amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
@@ -204,7 +204,7 @@ def _build(
             "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width,
             "decoder_linear": dcfg.decoder_linear}
     d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed)
-    d.decoder.span_ranks(world.distributed)
+    d.decoder.span_ranks(world.distributed, world.group)
     state = TrainState.create(d, dcfg, device)
     if resume:
         if run.has_checkpoint():

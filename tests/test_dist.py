@@ -390,7 +390,32 @@ def test_torchrun_spreads_subtasks_over_the_ranks_and_rank_0_merges(home, tmp_pa
     distill(cfg_of("data.subtasks=2", "data.subtask=1", "distill.steps=2"), alone, progress=False)
     a, b = alone.load_distilled()[0], parts[1].load_distilled()[0]  # type: ignore[union-attr]
     assert torch.allclose(a.latents, b.latents, rtol=1e-4, atol=1e-6)
-    # more ranks than subtasks: refused before any work, naming the fix
+    # more ranks than subtasks, not a multiple: refused before any work, naming the fix
     res = _torchrun(home, "--steps", "2", "--subtasks", "2", "--runs-dir", str(tmp_path / "none"), nproc=3,
                     extra=("--standalone",))
     assert res.returncode != 0 and "3 processes for 2 subtasks: launch at most 2" in res.stderr
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_groups_of_ranks_distill_one_subtask_each(home, tmp_path):
+    """4 ranks, 2 subtasks: ranks 0-1 distill subtask 0 and ranks 2-3 subtask 1, each pair as
+    one data-parallel run (1 student per rank), equal to one process with 2 students."""
+    runs = tmp_path / "runs"
+    for i in range(2):
+        run_experts(cfg_of("data.subtasks=2", f"data.subtask={i}"), progress=False)
+    res = _torchrun(home, "--steps", "2", "--subtasks", "2", "--students-per-step", "2", "--runs-dir", str(runs),
+                    "--name", "pairs", nproc=4, extra=("--standalone",))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    parts = [Run.named(runs, "digits", f"pairs-sub{i}of2") for i in range(2)]
+    assert all(p is not None and p.read_manifest()["world_size"] == 2 for p in parts)
+    assert (runs / "digits" / "pairs-merged" / "merged.safetensors").exists()
+    alone = Run.at(tmp_path / "alone")
+    distill(cfg_of("data.subtasks=2", "data.subtask=1", "distill.steps=2", "distill.students_per_step=2"), alone,
+            progress=False)
+    a, b = alone.load_distilled()[0], parts[1].load_distilled()[0]  # type: ignore[union-attr]
+    assert torch.allclose(a.latents, b.latents, rtol=1e-4, atol=1e-6)
+    # a group's students must divide among its ranks: refused on every rank before any work
+    res = _torchrun(home, "--steps", "2", "--subtasks", "2", "--students-per-step", "1", "--runs-dir",
+                    str(tmp_path / "odd"), nproc=4, extra=("--standalone",))
+    assert res.returncode != 0 and "must be a multiple of the 2 ranks" in res.stderr

@@ -23,6 +23,8 @@ and center-crops.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -41,13 +43,14 @@ class RanksBatchNorm2d(nn.BatchNorm2d):
     momentum 0.1). The gradient flows through the shared moments (all-reduced back)."""
 
     spans_ranks: bool = False
+    ranks_group: Any = None  # the process group of the ranks it spans (None: the whole job)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.spans_ranks):
             return super().forward(x)
         from d3fast.dist import batch_moments
 
-        mean, var, n = batch_moments(x.float())
+        mean, var, n = batch_moments(x.float(), self.ranks_group)
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
@@ -145,12 +148,12 @@ class Decoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def span_ranks(self, on: bool) -> None:
-        """Batch statistics over every rank's samples (distributed distillation) or this
-        process's alone."""
+    def span_ranks(self, on: bool, group: Any = None) -> None:
+        """Batch statistics over every rank's samples (distributed distillation; `group`: the
+        ranks of one subtask's world, None the whole job) or this process's alone."""
         for m in self.modules():
             if isinstance(m, RanksBatchNorm2d):
-                m.spans_ranks = on
+                m.spans_ranks, m.ranks_group = on, group
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = (z if self.project is None else self.project(z)).reshape(-1, self.width, self.start, self.start)

@@ -16,6 +16,7 @@ Ctrl-C exits with 130 after saving what was finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -296,6 +297,10 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
     from d3fast.paths import data_dir
 
     ds = cfg.data.dataset
+    if cfg.data.data_path is not None and read_manifest(data_dir(ds)) is not None:
+        # a path given now: the cache must be of it (prepare reuses it when the files are the same)
+        _report_prepare(run_prepare(cfg))
+        return
     if read_manifest(data_dir(ds)) is None:
         if no_auto:
             raise D3FastError(f"dataset {ds!r} is not prepared; run:\n  {prepare_command(cfg)}")
@@ -372,12 +377,16 @@ def distill(
         if not name:
             raise D3FastError("--resume auto needs --name NAME: it continues the newest run of that name")
         cfg = _resolve(dataset, preset, overrides, **typed)
-        found = world.on_main(lambda: Run.named(runs_dir, cfg.data.dataset, name))
+        found = world.on_main(lambda: Run.named(runs_dir, cfg.data.dataset, _run_name(cfg, name)))
         resume_dir, name = (str(found.path), None) if found is not None else (None, name)
     if resume_dir is not None:
         if name is not None:
             raise D3FastError("--name names a new run; a resumed run keeps its directory")
         run = world.on_main(lambda: Run.open(resume_dir, runs_dir))
+        if run.merged_path.exists():
+            raise D3FastError(f"{run.path} is a merged object, not a run: resume its subtask runs (its manifest.json "
+                              "lists them), or re-run the `distill --subtasks` command, which continues them and "
+                              "merges again")
         cfg = _resolve(dataset, preset, overrides, base=world.on_main(run.read_config), **typed)
         world.on_main(lambda: run.check_resume(cfg))  # a refused change fails before any data is prepared
     else:
@@ -389,7 +398,7 @@ def distill(
     if resume_dir is None:  # a resumed run reads the experts its manifest lists
         resolve_data_loader(cfg)
         ensure_experts(cfg, auto=not no_auto, echo=click.echo if world.main else lambda *a, **k: None)
-        run = world.on_main(lambda: Run.create(runs_dir, cfg, name))
+        run = world.on_main(lambda: Run.create(runs_dir, cfg, _run_name(cfg, name)))
     res = run_distill(cfg, run, resume=resume_dir is not None, world=world, progress=world.main)
     world.close()
     if not world.main:
@@ -436,6 +445,10 @@ def _budget(dataset, preset, overrides, typed: dict[str, Any], ipc: float, image
     choice = choose_budget(ipc, num_classes=spec.num_classes, channels=spec.channels, res=res,
                            subtasks=cfg.data.subtasks, soft_labels=cfg.distill.soft_labels,
                            pixel_bytes=4 if images == "float32" else 1)
+    limit = 10000  # distill.ppc's range (d3fast/config.py)
+    if choice.ppc > limit:
+        raise D3FastError(f"a storage budget of {ipc:g} images per class buys {choice.ppc:,} priors per class, more "
+                          f"than distill.ppc's limit of {limit:,}: give a smaller budget")
     other = ipc_equivalent(choice.bytes, spec.num_classes, spec.channels, res, pixel_bytes=1 if images == "float32" else 4)
     click.echo(f"storage budget {ipc:g} {images} images per class ({spec.num_classes} classes, {cfg.data.subtasks} "
                f"subtask(s), {'with' if cfg.distill.soft_labels else 'without'} soft labels, float32 storage): "
@@ -467,11 +480,7 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
 
     from d3fast.config import flatten
     from d3fast.dist import World
-    from d3fast.distill import distill as run_distill
-    from d3fast.experts import ensure_experts, resolve_data_loader
-    from d3fast.merge import merge_runs
-    from d3fast.run import Run
-    from d3fast.runtime import resolve_device
+    from d3fast.io import lock_holder, locked
 
     S = cfg.data.subtasks
     if world.size > S and world.size % S:
@@ -489,12 +498,35 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
     base = name or cfg.preset or "run"
     _ensure_prepared(cfg, no_auto)
     echo = click.echo if world.main else (lambda *a, **k: None)
+    # one job per name: a second one started alongside would create its own subtask runs
+    job_lock = Path(runs_dir) / cfg.data.dataset / f".{base}-subtasks.lock"
+    with contextlib.ExitStack() as job:  # held until the job ends (the OS releases it if it dies)
+        held = world.on_main(lambda: job.enter_context(locked(job_lock)))
+        if not held:
+            raise D3FastError(f"another `d3fast distill --subtasks` job named {base!r} is running (pid "
+                              f"{lock_holder(job_lock)}): wait for it, or pass another --name")
+        _run_subtasks(cfg, world, team, mine, done_group, runs_dir, base, no_auto, then_evaluate, echo)
+
+
+def _run_subtasks(cfg, world, team, mine: list[int], done_group, runs_dir: str, base: str, no_auto: bool,
+                  then_evaluate: bool, echo) -> None:
+    """The body of `_distill_subtasks`, under its job lock: this rank's subtasks (`mine`,
+    on the world `team`), the barrier, then rank 0's merge."""
+    import torch.distributed as td
+
+    from d3fast.distill import distill as run_distill
+    from d3fast.experts import ensure_experts, resolve_data_loader
+    from d3fast.merge import is_merged_dir, merge_runs, read_merged_manifest, up_to_date
+    from d3fast.run import Run
+    from d3fast.runtime import resolve_device
+
+    S = cfg.data.subtasks
     for one in _each_subtask(cfg, echo):
         i = one.data.subtask
         if i not in mine:
             continue
         team.check_split(one)  # K students a multiple of the group's ranks, before any work
-        run_name = f"{base}-sub{i}of{S}"
+        run_name = _run_name(one, base)
         found = team.on_main(lambda: Run.named(runs_dir, one.data.dataset, run_name))  # noqa: B023
         echo(f"subtask {i} of {S}: " + (f"continuing {found.path}" if found else f"new run {run_name}")
              + (f" on ranks {world.rank}..{world.rank + team.size - 1}" if team.distributed else ""))
@@ -505,8 +537,8 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
         else:
             run = found
         res = run_distill(one, run, resume=found is not None, world=team, progress=world.main)
-        if res.interrupted:
-            click.echo(f"stopped early at step {res.step} of subtask {i}: run the same command again to continue")
+        if res.interrupted or res.stop_requested:  # a stop during a subtask's last step ends the job too
+            click.echo(f"stopped at step {res.step} of subtask {i}: run the same command again to continue")
             sys.exit(130)
     if done_group is not None:
         td.barrier(group=done_group)
@@ -523,14 +555,45 @@ def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool
         if found is None:
             raise D3FastError(f"the run of subtask {i} ({base}-sub{i}of{S}) is missing under {runs_dir}/{cfg.data.dataset}")
         runs.append(found.path)
-    merged, out = merge_runs(runs, Path(runs_dir) / cfg.data.dataset / f"{base}-merged", force=True,
-                             soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device))
+    out = Path(runs_dir) / cfg.data.dataset / f"{base}-merged"
+    if is_merged_dir(out) and read_merged_manifest(Run(out)).get("subtasks") != S:
+        raise D3FastError(f"{out} holds the merge of another split (not {S} subtasks): pass another --name, or "
+                          "delete it")
+    if up_to_date(out, runs):  # the same command again: the merged object (its labels, its evaluation) stays
+        world.close()
+        click.echo(f"{out} is up to date with the {S} subtask runs")
+        if then_evaluate:
+            _evaluate(Run(out), None, None, None, None)
+        return
+    merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device))
     world.close()
     click.echo(f"merged {S} subtasks into {out}: {merged.num_classes} classes, {merged.storage_bytes() / 2**20:.2f} MiB "
                f"(= {merged.images_per_class_equivalent():.2f} uint8 images per class)"
                + ("; soft labels" if merged.soft_labels is not None else ""))
     if then_evaluate:
         _evaluate(Run(out), None, None, None, None)
+
+
+# the files d3fast keeps in a run (or merged) directory (d3fast/run.py)
+RUN_FILES = frozenset({"config.json", "manifest.json", "history.jsonl", "metrics.jsonl", "checkpoint.pt", ".lock",
+                       "merged.safetensors", "soft_labels.safetensors", "eval.json", "eval.md"})
+
+
+def _refuse_run_file(out: str) -> None:
+    """--out must not overwrite a file of a run directory.
+
+    Raises:
+        D3FastError: naming the run's file."""
+    path = Path(out)
+    if path.name in RUN_FILES and (path.parent / "config.json").is_file():
+        raise D3FastError(f"--out {out} is a file of the run {path.parent}: write elsewhere")
+
+
+def _run_name(cfg, name: str | None) -> str:
+    """A run's name: --name, else the preset; a subtask's run adds -sub<i>of<S>, the name
+    `distill --subtasks S --name NAME` looks for (and `d3fast merge runs/*-sub?of5` matches)."""
+    base = name or cfg.preset or "run"
+    return f"{base}-sub{cfg.data.subtask}of{cfg.data.subtasks}" if cfg.data.subtasks > 1 else base
 
 
 def _evaluate(run, archs, students, epochs, device, loader=None) -> None:
@@ -576,7 +639,9 @@ def sample(run_dir, out, samples, seed, runs_dir) -> None:
     """Write a grid: per prior, its mean image then fresh samples."""
     from d3fast.visualize import sample_grid
 
-    d, step = _open_run(run_dir, runs_dir).load_distilled()
+    run = _open_run(run_dir, runs_dir)
+    _refuse_run_file(out)
+    d, step = run.load_distilled()
     click.echo(f"wrote {sample_grid(d, Path(out), samples, seed)} (step {step}, {d.num_priors} priors)")
 
 
@@ -588,7 +653,9 @@ def export(run_dir, out, runs_dir) -> None:
     """Export the distilled object (latents, decoder, learned lr, metadata) as safetensors."""
     from d3fast.distilled import export as run_export
 
-    d, step = _open_run(run_dir, runs_dir).load_distilled()
+    run = _open_run(run_dir, runs_dir)
+    _refuse_run_file(out)
+    d, step = run.load_distilled()
     run_export(d, out)
     click.echo(f"wrote {out}: {d.num_priors} priors, {d.storage_bytes() / 2**20:.2f} MiB "
                f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {step}")
@@ -610,6 +677,8 @@ def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
     from d3fast.merge import merge_runs
     from d3fast.runtime import resolve_device
 
+    if soft_labels:
+        _labelling_expert(run_dirs[0], runs_dir)
     merged, path = merge_runs(list(run_dirs), out, partial=partial, soft_labels=soft_labels, force=force,
                               device=resolve_device(device or "auto"), runs_dir=runs_dir)
     steps = ", ".join(str(s["step"]) for s in merged.sources)
@@ -617,6 +686,15 @@ def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
                f"{merged.ppc} priors, {merged.storage_bytes() / 2**20:.2f} MiB (= "
                f"{merged.images_per_class_equivalent():.2f} uint8 images per class)"
                + ("; soft labels" if merged.soft_labels is not None else ""))
+
+
+def _labelling_expert(run_dir: str, runs_dir: str) -> None:
+    """Train the whole-dataset expert that labels the runs' merged object, when missing."""
+    from d3fast.soft_labels import ensure_labelling_expert
+
+    cfg = _open_run(run_dir, runs_dir).read_config()
+    cfg.data.subtask = -1
+    ensure_labelling_expert(cfg, click.echo)
 
 
 @cli.command()
@@ -636,6 +714,10 @@ def label(run_dir, epoch, device, runs_dir) -> None:
     if epoch is not None:
         cfg.distill.soft_label_epoch = epoch
         validate(cfg)
+    if cfg.data.subtasks == 1 or run.merged_path.exists():
+        from d3fast.soft_labels import ensure_labelling_expert
+
+        ensure_labelling_expert(cfg, click.echo)
     if run.merged_path.exists():
         from d3fast.merge import relabel
 

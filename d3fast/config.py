@@ -104,8 +104,8 @@ class ExpertConfig:
 class DistillConfig:
     """Algorithm 1 (docs/algorithm.md section 5). Names follow the reference code."""
 
-    # latent priors per class (PPC)
-    ppc: int = ranged(1, 1)
+    # latent priors per class (PPC); the paper uses up to 10
+    ppc: int = ranged(1, 1, 10000)
     steps: int = ranged(3000, 1)
     # N: student steps unrolled per MTT update
     syn_steps: int = ranged(20, 1)
@@ -169,7 +169,7 @@ class DistillConfig:
     # f(mu) through the expert at epoch soft_label_epoch), stored with the object and counted
     # in its storage; evaluation then trains students on these soft targets
     soft_labels: bool = False
-    soft_label_epoch: int = ranged(2, 0)
+    soft_label_epoch: int = ranged(2, 1)
     # bf16 autocast on CUDA for decoding, the unrolled student and MMD features; parameters,
     # adjoints and losses stay fp32
     amp: bool = False
@@ -437,6 +437,9 @@ def validate(cfg: Config) -> None:
                           "from the cache: use data.loader=cache")
     from d3fast.models.decoder import VAE_TOP, vae_z_dim
 
+    if not d.decoder_linear and d.decoder not in VAE_TOP:
+        raise D3FastError(f"config key distill.decoder_linear: only the medium and large decoders can drop their "
+                          f"linear input layer; {d.decoder!r} always has it")
     if d.decoder in VAE_TOP and not d.decoder_linear and d.z_dim != vae_z_dim(d.decoder):
         raise D3FastError(f"config key distill.z_dim: a {d.decoder} decoder without its linear layer "
                           f"(distill.decoder_linear=false) needs z_dim {vae_z_dim(d.decoder)}, got {d.z_dim}")

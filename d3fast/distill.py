@@ -71,8 +71,9 @@ class DistillResult:
     run: Run
     step: int
     seconds: float
-    interrupted: bool
+    interrupted: bool  # stopped before distill.steps
     last: dict[str, Any]
+    stop_requested: bool = False  # Ctrl-C or SIGTERM arrived (also during the last step)
 
 
 def distill(
@@ -133,7 +134,7 @@ def distill(
             interrupted = state.step < dcfg.steps
             if interrupted:
                 meter.final_status = "interrupted"
-    return DistillResult(run, state.step, clock() - t_start, interrupted, last)
+    return DistillResult(run, state.step, clock() - t_start, interrupted, last, stop.requested)
 
 
 def _checkpoint(state: TrainState, run: Run, world: World, meter: ledger.Meter) -> None:

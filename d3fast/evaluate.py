@@ -131,7 +131,10 @@ def evaluate_run(
     if d.soft_labels is not None:  # soft labels first, the hard-label students beside them
         setups.insert(0, ("d3_soft", None))
     if e.baselines:
-        setups += [("random_same_count", d.ppc), ("random_same_storage", storage_per_class)]
+        setups.append(("random_same_count", d.ppc))
+        # an object smaller than one image per class has no equal-storage real set to compare with
+        if storage_per_class >= 1:
+            setups.append(("random_same_storage", storage_per_class))
     total = len(e.archs) * len(setups) * e.students
     bar = tqdm(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
     run_key = str(run_dir.resolve())
@@ -214,6 +217,9 @@ def markdown(r: dict[str, Any]) -> str:
             n = v["images_per_class"]
             n = f"{r['protocol']['samples_per_class']} per epoch" if n is None else str(n)
             lines.append(f"| {arch} | {names[kind]} | {n} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} % (n={len(v['accs'])}) |")
+        if "random_same_count" in kinds and "random_same_storage" not in kinds:
+            lines.append(f"| {arch} | {names['random_same_storage']} | - | not applicable: the object stores less than "
+                         "one uint8 image per class |")
     return "\n".join(lines) + "\n"
 
 

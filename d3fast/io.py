@@ -275,9 +275,11 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict, dic
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Swap a fully written directory into place (two renames; a crash in between leaves
-    `final_dir.old`, which the next call removes)."""
-    old = final_dir.with_name(final_dir.name + ".old")
+    """Swap a fully written directory into place: the old one (if any) is renamed aside to
+    `<name>.old-<owner>` (this process's own name, so no directory d3fast did not make is ever
+    touched), the new one renamed in, and the old one removed. A crash in between leaves the
+    `.old-<owner>` directory, which `remove_stale_temps` clears once its writer is gone."""
+    old = final_dir.with_name(f"{final_dir.name}.old-{owner_tag()}")
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():
@@ -294,7 +296,8 @@ def temp_dir(final: Path) -> Path:
 
 def remove_stale_temps(folder: Path) -> None:
     """Remove the temporaries that ended writers left in `folder`: `.<name>.<owner>.*.tmp`
-    files from `atomic_path` and `<name>.tmp-<owner>` directories from `temp_dir`. Those of
+    files from `atomic_path`, `<name>.tmp-<owner>` directories from `temp_dir` and
+    `<name>.old-<owner>` directories that `replace_dir` set aside before a crash. Those of
     live writers, and of writers on other hosts, stay."""
     if not folder.is_dir():
         return
@@ -304,7 +307,9 @@ def remove_stale_temps(folder: Path) -> None:
             parts = name[: -len(".tmp")].rsplit(".", 2)  # [".<name>", owner, random]
             if len(parts) == 3 and owner_gone(parts[1]):
                 entry.unlink(missing_ok=True)
-        elif ".tmp-" in name and entry.is_dir() and owner_gone(name.rsplit(".tmp-", 1)[1]):
+        elif entry.is_dir() and any(
+            mark in name and owner_gone(name.rsplit(mark, 1)[1]) for mark in (".tmp-", ".old-")
+        ):
             shutil.rmtree(entry, ignore_errors=True)
 
 

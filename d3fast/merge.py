@@ -85,6 +85,53 @@ def check_parts(runs: list[Run], configs: list[Config]) -> None:
                           f"--subtask {missing[0]} ...) and name every run")
 
 
+def is_merged_dir(path: Path) -> bool:
+    """Whether `path` holds a merged object (what `--force` may replace)."""
+    return (path / "merged.safetensors").is_file() and not (path / "checkpoint.pt").exists()
+
+
+def check_out(out: str | Path, parts: Sequence[Path], force: bool) -> Path:
+    """`out` as a merge may write it: a new or empty directory, or (with `force`) an older
+    merged object; never a run, a folder holding runs or one inside a run.
+
+    Raises:
+        D3FastError: naming what `out` is and what to do instead."""
+    if not str(out).strip():
+        raise D3FastError("--out is empty: name the directory of the merged object")
+    out = Path(out)
+    full = out.resolve()
+    for part in parts:
+        p = part.resolve()
+        if full == p or full in p.parents:
+            raise D3FastError(f"--out {out} {'is' if full == p else 'holds'} the run {part} being merged: choose "
+                              "another directory")
+    for above in [full, *full.parents]:
+        if (above / "config.json").is_file() and not is_merged_dir(above) and (above != full or out.exists()):
+            raise D3FastError(f"--out {out} {'is' if above == full else 'is inside'} the run {above}: choose a "
+                              "directory outside every run")
+    if out.exists() and not out.is_dir():
+        raise D3FastError(f"--out {out} is a file: name a directory")
+    if out.exists() and any(out.iterdir()):
+        if not is_merged_dir(out):
+            raise D3FastError(f"{out} exists and holds other files (not a merged object): choose another --out")
+        if not force:
+            raise D3FastError(f"{out} holds a merged object already: pass --force to replace it")
+    return out
+
+
+def up_to_date(out: Path, run_dirs: Sequence[Path]) -> bool:
+    """Whether `out` holds the merge of exactly these runs at their current checkpoints."""
+    if not is_merged_dir(out):
+        return False
+    try:
+        manifest = read_merged_manifest(Run(out))
+    except D3FastError:
+        return False
+    have = [(s.get("run"), s.get("checkpoint_sha256")) for s in manifest.get("sources", [])]
+    now = [(str(Path(r).resolve()), sha256_file(Path(r) / "checkpoint.pt")) for r in run_dirs]
+    return sorted(map(str, have)) == sorted(map(str, now))
+
+
 def merge_runs(
     run_dirs: Sequence[str | Path], out: str | Path, *, partial: bool = False, soft_labels: bool | None = None,
     force: bool = False, device: torch.device | str = "cpu", runs_dir: str = "runs",
@@ -96,7 +143,8 @@ def merge_runs(
     Raises:
         D3FastError: the parts do not make one object (check_parts), a run still
             distilling, stopped before its distill.steps (unless `partial`), or holding NaN
-            or inf; `out` exists (unless `force`) or is one of the runs.
+            or inf; `out` is not a new or empty directory or (with `force`) an older merged
+            object (check_out).
     """
     runs = [Run.open(str(p), runs_dir) for p in run_dirs]
     seen: dict[Path, Path] = {}
@@ -104,11 +152,7 @@ def merge_runs(
         if run.path.resolve() in seen:
             raise D3FastError(f"{run.path} is given twice: name each subtask's run once")
         seen[run.path.resolve()] = run.path
-    out = Path(out)
-    if any(out.resolve() == r.path.resolve() for r in runs):
-        raise D3FastError(f"--out {out} is one of the runs being merged")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise D3FastError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+    out = check_out(out, [r.path for r in runs], force)
     with contextlib.ExitStack() as held:
         for run in runs:  # a run distilling now holds its lock: refused, and none starts until we are done
             if not held.enter_context(locked(run.path / ".lock")):
@@ -153,17 +197,24 @@ def _write(out: Path, merged: Merged, cfg: Config, label_info: dict[str, Any] | 
     try:
         export(merged, tmp / "merged.safetensors")
         atomic_write_json(tmp / "config.json", to_dict(cfg))
-        atomic_write_json(tmp / "manifest.json", seal({
-            "kind": "merged", "dataset": cfg.data.dataset, "subtasks": len(merged.parts), "sources": merged.sources,
-            "classes": merged.num_classes, "ppc": merged.ppc, "storage_bytes": merged.storage_bytes(),
-            "images_per_class_equivalent": merged.images_per_class_equivalent(), "soft_labels": label_info,
-            "device": device_name(device), "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }))
+        atomic_write_json(tmp / "manifest.json", _manifest(merged, cfg, label_info, tmp / "merged.safetensors", {
+            "device": device_name(device), "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         replace_dir(tmp, out)
     except OSError as e:
         raise write_failure(Path(getattr(e, "filename", None) or tmp), e) or e from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _manifest(merged: Merged, cfg: Config, label_info: dict[str, Any] | None, export_path: Path,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """The merged directory's manifest, sealed; `merged_sha256` is checked on every read."""
+    return seal({
+        "kind": "merged", "dataset": cfg.data.dataset, "subtasks": len(merged.parts), "sources": merged.sources,
+        "classes": merged.num_classes, "ppc": merged.ppc, "storage_bytes": merged.storage_bytes(),
+        "images_per_class_equivalent": merged.images_per_class_equivalent(), "soft_labels": label_info,
+        "merged_sha256": sha256_file(export_path), **extra,
+    })
 
 
 def relabel(run: Run, cfg: Config, device: torch.device) -> Merged:
@@ -173,18 +224,34 @@ def relabel(run: Run, cfg: Config, device: torch.device) -> Merged:
     Raises:
         D3FastError: not a merged directory, or no labelling expert (d3fast/soft_labels.py).
     """
-    from d3fast.io import read_json, unseal
     from d3fast.soft_labels import label
 
-    merged, _ = run.load_distilled(device)
+    merged, _ = run.load_distilled(device)  # the export checked against the manifest's sha256
     if not isinstance(merged, Merged):
         raise D3FastError(f"{run.path} holds no merged object")
     info = label(merged, cfg, device)
+    old = read_merged_manifest(run)
     export(merged, run.merged_path)
-    manifest = unseal(read_json(run.manifest_path, "merged manifest"), "merged manifest", run.manifest_path)
     cfg.distill.soft_labels = True
     atomic_write_json(run.config_path, to_dict(cfg))
-    atomic_write_json(run.manifest_path, seal({**manifest, "soft_labels": info,
-                                               "storage_bytes": merged.storage_bytes(),
-                                               "images_per_class_equivalent": merged.images_per_class_equivalent()}))
+    keep: dict[str, Any] = {k: old[k] for k in ("device", "versions", "created") if k in old}
+    atomic_write_json(run.manifest_path, _manifest(merged, cfg, info, run.merged_path, {
+        **keep, "labelled": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     return merged
+
+
+def read_merged_manifest(run: Run) -> dict[str, Any]:
+    """The merged directory's manifest, its seal checked.
+
+    Raises:
+        D3FastError: missing, damaged or changed by hand; the fix is the merge command again."""
+    from d3fast.io import read_json, unseal
+
+    fix = "merge the subtask runs again (d3fast merge ... --out DIR --force)"
+    try:
+        manifest = unseal(read_json(run.manifest_path, "merged manifest"), "merged manifest", run.manifest_path)
+    except D3FastError as e:
+        raise D3FastError(f"{e}; {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "merged":
+        raise D3FastError(f"{run.manifest_path} is not a merged object's manifest; {fix}")
+    return manifest

@@ -132,7 +132,9 @@ class Run:
 
     @classmethod
     def latest(cls, runs_dir: str | os.PathLike = "runs") -> Run:
-        found = sorted(Path(runs_dir).glob("*/*/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+        """The run (or merged object) under `runs_dir` whose checkpoint (or export) was written last."""
+        found = sorted([*Path(runs_dir).glob("*/*/checkpoint.pt"), *Path(runs_dir).glob("*/*/merged.safetensors")],
+                       key=lambda p: p.stat().st_mtime)
         if not found:
             raise D3FastError(f"no runs with a checkpoint under {runs_dir}/")
         return cls(found[-1].parent)
@@ -290,7 +292,13 @@ class Run:
         """
         if self.merged_path.exists():
             from d3fast.distilled import load
+            from d3fast.io import verify_sha256
+            from d3fast.merge import read_merged_manifest
 
+            digest = read_merged_manifest(self).get("merged_sha256")
+            if digest is not None:  # a flipped byte anywhere in the file is refused, not decoded
+                verify_sha256(self.merged_path, digest, "merged object", "merge the subtask runs again "
+                              "(d3fast merge ... --out DIR --force)")
             merged = load(self.merged_path, device)
             for part in merged.parts:
                 problem = distilled_problems(part)

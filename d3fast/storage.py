@@ -155,7 +155,9 @@ def choose_budget(
          candidate's object (`object_bytes`: latents, S decoders and lrs, soft labels)
          fits in k images per class;
       2. then the largest candidate that fits those priors.
-    Below 1 image per class the budget is ipc itself and buys 1 prior. Why: the priors are
+    Below 1 image per class the budget is ipc itself and buys 1 prior; when the whole images
+    of a larger budget buy nothing, the budget itself buys the cheapest object (small width
+    64, 1 prior) if it fits. Why: the priors are
     what a student samples each class from, so a budget buys them before decoder capacity
     (the reference's 2-image object takes medium with 2 priors over large with 1, which
     also fits). The fraction above a whole number buys nothing, which makes the rule monotone: a
@@ -191,7 +193,7 @@ def choose_budget(
             smallest one that fits, naming it.
     """
     if not (isinstance(ipc, int | float) and not isinstance(ipc, bool) and math.isfinite(ipc) and ipc > 0):
-        raise D3FastError(f"the storage budget must be a positive number of images per class, got {ipc!r}")
+        raise D3FastError(f"the storage budget must be a finite positive number of images per class, got {ipc!r}")
     _counts(num_classes=num_classes, subtasks=subtasks, channels=channels, res=res, bytes_per_value=bytes_per_value,
             pixel_bytes=pixel_bytes)
     unit = num_classes * channels * res * res * pixel_bytes  # bytes of one image per class
@@ -215,11 +217,13 @@ def choose_budget(
     room = unit * (1 + TOLERANCE)
     k = max(1, math.floor(ipc))
     chosen = tier((ipc if ipc < 1 else k) * room, k)
+    cand, fixed, per = costs[0]  # the cheapest at any number of priors
+    if chosen is None and fixed + per <= ipc * room:
+        # the whole images buy nothing, the budget itself the cheapest object: fixed until the
+        # next whole image (which buys at least as much), so the rule stays monotone
+        chosen = (fixed + per, 1, cand)
     if chosen is None:
-        cand, fixed, per = costs[0]  # the cheapest at any number of priors
         need = (fixed + per) / room
-        if need > 1:
-            need = math.ceil(need)  # above 1, only whole budgets buy more
         shown = math.ceil(need * 1000) / 1000  # rounded up, so the value named is accepted
         raise D3FastError(f"a storage budget of {ipc:g} images per class fits no decoder: it needs at least "
                           f"{shown:g} images per class of storage (the smallest object, {_name(cand)} with 1 prior "

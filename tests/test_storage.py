@@ -103,7 +103,7 @@ def test_refusal_names_the_smallest_budget_that_fits(kw, below):
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf")])
 def test_refuses_a_budget_that_is_not_positive(bad):
-    with pytest.raises(D3FastError, match="positive number of images per class"):
+    with pytest.raises(D3FastError, match="finite positive number of images per class"):
         choose_budget(bad, num_classes=10, channels=3, res=32)
 
 
@@ -112,7 +112,8 @@ def test_refuses_a_budget_that_is_not_positive(bad):
 ])
 def test_more_budget_never_stores_less(num_classes, channels, res, subtasks, soft, pixel_bytes):
     last, fitted = 0, False
-    for ipc in [i / 10 for i in range(1, 10)] + [1, 1.5, 2, 2.5, *range(3, 60), 64, 100, 128, 200, 500]:
+    for ipc in [i / 10 for i in range(1, 10)] + [1, 1.5, 2, 2.5, *[k + f for k in range(3, 60) for f in (0, 0.5)],
+                                                   64, 100, 128, 200, 500]:
         try:
             c = choose_budget(ipc, num_classes=num_classes, channels=channels, res=res, subtasks=subtasks,
                               soft_labels=soft, pixel_bytes=pixel_bytes)
@@ -121,7 +122,7 @@ def test_more_budget_never_stores_less(num_classes, channels, res, subtasks, sof
             continue
         fitted = True
         assert c.bytes >= last, (ipc, c.describe())
-        assert c.bytes <= max(1, int(ipc)) * 1.01 * num_classes * channels * res * res * pixel_bytes
+        assert c.bytes <= ipc * 1.01 * num_classes * channels * res * res * pixel_bytes  # it fits the budget
         last = c.bytes
 
 
@@ -153,3 +154,13 @@ def test_candidates_grow_in_cost():
 def test_readme_table_is_generated():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert storage_table_markdown() in readme
+
+
+def test_a_budget_between_whole_images_buys_the_cheapest_object_when_whole_images_buy_nothing():
+    """digits: 10 classes of 1 x 32 x 32 in float32 images; the cheapest object (small
+    width 64, 1 prior) stores 6.09 images per class: 6.5 buys it, 5.9 is refused naming 6.03."""
+    kw = {"num_classes": 10, "channels": 1, "res": 32, "pixel_bytes": 4}
+    c = choose_budget(6.5, **kw)
+    assert (c.decoder, c.decoder_width, c.ppc) == ("small", 64, 1) and 6.0 < c.ipc_equivalent <= 6.5
+    with pytest.raises(D3FastError, match="needs at least 6.029 images per class"):
+        choose_budget(5.9, **kw)

@@ -129,7 +129,7 @@ def test_merge_refuses_what_is_not_one_object(home, parts, tmp_path):
             merge_runs(parts, tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("keep me")
-    with pytest.raises(D3FastError, match="exists and is not empty"):
+    with pytest.raises(D3FastError, match="exists and holds other files"):
         merge_runs(parts, tmp_path / "b")
     assert (tmp_path / "b" / "x").read_text() == "keep me"
     assert not (tmp_path / "a").exists()  # nothing half-written
@@ -194,11 +194,19 @@ def test_the_cli_distills_every_subtask_then_merges(home, tmp_path):
     d, _ = Run(merged_dir).load_distilled()
     assert isinstance(d, Merged) and d.num_classes == 10
     first = sorted((tmp_path / "runs" / "digits").glob("*-digits-sub0of2"))
-    # the same command again reuses the finished subtask runs: no new run directory
+    (merged_dir / "eval.md").write_text("an evaluation of this object")
+    # the same command again reuses the finished subtask runs and the up-to-date merged object
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert sorted((tmp_path / "runs" / "digits").glob("*-digits-sub0of2")) == first
-    assert "continuing" in again.output
+    assert "continuing" in again.output and "is up to date" in again.output
+    assert (merged_dir / "eval.md").read_text() == "an evaluation of this object"
+    # a second job of that name while one runs: refused before any work
+    from d3fast.io import locked
+
+    with locked(tmp_path / "runs" / "digits" / ".digits-subtasks.lock"):
+        busy = CliRunner().invoke(cli, args)
+    assert busy.exit_code == 2 and "is running" in busy.output
 
 
 def _tiny() -> list[str]:
@@ -240,3 +248,70 @@ def test_digits_in_two_subtasks_merged_beats_random_real_images(home, tmp_path):
     res = r["results"]["convnet"]
     assert r["subtasks"] == 2 and res["random_same_count"]["images_per_class"] == 1
     assert res["d3"]["mean"] > res["random_same_count"]["mean"] + 0.05, res
+
+
+def test_merge_out_never_replaces_what_is_not_a_merged_object(home, parts, tmp_path):
+    with pytest.raises(D3FastError, match="is the run"):
+        merge_runs(parts, parts[0])
+    with pytest.raises(D3FastError, match="holds the run"):
+        merge_runs(parts, parts[0].parent, force=True)  # the folder of the parts
+    with pytest.raises(D3FastError, match="is inside the run"):
+        merge_runs(parts, parts[0] / "merged", force=True)
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(D3FastError, match="is the run"):
+        merge_runs(parts, other, force=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(D3FastError, match="holds other files"):
+        merge_runs(parts, mine, force=True)
+    with pytest.raises(D3FastError, match="--out is empty"):
+        merge_runs(parts, "")
+    # an older merged object is replaced with --force; a sibling named <out>.old is not touched
+    (tmp_path / "m.old").mkdir()
+    (tmp_path / "m.old" / "paper.txt").write_text("keep")
+    merge_runs(parts, tmp_path / "m")
+    with pytest.raises(D3FastError, match="pass --force"):
+        merge_runs(parts, tmp_path / "m")
+    merge_runs(parts, tmp_path / "m", force=True)
+    assert (mine / "thesis.tex").read_text() == "keep" and (tmp_path / "m.old" / "paper.txt").read_text() == "keep"
+    assert all(Run(p).has_checkpoint() for p in parts)
+
+
+def test_a_damaged_merged_object_is_refused(home, parts, tmp_path):
+    _, out = merge_runs(parts, tmp_path / "m")
+    data = bytearray((out / "merged.safetensors").read_bytes())
+    data[-100] ^= 0x40  # one bit in the last tensor's bytes: safetensors itself cannot see it
+    (out / "merged.safetensors").write_bytes(bytes(data))
+    with pytest.raises(D3FastError, match="does not match the sha256 recorded"):
+        Run(out).load_distilled()
+    res = CliRunner().invoke(cli, ["sample", str(out), "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 2 and "corrupt" in res.output
+
+
+def test_outputs_do_not_overwrite_a_runs_files(home, parts, tmp_path):
+    _, out = merge_runs(parts, tmp_path / "m")
+    before = (out / "manifest.json").read_bytes()
+    res = CliRunner().invoke(cli, ["sample", str(out), "--out", str(out / "manifest.json")])
+    assert res.exit_code == 2 and "is a file of the run" in res.output
+    res = CliRunner().invoke(cli, ["export", str(parts[0]), "--out", str(parts[0] / "checkpoint.pt")])
+    assert res.exit_code == 2 and "is a file of the run" in res.output
+    assert (out / "manifest.json").read_bytes() == before
+    res = CliRunner().invoke(cli, ["distill", "--resume", str(out)])
+    assert res.exit_code == 2 and "is a merged object, not a run" in res.output
+
+
+def test_one_subtask_runs_are_named_for_the_merge(home, tmp_path):
+    res = CliRunner().invoke(cli, ["distill", "--dataset", "digits", "--subtasks", "2", "--subtask", "1", "--runs-dir",
+                                   str(tmp_path), "--name", "job", *[x for o in _tiny() for x in ("--set", o)]])
+    assert res.exit_code == 0, res.output
+    (made,) = (tmp_path / "digits").iterdir()
+    assert made.name.endswith("-job-sub1of2")
+
+
+def test_budget_refusals_are_one_line(home):
+    for ipc, says in (("1e9", "more than distill.ppc's limit"), ("inf", "finite positive"), ("0", "finite positive")):
+        res = CliRunner().invoke(cli, ["config", "--dataset", "digits", "--budget-ipc", ipc])
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output

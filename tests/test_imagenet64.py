@@ -266,3 +266,29 @@ def test_cli_prepare(tmp_path):
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "prepared imagenet64: 1000 train / 1000 test images, 1000 classes, 3x64x64 uint8" in r.output
+
+
+@pytest.mark.slow
+def test_the_imagenet64_ipc1_preset_runs_end_to_end(tmp_path):
+    """`d3fast distill --preset imagenet64-ipc1 --data-path <tree>` on a tree in the official
+    format, shrunk to a few seconds a subtask: prepare, 5 subtasks (each its experts and run),
+    the labelling expert on all 1,000 classes, the merge with soft labels; then evaluate."""
+    from d3fast.distilled import Merged
+    from d3fast.run import Run
+
+    write_imagenet64_tree(tmp_path / "tree")
+    tiny = ["experts.num_experts=1", "experts.epochs=2", "distill.max_start_epoch=1", "distill.expert_epochs=1",
+            "distill.soft_label_epoch=1", "distill.mmd_samples=2", "net.width=8", "distill.syn_steps=1",
+            "distill.batch_syn=20", "device=cpu"]
+    res = CliRunner().invoke(cli, ["distill", "--preset", "imagenet64-ipc1", "--data-path", str(tmp_path / "tree"),
+                                   "--runs-dir", str(tmp_path / "runs"), "--steps", "1",
+                                   *[x for t in tiny for x in ("--set", t)]])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "imagenet64" / "imagenet64-ipc1-merged"
+    d, _ = Run(out).load_distilled()
+    assert isinstance(d, Merged) and len(d.parts) == 5 and d.num_classes == 1000
+    assert d.soft_labels is not None and d.soft_labels.shape == (1000, 1000)
+    assert d.parts[0].meta["decoder"] == "small" and d.parts[0].meta["decoder_width"] == 256
+    ev = CliRunner().invoke(cli, ["evaluate", str(out), "--students", "1", "--epochs", "1"])
+    assert ev.exit_code == 0, ev.output
+    assert "soft labels" in ev.output and "not applicable" not in ev.output

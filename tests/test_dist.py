@@ -390,10 +390,19 @@ def test_torchrun_spreads_subtasks_over_the_ranks_and_rank_0_merges(home, tmp_pa
     distill(cfg_of("data.subtasks=2", "data.subtask=1", "distill.steps=2"), alone, progress=False)
     a, b = alone.load_distilled()[0], parts[1].load_distilled()[0]  # type: ignore[union-attr]
     assert torch.allclose(a.latents, b.latents, rtol=1e-4, atol=1e-6)
-    # more ranks than subtasks, not a multiple: refused before any work, naming the fix
-    res = _torchrun(home, "--steps", "2", "--subtasks", "2", "--runs-dir", str(tmp_path / "none"), nproc=3,
-                    extra=("--standalone",))
-    assert res.returncode != 0 and "3 processes for 2 subtasks: launch at most 2" in res.stderr
+
+
+def test_subtask_jobs_refuse_ranks_that_do_not_split_into_the_subtasks(home, tmp_path):
+    """Refused before any collective or work: 3 ranks for 2 subtasks; groups of 2 ranks with 1 student."""
+    from d3fast.cli import _distill_subtasks
+    from d3fast.dist import World
+    from d3fast.errors import D3FastError
+
+    with pytest.raises(D3FastError, match="3 processes for 2 subtasks: launch at most 2"):
+        _distill_subtasks(cfg_of("data.subtasks=2"), World(0, 3), str(tmp_path / "none"), None, True, False)
+    # what each group's check_split asks of its 2 ranks (the 1 student of a step cannot be split)
+    with pytest.raises(D3FastError, match="must be a multiple of the 2 ranks"):
+        World(0, 2).students(cfg_of("data.subtasks=2", "data.subtask=0").distill.students_per_step)
     assert not (tmp_path / "none").exists()
 
 
@@ -415,7 +424,3 @@ def test_torchrun_groups_of_ranks_distill_one_subtask_each(home, tmp_path):
             progress=False)
     a, b = alone.load_distilled()[0], parts[1].load_distilled()[0]  # type: ignore[union-attr]
     assert torch.allclose(a.latents, b.latents, rtol=1e-4, atol=1e-6)
-    # a group's students must divide among its ranks: refused on every rank before any work
-    res = _torchrun(home, "--steps", "2", "--subtasks", "2", "--students-per-step", "1", "--runs-dir",
-                    str(tmp_path / "odd"), nproc=4, extra=("--standalone",))
-    assert res.returncode != 0 and "must be a multiple of the 2 ranks" in res.stderr

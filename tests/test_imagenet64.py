@@ -272,7 +272,7 @@ def test_cli_prepare(tmp_path):
 def test_the_imagenet64_ipc1_preset_runs_end_to_end(tmp_path):
     """`d3fast distill --preset imagenet64-ipc1 --data-path <tree>` on a tree in the official
     format, shrunk to a few seconds a subtask: prepare, 5 subtasks (each its experts and run),
-    the labelling expert on all 1,000 classes, the merge with soft labels; then evaluate."""
+    the labelling expert on all 1,000 classes, the merge with soft labels."""
     from d3fast.distilled import Merged
     from d3fast.run import Run
 
@@ -289,6 +289,4 @@ def test_the_imagenet64_ipc1_preset_runs_end_to_end(tmp_path):
     assert isinstance(d, Merged) and len(d.parts) == 5 and d.num_classes == 1000
     assert d.soft_labels is not None and d.soft_labels.shape == (1000, 1000)
     assert d.parts[0].meta["decoder"] == "small" and d.parts[0].meta["decoder_width"] == 256
-    ev = CliRunner().invoke(cli, ["evaluate", str(out), "--students", "1", "--epochs", "1"])
-    assert ev.exit_code == 0, ev.output
-    assert "soft labels" in ev.output and "not applicable" not in ev.output
+    # evaluation of merged objects with soft labels: tests/test_subtasks.py, tests/test_soft_labels.py

@@ -542,10 +542,6 @@ def _run_subtasks(cfg, world, team, mine: list[int], done_group, runs_dir: str, 
             sys.exit(130)
     if done_group is not None:
         td.barrier(group=done_group)
-    if world.main and cfg.distill.soft_labels and not no_auto:
-        from d3fast.soft_labels import ensure_labelling_expert
-
-        ensure_labelling_expert(cfg, click.echo)
     if not world.main:
         world.close()
         return
@@ -565,7 +561,8 @@ def _run_subtasks(cfg, world, team, mine: list[int], done_group, runs_dir: str, 
         if then_evaluate:
             _evaluate(Run(out), None, None, None, None)
         return
-    merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device))
+    merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device),
+                             train_labeller=not no_auto)
     world.close()
     click.echo(f"merged {S} subtasks into {out}: {merged.num_classes} classes, {merged.storage_bytes() / 2**20:.2f} MiB "
                f"(= {merged.images_per_class_equivalent():.2f} uint8 images per class)"
@@ -677,24 +674,13 @@ def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
     from d3fast.merge import merge_runs
     from d3fast.runtime import resolve_device
 
-    if soft_labels:
-        _labelling_expert(run_dirs[0], runs_dir)
     merged, path = merge_runs(list(run_dirs), out, partial=partial, soft_labels=soft_labels, force=force,
-                              device=resolve_device(device or "auto"), runs_dir=runs_dir)
+                              device=resolve_device(device or "auto"), runs_dir=runs_dir, train_labeller=True)
     steps = ", ".join(str(s["step"]) for s in merged.sources)
     click.echo(f"merged {len(merged.parts)} subtasks (steps {steps}) into {path}: {merged.num_classes} classes x "
                f"{merged.ppc} priors, {merged.storage_bytes() / 2**20:.2f} MiB (= "
                f"{merged.images_per_class_equivalent():.2f} uint8 images per class)"
                + ("; soft labels" if merged.soft_labels is not None else ""))
-
-
-def _labelling_expert(run_dir: str, runs_dir: str) -> None:
-    """Train the whole-dataset expert that labels the runs' merged object, when missing."""
-    from d3fast.soft_labels import ensure_labelling_expert
-
-    cfg = _open_run(run_dir, runs_dir).read_config()
-    cfg.data.subtask = -1
-    ensure_labelling_expert(cfg, click.echo)
 
 
 @cli.command()

@@ -134,11 +134,12 @@ def up_to_date(out: Path, run_dirs: Sequence[Path]) -> bool:
 
 def merge_runs(
     run_dirs: Sequence[str | Path], out: str | Path, *, partial: bool = False, soft_labels: bool | None = None,
-    force: bool = False, device: torch.device | str = "cpu", runs_dir: str = "runs",
+    force: bool = False, device: torch.device | str = "cpu", runs_dir: str = "runs", train_labeller: bool = False,
 ) -> tuple[Merged, Path]:
     """Merge the subtask runs `run_dirs` into the directory `out`; returns the object and `out`.
     `soft_labels` (None: as the runs' distill.soft_labels) labels the merged object with a
-    whole-dataset expert (d3fast/soft_labels.py).
+    whole-dataset expert (d3fast/soft_labels.py), trained first when missing if
+    `train_labeller` (once the parts are known to merge).
 
     Raises:
         D3FastError: the parts do not make one object (check_parts), a run still
@@ -181,8 +182,10 @@ def merge_runs(
             cfg.distill.soft_labels = soft_labels
         label_info = None
         if cfg.distill.soft_labels:
-            from d3fast.soft_labels import label
+            from d3fast.soft_labels import ensure_labelling_expert, label
 
+            if train_labeller:
+                ensure_labelling_expert(cfg)
             label_info = label(merged, cfg, torch.device(device))
         _write(out, merged, cfg, label_info, torch.device(device))
     return merged, out

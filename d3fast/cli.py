@@ -178,7 +178,8 @@ def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force,
 
     Reuses the cache when the source files are unchanged. Layouts: fashion-mnist (IDX
     files; found automatically where Debian's dataset-fashion-mnist puts them), digits
-    (scikit-learn, embedded), cifar10 (cifar-10-batches-py or -bin), tinyimagenet
+    (scikit-learn, embedded), cifar10 (cifar-10-batches-py or -bin), cifar100
+    (cifar-100-python or -binary), tinyimagenet
     (tiny-imagenet-200), imagenette/imagewoof (ImageNet-1k tree or fast.ai
     imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/), imagenet64 (Imagenet64_train_npz/
     and Imagenet64_val_npz/, or the pickled Imagenet64_train/ and _val/). `--format ffcv`

@@ -225,6 +225,37 @@ def write_imagenet64_tree(
     return files
 
 
+def make_cifar100(root: Path, n_train: int = 200, n_test: int = 100, binary: bool = False, names: bool = True):
+    """cifar-100-python/ (train, test and meta: pickled dicts with bytes keys, like the
+    original Python 2 files; fine and coarse labels) or cifar-100-binary/ (records of coarse
+    label, fine label, 3072 pixels; fine_label_names.txt). Returns (folder, {split: (x, fine)})."""
+    rng = np.random.default_rng(3)
+    folder = root / ("cifar-100-binary" if binary else "cifar-100-python")
+    folder.mkdir(parents=True)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = (rng.permutation(n) % 100).astype(np.uint8)  # every class in every split
+        coarse = (fine // 5).astype(np.uint8)
+        out[split] = (x, fine.astype(np.int64))
+        if binary:
+            rec = np.concatenate([coarse[:, None], fine[:, None], x], axis=1)
+            (folder / f"{split}.bin").write_bytes(rec.tobytes())
+        else:
+            d = {b"filenames": [b"f.png"] * n, b"batch_label": split.encode(), b"fine_labels": fine.tolist(),
+                 b"coarse_labels": coarse.tolist(), b"data": x}
+            with open(folder / split, "wb") as f:
+                pickle.dump(d, f, protocol=2)
+    fine_names = [f"fine{i}" for i in range(100)]
+    if names and binary:
+        (folder / "fine_label_names.txt").write_text("\n".join(fine_names) + "\n")
+    elif names:
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({b"fine_label_names": [n.encode() for n in fine_names],
+                         b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, f, protocol=2)
+    return folder, out
+
+
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float) -> None:
     """|out - ref| <= atol + rtol |ref| elementwise, or fail with the max error, its ratio to
     the allowance and the first 5 offending indices."""

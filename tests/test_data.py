@@ -16,6 +16,7 @@ from d3fast.data.prepare import prepare
 from d3fast.errors import D3FastError
 from tests._utils import (
     make_cifar10,
+    make_cifar100,
     make_fashion_mnist,
     make_imagenet_tree,
     make_tinyimagenet,
@@ -308,6 +309,48 @@ def test_cifar10_truncated_and_missing(tmp_path):
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(D3FastError, match="corrupt or truncated"):
         prepare(cfg_for("cifar10", folder2), progress=False)
+
+
+# ------------------------------------------------------------------ CIFAR-100
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_cifar100_fine_labels_and_names(tmp_path, binary):
+    folder, data = make_cifar100(tmp_path, binary=binary)
+    m = prepare(cfg_for("cifar100", tmp_path), progress=False).manifest
+    assert m["source"]["layout"] == ("cifar100-binary" if binary else "cifar100-python")
+    assert m["num_classes"] == 100 and m["classes"][:2] == ["fine0", "fine1"]
+    for split in ("train", "test"):
+        x, y, _ = load_split("cifar100", split)
+        np.testing.assert_array_equal(x.reshape(len(x), -1), data[split][0])  # channel-major, as stored
+        assert y.tolist() == data[split][1].tolist()  # the fine labels, not the coarse ones
+
+
+def test_cifar100_bad_files(tmp_path, monkeypatch):
+    folder, _ = make_cifar100(tmp_path / "bin", binary=True, names=False)
+    m = prepare(cfg_for("cifar100", folder), progress=False).manifest
+    assert m["classes"][:3] == ["0", "1", "2"]  # no fine_label_names.txt: numbered, with a note
+    p = folder / "train.bin"
+    p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(D3FastError, match="not a multiple of 3074 \\(2 labels \\+ 3072 pixels\\)"):
+        prepare(cfg_for("cifar100", folder), progress=False)
+    (folder / "test.bin").unlink()
+    with pytest.raises(D3FastError, match="missing the CIFAR-100 file test.bin"):
+        prepare(cfg_for("cifar100", folder), progress=False)
+    py, _ = make_cifar100(tmp_path / "py")
+    monkeypatch.chdir(tmp_path)
+    with open(py / "train", "wb") as f:
+        pickle.dump({b"data": _Evil(), b"fine_labels": []}, f, protocol=2)
+    with pytest.raises(D3FastError, match="refusing to load global"):
+        prepare(cfg_for("cifar100", py), progress=False)
+    assert not (tmp_path / "pwned").exists()
+    with open(py / "train", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}, f, protocol=2)
+    with pytest.raises(D3FastError, match="fine labels outside 0..99"):
+        prepare(cfg_for("cifar100", py), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D3FastError, match="is not a CIFAR-100 folder"):
+        prepare(cfg_for("cifar100", tmp_path / "empty"), progress=False)
 
 
 # ------------------------------------------------------------------ digits

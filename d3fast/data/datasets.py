@@ -59,6 +59,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "fashion-mnist", 10, 28, 1, default_paths=("/usr/share/datasets/fashion-mnist",)
     ),
     "cifar10": DatasetSpec("cifar10", 10, 32, 3),
+    "cifar100": DatasetSpec("cifar100", 100, 32, 3),
     "tinyimagenet": DatasetSpec("tinyimagenet", 200, 64, 3),
     "imagenette": DatasetSpec("imagenette", 10, 128, 3, imagenet_classes=IMAGENETTE),
     "imagewoof": DatasetSpec("imagewoof", 10, 128, 3, imagenet_classes=IMAGEWOOF),

@@ -63,6 +63,7 @@ def read_source(spec: DatasetSpec, data_path: str | None) -> Source:
         "digits": lambda: read_digits(),
         "fashion-mnist": lambda: read_fashion_mnist(_locate(spec, data_path)),
         "cifar10": lambda: read_cifar10(_locate(spec, data_path)),
+        "cifar100": lambda: read_cifar100(_locate(spec, data_path)),
         "tinyimagenet": lambda: read_tinyimagenet(_locate(spec, data_path)),
         "imagenette": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
         "imagewoof": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
@@ -267,38 +268,44 @@ def _load_pickled_dict(path: Path, what: str, fix: str = "") -> dict[str, Any]:
     return {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    batch = _load_pickled_dict(path, "a CIFAR-10 python batch")
-    if "data" not in batch or "labels" not in batch:
-        raise D3FastError(f"{path} has no 'data'/'labels' entries: not a CIFAR-10 batch")
+def _load_cifar_pickle(path: Path, labels_key: str = "labels", what: str = "CIFAR-10") -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 3, 32, 32], labels int64 [N]) of a CIFAR python batch; CIFAR-100's
+    batches keep their labels under `fine_labels` (and `coarse_labels`, not read)."""
+    batch = _load_pickled_dict(path, f"a {what} python batch")
+    if "data" not in batch or labels_key not in batch:
+        raise D3FastError(f"{path} has no 'data'/{labels_key!r} entries: not a {what} batch")
     try:
         data = np.asarray(batch["data"])
-        labels = np.asarray(batch["labels"])
+        labels = np.asarray(batch[labels_key])
         if data.dtype != np.uint8 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"data {data.dtype} / labels {labels.dtype}, expected uint8 / integers")
         labels = labels.astype(np.int64)
     except (ValueError, TypeError, OverflowError) as e:
-        raise D3FastError(f"{path} is not a CIFAR-10 batch ({e})") from None
+        raise D3FastError(f"{path} is not a {what} batch ({e})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise D3FastError(f"{path}: data {data.shape} / labels {labels.shape}, expected [N, 3072] / [N]")
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _load_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_cifar_bin(path: Path, label_bytes: int = 1, what: str = "CIFAR-10") -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR binary batch: records of `label_bytes` label bytes then 3072 pixels (CIFAR-10:
+    1 label; CIFAR-100: coarse then fine, and the fine label, the last, is read)."""
+    size = label_bytes + 3072
     raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % 3073:
+    if raw.size == 0 or raw.size % size:
+        what_labels = "1 label" if label_bytes == 1 else f"{label_bytes} labels"
         raise D3FastError(
-            f"{path} holds {raw.size} bytes, not a multiple of 3073 (1 label + 3072 pixels): "
-            "truncated or not a CIFAR-10 binary batch"
+            f"{path} holds {raw.size} bytes, not a multiple of {size} ({what_labels} + 3072 pixels): "
+            f"truncated or not a {what} binary batch"
         )
-    rec = raw.reshape(-1, 3073)
-    return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].astype(np.int64)
+    rec = raw.reshape(-1, size)
+    return rec[:, label_bytes:].reshape(-1, 3, 32, 32).copy(), rec[:, label_bytes - 1].astype(np.int64)
 
 
 def read_cifar10(root: Path) -> Source:
     """The python version (`cifar-10-batches-py/`, data_batch_1..5 + test_batch) or the
     binary version (`cifar-10-batches-bin/`, *.bin); `root` may be that folder or its parent."""
-    layouts = [
+    layouts: list[tuple[str, list[str], str, Callable[[Path], tuple[np.ndarray, np.ndarray]]]] = [
         ("python", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", _load_cifar_pickle),
         ("binary", [f"data_batch_{i}.bin" for i in range(1, 6)], "test_batch.bin", _load_cifar_bin),
     ]
@@ -332,6 +339,61 @@ def read_cifar10(root: Path) -> Source:
         f"{root} is not a CIFAR-10 folder: expected cifar-10-batches-py/ (data_batch_1..5, "
         "test_batch) or cifar-10-batches-bin/ (*.bin), or the folder that contains one"
     )
+
+
+def read_cifar100(root: Path) -> Source:
+    """The python version (`cifar-100-python/`: train, test, meta) or the binary version
+    (`cifar-100-binary/`: train.bin, test.bin, fine_label_names.txt); `root` may be that
+    folder or its parent. The 100 fine labels are the classes; names come from meta or
+    fine_label_names.txt."""
+    def python(p: Path) -> tuple[np.ndarray, np.ndarray]:
+        return _load_cifar_pickle(p, "fine_labels", "CIFAR-100")
+
+    def binary(p: Path) -> tuple[np.ndarray, np.ndarray]:
+        return _load_cifar_bin(p, 2, "CIFAR-100")
+
+    layouts = [("python", "train", "test", python, "meta"), ("binary", "train.bin", "test.bin", binary,
+                                                              "fine_label_names.txt")]
+    for folder in (root, root / "cifar-100-python", root / "cifar-100-binary"):
+        for layout, train_name, test_name, loader, names_file in layouts:
+            if not (folder / train_name).is_file():
+                continue
+            if not (folder / test_name).is_file():
+                raise D3FastError(f"{folder} is missing the CIFAR-100 file {test_name}")
+            train_x, train_y = loader(folder / train_name)
+            test_x, test_y = loader(folder / test_name)
+            for y, name in ((train_y, "train"), (test_y, "test")):
+                if y.min() < 0 or y.max() >= 100:
+                    raise D3FastError(f"{folder}: {name} fine labels outside 0..99")
+            used = [folder / train_name, folder / test_name]
+            names, notes = _cifar100_names(folder / names_file)
+            if (folder / names_file).is_file():
+                used.append(folder / names_file)
+            return Source(
+                classes=names, class_ids=names,
+                splits={"train": SplitSource(labels=train_y, images=train_x),
+                        "test": SplitSource(labels=test_y, images=test_x)},
+                layout=f"cifar100-{layout}", path=str(folder), fingerprint=_fingerprint(folder, used), notes=notes,
+            )
+    raise D3FastError(
+        f"{root} is not a CIFAR-100 folder: expected cifar-100-python/ (train, test, meta) or cifar-100-binary/ "
+        "(train.bin, test.bin), or the folder that contains one"
+    )
+
+
+def _cifar100_names(path: Path) -> tuple[list[str], list[str]]:
+    """The 100 fine class names from `meta` (python) or `fine_label_names.txt` (binary), or
+    "0".."99" with a note when the file is missing."""
+    if not path.is_file():
+        return [str(i) for i in range(100)], [f"{path.name} not found: classes are named 0..99"]
+    if path.suffix == ".txt":
+        names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    else:
+        raw = _load_pickled_dict(path, "the CIFAR-100 meta file").get("fine_label_names")
+        names = [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in (raw or [])]
+    if len(names) != 100:
+        raise D3FastError(f"{path} names {len(names)} fine classes, CIFAR-100 has 100")
+    return names, []
 
 
 # ---------------------------------------------------------------- TinyImageNet

@@ -107,7 +107,9 @@ def _crash_report(e: BaseException) -> str:
 def _config_options(f: Any) -> Any:
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a config key, e.g. --set experts.lr=0.02 (repeatable).")(f)
-    f = click.option("--preset", default=None, help="Preset name (default: the dataset's own).")(f)
+    f = click.option("--preset", "--config", "preset", default=None,
+                     help="Preset name (default: the dataset's own; `d3fast presets` lists them), or a TOML file "
+                          "of your own in the same form (`d3fast config --format toml` writes one).")(f)
     f = click.option("--dataset", default=None, help="Dataset name, e.g. digits, fashion-mnist, imagewoof.")(f)
     return f
 
@@ -719,14 +721,35 @@ def label(run_dir, epoch, device, runs_dir) -> None:
 @cli.command()
 @_config_options
 @_budget_options
-def config(dataset, preset, overrides, budget_ipc, budget_images) -> None:
-    """Print the resolved configuration as JSON (--budget-ipc: with the decoder and priors
-    that budget chooses)."""
-    from d3fast.config import to_dict
+@click.option("--format", "fmt", type=click.Choice(["json", "toml"]), default="json", show_default=True,
+              help="toml: a file that --config reads back to this configuration.")
+def config(dataset, preset, overrides, budget_ipc, budget_images, fmt) -> None:
+    """Print the resolved configuration as JSON or TOML (--budget-ipc: with the decoder and
+    priors that budget chooses)."""
+    from d3fast.config import to_dict, to_toml
 
     typed = _budget(dataset, preset, overrides, {}, budget_ipc, budget_images) if budget_ipc is not None else {}
     cfg = _resolve(dataset, preset, overrides, **typed)
-    click.echo(json.dumps(to_dict(cfg), indent=2), err=False)
+    click.echo(to_toml(cfg) if fmt == "toml" else json.dumps(to_dict(cfg), indent=2), nl=fmt == "json")
+
+
+@cli.command()
+def presets() -> None:
+    """The packaged presets: name, dataset and what each is for (their first comment line)."""
+    from importlib import resources
+
+    from d3fast.config import available_presets, load_preset
+
+    for name in available_presets():
+        text = (resources.files("d3fast.presets") / f"{name}.toml").read_text()
+        lead = []  # the leading comment block, up to its first sentence
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                break
+            lead.append(line.lstrip("# ").strip())
+        about = " ".join(lead).split(". ")[0].rstrip(".")
+        dataset = load_preset(name).get("data", {}).get("dataset", "?")
+        click.echo(f"{name:<24} {dataset:<14} {about}")
 
 
 @cli.command()

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -240,15 +241,54 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = resources.files("d3fast.presets") / f"{name}.toml"
-    if not path.is_file():
-        raise D3FastError(
-            f"unknown preset {name!r}; available: {', '.join(available_presets())}"
-        )
+    """A packaged preset by name, or a user's TOML file of the same form (a name ending in
+    .toml or holding a path separator: `--config FILE.toml`), validated like any preset.
+
+    Raises:
+        D3FastError: unknown name, missing or unreadable file, invalid TOML."""
+    from pathlib import Path
+
+    if name.endswith(".toml") or os.sep in name:
+        user = Path(name).expanduser()
+        if not user.is_file():
+            raise D3FastError(f"config file {name} does not exist")
+        try:
+            text = user.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise D3FastError(f"cannot read config file {name}: {e}") from None
+    else:
+        path = resources.files("d3fast.presets") / f"{name}.toml"
+        if not path.is_file():
+            raise D3FastError(
+                f"unknown preset {name!r}; available: {', '.join(available_presets())} (or a .toml file)"
+            )
+        text = path.read_text()
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise D3FastError(f"preset {name!r} is not valid TOML: {e}") from None
+
+
+def to_toml(cfg: Config) -> str:
+    """The whole config as TOML that `--config FILE` reads back to the same config (keys
+    whose value is None, which TOML cannot write, are left out: they are the defaults)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a TOML basic string
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    top, sections = [], []
+    for key, v in to_dict(cfg).items():
+        if isinstance(v, dict):
+            body = [f"{k} = {value(x)}" for k, x in v.items() if x is not None]
+            sections.append(f"[{key}]\n" + "\n".join(body) + "\n")
+        elif v is not None and key != "preset":
+            top.append(f"{key} = {value(v)}")
+    return "\n".join(top) + "\n\n" + "\n".join(sections)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -280,10 +320,18 @@ def _coerce(value: Any, tp: Any, key: str, from_string: bool) -> Any:
         if tp is str:
             return value
         if origin is list:
+            # JSON ("[1, 2]", '["a"]'), or bare items: "a,b" and "[a,b]"
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                raise D3FastError(f"config key {key}: expected a JSON list, got {value!r}") from None
+                inner_text = value.strip()
+                if inner_text.startswith("[") and inner_text.endswith("]"):
+                    inner_text = inner_text[1:-1]
+                items = [x.strip() for x in inner_text.split(",") if x.strip()]
+                (inner,) = typing.get_args(tp)
+                return [_coerce(x, inner, key, from_string=True) for x in items]
+            if not isinstance(value, list):
+                value = [value]
             return _coerce(value, tp, key, from_string=False)
     # typed value (TOML or JSON): bool is an int subclass, so check it first
     if tp is bool:

@@ -118,3 +118,47 @@ def test_presets_train_experts_long_enough_for_distillation():
     for name in available_presets():
         cfg = resolve_config(preset=name)
         assert cfg.experts.epochs >= cfg.distill.max_start_epoch + cfg.distill.expert_epochs, name
+
+
+def test_a_toml_config_file_reads_back_to_the_same_config(tmp_path):
+    """`d3fast config --format toml > f.toml`, then `--config f.toml`, equals the --set run."""
+    from click.testing import CliRunner
+
+    from d3fast.cli import cli
+    from d3fast.config import to_dict, to_toml
+
+    sets = ["eval.archs=convnet,resnet18", "distill.mmd_bandwidths=[1,2.5]", "net.width=32", "device=cpu"]
+    cfg = resolve_config("cifar100", overrides=sets)
+    assert cfg.eval.archs == ["convnet", "resnet18"] and cfg.distill.mmd_bandwidths == [1.0, 2.5]
+    res = CliRunner().invoke(cli, ["config", "--dataset", "cifar100", *[x for s in sets for x in ("--set", s)],
+                                   "--format", "toml"])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "mine.toml").write_text(res.output)
+    assert res.output == to_toml(cfg)
+    back = resolve_config(preset=str(tmp_path / "mine.toml"))
+    assert to_dict(back) | {"preset": ""} == to_dict(cfg) | {"preset": ""}
+    via_cli = CliRunner().invoke(cli, ["config", "--config", str(tmp_path / "mine.toml")])
+    assert via_cli.exit_code == 0 and '"width": 32' in via_cli.output
+    # the same validation as a packaged preset
+    (tmp_path / "bad.toml").write_text("[net]\nwidth = 0\n")
+    with pytest.raises(D3FastError, match="net.width must be >= 1"):
+        resolve_config(preset=str(tmp_path / "bad.toml"))
+    with pytest.raises(D3FastError, match="does not exist"):
+        resolve_config(preset=str(tmp_path / "none.toml"))
+
+
+@pytest.mark.parametrize("text, expected", [("1,2", [1.0, 2.0]), ("[1,2]", [1.0, 2.0]), ("[1, 2]", [1.0, 2.0]),
+                                            ("4", [4.0])])
+def test_list_values_take_bare_and_json_forms(text, expected):
+    assert resolve_config("digits", overrides=[f"distill.mmd_bandwidths={text}"]).distill.mmd_bandwidths == expected
+
+
+def test_presets_lists_every_packaged_preset():
+    from click.testing import CliRunner
+
+    from d3fast.cli import cli
+    from d3fast.config import available_presets
+
+    res = CliRunner().invoke(cli, ["presets"])
+    assert res.exit_code == 0
+    assert [line.split()[0] for line in res.output.splitlines()] == available_presets()

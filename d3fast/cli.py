@@ -114,6 +114,18 @@ def _config_options(f: Any) -> Any:
     return f
 
 
+def _runs_dir_option(what: str) -> Any:
+    """--runs-dir, resolved when the command starts: the option, else $D3FAST_RUNS, else
+    <home>/runs (so `latest` finds the runs from any working directory)."""
+    def resolve(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+        from d3fast.paths import runs_root
+
+        return value if value else str(runs_root())
+
+    return click.option("--runs-dir", default=None, callback=resolve,
+                        help=f"{what} (default: $D3FAST_RUNS, else $D3FAST_HOME/runs).")
+
+
 def _subtask_options(f: Any) -> Any:
     f = click.option("--subtask", type=int, default=None,
                      help="Work on block i (0..S-1) of the --subtasks split only (default: every block).")(f)
@@ -326,7 +338,7 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @click.option("--resume", "resume_dir", default=None,
               help="Continue the run in this directory (`latest`: the newest; `auto` with --name: the run of that "
                    "name if there is one, else start it: for jobs torchrun or a scheduler restarts).")
-@click.option("--runs-dir", default="runs", show_default=True, help="Where run directories are created.")
+@_runs_dir_option("Where run directories are created")
 @click.option("--name", default=None, help="Run name (default: the preset).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @click.option("--no-auto", is_flag=True, help="Fail instead of preparing data / training experts.")
@@ -622,7 +634,7 @@ def _evaluate(run, archs, students, epochs, device, loader=None) -> None:
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
               help="Where the real test set streams from (default: the run's data.loader).")
-@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+@_runs_dir_option("Where `latest` looks for runs")
 def evaluate(run_dir, archs, students, epochs, device, loader, runs_dir) -> None:
     """Train students on fresh distilled samples and on two random-real baselines (same
     count, same storage); report mean ± std test accuracy. RUN_DIR may be `latest`."""
@@ -634,7 +646,7 @@ def evaluate(run_dir, archs, students, epochs, device, loader, runs_dir) -> None
 @click.option("--out", required=True, type=click.Path(), help="PNG file to write.")
 @click.option("--samples", default=9, show_default=True, help="Samples per prior after its mean image.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+@_runs_dir_option("Where `latest` looks for runs")
 def sample(run_dir, out, samples, seed, runs_dir) -> None:
     """Write a grid: per prior, its mean image then fresh samples."""
     from d3fast.visualize import sample_grid
@@ -648,7 +660,7 @@ def sample(run_dir, out, samples, seed, runs_dir) -> None:
 @cli.command()
 @click.argument("run_dir")
 @click.option("--out", required=True, type=click.Path(), help="safetensors file to write.")
-@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+@_runs_dir_option("Where `latest` looks for runs")
 def export(run_dir, out, runs_dir) -> None:
     """Export the distilled object (latents, decoder, learned lr, metadata) as safetensors."""
     from d3fast.distilled import export as run_export
@@ -669,7 +681,7 @@ def export(run_dir, out, runs_dir) -> None:
               help="Label the merged object with a whole-dataset expert (default: as the runs' distill.soft_labels).")
 @click.option("--force", is_flag=True, help="Replace --out when it exists.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (for soft labels).")
-@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+@_runs_dir_option("Where `latest` looks for runs")
 def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
     """Merge the runs of every subtask of one split (RUN_0 ... RUN_{S-1}, any order) into one
     distilled object: each class decodes through its own subtask's decoder; storage is the
@@ -690,7 +702,7 @@ def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
 @click.argument("run_dir")
 @click.option("--epoch", type=int, default=None, help="Epoch of the whole-dataset expert (default: distill.soft_label_epoch).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
-@click.option("--runs-dir", default="runs", show_default=True, help="Where `latest` looks for runs.")
+@_runs_dir_option("Where `latest` looks for runs")
 def label(run_dir, epoch, device, runs_dir) -> None:
     """Soft labels for a run's latest checkpoint or a merged object: each prior's mean image
     through a ConvNet expert trained on all classes (its softmax), stored with the object."""

@@ -382,3 +382,22 @@ def test_a_run_without_config_json_still_resumes_from_its_history(home, tmp_path
     res = distill(cfg_of("distill.steps=3"), run, resume=True, progress=False)
     assert res.step == 3 and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
     assert [r["event"] for r in run.history()] == ["start", "resume"]
+
+
+def test_runs_live_under_the_home_and_latest_finds_them_from_anywhere(home, tmp_path, monkeypatch):
+    tiny = sum((["--set", o] for o in OVERRIDES if not o.startswith(("device", "distill.steps"))), [])
+    monkeypatch.chdir(tmp_path)
+    runs = home / "runs" / "digits"
+    before = set(runs.iterdir()) if runs.exists() else set()
+    res = CliRunner().invoke(cli, ["distill", "--dataset", "digits", "--steps", "1", "--no-auto", *tiny])
+    assert res.exit_code == 0, res.output
+    assert len(set(runs.iterdir()) - before) == 1  # under the home, not ./runs
+    assert not (tmp_path / "runs").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = CliRunner().invoke(cli, ["export", "latest", "--out", "x.safetensors"])
+    assert res.exit_code == 0 and (elsewhere / "x.safetensors").exists(), res.output
+    monkeypatch.setenv("D3FAST_RUNS", str(tmp_path / "shared"))
+    res = CliRunner().invoke(cli, ["distill", "--dataset", "digits", "--steps", "1", "--no-auto", *tiny])
+    assert res.exit_code == 0 and len(list((tmp_path / "shared" / "digits").iterdir())) == 1, res.output

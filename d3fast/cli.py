@@ -450,8 +450,8 @@ def _budget(dataset, preset, overrides, typed: dict[str, Any], ipc: float, image
     from d3fast.data.datasets import get_spec
     from d3fast.storage import choose_budget, ipc_equivalent
 
-    given = [k for k in BUDGET_KEYS if typed.get(k) is not None
-             or k.split(".")[1] in parse_overrides(list(overrides)).get("distill", {})]
+    by_hand = parse_overrides(list(overrides)).get("distill", {})
+    given = [k for k in BUDGET_KEYS if typed.get(k) is not None or k.split(".")[1] in by_hand]
     if given:
         raise D3FastError(f"--budget-ipc chooses {', '.join(BUDGET_KEYS)}; drop {', '.join(given)} or the budget")
     cfg = _resolve(dataset, preset, overrides, **typed)
@@ -561,10 +561,11 @@ def _run_subtasks(cfg, world, team, mine: list[int], done_group, runs_dir: str, 
         world.close()
         return
     runs = []
-    for i in range(S):
-        found = Run.named(runs_dir, cfg.data.dataset, f"{base}-sub{i}of{S}")
+    for one in _each_subtask(cfg, lambda *a, **k: None):
+        found = Run.named(runs_dir, cfg.data.dataset, _run_name(one, base))
         if found is None:
-            raise D3FastError(f"the run of subtask {i} ({base}-sub{i}of{S}) is missing under {runs_dir}/{cfg.data.dataset}")
+            raise D3FastError(f"the run of subtask {one.data.subtask} ({_run_name(one, base)}) is missing under "
+                              f"{runs_dir}/{cfg.data.dataset}")
         runs.append(found.path)
     out = Path(runs_dir) / cfg.data.dataset / f"{base}-merged"
     if is_merged_dir(out) and read_merged_manifest(Run(out)).get("subtasks") != S:

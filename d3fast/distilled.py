@@ -329,8 +329,8 @@ class Merged:
         return sum(p.storage_bytes() for p in self.parts) + soft
 
     def images_per_class_equivalent(self) -> float:
-        one_image = self.meta["channels"] * self.meta["resolution"] ** 2
-        return self.storage_bytes() / (self.num_classes * one_image)
+        """`storage_bytes` in uint8 images per class (`storage.ipc_equivalent`)."""
+        return ipc_equivalent(self.storage_bytes(), self.num_classes, self.meta["channels"], self.meta["resolution"])
 
     def to(self, device: torch.device | str) -> Merged:
         for p in self.parts:

@@ -49,7 +49,7 @@ SAME_KEYS = ("data.dataset", "data.subtasks", "data.zca", "data.zca_eps", "disti
 
 def _key(cfg: Config, dotted: str) -> Any:
     section, name = dotted.split(".")
-    return getattr(getattr(cfg, section), name, None)
+    return getattr(getattr(cfg, section), name)
 
 
 def check_parts(runs: list[Run], configs: list[Config]) -> None:

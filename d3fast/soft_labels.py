@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
 from d3fast.models import build_network
 from d3fast.training import load_flat_params
+
+if TYPE_CHECKING:
+    from d3fast.experts import ExpertBank
 
 # mean images through the labelling network per forward pass (the reference's batch of 50;
 # the network is in eval mode, so the batch size does not change the labels)
@@ -46,14 +49,22 @@ def full_class_config(cfg: Config) -> Config:
     return full
 
 
-def ensure_labelling_expert(cfg: Config, echo: Callable[[str], None] = print) -> None:
-    """Train the whole-dataset expert that soft labels need, when there is none yet."""
-    from d3fast.experts import ExpertBank, experts_dir, resolve_data_loader, run_experts
+def _labelling_bank(cfg: Config) -> tuple[Config, ExpertBank]:
+    """The labelling expert's config and the whole-dataset experts that reach its epoch."""
+    from d3fast.experts import ExpertBank, experts_dir, resolve_data_loader
 
     full = full_class_config(cfg)
     resolve_data_loader(full)
     folder = experts_dir(full)
-    if len(ExpertBank(folder, cfg.distill.soft_label_epoch, files=None if folder.is_dir() else [])):
+    return full, ExpertBank(folder, cfg.distill.soft_label_epoch, files=None if folder.is_dir() else [])
+
+
+def ensure_labelling_expert(cfg: Config, echo: Callable[[str], None] = print) -> None:
+    """Train the whole-dataset expert that soft labels need, when there is none yet."""
+    from d3fast.experts import run_experts
+
+    full, bank = _labelling_bank(cfg)
+    if len(bank):
         return
     echo(f"soft labels need an expert trained on all classes of {cfg.data.dataset}: training one first")
     run_experts(full)
@@ -67,13 +78,10 @@ def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Modul
         D3FastError: no such expert, with the exact `d3fast experts` command that trains one.
     """
     from d3fast.data.cache import load_split
-    from d3fast.experts import ExpertBank, experts_command, experts_dir, resolve_data_loader
+    from d3fast.experts import experts_command
 
-    full = full_class_config(cfg)
-    resolve_data_loader(full)
-    epoch = cfg.distill.soft_label_epoch
-    folder = experts_dir(full)
-    bank = ExpertBank(folder, epoch, files=None if folder.is_dir() else [])
+    full, bank = _labelling_bank(cfg)
+    epoch, folder = cfg.distill.soft_label_epoch, bank.folder
     if not len(bank):
         raise D3FastError(f"soft labels need a ConvNet expert trained on all classes of {cfg.data.dataset} for "
                           f"{epoch} epochs (distill.soft_label_epoch), and {folder} has none; train one with:\n  "

@@ -126,6 +126,17 @@ def _runs_dir_option(what: str) -> Any:
                         help=f"{what} (default: $D3FAST_RUNS, else $D3FAST_HOME/runs).")
 
 
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:  # read by d3fast/progress.py, in this process and the ones it starts
+        os.environ["D3FAST_QUIET"] = "1"
+    return value
+
+
+def _quiet_option(f: Any) -> Any:
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet, is_eager=True,
+                        help="No progress bar (results, notes and warnings are still printed).")(f)
+
+
 def _subtask_options(f: Any) -> Any:
     f = click.option("--subtask", type=int, default=None,
                      help="Work on block i (0..S-1) of the --subtasks split only (default: every block).")(f)
@@ -167,12 +178,14 @@ def _open_run(where: str, runs_dir: str):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="d3fast")
+@_quiet_option
 def cli() -> None:
     """d3fast: Distributional Dataset Distillation, fast.
 
     Learn a tiny distilled dataset (per class a few latent Gaussians plus one shared
-    decoder) from a large image dataset. Data and experts live under $D3FAST_HOME
-    (default ~/.d3fast). Run `d3fast doctor` to see what this machine will use.
+    decoder) from a large image dataset. Data, experts and runs live under $D3FAST_HOME
+    (default ~/.d3fast). Run `d3fast doctor` to see what this machine will use. Off a
+    terminal, progress is one plain line every $D3FAST_PROGRESS_EVERY seconds (60).
     """
 
 
@@ -237,6 +250,7 @@ def _report_prepare(res) -> None:
               help="Where training batches stream from (default auto: FFCV files when present, else the cache).")
 @_subtask_options
 @click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
+@_quiet_option
 def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader, subtasks, subtask,
             data_path) -> None:
     """Train expert trajectories (docs/algorithm.md section 4) for MTT.
@@ -348,6 +362,7 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @_subtask_options
 @_budget_options
 @click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
+@_quiet_option
 def distill(
     dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, mmd_chunk, mmd_exact_graph, resume_dir,
     runs_dir, name, device, no_auto, then_evaluate, soft_labels, subtasks, subtask, budget_ipc, budget_images,
@@ -433,7 +448,7 @@ def distill(
             ensure_labelling_expert(cfg, click.echo)
         _label_run(run, cfg, device)
     if then_evaluate:
-        _evaluate(run, None, None, None, None)
+        _evaluate(_run_target(run), None, None, None, None)
 
 
 # the keys --budget-ipc sets (d3fast/storage.py choose_budget)
@@ -575,7 +590,7 @@ def _run_subtasks(cfg, world, team, mine: list[int], done_group, runs_dir: str, 
         world.close()
         click.echo(f"{out} is up to date with the {S} subtask runs")
         if then_evaluate:
-            _evaluate(Run(out), None, None, None, None)
+            _evaluate(_run_target(Run(out)), None, None, None, None)
         return
     merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device),
                              train_labeller=not no_auto)
@@ -584,7 +599,7 @@ def _run_subtasks(cfg, world, team, mine: list[int], done_group, runs_dir: str, 
                f"(= {merged.images_per_class_equivalent():.2f} uint8 images per class)"
                + ("; soft labels" if merged.soft_labels is not None else ""))
     if then_evaluate:
-        _evaluate(Run(out), None, None, None, None)
+        _evaluate(_run_target(Run(out)), None, None, None, None)
 
 
 # the files d3fast keeps in a run (or merged) directory (d3fast/run.py)
@@ -609,8 +624,10 @@ def _run_name(cfg, name: str | None) -> str:
     return f"{base}-sub{cfg.data.subtask}of{cfg.data.subtasks}" if cfg.data.subtasks > 1 else base
 
 
-def _evaluate(run, archs, students, epochs, device, loader=None) -> None:
-    from d3fast.evaluate import evaluate_run
+def _evaluate(target, archs, students, epochs, device, loader=None) -> None:
+    """Evaluate a `d3fast.evaluate.Target` (flags over its protocol) and print the table."""
+    from d3fast.evaluate import _with, evaluate, rendered
+    from d3fast.runtime import resolve_device
 
     over: dict[str, Any] = {}
     if archs:
@@ -622,24 +639,60 @@ def _evaluate(run, archs, students, epochs, device, loader=None) -> None:
     updates: dict[str, Any] = {"eval": over} if over else {}
     if loader is not None:
         updates["data"] = {"loader": loader}
-    report = evaluate_run(run, updates or None, device=device)
-    click.echo((run.path / "eval.md").read_text())
-    click.echo(f"written: {run.path / 'eval.json'}, {run.path / 'eval.md'} ({report['seconds']:.0f} s)")
+    _with(target.cfg, updates or None)
+    report = evaluate(target, resolve_device(device or "auto"), progress=True)
+    click.echo(rendered(report))
+    kept = target.evals_dir
+    click.echo(f"kept in {kept}/ (index.json lists every evaluation)"
+               + (f"; latest in {target.run.path / 'eval.md'}" if target.run is not None else "")
+               + f" ({report['seconds']:.0f} s)")
+
+
+def _run_target(run, device: str | None = None):
+    """A run as an evaluation target with its recorded protocol."""
+    from d3fast.evaluate import Target
+    from d3fast.runtime import resolve_device
+
+    d, step = run.load_distilled(resolve_device(device or "auto"))
+    return Target(str(run.path), run.path / "evals", run.read_config(), d=d, step=step, run=run)
 
 
 @cli.command()
-@click.argument("run_dir")
+@click.argument("target")
+@_config_options
 @click.option("--arch", "archs", default=None, help="Comma-separated: convnet,resnet18,vgg11,alexnet.")
 @click.option("--students", type=int, default=None, help="Students per architecture (default 5).")
 @click.option("--epochs", type=int, default=None, help="Epochs per student (default: the run's eval.epochs).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
               help="Where the real test set streams from (default: the run's data.loader).")
+@click.option("--evals-dir", default=None, type=click.Path(),
+              help="Where to keep the evaluation (default: the run's evals/, else <TARGET>.evals/ beside it).")
+@_quiet_option
 @_runs_dir_option("Where `latest` looks for runs")
-def evaluate(run_dir, archs, students, epochs, device, loader, runs_dir) -> None:
-    """Train students on fresh distilled samples and on two random-real baselines (same
-    count, same storage); report mean ± std test accuracy. RUN_DIR may be `latest`."""
-    _evaluate(_open_run(run_dir, runs_dir), archs, students, epochs, device, loader)
+def evaluate(target, dataset, preset, overrides, archs, students, epochs, device, loader, evals_dir,
+             runs_dir) -> None:
+    """Train students on the distilled set and on two random-real baselines (same count,
+    same storage); report mean ± std test accuracy. TARGET: a run or merged directory,
+    `latest`, a d3fast export (.safetensors), a .pt image set (images.pt + labels.pt [+ lr.pt],
+    MTT-family files included: pass --dataset) or an ImageFolder of images. --preset takes
+    the preset's eval.* keys; --set changes eval.* (and data.loader) keys. Every evaluation
+    is kept, none overwritten."""
+    from d3fast.evaluate import open_target
+    from d3fast.runtime import resolve_device
+
+    t = open_target(target, runs_dir, dataset, preset, overrides, resolve_device(device or "auto"), evals_dir)
+    _evaluate(t, archs, students, epochs, device, loader)
+
+
+def _distilled_target(where: str, runs_dir: str, dataset, preset, overrides, what: str):
+    from d3fast.evaluate import open_target
+
+    t = open_target(where, runs_dir, dataset, preset, overrides, config_optional=True)
+    if t.d is None:
+        raise D3FastError(f"{what} needs a distilled object (a run, merged directory or .safetensors export); "
+                          f"{where} is a fixed image set")
+    return t
 
 
 @cli.command()
@@ -647,31 +700,91 @@ def evaluate(run_dir, archs, students, epochs, device, loader, runs_dir) -> None
 @click.option("--out", required=True, type=click.Path(), help="PNG file to write.")
 @click.option("--samples", default=9, show_default=True, help="Samples per prior after its mean image.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--max-classes", type=int, default=20, show_default=True,
+              help="Rows of at most this many classes (the first ones); 0 = every class.")
+@_config_options
 @_runs_dir_option("Where `latest` looks for runs")
-def sample(run_dir, out, samples, seed, runs_dir) -> None:
-    """Write a grid: per prior, its mean image then fresh samples."""
+def sample(run_dir, out, samples, seed, max_classes, dataset, preset, overrides, runs_dir) -> None:
+    """Write a grid: per prior, its mean image then fresh samples, each row named by its
+    class, titled with the run and step; ZCA datasets are shown de-whitened. RUN_DIR: a run,
+    merged directory, `latest` or .safetensors export; BatchNorm as eval.decoder_bn."""
     from d3fast.visualize import sample_grid
 
-    run = _open_run(run_dir, runs_dir)
     _refuse_run_file(out)
-    d, step = run.load_distilled()
-    click.echo(f"wrote {sample_grid(d, Path(out), samples, seed)} (step {step}, {d.num_priors} priors)")
+    t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "sample")
+    zca = _zca_or_note(t.cfg)
+    path = sample_grid(t.d, Path(out), samples, seed, bn=t.cfg.eval.decoder_bn, zca=zca,
+                       title=f"{Path(t.name).name}  step {t.step}", max_classes=max_classes)
+    click.echo(f"wrote {path} (step {t.step}, {t.d.num_priors} priors)")
+
+
+def _zca_or_note(cfg):
+    """The dataset's ZCA to de-whiten with, or None with a note when it cannot be had."""
+    from d3fast.exports import zca_of
+
+    try:
+        return zca_of(cfg)
+    except D3FastError as e:
+        click.echo(f"note: showing ZCA-whitened images ({e})", err=True)
+        return None
 
 
 @cli.command()
 @click.argument("run_dir")
-@click.option("--out", required=True, type=click.Path(), help="safetensors file to write.")
+@click.option("--out", required=True, type=click.Path(),
+              help="File (safetensors) or directory (pt, imagefolder) to write.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt", "imagefolder"]), default="safetensors",
+              show_default=True, help="safetensors: the distribution (latents + decoder); pt: a fixed set of "
+              "images.pt/labels.pt/lr.pt (MTT-family, DD-Ranking); imagefolder: PNGs per class.")
+@click.option("--per-class", type=int, default=None,
+              help="pt/imagefolder: images per class (default: the run's eval.samples_per_class).")
+@click.option("--pixels", is_flag=True, help="pt: images in [0, 1] (normalisation and ZCA undone) instead of "
+              "normalised as the students see them.")
+@click.option("--seed", type=int, default=None, help="pt/imagefolder: the draw's seed (default: eval.seed).")
+@click.option("--force", is_flag=True, help="Replace an earlier export at --out.")
+@_config_options
 @_runs_dir_option("Where `latest` looks for runs")
-def export(run_dir, out, runs_dir) -> None:
-    """Export the distilled object (latents, decoder, learned lr, metadata) as safetensors."""
+def export(run_dir, out, fmt, per_class, pixels, seed, force, dataset, preset, overrides, runs_dir) -> None:
+    """Export the distilled object: the distribution as safetensors (latents, decoder,
+    learned lr, config, dataset, step, version), or a fixed draw of images that other tools
+    read (`--format pt | imagefolder`; the draw `d3fast evaluate --set eval.fresh_samples=false`
+    trains on, so the export re-evaluates to the run's numbers)."""
     from d3fast.distilled import export as run_export
+    from d3fast.exports import describe, draw_set, to_pixels, write_imagefolder, write_pt
 
-    run = _open_run(run_dir, runs_dir)
     _refuse_run_file(out)
-    d, step = run.load_distilled()
-    run_export(d, out)
-    click.echo(f"wrote {out}: {d.num_priors} priors, {d.storage_bytes() / 2**20:.2f} MiB "
-               f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {step}")
+    t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "export")
+    d, cfg, e = t.d, t.cfg, t.cfg.eval
+    if fmt == "safetensors":
+        if Path(out).is_dir():
+            raise D3FastError(f"cannot write {out}: it is a directory (the safetensors export is one file; "
+                              "--format pt or imagefolder write directories)")
+        if pixels or per_class is not None or seed is not None:
+            raise D3FastError("--pixels, --per-class and --seed choose a draw of images: use them with --format pt "
+                              "or imagefolder")
+        run_export(d, out, describe(cfg, d, t.step, _zca_or_note(cfg) if cfg.data.zca else None))
+        click.echo(f"wrote {out}: {d.num_priors} priors, {d.storage_bytes() / 2**20:.2f} MiB "
+                   f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {t.step}")
+        return
+    k = per_class if per_class is not None else e.samples_per_class
+    if not 1 <= k <= 100_000:
+        raise D3FastError(f"--per-class must be in 1..100000, got {k}")
+    zca = None
+    if cfg.data.zca and (pixels or fmt == "imagefolder"):
+        from d3fast.exports import zca_of
+
+        zca = zca_of(cfg)  # de-whitening needs the dataset's own ZCA: an error names the prepare command
+    x, y, soft = draw_set(d, k, e.seed if seed is None else seed, e.decoder_bn, e.batch_size)
+    info = describe(cfg, d, t.step, zca) | {"per_class": k, "seed": e.seed if seed is None else seed,
+                                               "pixels": bool(pixels or fmt == "imagefolder")}
+    if fmt == "pt":
+        write_pt(Path(out), to_pixels(x, d.meta, zca) if pixels else x, y, soft, d.student_lr, info, force)
+        what = "pixels in [0, 1]" if pixels else "normalised" + (" and ZCA-whitened" if cfg.data.zca else "")
+    else:
+        write_imagefolder(Path(out), to_pixels(x, d.meta, zca), y, d.classes, soft, d.student_lr, info, force)
+        what = "PNG"
+    click.echo(f"wrote {out}: {len(x)} images ({k} per class x {d.num_classes} classes, {what}), "
+               f"lr {d.student_lr:.4g}" + (", soft labels" if soft is not None else "") + f", step {t.step}")
 
 
 @cli.command()

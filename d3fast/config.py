@@ -186,6 +186,9 @@ class EvalConfig:
     batch_size: int = ranged(256, 1)
     # fresh distilled samples per class per epoch
     samples_per_class: int = ranged(10, 1)
+    # false: one fixed draw of samples_per_class per class (seed eval.seed) for every epoch,
+    # the set `d3fast export --format pt` writes (so an export re-evaluates to the same numbers)
+    fresh_samples: bool = True
     momentum: float = ranged(0.9, 0, 1)
     weight_decay: float = ranged(5e-4, 0)
     # lr of the real-image baselines (the distilled set uses its learned lr)

@@ -51,6 +51,7 @@ from d3fast.mmd_update import mmd_update
 from d3fast.models import build_network
 from d3fast.paths import home
 from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORWARD, phase
+from d3fast.progress import bar as progress_bar
 from d3fast.run import Run
 from d3fast.runtime import device_name, resolve_device, versions
 from d3fast.state import DivergedError, StepChecks, TrainState, distilled_problems
@@ -98,7 +99,7 @@ def distill(
     with run.lock() if main else nullcontext(), stop.installed():
         parts = _build(cfg, run, resume, device, inputs, world)
         state, bank = parts.state, parts.bank
-        bar = tqdm(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not (progress and main),
+        bar = progress_bar(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not (progress and main),
                    dynamic_ncols=True)
         meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
                                 run=str(run.path.resolve()), clock=clock, prior_hours=run.hours_at(state.step),

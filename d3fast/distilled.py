@@ -181,10 +181,11 @@ def build_decoder(meta: dict[str, Any]) -> Decoder:
     )
 
 
-def export(d: Distilled | Merged, path: str | Path) -> None:
+def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None = None) -> None:
     """The object as one safetensors file (no pickle): latents, alpha, decoder.<key> (a
     merged object: part<i>.latents, part<i>.alpha, part<i>.decoder.<key> per subtask),
-    soft_labels when labelled, and the metadata decoding needs."""
+    soft_labels when labelled, and the metadata decoding needs, with `info` (the dataset,
+    version, config, step, BatchNorm mode, ZCA: d3fast/exports.py `describe`) beside it."""
     tensors: dict[str, torch.Tensor] = {}
     parts_meta = []
     for i, part in enumerate(d.parts):
@@ -208,7 +209,8 @@ def export(d: Distilled | Merged, path: str | Path) -> None:
     }
     if isinstance(d, Merged):
         meta |= {"kind": "merged", "parts": parts_meta, "sources": d.sources}
-    save_tensors(path, tensors, meta)
+    # the object's own keys win: `info` describes, it does not redefine
+    save_tensors(path, tensors, {k: v for k, v in (info or {}).items() if k not in meta} | meta)
 
 
 _DECODER_META = ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width", "decoder_linear")

@@ -12,29 +12,41 @@ A merged object (d3fast merge) decodes each class through its own subtask's deco
 trains at the mean of the parts' learned lrs. An object with soft labels trains one set of
 students on them (soft cross-entropy at eval.soft_temperature, d3fast/losses.py) and one on
 the hard labels, reported side by side.
+With eval.fresh_samples = false the distilled students train on one fixed draw instead
+(d3fast/exports.py `draw_set`, seed eval.seed): the set `d3fast export --format pt` writes.
+A fixed image set (a `.pt` set or an ImageFolder, d3fast's exports or other code's) trains
+its students on its images at its lr (lr.pt; else eval.lr_real); its same-storage baseline
+counts float32 `.pt` values at 4 bytes and PNG pixels at 1.
 Accuracy is the test accuracy after the last epoch: there is no checkpoint selection,
 so nothing is chosen on the test set. Mean and std over students per architecture.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from d3fast import ledger
 from d3fast.config import Config
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_view, open_split
 from d3fast.distilled import Distilled, Merged, Sampler
-from d3fast.io import atomic_write_json, atomic_write_text
+from d3fast.errors import D3FastError
+from d3fast.exports import ImageSet, draw_set, from_pixels
+from d3fast.io import atomic_write_json, atomic_write_text, locked, read_json
 from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network
+from d3fast.progress import bar as progress_bar
 from d3fast.run import Run
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
 from d3fast.training import evaluate_accuracy
@@ -95,6 +107,21 @@ def real_subset(train: DeviceDataset, per_class: int, g: torch.Generator) -> Dev
     return train.subset(torch.cat(picks))
 
 
+@dataclass
+class Target:
+    """What `evaluate` trains students on: a distilled object (a run, a merged object, a
+    safetensors export) or a fixed image set (`d3fast.exports.ImageSet`), the config whose
+    eval.* keys are the protocol and data.* the dataset, and where evaluations are kept."""
+
+    name: str
+    evals_dir: Path
+    cfg: Config
+    d: Distilled | Merged | None = None
+    images: ImageSet | None = None
+    step: int | None = None
+    run: Run | None = None
+
+
 def evaluate_run(
     run: Run,
     cfg_override: dict[str, Any] | None = None,
@@ -102,22 +129,65 @@ def evaluate_run(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint of `run` (protocol: the run's eval.* keys, updated by
-    `cfg_override`); writes eval.json and eval.md into the run and returns the report.
+    `cfg_override`); keeps the report in evals/ and writes eval.json and eval.md (the
+    latest) into the run. Returns the report.
 
     Raises:
         D3FastError: no usable checkpoint (missing, corrupt, non-finite), missing data.
     """
-    from d3fast.config import apply_updates, validate
-    from d3fast.experts import resolve_data_loader
-
     dev = resolve_device(device or "auto")
     d, step = run.load_distilled(dev)
-    cfg = run.read_config()
-    if cfg_override:
-        apply_updates(cfg, cfg_override, "", from_string=False)
+    cfg = _with(run.read_config(), cfg_override)
+    return evaluate(Target(str(run.path), run.path / "evals", cfg, d=d, step=step, run=run), dev, progress)
+
+
+def _with(cfg: Config, updates: dict[str, Any] | None) -> Config:
+    from d3fast.config import apply_updates, validate
+
+    if updates:
+        apply_updates(cfg, updates, "", from_string=False)
         validate(cfg)
+    return cfg
+
+
+def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
+    """A fixed set ([N, ...] inputs, [N] or [N, classes] targets), reshuffled every epoch."""
+    def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for rows in torch.randperm(len(x), generator=g, device=x.device).split(batch_size):
+            yield x[rows], y[rows]
+
+    return batches
+
+
+def _image_set_on(s: ImageSet, train: DeviceDataset, dev: torch.device, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set as the students see it (normalised, ZCA as the dataset), checked against the dataset."""
+    n_cls, shape = train.num_classes, tuple(train.images.shape[1:])
+    if tuple(s.images.shape[1:]) != shape:
+        raise D3FastError(f"{s.where} holds images of shape {list(s.images.shape[1:])}, but {cfg.data.dataset} "
+                          f"images are {list(shape)} (C, H, W)")
+    if int(s.labels.max()) >= n_cls:
+        raise D3FastError(f"{s.where} has labels up to {int(s.labels.max())}, but {cfg.data.dataset} has {n_cls} classes")
+    if s.soft_labels is not None and s.soft_labels.shape[1] != n_cls:
+        raise D3FastError(f"{s.where}: soft labels over {s.soft_labels.shape[1]} classes for a {n_cls}-class dataset")
+    x = s.images.to(dev)
+    if s.pixels:
+        meta = {"mean": train.mean.tolist(), "std": train.std.tolist()}
+        x = from_pixels(x, meta, train.zca)
+    return x, s.labels.to(dev)
+
+
+def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Train eval.students students per architecture on the target and on random-real
+    baselines (module docstring), test them on the real test set, keep the report
+    (`keep_report`) and return it.
+
+    Raises:
+        D3FastError: missing data; an image set that does not fit the dataset.
+    """
+    from d3fast.experts import resolve_data_loader
+
+    cfg, d, s = target.cfg, target.d, target.images
     resolve_data_loader(cfg)
-    run_dir = run.path
     e = cfg.eval
     t0 = time.perf_counter()
     train = load_view(cfg, "train", dev)
@@ -125,47 +195,68 @@ def evaluate_run(
     test = open_split(cfg, "test", dev)
     augment = DSA(cfg.augment)
     min_class = min(len(i) for i in train.class_indices())
-    storage_per_class = min(int(d.images_per_class_equivalent()), min_class)
+    n_cls = train.num_classes
+    values_per_image = int(np.prod(train.images.shape[1:]))
 
-    setups: list[tuple[str, int | None]] = [("d3", None)]
-    if d.soft_labels is not None:  # soft labels first, the hard-label students beside them
-        setups.insert(0, ("d3_soft", None))
+    # what the students of the target itself train on: (setup name, batches, lr)
+    own: list[tuple[str, Batches]] = []
+    if d is not None:
+        storage = d.storage_bytes()
+        same_count, lr = d.ppc, d.student_lr
+        if e.fresh_samples:
+            for soft in ([True] if d.soft_labels is not None else []) + [False]:
+                own.append(("d3_soft" if soft else "d3", distilled_batches(d, e.samples_per_class, e.batch_size,
+                                                                           e.decoder_bn, soft=soft)))
+        else:  # one fixed draw (seed eval.seed), what `d3fast export --format pt` writes
+            x, y, soft_y = draw_set(d, e.samples_per_class, e.seed, e.decoder_bn, e.batch_size)
+            if soft_y is not None:
+                own.append(("d3_soft", tensor_batches(x, soft_y, e.batch_size)))
+            own.append(("d3", tensor_batches(x, y, e.batch_size)))
+    else:
+        assert s is not None
+        x, y = _image_set_on(s, train, dev, cfg)
+        if s.soft_labels is not None:
+            own.append(("set_soft", tensor_batches(x, s.soft_labels.to(dev), e.batch_size)))
+        own.append(("set", tensor_batches(x, y, e.batch_size)))
+        storage = len(x) * values_per_image * s.bytes_per_value
+        same_count = max(1, round(len(x) / n_cls))
+        lr = s.lr if s.lr is not None else e.lr_real
+    storage_per_class = min(storage // (values_per_image * n_cls), min_class)
+
+    setups: list[tuple[str, int | None]] = [(name, None) for name, _ in own]
     if e.baselines:
-        setups.append(("random_same_count", d.ppc))
+        setups.append(("random_same_count", same_count))
         # an object smaller than one image per class has no equal-storage real set to compare with
         if storage_per_class >= 1:
             setups.append(("random_same_storage", storage_per_class))
     total = len(e.archs) * len(setups) * e.students
-    bar = tqdm(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
-    run_key = str(run_dir.resolve())
+    bar = progress_bar(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
+    run_key = str(Path(target.name).resolve())
     with ledger.track("evaluate", cfg.data.dataset, cfg.preset, dev, steps_target=total, run=run_key) as meter:
         results: dict[str, Any] = {}
         for a, arch in enumerate(e.archs):
             results[arch] = {}
             for kind, per_class in setups:
                 accs = []
-                for s in range(e.students):
-                    seed = derive_seed(e.seed, a, s)
+                for i in range(e.students):
+                    seed = derive_seed(e.seed, a, i)
                     g = torch.Generator(device=dev).manual_seed(seed)
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(seed)
                         kw: dict[str, Any] = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
                               "pooling": cfg.net.pooling} if arch == "convnet" else {}
-                        net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
+                        net = build_network(arch, train.images.shape[1], n_cls, train.images.shape[-1], **kw)
                     net = net.to(dev)
-                    if kind in ("d3", "d3_soft"):
-                        batches = distilled_batches(d, e.samples_per_class, e.batch_size, e.decoder_bn,
-                                                    soft=kind == "d3_soft")
-                        lr = d.student_lr
+                    if per_class is None:
+                        batches, student_lr = dict(own)[kind], lr
                     else:
-                        assert per_class is not None  # the baselines have a count
                         subset = real_subset(train, per_class, g)
 
                         def batches(gen: torch.Generator, subset: DeviceDataset = subset):
                             return subset.batches(e.batch_size, shuffle=True, generator=gen)
 
-                        lr = e.lr_real
-                    train_student(net, batches, e.epochs, lr, cfg, augment, g)
+                        student_lr = e.lr_real
+                    train_student(net, batches, e.epochs, student_lr, cfg, augment, g)
                     accs.append(evaluate_accuracy(net, test))
                     bar.set_postfix_str(f"{arch} {kind} {accs[-1]:.1%}", refresh=False)
                     bar.update(1)
@@ -175,24 +266,85 @@ def evaluate_run(
                     "accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
                 }
     bar.close()
-    report = {
-        "run_dir": str(run_dir), "dataset": cfg.data.dataset, "distill_step": step,
-        "ppc": d.ppc, "student_lr": d.student_lr, "soft_labels": d.soft_labels is not None,
-        "subtasks": len(d.parts),
-        "storage_bytes": d.storage_bytes(),
-        "images_per_class_equivalent": round(d.images_per_class_equivalent(), 2),
+    report: dict[str, Any] = {
+        "run_dir": target.name, "dataset": cfg.data.dataset, "distill_step": target.step,
+        "target": "distilled" if d is not None else s.source if s is not None else "?",
+        "student_lr": lr, "storage_bytes": storage,
+        "images_per_class_equivalent": round(d.images_per_class_equivalent() if d is not None
+                                             else storage / (values_per_image * n_cls), 2),
+    }
+    if d is not None:
+        report |= {"ppc": d.ppc, "soft_labels": d.soft_labels is not None, "subtasks": len(d.parts)}
+    elif s is not None:
+        report |= {"images": len(s.images), "images_per_class": same_count, "soft_labels": s.soft_labels is not None,
+                   "lr_from": "the set" if s.lr is not None else "eval.lr_real", "pixels": s.pixels}
+    report |= {
         "protocol": {k: getattr(e, k) for k in ("students", "epochs", "batch_size", "samples_per_class",
-                                                 "momentum", "weight_decay", "lr_real", "decoder_bn", "seed",
-                                                 "soft_temperature")},
+                                                 "fresh_samples", "momentum", "weight_decay", "lr_real",
+                                                 "decoder_bn", "seed", "soft_temperature")},
         "results": results, "device": device_name(dev), "versions": versions(),
         "seconds": round(time.perf_counter() - t0, 1),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(run_dir / "eval.json", report)
-    atomic_write_text(run_dir / "eval.md", markdown(report))
+    keep_report(target, report)
     return report
 
 
+def keep_report(target: Target, report: dict[str, Any]) -> Path:
+    """Keep the report as evals/<UTC time>-<archs>.json (never replacing an earlier one: a
+    name taken gets -2, -3, ...) and add it to evals/index.json under a lock, so two
+    evaluations of one target are both kept. A run also gets eval.json and eval.md (the
+    latest, what `d3fast runs` shows)."""
+    folder = target.evals_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    archs = "+".join(report["results"])
+    text = json.dumps(report, indent=2)
+    for k in range(1, 10_000):
+        path = folder / f"{stamp}-{archs}{'' if k == 1 else f'-{k}'}.json"
+        try:
+            with open(path, "x") as f:  # exclusive: two evaluations never share a name
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            break
+        except FileExistsError:
+            continue
+    with locked(folder / ".index.lock", wait=True):
+        index = read_json(folder / "index.json", "evaluation index") if (folder / "index.json").is_file() else []
+        if not isinstance(index, list):
+            raise D3FastError(f"{folder / 'index.json'} is not an evaluation index; move it away")
+        index.append({"file": path.name, "finished": report["finished"], "archs": list(report["results"]),
+                      "summary": summary_line(report), "distill_step": report["distill_step"]})
+        atomic_write_json(folder / "index.json", index)
+    if target.run is not None:
+        atomic_write_json(target.run.path / "eval.json", report)
+        atomic_write_text(target.run.path / "eval.md", markdown(report))
+    return path
+
+
 def markdown(r: dict[str, Any]) -> str:
+    """The report as a markdown table (eval.md)."""
+    head, rows = table_rows(r)
+    lines = head + ["", "| arch | training set | images/class | test accuracy |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def rendered(r: dict[str, Any]) -> str:
+    """The report as aligned plain text, for a terminal or a log file."""
+    head, rows = table_rows(r)
+    table = [["arch", "training set", "images/class", "test accuracy"], *rows]
+    widths = [max(len(row[k]) for row in table if len(row) > k) for k in range(3)]
+    out = [f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}" for row in table]
+    out.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 13)
+    return "\n".join([head[0].lstrip("# "), *head[2:], "", *out]) + "\n"
+
+
+def table_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(heading lines, [arch, training set, images/class, accuracy] rows) of a report."""
+    if r.get("target", "distilled") != "distilled":
+        return _set_rows(r)
     lines = [
         f"# Evaluation of {r['run_dir']} (step {r['distill_step']})",
         "",
@@ -205,22 +357,44 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 images per class. "
         f"{r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
         "test accuracy after the last epoch (no selection).",
-        "",
-        "| arch | training set | images/class | test accuracy |",
-        "|---|---|---|---|",
     ]
     names = {"d3_soft": "D3 (fresh samples), soft labels", "d3": "D3 (fresh samples)" + (
         ", hard labels" if r.get("soft_labels") else ""), "random_same_count": "random real, same count",
              "random_same_storage": "random real, same storage"}
+    fixed = not r["protocol"].get("fresh_samples", True)
+    if fixed:
+        names |= {k: v.replace("fresh samples", "one fixed draw") for k, v in names.items() if k.startswith("d3")}
+    per_epoch = f"{r['protocol']['samples_per_class']}" + ("" if fixed else " per epoch")
+    return lines, _result_rows(r, names, per_epoch)
+
+
+def _result_rows(r: dict[str, Any], names: dict[str, str], own_count: str) -> list[list[str]]:
+    rows = []
     for arch, kinds in r["results"].items():
         for kind, v in kinds.items():
             n = v["images_per_class"]
-            n = f"{r['protocol']['samples_per_class']} per epoch" if n is None else str(n)
-            lines.append(f"| {arch} | {names[kind]} | {n} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} % (n={len(v['accs'])}) |")
+            rows.append([arch, names[kind], own_count if n is None else str(n),
+                         f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f} % (n={len(v['accs'])})"])
         if "random_same_count" in kinds and "random_same_storage" not in kinds:
-            lines.append(f"| {arch} | {names['random_same_storage']} | - | not applicable: the object stores less than "
-                         "one uint8 image per class |")
-    return "\n".join(lines) + "\n"
+            rows.append([arch, names["random_same_storage"], "-",
+                         "not applicable: less than one uint8 image per class is stored"])
+    return rows
+
+
+def _set_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    kind = "ImageFolder (uint8 PNG)" if r["target"] == "imagefolder" else ".pt (float32)"
+    head = [
+        f"# Evaluation of {r['run_dir']}",
+        "",
+        f"{r['dataset']}, a fixed set of {r['images']} images ({kind}, about {r['images_per_class']} per class"
+        + (", soft labels" if r.get("soft_labels") else "") + f"); student lr {r['student_lr']:.4g} from "
+        f"{r['lr_from']}; storage {r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 "
+        f"images per class. {r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
+        "test accuracy after the last epoch (no selection).",
+    ]
+    names = {"set_soft": "the set, soft labels", "set": "the set" + (", hard labels" if r.get("soft_labels") else ""),
+             "random_same_count": "random real, same count", "random_same_storage": "random real, same storage"}
+    return head, _result_rows(r, names, str(r["images_per_class"]))
 
 
 def summary_line(r: dict[str, Any]) -> str:
@@ -229,3 +403,102 @@ def summary_line(r: dict[str, Any]) -> str:
         parts = [f"{k} {100 * v['mean']:.1f}±{100 * v['std']:.1f}%" for k, v in kinds.items()]
         out.append(f"{arch}: " + ", ".join(parts))
     return "; ".join(out)
+
+
+# keys `evaluate`, `sample` and `export` may change on a recorded configuration (a run's, an
+# export's): the protocol and where the real data streams from, never what was distilled
+PROTOCOL_SECTIONS = ("eval.",)
+PROTOCOL_KEYS = ("data.loader", "data.workers", "device")
+
+
+def protocol_config(base: Config | None, dataset: str | None, preset: str | None,
+                    overrides: tuple[str, ...] | list[str], where: str) -> Config:
+    """The config an evaluation of `where` uses. With a recorded config (`base`): its own,
+    the eval.* keys of `preset` over it, then `overrides`, which may only touch eval.*,
+    data.loader, data.workers and device. Without one (a set from other code): the
+    dataset's (or `preset`'s) config with `overrides`, like a new run's.
+
+    Raises:
+        D3FastError: no dataset for a foreign set, a key outside the protocol for a recorded
+            config, another dataset than the recorded one, unknown keys or bad values.
+    """
+    from d3fast.config import apply_updates, load_preset, parse_overrides, resolve_config, validate
+
+    if base is None:
+        if not dataset and not preset:
+            raise D3FastError(f"{where} does not say which dataset it distils: pass --dataset (or --preset)")
+        return resolve_config(dataset, preset, overrides)
+    if dataset and dataset != base.data.dataset:
+        raise D3FastError(f"{where} was distilled from {base.data.dataset}, not {dataset}")
+    cfg = base
+    if preset:
+        apply_updates(cfg, {"eval": load_preset(preset).get("eval", {})}, "", from_string=False)
+    updates = parse_overrides(overrides)
+    for section, values in updates.items():
+        for key in values if isinstance(values, dict) else [None]:
+            dotted = section if key is None else f"{section}.{key}"
+            if not (dotted.startswith(PROTOCOL_SECTIONS) or dotted in PROTOCOL_KEYS):
+                raise D3FastError(f"--set {dotted}: {where} keeps its recorded configuration; only eval.* keys, "
+                                  f"{', '.join(PROTOCOL_KEYS)} can change here")
+    apply_updates(cfg, updates, "", from_string=True)
+    validate(cfg)
+    return cfg
+
+
+def open_target(where: str, runs_dir: str, dataset: str | None = None, preset: str | None = None,
+                overrides: tuple[str, ...] | list[str] = (), device: torch.device | str = "cpu",
+                evals_dir: str | None = None, config_optional: bool = False) -> Target:
+    """What `d3fast evaluate WHERE` evaluates: a run or merged directory (or `latest`), a
+    d3fast safetensors export, a `.pt` image set (a file or a folder holding images.pt) or an
+    ImageFolder of images. Evaluations are kept in the run's evals/, else in
+    `<where>.evals/` beside it (never inside an ImageFolder, where it would be a class).
+
+    With `config_optional` (export, sample), a run whose config is lost still opens, on the
+    default protocol of its dataset, with a note.
+
+    Raises:
+        D3FastError: nothing usable at `where`, or a config that cannot be resolved.
+    """
+    from d3fast.config import Config, apply_updates, resolve_config
+    from d3fast.distilled import load
+    from d3fast.exports import is_image_set, read_image_set
+
+    path = Path(where)
+    if where == "latest" or (path.is_dir() and Run(path).recorded()):
+        run = Run.open(where, runs_dir)
+        d, step = run.load_distilled(device)
+        try:
+            recorded_cfg = run.read_config()
+        except D3FastError as e:
+            if not config_optional:
+                raise
+            from tqdm import tqdm
+
+            tqdm.write(f"note: {e}; using the default protocol instead")
+            recorded_cfg = resolve_config(dataset or run.read_manifest().get("dataset"))
+        cfg = protocol_config(recorded_cfg, dataset, preset, overrides, str(run.path))
+        return Target(str(run.path), Path(evals_dir) if evals_dir else run.path / "evals", cfg, d=d, step=step, run=run)
+    if not path.exists():
+        raise D3FastError(f"{where} not found: name a run directory, `latest`, a d3fast export (.safetensors), "
+                          "a .pt image set or an ImageFolder")
+    kept = Path(evals_dir) if evals_dir else path.with_name((path.stem if path.is_file() else path.name) + ".evals")
+
+    def recorded(info: dict[str, Any]) -> Config | None:
+        if not isinstance(info.get("config"), dict):
+            return None
+        cfg = Config()
+        apply_updates(cfg, info["config"], "", from_string=False)
+        return cfg
+
+    if path.is_file() and path.suffix == ".safetensors":
+        from d3fast.io import load_metadata
+
+        info = load_metadata(path, "distilled export")
+        d = load(path, device)
+        cfg = protocol_config(recorded(info), dataset or info.get("dataset"), preset, overrides, where)
+        return Target(where, kept, cfg, d=d, step=info.get("step"))
+    if is_image_set(path):
+        s = read_image_set(path)
+        cfg = protocol_config(recorded(s.info), dataset or s.info.get("dataset"), preset, overrides, where)
+        return Target(where, kept, cfg, images=s, step=s.info.get("step"))
+    raise D3FastError(f"{where} is neither a run directory, a d3fast export, a .pt image set nor an ImageFolder")

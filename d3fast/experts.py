@@ -56,6 +56,7 @@ from d3fast.io import (
 )
 from d3fast.models import build_network, default_depth
 from d3fast.paths import data_dir, experts_root
+from d3fast.progress import bar as progress_bar
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
 from d3fast.training import (
     evaluate_accuracy,
@@ -395,7 +396,7 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
     mine = [t for t in todo if t[0] % size == rank]  # this rank's share first, the rest after
     todo = mine + [t for t in todo if t[0] % size != rank]
     total = sum(e_cfg.epochs - done for _, done in mine)
-    bar = tqdm(total=total, desc="experts", unit="ep", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, desc="experts", unit="ep", disable=not progress, dynamic_ncols=True)
     t_start, images_seen, epochs_run = time.perf_counter(), 0, 0
     try:
         with ledger.track("experts", ds, cfg.preset, device, steps_target=total, run=str(out.resolve())) as meter:

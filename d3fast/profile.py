@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from d3fast import ledger
 from d3fast.config import Config
@@ -56,6 +55,7 @@ from d3fast.models import build_network
 from d3fast.models._layers import FeatureClassifier
 from d3fast.paths import data_dir
 from d3fast.phases import PHASES, PhaseTimer, active, set_marking
+from d3fast.progress import bar as progress_bar
 from d3fast.run import Run
 from d3fast.runtime import device_name, device_peaks, resolve_device, versions
 from d3fast.training import flat_params
@@ -112,7 +112,7 @@ def profile(
         timer = PhaseTimer(device, clock)
         per_step: list[dict[str, Any]] = []
         tracer = _tracer(device)
-        bar = tqdm(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
 
         def on_step(metrics: dict[str, Any]) -> None:
             phases = timer.end_step()

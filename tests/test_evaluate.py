@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -14,6 +15,7 @@ from d3fast.data.loader import load_dataset
 from d3fast.distill import distill
 from d3fast.distilled import load
 from d3fast.evaluate import distilled_batches, evaluate_run, real_subset
+from d3fast.exports import from_pixels, to_pixels
 from d3fast.run import Run
 from d3fast.visualize import sample_grid
 from tests._utils import cfg_of
@@ -57,12 +59,33 @@ def test_students_see_fresh_balanced_samples(run):
     assert torch.bincount(sub.labels, minlength=10).tolist() == [3] * 10
 
 
-def test_sample_grid(run, tmp_path):
+def test_sample_grid_names_rows_and_marks_the_mean_column(run, tmp_path):
     d, _ = Run(run).load_distilled()
-    out = sample_grid(d, tmp_path / "grid.png", samples=4)
-    im = Image.open(out)
-    scale = 96 // 32
-    assert im.size == ((5 * 34 + 2) * scale, (20 * 34 + 2) * scale)  # 20 priors x (mean + 4)
+    im = np.asarray(Image.open(sample_grid(d, tmp_path / "grid.png", samples=4, title="run 7")).convert("RGB"))
+    scale, tile = 96 // 32, 34 * (96 // 32)
+    tiles_w, tiles_h = (5 * 34 + 2) * scale, (20 * 34 + 2) * scale  # 20 priors x (mean + 4 samples)
+    label_w, top = im.shape[1] - tiles_w, im.shape[0] - tiles_h
+    assert label_w > 0 and top > 0  # a column of row names, a title and a header above
+    for r in range(20):  # every row is named (dark text left of it)
+        assert (im[top + r * tile: top + (r + 1) * tile, :label_w - 2] < 100).all(-1).any(), r
+    assert (im[:top, :, 0] > 150)[(im[:top, :, 1] < 60)].any()  # the red "mean" header
+    frame = im[top:, label_w:label_w + 4 * scale]
+    assert ((frame[..., 0] > 150) & (frame[..., 1] < 60)).mean(0).max() > 0.9  # a red frame down the mean column
+    few = np.asarray(Image.open(sample_grid(d, tmp_path / "few.png", samples=4, max_classes=3)))
+    assert few.shape[0] < im.shape[0] / 3 + 40  # 3 classes x 2 priors and a "more classes" line
+
+
+def test_pixels_round_trip_through_zca():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 4, 4, generator=g)
+    meta = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    a = torch.randn(48, 48, generator=g, dtype=torch.float64)
+    w = (a @ a.T / 48 + torch.eye(48, dtype=torch.float64)).float()  # symmetric positive definite, like ZCA's
+    mu = torch.randn(48, generator=g)
+    y = from_pixels(x, meta, (w, mu))
+    flat = ((x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)).flatten(1)
+    torch.testing.assert_close(y.flatten(1), (flat - mu) @ w.T)  # the loader's whitening
+    torch.testing.assert_close(to_pixels(y, meta, (w, mu)), x, atol=1e-5, rtol=0)
 
 
 def test_cli_distill_evaluate_sample_export(home, tmp_path):
@@ -86,7 +109,10 @@ def test_cli_distill_evaluate_sample_export(home, tmp_path):
     assert r.exit_code == 0 and "images per class" in r.output
     assert load(tmp_path / "d.safetensors").ppc == 1
     r = runner.invoke(cli, ["evaluate", str(tmp_path / "nope")])
-    assert r.exit_code == 2 and "not a run directory" in r.output
+    assert r.exit_code == 2 and "nope not found" in r.output
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(cli, ["evaluate", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "neither a run directory" in r.output
 
 
 @pytest.mark.slow

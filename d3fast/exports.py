@@ -1,0 +1,363 @@
+"""Image sets other tools read, and image sets from elsewhere (`d3fast export --format pt |
+imagefolder`, `d3fast evaluate` of a `.pt` set or an ImageFolder).
+
+A D3 object is a distribution; MTT-family code, DD-Ranking and torchvision take a fixed set
+of images. `draw_set` turns one into the other: K samples per class, class-major, decoded in
+shuffled batches so that BatchNorm in train mode (eval.decoder_bn = "batch") sees the mixed
+batches it saw while distilling. `d3fast evaluate` with eval.fresh_samples = false trains on
+the same draw (seed eval.seed), so a `pt` export re-evaluates to the run's accuracy.
+
+Layouts written:
+    pt           images.pt float32 [N, C, H, W] (normalised as the students see them: the
+                 dataset's mean/std, then ZCA when the dataset uses it; with --pixels, [0, 1]),
+                 labels.pt int64 [N] class-major, soft_labels.pt float32 [N, classes] when the
+                 object has them, lr.pt float32 [] (the learned student lr), d3fast_export.json.
+                 MTT saves images_best.pt / labels_best.pt / synthetic_lr_best.pt of this form.
+    imagefolder  <index>_<class>/<k>.png pixels (uint8, ZCA undone), one folder per class,
+                 zero-padded so that torchvision's sorted ImageFolder order is the class order;
+                 d3fast_export.json beside them (classes, lr, config).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from d3fast.distilled import Distilled, Merged, Sampler
+from d3fast.errors import D3FastError
+from d3fast.io import atomic_write_json, read_json, remove_stale_temps, replace_dir, temp_dir
+
+INFO = "d3fast_export.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@torch.no_grad()
+def draw_set(
+    d: Distilled | Merged, per_class: int, seed: int, bn: str = "batch", batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """K = `per_class` samples of every class, class-major: (images [C * K, C, H, W]
+    normalised, labels [C * K] int64, soft labels [C * K, classes] or None). Sample k of class
+    c comes from prior c * PPC + k mod PPC (every prior equally often); the order is shuffled
+    with `seed` and decoded `batch_size` at a time, as eval's students are fed."""
+    dev = d.parts[0].latents.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    labels = torch.arange(d.num_classes, device=dev).repeat_interleave(per_class)
+    priors = labels * d.ppc + torch.arange(per_class, device=dev).repeat(d.num_classes) % d.ppc
+    order = torch.randperm(len(priors), generator=g, device=dev)
+    sample = Sampler(d, bn)
+    images: torch.Tensor | None = None
+    for rows in order.split(batch_size):
+        x = sample(priors[rows], g)
+        if images is None:
+            images = x.new_empty((len(priors), *x.shape[1:]))
+        images[rows] = x
+    assert images is not None
+    soft = None if d.soft_labels is None else d.soft_labels[priors]
+    return images, labels, soft
+
+
+def _stats(meta: dict[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor(meta["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(meta["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return m, s
+
+
+def to_pixels(x: torch.Tensor, meta: dict[str, Any], zca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Normalised (and ZCA-whitened, when `zca` = (W, mu) is given) [B, C, H, W] -> pixels in
+    [0, 1]. Whitening is y = (x - mu) W^T (d3fast/data/loader.py), undone as x = W^-1 y + mu."""
+    if zca is not None:
+        w, mu = (t.to(torch.float64) for t in zca)
+        flat = torch.linalg.solve(w.to(x.device), x.flatten(1).to(torch.float64).T).T + mu.to(x.device)
+        x = flat.to(torch.float32).view_as(x)
+    m, s = _stats(meta, x)
+    return (x * s + m).clamp(0, 1)
+
+
+def from_pixels(x: torch.Tensor, meta: dict[str, Any], zca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Pixels in [0, 1] [B, C, H, W] -> what the students see: (x - mean) / std, then ZCA."""
+    m, s = _stats(meta, x)
+    out = (x - m) / s
+    if zca is not None:
+        w, mu = zca
+        out = ((out.flatten(1) - mu.to(x.device)) @ w.to(x.device).T).view_as(out)
+    return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
+
+
+def class_folders(classes: list[str]) -> list[str]:
+    """`<index>_<name>` per class, zero-padded so that sorting them gives the class order."""
+    width = len(str(max(len(classes) - 1, 0)))
+    return [f"{i:0{width}d}_{_safe(c)}" for i, c in enumerate(classes)]
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """A temporary directory beside `out` to write into. An existing `out` is replaced only
+    with `force` and only when it is an earlier export (it holds d3fast_export.json)."""
+    if out.exists():
+        if not out.is_dir():
+            raise D3FastError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not (out / INFO).is_file():
+                raise D3FastError(f"--out {out} is a non-empty directory that is not a d3fast export: "
+                                  "choose a new directory")
+            if not force:
+                raise D3FastError(f"--out {out} holds an earlier export: pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent)
+    tmp = temp_dir(out)
+    tmp.mkdir()
+    return tmp
+
+
+def write_pt(out: Path, images: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, lr: float,
+             info: dict[str, Any], force: bool = False) -> Path:
+    """The MTT-family layout (module docstring), written whole or not at all."""
+    tmp = _prepare_out(out, force)
+    try:
+        torch.save(images.detach().float().contiguous().cpu(), tmp / "images.pt")
+        torch.save(labels.detach().long().cpu(), tmp / "labels.pt")
+        if soft is not None:
+            torch.save(soft.detach().float().contiguous().cpu(), tmp / "soft_labels.pt")
+        torch.save(torch.tensor(lr, dtype=torch.float32), tmp / "lr.pt")
+        atomic_write_json(tmp / INFO, info | {"format": "pt"})
+        replace_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_imagefolder(out: Path, pixels: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                      soft: torch.Tensor | None, lr: float, info: dict[str, Any], force: bool = False) -> Path:
+    """PNGs per class (`class_folders`), written whole or not at all; soft labels (when
+    present) in soft_labels.pt, rows in the order of the sorted file paths."""
+    from PIL import Image
+
+    tmp = _prepare_out(out, force)
+    try:
+        folders = class_folders(classes)
+        px = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        lab = labels.cpu().tolist()
+        count = [0] * len(classes)
+        width = len(str(max(max(np.bincount(lab, minlength=len(classes))) - 1, 0)))
+        files = []
+        for img, y in zip(px, lab, strict=True):
+            (tmp / folders[y]).mkdir(exist_ok=True)
+            name = f"{folders[y]}/{count[y]:0{width}d}.png"
+            count[y] += 1
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / name, format="PNG")
+            files.append(name)
+        if soft is not None:
+            order = sorted(range(len(files)), key=files.__getitem__)
+            torch.save(soft.detach().float().cpu()[order].contiguous(), tmp / "soft_labels.pt")
+        atomic_write_json(tmp / INFO, info | {"format": "imagefolder", "folders": folders, "lr": lr})
+        replace_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class ImageSet:
+    """A fixed set of distilled images from a file: d3fast's `pt`/`imagefolder` exports, MTT-
+    family `.pt` files or any ImageFolder tree."""
+
+    images: torch.Tensor  # float32 [N, C, H, W]: pixels in [0, 1] if `pixels`, else normalised
+    labels: torch.Tensor  # int64 [N]
+    pixels: bool
+    source: str  # "pt" | "imagefolder"
+    where: Path
+    soft_labels: torch.Tensor | None = None  # float32 [N, classes]
+    lr: float | None = None
+    classes: list[str] | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # d3fast_export.json, when present
+
+    @property
+    def bytes_per_value(self) -> int:
+        """What one stored value costs: a uint8 pixel of a PNG, a float32 of a `.pt`."""
+        return 1 if self.source == "imagefolder" else 4
+
+    def per_class(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels.cpu().numpy(), minlength=num_classes).tolist()
+
+
+def is_image_set(path: Path) -> bool:
+    """A `.pt` file, a folder with a `*images*.pt`, or a folder of class folders of images."""
+    if path.is_file():
+        return path.suffix == ".pt"
+    if not path.is_dir():
+        return False
+    return bool(_pt_in(path)) or (path / INFO).is_file() or _class_dirs(path) != []
+
+
+def _pt_in(folder: Path) -> Path | None:
+    for name in ("images.pt", "images_best.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for p in folder.glob("*images*.pt") if p.is_file())
+    return found[0] if len(found) == 1 else None
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_image_set(path: str | Path) -> ImageSet:
+    """The image set at `path` (see `is_image_set`).
+
+    `.pt` sets: images [N, C, H, W] floating point, labels [N] integers (or [N, classes]
+    probabilities: soft labels, the hard label their argmax), an optional lr ([] or [1]) in
+    the file named like the images file with "images" -> "lr" (or "synthetic_lr", MTT's name).
+    Read with torch.load(weights_only=True). Images are normalised unless d3fast_export.json
+    says they are pixels. ImageFolder sets are pixels; classes are the folders in sorted order.
+
+    Raises:
+        D3FastError: a missing labels file, wrong shapes or dtypes, non-finite values, an
+            unreadable image, folders of no images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise D3FastError(f"{path} not found")
+    folder = path if path.is_dir() else path.parent
+    info = read_json(folder / INFO, "export description") if (folder / INFO).is_file() else {}
+    if not isinstance(info, dict):
+        raise D3FastError(f"{folder / INFO} is not a d3fast export description")
+    images_file = path if path.is_file() else _pt_in(path)
+    if images_file is not None:
+        return _read_pt(images_file, info)
+    return _read_imagefolder(path, info)
+
+
+def _load_pt(path: Path, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise D3FastError(f"{what} {path} is not a readable tensor file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _read_pt(images_file: Path, info: dict[str, Any]) -> ImageSet:
+    images = _load_pt(images_file, "images")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise D3FastError(f"{images_file} must hold a floating-point tensor [N, C, H, W], got "
+                          f"{type(images).__name__}{list(images.shape) if isinstance(images, torch.Tensor) else ''}")
+    labels_file = images_file.with_name(images_file.name.replace("images", "labels"))
+    if labels_file == images_file or not labels_file.is_file():
+        raise D3FastError(f"no labels beside {images_file} (expected {labels_file.name})")
+    labels = _load_pt(labels_file, "labels")
+    soft = None
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.is_floating_point():
+        soft, labels = labels.float(), labels.argmax(1)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
+            or len(labels) != len(images):
+        raise D3FastError(f"{labels_file} must hold {len(images)} integer labels [N] (or probabilities [N, classes])")
+    if (labels < 0).any():
+        raise D3FastError(f"{labels_file} holds negative labels")
+    soft_file = images_file.with_name("soft_labels.pt")
+    if soft is None and soft_file.is_file():
+        soft = _load_pt(soft_file, "soft labels")
+        if not isinstance(soft, torch.Tensor) or soft.dim() != 2 or len(soft) != len(images):
+            raise D3FastError(f"{soft_file} must hold [N, classes] probabilities for the {len(images)} images")
+        soft = soft.float()
+    lr = None
+    for name in ("lr", "synthetic_lr"):
+        f = images_file.with_name(images_file.name.replace("images", name))
+        if f != images_file and f.is_file():
+            t = _load_pt(f, "lr")
+            if not isinstance(t, torch.Tensor | float) or (isinstance(t, torch.Tensor) and t.numel() != 1):
+                raise D3FastError(f"{f} must hold one number (the student lr)")
+            lr = float(t)
+            if not (np.isfinite(lr) and lr > 0):
+                raise D3FastError(f"{f} holds the lr {lr}: a student lr must be finite and positive")
+            break
+    images = images.float()
+    if not torch.isfinite(images).all() or (soft is not None and not torch.isfinite(soft).all()):
+        raise D3FastError(f"{images_file.parent} holds NaN or infinite values")
+    pixels = bool(info.get("pixels", False))
+    return ImageSet(images=images, labels=labels.long(), pixels=pixels, source="pt", where=images_file,
+                    soft_labels=soft, lr=lr, classes=info.get("classes"), info=info)
+
+
+def _read_imagefolder(folder: Path, info: dict[str, Any]) -> ImageSet:
+    from PIL import Image
+
+    dirs = _class_dirs(folder)
+    if not dirs:
+        raise D3FastError(f"{folder} holds no images.pt and no class folders: not an image set")
+    arrays, labels, shape = [], [], None
+    for y, d in enumerate(dirs):
+        for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB"))
+            except Exception as e:
+                raise D3FastError(f"unreadable image {f} ({type(e).__name__}: {e})") from None
+            a = a[..., None] if a.ndim == 2 else a
+            if shape is not None and a.shape != shape:
+                raise D3FastError(f"{f} is {a.shape[1]}x{a.shape[0]}x{a.shape[2]}, the others "
+                                  f"{shape[1]}x{shape[0]}x{shape[2]}: an image set has one size")
+            shape = a.shape
+            arrays.append(a)
+            labels.append(y)
+    if not arrays:
+        raise D3FastError(f"the class folders of {folder} hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    soft = None
+    if (folder / "soft_labels.pt").is_file():
+        soft = _load_pt(folder / "soft_labels.pt", "soft labels")
+        if not isinstance(soft, torch.Tensor) or soft.dim() != 2 or len(soft) != len(images):
+            raise D3FastError(f"{folder / 'soft_labels.pt'} must hold [N, classes] probabilities for the {len(images)} images")
+    lr = info.get("lr")
+    return ImageSet(images=images, labels=torch.tensor(labels), pixels=True, source="imagefolder", where=folder,
+                    soft_labels=soft, lr=float(lr) if isinstance(lr, int | float) else None,
+                    classes=info["classes"] if len(info.get("classes") or []) == len(dirs) else [d.name for d in dirs],
+                    info=info)
+
+
+
+def zca_of(cfg: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The dataset's ZCA (W, mu) when cfg.data.zca is on (fitted on, and cached beside, the
+    prepared train split); None without ZCA.
+
+    Raises:
+        D3FastError: ZCA is on and the dataset is not prepared here.
+    """
+    if not cfg.data.zca:
+        return None
+    from d3fast.data.cache import load_split
+    from d3fast.data.loader import fit_zca
+
+    return fit_zca(cfg.data.dataset, cfg.data.zca_eps, load_split(cfg.data.dataset, "train", mmap=True)[2])
+
+
+def describe(cfg: Any, d: Distilled | Merged, step: int | None, zca: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    """What an export carries besides its tensors: the dataset, d3fast version and git commit,
+    the whole config, the step, the BatchNorm mode samples decode with, and the ZCA used (eps
+    and the sha256 of its matrix: a reader checks its own ZCA against it before de-whitening)."""
+    import hashlib
+
+    from d3fast import __version__
+    from d3fast.config import to_dict
+    from d3fast.runtime import git_commit
+
+    info: dict[str, Any] = {
+        "dataset": cfg.data.dataset, "preset": cfg.preset, "step": step, "d3fast_version": __version__,
+        "git_commit": git_commit(), "config": to_dict(cfg), "decoder_bn": cfg.eval.decoder_bn,
+        "classes": list(d.classes), "mean": d.meta["mean"], "std": d.meta["std"],
+        "zca": None if not cfg.data.zca else {"eps": cfg.data.zca_eps, "matrix_sha256": None if zca is None else
+                                             hashlib.sha256(zca[0].cpu().numpy().tobytes()).hexdigest()},
+    }
+    return info

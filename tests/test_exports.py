@@ -1,0 +1,157 @@
+"""Exports other tools read (`d3fast export --format pt | imagefolder`), evaluating them and
+other code's image sets, and kept evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from d3fast.cli import cli
+from d3fast.distill import distill
+from d3fast.exports import class_folders, draw_set, read_image_set
+from d3fast.io import load_metadata
+from d3fast.run import Run
+from tests._utils import cfg_of
+
+PROTOCOL = ["--set", "eval.students=1", "--set", "eval.epochs=20", "--set", "eval.samples_per_class=3",
+            "--device", "cpu", "-q"]
+
+
+@pytest.fixture(scope="module")
+def run(shared_home, tmp_path_factory):
+    path = tmp_path_factory.mktemp("exports") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("D3FAST_HOME", str(shared_home))
+        distill(cfg_of("distill.ppc=2", "distill.steps=2"), Run.at(path), progress=False)
+    return path
+
+
+def _invoke(*args: str) -> str:
+    r = CliRunner().invoke(cli, list(args))
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_pt_export_is_the_mtt_layout_and_reevaluates_to_the_runs_accuracy(home, run, tmp_path):
+    out = tmp_path / "pt"
+    _invoke("export", str(run), "--format", "pt", "--out", str(out), "--per-class", "3")
+    images = torch.load(out / "images.pt", weights_only=True)
+    labels = torch.load(out / "labels.pt", weights_only=True)
+    lr = torch.load(out / "lr.pt", weights_only=True)
+    d, _ = Run(run).load_distilled()
+    assert images.shape == (30, 1, 32, 32) and images.dtype == torch.float32
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]  # class-major
+    assert lr.dim() == 0 and float(lr) == pytest.approx(d.student_lr)
+    x, y, _ = draw_set(d, 3, seed=0)  # eval.seed 0, the run's eval.decoder_bn and batch size
+    torch.testing.assert_close(images, x) and torch.testing.assert_close(labels, y)
+
+    fixed = _invoke("evaluate", str(run), "--set", "eval.fresh_samples=false", "--set", "eval.baselines=false",
+                    *PROTOCOL)
+    again = _invoke("evaluate", str(out), "--set", "eval.baselines=false", *PROTOCOL)
+    run_acc = json.loads((run / "eval.json").read_text())["results"]["convnet"]["d3"]["accs"]
+    kept = json.loads((tmp_path / "pt.evals" / "index.json").read_text())
+    pt_report = json.loads((tmp_path / "pt.evals" / kept[-1]["file"]).read_text())
+    assert pt_report["results"]["convnet"]["set"]["accs"] == run_acc  # the same draw, seed and lr
+    # students that learned something (measured 17.2%; chance and a one-class student: ~10%), so the
+    # equality above is not two chance-level students agreeing
+    assert run_acc[0] > 0.12, run_acc
+    assert "one fixed draw" in fixed and "the set" in again and "pt.evals" in again
+
+
+def test_two_evaluations_are_both_kept(home, run):
+    before = len(json.loads((run / "evals" / "index.json").read_text())) if (run / "evals" / "index.json").exists() else 0
+    for _ in range(2):
+        _invoke("evaluate", str(run), "--set", "eval.baselines=false", "--set", "eval.students=1",
+                "--set", "eval.epochs=1", "--device", "cpu", "-q")
+    index = json.loads((run / "evals" / "index.json").read_text())
+    assert len(index) == before + 2 and len({e["file"] for e in index}) == len(index)
+    for e in index:
+        assert json.loads((run / "evals" / e["file"]).read_text())["results"]["convnet"]["d3"]["accs"]
+
+
+def test_imagefolder_export_round_trips(home, run, tmp_path):
+    out = tmp_path / "folder"
+    _invoke("export", str(run), "--format", "imagefolder", "--out", str(out), "--per-class", "2")
+    d, _ = Run(run).load_distilled()
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert folders == class_folders(d.classes) and len(list((out / folders[3]).glob("*.png"))) == 2
+    s = read_image_set(out)
+    x, y, _ = draw_set(d, 2, seed=0)
+    m = torch.tensor(d.meta["mean"]).view(1, -1, 1, 1)
+    sd = torch.tensor(d.meta["std"]).view(1, -1, 1, 1)
+    assert s.pixels and s.classes == d.classes and s.labels.tolist() == y.tolist()
+    torch.testing.assert_close(s.images, (x * sd + m).clamp(0, 1), atol=0.5 / 255 + 1e-6, rtol=0)  # uint8 rounding
+    assert s.lr == pytest.approx(d.student_lr)
+    text = _invoke("evaluate", str(out), "--set", "eval.baselines=true", *PROTOCOL)
+    assert "ImageFolder" in text and "random real, same count" in text
+    # pixels of the pt format: the same images before rounding
+    _invoke("export", str(run), "--format", "pt", "--pixels", "--out", str(tmp_path / "px"), "--per-class", "2")
+    px = torch.load(tmp_path / "px" / "images.pt", weights_only=True)
+    torch.testing.assert_close(px, (x * sd + m).clamp(0, 1))
+    assert read_image_set(tmp_path / "px").pixels
+
+
+def test_safetensors_export_describes_itself(home, run, tmp_path):
+    _invoke("export", str(run), "--out", str(tmp_path / "d.safetensors"))
+    meta = load_metadata(tmp_path / "d.safetensors")
+    assert meta["dataset"] == "digits" and meta["step"] == 2 and meta["decoder_bn"] == "batch"
+    assert meta["config"]["distill"]["ppc"] == 2 and meta["d3fast_version"] and "git_commit" in meta
+    assert meta["zca"] is None and meta["classes"] == [str(c) for c in range(10)]
+    text = _invoke("evaluate", str(tmp_path / "d.safetensors"), "--set", "eval.baselines=false", *PROTOCOL)
+    assert "D3 (fresh samples)" in text and (tmp_path / "d.evals" / "index.json").is_file()
+
+
+def test_foreign_pt_sets_and_bad_input(home, tmp_path):
+    """MTT's file names, soft labels as probabilities, and the errors a user meets."""
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "mtt").mkdir()
+    torch.save(torch.randn(20, 1, 32, 32, generator=g), tmp_path / "mtt" / "images_best.pt")
+    torch.save(torch.arange(10).repeat(2), tmp_path / "mtt" / "labels_best.pt")
+    torch.save(torch.tensor(0.01), tmp_path / "mtt" / "synthetic_lr_best.pt")
+    s = read_image_set(tmp_path / "mtt")
+    assert s.lr == pytest.approx(0.01) and not s.pixels and s.labels.tolist() == list(range(10)) * 2
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "mtt"), *PROTOCOL])
+    assert r.exit_code == 2 and "pass --dataset" in r.output
+    text = _invoke("evaluate", str(tmp_path / "mtt" / "images_best.pt"), "--dataset", "digits",
+                   "--set", "eval.baselines=false", *PROTOCOL)
+    assert "lr 0.01 from the set" in text
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "mtt"), "--dataset", "cifar10", *PROTOCOL])
+    assert r.exit_code == 2 and "not prepared" in r.output or "shape" in r.output, r.output
+    torch.save(torch.randn(20, 3, 32, 32), tmp_path / "mtt" / "images_best.pt")
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "mtt"), "--dataset", "digits", *PROTOCOL])
+    assert r.exit_code == 2 and "images of shape [3, 32, 32]" in r.output, r.output
+    torch.save(torch.full((20, 1, 32, 32), float("nan")), tmp_path / "mtt" / "images_best.pt")
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "mtt"), "--dataset", "digits", *PROTOCOL])
+    assert r.exit_code == 2 and "NaN" in r.output
+    (tmp_path / "mtt" / "labels_best.pt").unlink()
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "mtt"), "--dataset", "digits", *PROTOCOL])
+    assert r.exit_code == 2 and "no labels beside" in r.output
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "x.png").write_bytes(b"not a png")
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "bad"), "--dataset", "digits", *PROTOCOL])
+    assert r.exit_code == 2 and "unreadable image" in r.output
+    Image.new("L", (8, 8)).save(tmp_path / "bad" / "a" / "x.png")
+    Image.new("L", (9, 8)).save(tmp_path / "bad" / "a" / "y.png")
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "bad"), "--dataset", "digits", *PROTOCOL])
+    assert r.exit_code == 2 and "one size" in r.output
+
+
+def test_export_refuses_what_it_would_destroy(home, run, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = CliRunner().invoke(cli, ["export", str(run), "--format", "pt", "--out", str(tmp_path / "mine")])
+    assert r.exit_code == 2 and "not a d3fast export" in r.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    _invoke("export", str(run), "--format", "pt", "--out", str(tmp_path / "e"), "--per-class", "1")
+    r = CliRunner().invoke(cli, ["export", str(run), "--format", "pt", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "--force" in r.output
+    _invoke("export", str(run), "--format", "pt", "--out", str(tmp_path / "e"), "--per-class", "2", "--force")
+    assert len(torch.load(tmp_path / "e" / "labels.pt", weights_only=True)) == 20
+    r = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "x.st"), "--pixels"])
+    assert r.exit_code == 2 and "--format pt" in r.output
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--set", "distill.ppc=3"])
+    assert r.exit_code == 2 and "only eval.* keys" in r.output

@@ -104,7 +104,14 @@ def _crash_report(e: BaseException) -> str:
     return str(path)
 
 
+def _remember_resolution(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None:  # read by _resolve as data.resolution
+        ctx.meta["d3fast.resolution"] = value
+
+
 def _config_options(f: Any) -> Any:
+    f = click.option("--resolution", type=int, default=None, expose_value=False, callback=_remember_resolution,
+                     help="Image size of an imagefolder dataset (data.resolution; a power of two, 8..512).")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a config key, e.g. --set experts.lr=0.02 (repeatable).")(f)
     f = click.option("--preset", "--config", "preset", default=None,
@@ -161,6 +168,9 @@ def _resolve(dataset: str | None, preset: str | None, overrides: tuple[str, ...]
     run, its recorded config (`base`) < typed flags < --set (d3fast/config.py)."""
     from d3fast.config import resolve_config
 
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and "d3fast.resolution" in ctx.meta:
+        typed.setdefault("data.resolution", ctx.meta["d3fast.resolution"])
     nested: dict[str, Any] = {}
     for dotted, value in typed.items():
         if value is None:

@@ -53,6 +53,9 @@ class DataConfig:
     # the block this command works on, 0..S-1; -1: every block (distill runs them all and
     # merges; evaluation of a merged object reads every class)
     subtask: int = ranged(-1, -1, 65535)
+    # image size of an imagefolder dataset (d3fast/data/datasets.py); 0 for the others, whose
+    # size is fixed (ConvNet depth then follows it: net.depth = 0)
+    resolution: int = ranged(0, 0, 1024)
 
 
 @dataclass(kw_only=True)
@@ -420,11 +423,16 @@ def resolve_config(
         validate(cfg)
         return cfg
     cfg = Config()
-    name = preset or DATASET_PRESETS.get(dataset or "") or (dataset if dataset in available_presets() else None)
+    from d3fast.data.datasets import is_imagefolder
+
+    folder = bool(dataset) and is_imagefolder(dataset or "")
+    name = preset or DATASET_PRESETS.get(dataset or "") or (dataset if dataset in available_presets() else None) \
+        or ("imagefolder" if folder else None)
     if name:
         apply_updates(cfg, load_preset(name), "", from_string=False)
         cfg.preset = name
-        if dataset and cfg.data.dataset != dataset:
+        # the imagefolder preset serves every imagefolder-<label> dataset
+        if dataset and cfg.data.dataset != dataset and not (folder and is_imagefolder(cfg.data.dataset)):
             raise D3FastError(
                 f"preset {name!r} is for dataset {cfg.data.dataset!r}, not {dataset!r}"
             )
@@ -444,12 +452,21 @@ def validate(cfg: Config) -> None:
     Raises:
         D3FastError: the first bad value, with its key and the valid range.
     """
-    from d3fast.data.datasets import DATASETS
+    from d3fast.data.datasets import DATASETS, get_spec, is_imagefolder, known
 
-    if cfg.data.dataset not in DATASETS:
+    if not known(cfg.data.dataset):
         raise D3FastError(
-            f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}"
+            f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>]"
         )
+    if is_imagefolder(cfg.data.dataset):
+        r = cfg.data.resolution
+        if r and (not 8 <= r <= 512 or r & (r - 1)):
+            raise D3FastError(f"config key data.resolution: {r} is not a power of two in 8..512 (ConvNet and "
+                              "decoder halve it down to 4 px)")
+    elif cfg.data.resolution not in (0, DATASETS[cfg.data.dataset].resolution):
+        raise D3FastError(f"config key data.resolution: {cfg.data.dataset} images are "
+                          f"{DATASETS[cfg.data.dataset].resolution} px; data.resolution chooses the size of "
+                          "imagefolder datasets only")
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -479,7 +496,12 @@ def validate(cfg: Config) -> None:
                           f"(mmd_samples={d.mmd_samples}, ppc={d.ppc})")
     from d3fast.data.datasets import class_blocks
 
-    class_blocks(DATASETS[cfg.data.dataset].num_classes, cfg.data.subtasks)  # S <= classes
+    try:
+        num_classes = get_spec(cfg.data.dataset, cfg.data.data_path, cfg.data.resolution).num_classes \
+            if is_imagefolder(cfg.data.dataset) else DATASETS[cfg.data.dataset].num_classes
+    except D3FastError:  # an imagefolder dataset not prepared yet: prepare says what is missing
+        num_classes = 65536
+    class_blocks(num_classes, cfg.data.subtasks)  # S <= classes
     if cfg.data.subtask >= cfg.data.subtasks:
         raise D3FastError(f"config key data.subtask: {cfg.data.subtask} is out of range for data.subtasks="
                           f"{cfg.data.subtasks} (0..{cfg.data.subtasks - 1}, or -1 for every subtask)")

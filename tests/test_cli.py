@@ -93,3 +93,25 @@ def test_atomic_writes_respect_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_progress_off_a_terminal_is_plain_lines(monkeypatch):
+    import io
+
+    from d3fast.progress import bar
+
+    monkeypatch.setenv("D3FAST_PROGRESS_EVERY", "0")
+    out = io.StringIO()  # not a terminal
+    b = bar(total=3, desc="distill", file=out)
+    for _ in range(3):
+        b.update(1)
+    b.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) >= 3 and all(line.startswith("distill:") for line in lines)
+    assert "3/3" in lines[-1]
+    monkeypatch.setenv("D3FAST_QUIET", "1")
+    quiet = io.StringIO()
+    b = bar(total=3, desc="distill", file=quiet)
+    b.update(3)
+    b.close()
+    assert quiet.getvalue() == ""

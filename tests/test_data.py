@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from d3fast.config import resolve_config
@@ -365,3 +366,73 @@ def test_digits_embedded():
         assert b == (a + b) // 5
     x, _, _ = load_split("digits", "train")
     assert x.shape[1:] == (1, 32, 32) and x.max() > 200
+
+
+# ------------------------------------------------------------------ any ImageFolder tree
+
+
+def _tree(root, classes=("zebra", "ant", "moth"), test="val"):
+    for split, n in (("train", 3), (test, 2)):
+        for c, name in enumerate(classes):
+            for i in range(n):
+                write_jpeg(root / split / name / f"{i}.jpg", 40 + 7 * i, 30 + 5 * c, seed=100 * c + i)
+    Image.new("LA", (20, 20), (50, 0)).save(root / "train" / classes[0] / "alpha.png")  # greyscale + alpha -> RGB
+    return root
+
+
+def test_imagefolder_any_tree_at_a_chosen_resolution(tmp_path, d3fast_home):
+    from click.testing import CliRunner
+
+    from d3fast.cli import cli
+
+    root = _tree(tmp_path / "tree")
+    png = Image.open(root / "train" / "zebra" / "0.jpg")
+    png.save(root / "zebra0.png")
+    png.save(root / "train" / "zebra" / "0.jpg", "PNG")  # Pillow reads by content, not by suffix
+    r = CliRunner().invoke(cli, ["prepare", "--dataset", "imagefolder-bugs", "--data-path", str(root),
+                                 "--resolution", "16"])
+    assert r.exit_code == 0, r.output
+    x, y, manifest = load_split("imagefolder-bugs", "train")
+    assert manifest["classes"] == ["ant", "moth", "zebra"]  # sorted folder order, as torchvision's ImageFolder
+    assert x.shape == (10, 3, 16, 16) and np.bincount(y).tolist() == [3, 3, 4]
+    row = int(np.flatnonzero(y == 2)[0])  # zebra/0.jpg, whose PNG twin is decoded without JPEG's draft mode
+    assert np.abs(x[row].astype(int) - reference_decode(root / "zebra0.png", 16).astype(int)).max() <= 1
+    xt, yt, _ = load_split("imagefolder-bugs", "test")
+    assert xt.shape == (6, 3, 16, 16) and np.bincount(yt).tolist() == [2, 2, 2]
+    # once prepared, commands find it by name; ConvNet depth follows the resolution (16 px: 2 blocks)
+    cfg = resolve_config("imagefolder-bugs")
+    assert cfg.preset == "imagefolder" and cfg.data.dataset == "imagefolder-bugs"
+    from d3fast.models import build_network
+
+    assert len([m for m in build_network("convnet", 3, 3, 16).modules() if isinstance(m, torch.nn.Conv2d)]) == 2
+    # another resolution of the same tree re-prepares
+    res = prepare(cfg_for("imagefolder-bugs", root, resolution=32), progress=False)
+    assert res.status == "prepared" and res.manifest["resolution"] == 32
+    assert prepare(cfg_for("imagefolder-bugs"), progress=False).status == "reused"
+
+
+def test_imagefolder_bad_trees(tmp_path, d3fast_home):
+    with pytest.raises(D3FastError, match="choose the image size with --resolution"):
+        prepare(cfg_for("imagefolder", _tree(tmp_path / "a")), progress=False)
+    with pytest.raises(D3FastError, match="not a power of two"):
+        cfg_for("imagefolder", tmp_path / "a", resolution=24)
+    with pytest.raises(D3FastError, match="data.resolution chooses the size of imagefolder datasets only"):
+        cfg_for("cifar10", resolution=64)
+    with pytest.raises(D3FastError, match="no train/ folder"):
+        prepare(cfg_for("imagefolder", tmp_path, resolution=16), progress=False)
+    (tmp_path / "b" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(D3FastError, match="no val/ or test/ folder"):
+        prepare(cfg_for("imagefolder", tmp_path / "b", resolution=16), progress=False)
+    root = _tree(tmp_path / "c", test="test")
+    (root / "test" / "dog").mkdir()
+    with pytest.raises(D3FastError, match="class folders train/ lacks: dog"):
+        prepare(cfg_for("imagefolder", root, resolution=16), progress=False)
+    (root / "test" / "dog").rmdir()
+    for f in (root / "test" / "moth").iterdir():
+        f.unlink()
+    with pytest.raises(D3FastError, match="no images in .*moth"):
+        prepare(cfg_for("imagefolder", root, resolution=16), progress=False)
+    with pytest.raises(D3FastError, match="not prepared: run `d3fast prepare --dataset imagefolder-x"):
+        prepare(cfg_for("imagefolder-x"), progress=False)
+    with pytest.raises(D3FastError, match="unknown dataset 'imagefolder_x'"):
+        cfg_for("imagefolder_x")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,52 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
+# Any train/<class>/ + val/<class>/ (or test/<class>/) tree at a chosen data.resolution:
+# `imagefolder`, or `imagefolder-<label>` to keep several trees apart (each its own cache,
+# experts and runs). Classes are the train folders in sorted order (torchvision's).
+IMAGEFOLDER_RE = re.compile(r"^imagefolder(-[a-z0-9][a-z0-9_.-]{0,63})?$")
+
+
+def is_imagefolder(name: str) -> bool:
+    return bool(IMAGEFOLDER_RE.match(name))
+
+
+def known(name: str) -> bool:
+    return name in DATASETS or is_imagefolder(name)
+
+
+def get_spec(name: str, data_path: str | None = None, resolution: int = 0) -> DatasetSpec:
+    """The spec of dataset `name`. An imagefolder dataset's comes from its prepared cache,
+    else from the tree at `data_path` at `resolution` (how many class folders train/ holds).
+
+    Raises:
+        D3FastError: an unknown name; an imagefolder dataset neither prepared nor given a tree.
+    """
     from d3fast.errors import D3FastError
 
-    if name not in DATASETS:
-        raise D3FastError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name]
+    if name in DATASETS:
+        return DATASETS[name]
+    if not is_imagefolder(name):
+        raise D3FastError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>]")
+    from d3fast.data.cache import data_dir, read_manifest
+
+    manifest = read_manifest(data_dir(name)) if data_dir(name).is_dir() else None
+    if manifest is not None and resolution in (0, manifest["resolution"]) and (
+            data_path is None or Path(data_path).expanduser().resolve() == Path(manifest["source"]["path"]).resolve()):
+        # the tree it was prepared from is where `prepare` looks again (a re-run finds it up to date)
+        return DatasetSpec(name, int(manifest["num_classes"]), int(manifest["resolution"]), int(manifest["channels"]),
+                           default_paths=(str(manifest["source"]["path"]),))
+    if data_path is None and manifest is not None:  # another resolution of the tree it was prepared from
+        data_path = manifest["source"]["path"]
+    if data_path is None:
+        raise D3FastError(f"dataset {name} is not prepared: run `d3fast prepare --dataset {name} --data-path TREE "
+                          "--resolution R` (TREE holds train/<class>/ and val/<class>/ folders of images)")
+    if resolution <= 0:
+        raise D3FastError(f"dataset {name}: choose the image size with --resolution (config data.resolution), "
+                          "e.g. 32, 64 or 128")
+    from d3fast.data.readers import imagefolder_classes
+
+    return DatasetSpec(name, len(imagefolder_classes(Path(data_path).expanduser())), resolution, 3)
 
 
 def class_blocks(num_classes: int, subtasks: int) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import d3fast
 from d3fast.config import Config
 from d3fast.data.cache import CACHE_FORMAT, SPLITS, array_files, freshness, read_manifest
-from d3fast.data.datasets import DatasetSpec, get_spec
+from d3fast.data.datasets import DatasetSpec, get_spec, is_imagefolder
 from d3fast.data.decode import decode_chunk
 from d3fast.data.readers import Source, SplitSource, read_source
 from d3fast.errors import D3FastError
@@ -34,6 +34,7 @@ from d3fast.io import (
     write_failure,
 )
 from d3fast.paths import data_dir
+from d3fast.progress import bar as progress_bar
 
 # Files per worker task: large enough to amortise inter-process transfer (64 x 48 KiB at
 # 128 px), small enough to keep the progress bar moving.
@@ -57,7 +58,8 @@ def prepare(
     """Decode `cfg.data.dataset` into its cache, or reuse the cache when it is up to date.
     Concurrent calls for one dataset take turns (an flock beside the cache): the second
     finds the first one's cache instead of decoding again."""
-    spec = get_spec(cfg.data.dataset)
+    spec = get_spec(cfg.data.dataset, cfg.data.data_path, cfg.data.resolution) if is_imagefolder(cfg.data.dataset) \
+        else get_spec(cfg.data.dataset)
     cache = data_dir(spec.name)
     with locked(cache.parent / f".{spec.name}.lock", wait=True):
         return _prepare(cfg, spec, cache, force, progress, parallel_min_files)
@@ -160,7 +162,7 @@ def _write_split(
     x = np.lib.format.open_memmap(out / x_name, mode="w+", dtype=np.uint8, shape=(len(files), channels, size, size))
     tasks = [(s, files[s : s + CHUNK], size, channels) for s in range(0, len(files), CHUNK)]
     bad: list[tuple[int, str, str]] = []
-    bar = tqdm(total=len(files), desc=f"decode {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(files), desc=f"decode {split}", unit="img", disable=not progress, dynamic_ncols=True)
 
     def consume(result: tuple[int, np.ndarray, list[tuple[int, str]]]) -> None:
         start, images, errors = result
@@ -192,7 +194,7 @@ def _write_parts(path: Path, split: str, src: SplitSource, size: int, channels: 
     if sum(p.count for p in parts) != n:
         raise D3FastError(f"{split}: the parts announce {sum(p.count for p in parts)} images for {n} labels")
     x = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, channels, size, size))
-    bar = tqdm(total=n, desc=f"copy {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n, desc=f"copy {split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = 0
     for part in parts:
         images = part.load()

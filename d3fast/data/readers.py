@@ -69,6 +69,8 @@ def read_source(spec: DatasetSpec, data_path: str | None) -> Source:
         "imagewoof": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
         "imagenet64": lambda: read_imagenet64(_locate(spec, data_path)),
     }
+    if spec.name not in readers:  # an imagefolder dataset (d3fast/data/datasets.py)
+        return read_imagefolder(_locate(spec, data_path), spec)
     return readers[spec.name]()
 
 
@@ -535,6 +537,54 @@ def read_imagenet_subset(root: Path, spec: DatasetSpec) -> Source:
         path=str(root),
         fingerprint=_fingerprint(root, all_files, extra=str(spec.resolution)),
     )
+
+
+# ---------------------------------------------------------------- any ImageFolder tree
+
+
+def imagefolder_classes(root: Path) -> list[str]:
+    """The class folders of root/train/, sorted (torchvision's ImageFolder order).
+
+    Raises:
+        D3FastError: no train/ folder, or one without class folders.
+    """
+    if not (root / "train").is_dir():
+        raise D3FastError(f"{root} has no train/ folder: an imagefolder dataset is root/train/<class>/*.png|jpg "
+                          "and root/val/<class>/ (or root/test/<class>/)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise D3FastError(f"{root / 'train'} holds no class folders")
+    return classes
+
+
+def read_imagefolder(root: Path, spec: DatasetSpec) -> Source:
+    """train/<class>/ for training and val/<class>/ (or test/<class>/) for testing, classes in
+    sorted folder order (recorded in the manifest), every image decoded at spec.resolution
+    (short side resized, center crop) in RGB."""
+    classes = imagefolder_classes(root)
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if test_dir is None:
+        raise D3FastError(f"{root} has no val/ or test/ folder with the same class folders as train/")
+    extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes
+                   and not p.name.startswith("."))
+    if extra:
+        raise D3FastError(f"{test_dir} has class folders train/ lacks: {', '.join(extra[:5])}")
+    splits, problems, all_files = {}, [], []
+    for split, base in (("train", root / "train"), ("test", test_dir)):
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            found = _list_images(base / name) if (base / name).is_dir() else []
+            if not found:
+                problems.append(f"no images in {base / name}")
+            files += found
+            labels += [label] * len(found)
+        splits[split] = SplitSource(labels=np.array(labels, np.int64), files=[str(f) for f in files])
+        all_files += files
+    if problems:
+        raise D3FastError(f"{spec.name} layout problems under {root}:\n  " + "\n  ".join(problems[:10])
+                          + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""))
+    return Source(classes=classes, class_ids=classes, splits=splits, layout=f"imagefolder ({test_dir.name}/ as test)",
+                  path=str(root), fingerprint=_fingerprint(root, all_files, extra=f"{spec.resolution} rgb"))
 
 
 # ---------------------------------------------------------------- Downsampled ImageNet 64x64

@@ -372,11 +372,14 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @_subtask_options
 @_budget_options
 @click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
+@click.option("--log", "trackers", default=None, metavar="TRACKERS",
+              help="Also send metrics, sample grids and the eval table to tensorboard,wandb,mlflow (log.trackers; "
+                   "each its own pip package; offline by default).")
 @_quiet_option
 def distill(
     dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, mmd_chunk, mmd_exact_graph, resume_dir,
     runs_dir, name, device, no_auto, then_evaluate, soft_labels, subtasks, subtask, budget_ipc, budget_images,
-    data_path,
+    data_path, trackers,
 ) -> None:
     """Learn the distilled distribution (Algorithm 1: MTT + MMD + KL + diversity).
 
@@ -402,7 +405,8 @@ def distill(
     typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
              "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
              "distill.mmd_exact_graph": mmd_exact_graph, "device": device, "distill.soft_labels": soft_labels,
-             "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path}
+             "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path,
+             "log.trackers": None if trackers is None else [t.strip() for t in trackers.split(",") if t.strip()]}
     if budget_ipc is not None:
         if resume_dir not in (None, "auto"):
             raise D3FastError("--budget-ipc chooses the decoder and priors of a new run; a resumed run keeps its own")
@@ -432,6 +436,9 @@ def distill(
     else:
         cfg = _resolve(dataset, preset, overrides, **typed)
     world.check_split(cfg)  # same config, K and the classes divisible: before any work
+    from d3fast.trackers import check_available
+
+    check_available(cfg.log.trackers)  # a missing tracker package fails now, not after the experts
     # every rank prepares and trains experts: both are locked per dataset and per expert,
     # so the ranks share the work and find it done
     _ensure_prepared(cfg, no_auto)
@@ -886,6 +893,34 @@ def presets() -> None:
         about = " ".join(lead).split(". ")[0].rstrip(".")
         dataset = load_preset(name).get("data", {}).get("dataset", "?")
         click.echo(f"{name:<24} {dataset:<14} {about}")
+
+
+@cli.command()
+@click.option("--dataset", default=None, help="Only this dataset.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_runs_dir_option("Where the runs are")
+def runs(dataset, as_json, runs_dir) -> None:
+    """List the runs and merged objects: dataset, preset, step/steps, status, best loss, last
+    evaluation and device-hours (from each run's files; `latest` is the last row with a checkpoint)."""
+    from d3fast.run import list_runs
+
+    rows = list_runs(runs_dir, dataset)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no runs under {runs_dir}/" + (f"{dataset}/" if dataset else ""))
+        return
+    table = [["run", "dataset", "preset", "step", "status", "best loss", "hours", "last evaluation"]]
+    for r in rows:
+        hours = "" if r["device_hours"] is None else f"{r['device_hours']:.3g} {r['hours_unit']}"
+        best = "" if r["best_loss"] is None else f"{r['best_loss']:.4g}"
+        table.append([r["name"], r["dataset"], r["preset"], f"{r['step']}/{r['steps']}", r["status"], best, hours,
+                      r["last_eval"]])
+    widths = [max(len(str(row[k])) for row in table) for k in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    click.echo(f"({len(rows)} under {runs_dir}/)")
 
 
 @cli.command()

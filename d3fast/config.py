@@ -209,6 +209,16 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class LogConfig:
+    """Metric trackers beside metrics.jsonl (d3fast/trackers.py)."""
+
+    # tensorboard | wandb | mlflow (each its own optional dependency)
+    trackers: list[str] = field(default_factory=list)
+    # a sample grid to the trackers every N distillation steps and at the last; 0 = never
+    sample_every: int = ranged(500, 0)
+
+
+@dataclass(kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     net: NetConfig = field(default_factory=NetConfig)
@@ -216,6 +226,7 @@ class Config:
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
     # Name of the preset the config was resolved from (informational).
@@ -477,6 +488,11 @@ def validate(cfg: Config) -> None:
         if dataclasses.is_dataclass(obj):
             for f in dataclasses.fields(obj):
                 _check_range(f"{part.name}.{f.name}", getattr(obj, f.name), f.metadata)
+    from d3fast.trackers import TRACKERS
+
+    unknown = [t for t in cfg.log.trackers if t not in TRACKERS]
+    if unknown:
+        raise D3FastError(f"config key log.trackers: unknown {unknown}; known: {', '.join(TRACKERS)}")
     bad_archs = [a for a in cfg.eval.archs if a not in CHOICES["net.name"]]
     if bad_archs or not cfg.eval.archs:
         raise D3FastError(f"eval.archs: unknown {bad_archs or 'empty list'}; known: {', '.join(CHOICES['net.name'])}")
@@ -561,7 +577,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 # recorded in the run; the others are fixed by what the checkpoint and the expert
 # trajectories already hold, and changing them is an error that says why.
 APPLIED_ON_RESUME = frozenset({
-    "device", "data.workers", "eval",
+    "device", "data.workers", "eval", "log",
     "distill.steps", "distill.checkpoint_every", "distill.amp", "distill.unroll", "distill.students_per_step",
     "distill.lr_latent", "distill.lr_lr", "distill.lr_decode",
     "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.batch_syn",

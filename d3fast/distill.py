@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -55,7 +56,9 @@ from d3fast.progress import bar as progress_bar
 from d3fast.run import Run
 from d3fast.runtime import device_name, resolve_device, versions
 from d3fast.state import DivergedError, StepChecks, TrainState, distilled_problems
+from d3fast.trackers import Trackers, for_run
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
+from d3fast.visualize import grid_image
 
 
 @dataclass
@@ -104,7 +107,9 @@ def distill(
         meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
                                 run=str(run.path.resolve()), clock=clock, prior_hours=run.hours_at(state.step),
                                 devices=world.size, record=main)
-        with closing(bar), run.metrics(state.step) if main else _no_metrics() as metrics, meter_cm as meter:
+        trackers = for_run(cfg, run) if main else Trackers([], run.path, "", {})
+        with closing(bar), run.metrics(state.step) if main else _no_metrics() as metrics, meter_cm as meter, \
+                trackers:
             stopping = False
             while state.step < dcfg.steps and not stopping:
                 t0 = clock()
@@ -125,6 +130,12 @@ def distill(
                 last = step_metrics(state, students, dcfg, clock, t0, meter, device, values)
                 state.note_loss(last["loss"])
                 metrics.write(last)
+                trackers.metrics(state.step, last)
+                if trackers.open and cfg.log.sample_every and (state.step % cfg.log.sample_every == 0
+                                                               or state.step == dcfg.steps):
+                    grid = grid_image(state.distilled, samples=4, bn=cfg.eval.decoder_bn, zca=parts.train.zca,
+                                      title=f"{run.path.name}  step {state.step}", max_classes=10)
+                    trackers.image("samples", np.asarray(grid), state.step)
                 bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
                                     + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step), refresh=False)
                 bar.update(1)

@@ -320,7 +320,28 @@ def keep_report(target: Target, report: dict[str, Any]) -> Path:
     if target.run is not None:
         atomic_write_json(target.run.path / "eval.json", report)
         atomic_write_text(target.run.path / "eval.md", markdown(report))
+        _to_trackers(target, report)
     return path
+
+
+def _to_trackers(target: Target, report: dict[str, Any]) -> None:
+    """The table and the mean accuracies to the run's trackers (log.trackers), at its step."""
+    if not target.cfg.log.trackers or target.run is None:
+        return
+    from d3fast.trackers import for_run
+
+    try:
+        trackers = for_run(target.cfg, target.run)
+    except D3FastError as e:
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: the evaluation is not sent to the trackers: {e}")
+        return
+    step = int(report["distill_step"] or 0)
+    with trackers:
+        trackers.text("eval", markdown(report), step)
+        trackers.metrics(step, {f"eval/{arch}/{kind}": v["mean"] for arch, kinds in report["results"].items()
+                                for kind, v in kinds.items()})
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -384,3 +384,75 @@ def _read_jsonl(path: Path, torn_ok: bool = False, note: bool = False) -> list[d
 
 def _command() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds the flock on `path` (a run's `.lock`), without taking it
+    for longer than the test or writing to the file."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[dict[str, Any]]:
+    """Every run and merged object under runs_dir/<dataset>/, oldest first: dataset, preset,
+    step and steps, status (running: its lock is held; finished; stopped: before its steps;
+    merged; new: no step yet), best and last loss, last evaluation (eval.json's summary) and
+    device-hours, read from config.json, metrics.jsonl and eval.json (no checkpoint is
+    loaded). A damaged file makes that field `?`, never the listing fail."""
+    rows = []
+    root = Path(runs_dir)
+    folders = [p for p in root.glob("*/*") if p.is_dir() and ".tmp-" not in p.name and ".old-" not in p.name
+               and (dataset is None or p.parent.name == dataset)]
+    for path in sorted(folders, key=lambda p: p.stat().st_mtime):
+        run = Run(path)
+        merged = run.merged_path.exists()
+        if not (run.recorded() or merged):
+            continue
+        row: dict[str, Any] = {"run": str(path), "name": path.name, "dataset": path.parent.name, "preset": "?",
+                               "step": 0, "steps": "?", "status": "?", "best_loss": None, "last_loss": None,
+                               "device_hours": None, "hours_unit": "", "last_eval": ""}
+        try:
+            cfg = json.loads(run.config_path.read_text())
+            row["preset"], row["steps"] = cfg.get("preset") or "-", cfg["distill"]["steps"]
+            row["dataset"] = cfg["data"]["dataset"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        try:
+            metrics = _read_jsonl(run.metrics_path, torn_ok=True)
+        except D3FastError:
+            metrics = []
+        losses = [m["loss"] for m in metrics if isinstance(m.get("loss"), int | float)]
+        if metrics:
+            row |= {"step": int(metrics[-1].get("step", 0)), "device_hours": metrics[-1].get("device_hours"),
+                    "hours_unit": metrics[-1].get("hours_unit", "")}
+        if losses:
+            row |= {"best_loss": min(losses), "last_loss": losses[-1]}
+        if merged:
+            row["status"] = "merged"
+        elif is_locked(path / ".lock"):
+            row["status"] = "running"
+        elif not metrics:
+            row["status"] = "new"
+        else:
+            row["status"] = "finished" if row["step"] == row["steps"] else "stopped"
+        try:
+            from d3fast.evaluate import summary_line
+
+            row["last_eval"] = summary_line(json.loads((path / "eval.json").read_text()))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            row["last_eval"] = "?"
+        rows.append(row)
+    return rows

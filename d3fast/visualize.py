@@ -21,11 +21,22 @@ def to_uint8(x: torch.Tensor, mean: list[float], std: list[float],
     return (px * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-@torch.no_grad()
 def sample_grid(
     d: Distilled | Merged, out: Path, samples: int = 9, seed: int = 0, scale: int = 0, bn: str = "batch",
     zca: tuple[torch.Tensor, torch.Tensor] | None = None, title: str = "", max_classes: int = 0,
 ) -> Path:
+    """`grid_image` written to `out` as a PNG (atomically)."""
+    im = grid_image(d, samples, seed, scale, bn, zca, title, max_classes)
+    with atomic_path(out) as tmp:
+        im.save(tmp, format="PNG")
+    return out
+
+
+@torch.no_grad()
+def grid_image(
+    d: Distilled | Merged, samples: int = 9, seed: int = 0, scale: int = 0, bn: str = "batch",
+    zca: tuple[torch.Tensor, torch.Tensor] | None = None, title: str = "", max_classes: int = 0,
+) -> Image.Image:
     """One row per prior: its mean image f(mu) (the column headed "mean"), then `samples`
     fresh samples (a merged object's classes each through their own subtask's decoder), each
     row named by its class (and prior, with PPC > 1), under `title`. `max_classes` > 0 keeps
@@ -51,11 +62,8 @@ def sample_grid(
     if scale > 1:
         tiles = tiles.resize((tiles.width * scale, tiles.height * scale), Image.Resampling.NEAREST)
     rows = [d.classes[r // d.ppc] + (f" #{r % d.ppc}" if d.ppc > 1 else "") for r in range(n)]
-    im = _labelled(tiles, rows, (h + pad) * scale, (w + pad) * scale, pad * scale, title,
-                   more=d.num_classes - classes)
-    with atomic_path(out) as tmp:
-        im.save(tmp, format="PNG")
-    return out
+    return _labelled(tiles, rows, (h + pad) * scale, (w + pad) * scale, pad * scale, title,
+                     more=d.num_classes - classes)
 
 
 def _labelled(tiles: Image.Image, rows: list[str], row_h: int, col_w: int, pad: int, title: str,

@@ -401,3 +401,26 @@ def test_runs_live_under_the_home_and_latest_finds_them_from_anywhere(home, tmp_
     monkeypatch.setenv("D3FAST_RUNS", str(tmp_path / "shared"))
     res = CliRunner().invoke(cli, ["distill", "--dataset", "digits", "--steps", "1", "--no-auto", *tiny])
     assert res.exit_code == 0 and len(list((tmp_path / "shared" / "digits").iterdir())) == 1, res.output
+
+
+def test_runs_lists_status_losses_and_evaluations(home, tmp_path):
+    runs = tmp_path / "runs"
+    a = Run.create(runs, cfg_of("distill.steps=2"), "a")
+    distill(cfg_of("distill.steps=2"), a, progress=False)
+    b = Run.create(runs, cfg_of("distill.steps=2"), "b")
+    distill(cfg_of("distill.steps=2"), b, progress=False)
+    cfg = json.loads(b.config_path.read_text())
+    cfg["distill"]["steps"] = 5  # as a run stopped at step 2 of 5
+    b.config_path.write_text(json.dumps(cfg))
+    (a.path / "eval.json").write_text(json.dumps({"results": {"convnet": {"d3": {"mean": 0.5, "std": 0.0}}}}))
+    with a.lock():  # held by a distilling process
+        r = CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs), "--json"])
+    rows = {row["name"].split("-")[-1]: row for row in json.loads(r.output)}
+    losses = [json.loads(line)["loss"] for line in a.metrics_path.read_text().splitlines()]
+    assert rows["a"]["status"] == "running" and rows["b"]["status"] == "stopped" and rows["b"]["steps"] == 5
+    assert rows["a"]["best_loss"] == min(losses) and rows["a"]["step"] == 2 and rows["a"]["device_hours"] > 0
+    assert rows["a"]["last_eval"] == "convnet: d3 50.0±0.0%" and rows["b"]["last_eval"] == ""
+    text = CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs)]).output
+    assert "finished" in text and "2/5" in text and "stopped" in text
+    a.metrics_path.write_text("{torn")  # a damaged file costs its fields, not the listing
+    assert CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs)]).exit_code == 0

@@ -1,0 +1,181 @@
+"""Optional metric trackers beside metrics.jsonl (which stays the source of truth): the
+metrics stream of every distillation step, a sample grid every log.sample_every steps and
+the evaluation table, sent to TensorBoard, Weights & Biases or MLflow (`--log
+tensorboard,wandb,mlflow`, config log.trackers). Each is its own optional dependency, and
+each works offline:
+
+    tensorboard  event files in <run>/tensorboard/ (torch.utils.tensorboard; pip install tensorboard)
+    wandb        offline mode unless $WANDB_MODE says otherwise, files in <run>/wandb/
+                 (`wandb sync` uploads them later); the run id is the run directory's name,
+                 so a resumed run continues the same W&B run
+    mlflow       a file store in <run>/mlruns/ unless $MLFLOW_TRACKING_URI names another
+                 (MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true: d3fast sets it)
+
+A tracker that fails while logging is closed with one warning: the run goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from typing import Any
+
+import numpy as np
+
+from d3fast.errors import D3FastError
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_available(names: list[str]) -> None:
+    """Raises D3FastError naming the pip command for each requested tracker not installed."""
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise D3FastError(f"unknown tracker(s) {', '.join(unknown)}; known: {', '.join(TRACKERS)}")
+    missing = [TRACKERS[n] for n in names if importlib.util.find_spec(TRACKERS[n]) is None]
+    if missing:
+        raise D3FastError(f"--log {','.join(names)} needs {' '.join(missing)}: pip install {' '.join(missing)} "
+                          "(into d3fast's environment, e.g. .venv/bin/pip)")
+
+
+class _TensorBoard:
+    def __init__(self, run_path: Any, name: str, config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(log_dir=str(run_path / "tensorboard"))
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+
+    def image(self, tag: str, hwc: np.ndarray, step: int) -> None:
+        self.w.add_image(tag, hwc, step, dataformats="HWC")
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.w.add_text(tag, markdown, step)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class _WandB:
+    def __init__(self, run_path: Any, name: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "d3fast"), name=name, dir=str(run_path),
+                              id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:], resume="allow", config=config,
+                              mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def image(self, tag: str, hwc: np.ndarray, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(hwc)}, step=step)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.run.log({tag: self.wandb.Html(f"<pre>{markdown}</pre>")}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run_path: Any, name: str, config: dict[str, Any]) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow 3 keeps its file store but refuses it unless asked: it is the one that needs no server
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or (run_path / "mlruns").resolve().as_uri())
+        mlflow.set_experiment("d3fast")
+        found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{name}'", output_format="list")
+        self.run = mlflow.start_run(run_id=found[0].info.run_id) if found else mlflow.start_run(run_name=name)
+        if not found:
+            mlflow.log_params({k: str(v)[:500] for k, v in _flat(config).items()})
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.mlflow.log_metrics(values, step=step)
+
+    def image(self, tag: str, hwc: np.ndarray, step: int) -> None:
+        self.mlflow.log_image(hwc, key=tag, step=step)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.mlflow.log_text(markdown, f"{tag}-{step}.md")
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_KINDS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+
+
+class Trackers:
+    """The trackers of one run (none when `names` is empty): every call goes to each; one
+    that raises is dropped with a warning."""
+
+    def __init__(self, names: list[str], run_path: Any, name: str, config: dict[str, Any]) -> None:
+        check_available(names)
+        self.open: dict[str, Any] = {}
+        for n in names:
+            try:
+                self.open[n] = _KINDS[n](run_path, name, config)
+            except Exception as e:  # a tracker's own failure (a bad URI, a locked file) must not stop the run
+                self._warn(n, e)
+
+    def _warn(self, name: str, e: Exception) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: tracker {name} stopped ({type(e).__name__}: {e}); metrics.jsonl has every value",
+                   file=sys.stderr)
+
+    def _each(self, method: str, *args: Any) -> None:
+        for n, t in list(self.open.items()):
+            try:
+                getattr(t, method)(*args)
+            except Exception as e:
+                self.open.pop(n)
+                self._warn(n, e)
+
+    def metrics(self, step: int, record: dict[str, Any]) -> None:
+        """The numbers of a metrics.jsonl record."""
+        values = {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)
+                  and k != "step"}
+        if values:
+            self._each("metrics", step, values)
+
+    def image(self, tag: str, hwc: np.ndarray, step: int) -> None:
+        self._each("image", tag, hwc, step)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self._each("text", tag, markdown, step)
+
+    def close(self) -> None:
+        self._each("close")
+        self.open.clear()
+
+    def __enter__(self) -> Trackers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def for_run(cfg: Any, run: Any) -> Trackers:
+    """The trackers cfg.log.trackers names, for `run` (named by its directory)."""
+    from d3fast.config import to_dict
+
+    return Trackers(list(cfg.log.trackers), run.path, run.path.name, to_dict(cfg))

@@ -48,6 +48,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except D3FastError as e:
+            if os.environ.get("D3FAST_API") == "1":  # called from d3fast.distill(...): the caller gets it
+                raise
             click.secho(f"error: {_rank_prefix()}{e}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -411,8 +413,17 @@ def distill(
         if resume_dir not in (None, "auto"):
             raise D3FastError("--budget-ipc chooses the decoder and priors of a new run; a resumed run keeps its own")
         typed |= _budget(dataset, preset, overrides, typed, budget_ipc, budget_images)
+    bare = not dataset and not preset and resume_dir in (None, "auto")
+    if bare:  # the default dataset with its own preset, not the bare defaults (sized for no dataset)
+        from d3fast.config import Config
+
+        dataset = Config().data.dataset
     if resume_dir in (None, "auto"):
         whole = _resolve(dataset, preset, overrides, **typed)
+        if (bare or not dataset) and world.main:  # say what a bare `d3fast distill` is about to spend hours on
+            click.echo(f"dataset {whole.data.dataset} (preset {whole.preset or 'none: the defaults'}"
+                       + ("" if preset else "; --dataset or --preset picks another, `d3fast presets` lists them")
+                       + ")")
         if whole.data.subtasks > 1 and whole.data.subtask < 0:
             _distill_subtasks(whole, world, runs_dir, name, no_auto, then_evaluate)
             return

@@ -38,10 +38,18 @@ class Distilled:
     # [C * PPC, classes of the whole dataset]: each prior's soft label (a probability row),
     # when labelled (d3fast/soft_labels.py); stored with the object and counted in its storage
     soft_labels: torch.Tensor | None = field(default=None, repr=False)
+    # the dataset's ZCA (W, mu) when its images are whitened: `sample(pixels=True)` undoes it
+    # (set by d3fast.load; not stored with the object)
+    zca: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_priors(self) -> int:
         return self.latents.shape[0]
+
+    def sample(self, n_per_class: int, pixels: bool = True, bn: str = "running", seed: int = 0,
+               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample_images` of this object."""
+        return sample_images(self, n_per_class, pixels, bn, seed, batch_size)
 
     @property
     def parts(self) -> list[Distilled]:
@@ -275,6 +283,12 @@ class Merged:
     soft_labels: torch.Tensor | None = field(default=None, repr=False)  # [C * PPC, C]
     # the runs it was merged from: [{"run", "subtask", "step", ...}]
     sources: list[dict[str, Any]] = field(default_factory=list)
+    zca: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # as Distilled.zca
+
+    def sample(self, n_per_class: int, pixels: bool = True, bn: str = "running", seed: int = 0,
+               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample_images` of this object (each class through its own subtask's decoder)."""
+        return sample_images(self, n_per_class, pixels, bn, seed, batch_size)
 
     @classmethod
     def of(cls, parts: list[Distilled], soft_labels: torch.Tensor | None = None,
@@ -340,6 +354,26 @@ class Merged:
         if self.soft_labels is not None:
             self.soft_labels = self.soft_labels.to(device)
         return self
+
+
+def sample_images(d: Distilled | Merged, n_per_class: int, pixels: bool = True, bn: str = "running", seed: int = 0,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [C * n, channels, H, W], labels [C * n] int64), class-major: n fresh samples
+    per class (each prior equally often; d3fast/exports.py draw_set). `pixels`: in [0, 1]
+    (normalisation and, with `d.zca`, ZCA undone), else normalised as students see them.
+    `bn`: "running" decodes in eval mode (the BatchNorm statistics gathered while
+    distilling), "batch" in train mode (each batch's own statistics, as while distilling and
+    eval.decoder_bn's default). The object is not changed.
+
+    Raises:
+        D3FastError: n_per_class < 1 or a bn other than running/batch.
+    """
+    from d3fast.exports import draw_set, to_pixels
+
+    if n_per_class < 1 or bn not in ("running", "batch"):
+        raise D3FastError(f"sample: n_per_class must be >= 1 and bn running or batch, got {n_per_class}, {bn!r}")
+    x, y, _ = draw_set(d, n_per_class, seed, bn, batch_size)
+    return (to_pixels(x, d.meta, getattr(d, "zca", None)) if pixels else x), y
 
 
 class Sampler:

@@ -115,3 +115,11 @@ def test_progress_off_a_terminal_is_plain_lines(monkeypatch):
     b.update(3)
     b.close()
     assert quiet.getvalue() == ""
+
+
+def test_distill_without_a_dataset_names_what_it_uses(home, tmp_path):
+    r = CliRunner().invoke(cli, ["distill", "--runs-dir", str(tmp_path), "--no-auto", "--device", "cpu",
+                                 "--set", "experts.num_experts=99"])
+    assert r.output.startswith("dataset digits (preset digits; --dataset or --preset picks another"), r.output
+    r = CliRunner().invoke(cli, ["distill", "--preset", "cifar10", "--runs-dir", str(tmp_path), "--no-auto"])
+    assert r.output.startswith("dataset cifar10 (preset cifar10)") and r.exit_code == 2  # then: not prepared

@@ -3,6 +3,7 @@ right under a fake clock, and `d3fast budget` reports them against the paper."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -113,7 +114,7 @@ def test_projection_with_a_fake_clock(d3fast_home):
 
 
 def test_distill_records_hours_and_projects_with_a_fake_clock(home, tmp_path, monkeypatch):
-    from d3fast import distill as distill_mod
+    distill_mod = importlib.import_module("d3fast.distill")
     from d3fast import mmd_update
 
     clock = FakeClock()

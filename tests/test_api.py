@@ -1,0 +1,59 @@
+"""The Python API (d3fast/api.py): the README's "Python API" block runs as it is, and the
+API's pieces behave as documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import d3fast
+from d3fast.errors import D3FastError
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _readme_block() -> str:
+    text = README.read_text()
+    section = text[text.index("### Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_python_block_runs(d3fast_home, tmp_path, capsys):
+    scope: dict = {}
+    exec(compile(_readme_block(), "README.md (Python API)", "exec"), scope)
+    run, d, images, labels, report = (scope[k] for k in ("run", "d", "images", "labels", "report"))
+    assert Path(run).is_dir() and (Path(run) / "checkpoint.pt").exists() and run.parent.parent == d3fast_home / "runs"
+    assert images.shape == (100, 1, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert labels.tolist() == [c for c in range(10) for _ in range(10)]
+    x, _ = scope["x"], scope["y"]
+    # pixels are the normalised samples, de-normalised (same draw: same seed, another BatchNorm mode aside)
+    px, _ = d.sample(10, pixels=True, bn="batch")
+    m, s = torch.tensor(d.meta["mean"]).view(1, -1, 1, 1), torch.tensor(d.meta["std"]).view(1, -1, 1, 1)
+    torch.testing.assert_close(px, (x * s + m).clamp(0, 1))
+    assert set(report["results"]["convnet"]) == {"d3", "random_same_count", "random_same_storage"}
+    assert (Path(run) / "evals" / "index.json").exists()
+    # eval mode is the default, and sampling leaves the object as it was
+    before = [t.clone() for t in d.decoder.state_dict().values()]
+    ev, _ = d.sample(3)
+    assert not torch.equal(ev, d.sample(3, bn="batch")[0])
+    assert all(torch.equal(a, b) for a, b in zip(before, d.decoder.state_dict().values(), strict=True))
+    with pytest.raises(D3FastError, match="n_per_class must be >= 1"):
+        d.sample(0)
+    with pytest.raises(D3FastError, match="not prepared|unknown dataset"):
+        d3fast.distill("cifar11")
+    assert "Python API" not in capsys.readouterr().err
+
+
+def test_api_names_are_the_functions_even_after_the_modules_load():
+    import d3fast.distill  # noqa: F401  the training loop's module of the same name
+    import d3fast.evaluate  # noqa: F401
+
+    assert callable(d3fast.distill) and d3fast.distill.__module__ == "d3fast"
+    assert callable(d3fast.evaluate) and callable(d3fast.load)
+    from d3fast.distill import distill as loop
+
+    assert loop.__module__ == "d3fast.distill"

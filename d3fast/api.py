@@ -132,6 +132,8 @@ def evaluate(
     dev = resolve_device(device or "auto")
     with _api(progress):
         t = open_target(str(target), str(runs_dir or runs_root()), dataset, preset, tuple(_sets(set)), dev)
+        if isinstance(archs, str):  # "convnet,resnet18" as on the command line
+            archs = [a.strip() for a in archs.split(",") if a.strip()]
         over: dict[str, Any] = {k: v for k, v in (("archs", list(archs) if archs else None), ("students", students),
                                                   ("epochs", epochs)) if v is not None}
         _with(t.cfg, {"eval": over} if over else None)

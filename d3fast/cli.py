@@ -53,7 +53,11 @@ class _Group(click.Group):
             click.secho(f"error: {_rank_prefix()}{e}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.secho("interrupted: finished work is saved; re-run the same command to continue", err=True)
+            if ctx.invoked_subcommand in ("prepare", "experts", "distill", "merge", "label"):
+                click.secho("interrupted: finished work is saved; re-run the same command to continue", err=True)
+            else:
+                click.secho("interrupted: nothing of this command was written (earlier results are as they were)",
+                            err=True)
             sys.exit(130)
         except BrokenPipeError:  # `d3fast config | head`: the reader left; nothing to report
             # stdout is pointed at /dev/null so that Python's exit-time flush cannot fail again
@@ -107,6 +111,8 @@ def _crash_report(e: BaseException) -> str:
 
 
 def _remember_resolution(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise D3FastError(f"--resolution {value}: give the image size, a power of two in 8..512")
     if value is not None:  # read by _resolve as data.resolution
         ctx.meta["d3fast.resolution"] = value
 
@@ -420,6 +426,7 @@ def distill(
         dataset = Config().data.dataset
     if resume_dir in (None, "auto"):
         whole = _resolve(dataset, preset, overrides, **typed)
+        _run_name(whole, name)  # a bad --name fails now, not after the experts
         if (bare or not dataset) and world.main:  # say what a bare `d3fast distill` is about to spend hours on
             click.echo(f"dataset {whole.data.dataset} (preset {whole.preset or 'none: the defaults'}"
                        + ("" if preset else "; --dataset or --preset picks another, `d3fast presets` lists them")
@@ -636,18 +643,51 @@ RUN_FILES = frozenset({"config.json", "manifest.json", "history.jsonl", "metrics
 
 
 def _refuse_run_file(out: str) -> None:
-    """--out must not overwrite a file of a run directory.
+    """--out must not write into a run directory (its files, evals/, tensorboard/, ...).
 
     Raises:
-        D3FastError: naming the run's file."""
-    path = Path(out)
+        D3FastError: naming the run."""
+    if not str(out).strip():
+        raise D3FastError("--out is empty: name the file or directory to write")
+    path = Path(out).absolute()
     if path.name in RUN_FILES and (path.parent / "config.json").is_file():
         raise D3FastError(f"--out {out} is a file of the run {path.parent}: write elsewhere")
+    for parent in path.parents:
+        if (parent / "config.json").is_file() and ((parent / "checkpoint.pt").exists() or
+                                                  (parent / "history.jsonl").exists() or
+                                                  (parent / "merged.safetensors").exists()):
+            raise D3FastError(f"--out {out} is inside the run {parent}: write elsewhere")
+
+
+def _refuse_overwrite(out: str, force: bool, ours: bool, what: str) -> None:
+    """An existing --out file is replaced only with --force, and only when it is d3fast's
+    own kind of file (`ours`: an export, a sample grid).
+
+    Raises:
+        D3FastError: a directory, or a file that is not d3fast's, or one without --force."""
+    path = Path(out)
+    if path.is_dir():
+        raise D3FastError(f"cannot write {out}: it is a directory ({what} is one file)")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise D3FastError(f"cannot write {out}: {path.parent} is a file, not a directory")
+    if path.exists() or path.is_symlink():
+        if not ours:
+            raise D3FastError(f"--out {out} exists and is not a d3fast {what}: choose another name "
+                              "(d3fast never replaces a file it did not write)")
+        if not force:
+            raise D3FastError(f"--out {out} holds an earlier {what}: pass --force to replace it")
 
 
 def _run_name(cfg, name: str | None) -> str:
     """A run's name: --name, else the preset; a subtask's run adds -sub<i>of<S>, the name
-    `distill --subtasks S --name NAME` looks for (and `d3fast merge runs/*-sub?of5` matches)."""
+    `distill --subtasks S --name NAME` looks for (and `d3fast merge runs/*-sub?of5` matches).
+
+    Raises:
+        D3FastError: a name that is not one folder name."""
+    import re
+
+    if name is not None and not re.fullmatch(r"[^/\\\x00]{1,100}", name) or name in (".", ".."):
+        raise D3FastError(f"--name {name!r}: a run name is one folder name (no '/', at most 100 characters)")
     base = name or cfg.preset or "run"
     return f"{base}-sub{cfg.data.subtask}of{cfg.data.subtasks}" if cfg.data.subtasks > 1 else base
 
@@ -726,24 +766,33 @@ def _distilled_target(where: str, runs_dir: str, dataset, preset, overrides, wha
 @cli.command()
 @click.argument("run_dir")
 @click.option("--out", required=True, type=click.Path(), help="PNG file to write.")
-@click.option("--samples", default=9, show_default=True, help="Samples per prior after its mean image.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--max-classes", type=int, default=20, show_default=True,
+@click.option("--samples", default=9, show_default=True, type=click.IntRange(1, 100),
+              help="Samples per prior after its mean image.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--max-classes", type=click.IntRange(0, None), default=20, show_default=True,
               help="Rows of at most this many classes (the first ones); 0 = every class.")
+@click.option("--force", is_flag=True, help="Replace --out when it is an earlier grid.")
 @_config_options
 @_runs_dir_option("Where `latest` looks for runs")
-def sample(run_dir, out, samples, seed, max_classes, dataset, preset, overrides, runs_dir) -> None:
+def sample(run_dir, out, samples, seed, max_classes, force, dataset, preset, overrides, runs_dir) -> None:
     """Write a grid: per prior, its mean image then fresh samples, each row named by its
     class, titled with the run and step; ZCA datasets are shown de-whitened. RUN_DIR: a run,
     merged directory, `latest` or .safetensors export; BatchNorm as eval.decoder_bn."""
-    from d3fast.visualize import sample_grid
+    from d3fast.visualize import is_grid, sample_grid
 
     _refuse_run_file(out)
+    if Path(out).suffix.lower() != ".png":
+        raise D3FastError(f"--out {out}: the grid is a PNG; name it <something>.png")
+    # re-sampling into the same file is the usual loop: an earlier d3fast grid is replaced freely
+    if Path(out).exists() and not is_grid(Path(out)):
+        _refuse_overwrite(out, force, False, "sample grid")
+    _refuse_overwrite(out, True, True, "sample grid")
     t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "sample")
     zca = _zca_or_note(t.cfg)
     path = sample_grid(t.d, Path(out), samples, seed, bn=t.cfg.eval.decoder_bn, zca=zca,
                        title=f"{Path(t.name).name}  step {t.step}", max_classes=max_classes)
-    click.echo(f"wrote {path} (step {t.step}, {t.d.num_priors} priors)")
+    shown = t.d.num_classes if max_classes == 0 else min(max_classes, t.d.num_classes)
+    click.echo(f"wrote {path} (step {t.step}, {shown * t.d.ppc} of {t.d.num_priors} priors)")
 
 
 def _zca_or_note(cfg):
@@ -768,7 +817,8 @@ def _zca_or_note(cfg):
               help="pt/imagefolder: images per class (default: the run's eval.samples_per_class).")
 @click.option("--pixels", is_flag=True, help="pt: images in [0, 1] (normalisation and ZCA undone) instead of "
               "normalised as the students see them.")
-@click.option("--seed", type=int, default=None, help="pt/imagefolder: the draw's seed (default: eval.seed).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="pt/imagefolder: the draw's seed (default: eval.seed).")
 @click.option("--force", is_flag=True, help="Replace an earlier export at --out.")
 @_config_options
 @_runs_dir_option("Where `latest` looks for runs")
@@ -784,9 +834,12 @@ def export(run_dir, out, fmt, per_class, pixels, seed, force, dataset, preset, o
     t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "export")
     d, cfg, e = t.d, t.cfg, t.cfg.eval
     if fmt == "safetensors":
+        from d3fast.distilled import is_export
+
         if Path(out).is_dir():
             raise D3FastError(f"cannot write {out}: it is a directory (the safetensors export is one file; "
                               "--format pt or imagefolder write directories)")
+        _refuse_overwrite(out, force, is_export(Path(out)), "safetensors export")
         if pixels or per_class is not None or seed is not None:
             raise D3FastError("--pixels, --per-class and --seed choose a draw of images: use them with --format pt "
                               "or imagefolder")
@@ -794,6 +847,8 @@ def export(run_dir, out, fmt, per_class, pixels, seed, force, dataset, preset, o
         click.echo(f"wrote {out}: {d.num_priors} priors, {d.storage_bytes() / 2**20:.2f} MiB "
                    f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {t.step}")
         return
+    if pixels and fmt == "imagefolder":
+        raise D3FastError("--pixels chooses pixels for --format pt; an ImageFolder always holds pixels (PNG)")
     k = per_class if per_class is not None else e.samples_per_class
     if not 1 <= k <= 100_000:
         raise D3FastError(f"--per-class must be in 1..100000, got {k}")

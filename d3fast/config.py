@@ -467,7 +467,8 @@ def validate(cfg: Config) -> None:
 
     if not known(cfg.data.dataset):
         raise D3FastError(
-            f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>]"
+            f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>] "
+            "(label: lower-case letters, digits, '_', '.', '-')"
         )
     if is_imagefolder(cfg.data.dataset):
         r = cfg.data.resolution
@@ -596,6 +597,7 @@ FIXED_ON_RESUME: dict[str, str] = {
     "data.zca_eps": "the latents were fitted to data with this whitening",
     "data.subtasks": "the distilled object holds the classes of one block of this split",
     "data.subtask": "the distilled object holds this block's classes",
+    "data.resolution": "the distilled object decodes images of this size",
     "net": "the student network's parameters are the expert trajectories' (another network has other experts)",
     "augment": "the expert trajectories were trained with this augmentation",
     "experts": "these keys define the expert trajectories the run matches",

@@ -221,6 +221,16 @@ def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None 
     save_tensors(path, tensors, {k: v for k, v in (info or {}).items() if k not in meta} | meta)
 
 
+def is_export(path: Path) -> bool:
+    """Whether `path` is a file d3fast's safetensors export wrote (its header says so)."""
+    from d3fast.io import load_metadata
+
+    try:
+        return path.is_file() and load_metadata(path).get("format") == EXPORT_FORMAT
+    except D3FastError:
+        return False
+
+
 _DECODER_META = ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width", "decoder_linear")
 
 
@@ -370,8 +380,11 @@ def sample_images(d: Distilled | Merged, n_per_class: int, pixels: bool = True, 
     """
     from d3fast.exports import draw_set, to_pixels
 
-    if n_per_class < 1 or bn not in ("running", "batch"):
-        raise D3FastError(f"sample: n_per_class must be >= 1 and bn running or batch, got {n_per_class}, {bn!r}")
+    if not (isinstance(n_per_class, int) and isinstance(batch_size, int) and isinstance(seed, int)) \
+            or isinstance(n_per_class, bool) or n_per_class < 1 or batch_size < 1 or not 0 <= seed < 2**63 \
+            or bn not in ("running", "batch"):
+        raise D3FastError(f"sample: n_per_class must be >= 1, batch_size >= 1 and seed in [0, 2^63) (integers), bn "
+                          f"running or batch; got {n_per_class!r}, {batch_size!r}, {seed!r}, {bn!r}")
     x, y, _ = draw_set(d, n_per_class, seed, bn, batch_size)
     return (to_pixels(x, d.meta, getattr(d, "zca", None)) if pixels else x), y
 

@@ -162,6 +162,11 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches
 def _image_set_on(s: ImageSet, train: DeviceDataset, dev: torch.device, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The set as the students see it (normalised, ZCA as the dataset), checked against the dataset."""
     n_cls, shape = train.num_classes, tuple(train.images.shape[1:])
+    note = s.label_by_name(train.classes)
+    if note:
+        from tqdm import tqdm
+
+        tqdm.write(f"note: {note}")
     if tuple(s.images.shape[1:]) != shape:
         raise D3FastError(f"{s.where} holds images of shape {list(s.images.shape[1:])}, but {cfg.data.dataset} "
                           f"images are {list(shape)} (C, H, W)")
@@ -189,8 +194,17 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
     cfg, d, s = target.cfg, target.d, target.images
     resolve_data_loader(cfg)
     e = cfg.eval
+    e.archs = list(dict.fromkeys(e.archs))  # convnet,convnet is one architecture
+    _check_writable(target)  # before the students train, not after
     t0 = time.perf_counter()
     train = load_view(cfg, "train", dev)
+    if d is not None:
+        have = (train.num_classes, *train.images.shape[1:])
+        want = (d.num_classes, d.meta["channels"], d.meta["resolution"], d.meta["resolution"])
+        if have != want:
+            raise D3FastError(f"{target.name} was distilled for {want[0]} classes of {want[1]}x{want[2]}x{want[3]} "
+                              f"images, but {cfg.data.dataset} as prepared now holds {have[0]} classes of "
+                              f"{have[1]}x{have[2]}x{have[3]}: prepare it again as it was")
     # the test split streams from the loader the experts used (FFCV center crops or the cache)
     test = open_split(cfg, "test", dev)
     augment = DSA(cfg.augment)
@@ -288,6 +302,26 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
     }
     keep_report(target, report)
     return report
+
+
+def _check_writable(target: Target) -> None:
+    """The evaluation's folder (and a run's eval.json) can be written: tried before training.
+
+    Raises:
+        D3FastError: a file in the way, a read-only or full file system, no permission."""
+    from d3fast.io import write_failure
+
+    folder = target.evals_dir
+    if folder.exists() and not folder.is_dir():
+        raise D3FastError(f"cannot keep the evaluation in {folder}: it is a file (--evals-dir names a folder)")
+    for place in [folder] + ([target.run.path] if target.run is not None else []):
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            probe = place / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise (write_failure(place / "x", e) or D3FastError(f"cannot write in {place}: {e}")) from None
 
 
 def keep_report(target: Target, report: dict[str, Any]) -> Path:

@@ -89,7 +89,9 @@ def from_pixels(x: torch.Tensor, meta: dict[str, Any], zca: tuple[torch.Tensor, 
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
+    """A folder name for a class name: path separators, control characters and leading dots
+    replaced; letters of any script kept ("ünï cörn" stays readable)."""
+    return re.sub(r"[/\\\x00-\x1f\x7f]+", "_", name).strip().lstrip(".") or "class"
 
 
 def class_folders(classes: list[str]) -> list[str]:
@@ -101,6 +103,10 @@ def class_folders(classes: list[str]) -> list[str]:
 def _prepare_out(out: Path, force: bool) -> Path:
     """A temporary directory beside `out` to write into. An existing `out` is replaced only
     with `force` and only when it is an earlier export (it holds d3fast_export.json)."""
+    if out.is_symlink():
+        raise D3FastError(f"--out {out} is a symbolic link: give the directory it points to, or a new one")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise D3FastError(f"cannot write {out}: {out.parent} is a file, not a directory")
     if out.exists():
         if not out.is_dir():
             raise D3FastError(f"--out {out} exists and is not a directory")
@@ -110,10 +116,21 @@ def _prepare_out(out: Path, force: bool) -> Path:
                                   "choose a new directory")
             if not force:
                 raise D3FastError(f"--out {out} holds an earlier export: pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent)
-    tmp = temp_dir(out)
-    tmp.mkdir()
+            info = read_json(out / INFO, "export description")
+            ours = {INFO, "images.pt", "labels.pt", "soft_labels.pt", "lr.pt",
+                    *(info.get("folders", []) if isinstance(info, dict) else [])}
+            extra = sorted(p.name for p in out.iterdir() if p.name not in ours)
+            if extra:
+                raise D3FastError(f"--out {out} also holds files the export did not write ({', '.join(extra[:5])}"
+                                  f"{', ...' if len(extra) > 5 else ''}): move them out first; --force replaces "
+                                  "only what an export wrote")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out.parent, only=out.name)
+        tmp = temp_dir(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise D3FastError(f"cannot write {out}: {e.strerror or e} (in {out.parent})") from None
     return tmp
 
 
@@ -184,6 +201,8 @@ class ImageSet:
     lr: float | None = None
     classes: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # d3fast_export.json, when present
+    # an ImageFolder's class folders, in sorted order (labels index them until `label_by_name`)
+    folders: list[str] | None = None
 
     @property
     def bytes_per_value(self) -> int:
@@ -192,6 +211,31 @@ class ImageSet:
 
     def per_class(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels.cpu().numpy(), minlength=num_classes).tolist()
+
+    def label_by_name(self, classes: list[str]) -> str | None:
+        """An ImageFolder's labels from its folder names, matched to the dataset's `classes`
+        (a class name, or d3fast's `<index>_<name>`); when no folder names a class and there
+        are exactly as many folders as classes, torchvision's positional order, with a note
+        (returned).
+
+        Raises:
+            D3FastError: folders that match some classes but not all, or neither by name nor count.
+        """
+        if self.folders is None:
+            return None
+        by_name = {c: i for i, c in enumerate(classes)} | {f: i for i, f in enumerate(class_folders(classes))}
+        found = [by_name.get(f) for f in self.folders]
+        if all(i is not None for i in found):
+            self.labels = torch.tensor([found[y] for y in self.labels.tolist()], dtype=torch.long)
+            self.classes = [classes[i] for i in found if i is not None]
+            return None
+        unknown = [f for f, i in zip(self.folders, found, strict=True) if i is None]
+        if len(unknown) == len(self.folders) and len(self.folders) == len(classes):
+            return (f"the folders of {self.where} name none of the dataset's classes: folder k (sorted) is class k, "
+                    "as torchvision's ImageFolder reads it")
+        raise D3FastError(f"the class folders of {self.where} ({', '.join(unknown[:5])}"
+                          f"{', ...' if len(unknown) > 5 else ''}) are not classes of the dataset (e.g. "
+                          f"{', '.join(classes[:3])}): name each folder by its class (or <index>_<class>)")
 
 
 def is_image_set(path: Path) -> bool:
@@ -242,17 +286,23 @@ def read_image_set(path: str | Path) -> ImageSet:
 
 
 def _load_pt(path: Path, what: str) -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only, never code.
+    PyTorch's advice to retry without weights_only is left out of the message on purpose."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise D3FastError(f"{what} {path} is not a readable tensor file ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise D3FastError(f"{what} {path} is not a tensor file d3fast can read safely (torch.load with "
+                          f"weights_only=True: {type(e).__name__})") from None
+    if isinstance(obj, torch.Tensor) and (obj.layout != torch.strided or obj.device.type != "cpu"):
+        raise D3FastError(f"{what} {path} holds a {obj.layout} tensor on {obj.device}: save a dense tensor")
+    return obj
 
 
 def _read_pt(images_file: Path, info: dict[str, Any]) -> ImageSet:
     images = _load_pt(images_file, "images")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise D3FastError(f"{images_file} must hold a floating-point tensor [N, C, H, W], got "
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point() \
+            or len(images) == 0:
+        raise D3FastError(f"{images_file} must hold a floating-point tensor [N, C, H, W] with N >= 1, got "
                           f"{type(images).__name__}{list(images.shape) if isinstance(images, torch.Tensor) else ''}")
     labels_file = images_file.with_name(images_file.name.replace("images", "labels"))
     if labels_file == images_file or not labels_file.is_file():
@@ -262,7 +312,7 @@ def _read_pt(images_file: Path, info: dict[str, Any]) -> ImageSet:
     if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.is_floating_point():
         soft, labels = labels.float(), labels.argmax(1)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
-            or len(labels) != len(images):
+            or labels.dtype == torch.bool or labels.is_complex() or len(labels) != len(images):
         raise D3FastError(f"{labels_file} must hold {len(images)} integer labels [N] (or probabilities [N, classes])")
     if (labels < 0).any():
         raise D3FastError(f"{labels_file} holds negative labels")
@@ -280,19 +330,31 @@ def _read_pt(images_file: Path, info: dict[str, Any]) -> ImageSet:
             if not isinstance(t, torch.Tensor | float) or (isinstance(t, torch.Tensor) and t.numel() != 1):
                 raise D3FastError(f"{f} must hold one number (the student lr)")
             lr = float(t)
-            if not (np.isfinite(lr) and lr > 0):
-                raise D3FastError(f"{f} holds the lr {lr}: a student lr must be finite and positive")
+            # SGD on normalised images diverges far below 10; larger values are a wrong file, not an lr
+            if not (np.isfinite(lr) and 0 < lr <= 10):
+                raise D3FastError(f"{f} holds the lr {lr}: a student lr must be in (0, 10]")
             break
     images = images.float()
     if not torch.isfinite(images).all() or (soft is not None and not torch.isfinite(soft).all()):
         raise D3FastError(f"{images_file.parent} holds NaN or infinite values")
-    pixels = bool(info.get("pixels", False))
+    _check_soft(soft, images_file.parent)
+    pixels = info.get("pixels", False)
+    if not isinstance(pixels, bool):
+        raise D3FastError(f"{images_file.parent / INFO}: \"pixels\" must be true or false, got {pixels!r}")
     return ImageSet(images=images, labels=labels.long(), pixels=pixels, source="pt", where=images_file,
                     soft_labels=soft, lr=lr, classes=info.get("classes"), info=info)
 
 
+def _check_soft(soft: torch.Tensor | None, where: Path) -> None:
+    """Soft labels are probability rows: non-negative, each summing to 1."""
+    if soft is not None and ((soft < 0).any() or not torch.allclose(soft.sum(1), torch.ones(len(soft)), atol=1e-3)):
+        raise D3FastError(f"the soft labels of {where} are not probabilities (rows >= 0 summing to 1)")
+
+
 def _read_imagefolder(folder: Path, info: dict[str, Any]) -> ImageSet:
     from PIL import Image
+
+    from d3fast.data.decode import to_8bit
 
     dirs = _class_dirs(folder)
     if not dirs:
@@ -301,8 +363,9 @@ def _read_imagefolder(folder: Path, info: dict[str, Any]) -> ImageSet:
     for y, d in enumerate(dirs):
         for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             try:
-                with Image.open(f) as im:
-                    a = np.asarray(im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB"))
+                with Image.open(f) as im:  # 16-bit and float images scaled as `prepare` does, not clipped
+                    im8 = to_8bit(im)
+                    a = np.asarray(im8.convert("L" if im8.mode in ("L", "1") else "RGB"))
             except Exception as e:
                 raise D3FastError(f"unreadable image {f} ({type(e).__name__}: {e})") from None
             a = a[..., None] if a.ndim == 2 else a
@@ -320,11 +383,14 @@ def _read_imagefolder(folder: Path, info: dict[str, Any]) -> ImageSet:
         soft = _load_pt(folder / "soft_labels.pt", "soft labels")
         if not isinstance(soft, torch.Tensor) or soft.dim() != 2 or len(soft) != len(images):
             raise D3FastError(f"{folder / 'soft_labels.pt'} must hold [N, classes] probabilities for the {len(images)} images")
+        soft = soft.float()
+        _check_soft(soft, folder)
     lr = info.get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and np.isfinite(lr) and 0 < lr <= 10):
+        raise D3FastError(f"{folder / INFO}: \"lr\" must be a number in (0, 10], got {lr!r}")
     return ImageSet(images=images, labels=torch.tensor(labels), pixels=True, source="imagefolder", where=folder,
-                    soft_labels=soft, lr=float(lr) if isinstance(lr, int | float) else None,
-                    classes=info["classes"] if len(info.get("classes") or []) == len(dirs) else [d.name for d in dirs],
-                    info=info)
+                    soft_labels=soft, lr=None if lr is None else float(lr), classes=[d.name for d in dirs],
+                    info=info, folders=[d.name for d in dirs])
 
 
 

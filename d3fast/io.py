@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -96,12 +97,13 @@ def owner_tag() -> str:
 
 
 def owner_gone(tag: str) -> bool:
-    """Whether the writer named by `tag` (owner_tag, or a bare pid of older versions) has
-    ended. A writer on another host is never judged gone: its pid means nothing here."""
+    """Whether the writer named by `tag` (exactly owner_tag's form) has ended. A writer on
+    another host is never judged gone (its pid means nothing here), and a name of any other
+    form (a user's `thesis.old-2023`) is not d3fast's: never judged gone either."""
     host, _, pid = tag.rpartition("-")
-    if not pid.isdigit():
+    if not (pid.isdigit() and re.fullmatch(r"[0-9a-f]{8}", host)):
         return False
-    if host and host != owner_tag().split("-")[0]:
+    if host != owner_tag().split("-")[0]:
         return False
     return not pid_alive(int(pid))
 
@@ -294,7 +296,7 @@ def temp_dir(final: Path) -> Path:
     return final.with_name(f"{final.name}.tmp-{owner_tag()}")
 
 
-def remove_stale_temps(folder: Path) -> None:
+def remove_stale_temps(folder: Path, only: str | None = None) -> None:
     """Remove the temporaries that ended writers left in `folder`: `.<name>.<owner>.*.tmp`
     files from `atomic_path`, `<name>.tmp-<owner>` directories from `temp_dir` and
     `<name>.old-<owner>` directories that `replace_dir` set aside before a crash. Those of
@@ -303,6 +305,9 @@ def remove_stale_temps(folder: Path) -> None:
         return
     for entry in folder.iterdir():
         name = entry.name
+        # in a folder of the user's (an export's or merge's --out parent): only `only`'s own temporaries
+        if only is not None and not (name.startswith((f"{only}.tmp-", f"{only}.old-", f".{only}."))):
+            continue
         if name.startswith(".") and name.endswith(".tmp") and entry.is_file():
             parts = name[: -len(".tmp")].rsplit(".", 2)  # [".<name>", owner, random]
             if len(parts) == 3 and owner_gone(parts[1]):

@@ -426,16 +426,24 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
             cfg = json.loads(run.config_path.read_text())
             row["preset"], row["steps"] = cfg.get("preset") or "-", cfg["distill"]["steps"]
             row["dataset"] = cfg["data"]["dataset"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        try:
-            metrics = _read_jsonl(run.metrics_path, torn_ok=True)
-        except D3FastError:
-            metrics = []
+        metrics = []
+        try:  # line by line: a damaged line costs itself, not the run's row
+            for line in run.metrics_path.read_text().splitlines():
+                try:
+                    m = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(m, dict) and isinstance(m.get("step"), int):
+                    metrics.append(m)
+        except (OSError, UnicodeDecodeError):
+            pass
         losses = [m["loss"] for m in metrics if isinstance(m.get("loss"), int | float)]
         if metrics:
-            row |= {"step": int(metrics[-1].get("step", 0)), "device_hours": metrics[-1].get("device_hours"),
-                    "hours_unit": metrics[-1].get("hours_unit", "")}
+            hours = metrics[-1].get("device_hours")
+            row |= {"step": int(metrics[-1]["step"]), "device_hours": hours if isinstance(hours, int | float) else None,
+                    "hours_unit": str(metrics[-1].get("hours_unit", ""))}
         if losses:
             row |= {"best_loss": min(losses), "last_loss": losses[-1]}
         if merged:

@@ -128,6 +128,7 @@ class Trackers:
     that raises is dropped with a warning."""
 
     def __init__(self, names: list[str], run_path: Any, name: str, config: dict[str, Any]) -> None:
+        names = list(dict.fromkeys(names))  # tensorboard,tensorboard is one tracker
         check_available(names)
         self.open: dict[str, Any] = {}
         for n in names:

@@ -26,10 +26,26 @@ def sample_grid(
     zca: tuple[torch.Tensor, torch.Tensor] | None = None, title: str = "", max_classes: int = 0,
 ) -> Path:
     """`grid_image` written to `out` as a PNG (atomically)."""
+    from PIL.PngImagePlugin import PngInfo
+
     im = grid_image(d, samples, seed, scale, bn, zca, title, max_classes)
+    info = PngInfo()
+    info.add_text("Software", GRID_MARK)  # `is_grid`: a later `d3fast sample` may replace it
     with atomic_path(out) as tmp:
-        im.save(tmp, format="PNG")
+        im.save(tmp, format="PNG", pnginfo=info)
     return out
+
+
+GRID_MARK = "d3fast sample grid"
+
+
+def is_grid(path: Path) -> bool:
+    """Whether `path` is a PNG `sample_grid` wrote."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == GRID_MARK
+    except Exception:
+        return False
 
 
 @torch.no_grad()

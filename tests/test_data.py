@@ -436,3 +436,16 @@ def test_imagefolder_bad_trees(tmp_path, d3fast_home):
         prepare(cfg_for("imagefolder-x"), progress=False)
     with pytest.raises(D3FastError, match="unknown dataset 'imagefolder_x'"):
         cfg_for("imagefolder_x")
+
+
+def test_imagefolder_cache_is_not_swapped_silently(tmp_path, d3fast_home):
+    root = _tree(tmp_path / "a")
+    prepare(cfg_for("imagefolder-a", root, resolution=16), progress=False)
+    with pytest.raises(D3FastError, match="prepared at 16 px.*--dataset imagefolder-a-32"):
+        prepare(cfg_for("imagefolder-a", root, resolution=32), progress=False)
+    assert prepare(cfg_for("imagefolder-a", root, resolution=32), force=True, progress=False).manifest["resolution"] == 32
+    one = tmp_path / "one"
+    for split in ("train", "val"):
+        write_jpeg(one / split / "only" / "0.jpg", 20, 20, seed=0)
+    with pytest.raises(D3FastError, match="at least 2 classes"):
+        prepare(cfg_for("imagefolder-one", one, resolution=16), progress=False)

@@ -155,3 +155,65 @@ def test_export_refuses_what_it_would_destroy(home, run, tmp_path):
     assert r.exit_code == 2 and "--format pt" in r.output
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--set", "distill.ppc=3"])
     assert r.exit_code == 2 and "only eval.* keys" in r.output
+
+
+def test_nothing_of_the_users_is_replaced_or_removed(home, run, tmp_path):
+    """Findings of a breaker pass: user folders beside --out that look like temporaries, plain
+    files at --out, files added to an export, symlinks."""
+    user = tmp_path / "user"
+    for name in ("thesis.old-2023", "photos.tmp-99999"):
+        (user / name).mkdir(parents=True)
+        (user / name / "keep.txt").write_text("precious")
+    (user / ".notes.55555.bak.tmp").write_text("x")
+    _invoke("export", str(run), "--format", "pt", "--out", str(user / "e"), "--per-class", "1")
+    assert {p.name for p in user.iterdir()} == {"thesis.old-2023", "photos.tmp-99999", ".notes.55555.bak.tmp", "e"}
+    (user / "notes.txt").write_text("mine")
+    (user / "notes.png").write_text("x")
+    for args in (["export", str(run), "--out", str(user / "notes.txt")],
+                 ["export", str(run), "--out", str(user / "notes.txt"), "--force"],
+                 ["sample", str(run), "--out", str(user / "notes.png")]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and "not a d3fast" in r.output, r.output
+    assert (user / "notes.txt").read_text() == "mine" and (user / "notes.png").read_text() == "x"
+    r = CliRunner().invoke(cli, ["export", str(run), "--out", str(run / "evals" / "index.json")])
+    assert r.exit_code == 2 and "inside the run" in r.output
+    _invoke("export", str(run), "--out", str(user / "d.safetensors"))
+    r = CliRunner().invoke(cli, ["export", str(run), "--out", str(user / "d.safetensors")])
+    assert r.exit_code == 2 and "--force" in r.output
+    _invoke("export", str(run), "--out", str(user / "d.safetensors"), "--force")
+    _invoke("sample", str(run), "--out", str(user / "g.png"))
+    _invoke("sample", str(run), "--out", str(user / "g.png"))  # an earlier grid is replaced freely
+    (user / "e" / "MY_NOTES.txt").write_text("n")
+    r = CliRunner().invoke(cli, ["export", str(run), "--format", "pt", "--out", str(user / "e"), "--force"])
+    assert r.exit_code == 2 and "MY_NOTES.txt" in r.output and (user / "e" / "MY_NOTES.txt").exists()
+    (user / "link").symlink_to(user / "e")
+    r = CliRunner().invoke(cli, ["export", str(run), "--format", "pt", "--out", str(user / "link"), "--force"])
+    assert r.exit_code == 2 and "symbolic link" in r.output and (user / "link").is_symlink()
+    for args, msg in ((["sample", str(run), "--out", str(user / "s.png"), "--samples", "-5"], "-5"),
+                      (["export", str(run), "--format", "pt", "--out", str(user / "z"), "--seed", "9" * 25], "9" * 25)):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and msg in r.output and "unexpected" not in r.output, r.output
+
+
+def test_imagefolder_sets_are_labelled_by_folder_name(home, run, tmp_path):
+    import numpy as np
+
+    for c in ("3", "5", "7"):
+        (tmp_path / "f" / c).mkdir(parents=True)
+        Image.new("L", (32, 32), 40 * int(c)).save(tmp_path / "f" / c / "a.png")
+    Image.fromarray(np.full((32, 32), 6000, np.uint16)).save(tmp_path / "f" / "7" / "b.png")  # 16-bit
+    s = read_image_set(tmp_path / "f")
+    assert s.label_by_name([str(c) for c in range(10)]) is None
+    assert s.labels.tolist() == [3, 5, 7, 7]
+    assert s.images[3].max().item() == pytest.approx(round(6000 / 65535 * 255) / 255)  # scaled, not clipped
+    (tmp_path / "f" / "x").mkdir()
+    Image.new("L", (32, 32)).save(tmp_path / "f" / "x" / "a.png")
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "f"), "--dataset", "digits", *PROTOCOL])
+    assert r.exit_code == 2 and "(x) are not classes of the dataset" in r.output, r.output
+    (tmp_path / "e").mkdir()
+    torch.save(torch.zeros(0, 1, 32, 32), tmp_path / "e" / "images.pt")
+    torch.save(torch.zeros(0, dtype=torch.long), tmp_path / "e" / "labels.pt")
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "e"), "--dataset", "digits", *PROTOCOL])
+    assert r.exit_code == 2 and "N >= 1" in r.output
+    r = CliRunner().invoke(cli, ["evaluate", str(run), "--evals-dir", str(tmp_path / "e" / "images.pt"), *PROTOCOL])
+    assert r.exit_code == 2 and "it is a file" in r.output

@@ -424,3 +424,18 @@ def test_runs_lists_status_losses_and_evaluations(home, tmp_path):
     assert "finished" in text and "2/5" in text and "stopped" in text
     a.metrics_path.write_text("{torn")  # a damaged file costs its fields, not the listing
     assert CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs)]).exit_code == 0
+
+
+def test_runs_survives_wrong_typed_files_and_names_are_one_folder(home, tmp_path):
+    runs = tmp_path / "runs"
+    a = Run.create(runs, cfg_of("distill.steps=1"), "a")
+    distill(cfg_of("distill.steps=1"), a, progress=False)
+    a.config_path.write_text("[]")
+    (a.path / "eval.json").write_text("[1, 2]")
+    with open(a.metrics_path, "a") as f:
+        f.write("garbage\n")
+    rows = json.loads(CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs), "--json"]).output)
+    assert rows[0]["step"] == 1 and rows[0]["preset"] == "?" and rows[0]["last_eval"] == "?"
+    r = CliRunner().invoke(cli, ["distill", "--dataset", "digits", "--name", "../../x", "--runs-dir", str(runs),
+                                 "--no-auto"])
+    assert r.exit_code == 2 and "one folder name" in r.output

@@ -96,7 +96,8 @@ def get_spec(name: str, data_path: str | None = None, resolution: int = 0) -> Da
     if name in DATASETS:
         return DATASETS[name]
     if not is_imagefolder(name):
-        raise D3FastError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>]")
+        raise D3FastError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>] "
+                          "(label: lower-case letters, digits, '_', '.', '-')")
     from d3fast.data.cache import data_dir, read_manifest
 
     manifest = read_manifest(data_dir(name)) if data_dir(name).is_dir() else None

@@ -72,6 +72,8 @@ def _prepare(
     source = read_source(spec, cfg.data.data_path)
     for note in source.notes:
         tqdm.write(f"note: {note}")
+    if is_imagefolder(spec.name):
+        _check_imagefolder(spec, source, read_manifest(cache) if cache.is_dir() else None, force)
     fresh, reason = freshness(cache, source.fingerprint, spec.resolution)
     manifest = read_manifest(cache) if fresh and not force else None
     if manifest is not None:
@@ -137,6 +139,24 @@ def _prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult("prepared", cache, manifest, time.perf_counter() - t0, decoded)
+
+
+def _check_imagefolder(spec: DatasetSpec, source: Any, manifest: dict | None, force: bool) -> None:
+    """An imagefolder dataset needs 2 classes, and its cache is not silently swapped for
+    another tree or size: the runs and experts made from it decode and match that size.
+
+    Raises:
+        D3FastError: one class; another resolution or tree than the prepared one without --force."""
+    if len(source.classes) < 2:
+        raise D3FastError(f"{spec.name}: {source.path}/train holds {len(source.classes)} class folder; "
+                          "distillation needs at least 2 classes")
+    if manifest is None or force:
+        return
+    old_res, old_path = manifest.get("resolution"), manifest.get("source", {}).get("path")
+    if old_res != spec.resolution or Path(old_path or "").resolve() != Path(source.path).resolve():
+        raise D3FastError(f"{spec.name} is prepared at {old_res} px from {old_path}; its experts and runs use that. "
+                          f"For {spec.resolution} px of {source.path} use another label (e.g. "
+                          f"--dataset {spec.name}-{spec.resolution}), or --force to replace it")
 
 
 def _write_split(

@@ -290,7 +290,9 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
     if d is not None:
         report |= {"ppc": d.ppc, "soft_labels": d.soft_labels is not None, "subtasks": len(d.parts)}
     elif s is not None:
-        report |= {"images": len(s.images), "images_per_class": same_count, "soft_labels": s.soft_labels is not None,
+        counts = s.per_class(n_cls)
+        report |= {"images": len(s.images), "images_per_class": same_count, "per_class_min": min(counts),
+                   "per_class_max": max(counts), "soft_labels": s.soft_labels is not None,
                    "lr_from": "the set" if s.lr is not None else "eval.lr_real", "pixels": s.pixels}
     report |= {
         "protocol": {k: getattr(e, k) for k in ("students", "epochs", "batch_size", "samples_per_class",
@@ -441,7 +443,9 @@ def _set_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = [
         f"# Evaluation of {r['run_dir']}",
         "",
-        f"{r['dataset']}, a fixed set of {r['images']} images ({kind}, about {r['images_per_class']} per class"
+        f"{r['dataset']}, a fixed set of {r['images']} images ({kind}, "
+        + (f"{r['per_class_min']}..{r['per_class_max']} per class" if r.get("per_class_min", 0) != r.get(
+            "per_class_max", 0) else f"{r['images_per_class']} per class")
         + (", soft labels" if r.get("soft_labels") else "") + f"); student lr {r['student_lr']:.4g} from "
         f"{r['lr_from']}; storage {r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 "
         f"images per class. {r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
@@ -520,7 +524,7 @@ def open_target(where: str, runs_dir: str, dataset: str | None = None, preset: s
 
     path = Path(where)
     if where == "latest" or (path.is_dir() and Run(path).recorded()):
-        run = Run.open(where, runs_dir)
+        run = Run.open(where, runs_dir, dataset)  # `latest --dataset X`: the latest run of X
         d, step = run.load_distilled(device)
         try:
             recorded_cfg = run.read_config()

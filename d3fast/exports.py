@@ -389,7 +389,10 @@ def _read_imagefolder(folder: Path, info: dict[str, Any]) -> ImageSet:
     if lr is not None and not (isinstance(lr, int | float) and np.isfinite(lr) and 0 < lr <= 10):
         raise D3FastError(f"{folder / INFO}: \"lr\" must be a number in (0, 10], got {lr!r}")
     return ImageSet(images=images, labels=torch.tensor(labels), pixels=True, source="imagefolder", where=folder,
-                    soft_labels=soft, lr=None if lr is None else float(lr), classes=[d.name for d in dirs],
+                    soft_labels=soft, lr=None if lr is None else float(lr),
+                    # d3fast's own export names its classes (folders <index>_<class>); others: the folders
+                    classes=info["classes"] if info.get("folders") == [d.name for d in dirs]
+                    and isinstance(info.get("classes"), list) else [d.name for d in dirs],
                     info=info, folders=[d.name for d in dirs])
 
 

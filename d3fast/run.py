@@ -106,7 +106,7 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, where: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> Run:
+    def open(cls, where: str | os.PathLike, runs_dir: str | os.PathLike = "runs", dataset: str | None = None) -> Run:
         """An existing run: a directory holding config.json, or `latest` (the run under
         `runs_dir` whose checkpoint was written last).
 
@@ -114,7 +114,7 @@ class Run:
             D3FastError: not a run directory, or no run with a checkpoint under runs_dir.
         """
         if str(where) == "latest":
-            return cls.latest(runs_dir)
+            return cls.latest(runs_dir, dataset)
         if not str(where).strip():
             raise D3FastError("no run given: name a run directory or `latest`")
         run = cls(where)
@@ -131,12 +131,14 @@ class Run:
         return cls(found[-1]) if found else None
 
     @classmethod
-    def latest(cls, runs_dir: str | os.PathLike = "runs") -> Run:
-        """The run (or merged object) under `runs_dir` whose checkpoint (or export) was written last."""
-        found = sorted([*Path(runs_dir).glob("*/*/checkpoint.pt"), *Path(runs_dir).glob("*/*/merged.safetensors")],
+    def latest(cls, runs_dir: str | os.PathLike = "runs", dataset: str | None = None) -> Run:
+        """The run (or merged object) under `runs_dir` (of `dataset`, when given) whose
+        checkpoint (or export) was written last."""
+        ds = dataset or "*"
+        found = sorted([*Path(runs_dir).glob(f"{ds}/*/checkpoint.pt"), *Path(runs_dir).glob(f"{ds}/*/merged.safetensors")],
                        key=lambda p: p.stat().st_mtime)
         if not found:
-            raise D3FastError(f"no runs with a checkpoint under {runs_dir}/")
+            raise D3FastError(f"no runs with a checkpoint under {runs_dir}/{dataset + '/' if dataset else ''}")
         return cls(found[-1].parent)
 
     # ---- config, manifest, history

@@ -102,14 +102,12 @@ def distill(
     with run.lock() if main else nullcontext(), stop.installed():
         parts = _build(cfg, run, resume, device, inputs, world)
         state, bank = parts.state, parts.bank
-        bar = progress_bar(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not (progress and main),
-                   dynamic_ncols=True)
+        bar = progress_bar(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not (progress and main))
         meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
                                 run=str(run.path.resolve()), clock=clock, prior_hours=run.hours_at(state.step),
                                 devices=world.size, record=main)
         trackers = for_run(cfg, run) if main else Trackers([], run.path, "", {})
-        with closing(bar), run.metrics(state.step) if main else _no_metrics() as metrics, meter_cm as meter, \
-                trackers:
+        with closing(bar), run.metrics(state.step) if main else _no_metrics() as metrics, meter_cm as meter, trackers:
             stopping = False
             while state.step < dcfg.steps and not stopping:
                 t0 = clock()
@@ -130,12 +128,7 @@ def distill(
                 last = step_metrics(state, students, dcfg, clock, t0, meter, device, values)
                 state.note_loss(last["loss"])
                 metrics.write(last)
-                trackers.metrics(state.step, last)
-                if trackers.open and cfg.log.sample_every and (state.step % cfg.log.sample_every == 0
-                                                               or state.step == dcfg.steps):
-                    grid = grid_image(state.distilled, samples=4, bn=cfg.eval.decoder_bn, zca=parts.train.zca,
-                                      title=f"{run.path.name}  step {state.step}", max_classes=10)
-                    trackers.image("samples", np.asarray(grid), state.step)
+                _to_trackers(trackers, cfg, state, parts.train, run.path.name, last)
                 bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
                                     + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step), refresh=False)
                 bar.update(1)
@@ -147,6 +140,20 @@ def distill(
             if interrupted:
                 meter.final_status = "interrupted"
     return DistillResult(run, state.step, clock() - t_start, interrupted, last, stop.requested)
+
+
+def _to_trackers(trackers: Trackers, cfg: Config, state: TrainState, train: DeviceDataset, name: str,
+                 metrics: dict[str, Any]) -> None:
+    """The step's metrics, and every log.sample_every steps (and at the last) a labelled
+    sample grid of 10 classes, to the run's trackers (log.trackers; none: nothing to do)."""
+    if not trackers.open:
+        return
+    trackers.metrics(state.step, metrics)
+    every = cfg.log.sample_every
+    if every and (state.step % every == 0 or state.step == cfg.distill.steps):
+        grid = grid_image(state.distilled, samples=4, bn=cfg.eval.decoder_bn, zca=train.zca,
+                          title=f"{name}  step {state.step}", max_classes=10)
+        trackers.image("samples", np.asarray(grid), state.step)
 
 
 def _checkpoint(state: TrainState, run: Run, world: World, meter: ledger.Meter) -> None:

@@ -52,5 +52,5 @@ def bar(**kw: Any) -> tqdm:
         kw |= {"file": _Lines(out), "mininterval": t, "maxinterval": max(t, 10.0), "ascii": True,
                "dynamic_ncols": False, "ncols": 100}
     else:
-        kw["file"] = out
+        kw |= {"file": out, "dynamic_ncols": kw.get("dynamic_ncols", True)}
     return tqdm(**kw)

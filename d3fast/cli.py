@@ -781,8 +781,8 @@ def sample(run_dir, out, samples, seed, max_classes, force, dataset, preset, ove
     from d3fast.visualize import is_grid, sample_grid
 
     _refuse_run_file(out)
-    if Path(out).suffix.lower() != ".png":
-        raise D3FastError(f"--out {out}: the grid is a PNG; name it <something>.png")
+    if Path(out).suffix.lower() in (".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pdf", ".svg"):
+        raise D3FastError(f"--out {out}: the grid is written as PNG; name it <something>.png")
     # re-sampling into the same file is the usual loop: an earlier d3fast grid is replaced freely
     if Path(out).exists() and not is_grid(Path(out)):
         _refuse_overwrite(out, force, False, "sample grid")

@@ -405,8 +405,8 @@ def test_imagefolder_any_tree_at_a_chosen_resolution(tmp_path, d3fast_home):
     from d3fast.models import build_network
 
     assert len([m for m in build_network("convnet", 3, 3, 16).modules() if isinstance(m, torch.nn.Conv2d)]) == 2
-    # another resolution of the same tree re-prepares
-    res = prepare(cfg_for("imagefolder-bugs", root, resolution=32), progress=False)
+    # another resolution of the same tree re-prepares when asked to (--force)
+    res = prepare(cfg_for("imagefolder-bugs", root, resolution=32), force=True, progress=False)
     assert res.status == "prepared" and res.manifest["resolution"] == 32
     assert prepare(cfg_for("imagefolder-bugs"), progress=False).status == "reused"
 

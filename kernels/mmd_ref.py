@@ -78,9 +78,47 @@ def mmd2_ref(
     x, y = x.to(dtype), y.to(dtype)
     if x_lengths is None and y_lengths is None:
         return _mmd2_dense(x, y, bandwidths, unbiased, bandwidth_scale)
-    lx = x_lengths.tolist() if x_lengths is not None else [x.shape[1]] * x.shape[0]
-    ly = y_lengths.tolist() if y_lengths is not None else [y.shape[1]] * y.shape[0]
-    return torch.cat([
-        _mmd2_dense(x[c : c + 1, : lx[c]], y[c : c + 1, : ly[c]], bandwidths, unbiased, bandwidth_scale)
-        for c in range(x.shape[0])
-    ])
+    C, n, m = x.shape[0], x.shape[1], y.shape[1]
+    lx = x_lengths if x_lengths is not None else torch.full((C,), n)
+    ly = y_lengths if y_lengths is not None else torch.full((C,), m)
+    return _mmd2_masked(x, y, lx.to(x.device), ly.to(x.device), bandwidths, unbiased, bandwidth_scale)
+
+
+def _mmd2_masked(
+    x: torch.Tensor, y: torch.Tensor, lx: torch.Tensor, ly: torch.Tensor, bandwidths: Sequence[float],
+    unbiased: bool, scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`_mmd2_dense` with class c using its first lx[c] / ly[c] rows: every class in one
+    batched pass, the padding masked out of the sums (and zeroed first, so a NaN there cannot
+    reach the result or the gradient). Slicing each class instead (the previous code) made the
+    backward fill a [C, n, D] zero tensor per class: O(C^2 n D), 35x the C++ op at C = 200."""
+    n, m = x.shape[1], y.shape[1]
+    mx = torch.arange(n, device=x.device)[None] < lx[:, None]  # [C, n]
+    my = torch.arange(m, device=x.device)[None] < ly[:, None]
+    x = torch.where(mx[..., None], x, 0)
+    y = torch.where(my[..., None], y, 0)
+    fx, fy = mx.to(x.dtype), my.to(x.dtype)
+
+    def ksum(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, same: bool) -> torch.Tensor:
+        d2 = pairwise_sq_dists(a, b)
+        if scale is not None:
+            d2 = d2 / scale.to(d2.dtype).square()
+        w = wa[:, :, None] * wb[:, None, :]  # [C, n, m]: 1 where both rows are real
+        if same:
+            off = 1 - torch.eye(d2.shape[-1], dtype=d2.dtype, device=d2.device)
+            d2 = d2 * off  # the diagonal is exactly 0 (see _mmd2_dense)
+            if unbiased:
+                w = w * off
+        k = torch.zeros_like(d2)
+        for s in bandwidths:
+            k = k + torch.exp(-d2 / (2 * s * s))
+        return (k * w).sum((-1, -2))
+
+    nx, ny = lx.to(x.dtype), ly.to(x.dtype)
+    if unbiased:
+        xx = ksum(x, x, fx, fx, True) / (nx * (nx - 1))
+        yy = ksum(y, y, fy, fy, True) / (ny * (ny - 1))
+    else:
+        xx = ksum(x, x, fx, fx, True) / (nx * nx)
+        yy = ksum(y, y, fy, fy, True) / (ny * ny)
+    return xx + yy - 2 * ksum(x, y, fx, fy, False) / (nx * ny)

@@ -17,6 +17,8 @@ from d3fast.io import load_metadata
 from d3fast.run import Run
 from tests._utils import cfg_of
 
+pytestmark = pytest.mark.slow  # end-to-end: distill, export, evaluate (once; no kernel differs under PUREPYTHON)
+
 PROTOCOL = ["--set", "eval.students=1", "--set", "eval.epochs=20", "--set", "eval.samples_per_class=3",
             "--device", "cpu", "-q"]
 

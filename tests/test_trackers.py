@@ -26,6 +26,7 @@ def _events(folder):
     return acc
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
 def test_tensorboard_receives_metrics_grids_and_the_eval_table(home, tmp_path):
     run = Run.at(tmp_path / "run")

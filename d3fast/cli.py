@@ -360,8 +360,10 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @click.option("--ppc", type=int, default=None, help="Latent priors per class.")
 @click.option("--steps", type=int, default=None, help="Distillation steps (with --resume: the new total).")
 @click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA (decoder, unroll, MMD); a no-op on CPU.")
-@click.option("--unroll", type=click.Choice(["flat", "naive"]), default=None,
-              help="MTT unroll: flat (exact, memory flat in syn_steps; default) or naive (graph through every step).")
+@click.option("--unroll", type=click.Choice(["auto", "flat", "naive"]), default=None,
+              help="MTT unroll: auto (keep step graphs within distill.unroll_budget of free memory, recompute the "
+                   "rest; default), flat (recompute all: memory flat in syn_steps) or naive (graph through every "
+                   "step). The gradient is the same exact one.")
 @click.option("--students-per-step", type=int, default=None, help="Students (expert trajectories) per MTT update.")
 @click.option("--mmd-chunk", type=int, default=None,
               help="Samples per feature-network graph in the MMD update (exact two-pass gradient); 0: automatic.")
@@ -1025,7 +1027,7 @@ def budget(dataset, as_json, show_records) -> None:
 @click.option("--stand-in", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Random data / expert trajectories of the right shapes when the real ones are missing.")
 @click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA, as in distill.")
-@click.option("--unroll", type=click.Choice(["flat", "naive"]), default=None, help="MTT unroll mode, as in distill.")
+@click.option("--unroll", type=click.Choice(["auto", "flat", "naive"]), default=None, help="MTT unroll mode, as in distill.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @_subtask_options
 def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, out, stand_in, amp, unroll, device,

@@ -119,9 +119,14 @@ class DistillConfig:
     max_start_epoch: int = ranged(25, 1)
     # B: latents per unrolled student step; 0 = all of them
     batch_syn: int = ranged(0, 0)
-    # flat: exact gradient by recomputation, memory flat in syn_steps | naive: graph through
-    # every step (the reference's way; for checks)
-    unroll: str = "flat"
+    # auto: the graphs of as many steps as unroll_budget allows, the rest recomputed (no
+    # recomputation when memory is plentiful) | flat: exact gradient by recomputation, memory
+    # flat in syn_steps | naive: graph through every step (the reference's way). All three
+    # give the same exact gradient (d3fast/unroll.py)
+    unroll: str = "auto"
+    # auto: the fraction of free memory (GPU: the device's; CPU: MemAvailable) the kept step
+    # graphs may take; 0 = flat throughout
+    unroll_budget: float = ranged(0.5, 0, 1)
     # K students (each its own expert and start epoch) unrolled together; their MTT losses
     # are averaged
     students_per_step: int = ranged(1, 1, 1024)
@@ -243,7 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.mmd_reduction": ("sum", "mean"),
     "distill.mmd_scale": ("raw", "median"),
     "distill.mmd_param": ("expert", "final"),
-    "distill.unroll": ("flat", "naive"),
+    "distill.unroll": ("auto", "flat", "naive"),
     "eval.decoder_bn": ("batch", "running"),
 }
 
@@ -579,7 +584,8 @@ def flatten(cfg: Config) -> dict[str, Any]:
 # trajectories already hold, and changing them is an error that says why.
 APPLIED_ON_RESUME = frozenset({
     "device", "data.workers", "eval", "log",
-    "distill.steps", "distill.checkpoint_every", "distill.amp", "distill.unroll", "distill.students_per_step",
+    "distill.steps", "distill.checkpoint_every", "distill.amp", "distill.unroll", "distill.unroll_budget",
+    "distill.students_per_step",
     "distill.lr_latent", "distill.lr_lr", "distill.lr_decode",
     "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.batch_syn",
     "distill.augment_unroll", "distill.mtt_weight", "distill.kl_weight", "distill.div_weight",

@@ -251,7 +251,7 @@ def _build(
     world.same_files(run)
     amp = _amp(dcfg, device)
     augment = DSA(cfg.augment) if dcfg.augment_unroll else None
-    spec = UnrollSpec(Student(student), dcfg.syn_steps, dcfg.batch_syn, augment, amp, share)
+    spec = UnrollSpec(Student(student), dcfg.syn_steps, dcfg.batch_syn, augment, amp, share, dcfg.unroll_budget)
     return _Parts(state, train, bank, spec, copy.deepcopy(student).requires_grad_(False), amp)
 
 

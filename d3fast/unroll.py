@@ -20,6 +20,13 @@ flat   reverse mode by recomputation. The forward pass keeps only theta_i (P flo
            dL/dlr     += -s_i
 
        Peak memory is one step's double-backward graph, whatever N is.
+auto   the last `keep` steps naive, the first N - keep flat, with keep the number of steps
+       whose graphs fit `budget` x the free memory (device memory on a GPU, MemAvailable on
+       the host): no recomputation when memory is plentiful, flat when it is not. The naive
+       tail runs on top of the flat head (theta_{N-keep} = flat(theta_0)), so autograd
+       brings the adjoint of theta_{N-keep} to the flat part's backward: the gradient is the
+       same exact one. One step's graph is measured once per UnrollSpec by a probe step on
+       a copy of the generator (the bytes autograd saves, via saved_tensors_hooks).
 
 Students (`students_per_step` K > 1) run in lockstep: theta is [K, P], each step decodes K
 batches in one call (student k gets rows k*B..(k+1)*B), and the flat unroll evaluates the
@@ -76,6 +83,12 @@ class UnrollSpec:
     # distributed (d3fast/dist.py): (K, this rank's students) of all K students of the step;
     # the draws are made for all K, the rows of this rank's students decoded. None: one process.
     share: tuple[int, slice] | None = None
+    # auto: the fraction of free memory the kept graphs may take (distill.unroll_budget)
+    budget: float = 0.5
+    # auto: bytes of one step's graph, measured by the first auto unroll (`_step_bytes`)
+    step_bytes: int | None = None
+    # auto: the steps kept naive by the last unroll (reported in the step's metrics)
+    kept: int | None = None
 
 
 class _Chunks:
@@ -132,25 +145,91 @@ def unroll(
         raise D3FastError(f"unroll: theta0 must be [students, P], got {list(theta0.shape)}")
     lr = d.lr()
     ops = _ops(spec, g, host)
+    has_buffers = any(True for _ in spec.student.module.buffers())
+    chunks = _Chunks(len(d.latents), spec.batch, g, theta0.device)
+    if mode == "auto":
+        # a student with running statistics cannot be recomputed: all naive
+        keep = spec.steps if has_buffers else _kept_steps(spec, d, theta0, lr, g, ops)
+        spec.kept = keep
+        if keep == spec.steps:
+            return _unroll_naive(spec, d, theta0, lr, g, ops, chunks)
+        head = spec.steps - keep
+        phi = [d.latents, *d.decoder.parameters()]
+        theta = _FlatUnroll.apply(lr, theta0, _Run(spec, d, g, ops[:head], chunks), *phi)
+        return _unroll_naive(spec, d, theta, lr, g, ops[head:], chunks) if keep else theta
     if mode == "naive":
-        return _unroll_naive(spec, d, theta0, lr, g, ops)
+        return _unroll_naive(spec, d, theta0, lr, g, ops, chunks)
     if mode == "flat":
-        if any(True for _ in spec.student.module.buffers()):
+        if has_buffers:
             raise D3FastError(
                 "the flat unroll needs a student without running statistics (net.norm=batchnorm keeps "
                 "some); use net.norm=instancenorm or --unroll naive"
             )
         phi = [d.latents, *d.decoder.parameters()]
-        return _FlatUnroll.apply(lr, theta0, _Run(spec, d, g, ops), *phi)
-    raise D3FastError(f"unknown unroll mode {mode!r}: use flat or naive")
+        return _FlatUnroll.apply(lr, theta0, _Run(spec, d, g, ops, chunks), *phi)
+    raise D3FastError(f"unknown unroll mode {mode!r}: use auto, flat or naive")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: the device's free memory on a GPU, MemAvailable of the
+    host (/proc/meminfo) otherwise (0 when unknown, which makes auto keep nothing)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _kept_steps(spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator,
+                ops: list[int | None]) -> int:
+    """How many steps' graphs fit spec.budget x the free memory (at least 0, at most N)."""
+    if spec.budget <= 0:
+        return 0
+    if spec.step_bytes is None:
+        spec.step_bytes = _step_bytes(spec, d, theta0, lr, g, ops[0])
+    return max(0, min(spec.steps, int(spec.budget * free_memory(theta0.device) // max(spec.step_bytes, 1))))
+
+
+def _step_bytes(spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator,
+                op: int | None) -> int:
+    """The bytes one naive step keeps alive until the backward: every tensor autograd saves
+    (counted once per storage) plus theta_{i+1}, measured on a probe step that draws from a
+    copy of `g` and leaves the decoder's BatchNorm statistics as they were."""
+    saved: dict[tuple[int, str], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            saved[(st.data_ptr(), str(t.device))] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (views of functorch, ...)
+            saved[(id(t), str(t.device))] = t.numel() * t.element_size()
+        return t
+
+    probe = torch.Generator(device=g.device)
+    probe.set_state(g.get_state())
+    buffers = [b.detach().clone() for b in d.decoder.buffers()]
+    chunks = _Chunks(len(d.latents), spec.batch, probe, theta0.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _unroll_naive(spec, d, theta0, lr, probe, [op], chunks)
+    with torch.no_grad():
+        for b, v in zip(d.decoder.buffers(), buffers, strict=True):
+            b.copy_(v)
+    del out
+    return sum(saved.values()) + theta0.numel() * theta0.element_size()
 
 
 def _unroll_naive(
-    spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator, ops: list[int | None]
+    spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator, ops: list[int | None],
+    chunks: _Chunks,
 ) -> torch.Tensor:
     K = theta0.shape[0]
-    chunks = _Chunks(len(d.latents), spec.batch, g, theta0.device)
-    thetas = [t.clone().requires_grad_(True) for t in theta0.detach()]
+    # after a flat head (auto) theta0 carries its graph: the tail continues it
+    thetas = list(theta0.unbind()) if theta0.requires_grad else [t.clone().requires_grad_(True) for t in theta0.detach()]
     for op in ops:
         idx = chunks.next()
         with spec.amp():
@@ -176,6 +255,8 @@ class _Run:
     # that device memory stays flat in N (on CPU they are the one term that grows: 4 P bytes
     # per step, 2.3 MiB for ConvNet-5). On a GPU they are rows of one pinned buffer, copied
     # asynchronously both ways: the stream orders each copy, and the host never waits.
+    # the latent batches, shared with a naive tail that continues the same permutation (auto)
+    chunks: _Chunks | None = None
     thetas: list[torch.Tensor] = field(default_factory=list)
     plan: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, generator state)
 
@@ -214,10 +295,10 @@ class _FlatUnroll(torch.autograd.Function):
     def forward(ctx, lr: torch.Tensor, theta0: torch.Tensor, run: _Run, *phi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         spec, d = run.spec, run.d
         K = theta0.shape[0]
-        chunks = _Chunks(len(d.latents), spec.batch, run.g, theta0.device)
+        chunks = run.chunks or _Chunks(len(d.latents), spec.batch, run.g, theta0.device)
         theta, lr_ = theta0.detach(), lr.detach()
         # pinned: the caching host allocator hands the same pages back every step
-        store = torch.empty((spec.steps, *theta.shape), dtype=theta.dtype, pin_memory=True) if theta.is_cuda else None
+        store = torch.empty((len(run.ops), *theta.shape), dtype=theta.dtype, pin_memory=True) if theta.is_cuda else None
         for i, op in enumerate(run.ops):
             idx = chunks.next()
             state = run.g.get_state()

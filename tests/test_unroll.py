@@ -105,3 +105,46 @@ def test_flat_refuses_students_with_running_statistics():
         unroll(spec, d, theta0, torch.Generator().manual_seed(0), "flat")
     with pytest.raises(D3FastError, match="unroll mode"):
         unroll(spec, d, theta0, torch.Generator().manual_seed(0), "checkpointed")
+
+
+@pytest.mark.parametrize("budget_steps", [0, 3, 7], ids=["all-recomputed", "some-kept", "all-kept"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-8), (torch.float32, 1e-4)], ids=["fp64", "fp32"])
+def test_auto_equals_naive_whatever_the_budget_keeps(budget_steps, dtype, tol, monkeypatch):
+    """--unroll auto: a flat head and a naive tail, split where the budget says; a budget
+    holding 0, 3 and all 7 step graphs gives naive's gradient and generator stream."""
+    import d3fast.unroll as u
+
+    steps = 7
+    d, spec, theta0, target = setup(dtype, steps=steps, students=2)
+    loss_n, grads_n, state_n = gradients("naive", d, spec, theta0, target)
+    d2, spec2, _, _ = setup(dtype, steps=steps, students=2)
+    gradients("auto", d2, spec2, theta0, target)  # measures one step's graph
+    assert spec2.step_bytes > 0
+    # free memory that holds exactly `budget_steps` graphs at the default budget (0.5)
+    monkeypatch.setattr(u, "free_memory", lambda device: int(2 * spec2.step_bytes * (budget_steps + 0.5)))
+    d3, spec3, _, _ = setup(dtype, steps=steps, students=2)
+    spec3.step_bytes = spec2.step_bytes
+    loss_a, grads_a, state_a = gradients("auto", d3, spec3, theta0, target)
+    assert spec3.kept == budget_steps
+    assert torch.equal(state_n, state_a), "auto must consume the generator as naive does"
+    assert rel_err(loss_a, loss_n) < tol
+    names = ["latents", "alpha"] + [n for n, _ in d.decoder.named_parameters()]
+    assert grads_n[0].norm() > 0 and grads_n[1].abs() > 0
+    assert_grads_match(names, grads_a, grads_n, tol)
+
+
+def test_auto_measures_a_step_without_touching_the_streams_or_statistics():
+    d, spec, theta0, target = setup(torch.float64, steps=3, batch=0)
+    buffers = [b.clone() for b in d.decoder.buffers()]
+    import d3fast.unroll as u
+
+    g = torch.Generator().manual_seed(5)
+    before = g.get_state()
+    nbytes = u._step_bytes(spec, d, theta0, d.lr(), g, None)
+    assert torch.equal(g.get_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, d.decoder.buffers(), strict=True))
+    # at least the student's activations and the decoded batch: more than theta itself
+    assert nbytes > theta0.numel() * theta0.element_size()
+    bn, bspec, btheta, _ = setup(torch.float64, steps=2, norm="batchnorm")
+    unroll(bspec, bn, btheta, torch.Generator().manual_seed(0), "auto")  # running statistics: all naive
+    assert bspec.kept == 2 and bspec.step_bytes is None

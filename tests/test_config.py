@@ -58,7 +58,7 @@ def test_every_preset_resolves():
         (["augment.strategy="], "augment.strategy: '' is not ops from"),
         (["augment.strategy=color_blur"], "augment.strategy: 'color_blur' is not ops from"),
         (["distill.mmd_samples=1"], "distill.mmd_samples: the unbiased MMD needs at least 2 samples per class"),
-        (["net.norm=batchnorm"], "distill.unroll=flat needs a student without running statistics"),
+        (["net.norm=batchnorm", "distill.unroll=flat"], "distill.unroll=flat needs a student without running statistics"),
         (["eval.archs=[]"], "eval.archs"),
     ],
 )
@@ -85,6 +85,8 @@ def test_every_numeric_key_has_a_range():
 
 def test_batchnorm_students_with_the_naive_unroll_are_fine():
     assert resolve_config("digits", overrides=["net.norm=batchnorm", "distill.unroll=naive"]).net.norm == "batchnorm"
+    # auto runs a student with running statistics all naive
+    assert resolve_config("digits", overrides=["net.norm=batchnorm"]).distill.unroll == "auto"
 
 
 def test_typed_values_are_checked():

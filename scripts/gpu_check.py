@@ -464,8 +464,10 @@ def memory_bench(sizes: Sizes) -> dict[str, Any]:
     total = torch.cuda.get_device_properties(device).total_memory / 2**20 if device.type == "cuda" else None
     unroll_rows: dict[str, Any] = {"params": P, "batch_syn": u["batch"], "points": []}
     per_step_naive: float | None = None
-    for mode in ("flat", "naive"):
-        for steps in sizes.unroll_steps:
+    mid = 40 if 40 in sizes.unroll_steps else max(sizes.unroll_steps)
+    # auto (the default) at one length only: its ratios to naive's time and flat's memory
+    for mode, lengths in (("flat", sizes.unroll_steps), ("naive", sizes.unroll_steps), ("auto", (mid,))):
+        for steps in lengths:
             if mode == "naive" and per_step_naive and total and per_step_naive * steps > 0.8 * total:
                 unroll_rows["points"].append({"mode": mode, "steps": steps, "skipped": f"~{per_step_naive * steps / 1024:.0f} GiB"})
                 continue
@@ -489,8 +491,11 @@ def memory_bench(sizes: Sizes) -> dict[str, Any]:
     pts = {(p["mode"], p["steps"]): p.get("peak_mib") for p in unroll_rows["points"]}
     lo, hi = min(sizes.unroll_steps), max(sizes.unroll_steps)
     unroll_rows["flat_longest_vs_shortest"] = _ratio(pts[("flat", hi)], pts[("flat", lo)])
-    mid = 40 if 40 in sizes.unroll_steps else hi
     unroll_rows[f"naive_vs_flat_at_{mid}"] = _ratio(pts.get(("naive", mid)), pts[("flat", mid)])
+    secs = {(p["mode"], p["steps"]): p.get("seconds") for p in unroll_rows["points"]}
+    unroll_rows[f"auto_vs_flat_memory_at_{mid}"] = _ratio(pts.get(("auto", mid)), pts[("flat", mid)])
+    a_s, n_s = secs.get(("auto", mid)), secs.get(("naive", mid))
+    unroll_rows[f"auto_vs_naive_time_at_{mid}"] = round(a_s / n_s, 3) if a_s and n_s else None  # seconds: no 1 MiB floor
 
     mu = sizes.mmd_update
     meta_m = {**meta, "resolution": mu["res"], "decoder_width": mu["decoder_width"]}

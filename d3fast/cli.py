@@ -421,16 +421,16 @@ def distill(
         if resume_dir not in (None, "auto"):
             raise D3FastError("--budget-ipc chooses the decoder and priors of a new run; a resumed run keeps its own")
         typed |= _budget(dataset, preset, overrides, typed, budget_ipc, budget_images)
-    bare = not dataset and not preset and resume_dir in (None, "auto")
-    if bare:  # the default dataset with its own preset, not the bare defaults (sized for no dataset)
+    announce = not dataset and resume_dir in (None, "auto")  # say what a new run without --dataset will use
+    if announce and not preset:  # the default dataset with its own preset, not the bare defaults
         from d3fast.config import Config
 
         dataset = Config().data.dataset
     if resume_dir in (None, "auto"):
         whole = _resolve(dataset, preset, overrides, **typed)
         _run_name(whole, name)  # a bad --name fails now, not after the experts
-        if (bare or not dataset) and world.main:  # say what a bare `d3fast distill` is about to spend hours on
-            click.echo(f"dataset {whole.data.dataset} (preset {whole.preset or 'none: the defaults'}"
+        if announce and world.main:
+            click.echo(f"dataset {whole.data.dataset} (preset {whole.preset}"
                        + ("" if preset else "; --dataset or --preset picks another, `d3fast presets` lists them")
                        + ")")
         if whole.data.subtasks > 1 and whole.data.subtask < 0:
@@ -718,13 +718,12 @@ def _evaluate(target, archs, students, epochs, device, loader=None) -> None:
                + f" ({report['seconds']:.0f} s)")
 
 
-def _run_target(run, device: str | None = None):
-    """A run as an evaluation target with its recorded protocol."""
-    from d3fast.evaluate import Target
+def _run_target(run):
+    """A run as an evaluation target with its recorded protocol, on the automatic device."""
+    from d3fast.evaluate import run_target
     from d3fast.runtime import resolve_device
 
-    d, step = run.load_distilled(resolve_device(device or "auto"))
-    return Target(str(run.path), run.path / "evals", run.read_config(), d=d, step=step, run=run)
+    return run_target(run, resolve_device("auto"))
 
 
 @cli.command()
@@ -773,10 +772,9 @@ def _distilled_target(where: str, runs_dir: str, dataset, preset, overrides, wha
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--max-classes", type=click.IntRange(0, None), default=20, show_default=True,
               help="Rows of at most this many classes (the first ones); 0 = every class.")
-@click.option("--force", is_flag=True, help="Replace --out when it is an earlier grid.")
 @_config_options
 @_runs_dir_option("Where `latest` looks for runs")
-def sample(run_dir, out, samples, seed, max_classes, force, dataset, preset, overrides, runs_dir) -> None:
+def sample(run_dir, out, samples, seed, max_classes, dataset, preset, overrides, runs_dir) -> None:
     """Write a grid: per prior, its mean image then fresh samples, each row named by its
     class, titled with the run and step; ZCA datasets are shown de-whitened. RUN_DIR: a run,
     merged directory, `latest` or .safetensors export; BatchNorm as eval.decoder_bn."""
@@ -786,9 +784,7 @@ def sample(run_dir, out, samples, seed, max_classes, force, dataset, preset, ove
     if Path(out).suffix.lower() in (".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pdf", ".svg"):
         raise D3FastError(f"--out {out}: the grid is written as PNG; name it <something>.png")
     # re-sampling into the same file is the usual loop: an earlier d3fast grid is replaced freely
-    if Path(out).exists() and not is_grid(Path(out)):
-        _refuse_overwrite(out, force, False, "sample grid")
-    _refuse_overwrite(out, True, True, "sample grid")
+    _refuse_overwrite(out, True, not Path(out).exists() or is_grid(Path(out)), "sample grid")
     t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "sample")
     zca = _zca_or_note(t.cfg)
     path = sample_grid(t.d, Path(out), samples, seed, bn=t.cfg.eval.decoder_bn, zca=zca,
@@ -859,9 +855,9 @@ def export(run_dir, out, fmt, per_class, pixels, seed, force, dataset, preset, o
         from d3fast.exports import zca_of
 
         zca = zca_of(cfg)  # de-whitening needs the dataset's own ZCA: an error names the prepare command
-    x, y, soft = draw_set(d, k, e.seed if seed is None else seed, e.decoder_bn, e.batch_size)
-    info = describe(cfg, d, t.step, zca) | {"per_class": k, "seed": e.seed if seed is None else seed,
-                                               "pixels": bool(pixels or fmt == "imagefolder")}
+    seed = e.seed if seed is None else seed
+    x, y, soft = draw_set(d, k, seed, e.decoder_bn, e.batch_size)
+    info = describe(cfg, d, t.step, zca) | {"per_class": k, "seed": seed, "pixels": bool(pixels or fmt == "imagefolder")}
     if fmt == "pt":
         write_pt(Path(out), to_pixels(x, d.meta, zca) if pixels else x, y, soft, d.student_lr, info, force)
         what = "pixels in [0, 1]" if pixels else "normalised" + (" and ZCA-whitened" if cfg.data.zca else "")
@@ -970,6 +966,7 @@ def presets() -> None:
 def runs(dataset, as_json, runs_dir) -> None:
     """List the runs and merged objects: dataset, preset, step/steps, status, best loss, last
     evaluation and device-hours (from each run's files; `latest` is the last row with a checkpoint)."""
+    from d3fast.ledger import text_table
     from d3fast.run import list_runs
 
     rows = list_runs(runs_dir, dataset)
@@ -985,9 +982,7 @@ def runs(dataset, as_json, runs_dir) -> None:
         best = "" if r["best_loss"] is None else f"{r['best_loss']:.4g}"
         table.append([r["name"], r["dataset"], r["preset"], f"{r['step']}/{r['steps']}", r["status"], best, hours,
                       r["last_eval"]])
-    widths = [max(len(str(row[k])) for row in table) for k in range(len(table[0]) - 1)]
-    for row in table:
-        click.echo("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    click.echo(text_table([[str(v) for v in row] for row in table]))
     click.echo(f"({len(rows)} under {runs_dir}/)")
 
 

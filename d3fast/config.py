@@ -441,7 +441,7 @@ def resolve_config(
     cfg = Config()
     from d3fast.data.datasets import is_imagefolder
 
-    folder = bool(dataset) and is_imagefolder(dataset or "")
+    folder = is_imagefolder(dataset or "")
     name = preset or DATASET_PRESETS.get(dataset or "") or (dataset if dataset in available_presets() else None) \
         or ("imagefolder" if folder else None)
     if name:
@@ -519,8 +519,7 @@ def validate(cfg: Config) -> None:
     from d3fast.data.datasets import class_blocks
 
     try:
-        num_classes = get_spec(cfg.data.dataset, cfg.data.data_path, cfg.data.resolution).num_classes \
-            if is_imagefolder(cfg.data.dataset) else DATASETS[cfg.data.dataset].num_classes
+        num_classes = get_spec(cfg.data.dataset, cfg.data.data_path, cfg.data.resolution).num_classes
     except D3FastError:  # an imagefolder dataset not prepared yet: prepare says what is missing
         num_classes = 65536
     class_blocks(num_classes, cfg.data.subtasks)  # S <= classes

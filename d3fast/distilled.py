@@ -386,7 +386,7 @@ def sample_images(d: Distilled | Merged, n_per_class: int, pixels: bool = True, 
         raise D3FastError(f"sample: n_per_class must be >= 1, batch_size >= 1 and seed in [0, 2^63) (integers), bn "
                           f"running or batch; got {n_per_class!r}, {batch_size!r}, {seed!r}, {bn!r}")
     x, y, _ = draw_set(d, n_per_class, seed, bn, batch_size)
-    return (to_pixels(x, d.meta, getattr(d, "zca", None)) if pixels else x), y
+    return (to_pixels(x, d.meta, d.zca) if pixels else x), y
 
 
 class Sampler:

@@ -136,9 +136,18 @@ def evaluate_run(
         D3FastError: no usable checkpoint (missing, corrupt, non-finite), missing data.
     """
     dev = resolve_device(device or "auto")
-    d, step = run.load_distilled(dev)
-    cfg = _with(run.read_config(), cfg_override)
-    return evaluate(Target(str(run.path), run.path / "evals", cfg, d=d, step=step, run=run), dev, progress)
+    target = run_target(run, dev)
+    _with(target.cfg, cfg_override)
+    return evaluate(target, dev, progress)
+
+
+def run_target(run: Run, device: torch.device | str, cfg: Config | None = None,
+               evals_dir: Path | None = None) -> Target:
+    """A run or merged directory as a target: its latest distilled object, its recorded
+    config (or `cfg`), evaluations kept in its evals/ (or `evals_dir`)."""
+    d, step = run.load_distilled(device)
+    return Target(str(run.path), evals_dir or run.path / "evals", cfg if cfg is not None else run.read_config(),
+                  d=d, step=step, run=run)
 
 
 def _with(cfg: Config, updates: dict[str, Any] | None) -> Config:
@@ -391,11 +400,8 @@ def markdown(r: dict[str, Any]) -> str:
 def rendered(r: dict[str, Any]) -> str:
     """The report as aligned plain text, for a terminal or a log file."""
     head, rows = table_rows(r)
-    table = [["arch", "training set", "images/class", "test accuracy"], *rows]
-    widths = [max(len(row[k]) for row in table if len(row) > k) for k in range(3)]
-    out = [f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}" for row in table]
-    out.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 13)
-    return "\n".join([head[0].lstrip("# "), *head[2:], "", *out]) + "\n"
+    table = ledger.text_table([["arch", "training set", "images/class", "test accuracy"], *rows], right=(2,), rule=True)
+    return "\n".join([head[0].lstrip("# "), *head[2:], "", table]) + "\n"
 
 
 def table_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -525,7 +531,6 @@ def open_target(where: str, runs_dir: str, dataset: str | None = None, preset: s
     path = Path(where)
     if where == "latest" or (path.is_dir() and Run(path).recorded()):
         run = Run.open(where, runs_dir, dataset)  # `latest --dataset X`: the latest run of X
-        d, step = run.load_distilled(device)
         try:
             recorded_cfg = run.read_config()
         except D3FastError as e:
@@ -536,7 +541,7 @@ def open_target(where: str, runs_dir: str, dataset: str | None = None, preset: s
             tqdm.write(f"note: {e}; using the default protocol instead")
             recorded_cfg = resolve_config(dataset or run.read_manifest().get("dataset"))
         cfg = protocol_config(recorded_cfg, dataset, preset, overrides, str(run.path))
-        return Target(str(run.path), Path(evals_dir) if evals_dir else run.path / "evals", cfg, d=d, step=step, run=run)
+        return run_target(run, device, cfg, Path(evals_dir) if evals_dir else None)
     if not path.exists():
         raise D3FastError(f"{where} not found: name a run directory, `latest`, a d3fast export (.safetensors), "
                           "a .pt image set or an ImageFolder")

@@ -126,7 +126,7 @@ def _prepare_out(out: Path, force: bool) -> Path:
                                   "only what an export wrote")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out.parent, only=out.name)
+        remove_stale_temps(out.parent)
         tmp = temp_dir(out)
         tmp.mkdir()
     except OSError as e:
@@ -415,7 +415,8 @@ def zca_of(cfg: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
 def describe(cfg: Any, d: Distilled | Merged, step: int | None, zca: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
     """What an export carries besides its tensors: the dataset, d3fast version and git commit,
     the whole config, the step, the BatchNorm mode samples decode with, and the ZCA used (eps
-    and the sha256 of its matrix: a reader checks its own ZCA against it before de-whitening)."""
+    and the sha256 of its matrix, for a reader to compare with its own ZCA before de-whitening;
+    d3fast itself refits it from the prepared dataset and does not compare yet)."""
     import hashlib
 
     from d3fast import __version__

@@ -296,7 +296,7 @@ def temp_dir(final: Path) -> Path:
     return final.with_name(f"{final.name}.tmp-{owner_tag()}")
 
 
-def remove_stale_temps(folder: Path, only: str | None = None) -> None:
+def remove_stale_temps(folder: Path) -> None:
     """Remove the temporaries that ended writers left in `folder`: `.<name>.<owner>.*.tmp`
     files from `atomic_path`, `<name>.tmp-<owner>` directories from `temp_dir` and
     `<name>.old-<owner>` directories that `replace_dir` set aside before a crash. Those of
@@ -305,9 +305,6 @@ def remove_stale_temps(folder: Path, only: str | None = None) -> None:
         return
     for entry in folder.iterdir():
         name = entry.name
-        # in a folder of the user's (an export's or merge's --out parent): only `only`'s own temporaries
-        if only is not None and not (name.startswith((f"{only}.tmp-", f"{only}.old-", f".{only}."))):
-            continue
         if name.startswith(".") and name.endswith(".tmp") and entry.is_file():
             parts = name[: -len(".tmp")].rsplit(".", 2)  # [".<name>", owner, random]
             if len(parts) == 3 and owner_gone(parts[1]):

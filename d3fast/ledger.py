@@ -420,7 +420,7 @@ def budget_text(path: Path, rows: list[dict[str, Any]], show_records: bool = Fal
         status = ", ".join(f"{k} {v}" for k, v in sorted(t["status"].items()))
         table.append([t["dataset"], t["phase"], "GPU" if t["device_kind"] == "cuda" else "CPU", str(t["records"]),
                       str(t["steps"]), _hms(t["wall_s"]), f"{_hours(t['device_hours'])} {t['unit']}", energy, status])
-    lines.append(_table(table))
+    lines.append(text_table(table))
     paper = paper_comparison(sums)
     if paper:
         lines.append("\nagainst the paper (distillation to convergence, docs/algorithm.md section 8):")
@@ -439,7 +439,7 @@ def budget_text(path: Path, rows: list[dict[str, Any]], show_records: bool = Fal
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"]))
             recs.append([str(r["id"]), started, r["phase"], r["dataset"], r["device_name"], str(r["steps"]),
                          _hms(r["wall_s"]), r["status"]])
-        lines += ["", _table(recs)]
+        lines += ["", text_table(recs)]
     return "\n".join(lines)
 
 
@@ -452,6 +452,16 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _table(rows: list[list[str]]) -> str:
+def text_table(rows: list[list[str]], right: tuple[int, ...] = (), rule: bool = False) -> str:
+    """Rows of cells as aligned plain text (two spaces between columns, trailing blanks
+    stripped): columns in `right` right-aligned, with `rule` a line of dashes under the first
+    row (the header). Used by `d3fast budget`, `d3fast runs` and the evaluation table."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    lines = [line(r).rstrip() for r in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -193,7 +193,7 @@ def merge_runs(
 
 def _write(out: Path, merged: Merged, cfg: Config, label_info: dict[str, Any] | None, device: torch.device) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, only=out.name)
+    remove_stale_temps(out.parent)
     tmp = temp_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -87,7 +87,7 @@ class UnrollSpec:
     budget: float = 0.5
     # auto: bytes of one step's graph, measured by the first auto unroll (`_step_bytes`)
     step_bytes: int | None = None
-    # auto: the steps kept naive by the last unroll (reported in the step's metrics)
+    # auto: the steps kept naive by the last unroll
     kept: int | None = None
 
 
@@ -251,12 +251,12 @@ class _Run:
     d: Distilled
     g: torch.Generator
     ops: list[int | None]  # the DSA op of each step
+    # the latent batches, shared with a naive tail that continues the same permutation (auto)
+    chunks: _Chunks
     # theta_0 .. theta_{N-1}, [K, P] each; in host memory when the unroll runs on a GPU, so
     # that device memory stays flat in N (on CPU they are the one term that grows: 4 P bytes
     # per step, 2.3 MiB for ConvNet-5). On a GPU they are rows of one pinned buffer, copied
     # asynchronously both ways: the stream orders each copy, and the host never waits.
-    # the latent batches, shared with a naive tail that continues the same permutation (auto)
-    chunks: _Chunks | None = None
     thetas: list[torch.Tensor] = field(default_factory=list)
     plan: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, generator state)
 
@@ -295,7 +295,7 @@ class _FlatUnroll(torch.autograd.Function):
     def forward(ctx, lr: torch.Tensor, theta0: torch.Tensor, run: _Run, *phi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         spec, d = run.spec, run.d
         K = theta0.shape[0]
-        chunks = run.chunks or _Chunks(len(d.latents), spec.batch, run.g, theta0.device)
+        chunks = run.chunks
         theta, lr_ = theta0.detach(), lr.detach()
         # pinned: the caching host allocator hands the same pages back every step
         store = torch.empty((len(run.ops), *theta.shape), dtype=theta.dtype, pin_memory=True) if theta.is_cuda else None

@@ -58,8 +58,7 @@ def prepare(
     """Decode `cfg.data.dataset` into its cache, or reuse the cache when it is up to date.
     Concurrent calls for one dataset take turns (an flock beside the cache): the second
     finds the first one's cache instead of decoding again."""
-    spec = get_spec(cfg.data.dataset, cfg.data.data_path, cfg.data.resolution) if is_imagefolder(cfg.data.dataset) \
-        else get_spec(cfg.data.dataset)
+    spec = get_spec(cfg.data.dataset, cfg.data.data_path, cfg.data.resolution)
     cache = data_dir(spec.name)
     with locked(cache.parent / f".{spec.name}.lock", wait=True):
         return _prepare(cfg, spec, cache, force, progress, parallel_min_files)

@@ -44,6 +44,16 @@ class _Group(click.Group):
                               "(distill and experts are the commands that use several)")
         return name, cmd, rest
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        quiet = os.environ.get("D3FAST_QUIET")
+        try:
+            return super().main(*args, **kwargs)
+        finally:  # --quiet holds for this command only, also when it runs inside a Python process
+            if quiet is None:  # (click's test runner, the Python API)
+                os.environ.pop("D3FAST_QUIET", None)
+            else:
+                os.environ["D3FAST_QUIET"] = quiet
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

@@ -53,9 +53,10 @@ constexpr int NR = 16;
 
 // C[r][0:NR] += sum_k A(r, k) * B[k][0:NR] for r < mr, where A(r, k) = a[r*a_rs + k*a_ks]
 // and B[k] starts at b + k*b_ks (NR contiguous values). Rows r >= mr of A are never read.
+// add = false stores the sums instead of adding them (no pass to zero C first).
 template <typename T>
 D3FAST_INLINE void mac_tile(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b, int64_t b_ks,
-                            T* c, int64_t c_rs, int mr) {
+                            T* c, int64_t c_rs, int mr, bool add = true) {
     using V = typename Vec<T>::type;
     constexpr int L = Vec<T>::lanes;
     constexpr int NV = NR / L;
@@ -77,7 +78,45 @@ D3FAST_INLINE void mac_tile(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, c
     for (int r = 0; r < mr; ++r) {
         for (int v = 0; v < NV; ++v) {
             T* p = c + r * c_rs + v * L;
-            store<T>(p, load<T>(p) + acc[r][v]);
+            store<T>(p, add ? load<T>(p) + acc[r][v] : acc[r][v]);
+        }
+    }
+}
+
+// Dot-product register block: out[r * ld + s] += <a[r], b[s]> over k < K for r < ra <= DR,
+// s < rb <= DC, rows given by pointers (no packing: the rows are read where they lie).
+// 3 x 4 vector accumulators + 3 row loads + 1 column load = the 16 AVX2 registers; per
+// 8 lanes of k it issues 12 FMAs for 7 loads, FMA-bound when the rows sit in L1/L2.
+constexpr int DR = 3;
+constexpr int DC = 4;
+
+template <typename T>
+D3FAST_INLINE void dot_block(int64_t K, const T* const* a, int ra, const T* const* b, int rb, T* out, int64_t ld) {
+    using V = typename Vec<T>::type;
+    constexpr int L = Vec<T>::lanes;
+    const T* ap[DR];
+    const T* bp[DC];
+    // missing rows re-read row 0; their sums are discarded below
+    for (int r = 0; r < DR; ++r) ap[r] = a[r < ra ? r : 0];
+    for (int s = 0; s < DC; ++s) bp[s] = b[s < rb ? s : 0];
+    V acc[DR][DC];
+    for (int r = 0; r < DR; ++r)
+        for (int s = 0; s < DC; ++s) acc[r][s] = V{};
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+        V av[DR];
+        for (int r = 0; r < DR; ++r) av[r] = load<T>(ap[r] + k);
+        for (int s = 0; s < DC; ++s) {
+            const V bv = load<T>(bp[s] + k);
+            for (int r = 0; r < DR; ++r) acc[r][s] += av[r] * bv;
+        }
+    }
+    for (int r = 0; r < ra; ++r) {
+        for (int s = 0; s < rb; ++s) {
+            T sum = 0;
+            for (int l = 0; l < L; ++l) sum += acc[r][s][l];
+            for (int64_t kk = k; kk < K; ++kk) sum += ap[r][kk] * bp[s][kk];
+            out[r * ld + s] += sum;
         }
     }
 }

@@ -24,24 +24,43 @@ def cpp_gammas(bandwidths: Sequence[float], scale: torch.Tensor | None) -> tuple
 
 
 class MMDCppFunction(torch.autograd.Function):
-    """(x [C, n, D], y [C, m, D], x_lengths [C], y_lengths [C] int64, gammas, unbiased) -> [C]."""
+    """(x [C, n, D], y [C, m, D], x_lengths [C], y_lengths [C] int64, gammas, unbiased) -> [C].
+
+    The C++ pass returns the gradients for a unit upstream gradient; backward scales them in
+    place (a fresh [C, n, D] product cost 0.1-1.2 ms per call at (10, 30, 30, 2048), up to a
+    third of the op, mostly page faults). A second backward through a retained graph finds
+    them consumed and recomputes them from the saved inputs."""
 
     @staticmethod
     def forward(ctx, x, y, lx, ly, gammas, unbiased):  # type: ignore[override]
-        from d3fast._ext import _C
-
         gx_on, gy_on = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # named range: `d3fast profile` finds the kernel's time by this name
-        with torch.profiler.record_function("d3fast::mmd2_cpp"):
-            loss, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on, gy_on)
+        loss, gx, gy = _run(x, y, lx, ly, gammas, unbiased, gx_on, gy_on)
         ctx.dtypes = (x.dtype, y.dtype)
-        ctx.save_for_backward(*(torch.from_numpy(g) if g is not None else None for g in (gx, gy)))
-        return torch.from_numpy(loss)
+        ctx.args = (lx, ly, gammas, unbiased, gx_on, gy_on)
+        # kept on ctx, not saved: backward consumes them (saved tensors may not change in place)
+        ctx.grads = (gx, gy)
+        if gx_on or gy_on:
+            ctx.save_for_backward(x, y)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        gx, gy = ctx.saved_tensors
+        if ctx.grads is None:
+            x, y = ctx.saved_tensors
+            _, gx, gy = _run(x, y, *ctx.args)
+        else:
+            (gx, gy), ctx.grads = ctx.grads, None
         scale = grad_out[:, None, None]
-        out_x = (gx * scale).to(ctx.dtypes[0]) if gx is not None else None
-        out_y = (gy * scale).to(ctx.dtypes[1]) if gy is not None else None
+        out_x = gx.mul_(scale).to(ctx.dtypes[0]) if gx is not None else None
+        out_y = gy.mul_(scale).to(ctx.dtypes[1]) if gy is not None else None
         return out_x, out_y, None, None, None, None
+
+
+def _run(x, y, lx, ly, gammas, unbiased, gx_on, gy_on):
+    """The C++ pass: loss [C] and, where asked, the unit-upstream gradients (or None)."""
+    from d3fast._ext import _C
+
+    # named range: `d3fast profile` finds the kernel's time by this name
+    with torch.profiler.record_function("d3fast::mmd2_cpp"):
+        loss, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on, gy_on)
+    return (torch.from_numpy(loss), *(torch.from_numpy(g) if g is not None else None for g in (gx, gy)))

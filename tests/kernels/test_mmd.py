@@ -117,10 +117,36 @@ def test_strided_inputs(impl):
 
 @pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
 @pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
-def test_float64_gradcheck(impl, unbiased):
-    x = features(2, 5, 7, 0, dtype=torch.float64).requires_grad_(True)
-    y = features(2, 4, 7, 1, 0.1, dtype=torch.float64).requires_grad_(True)
+@pytest.mark.parametrize("D", [7, 12], ids=["tiled", "direct"])  # the C++ op's two paths: n + m > D, <= D
+def test_float64_gradcheck(impl, unbiased, D):
+    x = features(2, 5, D, 0, dtype=torch.float64).requires_grad_(True)
+    y = features(2, 4, D, 1, 0.1, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: kernels.mmd2(a, b, impl=impl, unbiased=unbiased), (x, y))
+
+
+@pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
+def test_d3_shape_with_uneven_lengths(impl):
+    # the shape D3 runs (30 samples a side, 2,048 ConvNet features; 2 of its classes), lengths
+    # cutting both sides: the C++ op's direct path and the fallback's masked one
+    x, y = features(2, 30, 2048, 0), features(2, 30, 2048, 1, 0.05)
+    lengths = {"x_lengths": torch.tensor([30, 17]), "y_lengths": torch.tensor([23, 30])}
+    check(f"{impl} d3 shape", impl, x, y, RTOL[torch.float32], **lengths)
+
+
+@pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
+def test_a_second_backward_through_a_retained_graph(impl):
+    # the C++ op scales its saved gradients in place in the first backward; a second one
+    # (retain_graph) must recompute them, not reuse the scaled ones
+    x = features(3, 6, 16, 0).requires_grad_(True)
+    y = features(3, 5, 16, 1, 0.1).requires_grad_(True)
+    loss = kernels.mmd2(x, y, impl=impl)
+    first = torch.autograd.grad((loss * torch.tensor([1.0, -2.0, 3.0])).sum(), (x, y), retain_graph=True)
+    second = torch.autograd.grad((loss * torch.tensor([0.5, 4.0, -1.0])).sum(), (x, y))
+    ref = kernels.mmd2(x.double(), y.double(), impl="reference")
+    for weights, got in (([1.0, -2.0, 3.0], first), ([0.5, 4.0, -1.0], second)):
+        want = torch.autograd.grad((ref * torch.tensor(weights, dtype=torch.float64)).sum(), (x, y), retain_graph=True)
+        for g, w in zip(got, want, strict=True):
+            assert_close(f"{impl} {weights}", w, g.double(), atol=1e-5 * float(w.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("impl", impls())

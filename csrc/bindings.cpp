@@ -22,6 +22,16 @@ const T* data_of(const py::array& a, const char* name) {
     return static_cast<const T*>(a.data());
 }
 
+// A fresh C-contiguous array of the given shape from d3fast's buffer pool (see pool_alloc).
+template <typename T>
+py::array_t<T> pooled_array(const std::vector<py::ssize_t>& shape) {
+    size_t n = 1;
+    for (const auto s : shape) n *= static_cast<size_t>(s);
+    void* p = d3fast::pool_alloc(n * sizeof(T));
+    py::capsule owner(p, [](void* q) { d3fast::pool_free(q); });
+    return py::array_t<T>(shape, static_cast<T*>(p), owner);
+}
+
 template <typename T>
 py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
                     const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased, bool grad_x,
@@ -51,12 +61,12 @@ py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<in
     a.loss = loss.mutable_data();
     py::object gx = py::none(), gy = py::none();
     if (grad_x) {
-        py::array_t<T> g({C, nx, D});
+        auto g = pooled_array<T>({C, nx, D});
         a.grad_x = g.mutable_data();
         gx = g;
     }
     if (grad_y) {
-        py::array_t<T> g({C, ny, D});
+        auto g = pooled_array<T>({C, ny, D});
         a.grad_y = g.mutable_data();
         gy = g;
     }
@@ -125,7 +135,7 @@ py::tuple grads_typed(const py::list& a, const py::list& t, const py::list& s, c
                 ptrs.push_back(nullptr);
                 continue;
             }
-            py::array_t<T> g({seg.S, seg.sizes[k]});
+            auto g = pooled_array<T>({seg.S, seg.sizes[k]});
             ptrs.push_back(g.mutable_data());
             out.append(g);
         }

@@ -1,5 +1,11 @@
 #include "d3fast_core.h"
 
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <utility>
+#include <vector>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -9,6 +15,63 @@
 #endif
 
 namespace d3fast {
+
+namespace {
+
+// Each buffer starts with a 64-byte header holding its size, so pool_free needs only the
+// pointer (a Python capsule's destructor gets nothing else).
+constexpr size_t kHeader = 64;
+constexpr size_t kMaxKept = 8;
+constexpr size_t kMaxKeptBytes = size_t(256) << 20;
+
+struct Pool {
+    std::mutex mu;
+    std::vector<std::pair<size_t, void*>> kept;  // (size, base)
+    size_t kept_bytes = 0;
+};
+
+// never destroyed: capsules may release buffers while the interpreter shuts down
+Pool& pool() {
+    static Pool* p = new Pool;
+    return *p;
+}
+
+}  // namespace
+
+void* pool_alloc(size_t bytes) {
+    Pool& p = pool();
+    {
+        std::lock_guard<std::mutex> lock(p.mu);
+        for (size_t i = 0; i < p.kept.size(); ++i) {
+            if (p.kept[i].first == bytes) {
+                void* base = p.kept[i].second;
+                p.kept.erase(p.kept.begin() + static_cast<std::ptrdiff_t>(i));
+                p.kept_bytes -= bytes;
+                return static_cast<char*>(base) + kHeader;
+            }
+        }
+    }
+    void* base = std::aligned_alloc(kHeader, (kHeader + bytes + kHeader - 1) / kHeader * kHeader);
+    if (base == nullptr) throw std::bad_alloc();
+    *static_cast<size_t*>(base) = bytes;
+    return static_cast<char*>(base) + kHeader;
+}
+
+void pool_free(void* ptr) {
+    if (ptr == nullptr) return;
+    void* base = static_cast<char*>(ptr) - kHeader;
+    const size_t bytes = *static_cast<size_t*>(base);
+    Pool& p = pool();
+    {
+        std::lock_guard<std::mutex> lock(p.mu);
+        if (p.kept.size() < kMaxKept && p.kept_bytes + bytes <= kMaxKeptBytes) {
+            p.kept.emplace_back(bytes, base);
+            p.kept_bytes += bytes;
+            return;
+        }
+    }
+    std::free(base);
+}
 
 BuildInfo build_info() {
     BuildInfo info;

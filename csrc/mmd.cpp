@@ -281,7 +281,7 @@ template <typename T>
 struct Direct {
     const MMDArgs<T>* a;
     int64_t nmax;     // nx + ny: the per-class stride of gram is nmax^2
-    std::vector<T> gram;  // [C, N_c, N_c] (class c at c * nmax^2): Gram, then A
+    T* gram = nullptr;  // [C, N_c, N_c] (class c at c * nmax^2): Gram, then A; pooled
     std::vector<double> loss;
     std::vector<int64_t> task_class, task_start;  // phase-1 tasks
 
@@ -299,7 +299,7 @@ D3FAST_INLINE void direct_gram(Direct<T>& d, int64_t t, std::vector<const T*>& z
     const int64_t i1 = std::min(i0 + DIRECT_ROWS, N);
     zp.resize(N);
     for (int64_t i = 0; i < N; ++i) zp[i] = d.z(c, i);
-    T* g = d.gram.data() + c * d.nmax * d.nmax;
+    T* g = d.gram + c * d.nmax * d.nmax;
     for (int64_t i = i0; i < i1; ++i) std::fill(g + i * N + i0, g + (i + 1) * N, T(0));
     // the whole depth per block: splitting it into L2-sized chunks was slower at every size
     // measured (N = 60 and 512, D = 2048: 1.0-1.45x the time), the partial sums' reductions
@@ -324,7 +324,7 @@ D3FAST_INLINE void direct_kernel(Direct<T>& d, int64_t c) {
     const T cxy = static_cast<T>(-1.0 / (flx * fly));
     T gam[16];
     for (int b = 0; b < a.num_gammas; ++b) gam[b] = static_cast<T>(a.gammas[b]);
-    T* g = d.gram.data() + c * d.nmax * d.nmax;
+    T* g = d.gram + c * d.nmax * d.nmax;
     std::vector<T> sq(N), rsum(N, T(0)), d2(N), kk(N), gk(N);
     for (int64_t i = 0; i < N; ++i) sq[i] = g[i * N + i];
     double loss = 0;
@@ -414,7 +414,7 @@ D3FAST_INLINE void direct_grad(const Direct<T>& d, int64_t t, std::vector<T>& sc
     const int64_t blocks = (a.D + DIRECT_COLS - 1) / DIRECT_COLS;
     const int64_t c = t / blocks, q0 = (t % blocks) * DIRECT_COLS, q1 = std::min(q0 + DIRECT_COLS, a.D);
     const int64_t lx = a.x_lengths[c], ly = a.y_lengths[c], N = lx + ly, D = a.D;
-    const T* A = d.gram.data() + c * d.nmax * d.nmax;
+    const T* A = d.gram + c * d.nmax * d.nmax;
     scratch.resize(N * NR + MR * NR);
     struct Side {
         T* out;
@@ -447,27 +447,55 @@ void mmd_direct(const MMDArgs<T>& a, G gram, K kernel, R grad) {
     Direct<T> d;
     d.a = &a;
     d.nmax = a.nx + a.ny;
-    d.gram.resize(a.C * d.nmax * d.nmax);
+    // pooled: at C = 200 the buffer is 2.9 MB, past malloc's mmap threshold, so a fresh one
+    // would fault in every call
+    struct Pooled {
+        void* p;
+        ~Pooled() { pool_free(p); }
+    } hold{pool_alloc(sizeof(T) * a.C * d.nmax * d.nmax)};
+    d.gram = static_cast<T*>(hold.p);
     d.loss.assign(a.C, 0.0);
+    std::vector<int64_t> first_task(a.C + 1, 0);  // class c's phase-1 tasks: [first[c], first[c + 1])
     for (int64_t c = 0; c < a.C; ++c) {
         for (int64_t i = 0; i < d.rows(c); i += DIRECT_ROWS) {
             d.task_class.push_back(c);
             d.task_start.push_back(i);
         }
+        first_task[c + 1] = static_cast<int64_t>(d.task_class.size());
     }
-    const int64_t n_gram = static_cast<int64_t>(d.task_class.size());
+    const int64_t n_gram = first_task[a.C];
     const bool want_grad = a.grad_x != nullptr || a.grad_y != nullptr;
-    const int64_t n_grad = want_grad ? a.C * ((a.D + DIRECT_COLS - 1) / DIRECT_COLS) : 0;
+    const int64_t blocks = (a.D + DIRECT_COLS - 1) / DIRECT_COLS;
+    const int64_t n_grad = want_grad ? a.C * blocks : 0;
+#ifdef _OPENMP
+    const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    // With classes to spare (two per thread or more) a thread runs whole classes: the class's
+    // rows (480 KB at n = m = 30, D = 2048) are still in its L2 when the gradient reads them
+    // again. Otherwise (C = 10 on 16 threads) the phases are split into finer tasks.
+    const bool by_class = a.C >= 2 * threads;
 #pragma omp parallel
     {
         std::vector<const T*> zp;
         std::vector<T> scratch;
+        if (by_class) {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_gram; ++t) gram(d, t, zp);
+            for (int64_t c = 0; c < a.C; ++c) {
+                for (int64_t t = first_task[c]; t < first_task[c + 1]; ++t) gram(d, t, zp);
+                kernel(d, c);
+                if (want_grad)
+                    for (int64_t t = c * blocks; t < (c + 1) * blocks; ++t) grad(d, t, scratch);
+            }
+        } else {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < a.C; ++c) kernel(d, c);
+            for (int64_t t = 0; t < n_gram; ++t) gram(d, t, zp);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_grad; ++t) grad(d, t, scratch);
+            for (int64_t c = 0; c < a.C; ++c) kernel(d, c);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < n_grad; ++t) grad(d, t, scratch);
+        }
     }
     for (int64_t c = 0; c < a.C; ++c) a.loss[c] = static_cast<T>(d.loss[c]);
 }

@@ -198,3 +198,31 @@ def test_bad_input_is_a_clear_error():
         kernels.mmd2(x, x, bandwidths=())
     with pytest.raises(D3FastError, match="implementation"):
         kernels.mmd2(x, x, impl="cuda")
+
+
+@pytest.mark.skipif(not __import__("d3fast._ext", fromlist=["HAS_EXT"]).HAS_EXT, reason="d3fast._C not built")
+def test_cpp_outputs_from_the_buffer_pool_are_fully_written_and_never_shared():
+    # the C++ op hands out freed gradient buffers again (csrc/d3fast_core.cpp, pool_alloc):
+    # a reused buffer must be overwritten everywhere, padding rows included, and two live
+    # results must not share memory
+    import numpy as np
+
+    from d3fast._ext import _C
+
+    C, n, m, D = 3, 20, 20, 64  # n + m <= D: the direct path
+    x, y = features(C, n, D, 0).numpy(), features(C, m, D, 1, 0.1).numpy()
+    full, gam = np.full(C, n, dtype=np.int64), [0.5, 0.125]
+    first = _C.mmd(x, y, full, full, gam, True, True, True)
+    second = _C.mmd(x, y, full, full, gam, True, True, True)
+    assert not np.shares_memory(first[1], second[1]) and not np.shares_memory(first[2], second[2])
+    del first, second  # both buffers back in the pool, holding nonzero gradients
+    lx, ly = np.array([20, 5, 11]), np.array([3, 20, 8])
+    _, gx, gy = _C.mmd(x, y, lx, ly, gam, True, True, True)
+    assert all((gx[c, lx[c]:] == 0).all() and (gy[c, ly[c]:] == 0).all() for c in range(C))
+    bw = tuple(1 / (2 * g) ** 0.5 for g in gam)
+    xr = torch.from_numpy(x).double().requires_grad_(True)
+    yr = torch.from_numpy(y).double().requires_grad_(True)
+    loss = kernels.mmd2(xr, yr, bw, impl="reference", x_lengths=torch.from_numpy(lx), y_lengths=torch.from_numpy(ly))
+    rx, ry = torch.autograd.grad(loss.sum(), (xr, yr))
+    assert_close("pooled dx", rx, torch.from_numpy(gx).double(), atol=2e-5 * float(rx.abs().max()), rtol=0)
+    assert_close("pooled dy", ry, torch.from_numpy(gy).double(), atol=2e-5 * float(ry.abs().max()), rtol=0)

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "d3fast_core.h"
@@ -32,49 +33,106 @@ py::array_t<T> pooled_array(const std::vector<py::ssize_t>& shape) {
     return py::array_t<T>(shape, static_cast<T*>(p), owner);
 }
 
+// The arguments every MMD entry point checks: shapes, dtype, layout, lengths, bandwidths.
 template <typename T>
-py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
-                    const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased, bool grad_x,
-                    bool grad_y) {
+d3fast::MMDArgs<T> mmd_args(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
+                            const py::array_t<int64_t>& ly) {
     if (x.ndim() != 3 || y.ndim() != 3 || x.shape(0) != y.shape(0) || x.shape(2) != y.shape(2))
         throw std::invalid_argument("mmd: x [C, nx, D] and y [C, ny, D] must agree in C and D");
-    if (gammas.empty() || gammas.size() > 16) throw std::invalid_argument("mmd: 1 to 16 bandwidths");
-    const int64_t C = x.shape(0), nx = x.shape(1), ny = y.shape(1), D = x.shape(2);
+    const int64_t C = x.shape(0);
     if (lx.size() != C || ly.size() != C) throw std::invalid_argument("mmd: one length per class");
     d3fast::MMDArgs<T> a{};
     a.x = data_of<T>(x, "x");
     a.y = data_of<T>(y, "y");
     a.C = C;
-    a.nx = nx;
-    a.ny = ny;
-    a.D = D;
+    a.nx = x.shape(1);
+    a.ny = y.shape(1);
+    a.D = x.shape(2);
     a.x_lengths = lx.data();
     a.y_lengths = ly.data();
     for (int64_t c = 0; c < C; ++c) {
-        if (a.x_lengths[c] < 1 || a.x_lengths[c] > nx || a.y_lengths[c] < 1 || a.y_lengths[c] > ny)
+        if (a.x_lengths[c] < 1 || a.x_lengths[c] > a.nx || a.y_lengths[c] < 1 || a.y_lengths[c] > a.ny)
             throw std::invalid_argument("mmd: lengths must be in [1, rows]");
     }
-    a.gammas = gammas.data();
-    a.num_gammas = static_cast<int>(gammas.size());
-    a.unbiased = unbiased;
-    py::array_t<T> loss(C);
-    a.loss = loss.mutable_data();
+    return a;
+}
+
+void check_gammas(const std::vector<double>& gammas) {
+    if (gammas.empty() || gammas.size() > 16) throw std::invalid_argument("mmd: 1 to 16 bandwidths");
+}
+
+// Gradient outputs where wanted (None where not), pointers set in a.
+template <typename T>
+std::pair<py::object, py::object> mmd_grad_outputs(d3fast::MMDArgs<T>& a, bool grad_x, bool grad_y) {
     py::object gx = py::none(), gy = py::none();
     if (grad_x) {
-        auto g = pooled_array<T>({C, nx, D});
+        auto g = pooled_array<T>({a.C, a.nx, a.D});
         a.grad_x = g.mutable_data();
         gx = g;
     }
     if (grad_y) {
-        auto g = pooled_array<T>({C, ny, D});
+        auto g = pooled_array<T>({a.C, a.ny, a.D});
         a.grad_y = g.mutable_data();
         gy = g;
     }
+    return {gx, gy};
+}
+
+template <typename T>
+py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
+                    const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased, bool grad_x,
+                    bool grad_y) {
+    check_gammas(gammas);
+    auto a = mmd_args<T>(x, y, lx, ly);
+    a.gammas = gammas.data();
+    a.num_gammas = static_cast<int>(gammas.size());
+    a.unbiased = unbiased;
+    py::array_t<T> loss(a.C);
+    a.loss = loss.mutable_data();
+    auto [gx, gy] = mmd_grad_outputs(a, grad_x, grad_y);
     {
         py::gil_scoped_release nogil;
         d3fast::mmd_forward<T>(a);
     }
     return py::make_tuple(loss, gx, gy);
+}
+
+template <typename T>
+py::tuple mmd_weights_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
+                            const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased) {
+    check_gammas(gammas);
+    auto a = mmd_args<T>(x, y, lx, ly);
+    a.gammas = gammas.data();
+    a.num_gammas = static_cast<int>(gammas.size());
+    a.unbiased = unbiased;
+    py::array_t<T> loss(a.C);
+    a.loss = loss.mutable_data();
+    auto w = pooled_array<T>({a.C, a.nx + a.ny, a.nx + a.ny});
+    T* wp = w.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        d3fast::mmd_weights<T>(a, wp);
+    }
+    return py::make_tuple(loss, w);
+}
+
+template <typename T>
+py::tuple mmd_weight_grads_typed(const py::array& weights, const py::array& x, const py::array& y,
+                                 const py::array_t<int64_t>& lx, const py::array_t<int64_t>& ly,
+                                 const py::array_t<double>& scale, bool grad_x, bool grad_y) {
+    auto a = mmd_args<T>(x, y, lx, ly);
+    const int64_t N = a.nx + a.ny;
+    if (weights.ndim() != 3 || weights.shape(0) != a.C || weights.shape(1) != N || weights.shape(2) != N)
+        throw std::invalid_argument("mmd_weight_grads: weights must be [C, nx + ny, nx + ny]");
+    if (scale.ndim() != 1 || scale.shape(0) != a.C || !(scale.flags() & py::array::c_style))
+        throw std::invalid_argument("mmd_weight_grads: scale must be [C] contiguous float64");
+    const T* w = data_of<T>(weights, "weights");
+    auto [gx, gy] = mmd_grad_outputs(a, grad_x, grad_y);
+    {
+        py::gil_scoped_release nogil;
+        d3fast::mmd_weight_grads<T>(a, w, scale.data());
+    }
+    return py::make_tuple(gx, gy);
 }
 
 template <typename T>
@@ -197,6 +255,44 @@ PYBIND11_MODULE(_C, m) {
         "Returns:\n"
         "    (loss [C], grad_x [C, nx, D] or None, grad_y [C, ny, D] or None); gradient rows past\n"
         "    the lengths are 0.\n"
+        "Raises:\n"
+        "    ValueError: wrong shapes, dtype, layout or lengths.");
+
+    m.def(
+        "mmd_weights",
+        [](const py::array& x, const py::array& y, const py::array_t<int64_t>& x_lengths,
+           const py::array_t<int64_t>& y_lengths, const std::vector<double>& gammas, bool unbiased) {
+            return is_f64(x) ? mmd_weights_typed<double>(x, y, x_lengths, y_lengths, gammas, unbiased)
+                             : mmd_weights_typed<float>(x, y, x_lengths, y_lengths, gammas, unbiased);
+        },
+        py::arg("x"), py::arg("y"), py::arg("x_lengths"), py::arg("y_lengths"), py::arg("gammas"),
+        py::arg("unbiased"),
+        "The first half of mmd: the loss and the gradient weights, for a backward that applies\n"
+        "the upstream gradient (mmd_weight_grads).\n\n"
+        "Args: as mmd.\n"
+        "Returns:\n"
+        "    (loss [C], weights [C, nx + ny, nx + ny]): class c's weights A_c = 4 (W - diag(sum_j W_ij))\n"
+        "    fill the first N_c x N_c values of its block, row-major, N_c = x_lengths[c] + y_lengths[c].\n"
+        "    Memory: C (nx + ny)^2 values, no more than x and y when nx + ny <= D.\n"
+        "Raises:\n"
+        "    ValueError: wrong shapes, dtype, layout or lengths.");
+
+    m.def(
+        "mmd_weight_grads",
+        [](const py::array& weights, const py::array& x, const py::array& y, const py::array_t<int64_t>& x_lengths,
+           const py::array_t<int64_t>& y_lengths, const py::array_t<double>& scale, bool grad_x, bool grad_y) {
+            return is_f64(x) ? mmd_weight_grads_typed<double>(weights, x, y, x_lengths, y_lengths, scale, grad_x, grad_y)
+                             : mmd_weight_grads_typed<float>(weights, x, y, x_lengths, y_lengths, scale, grad_x, grad_y);
+        },
+        py::arg("weights"), py::arg("x"), py::arg("y"), py::arg("x_lengths"), py::arg("y_lengths"), py::arg("scale"),
+        py::arg("grad_x"), py::arg("grad_y"),
+        "The second half of mmd: scale[c] dloss[c]/dx and scale[c] dloss[c]/dy from mmd_weights's\n"
+        "weights and the same x, y and lengths.\n\n"
+        "Args:\n"
+        "    weights: [C, nx + ny, nx + ny] from mmd_weights (only read).\n"
+        "    scale: [C] float64, the upstream gradient.\n"
+        "Returns:\n"
+        "    (grad_x [C, nx, D] or None, grad_y [C, ny, D] or None), zero past the lengths.\n"
         "Raises:\n"
         "    ValueError: wrong shapes, dtype, layout or lengths.");
 

@@ -49,6 +49,17 @@ struct MMDArgs {
 template <typename T>
 void mmd_forward(const MMDArgs<T>& args);
 
+// The same in two halves, for classes with nx + ny <= D or any others (memory C (nx+ny)^2):
+// mmd_weights writes loss[c] and the gradient weights A_c = 4 (W - diag(sum_j W_ij)) of class
+// c into weights [C, nx + ny, nx + ny] (an N_c x N_c row-major block at c (nx+ny)^2, N_c =
+// x_lengths[c] + y_lengths[c]); grad_x / grad_y are ignored. mmd_weight_grads then writes
+// grad_x[c] = scale[c] A_c[:lx] [X_c; Y_c] and grad_y[c] = scale[c] A_c[lx:] [X_c; Y_c]
+// (where not null; scale null: 1), zero past the lengths; weights are only read.
+template <typename T>
+void mmd_weights(const MMDArgs<T>& args, T* weights);
+template <typename T>
+void mmd_weight_grads(const MMDArgs<T>& args, const T* weights, const double* scale);
+
 // Trajectory-parameter distance over segments of flat parameter vectors (csrc/
 // param_dist.cpp). Segment k holds a[k], t[k], s[k], each [S, sizes[k]] row-major.
 // Sums per student: num[S] += ||a - t||^2 and den[S] += ||s - t||^2, in double.

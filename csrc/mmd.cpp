@@ -273,7 +273,8 @@ void mmd_parallel(const MMDArgs<T>& a, F run) {
 //   3. dL/dX = A[:lx] Z and dL/dY = A[lx:] Z (the formula at the top, regrouped), two GEMMs
 //      per output block reading X and Y in place and writing the gradient once.
 // Tasks are (class, row block) and (class, column block), not classes: C = 10 keeps 16
-// threads busy.
+// threads busy. Phases 1-2 and 3 are also callable apart (mmd_weights, mmd_weight_grads), so
+// that an autograd op runs phase 3 in its backward with the upstream gradient folded into A.
 constexpr int64_t DIRECT_ROWS = 12;  // phase-1 task: 4 dot blocks of 3 rows
 constexpr int64_t DIRECT_COLS = 256;  // phase-3 task: 16 panels of NR columns
 
@@ -281,7 +282,8 @@ template <typename T>
 struct Direct {
     const MMDArgs<T>* a;
     int64_t nmax;     // nx + ny: the per-class stride of gram is nmax^2
-    T* gram = nullptr;  // [C, N_c, N_c] (class c at c * nmax^2): Gram, then A; pooled
+    T* gram = nullptr;  // [C, N_c, N_c] (class c at c * nmax^2): Gram, then A
+    const double* scale = nullptr;  // phase 3: [C] factors of A (the upstream gradient), null = 1
     std::vector<double> loss;
     std::vector<int64_t> task_class, task_start;  // phase-1 tasks
 
@@ -415,7 +417,10 @@ D3FAST_INLINE void direct_grad(const Direct<T>& d, int64_t t, std::vector<T>& sc
     const int64_t c = t / blocks, q0 = (t % blocks) * DIRECT_COLS, q1 = std::min(q0 + DIRECT_COLS, a.D);
     const int64_t lx = a.x_lengths[c], ly = a.y_lengths[c], N = lx + ly, D = a.D;
     const T* A = d.gram + c * d.nmax * d.nmax;
-    scratch.resize(N * NR + MR * NR);
+    // [N, NR] + [MR, NR] for a partial panel, then the side's rows of A times the scale
+    scratch.resize(N * NR + MR * NR + std::max(lx, ly) * N);
+    T* As = scratch.data() + N * NR + MR * NR;
+    const T f = d.scale != nullptr ? static_cast<T>(d.scale[c]) : T(1);
     struct Side {
         T* out;
         int64_t rows, len, first;
@@ -425,8 +430,10 @@ D3FAST_INLINE void direct_grad(const Direct<T>& d, int64_t t, std::vector<T>& sc
     for (const Side& s : sides) {
         if (s.out == nullptr) continue;
         // the panel loop outside the row loop: one panel of Z (N x NR) stays in L1 for all rows
-        for (int64_t p0 = q0; p0 < q1; p0 += NR)
-            direct_grad_panel(d, c, A + s.first * N, s.len, s.out, p0, scratch.data());
+        // A is read-only here (a second backward reads it again): the scaled rows are a copy,
+        // len x N values against the len x N x 256 multiply-adds of the block
+        for (int64_t k = 0; k < s.len * N; ++k) As[k] = f * A[s.first * N + k];
+        for (int64_t p0 = q0; p0 < q1; p0 += NR) direct_grad_panel(d, c, As, s.len, s.out, p0, scratch.data());
         for (int64_t i = s.len; i < s.rows; ++i) std::fill(s.out + i * D + q0, s.out + i * D + q1, T(0));
     }
 }
@@ -442,65 +449,86 @@ void direct_gram_f64(Direct<double>& d, int64_t t, std::vector<const double*>& z
 void direct_kernel_f64(Direct<double>& d, int64_t c) { direct_kernel(d, c); }
 void direct_grad_f64(const Direct<double>& d, int64_t t, std::vector<double>& s) { direct_grad(d, t, s); }
 
-template <typename T, typename G, typename K, typename R>
-void mmd_direct(const MMDArgs<T>& a, G gram, K kernel, R grad) {
-    Direct<T> d;
-    d.a = &a;
-    d.nmax = a.nx + a.ny;
-    // pooled: at C = 200 the buffer is 2.9 MB, past malloc's mmap threshold, so a fresh one
-    // would fault in every call
-    struct Pooled {
-        void* p;
-        ~Pooled() { pool_free(p); }
-    } hold{pool_alloc(sizeof(T) * a.C * d.nmax * d.nmax)};
-    d.gram = static_cast<T*>(hold.p);
+// Phases 1-2 into d.gram (sized C * nmax^2 by the caller), losses into a.loss.
+template <typename T, typename G, typename K>
+void direct_weights(Direct<T>& d, G gram, K kernel) {
+    const MMDArgs<T>& a = *d.a;
     d.loss.assign(a.C, 0.0);
-    std::vector<int64_t> first_task(a.C + 1, 0);  // class c's phase-1 tasks: [first[c], first[c + 1])
     for (int64_t c = 0; c < a.C; ++c) {
         for (int64_t i = 0; i < d.rows(c); i += DIRECT_ROWS) {
             d.task_class.push_back(c);
             d.task_start.push_back(i);
         }
-        first_task[c + 1] = static_cast<int64_t>(d.task_class.size());
     }
-    const int64_t n_gram = first_task[a.C];
-    const bool want_grad = a.grad_x != nullptr || a.grad_y != nullptr;
-    const int64_t blocks = (a.D + DIRECT_COLS - 1) / DIRECT_COLS;
-    const int64_t n_grad = want_grad ? a.C * blocks : 0;
-#ifdef _OPENMP
-    const int64_t threads = omp_get_max_threads();
-#else
-    const int64_t threads = 1;
-#endif
-    // With classes to spare (two per thread or more) a thread runs whole classes: the class's
-    // rows (480 KB at n = m = 30, D = 2048) are still in its L2 when the gradient reads them
-    // again. Otherwise (C = 10 on 16 threads) the phases are split into finer tasks.
-    const bool by_class = a.C >= 2 * threads;
+    const int64_t n_gram = static_cast<int64_t>(d.task_class.size());
 #pragma omp parallel
     {
         std::vector<const T*> zp;
-        std::vector<T> scratch;
-        if (by_class) {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t c = 0; c < a.C; ++c) {
-                for (int64_t t = first_task[c]; t < first_task[c + 1]; ++t) gram(d, t, zp);
-                kernel(d, c);
-                if (want_grad)
-                    for (int64_t t = c * blocks; t < (c + 1) * blocks; ++t) grad(d, t, scratch);
-            }
-        } else {
+        for (int64_t t = 0; t < n_gram; ++t) gram(d, t, zp);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < n_gram; ++t) gram(d, t, zp);
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t c = 0; c < a.C; ++c) kernel(d, c);
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < n_grad; ++t) grad(d, t, scratch);
-        }
+        for (int64_t c = 0; c < a.C; ++c) kernel(d, c);
     }
     for (int64_t c = 0; c < a.C; ++c) a.loss[c] = static_cast<T>(d.loss[c]);
 }
 
+// Phase 3 from d.gram (A) into a.grad_x / a.grad_y.
+template <typename T, typename R>
+void direct_grads(const Direct<T>& d, R grad) {
+    const MMDArgs<T>& a = *d.a;
+    const int64_t n_grad = a.C * ((a.D + DIRECT_COLS - 1) / DIRECT_COLS);
+#pragma omp parallel
+    {
+        std::vector<T> scratch;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_grad; ++t) grad(d, t, scratch);
+    }
+}
+
+template <typename T>
+Direct<T> direct_of(const MMDArgs<T>& a, T* weights, const double* scale = nullptr) {
+    Direct<T> d;
+    d.a = &a;
+    d.nmax = a.nx + a.ny;
+    d.gram = weights;
+    d.scale = scale;
+    return d;
+}
+
+template <typename T, typename G, typename K, typename R>
+void mmd_direct(const MMDArgs<T>& a, G gram, K kernel, R grad) {
+    // pooled: at C = 200 the buffer is 2.9 MB, past malloc's mmap threshold, so a fresh one
+    // would fault in every call
+    const int64_t nmax = a.nx + a.ny;
+    struct Pooled {
+        void* p;
+        ~Pooled() { pool_free(p); }
+    } hold{pool_alloc(sizeof(T) * a.C * nmax * nmax)};
+    Direct<T> d = direct_of(a, static_cast<T*>(hold.p));
+    direct_weights(d, gram, kernel);
+    if (a.grad_x != nullptr || a.grad_y != nullptr) direct_grads(d, grad);
+}
+
 }  // namespace
+
+template <>
+void mmd_weights<float>(const MMDArgs<float>& a, float* weights) {
+    Direct<float> d = direct_of(a, weights);
+    direct_weights(d, direct_gram_f32, direct_kernel_f32);
+}
+template <>
+void mmd_weights<double>(const MMDArgs<double>& a, double* weights) {
+    Direct<double> d = direct_of(a, weights);
+    direct_weights(d, direct_gram_f64, direct_kernel_f64);
+}
+template <>
+void mmd_weight_grads<float>(const MMDArgs<float>& a, const float* weights, const double* scale) {
+    direct_grads(direct_of(a, const_cast<float*>(weights), scale), direct_grad_f32);
+}
+template <>
+void mmd_weight_grads<double>(const MMDArgs<double>& a, const double* weights, const double* scale) {
+    direct_grads(direct_of(a, const_cast<double*>(weights), scale), direct_grad_f64);
+}
 
 template <>
 void mmd_forward<float>(const MMDArgs<float>& a) {

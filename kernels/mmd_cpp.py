@@ -26,41 +26,57 @@ def cpp_gammas(bandwidths: Sequence[float], scale: torch.Tensor | None) -> tuple
 class MMDCppFunction(torch.autograd.Function):
     """(x [C, n, D], y [C, m, D], x_lengths [C], y_lengths [C] int64, gammas, unbiased) -> [C].
 
-    The C++ pass returns the gradients for a unit upstream gradient; backward scales them in
-    place (a fresh [C, n, D] product cost 0.1-1.2 ms per call at (10, 30, 30, 2048), up to a
-    third of the op, mostly page faults). A second backward through a retained graph finds
-    them consumed and recomputes them from the saved inputs."""
+    n + m <= D (every shape D3 runs): forward computes the loss and the gradient weights A
+    ([C, n+m, n+m], no larger than the features), backward the gradient from A with the
+    upstream gradient folded in (`_C.mmd_weights`, `_C.mmd_weight_grads`), so no scaling pass
+    over [C, n, D] is made and backward can run again (retain_graph). Otherwise the fused pass
+    returns the unit-upstream gradients with the loss, and backward scales them in place (a
+    fresh product cost 0.1-1.2 ms per call at (10, 30, 30, 2048), mostly page faults); a second
+    backward through a retained graph recomputes them."""
 
     @staticmethod
     def forward(ctx, x, y, lx, ly, gammas, unbiased):  # type: ignore[override]
+        from d3fast._ext import _C
+
         gx_on, gy_on = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, gx, gy = _run(x, y, lx, ly, gammas, unbiased, gx_on, gy_on)
         ctx.dtypes = (x.dtype, y.dtype)
         ctx.args = (lx, ly, gammas, unbiased, gx_on, gy_on)
-        # kept on ctx, not saved: backward consumes them (saved tensors may not change in place)
-        ctx.grads = (gx, gy)
+        ctx.weights, ctx.grads = None, None
         if gx_on or gy_on:
             ctx.save_for_backward(x, y)
-        return loss
+        # named range: `d3fast profile` finds the kernel's time by this name
+        with torch.profiler.record_function("d3fast::mmd2_cpp"):
+            if (gx_on or gy_on) and x.shape[1] + y.shape[1] <= x.shape[2]:
+                loss, ctx.weights = _C.mmd_weights(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas),
+                                                   unbiased)
+                return torch.from_numpy(loss)
+            loss, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on,
+                                  gy_on)
+        # kept on ctx, not saved: backward consumes them (saved tensors may not change in place)
+        ctx.grads = tuple(torch.from_numpy(g) if g is not None else None for g in (gx, gy))
+        return torch.from_numpy(loss)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        if ctx.grads is None:
+        from d3fast._ext import _C
+
+        lx, ly, gammas, unbiased, gx_on, gy_on = ctx.args
+        if ctx.weights is not None:
             x, y = ctx.saved_tensors
-            _, gx, gy = _run(x, y, *ctx.args)
+            scale = grad_out.detach().to(torch.float64).contiguous().numpy()
+            with torch.profiler.record_function("d3fast::mmd2_cpp_backward"):
+                gx, gy = _C.mmd_weight_grads(ctx.weights, cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), scale,
+                                             gx_on, gy_on)
+            return (*(torch.from_numpy(g).to(dt) if g is not None else None for g, dt in zip((gx, gy), ctx.dtypes, strict=True)),
+                    None, None, None, None)
+        if ctx.grads is None:  # a second backward: the first scaled them in place
+            x, y = ctx.saved_tensors
+            _, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on,
+                               gy_on)
+            gx, gy = (torch.from_numpy(g) if g is not None else None for g in (gx, gy))
         else:
             (gx, gy), ctx.grads = ctx.grads, None
         scale = grad_out[:, None, None]
         out_x = gx.mul_(scale).to(ctx.dtypes[0]) if gx is not None else None
         out_y = gy.mul_(scale).to(ctx.dtypes[1]) if gy is not None else None
         return out_x, out_y, None, None, None, None
-
-
-def _run(x, y, lx, ly, gammas, unbiased, gx_on, gy_on):
-    """The C++ pass: loss [C] and, where asked, the unit-upstream gradients (or None)."""
-    from d3fast._ext import _C
-
-    # named range: `d3fast profile` finds the kernel's time by this name
-    with torch.profiler.record_function("d3fast::mmd2_cpp"):
-        loss, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on, gy_on)
-    return (torch.from_numpy(loss), *(torch.from_numpy(g) if g is not None else None for g in (gx, gy)))

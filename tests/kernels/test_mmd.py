@@ -134,11 +134,13 @@ def test_d3_shape_with_uneven_lengths(impl):
 
 
 @pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
-def test_a_second_backward_through_a_retained_graph(impl):
-    # the C++ op scales its saved gradients in place in the first backward; a second one
-    # (retain_graph) must recompute them, not reuse the scaled ones
-    x = features(3, 6, 16, 0).requires_grad_(True)
-    y = features(3, 5, 16, 1, 0.1).requires_grad_(True)
+@pytest.mark.parametrize("D", [8, 16], ids=["tiled", "direct"])
+def test_a_second_backward_through_a_retained_graph(impl, D):
+    # tiled C++ path: the first backward scales the saved gradients in place, a second one
+    # (retain_graph) must recompute them; direct path: backward applies each upstream
+    # gradient to the saved weights, which it must not change
+    x = features(3, 6, D, 0).requires_grad_(True)
+    y = features(3, 5, D, 1, 0.1).requires_grad_(True)
     loss = kernels.mmd2(x, y, impl=impl)
     first = torch.autograd.grad((loss * torch.tensor([1.0, -2.0, 3.0])).sum(), (x, y), retain_graph=True)
     second = torch.autograd.grad((loss * torch.tensor([0.5, 4.0, -1.0])).sum(), (x, y))
@@ -255,3 +257,25 @@ def test_cpp_matches_reference_on_random_shapes_and_lengths():
                          atol=RTOL[torch.float32] * scale, rtol=0)
 
     prop()
+
+
+@pytest.mark.skipif(not __import__("d3fast._ext", fromlist=["HAS_EXT"]).HAS_EXT, reason="d3fast._C not built")
+def test_cpp_weight_halves_refuse_mismatched_inputs():
+    import numpy as np
+
+    from d3fast._ext import _C
+
+    x, y = features(2, 4, 16, 0).numpy(), features(2, 3, 16, 1).numpy()
+    lx, ly = np.array([4, 4]), np.array([3, 3])
+    loss, w = _C.mmd_weights(x, y, lx, ly, [0.5], True)
+    assert w.shape == (2, 7, 7) and loss.shape == (2,)
+    gx, gy = _C.mmd_weight_grads(w, x, y, lx, ly, np.ones(2), True, False)
+    assert gx.shape == x.shape and gy is None
+    with pytest.raises(ValueError, match="weights must be"):
+        _C.mmd_weight_grads(w[:1], x, y, lx, ly, np.ones(2), True, False)
+    with pytest.raises(ValueError, match="scale must be"):
+        _C.mmd_weight_grads(w, x, y, lx, ly, np.ones(3), True, False)
+    with pytest.raises(ValueError, match="wrong dtype"):
+        _C.mmd_weight_grads(w.astype(np.float64), x, y, lx, ly, np.ones(2), True, False)
+    with pytest.raises(ValueError, match="lengths"):
+        _C.mmd_weights(x, y, np.array([5, 4]), ly, [0.5], True)

@@ -57,8 +57,20 @@ d3fast::MMDArgs<T> mmd_args(const py::array& x, const py::array& y, const py::ar
     return a;
 }
 
-void check_gammas(const std::vector<double>& gammas) {
+// mmd_args plus the kernel's bandwidths (gammas must outlive the call) and a loss output.
+template <typename T>
+std::pair<d3fast::MMDArgs<T>, py::array_t<T>> mmd_loss_args(const py::array& x, const py::array& y,
+                                                              const py::array_t<int64_t>& lx,
+                                                              const py::array_t<int64_t>& ly,
+                                                              const std::vector<double>& gammas, bool unbiased) {
     if (gammas.empty() || gammas.size() > 16) throw std::invalid_argument("mmd: 1 to 16 bandwidths");
+    auto a = mmd_args<T>(x, y, lx, ly);
+    a.gammas = gammas.data();
+    a.num_gammas = static_cast<int>(gammas.size());
+    a.unbiased = unbiased;
+    py::array_t<T> loss(a.C);
+    a.loss = loss.mutable_data();
+    return {a, loss};
 }
 
 // Gradient outputs where wanted (None where not), pointers set in a.
@@ -82,13 +94,7 @@ template <typename T>
 py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
                     const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased, bool grad_x,
                     bool grad_y) {
-    check_gammas(gammas);
-    auto a = mmd_args<T>(x, y, lx, ly);
-    a.gammas = gammas.data();
-    a.num_gammas = static_cast<int>(gammas.size());
-    a.unbiased = unbiased;
-    py::array_t<T> loss(a.C);
-    a.loss = loss.mutable_data();
+    auto [a, loss] = mmd_loss_args<T>(x, y, lx, ly, gammas, unbiased);
     auto [gx, gy] = mmd_grad_outputs(a, grad_x, grad_y);
     {
         py::gil_scoped_release nogil;
@@ -100,13 +106,7 @@ py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<in
 template <typename T>
 py::tuple mmd_weights_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
                             const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased) {
-    check_gammas(gammas);
-    auto a = mmd_args<T>(x, y, lx, ly);
-    a.gammas = gammas.data();
-    a.num_gammas = static_cast<int>(gammas.size());
-    a.unbiased = unbiased;
-    py::array_t<T> loss(a.C);
-    a.loss = loss.mutable_data();
+    auto [a, loss] = mmd_loss_args<T>(x, y, lx, ly, gammas, unbiased);
     auto w = pooled_array<T>({a.C, a.nx + a.ny, a.nx + a.ny});
     T* wp = w.mutable_data();
     {

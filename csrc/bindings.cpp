@@ -33,10 +33,14 @@ py::array_t<T> pooled_array(const std::vector<py::ssize_t>& shape) {
     return py::array_t<T>(shape, static_cast<T*>(p), owner);
 }
 
+// Per-class row counts: pybind11 copies a strided or other-typed array into a contiguous int64
+// one (a column of a [C, 2] table would otherwise be read as if it were contiguous).
+using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
 // The arguments every MMD entry point checks: shapes, dtype, layout, lengths, bandwidths.
 template <typename T>
-d3fast::MMDArgs<T> mmd_args(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
-                            const py::array_t<int64_t>& ly) {
+d3fast::MMDArgs<T> mmd_args(const py::array& x, const py::array& y, const Lengths& lx,
+                            const Lengths& ly) {
     if (x.ndim() != 3 || y.ndim() != 3 || x.shape(0) != y.shape(0) || x.shape(2) != y.shape(2))
         throw std::invalid_argument("mmd: x [C, nx, D] and y [C, ny, D] must agree in C and D");
     const int64_t C = x.shape(0);
@@ -60,8 +64,8 @@ d3fast::MMDArgs<T> mmd_args(const py::array& x, const py::array& y, const py::ar
 // mmd_args plus the kernel's bandwidths (gammas must outlive the call) and a loss output.
 template <typename T>
 std::pair<d3fast::MMDArgs<T>, py::array_t<T>> mmd_loss_args(const py::array& x, const py::array& y,
-                                                              const py::array_t<int64_t>& lx,
-                                                              const py::array_t<int64_t>& ly,
+                                                              const Lengths& lx,
+                                                              const Lengths& ly,
                                                               const std::vector<double>& gammas, bool unbiased) {
     if (gammas.empty() || gammas.size() > 16) throw std::invalid_argument("mmd: 1 to 16 bandwidths");
     auto a = mmd_args<T>(x, y, lx, ly);
@@ -91,8 +95,8 @@ std::pair<py::object, py::object> mmd_grad_outputs(d3fast::MMDArgs<T>& a, bool g
 }
 
 template <typename T>
-py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
-                    const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased, bool grad_x,
+py::tuple mmd_typed(const py::array& x, const py::array& y, const Lengths& lx,
+                    const Lengths& ly, const std::vector<double>& gammas, bool unbiased, bool grad_x,
                     bool grad_y) {
     auto [a, loss] = mmd_loss_args<T>(x, y, lx, ly, gammas, unbiased);
     auto [gx, gy] = mmd_grad_outputs(a, grad_x, grad_y);
@@ -104,8 +108,8 @@ py::tuple mmd_typed(const py::array& x, const py::array& y, const py::array_t<in
 }
 
 template <typename T>
-py::tuple mmd_weights_typed(const py::array& x, const py::array& y, const py::array_t<int64_t>& lx,
-                            const py::array_t<int64_t>& ly, const std::vector<double>& gammas, bool unbiased) {
+py::tuple mmd_weights_typed(const py::array& x, const py::array& y, const Lengths& lx,
+                            const Lengths& ly, const std::vector<double>& gammas, bool unbiased) {
     auto [a, loss] = mmd_loss_args<T>(x, y, lx, ly, gammas, unbiased);
     auto w = pooled_array<T>({a.C, a.nx + a.ny, a.nx + a.ny});
     T* wp = w.mutable_data();
@@ -118,7 +122,7 @@ py::tuple mmd_weights_typed(const py::array& x, const py::array& y, const py::ar
 
 template <typename T>
 py::tuple mmd_weight_grads_typed(const py::array& weights, const py::array& x, const py::array& y,
-                                 const py::array_t<int64_t>& lx, const py::array_t<int64_t>& ly,
+                                 const Lengths& lx, const Lengths& ly,
                                  const py::array_t<double>& scale, bool grad_x, bool grad_y) {
     auto a = mmd_args<T>(x, y, lx, ly);
     const int64_t N = a.nx + a.ny;
@@ -236,8 +240,8 @@ PYBIND11_MODULE(_C, m) {
 
     m.def(
         "mmd",
-        [](const py::array& x, const py::array& y, const py::array_t<int64_t>& x_lengths,
-           const py::array_t<int64_t>& y_lengths, const std::vector<double>& gammas, bool unbiased, bool grad_x,
+        [](const py::array& x, const py::array& y, const Lengths& x_lengths,
+           const Lengths& y_lengths, const std::vector<double>& gammas, bool unbiased, bool grad_x,
            bool grad_y) {
             return is_f64(x) ? mmd_typed<double>(x, y, x_lengths, y_lengths, gammas, unbiased, grad_x, grad_y)
                              : mmd_typed<float>(x, y, x_lengths, y_lengths, gammas, unbiased, grad_x, grad_y);
@@ -260,8 +264,8 @@ PYBIND11_MODULE(_C, m) {
 
     m.def(
         "mmd_weights",
-        [](const py::array& x, const py::array& y, const py::array_t<int64_t>& x_lengths,
-           const py::array_t<int64_t>& y_lengths, const std::vector<double>& gammas, bool unbiased) {
+        [](const py::array& x, const py::array& y, const Lengths& x_lengths,
+           const Lengths& y_lengths, const std::vector<double>& gammas, bool unbiased) {
             return is_f64(x) ? mmd_weights_typed<double>(x, y, x_lengths, y_lengths, gammas, unbiased)
                              : mmd_weights_typed<float>(x, y, x_lengths, y_lengths, gammas, unbiased);
         },
@@ -279,8 +283,8 @@ PYBIND11_MODULE(_C, m) {
 
     m.def(
         "mmd_weight_grads",
-        [](const py::array& weights, const py::array& x, const py::array& y, const py::array_t<int64_t>& x_lengths,
-           const py::array_t<int64_t>& y_lengths, const py::array_t<double>& scale, bool grad_x, bool grad_y) {
+        [](const py::array& weights, const py::array& x, const py::array& y, const Lengths& x_lengths,
+           const Lengths& y_lengths, const py::array_t<double>& scale, bool grad_x, bool grad_y) {
             return is_f64(x) ? mmd_weight_grads_typed<double>(weights, x, y, x_lengths, y_lengths, scale, grad_x, grad_y)
                              : mmd_weight_grads_typed<float>(weights, x, y, x_lengths, y_lengths, scale, grad_x, grad_y);
         },

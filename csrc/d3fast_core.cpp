@@ -61,16 +61,24 @@ void pool_free(void* ptr) {
     if (ptr == nullptr) return;
     void* base = static_cast<char*>(ptr) - kHeader;
     const size_t bytes = *static_cast<size_t*>(base);
-    Pool& p = pool();
-    {
-        std::lock_guard<std::mutex> lock(p.mu);
-        if (p.kept.size() < kMaxKept && p.kept_bytes + bytes <= kMaxKeptBytes) {
-            p.kept.emplace_back(bytes, base);
-            p.kept_bytes += bytes;
-            return;
-        }
+    if (bytes > kMaxKeptBytes) {
+        std::free(base);
+        return;
     }
-    std::free(base);
+    // the oldest kept buffers make room: a loop whose shapes change keeps the new ones
+    std::vector<void*> evicted;
+    {
+        Pool& p = pool();
+        std::lock_guard<std::mutex> lock(p.mu);
+        while (!p.kept.empty() && (p.kept.size() >= kMaxKept || p.kept_bytes + bytes > kMaxKeptBytes)) {
+            p.kept_bytes -= p.kept.front().first;
+            evicted.push_back(p.kept.front().second);
+            p.kept.erase(p.kept.begin());
+        }
+        p.kept.emplace_back(bytes, base);
+        p.kept_bytes += bytes;
+    }
+    for (void* e : evicted) std::free(e);
 }
 
 BuildInfo build_info() {

@@ -22,8 +22,9 @@ BuildInfo build_info();
 // the kernels' outputs and workspaces are fresh each call and fully written, so memory the
 // allocator got back from the OS costs a page fault per 4 KiB at first touch (~3.5 us each on
 // the 2-core VM: 580 faults added 2.0 ms to a 3.4 ms MMD call at (10, 30, 30, 2048)). A
-// training loop asks for the same sizes every step; the pool keeps up to 8 freed buffers
-// (256 MiB at most) and reuses one of the exact size. 64-byte aligned; thread-safe.
+// training loop asks for the same sizes every step; the pool keeps the last 8 freed buffers
+// (256 MiB at most, the oldest released first) and reuses one of the exact size. 64-byte
+// aligned; thread-safe.
 void* pool_alloc(size_t bytes);
 void pool_free(void* p);  // p from pool_alloc (or null)
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from d3fast.kernels._autograd import first_order_only
+
 
 @triton.jit
 def _mmd_fwd_kernel(
@@ -174,6 +176,7 @@ class MMDFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         g = grad * grad_out.float()[:, None, None]

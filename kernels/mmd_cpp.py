@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from d3fast.kernels._autograd import first_order_only
+
 
 def cpu_array(t: torch.Tensor) -> np.ndarray:
     """A C-contiguous float32 (float64 stays float64) numpy view or copy of t."""
@@ -57,12 +59,14 @@ class MMDCppFunction(torch.autograd.Function):
         return torch.from_numpy(loss)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):  # type: ignore[override]
         from d3fast._ext import _C
 
         lx, ly, gammas, unbiased, gx_on, gy_on = ctx.args
+        # unpacked on every path: PyTorch's check that x and y were not changed in place since
+        x, y = ctx.saved_tensors
         if ctx.weights is not None:
-            x, y = ctx.saved_tensors
             scale = grad_out.detach().to(torch.float64).contiguous().numpy()
             with torch.profiler.record_function("d3fast::mmd2_cpp_backward"):
                 gx, gy = _C.mmd_weight_grads(ctx.weights, cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), scale,
@@ -70,7 +74,6 @@ class MMDCppFunction(torch.autograd.Function):
             return (*(torch.from_numpy(g).to(dt) if g is not None else None for g, dt in zip((gx, gy), ctx.dtypes, strict=True)),
                     None, None, None, None)
         if ctx.grads is None:  # a second backward: the first scaled them in place
-            x, y = ctx.saved_tensors
             _, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on,
                                gy_on)
             gx, gy = (torch.from_numpy(g) if g is not None else None for g in (gx, gy))

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d3fast.kernels._autograd import first_order_only
 from d3fast.kernels.param_dist_ref import input_grads
 
 
@@ -156,6 +157,7 @@ class ParamDistFunction(torch.autograd.Function):
         return (num / den).to(dtype)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):  # type: ignore[override]
         n = ctx.n_seg
         *flat, num, den = ctx.saved_tensors

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from d3fast.kernels._autograd import first_order_only
 from d3fast.kernels.mmd_cpp import cpu_array
 from d3fast.kernels.param_dist_ref import input_grads
 
@@ -29,6 +30,7 @@ class ParamDistCppFunction(torch.autograd.Function):
         return (num / den).to(dtype)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):  # type: ignore[override]
         from d3fast._ext import _C
 

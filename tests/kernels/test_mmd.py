@@ -200,6 +200,66 @@ def test_bad_input_is_a_clear_error():
         kernels.mmd2(x, x, bandwidths=())
     with pytest.raises(D3FastError, match="implementation"):
         kernels.mmd2(x, x, impl="cuda")
+    # found by a breaker pass: each was a raw error, a silent acceptance or a NaN
+    bad = [
+        ({"y": torch.randn(2, 0, 8), "unbiased": False}, "none of them 0"),
+        ({"x": torch.randn(0, 5, 8), "y": torch.randn(0, 5, 8), "x_lengths": torch.zeros(0, dtype=torch.long)},
+         "none of them 0"),
+        ({"x": torch.randn(2, 5, 8, dtype=torch.complex64)}, "real floating point"),
+        ({"bandwidths": (float("nan"),)}, "finite positive bandwidths"),
+        ({"bandwidths": 2.0}, "sequence of numbers"),
+        ({"bandwidth_scale": torch.tensor(0.0)}, "finite and positive"),
+        ({"bandwidth_scale": torch.tensor(-2.0)}, "finite and positive"),
+        ({"bandwidth_scale": torch.ones(2)}, "one floating-point value"),
+        ({"bandwidth_scale": "wide"}, "a number or a one-value tensor"),
+        ({"x_lengths": torch.tensor([True, True])}, "x_lengths must be 2 integers"),
+    ]
+    for kw, message in bad:
+        args = {"x": x, "y": x, **kw}
+        with pytest.raises(D3FastError, match=message):
+            kernels.mmd2(args.pop("x"), args.pop("y"), **args)
+    # a plain number is a scale like a tensor
+    assert torch.equal(kernels.mmd2(x, x, bandwidth_scale=2.0), kernels.mmd2(x, x, bandwidth_scale=torch.tensor(2.0)))
+
+
+@pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
+def test_strided_and_expanded_lengths(impl):
+    # a column of a [C, 2] table of counts is strided, an expanded tensor has stride 0: the C++
+    # op read both as if contiguous (wrong lengths, silently) before they were made contiguous
+    x, y = features(3, 6, 16, 0), features(3, 5, 16, 1, 0.1)
+    counts = torch.tensor([[6, 2], [3, 5], [4, 4]])
+    for lx, ly in ((counts[:, 0], counts[:, 1]), (torch.tensor([4]).expand(3), torch.tensor([3]).expand(3))):
+        check(f"{impl} lengths strides {lx.stride()}", impl, x, y, RTOL[torch.float32], x_lengths=lx, y_lengths=ly)
+
+
+@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("D", [6, 16], ids=["tiled", "direct"])
+def test_double_backward_raises_instead_of_dropping_terms(impl, D):
+    # the fused ops' backward is not itself differentiable: create_graph must not give a
+    # gradient whose own gradient silently lacks the second-order terms
+    dev = device_for(impl)
+    x = features(2, 4, D, 0).to(dev).requires_grad_(True)
+    y = features(2, 3, D, 1, 0.1).to(dev)
+    loss = kernels.mmd2(x, y, impl=impl).sum()
+    if impl == "reference":
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        assert gx.requires_grad  # plain autograd: the second order exists
+        return
+    with pytest.raises(D3FastError, match="first-order only"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # without create_graph the same graph still gives the gradient
+    assert torch.autograd.grad(loss, x)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
+@pytest.mark.parametrize("D", [6, 16], ids=["tiled", "direct"])
+def test_changing_an_input_in_place_before_backward_raises(impl, D):
+    x = features(2, 4, D, 0).requires_grad_(True)
+    xa = x * 1.0
+    loss = kernels.mmd2(xa, features(2, 3, D, 1, 0.1), impl=impl)
+    xa.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
 
 
 @pytest.mark.skipif(not __import__("d3fast._ext", fromlist=["HAS_EXT"]).HAS_EXT, reason="d3fast._C not built")
@@ -232,9 +292,9 @@ def test_cpp_outputs_from_the_buffer_pool_are_fully_written_and_never_shared():
 
 @pytest.mark.skipif(not __import__("d3fast._ext", fromlist=["HAS_EXT"]).HAS_EXT, reason="d3fast._C not built")
 def test_cpp_matches_reference_on_random_shapes_and_lengths():
-    # hypothesis over both C++ paths (n + m > D tiled, <= D direct), both schedules of the direct
-    # path (C >= 2 x threads: whole classes per thread; fewer: split phases), every register-block and
-    # panel remainder (rows mod 3/4/6, D mod 8/16), uneven lengths, both estimators
+    # hypothesis over both C++ paths (n + m > D tiled, <= D direct: fused, and split into
+    # forward and backward by autograd), every register-block and panel remainder (rows mod
+    # 3/4/6, D mod 8/16), uneven lengths, both estimators
     from hypothesis import given, settings
     from hypothesis import strategies as st
 

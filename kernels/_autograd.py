@@ -1,0 +1,35 @@
+"""What the fused ops' autograd Functions share."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from d3fast.errors import D3FastError
+
+
+def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap the backward of an op whose gradient is computed outside autograd (C++, Triton).
+
+    Under create_graph=True that gradient would carry no graph, so a gradient of it would lack
+    the second-order terms without any error (a gradient penalty through `mmd2` gave 0.64
+    instead of 0.93). Autograd runs backward with grad mode on exactly when create_graph is
+    set: then this raises instead.
+
+    Raises:
+        D3FastError: backward called with create_graph=True.
+    """
+
+    @functools.wraps(backward)
+    def checked(ctx: Any, *grads: torch.Tensor) -> Any:
+        if torch.is_grad_enabled():
+            raise D3FastError(
+                "the fused kernels' gradients are first-order only (this backward was asked for a graph, "
+                "create_graph=True); use impl=\"reference\" for higher-order gradients"
+            )
+        return backward(ctx, *grads)
+
+    return checked

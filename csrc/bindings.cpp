@@ -239,6 +239,13 @@ PYBIND11_MODULE(_C, m) {
         "    OpenMP) and simd (str, the vector ISA the kernels run with on this CPU).");
 
     m.def(
+        "pool_trim", []() { return d3fast::pool_trim(); },
+        "Releases the freed output and workspace buffers the kernels keep for reuse (at most 8,\n"
+        "256 MiB; see csrc/d3fast_core.h).\n\n"
+        "Returns:\n"
+        "    int, the bytes released.");
+
+    m.def(
         "mmd",
         [](const py::array& x, const py::array& y, const Lengths& x_lengths,
            const Lengths& y_lengths, const std::vector<double>& gammas, bool unbiased, bool grad_x,

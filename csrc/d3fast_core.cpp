@@ -81,6 +81,22 @@ void pool_free(void* ptr) {
     for (void* e : evicted) std::free(e);
 }
 
+size_t pool_trim() {
+    std::vector<std::pair<size_t, void*>> kept;
+    {
+        Pool& p = pool();
+        std::lock_guard<std::mutex> lock(p.mu);
+        kept.swap(p.kept);
+        p.kept_bytes = 0;
+    }
+    size_t bytes = 0;
+    for (const auto& [size, base] : kept) {
+        bytes += size;
+        std::free(base);
+    }
+    return bytes;
+}
+
 BuildInfo build_info() {
     BuildInfo info;
     info.version = D3FAST_VERSION;

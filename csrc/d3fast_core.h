@@ -27,6 +27,7 @@ BuildInfo build_info();
 // aligned; thread-safe.
 void* pool_alloc(size_t bytes);
 void pool_free(void* p);  // p from pool_alloc (or null)
+size_t pool_trim();       // releases every kept buffer; returns the bytes released
 
 // Batched multi-kernel MMD^2 (csrc/mmd.cpp; math in kernels/mmd_ref.py). x: [C, nx, D] and
 // y: [C, ny, D] row-major; class c uses its first x_lengths[c] / y_lengths[c] rows. Writes

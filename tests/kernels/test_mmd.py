@@ -288,6 +288,10 @@ def test_cpp_outputs_from_the_buffer_pool_are_fully_written_and_never_shared():
     rx, ry = torch.autograd.grad(loss.sum(), (xr, yr))
     assert_close("pooled dx", rx, torch.from_numpy(gx).double(), atol=2e-5 * float(rx.abs().max()), rtol=0)
     assert_close("pooled dy", ry, torch.from_numpy(gy).double(), atol=2e-5 * float(ry.abs().max()), rtol=0)
+    # trimming releases what the pool keeps (here at least the workspace of the last call)
+    _C.pool_trim()
+    del gx, gy
+    assert _C.pool_trim() >= 2 * C * n * D * 4 and _C.pool_trim() == 0
 
 
 @pytest.mark.skipif(not __import__("d3fast._ext", fromlist=["HAS_EXT"]).HAS_EXT, reason="d3fast._C not built")

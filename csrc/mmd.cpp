@@ -284,7 +284,6 @@ struct Direct {
     int64_t nmax;     // nx + ny: the per-class stride of gram is nmax^2
     T* gram = nullptr;  // [C, N_c, N_c] (class c at c * nmax^2): Gram, then A
     const double* scale = nullptr;  // phase 3: [C] factors of A (the upstream gradient), null = 1
-    std::vector<double> loss;
     std::vector<int64_t> task_class, task_start;  // phase-1 tasks
 
     int64_t rows(int64_t c) const { return a->x_lengths[c] + a->y_lengths[c]; }
@@ -302,13 +301,13 @@ D3FAST_INLINE void direct_gram(Direct<T>& d, int64_t t, std::vector<const T*>& z
     zp.resize(N);
     for (int64_t i = 0; i < N; ++i) zp[i] = d.z(c, i);
     T* g = d.gram + c * d.nmax * d.nmax;
-    for (int64_t i = i0; i < i1; ++i) std::fill(g + i * N + i0, g + (i + 1) * N, T(0));
     // the whole depth per block: splitting it into L2-sized chunks was slower at every size
     // measured (N = 60 and 512, D = 2048: 1.0-1.45x the time), the partial sums' reductions
     // costing more than the misses they save
     for (int64_t r = i0; r < i1; r += simd::DR) {
         const int ra = static_cast<int>(std::min<int64_t>(simd::DR, i1 - r));
-        // columns from the block's first row: j < i inside the block is a few spare sums
+        // columns from the block's first row: j < i inside the block is a few spare sums; the
+        // entries left unwritten lie below the diagonal, which phase 2 writes before reading
         for (int64_t j = r; j < N; j += simd::DC) {
             const int rb = static_cast<int>(std::min<int64_t>(simd::DC, N - j));
             simd::dot_block<T>(D, zp.data() + r, ra, zp.data() + j, rb, g + r * N + j, N);
@@ -377,7 +376,7 @@ D3FAST_INLINE void direct_kernel(Direct<T>& d, int64_t c) {
         if (!a.unbiased) loss += static_cast<double>(row_x ? cxx : cyy) * a.num_gammas;
     }
     for (int64_t i = 0; i < N; ++i) g[i * N + i] = -4 * rsum[i];
-    d.loss[c] = loss;
+    a.loss[c] = static_cast<T>(loss);
 }
 
 // Rows [0, len) of one side's gradient, columns [p0, p0 + NR): out_r = sum_k A[r0 + r, k] z_k.
@@ -429,10 +428,10 @@ D3FAST_INLINE void direct_grad(const Direct<T>& d, int64_t t, std::vector<T>& sc
                            {a.grad_y ? a.grad_y + c * a.ny * D : nullptr, a.ny, ly, lx}};
     for (const Side& s : sides) {
         if (s.out == nullptr) continue;
-        // the panel loop outside the row loop: one panel of Z (N x NR) stays in L1 for all rows
         // A is read-only here (a second backward reads it again): the scaled rows are a copy,
         // len x N values against the len x N x 256 multiply-adds of the block
         for (int64_t k = 0; k < s.len * N; ++k) As[k] = f * A[s.first * N + k];
+        // the panel loop outside the row loop: one panel of Z (N x NR) stays in L1 for all rows
         for (int64_t p0 = q0; p0 < q1; p0 += NR) direct_grad_panel(d, c, As, s.len, s.out, p0, scratch.data());
         for (int64_t i = s.len; i < s.rows; ++i) std::fill(s.out + i * D + q0, s.out + i * D + q1, T(0));
     }
@@ -453,7 +452,6 @@ void direct_grad_f64(const Direct<double>& d, int64_t t, std::vector<double>& s)
 template <typename T, typename G, typename K>
 void direct_weights(Direct<T>& d, G gram, K kernel) {
     const MMDArgs<T>& a = *d.a;
-    d.loss.assign(a.C, 0.0);
     for (int64_t c = 0; c < a.C; ++c) {
         for (int64_t i = 0; i < d.rows(c); i += DIRECT_ROWS) {
             d.task_class.push_back(c);
@@ -469,7 +467,6 @@ void direct_weights(Direct<T>& d, G gram, K kernel) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < a.C; ++c) kernel(d, c);
     }
-    for (int64_t c = 0; c < a.C; ++c) a.loss[c] = static_cast<T>(d.loss[c]);
 }
 
 // Phase 3 from d.gram (A) into a.grad_x / a.grad_y.

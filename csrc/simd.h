@@ -83,7 +83,7 @@ D3FAST_INLINE void mac_tile(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, c
     }
 }
 
-// Dot-product register block: out[r * ld + s] += <a[r], b[s]> over k < K for r < ra <= DR,
+// Dot-product register block: out[r * ld + s] = <a[r], b[s]> over k < K for r < ra <= DR,
 // s < rb <= DC, rows given by pointers (no packing: the rows are read where they lie).
 // 3 x 4 vector accumulators + 3 row loads + 1 column load = the 16 AVX2 registers; per
 // 8 lanes of k it issues 12 FMAs for 7 loads, FMA-bound when the rows sit in L1/L2.
@@ -116,7 +116,7 @@ D3FAST_INLINE void dot_block(int64_t K, const T* const* a, int ra, const T* cons
             T sum = 0;
             for (int l = 0; l < L; ++l) sum += acc[r][s][l];
             for (int64_t kk = k; kk < K; ++kk) sum += ap[r][kk] * bp[s][kk];
-            out[r * ld + s] += sum;
+            out[r * ld + s] = sum;
         }
     }
 }

@@ -30,11 +30,9 @@ class MMDCppFunction(torch.autograd.Function):
 
     n + m <= D (every shape D3 runs): forward computes the loss and the gradient weights A
     ([C, n+m, n+m], no larger than the features), backward the gradient from A with the
-    upstream gradient folded in (`_C.mmd_weights`, `_C.mmd_weight_grads`), so no scaling pass
-    over [C, n, D] is made and backward can run again (retain_graph). Otherwise the fused pass
-    returns the unit-upstream gradients with the loss, and backward scales them in place (a
-    fresh product cost 0.1-1.2 ms per call at (10, 30, 30, 2048), mostly page faults); a second
-    backward through a retained graph recomputes them."""
+    upstream gradient folded in (`_C.mmd_weights`, `_C.mmd_weight_grads`): no scaling pass
+    over [C, n, D]. Otherwise (the tiled path, A would outgrow the features) the fused pass
+    returns the unit-upstream gradients with the loss and backward scales them."""
 
     @staticmethod
     def forward(ctx, x, y, lx, ly, gammas, unbiased):  # type: ignore[override]
@@ -42,20 +40,18 @@ class MMDCppFunction(torch.autograd.Function):
 
         gx_on, gy_on = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.dtypes = (x.dtype, y.dtype)
-        ctx.args = (lx, ly, gammas, unbiased, gx_on, gy_on)
-        ctx.weights, ctx.grads = None, None
-        if gx_on or gy_on:
-            ctx.save_for_backward(x, y)
+        ctx.args = (lx, ly, gx_on, gy_on)
+        ctx.weights = None
         # named range: `d3fast profile` finds the kernel's time by this name
         with torch.profiler.record_function("d3fast::mmd2_cpp"):
             if (gx_on or gy_on) and x.shape[1] + y.shape[1] <= x.shape[2]:
                 loss, ctx.weights = _C.mmd_weights(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas),
                                                    unbiased)
+                ctx.save_for_backward(x, y)
                 return torch.from_numpy(loss)
             loss, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on,
                                   gy_on)
-        # kept on ctx, not saved: backward consumes them (saved tensors may not change in place)
-        ctx.grads = tuple(torch.from_numpy(g) if g is not None else None for g in (gx, gy))
+        ctx.save_for_backward(x, y, *(torch.from_numpy(g) if g is not None else None for g in (gx, gy)))
         return torch.from_numpy(loss)
 
     @staticmethod
@@ -63,23 +59,16 @@ class MMDCppFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         from d3fast._ext import _C
 
-        lx, ly, gammas, unbiased, gx_on, gy_on = ctx.args
-        # unpacked on every path: PyTorch's check that x and y were not changed in place since
-        x, y = ctx.saved_tensors
-        if ctx.weights is not None:
-            scale = grad_out.detach().to(torch.float64).contiguous().numpy()
-            with torch.profiler.record_function("d3fast::mmd2_cpp_backward"):
-                gx, gy = _C.mmd_weight_grads(ctx.weights, cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), scale,
-                                             gx_on, gy_on)
-            return (*(torch.from_numpy(g).to(dt) if g is not None else None for g, dt in zip((gx, gy), ctx.dtypes, strict=True)),
-                    None, None, None, None)
-        if ctx.grads is None:  # a second backward: the first scaled them in place
-            _, gx, gy = _C.mmd(cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(), list(gammas), unbiased, gx_on,
-                               gy_on)
-            gx, gy = (torch.from_numpy(g) if g is not None else None for g in (gx, gy))
+        # x and y unpacked on both paths: PyTorch's check that they were not changed in place
+        x, y, *unit = ctx.saved_tensors
+        if ctx.weights is None:
+            scale = grad_out[:, None, None]
+            grads = tuple(g * scale if g is not None else None for g in unit)
         else:
-            (gx, gy), ctx.grads = ctx.grads, None
-        scale = grad_out[:, None, None]
-        out_x = gx.mul_(scale).to(ctx.dtypes[0]) if gx is not None else None
-        out_y = gy.mul_(scale).to(ctx.dtypes[1]) if gy is not None else None
-        return out_x, out_y, None, None, None, None
+            lx, ly, gx_on, gy_on = ctx.args
+            with torch.profiler.record_function("d3fast::mmd2_cpp_backward"):
+                grads = tuple(torch.from_numpy(g) if g is not None else None for g in _C.mmd_weight_grads(
+                    ctx.weights, cpu_array(x), cpu_array(y), lx.numpy(), ly.numpy(),
+                    grad_out.detach().to(torch.float64).contiguous().numpy(), gx_on, gy_on))
+        out = (g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.dtypes, strict=True))
+        return (*out, None, None, None, None)

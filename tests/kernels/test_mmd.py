@@ -136,9 +136,9 @@ def test_d3_shape_with_uneven_lengths(impl):
 @pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
 @pytest.mark.parametrize("D", [8, 16], ids=["tiled", "direct"])
 def test_a_second_backward_through_a_retained_graph(impl, D):
-    # tiled C++ path: the first backward scales the saved gradients in place, a second one
-    # (retain_graph) must recompute them; direct path: backward applies each upstream
-    # gradient to the saved weights, which it must not change
+    # tiled C++ path: each backward scales the saved unit-upstream gradients, which it must
+    # not change; direct path: backward applies each upstream gradient to the saved weights,
+    # which it must not change either
     x = features(3, 6, D, 0).requires_grad_(True)
     y = features(3, 5, D, 1, 0.1).requires_grad_(True)
     loss = kernels.mmd2(x, y, impl=impl)

@@ -154,8 +154,7 @@ def unroll(
         if keep == spec.steps:
             return _unroll_naive(spec, d, theta0, lr, g, ops, chunks)
         head = spec.steps - keep
-        phi = [d.latents, *d.decoder.parameters()]
-        theta = _FlatUnroll.apply(lr, theta0, _Run(spec, d, g, ops[:head], chunks), *phi)
+        theta = _unroll_flat(spec, d, theta0, lr, g, ops[:head], chunks)
         return _unroll_naive(spec, d, theta, lr, g, ops[head:], chunks) if keep else theta
     if mode == "naive":
         return _unroll_naive(spec, d, theta0, lr, g, ops, chunks)
@@ -165,8 +164,7 @@ def unroll(
                 "the flat unroll needs a student without running statistics (net.norm=batchnorm keeps "
                 "some); use net.norm=instancenorm or --unroll naive"
             )
-        phi = [d.latents, *d.decoder.parameters()]
-        return _FlatUnroll.apply(lr, theta0, _Run(spec, d, g, ops, chunks), *phi)
+        return _unroll_flat(spec, d, theta0, lr, g, ops, chunks)
     raise D3FastError(f"unknown unroll mode {mode!r}: use auto, flat or naive")
 
 
@@ -221,6 +219,13 @@ def _step_bytes(spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.
             b.copy_(v)
     del out
     return sum(saved.values()) + theta0.numel() * theta0.element_size()
+
+
+def _unroll_flat(
+    spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator, ops: list[int | None],
+    chunks: _Chunks,
+) -> torch.Tensor:
+    return _FlatUnroll.apply(lr, theta0, _Run(spec, d, g, ops, chunks), d.latents, *d.decoder.parameters())
 
 
 def _unroll_naive(

@@ -84,6 +84,13 @@ class _Group(click.Group):
             dist_failed = collective_failure(e)
             if dist_failed:  # another rank died, hung past D3FAST_DIST_TIMEOUT, or left
                 click.secho(f"error: {_rank_prefix()}{dist_failed}", fg="red", err=True)
+                if os.environ.get("D3FAST_API") != "1":  # the program, not a caller's process:
+                    # the group cannot be destroyed (that may wait on the dead peer), and interpreter
+                    # teardown with gloo's threads alive can abort (d3fast/dist.py, World.from_env),
+                    # which would turn this exit 2 into a SIGABRT; files are closed by now
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(2)
                 sys.exit(2)
             from d3fast.io import write_failure
 

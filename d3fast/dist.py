@@ -78,6 +78,12 @@ class World:
             if cuda:
                 torch.cuda.set_device(local)
             timeout = datetime.timedelta(seconds=float(os.environ.get("D3FAST_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+            # torch._dynamo imported after the group exists (the optimisers import it on first use)
+            # keeps 10 references to it (torch 2.13): destroy_process_group then frees nothing, and
+            # gloo's worker threads run on into interpreter teardown, where one that drops a finished
+            # collective's tensors needs the GIL and aborts the process ("terminate called without
+            # an active exception", exit -6, after a job that had finished). Imported first, it holds none.
+            import torch._dynamo as _dynamo  # noqa: F401  (bound to another name: `torch` stays the module)
             try:
                 td.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
             except Exception as e:  # RuntimeError, DistStoreError, ValueError from a bad rendezvous

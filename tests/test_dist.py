@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import traceback
 from pathlib import Path
 
@@ -65,7 +66,24 @@ def _rank(rank: int, size: int, port: int, run_dir: str, overrides: tuple[str, .
         text = collective_failure(e) or f"{type(e).__name__}: {e}"
         Path(out, f"rank{rank}.err").write_text(f"{text}\n{traceback.format_exc()}")
     finally:
-        world.close()
+        _close_and_check_freed(world, Path(out, f"rank{rank}.err"))
+
+
+def _close_and_check_freed(world, err: Path) -> None:
+    """World.close(), then the process group must be gone: one that outlives it keeps gloo's
+    worker threads into interpreter teardown, which aborts a finished rank now and then
+    (d3fast/dist.py, World.from_env)."""
+    import gc
+    import weakref
+
+    import torch.distributed as td
+
+    group = weakref.ref(td.distributed_c10d._get_default_group()) if td.is_initialized() else None
+    world.close()
+    gc.collect()
+    if group is not None and group() is not None:
+        with err.open("a") as f:
+            f.write(f"the process group outlived World.close() ({sys.getrefcount(group()) - 1} references)\n")
 
 
 def launch(

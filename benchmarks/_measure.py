@@ -59,8 +59,8 @@ def peak_cuda_mib(fn: Callable[[], object], device: torch.device) -> float:
 
 # Runs in a fresh interpreter: inputs are built first, the kernel runs once to warm up, the
 # C++ kernels' buffer pool is emptied, the high-water mark is reset (clear_refs 5), and
-# VmHWM - VmRSS around one call is what that call needed at its peak. (getrusage's ru_maxrss survives fork + exec, so a child
-# would report pytest's own peak.)
+# VmHWM - VmRSS around one call is what that call needed at its peak. (getrusage's
+# ru_maxrss survives fork + exec, so a child would report pytest's own peak.)
 _RSS_SNIPPET = """
 import json, sys, torch
 spec = json.loads(sys.argv[1])

@@ -382,6 +382,9 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
                    "rest; default), flat (recompute all: memory flat in syn_steps) or naive (graph through every "
                    "step). The gradient is the same exact one.")
 @click.option("--students-per-step", type=int, default=None, help="Students (expert trajectories) per MTT update.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="The dtype of the whole distillation (distill.dtype; default float32). float64 is for checking "
+                   "gradients and comparing runs; the object is still stored and evaluated as float32.")
 @click.option("--mmd-chunk", type=int, default=None,
               help="Samples per feature-network graph in the MMD update (exact two-pass gradient); 0: automatic.")
 @click.option("--mmd-exact-graph", is_flag=True, default=None,
@@ -404,7 +407,7 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
                    "each its own pip package; offline by default).")
 @_quiet_option
 def distill(
-    dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, mmd_chunk, mmd_exact_graph, resume_dir,
+    dataset, preset, overrides, ppc, steps, amp, unroll, students_per_step, dtype, mmd_chunk, mmd_exact_graph, resume_dir,
     runs_dir, name, device, no_auto, then_evaluate, soft_labels, subtasks, subtask, budget_ipc, budget_images,
     data_path, trackers,
 ) -> None:
@@ -430,7 +433,7 @@ def distill(
     if world.distributed:
         device = world.device(device or "auto")
     typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
-             "distill.students_per_step": students_per_step, "distill.mmd_chunk": mmd_chunk,
+             "distill.students_per_step": students_per_step, "distill.dtype": dtype, "distill.mmd_chunk": mmd_chunk,
              "distill.mmd_exact_graph": mmd_exact_graph, "device": device, "distill.soft_labels": soft_labels,
              "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path,
              "log.trackers": None if trackers is None else [t.strip() for t in trackers.split(",") if t.strip()]}

@@ -182,6 +182,13 @@ class DistillConfig:
     # bf16 autocast on CUDA for decoding, the unrolled student and MMD features; parameters,
     # adjoints and losses stay fp32
     amp: bool = False
+    # float32 | float64: the dtype of the whole distillation (latents, decoder, the unrolled
+    # students, expert parameters as read, real images, features, MMD, the unroll's adjoints,
+    # optimiser state). float64 is the oracle for gradient checks and equality tests: two ways
+    # of running one step (1 or N ranks, flat or naive unroll, resumed or not) agree to ~1e-12
+    # there, while in float32 Adam turns rounding noise in near-zero gradients into lr-sized
+    # steps (docs/algorithm.md section 5, Precision). Exports, evaluation and storage stay float32
+    dtype: str = "float32"
 
 
 @dataclass(kw_only=True)
@@ -249,6 +256,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.mmd_scale": ("raw", "median"),
     "distill.mmd_param": ("expert", "final"),
     "distill.unroll": ("auto", "flat", "naive"),
+    "distill.dtype": ("float32", "float64"),
     "eval.decoder_bn": ("batch", "running"),
 }
 
@@ -537,6 +545,9 @@ def validate(cfg: Config) -> None:
     if d.decoder in VAE_TOP and not d.decoder_linear and d.z_dim != vae_z_dim(d.decoder):
         raise D3FastError(f"config key distill.z_dim: a {d.decoder} decoder without its linear layer "
                           f"(distill.decoder_linear=false) needs z_dim {vae_z_dim(d.decoder)}, got {d.z_dim}")
+    if d.amp and d.dtype == "float64":
+        raise D3FastError("distill.amp (bf16 autocast) and distill.dtype=float64 (everything in float64) exclude "
+                          "each other: drop --amp, or use distill.dtype=float32")
     if d.unroll == "flat" and cfg.net.norm == "batchnorm":
         raise D3FastError("distill.unroll=flat needs a student without running statistics, and net.norm=batchnorm "
                           "keeps some: use net.norm=instancenorm or distill.unroll=naive")
@@ -612,6 +623,7 @@ FIXED_ON_RESUME: dict[str, str] = {
     "distill.decoder_width": "the checkpoint holds a decoder of this width",
     "distill.decoder_linear": "the checkpoint holds a decoder of this layout",
     "distill.lr_teacher": "it is the learned student lr's initial value; the checkpoint holds its current value",
+    "distill.dtype": "the checkpoint holds the distilled tensors and optimiser state in this dtype",
     "distill.seed": "the random streams continue from the checkpoint, not from the seed",
 }
 

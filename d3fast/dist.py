@@ -31,6 +31,7 @@ import torch
 import torch.distributed as td
 
 from d3fast.errors import D3FastError
+from d3fast.runtime import full_precision
 
 DEFAULT_TIMEOUT_S = 600
 T = TypeVar("T")
@@ -145,7 +146,8 @@ class World:
         if not self.distributed:
             return
         params = list(params)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+        # float32, or float64 when the parameters are (distill.dtype=float64)
+        flat = torch.cat([full_precision(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in params])
         td.all_reduce(flat, group=self.group)
         flat /= self.size

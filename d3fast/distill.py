@@ -54,7 +54,7 @@ from d3fast.paths import home
 from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORWARD, phase
 from d3fast.progress import bar as progress_bar
 from d3fast.run import Run
-from d3fast.runtime import device_name, resolve_device, versions
+from d3fast.runtime import device_name, resolve_device, torch_dtype, versions
 from d3fast.state import DivergedError, StepChecks, TrainState, distilled_problems
 from d3fast.trackers import Trackers, for_run
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
@@ -218,12 +218,13 @@ def _build(
     world.check_config({"experts": [(f.name, f.stat().st_size) for f in bank.files], "train": len(train),
                         "classes": train.classes}, "expert files or training data")
     res, channels, n_cls = train.images.shape[-1], train.images.shape[1], train.num_classes
+    dtype = torch_dtype(dcfg.dtype)  # every tensor of the step in it (distill.dtype)
     student = build_network(cfg.net.name, channels, n_cls, res, width=cfg.net.width, depth=cfg.net.depth,
-                            norm=cfg.net.norm, pooling=cfg.net.pooling).to(device)
+                            norm=cfg.net.norm, pooling=cfg.net.pooling).to(device, dtype)
     meta = {"resolution": res, "channels": channels, "mean": train.mean.tolist(), "std": train.std.tolist(),
             "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width,
             "decoder_linear": dcfg.decoder_linear}
-    d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed)
+    d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed, dtype)
     d.decoder.span_ranks(world.distributed, world.group)
     state = TrainState.create(d, dcfg, device)
     if resume:
@@ -304,7 +305,8 @@ def _bank(cfg: Config, run: Run, resume: bool) -> ExpertBank:
 @dataclass
 class Students:
     """The K students of a step: (expert, start epoch) each, their start and target
-    parameters [K, P], and the MMD feature network's parameters [P] (first student's expert)."""
+    parameters [K, P], and the MMD feature network's parameters [P] (first student's expert),
+    in distill.dtype (the trajectories are stored in float32)."""
 
     picks: list[tuple[int, int]]
     theta0: torch.Tensor
@@ -326,16 +328,17 @@ def draw_students(
         mine = share[1] if share is not None else slice(0, len(picks))
         rows = [bank.rows(e, [s, s + dcfg.expert_epochs]) for e, s in picks[mine]]
         feat = bank.rows(picks[0][0], [feat_epoch])[0]
-        return Students(picks, _to_device(torch.stack([r[0] for r in rows]), device),
-                        _to_device(torch.stack([r[1] for r in rows]), device), _to_device(feat, device))
+        dtype = torch_dtype(dcfg.dtype)
+        return Students(picks, _to_device(torch.stack([r[0] for r in rows]), device, dtype),
+                        _to_device(torch.stack([r[1] for r in rows]), device, dtype), _to_device(feat, device, dtype))
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU through pinned memory, without waiting for it (a
-    copy from pageable memory blocks the host until the device has caught up)."""
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor on `device` in `dtype`; to a GPU through pinned memory, without waiting
+    for it (a copy from pageable memory blocks the host until the device has caught up)."""
     if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device, dtype)
+    return t.pin_memory().to(device, non_blocking=True).to(dtype)
 
 
 def mtt_update(

@@ -46,6 +46,11 @@ class Distilled:
     def num_priors(self) -> int:
         return self.latents.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the object computes in: float32, or float64 (distill.dtype=float64)."""
+        return self.latents.dtype
+
     def sample(self, n_per_class: int, pixels: bool = True, bn: str = "running", seed: int = 0,
                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """`sample_images` of this object."""
@@ -80,8 +85,9 @@ class Distilled:
         """z = mu + eps * exp(logvar / 2) for priors `idx` ([B]) -> [B, z]; with `rows`, the
         noise of all B is drawn (the generator moves as for the whole batch) and rows `rows`
         are returned: a rank of a distributed run keeps its share of a single process's draw."""
+        # drawn in float32 and cast: a float64 object draws the noise a float32 one draws
         eps = torch.randn((len(idx), self.latents.shape[1]), generator=generator, device=self.latents.device,
-                          dtype=self.latents.dtype)
+                          dtype=torch.float32).to(self.latents.dtype)
         if rows is not None:
             idx, eps = idx[rows], eps[rows]
         lat = self.latents[idx]
@@ -125,16 +131,20 @@ class Distilled:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> Distilled:
-        """Inverse of `state_dict` (also reads the distilled part of a whole checkpoint)."""
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None) -> Distilled:
+        """Inverse of `state_dict` (also reads the distilled part of a whole checkpoint), in
+        `dtype`; None keeps the stored one (float64 for a distill.dtype=float64 run)."""
         meta, classes = json.loads(state["meta"]), json.loads(state["classes"])
-        decoder = _decoder_holding(meta, state["decoder"])
+        dtype = dtype or state["latents"].dtype
+        decoder = _decoder_holding(meta, state["decoder"]).to(dtype)
         try:
             decoder.load_state_dict(state["decoder"])
         except RuntimeError as e:
             raise D3FastError(f"the checkpoint's decoder does not match its settings ({str(e).splitlines()[0]})") from None
         return cls(
-            latents=state["latents"].to(device), decoder=decoder.to(device), alpha=state["alpha"].to(device),
+            latents=state["latents"].to(device, dtype), decoder=decoder.to(device),
+            alpha=state["alpha"].to(device, dtype),
             num_classes=len(classes), ppc=int(state["ppc"]), classes=classes, meta=meta,
         )
 
@@ -190,7 +200,8 @@ def build_decoder(meta: dict[str, Any]) -> Decoder:
 
 
 def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None = None) -> None:
-    """The object as one safetensors file (no pickle): latents, alpha, decoder.<key> (a
+    """The object as one safetensors file (no pickle), its floating tensors in float32 whatever
+    the object computed in (the storage `storage_bytes` counts): latents, alpha, decoder.<key> (a
     merged object: part<i>.latents, part<i>.alpha, part<i>.decoder.<key> per subtask),
     soft_labels when labelled, and the metadata decoding needs, with `info` (the dataset,
     version, config, step, BatchNorm mode, ZCA: d3fast/exports.py `describe`) beside it."""
@@ -198,12 +209,12 @@ def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None 
     parts_meta = []
     for i, part in enumerate(d.parts):
         prefix = f"part{i}." if isinstance(d, Merged) else ""
-        tensors[f"{prefix}latents"] = part.latents.detach()
-        tensors[f"{prefix}alpha"] = part.alpha.detach().reshape(1)
-        tensors.update({f"{prefix}decoder.{k}": v for k, v in part.decoder.state_dict().items()})
+        tensors[f"{prefix}latents"] = _f32(part.latents)
+        tensors[f"{prefix}alpha"] = _f32(part.alpha).reshape(1)
+        tensors.update({f"{prefix}decoder.{k}": _f32(v) for k, v in part.decoder.state_dict().items()})
         parts_meta.append({"meta": part.meta, "classes": part.classes, "student_lr": part.student_lr})
     if d.soft_labels is not None:
-        tensors["soft_labels"] = d.soft_labels.detach()
+        tensors["soft_labels"] = _f32(d.soft_labels)
     meta = {
         "format": EXPORT_FORMAT,
         **d.parts[0].meta,
@@ -219,6 +230,11 @@ def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None 
         meta |= {"kind": "merged", "parts": parts_meta, "sources": d.sources}
     # the object's own keys win: `info` describes, it does not redefine
     save_tensors(path, tensors, {k: v for k, v in (info or {}).items() if k not in meta} | meta)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A floating tensor detached and in float32 (integer tensors unchanged)."""
+    return t.detach().float() if t.is_floating_point() else t
 
 
 def is_export(path: Path) -> bool:
@@ -425,9 +441,10 @@ class Sampler:
 
 def init_distilled(
     num_classes: int, ppc: int, classes: list[str], meta: dict[str, Any], lr_teacher: float,
-    device: torch.device, seed: int,
+    device: torch.device, seed: int, dtype: torch.dtype = torch.float32,
 ) -> Distilled:
-    """Latents ~ N(0, 1) (mean and log-variance alike, as the reference), a fresh decoder."""
+    """Latents ~ N(0, 1) (mean and log-variance alike, as the reference), a fresh decoder;
+    drawn in float32 and then cast to `dtype`, so a float64 run starts where a float32 one does."""
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(num_classes * ppc, meta["z_dim"], 2, generator=g)
     with torch.random.fork_rng(devices=[]):
@@ -436,9 +453,9 @@ def init_distilled(
     if not math.isfinite(lr_teacher):
         raise D3FastError(f"distill.lr_teacher must be finite, got {lr_teacher}")
     return Distilled(
-        latents=latents.to(device).requires_grad_(True),
-        decoder=decoder.to(device),
-        alpha=torch.tensor(lr_teacher, device=device).requires_grad_(True),
+        latents=latents.to(device, dtype).requires_grad_(True),
+        decoder=decoder.to(device, dtype),
+        alpha=torch.tensor(lr_teacher, device=device).to(dtype).requires_grad_(True),
         num_classes=num_classes,
         ppc=ppc,
         classes=classes,

@@ -205,6 +205,12 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
     e = cfg.eval
     e.archs = list(dict.fromkeys(e.archs))  # convnet,convnet is one architecture
     _check_writable(target)  # before the students train, not after
+    if d is not None and cfg.distill.dtype != "float32":
+        from tqdm import tqdm
+
+        # the students and the object (as stored, `Run.load_distilled`) are float32 here
+        tqdm.write(f"note: {target.name} was distilled in {cfg.distill.dtype}; its students train in float32, "
+                   "the dtype the object is stored in")
     t0 = time.perf_counter()
     train = load_view(cfg, "train", dev)
     if d is not None:

@@ -63,7 +63,7 @@ def mmd_update(
 
 
 def fp32(device: torch.device) -> AbstractContextManager[None]:
-    """Autocast off: what runs inside computes in the dtype of its (float32) inputs."""
+    """Autocast off: what runs inside computes in the dtype of its (float32 or float64) inputs."""
     return torch.autocast(device.type, enabled=False)
 
 
@@ -87,19 +87,20 @@ def mmd_terms(
     priors = slice(mine.start * ppc, mine.stop * ppc)
     per_prior = max(dcfg.mmd_samples // ppc, 1)
     chunk, one_graph = dcfg.mmd_chunk, dcfg.mmd_exact_graph
+    # features and distances in the parameters' dtype: float32 (from bf16 under --amp), or float64
     mmd = torch.zeros((), device=d.latents.device)
     if dcfg.mmd_weight > 0:
         with torch.no_grad():
             with phase(DATA):
-                real = train.sample_per_class(per_prior * ppc, g, mine)  # [C, S, ch, H, W]
+                real = train.sample_per_class(per_prior * ppc, g, mine, d.dtype)  # [C, S, ch, H, W]
             if not chunk and not one_graph:  # once for both sides: they have the same image shape
                 chunk = auto_chunk(feature_net.features, feature_net, real[0])  # type: ignore[arg-type]
-            f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph).float().view(n_mine, per_prior * ppc, -1)
+            f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph).to(d.dtype).view(n_mine, per_prior * ppc, -1)
         idx = torch.arange(len(d.latents), device=d.latents.device).repeat_interleave(per_prior)
         with phase(DECODE):
             # [C * PPC * per_prior, ch, H, W], class-major: this rank's classes' rows
             x = d.decode(idx, g, slice(priors.start * per_prior, priors.stop * per_prior))
-        f_syn = embed(feature_net, x, chunk, one_graph).float().view(n_mine, ppc * per_prior, -1)
+        f_syn = embed(feature_net, x, chunk, one_graph).to(d.dtype).view(n_mine, ppc * per_prior, -1)
         with fp32(x.device):  # distances of features: full precision even under --amp
             scale = None
             if dcfg.mmd_scale == "median":
@@ -115,5 +116,5 @@ def mmd_terms(
             means = d.mean_images(priors)
         with fp32(means.device):
             # a mean over classes: this rank's classes' share of it
-            div = losses.diversity(means.float().view(n_mine, ppc, *means.shape[1:])) * (n_mine / n_cls)
+            div = losses.diversity(means.to(d.dtype).view(n_mine, ppc, *means.shape[1:])) * (n_mine / n_cls)
     return mmd, div

@@ -283,10 +283,13 @@ class Run:
     def merged_path(self) -> Path:
         return self.path / "merged.safetensors"
 
-    def load_distilled(self, device: torch.device | str = "cpu") -> tuple[Distilled | Merged, int]:
+    def load_distilled(self, device: torch.device | str = "cpu",
+                       dtype: torch.dtype | None = torch.float32) -> tuple[Distilled | Merged, int]:
         """(distilled object, step) of the latest checkpoint (the config is not needed), with
         its soft labels when the run has them for that step; for a merged directory, the
-        merged object and the lowest step of its parts.
+        merged object and the lowest step of its parts. In `dtype`: float32 (what evaluation,
+        sampling, exports and merges use, and the storage counts) by default, whatever the
+        run computed in; None keeps the checkpoint's (float64 after distill.dtype=float64).
 
         Raises:
             D3FastError: no or a corrupt checkpoint, a distilled object holding NaN or inf,
@@ -308,7 +311,7 @@ class Run:
                     raise D3FastError(f"{self.merged_path} cannot be used: {problem[0]} ({problem[1]})")
             return merged, min((int(s.get("step", 0)) for s in getattr(merged, "sources", [])), default=0)
         state = self.load_state(device)
-        d = Distilled.from_state_dict(state, device)
+        d = Distilled.from_state_dict(state, device, dtype)
         problem = distilled_problems(d)
         if problem is not None:
             what, detail = problem

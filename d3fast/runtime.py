@@ -32,6 +32,23 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a distill.dtype name ("float32" or "float64")."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise D3FastError(f"unknown dtype {name!r}; use {' or '.join(DTYPES)}") from None
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 when it is of lower precision (bf16 or fp16 under --amp); float32 and
+    float64 tensors unchanged (a float64 run must not be rounded to float32 on the way)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (numpy SeedSequence: nearby inputs give unrelated seeds)."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)

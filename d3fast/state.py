@@ -99,7 +99,8 @@ class StepChecks:
 
     def loss(self, where: str, **terms: torch.Tensor) -> None:
         self._shares.append(len(self._values))
-        self._note("loss", where, list(terms), [torch.stack([t.detach().float().reshape(()) for t in terms.values()])])
+        # float64: the terms of a float64 run are read without rounding to float32
+        self._note("loss", where, list(terms), [torch.stack([t.detach().double().reshape(()) for t in terms.values()])])
 
     def state(self, named: list[tuple[str, torch.Tensor]], d: Distilled, where: str) -> None:
         groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
@@ -109,10 +110,10 @@ class StepChecks:
         # 0 * x is NaN exactly where x is NaN or inf; its 1-norm is then NaN, else 0: no
         # overflow, whatever the magnitudes (a plain sum of x could reach inf from finite
         # values), and a few multi-tensor launches for all ~120 tensors
-        flags = [torch.stack(torch._foreach_norm(torch._foreach_mul([t for _, t in g], 0.0), 1)).float()
+        flags = [torch.stack(torch._foreach_norm(torch._foreach_mul([t for _, t in g], 0.0), 1)).double()
                  for g in groups.values()]
-        top = d.latents.detach()[..., 1].max().float().reshape(1)
-        lr = d.lr().detach().float().reshape(1)
+        top = d.latents.detach()[..., 1].max().double().reshape(1)
+        lr = d.lr().detach().double().reshape(1)
         self._note("state", where, [k for g in groups.values() for k, _ in g], [*flags, top, lr])
 
     def _note(self, kind: str, where: str, names: list[str], values: list[torch.Tensor]) -> None:
@@ -269,6 +270,10 @@ class TrainState:
         then apply the config's learning rates. A device generator saved on another kind of
         device (a CPU run resumed on CUDA) cannot continue its stream: it is reseeded from
         (seed, step) and a note says the run now differs from an uninterrupted one."""
+        held, runs = state["latents"].dtype, self.distilled.latents.dtype
+        if held != runs:
+            raise D3FastError(f"the checkpoint holds {str(held).removeprefix('torch.')} tensors and this run computes in "
+                              f"{str(runs).removeprefix('torch.')} (distill.dtype): a run keeps the dtype it started with")
         self.distilled.load_state_dict(state)
         try:
             self.opt_latent.load_state_dict(state["opt_latent"])

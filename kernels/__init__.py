@@ -179,6 +179,10 @@ def _chosen(impl: str | None, t: torch.Tensor) -> str:
         return backend(t)
     if impl not in ("triton", "cpp", "reference"):
         raise D3FastError(f"unknown kernel implementation {impl!r}: use triton, cpp or reference")
+    if impl == "triton" and t.dtype == torch.float64:
+        # the Triton kernels accumulate in fp32 (mmd's loop-carried dots do not compile for fp64)
+        raise D3FastError("the Triton kernels take float32, bfloat16 or float16; float64 runs on the reference "
+                          "(the default dispatch, impl=None, picks it)")
     if impl == "cpp":
         from d3fast._ext import HAS_EXT, REASON
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import json
 import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -272,6 +274,125 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float, r
             f"{worst:.2f}x the allowance (atol {atol:g}, rtol {rtol:g}); first at {idx}: "
             f"out {[float(out64[tuple(i)]) for i in idx]} ref {[float(ref64[tuple(i)]) for i in idx]}"
         )
+
+
+def state_differences(a: Any, b: Any, path: str = "") -> dict[str, tuple[float, float]]:
+    """Two state dicts (a checkpoint's, nested dicts and lists) walked together: for every
+    floating tensor and float, (||a - b||, ||b||) by path. Everything else (integer tensors
+    such as the random generators' states, counts, strings) must be equal; JSON strings are
+    compared as what they hold.
+
+    Raises:
+        AssertionError: a key, a shape, a dtype or a non-float value that differs, naming its path.
+    """
+    out: dict[str, tuple[float, float]] = {}
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        try:
+            a, b = json.loads(a), json.loads(b)
+        except ValueError:
+            raise AssertionError(f"{path}: {a[:80]!r} != {b[:80]!r}") from None
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a, key=str)} != {sorted(b, key=str)}"
+        for k in a:
+            out |= state_differences(a[k], b[k], f"{path}.{k}" if path else str(k))
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            out |= state_differences(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor) and a.is_floating_point():
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, \
+            f"{path}: {a.dtype} {list(a.shape)} vs {getattr(b, 'dtype', type(b))} {list(getattr(b, 'shape', []))}"
+        out[path] = float((a.double() - b.double()).norm()), float(b.double().norm())
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{path}: integer tensors differ"
+    elif isinstance(a, float) and not isinstance(b, bool):
+        out[path] = abs(a - b), abs(b)
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+    return out
+
+
+def relative_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """||a - b|| / ||b|| for every floating tensor and float of two checkpoints, where for an
+    optimiser's moments ||b|| is that of the moment over all the optimiser's parameters.
+
+    Why the moments are measured so: rounding error is relative to the size of the sums that
+    make a gradient, and for the conv biases right before a BatchNorm (which cancels them)
+    those are 10^7 times the gradient's own size, which is the weight decay alone (Adam's
+    first moment there: 6e-7 against 3.6 for the conv weights; d3fast/state.py). Measured
+    against its own norm, such a moment differs by 3e-9 between 1 and 2 ranks in float64;
+    against the whole optimiser's moment, by 7e-17. Every other tensor (latents, alpha, every
+    decoder parameter and BatchNorm statistic, the momenta) is measured against itself."""
+    raw = state_differences(a, b)
+    family: dict[str, float] = {}
+    for path, (_, norm) in raw.items():
+        fam = _family(path)
+        family[fam] = family.get(fam, 0.0) + norm * norm
+    out = {}
+    for path, (diff, norm) in raw.items():
+        scale = max(norm, family[_family(path)] ** 0.5)
+        out[path] = diff / scale if scale > 0 else diff
+    return out
+
+
+def _family(path: str) -> str:
+    """opt_decoder.state.7.exp_avg -> opt_decoder.state.*.exp_avg; other paths are their own."""
+    parts = path.split(".")
+    if len(parts) == 4 and parts[0].startswith("opt_") and parts[1] == "state":
+        return ".".join([parts[0], "state", "*", parts[3]])
+    return path
+
+
+# What float64 can promise when two runs of 3 distillation steps compute the same thing in
+# another order (1 or 2 ranks, flat or naive unroll, chunked or one-graph MMD), measured as
+# `relative_differences` on AMD EPYC under ATEN_CPU_CAPABILITY=default, avx2 and avx512:
+# - every tensor but those below: at most 1.1e-13 (2 ranks vs 1 process), so 1e-11 leaves 90x
+#   for other CPUs' orders and is still 10^5 below float32's rounding (6e-8 per operation);
+# - the conv biases that a BatchNorm cancels, and the running means they shift: at most
+#   4.4e-10 (avx2; 1.2e-10 default, 9.1e-11 avx512). Their gradient is zero in exact
+#   arithmetic, so what Adam sees is the weight decay plus float64 rounding noise of sums
+#   10^7 times larger, and its normalisation m / sqrt(v) turns that noise into steps: 1e-8.
+# A split that draws another sample, scales a loss wrongly or drops a term differs by 1e-4 to 1.
+F64_TOL = 1e-10
+F64_TOL_CANCELLED = 1e-8
+
+
+def cancelled_by_batchnorm(paths: Any) -> set[str]:
+    """The paths of the conv biases that a BatchNorm right after them cancels (`<p>.0.bias`
+    beside `<p>.1.running_mean`: the decoder's [conv, BatchNorm, LeakyReLU] blocks) and of
+    those BatchNorms' running means."""
+    means = [p for p in paths if p.endswith(".1.running_mean")]
+    return set(means) | {p.removesuffix(".1.running_mean") + ".0.bias" for p in means}
+
+
+def assert_grads_match(names: Any, got: Any, ref: Any, tol: float) -> float:
+    """Each gradient within `tol` relative of its reference; one whose reference is ~0 (a conv
+    bias right before a BatchNorm: exactly 0 in exact arithmetic, rounding noise here) is
+    measured against 1e-3 of the whole gradient's norm instead of its own. Returns the worst."""
+    total = float(torch.cat([g.reshape(-1) for g in ref]).double().norm())
+    worst = 0.0
+    for name, a, b in zip(names, got, ref, strict=True):
+        err = float((a.double() - b.double()).norm()) / max(float(b.double().norm()), 1e-3 * total, 1e-300)
+        assert err < tol, f"{name}: relative error {err:.2e} (tolerance {tol:g})"
+        worst = max(worst, err)
+    return worst
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any], what: str = "", tol: float = F64_TOL,
+                      tol_cancelled: float = F64_TOL_CANCELLED) -> float:
+    """Every floating tensor and float of two checkpoints within `tol` relative
+    (`relative_differences`; `tol_cancelled` for `cancelled_by_batchnorm`'s tensors), every
+    other value equal. Returns the worst relative difference, which it prints (pytest -s)."""
+    diffs = relative_differences(a, b)
+    loose = cancelled_by_batchnorm(diffs)
+    bad = {k: v for k, v in diffs.items() if v > (tol_cancelled if k in loose else tol)}
+    worst = sorted(diffs.items(), key=lambda kv: -kv[1])
+    assert not bad, f"{what}: {len(bad)} of {len(diffs)} values above {tol:g} ({tol_cancelled:g} for " \
+        "BatchNorm-cancelled biases): " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:6])
+    tight = max((v for k, v in diffs.items() if k not in loose), default=0.0)
+    print(f"{what}: {len(diffs)} values; worst relative difference {tight:.3g}, {worst[0][1]:.3g} with the "
+          f"BatchNorm-cancelled biases ({worst[0][0]})")
+    return worst[0][1]
 
 
 # digits with a tiny ConvNet, decoder and expert bank: Algorithm 1 end to end in seconds

@@ -60,6 +60,8 @@ def test_every_preset_resolves():
         (["distill.mmd_samples=1"], "distill.mmd_samples: the unbiased MMD needs at least 2 samples per class"),
         (["net.norm=batchnorm", "distill.unroll=flat"], "distill.unroll=flat needs a student without running statistics"),
         (["eval.archs=[]"], "eval.archs"),
+        (["distill.dtype=float16"], "distill.dtype: 'float16' is not one of float32, float64"),
+        (["distill.dtype=float64", "distill.amp=true"], "distill.amp (bf16 autocast) and distill.dtype=float64"),
     ],
 )
 def test_bad_overrides(overrides, message):

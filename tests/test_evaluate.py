@@ -89,8 +89,10 @@ def test_pixels_round_trip_through_zca():
 
 
 def test_cli_distill_evaluate_sample_export(home, tmp_path):
+    """The whole CLI path on a float64 run (--dtype float64): distilled and resumed in float64,
+    evaluated, sampled and exported as the float32 object it is stored as."""
     runner = CliRunner()
-    args = ["distill", "--dataset", "digits", "--runs-dir", str(tmp_path / "runs"), "--steps", "2"]
+    args = ["distill", "--dataset", "digits", "--runs-dir", str(tmp_path / "runs"), "--steps", "2", "--dtype", "float64"]
     sets = sum((["--set", o] for o in
                 ["net.width=8", "experts.num_experts=2", "experts.epochs=3", "distill.syn_steps=2",
                  "distill.expert_epochs=1", "distill.max_start_epoch=2", "distill.mmd_samples=4",
@@ -98,6 +100,7 @@ def test_cli_distill_evaluate_sample_export(home, tmp_path):
     r = runner.invoke(cli, args + sets + ["--device", "cpu", "--no-auto", "--evaluate"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "reached step 2/2" in r.output and "random real, same count" in r.output
+    assert "was distilled in float64; its students train in float32" in r.output
     run_dir = next((tmp_path / "runs" / "digits").iterdir())
     for f in ("config.json", "manifest.json", "metrics.jsonl", "checkpoint.pt", "eval.json", "eval.md"):
         assert (run_dir / f).exists(), f
@@ -107,7 +110,10 @@ def test_cli_distill_evaluate_sample_export(home, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "g.png").exists()
     r = runner.invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "d.safetensors")])
     assert r.exit_code == 0 and "images per class" in r.output
-    assert load(tmp_path / "d.safetensors").ppc == 1
+    e = load(tmp_path / "d.safetensors")
+    assert e.ppc == 1 and all(t.dtype == torch.float32 for _, t in e.named_tensors() if t.is_floating_point())
+    d64, _ = Run(run_dir).load_distilled(dtype=None)
+    assert d64.dtype == torch.float64 and torch.equal(e.latents, d64.latents.float())
     r = runner.invoke(cli, ["evaluate", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "nope not found" in r.output
     (tmp_path / "empty").mkdir()

@@ -215,6 +215,7 @@ def test_resume_applies_and_records_changed_learning_rates(home, tmp_path):
     (["--dataset", "fashion-mnist"], "data.dataset"),
     (["--set", "experts.lr=0.5"], "experts.lr"),
     (["--set", "distill.seed=5"], "distill.seed"),
+    (["--dtype", "float64"], "distill.dtype"),
 ])
 def test_resume_refuses_what_the_state_fixes(home, tmp_path, flag, key):
     run = Run.at(tmp_path / "r")
@@ -226,6 +227,30 @@ def test_resume_refuses_what_the_state_fixes(home, tmp_path, flag, key):
     assert run.config_path.read_bytes() == config_before and load_checkpoint(run.checkpoint_path)["step"] == 1
     res = _resume(run, "--preset", "digits")
     assert res.exit_code == 2 and "--preset" in res.output
+
+
+def test_a_checkpoint_of_another_dtype_is_refused_and_reads_back_as_float32_for_use(home, tmp_path):
+    """A float64 run's checkpoint resumes only in float64 (the run's config refuses the change;
+    the state checks it again on load); evaluation, sampling and exports read it as float32."""
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1", "distill.dtype=float64"), run, progress=False)
+    cfg = run.read_config()
+    assert cfg.distill.dtype == "float64"  # recorded
+    cfg.distill.dtype = "float32"
+    with pytest.raises(D3FastError, match="cannot change distill.dtype when resuming"):
+        distill(cfg, run, resume=True, progress=False)
+    from d3fast.distilled import Distilled
+    from d3fast.state import TrainState
+
+    as32 = TrainState.create(Distilled.from_state_dict(run.load_state(), dtype=torch.float32), cfg.distill,
+                             torch.device("cpu"))
+    with pytest.raises(D3FastError, match="the checkpoint holds float64 tensors and this run computes in float32"):
+        as32.load_state_dict(run.load_state(), cfg.distill)
+    d, step = run.load_distilled()
+    assert step == 1 and d.dtype == torch.float32 and all(
+        t.dtype == torch.float32 for _, t in d.named_tensors() if t.is_floating_point())
+    d64, _ = run.load_distilled(dtype=None)
+    assert d64.dtype == torch.float64 and torch.equal(d64.latents.float(), d.latents)
 
 
 def test_every_config_key_is_classified_for_resuming():

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from d3fast.errors import D3FastError
+from d3fast.runtime import full_precision
 
 KINDS = ("paper", "tiny", "small", "medium", "large")
 # start channels of the VanillaVAE layouts: the reference's hidden_dims[-1]
@@ -50,16 +51,18 @@ class RanksBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from d3fast.dist import batch_moments
 
-        mean, var, n = batch_moments(x.float(), self.ranks_group)
+        # the moments are float64 sums; the output is float32 (float64 in a float64 run)
+        mean, var, n = batch_moments(x, self.ranks_group)
+        dt = full_precision(x).dtype
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
                 self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-                self.running_mean.mul_(1 - m).add_(m * mean.float())
-                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).float())
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        scale = torch.rsqrt(var + self.eps).float().view(shape)
-        y = (x.float() - mean.float().view(shape)) * scale
+        scale = torch.rsqrt(var + self.eps).to(dt).view(shape)
+        y = (x.to(dt) - mean.to(dt).view(shape)) * scale
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 

@@ -186,6 +186,22 @@ def test_public_dispatch_matches_reference_and_mmd_is_zero_for_identical_sets():
     assert torch.allclose(kernels.mmd2(x, y), mmd2_ref(x, y), rtol=1e-5, atol=1e-7)
 
 
+def test_float64_on_a_triton_device_takes_the_reference(monkeypatch):
+    """distill.dtype=float64 on CUDA: both fused ops run their references, never a Triton
+    compile; forcing impl="triton" on float64 is a clear error."""
+    from d3fast.kernels.param_dist_ref import param_dist_ref
+
+    monkeypatch.setattr(kernels, "backend", lambda t: "triton")  # what a CUDA tensor gets
+    monkeypatch.setattr(kernels, "_triton", lambda op: pytest.fail(f"Triton's {op} was imported for float64"))
+    x, y = features(3, 8, 16, 0, dtype=torch.float64), features(3, 9, 16, 1, 0.5, dtype=torch.float64)
+    assert torch.equal(kernels.mmd2(x, y), mmd2_ref(x, y))
+    a, t, s = x.flatten(1), y[:, :8].flatten(1), (x + 1).flatten(1)
+    assert torch.equal(kernels.param_dist(a, t, s), param_dist_ref([a], [t], [s]))
+    for call in (lambda: kernels.mmd2(x, y, impl="triton"), lambda: kernels.param_dist(a, t, s, impl="triton")):
+        with pytest.raises(D3FastError, match="float64 runs on the reference"):
+            call()
+
+
 def test_bad_input_is_a_clear_error():
     x = torch.randn(2, 5, 8)
     with pytest.raises(D3FastError, match=">= 2 samples"):

@@ -365,17 +365,38 @@ def cancelled_by_batchnorm(paths: Any) -> set[str]:
     return set(means) | {p.removesuffix(".1.running_mean") + ".0.bias" for p in means}
 
 
-def assert_grads_match(names: Any, got: Any, ref: Any, tol: float) -> float:
-    """Each gradient within `tol` relative of its reference; one whose reference is ~0 (a conv
+def grad_errors(got: Any, ref: Any) -> list[float]:
+    """Each gradient's relative error against its reference; one whose reference is ~0 (a conv
     bias right before a BatchNorm: exactly 0 in exact arithmetic, rounding noise here) is
-    measured against 1e-3 of the whole gradient's norm instead of its own. Returns the worst."""
+    measured against 1e-3 of the whole gradient's norm instead of its own."""
     total = float(torch.cat([g.reshape(-1) for g in ref]).double().norm())
-    worst = 0.0
-    for name, a, b in zip(names, got, ref, strict=True):
-        err = float((a.double() - b.double()).norm()) / max(float(b.double().norm()), 1e-3 * total, 1e-300)
+    return [float((a.double() - b.double()).norm()) / max(float(b.double().norm()), 1e-3 * total, 1e-300)
+            for a, b in zip(got, ref, strict=True)]
+
+
+def assert_grads_match(names: Any, got: Any, ref: Any, tol: float) -> float:
+    """Every gradient within `tol` (`grad_errors`) of its reference; returns the worst error."""
+    errs = grad_errors(got, ref)
+    for name, err in zip(names, errs, strict=True):
         assert err < tol, f"{name}: relative error {err:.2e} (tolerance {tol:g})"
-        worst = max(worst, err)
-    return worst
+    return max(errs)
+
+
+# one float32 rounding (2^-23): the slack of a floor comparison, for a floor that happens to be 0
+F32_ULP = 2.0**-23
+
+
+def assert_within_floor(names: Any, got: Any, same: Any, truth: Any, factor: float) -> float:
+    """float32 results `got` against float64 `truth`: every tensor's error (`grad_errors`) at
+    most `factor` x the worst error of `same`, the same computation done the reference way in
+    float32 (a floor measured in the test, on this machine's rounding, instead of a constant),
+    + F32_ULP. The floor is the worst over the tensors: one tensor's own float32 error can be
+    small by chance (per tensor, the ratios measured up to 20). Returns the worst ratio."""
+    errs, floor = grad_errors(got, truth), max(grad_errors(same, truth))
+    for name, e in zip(names, errs, strict=True):
+        assert e <= factor * floor + F32_ULP, f"{name}: float32 error {e:.3g}, the reference way's worst {floor:.3g} " \
+            f"(x{factor:g} allowed)"
+    return max(errs) / max(floor, 1e-300)
 
 
 def assert_same_state(a: dict[str, Any], b: dict[str, Any], what: str = "", tol: float = F64_TOL,

@@ -363,27 +363,29 @@ def batch_moments(x: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, tor
 
 
 def step_traffic(learned: int, bn_channels: list[int], syn_steps: int, unroll: str, ppc: int,
-                 median_floats: int = 0) -> list[tuple[str, int, int]]:
+                 median_floats: int = 0, value_bytes: int = 4, kept: int | None = None) -> list[tuple[str, int, int]]:
     """The collectives one distributed step makes, as (what, calls, bytes per call), for any
     world size (the bytes each rank contributes; a ring all-reduce moves 2 (W - 1) / W of them
-    per rank):
+    per rank). `value_bytes`: 4, or 8 for distill.dtype=float64.
 
-    - the two gradient averages (MTT, MMD update): `learned` float32 values each;
+    - the two gradient averages (MTT, MMD update): `learned` values each;
     - one float64 [2 C_l + 1] all-reduce per decoder BatchNorm layer (channels C_l) per decode
       forward, and one more per decode backward. A flat unroll decodes each of its
       `syn_steps` steps forward (no gradient) and again in its backward (with one); the naive
-      one once with a gradient; the MMD update once, the diversity term (PPC > 1) once more;
-    - the step's terms and stop flag (5 float32) and, with the median heuristic, an all-gather
-      of the real features (`median_floats` float32 per rank).
+      one once with a gradient; auto its `kept` steps (default: all) as naive, the others as
+      flat; the MMD update once, the diversity term (PPC > 1) once more;
+    - the step's terms and stop flag (5 float64) and, with the median heuristic, an all-gather
+      of the real features (`median_floats` values per rank).
     """
     bn = [8 * (2 * c + 1) for c in bn_channels]
-    decodes_fwd = {"flat": 2 * syn_steps, "naive": syn_steps}[unroll] + 1 + (1 if ppc > 1 else 0)
+    naive = {"flat": 0, "naive": syn_steps, "auto": syn_steps if kept is None else kept}[unroll]
+    decodes_fwd = 2 * (syn_steps - naive) + naive + 1 + (1 if ppc > 1 else 0)
     decodes_bwd = syn_steps + 1 + (1 if ppc > 1 else 0)
-    out = [("gradient average", 2, 4 * learned)]
+    out = [("gradient average", 2, value_bytes * learned)]
     out += [(f"BatchNorm moments ({c} channels)", decodes_fwd + decodes_bwd, b) for c, b in zip(bn_channels, bn, strict=True)]
-    out.append(("terms and stop flag", 1, 4 * 5))
+    out.append(("terms and stop flag", 1, 8 * 5))
     if median_floats:
-        out.append(("real features for the median", 1, 4 * median_floats))
+        out.append(("real features for the median", 1, value_bytes * median_floats))
     return out
 
 

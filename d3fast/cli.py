@@ -307,6 +307,9 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     cfg = _resolve(dataset, preset, overrides, **{
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
         "device": device, "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path})
+    if cfg.distill.dtype != "float32" and world.main:
+        click.echo(f"note: expert trajectories train and are stored in float32; distill.dtype={cfg.distill.dtype} "
+                   "applies to `d3fast distill`, which reads them cast up")
     _ensure_prepared(cfg, no_auto)
     for one in _each_subtask(cfg, click.echo if world.main else lambda *a, **k: None):
         if one.data.subtasks > 1 and world.main:

@@ -1,6 +1,8 @@
 """Expert trajectories on the embedded digits data (a small ConvNet, a few epochs)."""
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +120,18 @@ def test_corrupt_expert_file_is_reported(digits):
 def test_divergence_is_a_clear_error(digits):
     with pytest.raises(D3FastError, match="diverged"):
         run_experts(small_cfg(**{"experts.lr": 1e6, "experts.num_experts": 1, "experts.epochs": 2}), progress=False)
+
+
+def test_experts_say_that_distill_dtype_is_not_theirs(digits):
+    """`d3fast experts --set distill.dtype=float64`: trained and stored in float32 as always,
+    with one line saying so (a float64 distillation reads them cast up)."""
+    from click.testing import CliRunner
+
+    from d3fast.cli import cli
+
+    res = CliRunner().invoke(cli, ["experts", "--dataset", "digits", "--num-experts", "1", "--epochs", "1",
+                                   "--set", "net.width=8", "--set", "distill.dtype=float64", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "expert trajectories train and are stored in float32; distill.dtype=float64" in res.output
+    (path,) = Path(os.environ["D3FAST_HOME"]).glob("experts/digits/*/expert_*.safetensors")
+    assert read_expert(path)[0]["trajectory"].dtype == torch.float32

@@ -47,6 +47,8 @@ def test_color_brightness_alone():
     half = torch.full((3,), 0.5)  # saturation 2*0.5 = 1 and contrast 0.5+0.5 = 1: no-ops
     b = torch.tensor([0.0, 0.5, 0.9])
     out = dsa("color").apply(x, AugParams(["color"], {"color": {"brightness": b, "saturation": half, "contrast": half}}))
+    # float32 elementwise (no summation order) on unit-scale values: a few roundings of 6e-8
+    # (measured: 0.008 of the allowance)
     torch.testing.assert_close(out, x + (b - 0.5).view(-1, 1, 1, 1), rtol=1e-5, atol=1e-5)
 
 
@@ -55,10 +57,12 @@ def test_identity_scale_and_rotation_and_quarter_turn():
     one = torch.ones(2)
     aug = dsa("scale_rotate", mode="all")
     out = aug.apply(x, AugParams(["scale"], {"scale": {"sx": one, "sy": one}}))
+    # bilinear sampling at grid points computed in float32 (measured: 0.013 of the allowance)
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
     quarter = torch.full((2,), math.pi / 2)
     out = aug.apply(x, AugParams(["rotate"], {"rotate": {"angle": quarter}}))
     # a positive angle turns the picture clockwise (torch.rot90 with k=-1)
+    # cos(pi/2) = -4.4e-8 in float32 moves the grid by that much (measured: 0.07 of the allowance)
     torch.testing.assert_close(out, torch.rot90(x, -1, dims=(2, 3)), rtol=1e-5, atol=1e-5)
 
 

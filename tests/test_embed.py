@@ -48,25 +48,32 @@ def _grads(d, net, counts: list[int], chunk: int, exact: bool):
     rows = torch.cat([torch.arange(k) for k in counts])
     padded = padded.index_put((idx, rows), f)
     gy = torch.Generator().manual_seed(5)
-    y = torch.randn(C, 6, f.shape[-1], generator=gy, dtype=f.dtype) * 0.3 + f.detach().mean()
+    y = (torch.randn(C, 6, f.shape[-1], generator=gy) * 0.3).to(f.dtype) + f.detach().mean()  # float32 draws: one set of values
     loss = kernels.mmd2(padded, y, (0.5, 1.0, 2.0), x_lengths=torch.tensor(counts)).sum()
     params = [d.latents, *dec.parameters()]
     return loss.detach(), torch.autograd.grad(loss, params), [b.clone() for b in dec.buffers()]
 
 
-def _compare(counts, chunks, dtype, rtol):
+def _compare(counts, chunks, dtype):
+    """Chunked against one graph: float64 within F64_TOL (measured: 0 apart, the same
+    per-sample operations); float32 against the float64 one-graph result, at most 8x the
+    one-graph float32 run's own error (a floor measured here: tests/test_unroll.py F32_FACTOR).
+    A gradient whose reference is ~0 (a conv bias feeding train-mode BatchNorm, which removes
+    per-channel constants) is measured against 1e-3 of the whole gradient (`grad_errors`)."""
     d, net = _setup(len(counts), dtype)
     ref_loss, ref, ref_bufs = _grads(d, net, counts, 0, exact=True)
+    if dtype == torch.float32:
+        truth_loss, truth, _ = _grads(*_setup(len(counts), torch.float64), counts, 0, exact=True)
     for chunk in chunks:
         loss, grads, bufs = _grads(d, net, counts, chunk, exact=False)
-        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=0)
-        # a conv bias feeding train-mode BatchNorm has a true gradient of 0 (BN removes per-
-        # channel constants): its computed gradient is rounding noise, so each tensor's error
-        # is relative to its own norm or to a thousandth of the whole gradient's, the larger
+        names = [f"chunk {chunk} tensor {k}" for k in range(len(ref))]
+        if dtype == torch.float64:
+            assert abs(float(loss - ref_loss)) <= F64_TOL * abs(float(ref_loss))
+            assert_grads_match(names, grads, ref, F64_TOL)
+        else:
+            assert_within_floor(["loss"], [loss], [ref_loss], [truth_loss], 8)
+            assert_within_floor(names, grads, ref, truth, 8)
         total = torch.cat([t.flatten() for t in ref]).norm()
-        for k, (a, b) in enumerate(zip(grads, ref, strict=True)):
-            err = ((a - b).norm() / torch.maximum(b.norm(), 1e-3 * total)).item()
-            assert err < rtol, (chunk, k, err)
         assert ref[0].norm() > 1e-3 * total  # the latents' gradient is a real one
         for a, b in zip(bufs, ref_bufs, strict=True):  # decoder BN ran once, on the whole set
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -75,11 +82,11 @@ def _compare(counts, chunks, dtype, rtol):
 @pytest.mark.parametrize("counts", [[5, 5, 5], [5, 3, 4], [7]], ids=["even", "uneven", "one-class"])
 def test_two_pass_equals_one_graph_float64(counts):
     # 1 sample per chunk, chunks that do not divide the count, and one short of all
-    _compare(counts, [1, 2, 4, sum(counts) - 1], torch.float64, rtol=1e-8)
+    _compare(counts, [1, 2, 4, sum(counts) - 1], torch.float64)
 
 
 def test_two_pass_equals_one_graph_float32():
-    _compare([6, 4, 5], [1, 4, 7], torch.float32, rtol=1e-4)
+    _compare([6, 4, 5], [1, 4, 7], torch.float32)
 
 
 def chunked_and_one_graph(device: str | torch.device = "cpu", samples: int = 5, dtype: torch.dtype = torch.float64):
@@ -143,6 +150,7 @@ def test_no_grad_inputs_are_embedded_in_chunks_without_a_graph():
     x = torch.randn(9, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         whole = net.features(x)
+    # float64, the same per-sample operations (measured: equal to the bit)
     torch.testing.assert_close(embed(net, x, chunk=4), whole, rtol=1e-12, atol=1e-12)
     assert embed(net, x, chunk=4).grad_fn is None
 

@@ -115,6 +115,7 @@ def test_foreign_pt_sets_and_bad_input(home, tmp_path):
     torch.save(torch.arange(10).repeat(2), tmp_path / "mtt" / "labels_best.pt")
     torch.save(torch.tensor(0.01), tmp_path / "mtt" / "synthetic_lr_best.pt")
     s = read_image_set(tmp_path / "mtt")
+    # approx: 0.01 read back as float32, one rounding (<= 6e-8 relative, under approx's 1e-6)
     assert s.lr == pytest.approx(0.01) and not s.pixels and s.labels.tolist() == list(range(10)) * 2
     r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "mtt"), *PROTOCOL])
     assert r.exit_code == 2 and "pass --dataset" in r.output
@@ -207,7 +208,8 @@ def test_imagefolder_sets_are_labelled_by_folder_name(home, run, tmp_path):
     s = read_image_set(tmp_path / "f")
     assert s.label_by_name([str(c) for c in range(10)]) is None
     assert s.labels.tolist() == [3, 5, 7, 7]
-    assert s.images[3].max().item() == pytest.approx(round(6000 / 65535 * 255) / 255)  # scaled, not clipped
+    # scaled, not clipped; approx: one float32 rounding of k / 255
+    assert s.images[3].max().item() == pytest.approx(round(6000 / 65535 * 255) / 255)
     (tmp_path / "f" / "x").mkdir()
     Image.new("L", (32, 32)).save(tmp_path / "f" / "x" / "a.png")
     r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "f"), "--dataset", "digits", *PROTOCOL])

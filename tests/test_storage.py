@@ -78,6 +78,7 @@ def test_the_papers_budgets(ipc, subtasks, choice, nbytes, float_ipc, uint8_ipc)
     c = choose_budget(ipc, num_classes=1000, channels=3, res=64, subtasks=subtasks, soft_labels=True, pixel_bytes=4)
     assert (c.decoder, c.decoder_width, c.decoder_linear, c.z_dim, c.ppc) == choice
     assert c.bytes == nbytes
+    # the published figures have 2 or 3 decimals: abs 1e-3 is their rounding (exact integer bytes otherwise)
     assert c.ipc_equivalent == pytest.approx(float_ipc, abs=1e-3)
     assert ipc_equivalent(nbytes, 1000, 3, 64) == pytest.approx(uint8_ipc, abs=1e-3)
     assert f"{choice[4]} prior" in c.describe() and f"{nbytes:,} bytes" in c.describe()

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The test suite, set-up included: lint (ruff) and types (mypy on d3fast/, kernels
-# included), then the tests twice, each pass under another of torch's CPU kernel sets
-# (ATEN_CPU_CAPABILITY: their summation orders differ as another CPU's would, so a test that
-# holds only for one CPU's rounding fails here, not on the next machine):
+# included), then the tests twice, each pass under other CPU kernels of torch's libraries
+# (their summation orders differ as another CPU's would, so a test that holds only for one
+# CPU's rounding fails here, not on the next machine):
 #   1. with the C++ extension, under this CPU's own kernels (or ATEN_CPU_CAPABILITY when set);
 #   2. with D3FAST_PUREPYTHON=1 (the pure-PyTorch fallbacks everywhere, slow end-to-end runs
-#      left out), under `default` (the scalar kernels), or `avx2` when pass 1 was `default`.
+#      left out), under the oldest x86-64 kernels of each library: ATen `default` (scalar),
+#      oneDNN's SSE4.1 convolutions, MKL's SSE4.2 matrix products (ATen `avx2` instead when
+#      pass 1 already ran `default`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
-capability() { .venv/bin/python -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"; }
-first=$(capability)
-second=default
-[ "$first" = default ] && second=avx2
-echo "tests: pass 1 under ATen CPU capability $first, pass 2 (D3FAST_PUREPYTHON=1) under $second"
+first=$(.venv/bin/python -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())")
+if [ "$first" = default ]; then
+  second=(ATEN_CPU_CAPABILITY=avx2)
+else
+  second=(ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2)
+fi
+echo "tests: pass 1 under ATen CPU capability $first; pass 2 (D3FAST_PUREPYTHON=1) under ${second[*]}"
 .venv/bin/python -m pytest tests/ -q "$@"
-D3FAST_PUREPYTHON=1 ATEN_CPU_CAPABILITY=$second .venv/bin/python -m pytest tests/ -q -m "not slow" "$@"
+env D3FAST_PUREPYTHON=1 "${second[@]}" .venv/bin/python -m pytest tests/ -q -m "not slow" "$@"

@@ -20,7 +20,7 @@ from d3fast.models import build_network
 from d3fast.run import Run
 from d3fast.state import load_checkpoint
 from d3fast.unroll import Student, UnrollSpec, unroll
-from tests._utils import F64_TOL, assert_grads_match, assert_same_state, cfg_of
+from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_same_state, cfg_of
 
 
 def hand_convnet(x, p):
@@ -71,12 +71,12 @@ def test_mtt_matches_hand_unrolled_two_steps(home, mode):
     ref_loss = ((flat - target) ** 2).sum() / ((theta0 - target) ** 2).sum()
     ref = torch.autograd.grad(ref_loss, [d.latents, d.alpha, *d.decoder.parameters()])
 
-    # measured: the loss 0 apart, the gradients at most 1.4e-15 (flat sums the steps' terms in
-    # another order); F64_TOL is what float64 promises for a run (tests/_utils.py)
+    # measured: the loss 0 apart, the gradients at most 4.7e-14 (flat sums the steps' terms in
+    # another order); F64_GRAD_TOL is what float64 promises for a gradient (tests/_utils.py)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     assert all(a.abs().sum() > 0 for a in ours)  # gradients reach latents, lr and every decoder tensor
     names = ["latents", "alpha"] + [n for n, _ in d.decoder.named_parameters()]
-    print(f"{mode}: worst gradient error {assert_grads_match(names, ours, ref, F64_TOL):.3g}")
+    print(f"{mode}: worst gradient error {assert_grads_match(names, ours, ref, F64_GRAD_TOL):.3g}")
 
 
 # metrics that measure time or memory, not the computation

@@ -18,7 +18,7 @@ from d3fast.distilled import init_distilled
 from d3fast.embed import activation_bytes, auto_chunk, embed
 from d3fast.mmd_update import mmd_terms
 from d3fast.models import build_network
-from tests._utils import F64_TOL, assert_grads_match, assert_within_floor
+from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_within_floor
 
 META = {"resolution": 16, "channels": 3, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "z_dim": 8,
         "decoder": "paper", "decoder_width": 16}
@@ -55,7 +55,7 @@ def _grads(d, net, counts: list[int], chunk: int, exact: bool):
 
 
 def _compare(counts, chunks, dtype):
-    """Chunked against one graph: float64 within F64_TOL (measured: 0 apart, the same
+    """Chunked against one graph: float64 within F64_GRAD_TOL (measured: 0 apart, the same
     per-sample operations); float32 against the float64 one-graph result, at most 8x the
     one-graph float32 run's own error (a floor measured here: tests/test_unroll.py F32_FACTOR).
     A gradient whose reference is ~0 (a conv bias feeding train-mode BatchNorm, which removes
@@ -68,8 +68,8 @@ def _compare(counts, chunks, dtype):
         loss, grads, bufs = _grads(d, net, counts, chunk, exact=False)
         names = [f"chunk {chunk} tensor {k}" for k in range(len(ref))]
         if dtype == torch.float64:
-            assert abs(float(loss - ref_loss)) <= F64_TOL * abs(float(ref_loss))
-            assert_grads_match(names, grads, ref, F64_TOL)
+            assert abs(float(loss - ref_loss)) <= F64_GRAD_TOL * abs(float(ref_loss))
+            assert_grads_match(names, grads, ref, F64_GRAD_TOL)
         else:
             assert_within_floor(["loss"], [loss], [ref_loss], [truth_loss], 8)
             assert_within_floor(names, grads, ref, truth, 8)
@@ -113,13 +113,13 @@ def chunked_and_one_graph(device: str | torch.device = "cpu", samples: int = 5, 
 
 
 def assert_chunked_equals_one_graph(device: str | torch.device = "cpu", samples: int = 5) -> None:
-    """float64: chunked and one-graph within F64_TOL (measured: 0 apart on the CPU, the same
+    """float64: chunked and one-graph within F64_GRAD_TOL (measured: 0 apart on the CPU, the same
     per-sample operations). float32: against the float64 one-graph result, the chunked
     error at most 8x the one-graph float32 run's worst (a floor measured here, on this
     machine's rounding), loss and every gradient."""
     (m1, g1), (m2, g2) = chunked_and_one_graph(device, samples, torch.float64)
-    assert rel_err(m1, m2) < F64_TOL
-    assert_grads_match(range(len(g2)), g1, g2, F64_TOL)
+    assert rel_err(m1, m2) < F64_GRAD_TOL
+    assert_grads_match(range(len(g2)), g1, g2, F64_GRAD_TOL)
     (c1, h1), (c2, h2) = chunked_and_one_graph(device, samples, torch.float32)
     # measured on the CPU: chunked float32 equals one-graph float32 to the bit (ratio 1); 8 as
     # for the unroll (tests/test_unroll.py F32_FACTOR): a GPU may pick other kernels per chunk

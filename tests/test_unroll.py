@@ -11,7 +11,7 @@ from d3fast.distilled import init_distilled
 from d3fast.errors import D3FastError
 from d3fast.models import build_network
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
-from tests._utils import F64_TOL, assert_grads_match, assert_within_floor
+from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_within_floor
 
 N_CLS, PPC, RES = 3, 2, 8
 
@@ -57,13 +57,13 @@ F32_FACTOR = 8.0
 
 def assert_as_exact_as_naive(dtype, names, got, naive, setup_kw):
     """`got` = (loss, gradients) of another unroll against the naive unroll's `naive`, both in
-    `dtype`. float64: within F64_TOL (measured: at most 3.5e-14). float32: a floor measured
+    `dtype`. float64: within F64_GRAD_TOL (measured: at most 3.5e-14). float32: a floor measured
     here instead of a constant: the naive unroll's own float32 error against the same
     computation in float64 (the same values: the setup draws in float32), and `got`'s error
     against it at most F32_FACTOR times that."""
     if dtype == torch.float64:
-        assert rel_err(got[0], naive[0]) < F64_TOL
-        assert_grads_match(names, got[1], naive[1], F64_TOL)
+        assert rel_err(got[0], naive[0]) < F64_GRAD_TOL
+        assert_grads_match(names, got[1], naive[1], F64_GRAD_TOL)
         return
     d, spec, theta0, target = setup(torch.float64, **setup_kw)
     loss64, grads64, _ = gradients("naive", d, spec, theta0, target)
@@ -95,8 +95,8 @@ def test_vmapped_students_equal_a_loop():
     loss_n, grads_n, _ = gradients("naive", d, spec, theta0, target)
     d2, spec2, _, _ = setup(torch.float64, students=3, steps=3)
     loss_f, grads_f, _ = gradients("flat", d2, spec2, theta0, target)
-    assert rel_err(loss_f, loss_n) < F64_TOL
-    assert_grads_match(range(len(grads_n)), grads_f, grads_n, F64_TOL)
+    assert rel_err(loss_f, loss_n) < F64_GRAD_TOL
+    assert_grads_match(range(len(grads_n)), grads_f, grads_n, F64_GRAD_TOL)
     # and the K students really differ: the loss is a mean of distinct per-student terms
     d3, spec3, _, _ = setup(torch.float64, students=3, steps=3)
     per = unroll(spec3, d3, theta0, torch.Generator().manual_seed(5), "flat")
@@ -108,7 +108,7 @@ def test_without_augmentation_and_all_latents_per_step():
     _, grads_n, _ = gradients("naive", d, spec, theta0, target)
     d2, spec2, _, _ = setup(torch.float64, augment=False, batch=0, steps=3)
     _, grads_f, _ = gradients("flat", d2, spec2, theta0, target)
-    assert_grads_match(range(len(grads_n)), grads_f, grads_n, F64_TOL)
+    assert_grads_match(range(len(grads_n)), grads_f, grads_n, F64_GRAD_TOL)
 
 
 def test_flat_refuses_students_with_running_statistics():

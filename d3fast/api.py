@@ -21,10 +21,27 @@ def _sets(values: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
     if values is None:
         return []
     if isinstance(values, Mapping):
-        import json
-
-        return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
+        return [f"{k}={_value(k, v)}" for k, v in values.items()]
     return [str(v) for v in values]
+
+
+def _value(key: str, v: Any) -> str:
+    """A `set` value as the text `--set` takes: strings as they are, a torch dtype by its name
+    (torch.float64 -> float64, for distill.dtype), anything else as JSON.
+
+    Raises:
+        D3FastError: a value that is no config value (not a string, number, bool or list)."""
+    import json
+
+    if isinstance(v, str):
+        return v
+    if type(v).__module__ == "torch" and type(v).__name__ == "dtype":
+        return str(v).removeprefix("torch.")
+    try:
+        return json.dumps(v)
+    except TypeError:
+        raise D3FastError(f"set[{key!r}]: {type(v).__name__} {v!r} is not a config value (a string, number, "
+                          "true/false or a list of them)") from None
 
 
 @contextmanager

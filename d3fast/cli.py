@@ -387,7 +387,8 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @click.option("--students-per-step", type=int, default=None, help="Students (expert trajectories) per MTT update.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="The dtype of the whole distillation (distill.dtype; default float32). float64 is for checking "
-                   "gradients and comparing runs; the object is still stored and evaluated as float32.")
+                   "gradients and comparing runs; its checkpoint holds float64, while evaluation, samples and exports "
+                   "use the object in float32.")
 @click.option("--mmd-chunk", type=int, default=None,
               help="Samples per feature-network graph in the MMD update (exact two-pass gradient); 0: automatic.")
 @click.option("--mmd-exact-graph", is_flag=True, default=None,
@@ -1046,9 +1047,10 @@ def budget(dataset, as_json, show_records) -> None:
               help="Random data / expert trajectories of the right shapes when the real ones are missing.")
 @click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA, as in distill.")
 @click.option("--unroll", type=click.Choice(["auto", "flat", "naive"]), default=None, help="MTT unroll mode, as in distill.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="distill.dtype, as in distill.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @_subtask_options
-def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, out, stand_in, amp, unroll, device,
+def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, out, stand_in, amp, unroll, dtype, device,
             subtasks, subtask) -> None:
     """Where a distillation step's time and memory go: runs warm-up + timed + traced steps of
     the real loop and writes report.md, report.json, trace.json (Chrome trace), phases.png
@@ -1056,8 +1058,8 @@ def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, 
     from d3fast.profile import profile as run_profile
     from d3fast.profile import summary_line
 
-    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll, "device": device,
-                                                  "data.subtasks": subtasks, "data.subtask": subtask})
+    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll, "distill.dtype": dtype,
+                                                  "device": device, "data.subtasks": subtasks, "data.subtask": subtask})
     if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
         cfg.data.subtask = 0  # the subtasks are alike in size: one stands for all (the projection counts S)
     out_dir = Path(out) if out else Path("profiles") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -546,8 +546,8 @@ def validate(cfg: Config) -> None:
         raise D3FastError(f"config key distill.z_dim: a {d.decoder} decoder without its linear layer "
                           f"(distill.decoder_linear=false) needs z_dim {vae_z_dim(d.decoder)}, got {d.z_dim}")
     if d.amp and d.dtype == "float64":
-        raise D3FastError("distill.amp (bf16 autocast) and distill.dtype=float64 (everything in float64) exclude "
-                          "each other: drop --amp, or use distill.dtype=float32")
+        raise D3FastError("distill.amp (bf16 autocast, --amp) and distill.dtype=float64 (everything in float64, "
+                          "--dtype float64) exclude each other: leave one of them out")
     if d.unroll == "flat" and cfg.net.norm == "batchnorm":
         raise D3FastError("distill.unroll=flat needs a student without running statistics, and net.norm=batchnorm "
                           "keeps some: use net.norm=instancenorm or distill.unroll=naive")

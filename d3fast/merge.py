@@ -44,7 +44,7 @@ from d3fast.runtime import device_name, versions
 
 # what every part must share: the runs of one subtask split of one distillation setup
 SAME_KEYS = ("data.dataset", "data.subtasks", "data.zca", "data.zca_eps", "distill.ppc", "distill.decoder",
-             "distill.decoder_width", "distill.decoder_linear", "distill.z_dim", "net.name")
+             "distill.decoder_width", "distill.decoder_linear", "distill.z_dim", "distill.dtype", "net.name")
 
 
 def _key(cfg: Config, dotted: str) -> Any:

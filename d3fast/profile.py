@@ -255,8 +255,8 @@ def _report(
         "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "device_kind": device.type,
         "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": sources,
         "config": {k: getattr(dcfg, k) for k in ("ppc", "syn_steps", "batch_syn", "students_per_step", "mmd_samples",
-                                                 "unroll", "amp", "decoder", "decoder_width", "decoder_linear",
-                                                 "z_dim")}
+                                                 "unroll", "amp", "dtype", "decoder", "decoder_width",
+                                                 "decoder_linear", "z_dim")}
         | {"net": f"{cfg.net.name} width {cfg.net.width} depth {cfg.net.depth or 'auto'} {cfg.net.norm}"},
         "shapes": shapes,
         "steps": {"warmup": warmup, "free": free_steps, "timed": steps, "traced": trace_steps},

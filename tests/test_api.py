@@ -48,6 +48,15 @@ def test_readme_python_block_runs(d3fast_home, tmp_path, capsys):
     assert "Python API" not in capsys.readouterr().err
 
 
+def test_api_set_takes_torch_dtypes_and_refuses_what_is_no_config_value():
+    from d3fast.api import _sets
+
+    assert _sets({"distill.dtype": torch.float64, "distill.steps": 3, "eval.archs": ["convnet"]}) == [
+        "distill.dtype=float64", "distill.steps=3", 'eval.archs=["convnet"]']
+    with pytest.raises(D3FastError, match=r"set\['distill.seed'\]: object .* is not a config value"):
+        _sets({"distill.seed": object()})
+
+
 def test_api_names_are_the_functions_even_after_the_modules_load():
     import d3fast.distill  # noqa: F401  the training loop's module of the same name
     import d3fast.evaluate  # noqa: F401

@@ -61,7 +61,7 @@ def test_every_preset_resolves():
         (["net.norm=batchnorm", "distill.unroll=flat"], "distill.unroll=flat needs a student without running statistics"),
         (["eval.archs=[]"], "eval.archs"),
         (["distill.dtype=float16"], "distill.dtype: 'float16' is not one of float32, float64"),
-        (["distill.dtype=float64", "distill.amp=true"], "distill.amp (bf16 autocast) and distill.dtype=float64"),
+        (["distill.dtype=float64", "distill.amp=true"], "distill.amp (bf16 autocast, --amp) and distill.dtype=float64"),
     ],
 )
 def test_bad_overrides(overrides, message):

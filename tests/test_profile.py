@@ -40,6 +40,7 @@ def test_profile_report_on_real_inputs(home, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r["inputs"]["data"].startswith("real") and r["inputs"]["experts"].startswith("real (2")
     assert json.loads((out / "report.json").read_text())["phases_s"] == r["phases_s"]
+    assert r["config"]["dtype"] == "float32" and "dtype=float32" in (out / "report.md").read_text()
 
     # the phase timer and the loop's own step clock are separate readings of one clock: the
     # named phases must hold 99% of a step's tensor ops (measured: 99.4%; the rest are the

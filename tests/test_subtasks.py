@@ -146,6 +146,11 @@ def test_merge_refuses_other_settings_and_unfinished_runs(home, parts, tmp_path)
     with pytest.raises(D3FastError, match=r"not parts of one distillation \(distill.decoder_width: 32 vs 16"):
         merge_runs([parts[0], other], tmp_path / "a")
     cfg["distill"]["decoder_width"] = 32
+    cfg["distill"]["dtype"] = "float64"  # a float64 part beside a float32 one
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(D3FastError, match=r"distill.dtype: 'float32' vs 'float64'"):
+        merge_runs([parts[0], other], tmp_path / "a")
+    cfg["distill"]["dtype"] = "float32"
     cfg["distill"]["steps"] = 10  # the run stopped at step 3 of 10
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(D3FastError, match="stopped at step 3 of 10.*--partial"):

@@ -372,6 +372,11 @@ def cancelled_by_batchnorm(paths: Any) -> set[str]:
     return set(means) | {p.removesuffix(".1.running_mean") + ".0.bias" for p in means}
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
 def grad_errors(got: Any, ref: Any) -> list[float]:
     """Each gradient's relative error against its reference; one whose reference is ~0 (a conv
     bias right before a BatchNorm: exactly 0 in exact arithmetic, rounding noise here) is

@@ -18,7 +18,7 @@ from d3fast.distilled import init_distilled
 from d3fast.embed import activation_bytes, auto_chunk, embed
 from d3fast.mmd_update import mmd_terms
 from d3fast.models import build_network
-from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_within_floor
+from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_within_floor, rel_err
 
 META = {"resolution": 16, "channels": 3, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "z_dim": 8,
         "decoder": "paper", "decoder_width": 16}
@@ -125,10 +125,6 @@ def assert_chunked_equals_one_graph(device: str | torch.device = "cpu", samples:
     # for the unroll (tests/test_unroll.py F32_FACTOR): a GPU may pick other kernels per chunk
     assert_within_floor(["loss"], [c1], [c2], [m2], 8)
     assert_within_floor(range(len(g2)), h1, h2, g2, 8)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
 def test_mmd_terms_chunked_equals_exact_graph():

@@ -11,7 +11,7 @@ from d3fast.distilled import init_distilled
 from d3fast.errors import D3FastError
 from d3fast.models import build_network
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
-from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_within_floor
+from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_within_floor, rel_err
 
 N_CLS, PPC, RES = 3, 2, 8
 
@@ -42,10 +42,6 @@ def gradients(mode, d, spec, theta0, target):
     loss = mtt_loss(unroll(spec, d, theta0, g, mode, host=torch.Generator().manual_seed(6)), target, theta0)
     grads = torch.autograd.grad(loss, phi)
     return loss.detach(), grads, g.get_state()
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 # float32: another unroll's worst error against the float64 naive gradient, over the float32

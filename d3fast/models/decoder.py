@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from d3fast.errors import D3FastError
-from d3fast.runtime import full_precision
 
 KINDS = ("paper", "tiny", "small", "medium", "large")
 # start channels of the VanillaVAE layouts: the reference's hidden_dims[-1]
@@ -53,7 +52,7 @@ class RanksBatchNorm2d(nn.BatchNorm2d):
 
         # the moments are float64 sums; the output is float32 (float64 in a float64 run)
         mean, var, n = batch_moments(x, self.ranks_group)
-        dt = full_precision(x).dtype
+        dt = torch.promote_types(x.dtype, torch.float32)
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1

@@ -544,8 +544,14 @@ def _budget(dataset, preset, overrides, typed: dict[str, Any], ipc: float, image
     click.echo(f"storage budget {ipc:g} {images} images per class ({spec.num_classes} classes, {cfg.data.subtasks} "
                f"subtask(s), {'with' if cfg.distill.soft_labels else 'without'} soft labels, float32 storage): "
                f"{choice.describe()} ({other:.3f} {'uint8' if images == 'float32' else 'float32'} images)")
-    return {"distill.decoder": choice.decoder, "distill.decoder_width": choice.decoder_width,
-            "distill.decoder_linear": choice.decoder_linear, "distill.z_dim": choice.z_dim, "distill.ppc": choice.ppc}
+    chosen = {"distill.decoder": choice.decoder, "distill.decoder_width": choice.decoder_width,
+              "distill.decoder_linear": choice.decoder_linear, "distill.z_dim": choice.z_dim, "distill.ppc": choice.ppc}
+    was = {k: getattr(cfg.distill, k.split(".")[1]) for k in chosen}
+    replaced = [f"{k.split('.')[1]} {was[k]} -> {v}" for k, v in chosen.items() if was[k] != v]
+    kept = [f"{k.split('.')[1]} {v}" for k, v in chosen.items() if was[k] == v]
+    click.echo(f"it replaces {cfg.preset or 'the defaults'}'s " + (", ".join(replaced) or "nothing")
+               + (f" ({', '.join(kept)} kept)" if kept else ""))
+    return chosen
 
 
 def _label_run(run, cfg, device) -> None:
@@ -988,8 +994,8 @@ def presets() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_runs_dir_option("Where the runs are")
 def runs(dataset, as_json, runs_dir) -> None:
-    """List the runs and merged objects: dataset, preset, step/steps, status, best loss, last
-    evaluation and device-hours (from each run's files; `latest` is the last row with a checkpoint)."""
+    """List the runs and merged objects: dataset, preset, step/steps, status, the MTT term's
+    health at the last step, best loss, last evaluation and device-hours (from each run's files; `latest` is the last row with a checkpoint)."""
     from d3fast.ledger import text_table
     from d3fast.run import list_runs
 
@@ -1000,12 +1006,12 @@ def runs(dataset, as_json, runs_dir) -> None:
     if not rows:
         click.echo(f"no runs under {runs_dir}/" + (f"{dataset}/" if dataset else ""))
         return
-    table = [["run", "dataset", "preset", "step", "status", "best loss", "hours", "last evaluation"]]
+    table = [["run", "dataset", "preset", "step", "status", "MTT", "best loss", "hours", "last evaluation"]]
     for r in rows:
         hours = "" if r["device_hours"] is None else f"{r['device_hours']:.3g} {r['hours_unit']}"
         best = "" if r["best_loss"] is None else f"{r['best_loss']:.4g}"
-        table.append([r["name"], r["dataset"], r["preset"], f"{r['step']}/{r['steps']}", r["status"], best, hours,
-                      r["last_eval"]])
+        table.append([r["name"], r["dataset"], r["preset"], f"{r['step']}/{r['steps']}", r["status"],
+                      r["mtt_health"] or "-", best, hours, r["last_eval"]])
     click.echo(text_table([[str(v) for v in row] for row in table]))
     click.echo(f"({len(rows)} under {runs_dir}/)")
 

@@ -130,11 +130,21 @@ class DistillConfig:
     # K students (each its own expert and start epoch) unrolled together; their MTT losses
     # are averaged
     students_per_step: int = ranged(1, 1, 1024)
-    # initial learnable student lr alpha (lr = leaky_relu(alpha) + 1e-4)
+    # the learned student lr's initial value
     lr_teacher: float = ranged(0.01, 0, above=True)
+    # how the learned scalar alpha gives the student lr (docs/algorithm.md section 5, "The
+    # learned student lr"). log: lr = exp(alpha), alpha stepped by Adam at lr_lr, so a step
+    # moves the lr by about lr_lr relative (1e-2: 1 %) whatever the gradient's scale, and it
+    # never reaches zero. leaky_relu: the reference's lr = leaky_relu(alpha) + 1e-4 with SGD
+    # (momentum 0.5) at lr_lr (1e-5 .. 1e-6 there): its first steps, on a random decoder's
+    # samples, send alpha below zero, where the lr sits at 1e-4 and the MTT loss at 1.0
+    lr_param: str = "log"
+    # steps of the MTT health watch (d3fast/health.py): warn when the student lr sits at its
+    # floor, or the MTT loss averages within 0.05 of 1.0, for this many steps; 0 = no watch
+    health_steps: int = ranged(20, 0)
     # optimiser learning rates; 0 freezes that part
     lr_latent: float = ranged(3e-4, 0)
-    lr_lr: float = ranged(1e-6, 0)
+    lr_lr: float = ranged(1e-2, 0)
     lr_decode: float = ranged(3e-4, 0)
     # paper | tiny | small | medium | large (docs/algorithm.md section 2; the reference
     # code's ImageNet-1K budgets: small w256 at 1 IPC, medium at 2, large at 10)
@@ -199,7 +209,13 @@ class EvalConfig:
     students: int = ranged(5, 1)
     epochs: int = ranged(300, 1)
     batch_size: int = ranged(256, 1)
-    # fresh distilled samples per class per epoch
+    # equal_steps: every row (distilled and real) trains on the same examples per epoch, C x the
+    # largest of samples_per_class, the object's PPC and the baselines' images per class, in
+    # batches of batch_size: the same SGD steps for all (a smaller set is cycled through).
+    # per_set: one pass over each row's own set per epoch (distilled: samples_per_class per
+    # class), as the reference; an equal-storage baseline then takes more steps per epoch
+    protocol: str = "equal_steps"
+    # fresh distilled samples per class per epoch (equal_steps: at least this many)
     samples_per_class: int = ranged(10, 1)
     # false: one fixed draw of samples_per_class per class (seed eval.seed) for every epoch,
     # the set `d3fast export --format pt` writes (so an export re-evaluates to the same numbers)
@@ -208,6 +224,11 @@ class EvalConfig:
     weight_decay: float = ranged(5e-4, 0)
     # lr of the real-image baselines (the distilled set uses its learned lr)
     lr_real: float = ranged(0.01, 0, above=True)
+    # the same lr search for every row: each row trains one student per lr of this list and its
+    # own (learned, or lr_real), scores it on val_per_class held-out train images per class (never
+    # the test set), and trains its students at the best; [] = no search
+    lr_grid: list[float] = field(default_factory=list)
+    val_per_class: int = ranged(20, 1)
     # batch: decoder BatchNorm uses the sampled batch's statistics, as while distilling;
     # running: the running statistics gathered while distilling
     decoder_bn: str = "batch"
@@ -257,7 +278,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.mmd_param": ("expert", "final"),
     "distill.unroll": ("auto", "flat", "naive"),
     "distill.dtype": ("float32", "float64"),
+    "distill.lr_param": ("log", "leaky_relu"),
     "eval.decoder_bn": ("batch", "running"),
+    "eval.protocol": ("equal_steps", "per_set"),
 }
 
 
@@ -521,6 +544,9 @@ def validate(cfg: Config) -> None:
     # 1 / (2 s^2) must stay a normal float32, and a kernel wider than any feature distance is 0
     if not 1 <= len(bw) <= 16 or not all(math.isfinite(b) and 1e-6 <= b <= 1e6 for b in bw):
         raise D3FastError(f"config key distill.mmd_bandwidths: need 1 to 16 values in [1e-6, 1e6], got {bw}")
+    grid = cfg.eval.lr_grid
+    if len(grid) > 16 or not all(isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 10 for v in grid):
+        raise D3FastError(f"config key eval.lr_grid: need at most 16 learning rates in (0, 10], got {grid}")
     if d.mmd_weight > 0 and max(d.mmd_samples // d.ppc, 1) * d.ppc < 2:
         raise D3FastError("config key distill.mmd_samples: the unbiased MMD needs at least 2 samples per class "
                           f"(mmd_samples={d.mmd_samples}, ppc={d.ppc})")
@@ -596,7 +622,7 @@ APPLIED_ON_RESUME = frozenset({
     "device", "data.workers", "eval", "log",
     "distill.steps", "distill.checkpoint_every", "distill.amp", "distill.unroll", "distill.unroll_budget",
     "distill.students_per_step",
-    "distill.lr_latent", "distill.lr_lr", "distill.lr_decode",
+    "distill.lr_latent", "distill.lr_lr", "distill.lr_decode", "distill.health_steps",
     "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.batch_syn",
     "distill.augment_unroll", "distill.mtt_weight", "distill.kl_weight", "distill.div_weight",
     "distill.mmd_samples", "distill.mmd_weight", "distill.mmd_reduction", "distill.mmd_bandwidths",
@@ -624,8 +650,27 @@ FIXED_ON_RESUME: dict[str, str] = {
     "distill.decoder_linear": "the checkpoint holds a decoder of this layout",
     "distill.lr_teacher": "it is the learned student lr's initial value; the checkpoint holds its current value",
     "distill.dtype": "the checkpoint holds the distilled tensors and optimiser state in this dtype",
+    "distill.lr_param": "the checkpoint holds alpha and its optimiser's state in this parametrisation",
     "distill.seed": "the random streams continue from the checkpoint, not from the seed",
 }
+
+
+# Keys added after runs were recorded, with the value that repeats what such a run did: a
+# config recorded without one takes this value, not today's default.
+RECORDED_BEFORE: dict[str, Any] = {
+    "distill.lr_param": "leaky_relu",
+}
+
+
+def with_recorded_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config (nested dict, as config.json holds it) with the keys of
+    RECORDED_BEFORE it lacks set to the value its run used."""
+    out = copy.deepcopy(config)
+    for key, value in RECORDED_BEFORE.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(name, value)
+    return out
 
 
 def resume_changes(old: Config, new: Config) -> dict[str, list[Any]]:

@@ -126,11 +126,11 @@ def distill(
                 state.step += 1
                 meter.tick()
                 last = step_metrics(state, students, dcfg, clock, t0, meter, device, values)
-                state.note_loss(last["loss"])
+                _watch(state, last, main)
                 metrics.write(last)
                 _to_trackers(trackers, cfg, state, parts.train, run.path.name, last)
-                bar.set_postfix_str(f"mtt {last['mtt']:.3f} mmd {last['mmd']:.3f} lr {last['student_lr']:.4f} | "
-                                    + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step), refresh=False)
+                bar.set_postfix_str(_postfix(last) + meter.budget_text(cfg.data.dataset, dcfg.steps, state.step),
+                                    refresh=False)
                 bar.update(1)
                 if state.step % dcfg.checkpoint_every == 0 or state.step == dcfg.steps or stopping:
                     _checkpoint(state, run, world, meter)
@@ -140,6 +140,21 @@ def distill(
             if interrupted:
                 meter.final_status = "interrupted"
     return DistillResult(run, state.step, clock() - t_start, interrupted, last, stop.requested)
+
+
+def _watch(state: TrainState, metrics: dict[str, Any], main: bool) -> None:
+    """The step's metrics into the state's best loss and MTT health watch (d3fast/health.py),
+    the health into the metrics; a new problem's warning printed."""
+    state.note_loss(metrics["loss"])
+    metrics["mtt_health"], warning = state.health.update(state.step, metrics["mtt"], metrics["student_lr"])
+    if warning and main:
+        tqdm.write(warning)
+
+
+def _postfix(metrics: dict[str, Any]) -> str:
+    """The progress line's losses and lr, with the MTT term's health when it is not ok."""
+    unwell = "" if metrics["mtt_health"] in ("ok", "off") else f" ({metrics['mtt_health']})"
+    return f"mtt {metrics['mtt']:.3f}{unwell} mmd {metrics['mmd']:.3f} lr {metrics['student_lr']:.4f} | "
 
 
 def _to_trackers(trackers: Trackers, cfg: Config, state: TrainState, train: DeviceDataset, name: str,
@@ -223,7 +238,7 @@ def _build(
                             norm=cfg.net.norm, pooling=cfg.net.pooling).to(device, dtype)
     meta = {"resolution": res, "channels": channels, "mean": train.mean.tolist(), "std": train.std.tolist(),
             "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width,
-            "decoder_linear": dcfg.decoder_linear}
+            "decoder_linear": dcfg.decoder_linear, "lr_param": dcfg.lr_param}
     d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed, dtype)
     d.decoder.span_ranks(world.distributed, world.group)
     state = TrainState.create(d, dcfg, device)

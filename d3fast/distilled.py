@@ -70,8 +70,17 @@ class Distilled:
         """Every learned tensor: latents, alpha, the decoder's parameters."""
         return [self.latents, self.alpha, *self.decoder.parameters()]
 
+    @property
+    def lr_param(self) -> str:
+        """How alpha gives the lr (distill.lr_param): "log", or "leaky_relu" (the reference's;
+        objects written before the key existed)."""
+        return self.meta.get("lr_param", "leaky_relu")
+
     def lr(self) -> torch.Tensor:
-        """The student lr leaky_relu(alpha) + 1e-4, a 0-d tensor with alpha's graph."""
+        """The student lr, a 0-d tensor with alpha's graph: exp(alpha) (lr_param "log") or
+        leaky_relu(alpha) + 1e-4 (the reference's)."""
+        if self.lr_param == "log":
+            return self.alpha.exp()
         return torch.nn.functional.leaky_relu(self.alpha) + 1e-4
 
     @property
@@ -247,7 +256,8 @@ def is_export(path: Path) -> bool:
         return False
 
 
-_DECODER_META = ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width", "decoder_linear")
+_DECODER_META = ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width", "decoder_linear",
+                 "lr_param")
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Merged:
@@ -450,12 +460,15 @@ def init_distilled(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         decoder = build_decoder(meta)
-    if not math.isfinite(lr_teacher):
-        raise D3FastError(f"distill.lr_teacher must be finite, got {lr_teacher}")
+    if not math.isfinite(lr_teacher) or lr_teacher <= 0:
+        raise D3FastError(f"distill.lr_teacher must be finite and positive, got {lr_teacher}")
+    # the alpha whose lr (Distilled.lr) is lr_teacher; leaky_relu: alpha = lr_teacher as the
+    # reference (its lr is lr_teacher + 1e-4)
+    alpha = math.log(lr_teacher) if meta.get("lr_param", "leaky_relu") == "log" else lr_teacher
     return Distilled(
         latents=latents.to(device, dtype).requires_grad_(True),
         decoder=decoder.to(device, dtype),
-        alpha=torch.tensor(lr_teacher, device=device).to(dtype).requires_grad_(True),
+        alpha=torch.tensor(alpha, device=device).to(dtype).requires_grad_(True),
         num_classes=num_classes,
         ppc=ppc,
         classes=classes,

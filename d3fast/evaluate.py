@@ -81,23 +81,70 @@ def train_student(
             opt.step()
 
 
+def train_and_test(arch: str, cfg: Config, train: DeviceDataset, seed: int, lr: float,
+                   batches_of: Callable[[torch.Generator], Batches], augment: DSA | None, on: Any) -> float:
+    """One student of `arch` (cfg.net's width, depth, norm and pooling for the ConvNet), its
+    initialisation and every draw from `seed`, trained on batches_of(its generator) at `lr`;
+    returns its accuracy on `on` (the test split, or the lr search's held-out images)."""
+    dev = train.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kw: dict[str, Any] = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
+                              "pooling": cfg.net.pooling} if arch == "convnet" else {}
+        net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
+    net = net.to(dev)
+    train_student(net, batches_of(g), cfg.eval.epochs, lr, cfg, augment, g)
+    return evaluate_accuracy(net, on)
+
+
 def distilled_batches(
     d: Distilled | Merged, samples_per_class: int, batch_size: int, bn: str, soft: bool = False
 ) -> Batches:
-    """Per epoch: C x samples_per_class fresh samples, each from a random prior of its class,
-    with its class (or, with `soft`, its prior's soft label) as the target."""
+    """Per epoch: C x samples_per_class fresh samples, with its class (or, with `soft`, its
+    prior's soft label) as each one's target. A class's samples go to its priors in fresh
+    random permutations of them, so every prior gives samples_per_class // PPC samples or one
+    more each epoch (with samples_per_class >= PPC, every prior is seen every epoch)."""
     sample = Sampler(d, bn)
     dev = d.parts[0].latents.device
+    c, p, k = d.num_classes, d.ppc, samples_per_class
 
     def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        labels = torch.arange(d.num_classes, device=dev).repeat_interleave(samples_per_class)
-        labels = labels[torch.randperm(len(labels), generator=g, device=dev)]
-        for y in labels.split(batch_size):
-            prior = y * d.ppc + torch.randint(d.ppc, y.shape, generator=g, device=dev)
-            x = sample(prior, g)
-            yield x, (d.soft_labels[prior] if soft and d.soft_labels is not None else y)
+        reps = -(-k // p)
+        picks = torch.rand(c, reps, p, generator=g, device=dev).argsort(-1).reshape(c, reps * p)[:, :k]
+        priors = (torch.arange(c, device=dev)[:, None] * p + picks).reshape(-1)
+        priors = priors[torch.randperm(len(priors), generator=g, device=dev)]
+        for prior in priors.split(batch_size):
+            y = torch.div(prior, p, rounding_mode="floor")
+            yield sample(prior, g), (d.soft_labels[prior] if soft and d.soft_labels is not None else y)
 
     return batches
+
+
+def epoch_order(n: int, per_epoch: int | None, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One epoch's example order for a set of n: a permutation (per_epoch None), or fresh
+    permutations concatenated and cut at per_epoch examples (the equal_steps protocol: a
+    smaller set is cycled through, each example seen per_epoch // n times or once more)."""
+    reps = 1 if per_epoch is None else -(-per_epoch // n)
+    order = torch.cat([torch.randperm(n, generator=g, device=device) for _ in range(reps)])
+    return order if per_epoch is None else order[:per_epoch]
+
+
+def holdout(train: DeviceDataset, per_class: int, g: torch.Generator) -> tuple[DeviceDataset, DeviceDataset]:
+    """(the rest, per_class random images of each class): the lr search's validation images,
+    kept out of every baseline's set.
+
+    Raises:
+        D3FastError: a class with no more than per_class images."""
+    keep, held = [], []
+    for c, idx in enumerate(train.class_indices()):
+        if len(idx) <= per_class:
+            raise D3FastError(f"eval.val_per_class={per_class} holds out every image of class {train.classes[c]!r} "
+                              f"({len(idx)}): lower it")
+        order = idx[torch.randperm(len(idx), generator=g, device=idx.device)]
+        held.append(order[:per_class])
+        keep.append(order[per_class:])
+    return train.subset(torch.cat(keep)), train.subset(torch.cat(held))
 
 
 def real_subset(train: DeviceDataset, per_class: int, g: torch.Generator) -> DeviceDataset:
@@ -159,11 +206,21 @@ def _with(cfg: Config, updates: dict[str, Any] | None) -> Config:
     return cfg
 
 
-def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
-    """A fixed set ([N, ...] inputs, [N] or [N, classes] targets), reshuffled every epoch."""
+def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, per_epoch: int | None = None) -> Batches:
+    """A fixed set ([N, ...] inputs, [N] or [N, classes] targets), reshuffled every epoch;
+    with `per_epoch`, epochs of that many examples (`epoch_order`)."""
     def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for rows in torch.randperm(len(x), generator=g, device=x.device).split(batch_size):
+        for rows in epoch_order(len(x), per_epoch, g, x.device).split(batch_size):
             yield x[rows], y[rows]
+
+    return batches
+
+
+def real_batches(subset: DeviceDataset, batch_size: int, per_epoch: int | None = None) -> Batches:
+    """Real images (uint8 on the device, normalised per batch), as `tensor_batches`."""
+    def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for rows in epoch_order(len(subset), per_epoch, g, subset.device).split(batch_size):
+            yield subset.normalize(subset.images[rows]), subset.labels[rows]
 
     return batches
 
@@ -222,78 +279,92 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
                               f"{have[1]}x{have[2]}x{have[3]}: prepare it again as it was")
     # the test split streams from the loader the experts used (FFCV center crops or the cache)
     test = open_split(cfg, "test", dev)
+    # the lr search's held-out images (eval.lr_grid): never in a baseline's set, never the test set
+    val = None
+    if e.lr_grid:
+        train, val = holdout(train, e.val_per_class, torch.Generator(device=dev).manual_seed(derive_seed(e.seed, 99, 0)))
     augment = DSA(cfg.augment)
     min_class = min(len(i) for i in train.class_indices())
     n_cls = train.num_classes
     values_per_image = int(np.prod(train.images.shape[1:]))
 
-    # what the students of the target itself train on: (setup name, batches, lr)
-    own: list[tuple[str, Batches]] = []
+    # the target's own size, then the rows' common epoch (the protocol), then their batches
     if d is not None:
-        storage = d.storage_bytes()
-        same_count, lr = d.ppc, d.student_lr
-        if e.fresh_samples:
-            for soft in ([True] if d.soft_labels is not None else []) + [False]:
-                own.append(("d3_soft" if soft else "d3", distilled_batches(d, e.samples_per_class, e.batch_size,
-                                                                           e.decoder_bn, soft=soft)))
-        else:  # one fixed draw (seed eval.seed), what `d3fast export --format pt` writes
-            x, y, soft_y = draw_set(d, e.samples_per_class, e.seed, e.decoder_bn, e.batch_size)
-            if soft_y is not None:
-                own.append(("d3_soft", tensor_batches(x, soft_y, e.batch_size)))
-            own.append(("d3", tensor_batches(x, y, e.batch_size)))
+        storage, same_count, lr = d.storage_bytes(), d.ppc, d.student_lr
     else:
         assert s is not None
         x, y = _image_set_on(s, train, dev, cfg)
-        if s.soft_labels is not None:
-            own.append(("set_soft", tensor_batches(x, s.soft_labels.to(dev), e.batch_size)))
-        own.append(("set", tensor_batches(x, y, e.batch_size)))
         storage = len(x) * values_per_image * s.bytes_per_value
         same_count = max(1, round(len(x) / n_cls))
         lr = s.lr if s.lr is not None else e.lr_real
     storage_per_class = min(storage // (values_per_image * n_cls), min_class)
-
-    setups: list[tuple[str, int | None]] = [(name, None) for name, _ in own]
+    setups: list[tuple[str, int | None]] = []
     if e.baselines:
         setups.append(("random_same_count", same_count))
         # an object smaller than one image per class has no equal-storage real set to compare with
         if storage_per_class >= 1:
             setups.append(("random_same_storage", storage_per_class))
-    total = len(e.archs) * len(setups) * e.students
+    per_class = e.samples_per_class  # distilled samples per class per epoch
+    per_epoch = None  # examples per epoch of every row (None: one pass over its own set)
+    if e.protocol == "equal_steps":
+        per_class = max([e.samples_per_class, d.ppc if d is not None else 0, *(n for _, n in setups if n)])
+        per_epoch = n_cls * per_class
+    own: list[tuple[str, Batches]] = []  # what the students of the target itself train on
+    if d is not None:
+        if e.fresh_samples:
+            for soft in ([True] if d.soft_labels is not None else []) + [False]:
+                own.append(("d3_soft" if soft else "d3", distilled_batches(d, per_class, e.batch_size,
+                                                                           e.decoder_bn, soft=soft)))
+        else:  # one fixed draw (seed eval.seed), what `d3fast export --format pt` writes
+            x, y, soft_y = draw_set(d, e.samples_per_class, e.seed, e.decoder_bn, e.batch_size)
+            if soft_y is not None:
+                own.append(("d3_soft", tensor_batches(x, soft_y, e.batch_size, per_epoch)))
+            own.append(("d3", tensor_batches(x, y, e.batch_size, per_epoch)))
+    else:
+        assert s is not None
+        if s.soft_labels is not None:
+            own.append(("set_soft", tensor_batches(x, s.soft_labels.to(dev), e.batch_size, per_epoch)))
+        own.append(("set", tensor_batches(x, y, e.batch_size, per_epoch)))
+    setups = [(name, None) for name, _ in own] + setups
+
+    def candidates(count: int | None) -> list[float]:  # a row's lrs: its own, and eval.lr_grid's
+        own_lr = lr if count is None else e.lr_real
+        return sorted({*e.lr_grid, own_lr}) if e.lr_grid else [own_lr]
+
+    total = len(e.archs) * sum(e.students + (len(candidates(n)) if e.lr_grid else 0) for _, n in setups)
     bar = progress_bar(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
     run_key = str(Path(target.name).resolve())
     with ledger.track("evaluate", cfg.data.dataset, cfg.preset, dev, steps_target=total, run=run_key) as meter:
         results: dict[str, Any] = {}
         for a, arch in enumerate(e.archs):
             results[arch] = {}
-            for kind, per_class in setups:
-                accs = []
-                for i in range(e.students):
-                    seed = derive_seed(e.seed, a, i)
-                    g = torch.Generator(device=dev).manual_seed(seed)
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(seed)
-                        kw: dict[str, Any] = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
-                              "pooling": cfg.net.pooling} if arch == "convnet" else {}
-                        net = build_network(arch, train.images.shape[1], n_cls, train.images.shape[-1], **kw)
-                    net = net.to(dev)
-                    if per_class is None:
-                        batches, student_lr = dict(own)[kind], lr
-                    else:
-                        subset = real_subset(train, per_class, g)
+            for r, (kind, count) in enumerate(setups):
+                def batches_of(g: torch.Generator, count: int | None = count, kind: str = kind) -> Batches:
+                    if count is None:
+                        return dict(own)[kind]
+                    return real_batches(real_subset(train, count, g), e.batch_size, per_epoch)
 
-                        def batches(gen: torch.Generator, subset: DeviceDataset = subset):
-                            return subset.batches(e.batch_size, shuffle=True, generator=gen)
-
-                        student_lr = e.lr_real
-                    train_student(net, batches, e.epochs, student_lr, cfg, augment, g)
-                    accs.append(evaluate_accuracy(net, test))
-                    bar.set_postfix_str(f"{arch} {kind} {accs[-1]:.1%}", refresh=False)
+                def student(seed: int, student_lr: float, on: Any, arch: str = arch, kind: str = kind,
+                            batches_of: Callable[[torch.Generator], Batches] = batches_of) -> float:
+                    acc = train_and_test(arch, cfg, train, seed, student_lr, batches_of, augment, on)
+                    bar.set_postfix_str(f"{arch} {kind} {acc:.1%}", refresh=False)
                     bar.update(1)
                     meter.tick()
+                    return acc
+
+                row_lr = lr if count is None else e.lr_real
+                searched = {}
+                if e.lr_grid:  # one student per candidate, scored on the held-out images
+                    for j, cand in enumerate(candidates(count)):
+                        searched[cand] = student(derive_seed(e.seed, a, 1_000 + 100 * r + j), cand, val)
+                    row_lr = max(searched, key=lambda v: (searched[v], v == row_lr))
+                accs = [student(derive_seed(e.seed, a, i), row_lr, test) for i in range(e.students)]
                 results[arch][kind] = {
-                    "images_per_class": per_class if per_class is not None else None,
-                    "accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+                    "images_per_class": count, "lr": row_lr, "accs": accs,
+                    "mean": float(np.mean(accs)), "std": float(np.std(accs)),
                 }
+                if searched:
+                    results[arch][kind]["lr_search"] = {f"{k:g}": v for k, v in searched.items()}
     bar.close()
     report: dict[str, Any] = {
         "run_dir": target.name, "dataset": cfg.data.dataset, "distill_step": target.step,
@@ -310,9 +381,11 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
                    "per_class_max": max(counts), "soft_labels": s.soft_labels is not None,
                    "lr_from": "the set" if s.lr is not None else "eval.lr_real", "pixels": s.pixels}
     report |= {
-        "protocol": {k: getattr(e, k) for k in ("students", "epochs", "batch_size", "samples_per_class",
-                                                 "fresh_samples", "momentum", "weight_decay", "lr_real",
-                                                 "decoder_bn", "seed", "soft_temperature")},
+        "protocol": {k: getattr(e, k) for k in ("protocol", "students", "epochs", "batch_size", "samples_per_class",
+                                                 "fresh_samples", "momentum", "weight_decay", "lr_real", "lr_grid",
+                                                 "val_per_class", "decoder_bn", "seed", "soft_temperature")}
+                    | {"examples_per_epoch": per_epoch, "steps_per_epoch": None if per_epoch is None
+                       else -(-per_epoch // e.batch_size), "samples_per_class_used": per_class},
         "results": results, "device": device_name(dev), "versions": versions(),
         "seconds": round(time.perf_counter() - t0, 1),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -398,7 +471,7 @@ def _to_trackers(target: Target, report: dict[str, Any]) -> None:
 def markdown(r: dict[str, Any]) -> str:
     """The report as a markdown table (eval.md)."""
     head, rows = table_rows(r)
-    lines = head + ["", "| arch | training set | images/class | test accuracy |", "|---|---|---|---|"]
+    lines = head + ["", "| arch | training set | images/class | lr | test accuracy |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -406,7 +479,8 @@ def markdown(r: dict[str, Any]) -> str:
 def rendered(r: dict[str, Any]) -> str:
     """The report as aligned plain text, for a terminal or a log file."""
     head, rows = table_rows(r)
-    table = ledger.text_table([["arch", "training set", "images/class", "test accuracy"], *rows], right=(2,), rule=True)
+    table = ledger.text_table([["arch", "training set", "images/class", "lr", "test accuracy"], *rows], right=(2, 3),
+                              rule=True)
     return "\n".join([head[0].lstrip("# "), *head[2:], "", table]) + "\n"
 
 
@@ -426,6 +500,7 @@ def table_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         f"{r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 images per class. "
         f"{r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
         "test accuracy after the last epoch (no selection).",
+        protocol_line(r["protocol"]),
     ]
     names = {"d3_soft": "D3 (fresh samples), soft labels", "d3": "D3 (fresh samples)" + (
         ", hard labels" if r.get("soft_labels") else ""), "random_same_count": "random real, same count",
@@ -433,8 +508,27 @@ def table_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     fixed = not r["protocol"].get("fresh_samples", True)
     if fixed:
         names |= {k: v.replace("fresh samples", "one fixed draw") for k, v in names.items() if k.startswith("d3")}
-    per_epoch = f"{r['protocol']['samples_per_class']}" + ("" if fixed else " per epoch")
+    used = r["protocol"].get("samples_per_class_used", r["protocol"]["samples_per_class"])
+    per_epoch = f"{r['protocol']['samples_per_class'] if fixed else used}" + ("" if fixed else " per epoch")
     return lines, _result_rows(r, names, per_epoch)
+
+
+def protocol_line(p: dict[str, Any]) -> str:
+    """How the rows were made comparable: steps per epoch and the lr policy (older reports: '')."""
+    if "protocol" not in p:
+        return ""
+    if p["protocol"] == "equal_steps":
+        steps = (f"Every row: {p['examples_per_epoch']} examples = {p['steps_per_epoch']} SGD steps (batch "
+                 f"{p['batch_size']}) per epoch, a smaller set cycled through.")
+    else:
+        steps = "One pass over each row's own set per epoch (protocol per_set: step counts differ)."
+    if p.get("lr_grid"):
+        lrs = (f" lr per row: the best of {', '.join(f'{v:g}' for v in p['lr_grid'])} and its own (the learned or "
+               f"the set's; random real: {p['lr_real']:g}) by accuracy on {p['val_per_class']} held-out train images "
+               "per class.")
+    else:
+        lrs = f" lr: the learned or the set's for the target's rows, {p['lr_real']:g} for random real (no search)."
+    return steps + lrs
 
 
 def _result_rows(r: dict[str, Any], names: dict[str, str], own_count: str) -> list[list[str]]:
@@ -443,9 +537,10 @@ def _result_rows(r: dict[str, Any], names: dict[str, str], own_count: str) -> li
         for kind, v in kinds.items():
             n = v["images_per_class"]
             rows.append([arch, names[kind], own_count if n is None else str(n),
+                         f"{v['lr']:.3g}" if isinstance(v.get("lr"), int | float) else "-",
                          f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f} % (n={len(v['accs'])})"])
         if "random_same_count" in kinds and "random_same_storage" not in kinds:
-            rows.append([arch, names["random_same_storage"], "-",
+            rows.append([arch, names["random_same_storage"], "-", "-",
                          "not applicable: less than one uint8 image per class is stored"])
     return rows
 
@@ -462,6 +557,7 @@ def _set_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         f"{r['lr_from']}; storage {r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 "
         f"images per class. {r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
         "test accuracy after the last epoch (no selection).",
+        protocol_line(r["protocol"]),
     ]
     names = {"set_soft": "the set, soft labels", "set": "the set" + (", hard labels" if r.get("soft_labels") else ""),
              "random_same_count": "random real, same count", "random_same_storage": "random real, same storage"}

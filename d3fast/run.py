@@ -36,7 +36,7 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
-from d3fast.config import Config, apply_updates, resume_changes, to_dict
+from d3fast.config import Config, apply_updates, resume_changes, to_dict, with_recorded_defaults
 from d3fast.distilled import Distilled, Merged
 from d3fast.errors import D3FastError
 from d3fast.io import (
@@ -156,8 +156,8 @@ class Run:
             D3FastError: config.json unusable and history.jsonl holds no config.
         """
         cfg = Config()
-        apply_updates(cfg, self._recorded("config", self.config_path, self._config_from_history), "",
-                      from_string=False)
+        recorded = self._recorded("config", self.config_path, self._config_from_history)
+        apply_updates(cfg, with_recorded_defaults(recorded), "", from_string=False)
         return cfg
 
     def read_manifest(self) -> dict[str, Any]:
@@ -231,7 +231,7 @@ class Run:
             recorded = self.read_config()
         else:
             recorded = Config()
-            apply_updates(recorded, from_history, "", from_string=False)
+            apply_updates(recorded, with_recorded_defaults(from_history), "", from_string=False)
         return resume_changes(recorded, cfg)
 
     def history(self) -> list[dict[str, Any]]:
@@ -412,7 +412,8 @@ def is_locked(path: Path) -> bool:
 def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[dict[str, Any]]:
     """Every run and merged object under runs_dir/<dataset>/, oldest first: dataset, preset,
     step and steps, status (running: its lock is held; finished; stopped: before its steps;
-    merged; new: no step yet), best and last loss, last evaluation (eval.json's summary) and
+    merged; new: no step yet), the MTT term's health at the last step (d3fast/health.py), best
+    and last loss, last evaluation (eval.json's summary) and
     device-hours, read from config.json, metrics.jsonl and eval.json (no checkpoint is
     loaded). A damaged file makes that field `?`, never the listing fail."""
     rows = []
@@ -426,7 +427,7 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
             continue
         row: dict[str, Any] = {"run": str(path), "name": path.name, "dataset": path.parent.name, "preset": "?",
                                "step": 0, "steps": "?", "status": "?", "best_loss": None, "last_loss": None,
-                               "device_hours": None, "hours_unit": "", "last_eval": ""}
+                               "device_hours": None, "hours_unit": "", "last_eval": "", "mtt_health": ""}
         try:
             cfg = json.loads(run.config_path.read_text())
             row["preset"], row["steps"] = cfg.get("preset") or "-", cfg["distill"]["steps"]
@@ -448,7 +449,8 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
         if metrics:
             hours = metrics[-1].get("device_hours")
             row |= {"step": int(metrics[-1]["step"]), "device_hours": hours if isinstance(hours, int | float) else None,
-                    "hours_unit": str(metrics[-1].get("hours_unit", ""))}
+                    "hours_unit": str(metrics[-1].get("hours_unit", "")),
+                    "mtt_health": str(metrics[-1].get("mtt_health", ""))}
         if losses:
             row |= {"best_loss": min(losses), "last_loss": losses[-1]}
         if merged:

@@ -30,6 +30,7 @@ from d3fast.config import DistillConfig
 from d3fast.dist import World
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
+from d3fast.health import MTTHealth
 from d3fast.io import atomic_path
 
 CKPT_FORMAT = 1
@@ -52,7 +53,7 @@ class DivergedError(D3FastError):
 
 def distilled_problems(d: Distilled) -> tuple[str, str] | None:
     """(what, detail) when the distilled object cannot be trained or used: a NaN or inf
-    tensor, a log-variance whose exp overflows, or a student lr <= 0; else None."""
+    tensor, a log-variance whose exp overflows, or a student lr <= 0 or inf; else None."""
     checks = StepChecks()
     checks.state(list(d.named_tensors()), d, "checkpoint")
     return checks.problem(checks.fetch())
@@ -197,34 +198,48 @@ def _state_problem(names: list[str], values: list[float]) -> tuple[str, str] | N
     if top > MAX_LOGVAR:
         return "overflowing state", f"latent log-variance up to {top:.4g} (exp overflows float32 above {MAX_LOGVAR:g})"
     if not lr > 0:
-        return "non-positive student lr", f"{lr:.4g} (distill.lr_lr moved alpha below zero)"
+        return "non-positive student lr", f"{lr:.4g} (distill.lr_lr moved alpha too far down)"
+    if not math.isfinite(lr):
+        return "non-finite student lr", f"{lr:.4g} (distill.lr_lr moved alpha past exp's range)"
     return None
+
+
+def _lr_optimizer(d: Distilled, lr_lr: float) -> torch.optim.Optimizer:
+    """alpha's optimiser: Adam in log space (distill.lr_param "log": its steps are about lr_lr
+    in log lr whether dL/dalpha is 300, as on a random decoder's samples, or 0.01), else the
+    reference's SGD with momentum 0.5."""
+    if d.lr_param == "log":
+        return torch.optim.Adam([d.alpha], lr=lr_lr)
+    return torch.optim.SGD([d.alpha], lr=lr_lr, momentum=0.5)
 
 
 @dataclass
 class TrainState:
     distilled: Distilled
     opt_latent: torch.optim.SGD
-    opt_lr: torch.optim.SGD
+    opt_lr: torch.optim.Optimizer  # Adam (lr_param log) or SGD (leaky_relu, the reference's)
     opt_decoder: torch.optim.Adam
     g_host: torch.Generator
     g_device: torch.Generator
     step: int = 0
     # the lowest total loss so far and its step
     best: dict[str, Any] = field(default_factory=lambda: {"step": None, "loss": math.inf})
+    # the MTT term's health watch (d3fast/health.py)
+    health: MTTHealth = field(default_factory=lambda: MTTHealth(0, "log", 0.01))
 
     @classmethod
     def create(cls, d: Distilled, dcfg: DistillConfig, device: torch.device) -> TrainState:
-        """Step 0: the optimisers of docs/algorithm.md section 5 (latents and alpha: SGD with
-        momentum 0.5; decoder: Adam, weight decay 1e-5) and generators seeded from
+        """Step 0: the optimisers of docs/algorithm.md section 5 (latents: SGD with momentum
+        0.5; alpha: `_lr_optimizer`; decoder: Adam, weight decay 1e-5) and generators seeded from
         `dcfg.seed` (device generator: seed + 7, so the two streams differ)."""
         return cls(
             distilled=d,
             opt_latent=torch.optim.SGD([d.latents], lr=dcfg.lr_latent, momentum=0.5),
-            opt_lr=torch.optim.SGD([d.alpha], lr=dcfg.lr_lr, momentum=0.5),
+            opt_lr=_lr_optimizer(d, dcfg.lr_lr),
             opt_decoder=torch.optim.Adam(d.decoder.parameters(), lr=dcfg.lr_decode, weight_decay=1e-5),
             g_host=torch.Generator().manual_seed(dcfg.seed),
             g_device=torch.Generator(device=device).manual_seed(dcfg.seed + 7),
+            health=MTTHealth(dcfg.health_steps, dcfg.lr_param, dcfg.lr_teacher, dcfg.mtt_weight > 0),
         )
 
     @property
@@ -263,6 +278,7 @@ class TrainState:
             "rng_device": self.g_device.get_state(),
             "rng_device_type": self.g_device.device.type,
             "best": json.dumps(self.best),
+            "health": json.dumps(self.health.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any], dcfg: DistillConfig) -> None:
@@ -274,6 +290,10 @@ class TrainState:
         if held != runs:
             raise D3FastError(f"the checkpoint holds {str(held).removeprefix('torch.')} tensors and this run computes in "
                               f"{str(runs).removeprefix('torch.')} (distill.dtype): a run keeps the dtype it started with")
+        held_param = json.loads(state["meta"]).get("lr_param", "leaky_relu") if "meta" in state else None
+        if held_param not in (None, self.distilled.lr_param):
+            raise D3FastError(f"the checkpoint's student lr is parametrised as {held_param} and this run's as "
+                              f"{self.distilled.lr_param} (distill.lr_param): a run keeps the one it started with")
         self.distilled.load_state_dict(state)
         try:
             self.opt_latent.load_state_dict(state["opt_latent"])
@@ -282,6 +302,7 @@ class TrainState:
             for opt in self.optimizers:  # loaded onto the device with the rest: back to the CPU
                 _steps_on_cpu(opt)
             self.best = json.loads(state["best"])
+            self.health.load_state_dict(json.loads(state.get("health", "{}")))  # none before the watch existed
             self.g_host.set_state(state["rng_host"].cpu())
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise D3FastError(f"the checkpoint's optimiser or generator state does not fit this run ({e})") from None
@@ -423,6 +444,8 @@ def _checkpoint_problem(state: dict[str, Any]) -> str | None:
         return "meta lacks the decoder's settings"
     if not isinstance(meta.get("decoder_linear", True), bool):
         return "meta.decoder_linear is not true/false"
+    if meta.get("lr_param", "leaky_relu") not in ("log", "leaky_relu"):
+        return f"meta.lr_param is {meta['lr_param']!r}, not log or leaky_relu"
     if meta["z_dim"] != state["latents"].shape[1]:
         return "meta.z_dim differs from the latents"
     for key in ("opt_latent", "opt_lr", "opt_decoder"):

@@ -34,13 +34,15 @@ def hand_convnet(x, p):
     return F.linear(x.flatten(1), p[12], p[13])
 
 
+@pytest.mark.parametrize("lr_param", ["log", "leaky_relu"])
 @pytest.mark.parametrize("mode", ["flat", "naive"])
-def test_mtt_matches_hand_unrolled_two_steps(home, mode):
-    """In float64, against the same two steps written out with torch.nn.functional."""
+def test_mtt_matches_hand_unrolled_two_steps(home, mode, lr_param):
+    """In float64, against the same two steps written out with torch.nn.functional, under
+    both parametrisations of the student lr."""
     cfg = cfg_of("distill.syn_steps=2", "distill.augment_unroll=false", "distill.ppc=2", "distill.batch_syn=7")
     train = load_dataset("digits", "train")
     meta = {"resolution": 32, "channels": 1, "mean": train.mean.tolist(), "std": train.std.tolist(),
-            "z_dim": 64, "decoder": "paper", "decoder_width": 32}
+            "z_dim": 64, "decoder": "paper", "decoder_width": 32, "lr_param": lr_param}
     f64 = torch.float64
     d = init_distilled(10, 2, train.classes, meta, 0.01, torch.device("cpu"), seed=3, dtype=f64)
     student = Student(build_network("convnet", 1, 10, 32, width=8).to(f64))
@@ -58,7 +60,8 @@ def test_mtt_matches_hand_unrolled_two_steps(home, mode):
     order = torch.randperm(20, generator=g)
     chunks = [order[:7], order[7:14]]
     params = [t.view(s).clone().requires_grad_(True) for t, s in zip(theta0.split(sizes), shapes, strict=True)]
-    lr = F.leaky_relu(d.alpha) + 1e-4
+    lr = d.alpha.exp() if lr_param == "log" else F.leaky_relu(d.alpha) + 1e-4
+    torch.testing.assert_close(lr, torch.tensor(0.01 + (1e-4 if lr_param == "leaky_relu" else 0), dtype=f64))
     labels = torch.arange(10).repeat_interleave(2)
     for idx in chunks:
         lat = d.latents[idx]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -134,3 +135,85 @@ def test_distilled_students_learn_digits(home, tmp_path):
     d3 = r["results"]["convnet"]["d3"]
     # measured here: 73.5% and 60.8%; 40% leaves room for other CPUs' arithmetic
     assert min(d3["accs"]) > 0.4, d3
+
+
+def test_every_prior_gives_samples_every_epoch(run, monkeypatch):
+    """PPC 2, 5 samples per class: each prior 2 or 3 of its class's 5, every epoch."""
+    ev = importlib.import_module("d3fast.evaluate")
+
+    monkeypatch.setattr(ev, "Sampler", lambda d, bn: lambda prior, g: prior.double()[:, None])  # the prior as the image
+    d, _ = Run(run).load_distilled()
+    batches = distilled_batches(d, samples_per_class=5, batch_size=16, bn="batch")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        pairs = list(batches(g))
+        priors = torch.cat([x[:, 0] for x, _ in pairs]).long()
+        ys = torch.cat([y for _, y in pairs])
+        assert torch.equal(priors // 2, ys)  # each sample labelled with its prior's class
+        counts = torch.bincount(priors, minlength=20)
+        assert sorted(set(counts.tolist())) == [2, 3] and counts.view(10, 2).sum(1).tolist() == [5] * 10
+
+
+def _steps_per_row(run, monkeypatch, **protocol):
+    """{row: [batch sizes of its first epoch]} for one student per row."""
+    ev = importlib.import_module("d3fast.evaluate")
+
+    seen: dict[str, list[int]] = {}
+    real = ev.train_and_test
+
+    def counting(arch, cfg, train, seed, lr, batches_of, augment, on):
+        g = torch.Generator().manual_seed(seed)
+        sizes = [len(y) for _, y in batches_of(g)(g)]
+        seen[f"{len(seen)}"] = sizes
+        return 0.5
+
+    monkeypatch.setattr(ev, "train_and_test", counting)
+    r = evaluate_run(Run(run), {"eval": {"students": 1, "epochs": 1, "samples_per_class": 3, "batch_size": 64,
+                                         **protocol}}, progress=False, device="cpu")
+    monkeypatch.setattr(ev, "train_and_test", real)
+    rows = [k for arch in r["results"].values() for k in arch]
+    return dict(zip(rows, seen.values(), strict=True)), r
+
+
+def test_equal_steps_gives_every_row_the_same_sgd_steps_per_epoch(run, monkeypatch):
+    rows, r = _steps_per_row(run, monkeypatch)
+    same_storage = r["results"]["convnet"]["random_same_storage"]["images_per_class"]
+    per_epoch = 10 * max(3, 2, same_storage)  # samples_per_class, PPC, the baselines' images per class
+    assert r["protocol"]["examples_per_epoch"] == per_epoch
+    assert r["protocol"]["steps_per_epoch"] == -(-per_epoch // 64)
+    for name, sizes in rows.items():
+        assert sum(sizes) == per_epoch and len(sizes) == -(-per_epoch // 64), name
+    assert "SGD steps (batch 64) per epoch" in (Run(run).path / "eval.md").read_text()
+    # the reference's protocol: one pass over each row's own set, so the row sizes differ
+    rows, r = _steps_per_row(run, monkeypatch, protocol="per_set")
+    assert sum(rows["d3"]) == 30 and sum(rows["random_same_count"]) == 20
+    assert sum(rows["random_same_storage"]) == 10 * same_storage > 30
+
+
+def test_the_lr_search_scores_on_held_out_train_images_and_states_its_choice(run, monkeypatch):
+    """A grid of one useless lr (1e-7): every row keeps its own lr, chosen on held-out train
+    images that no baseline draws from."""
+    ev = importlib.import_module("d3fast.evaluate")
+
+    held: list[set] = []
+    real_holdout = ev.holdout
+
+    def recording(train, per_class, g):
+        rest, val = real_holdout(train, per_class, g)
+        key = lambda ds: {bytes(ds.images[i].numpy()) for i in range(len(ds))}  # noqa: E731
+        held.append((key(rest), key(val)))
+        return rest, val
+
+    monkeypatch.setattr(ev, "holdout", recording)
+    r = evaluate_run(Run(run), {"eval": {"students": 1, "epochs": 3, "lr_grid": [1e-7], "val_per_class": 5}},
+                     progress=False, device="cpu")
+    rest, val = held[0]
+    assert len(val) >= 45 and not rest & val  # 50 images (a few digits repeat), none in the rest
+    d, _ = Run(run).load_distilled()
+    res = r["results"]["convnet"]
+    for kind, v in res.items():
+        own = d.student_lr if kind == "d3" else r["protocol"]["lr_real"]
+        assert set(v["lr_search"]) == {"1e-07", f"{own:g}"}
+        assert v["lr"] == pytest.approx(own), (kind, v["lr_search"])
+    md = (Run(run).path / "eval.md").read_text()
+    assert "the best of 1e-07 and its own" in md and "held-out train images" in md

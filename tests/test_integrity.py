@@ -281,9 +281,11 @@ def test_bad_values_are_refused_before_any_work(tmp_path, args, says):
 
 
 def test_a_student_lr_driven_negative_stops_the_run(home, tmp_path):
-    """Case 11: lr_lr=0.05 drove the learned lr to -0.15 after one step, silently."""
+    """Case 11: lr_lr=0.05 drove the learned lr to -0.15 after one step, silently (the
+    reference's parametrisation: lr_param log cannot go below zero)."""
     with pytest.raises(D3FastError, match=r"non-positive student lr at step \d: -"):
-        distill(cfg_of("distill.lr_lr=0.05", "distill.lr_teacher=0.001"), Run.at(tmp_path / "r"), progress=False)
+        distill(cfg_of("distill.lr_param=leaky_relu", "distill.lr_lr=0.05", "distill.lr_teacher=0.001"),
+                Run.at(tmp_path / "r"), progress=False)
 
 
 def test_export_onto_a_directory_is_a_clear_error(home, tmp_path):

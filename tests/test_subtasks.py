@@ -320,3 +320,14 @@ def test_budget_refusals_are_one_line(home):
     for ipc, says in (("1e9", "more than distill.ppc's limit"), ("inf", "finite positive"), ("0", "finite positive")):
         res = CliRunner().invoke(cli, ["config", "--dataset", "digits", "--budget-ipc", ipc])
         assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output
+
+
+def test_a_budget_says_which_preset_settings_it_replaced(home):
+    res = CliRunner().invoke(cli, ["config", "--dataset", "fashion-mnist", "--preset", "fashion-mnist-cpu",
+                                   "--budget-ipc", "50"])
+    assert res.exit_code == 0, res.output
+    said = res.output.splitlines()[1]
+    chosen = json.loads(res.output[res.output.index("{"):])["distill"]
+    # the preset's 64-wide paper decoder and 1 prior per class give way; z_dim (64) stays
+    assert said.startswith("it replaces fashion-mnist-cpu's decoder paper -> small, decoder_width 64 -> ")
+    assert f"ppc 1 -> {chosen['ppc']}" in said and "z_dim 64 kept" in said

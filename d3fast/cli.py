@@ -541,16 +541,17 @@ def _budget(dataset, preset, overrides, typed: dict[str, Any], ipc: float, image
         raise D3FastError(f"a storage budget of {ipc:g} images per class buys {choice.ppc:,} priors per class, more "
                           f"than distill.ppc's limit of {limit:,}: give a smaller budget")
     other = ipc_equivalent(choice.bytes, spec.num_classes, spec.channels, res, pixel_bytes=1 if images == "float32" else 4)
+    # notes on stderr: stdout holds the config that `d3fast config --budget-ipc N --format toml > F` writes
     click.echo(f"storage budget {ipc:g} {images} images per class ({spec.num_classes} classes, {cfg.data.subtasks} "
                f"subtask(s), {'with' if cfg.distill.soft_labels else 'without'} soft labels, float32 storage): "
-               f"{choice.describe()} ({other:.3f} {'uint8' if images == 'float32' else 'float32'} images)")
+               f"{choice.describe()} ({other:.3f} {'uint8' if images == 'float32' else 'float32'} images)", err=True)
     chosen = {"distill.decoder": choice.decoder, "distill.decoder_width": choice.decoder_width,
               "distill.decoder_linear": choice.decoder_linear, "distill.z_dim": choice.z_dim, "distill.ppc": choice.ppc}
     was = {k: getattr(cfg.distill, k.split(".")[1]) for k in chosen}
     replaced = [f"{k.split('.')[1]} {was[k]} -> {v}" for k, v in chosen.items() if was[k] != v]
     kept = [f"{k.split('.')[1]} {v}" for k, v in chosen.items() if was[k] == v]
-    click.echo(f"it replaces {cfg.preset or 'the defaults'}'s " + (", ".join(replaced) or "nothing")
-               + (f" ({', '.join(kept)} kept)" if kept else ""))
+    click.echo(f"it replaces {f'preset {cfg.preset}' if cfg.preset else 'the defaults'}: "
+               + (", ".join(replaced) or "nothing") + (f" ({', '.join(kept)} kept)" if kept else ""), err=True)
     return chosen
 
 
@@ -989,6 +990,12 @@ def presets() -> None:
         click.echo(f"{name:<24} {dataset:<14} {about}")
 
 
+def _cell(value: Any, width: int = 60) -> str:
+    """A value read from a run's files as one table cell: printable, one line, at most `width`."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value or "-"))
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 @cli.command()
 @click.option("--dataset", default=None, help="Only this dataset.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -1011,7 +1018,7 @@ def runs(dataset, as_json, runs_dir) -> None:
         hours = "" if r["device_hours"] is None else f"{r['device_hours']:.3g} {r['hours_unit']}"
         best = "" if r["best_loss"] is None else f"{r['best_loss']:.4g}"
         table.append([r["name"], r["dataset"], r["preset"], f"{r['step']}/{r['steps']}", r["status"],
-                      r["mtt_health"] or "-", best, hours, r["last_eval"]])
+                      _cell(r["mtt_health"]), best, hours, r["last_eval"]])
     click.echo(text_table([[str(v) for v in row] for row in table]))
     click.echo(f"({len(rows)} under {runs_dir}/)")
 

@@ -215,6 +215,9 @@ def _build(
     torch.manual_seed(dcfg.seed)
     if dcfg.amp and device.type != "cuda" and world.main:
         tqdm.write("note: --amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
+    if dcfg.lr_param == "leaky_relu" and dcfg.lr_lr > 1e-4 and world.main:
+        tqdm.write(f"note: distill.lr_param=leaky_relu steps alpha by SGD at distill.lr_lr={dcfg.lr_lr:g}, a rate for "
+                   "the log parametrisation's Adam; the reference used 1e-5 to 1e-6 (--set distill.lr_lr=1e-5)")
     world.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
     share = (dcfg.students_per_step, world.students(dcfg.students_per_step)) if world.distributed else None
 

@@ -272,11 +272,12 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Me
     soft = tensors.get("soft_labels")
     try:
         if meta.get("kind") == "merged":
-            parts = [_part_from(tensors, f"part{i}.", p["meta"], p["classes"], meta["ppc"], device)
+            parts = [_part_from(tensors, f"part{i}.", p["meta"], p["classes"], meta["ppc"], device, p.get("student_lr"))
                      for i, p in enumerate(meta["parts"])]
             return Merged.of(parts, soft_labels=None if soft is None else soft.to(device), sources=meta.get("sources", []))
         d = _part_from(tensors, "", {k: meta[k] for k in _DECODER_META if k in meta} | {
-            "decoder_linear": meta.get("decoder_linear", True)}, meta["classes"], meta["ppc"], device)
+            "decoder_linear": meta.get("decoder_linear", True)}, meta["classes"], meta["ppc"], device,
+            meta.get("student_lr"))
     except (KeyError, TypeError, ValueError) as e:
         raise D3FastError(f"{path} is a damaged distilled export ({type(e).__name__}: {e})") from None
     d.soft_labels = None if soft is None else soft.to(device)
@@ -286,8 +287,25 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Me
 
 def _part_from(
     tensors: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any], classes: list[str], ppc: int,
-    device: torch.device | str,
+    device: torch.device | str, student_lr: Any = None,
 ) -> Distilled:
+    """One object of an export. Its lr parametrisation must be log or leaky_relu; where the
+    metadata lacks it (exports of before the key, or a damaged file), it is the one whose lr
+    of the stored alpha is the recorded `student_lr`.
+
+    Raises:
+        ValueError: tensors that do not fit the metadata, an unknown or contradicted lr_param."""
+    alpha = tensors[f"{prefix}alpha"].reshape(()).double()
+    lrs = {"log": float(alpha.exp()), "leaky_relu": float(torch.nn.functional.leaky_relu(alpha) + 1e-4)}
+    recorded = student_lr if isinstance(student_lr, int | float) and not isinstance(student_lr, bool) else None
+    param = meta.get("lr_param")
+    if param is None:
+        param = "leaky_relu" if recorded is None else min(lrs, key=lambda k: abs(lrs[k] - recorded))
+    if param not in lrs:
+        raise ValueError(f"{prefix}lr_param is {param!r}, not log or leaky_relu")
+    if recorded is not None and not abs(lrs[param] - recorded) <= 1e-4 * abs(recorded):
+        raise ValueError(f"{prefix}alpha gives lr {lrs[param]:.6g} under {param}, but the export records {recorded:.6g}")
+    meta = {**meta, "lr_param": param}
     state = {k[len(prefix) + len("decoder."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}decoder.")}
     decoder = _decoder_holding(meta, state)
     decoder.load_state_dict(state)

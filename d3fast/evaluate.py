@@ -298,6 +298,12 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
         same_count = max(1, round(len(x) / n_cls))
         lr = s.lr if s.lr is not None else e.lr_real
     storage_per_class = min(storage // (values_per_image * n_cls), min_class)
+    if val is not None and storage_per_class < storage // (values_per_image * n_cls):
+        from tqdm import tqdm
+
+        tqdm.write(f"note: after eval.val_per_class={e.val_per_class} held-out images, the smallest class keeps "
+                   f"{min_class}: the equal-storage baseline has {storage_per_class} images per class, not "
+                   f"{storage // (values_per_image * n_cls)}")
     setups: list[tuple[str, int | None]] = []
     if e.baselines:
         setups.append(("random_same_count", same_count))

@@ -56,7 +56,10 @@ class MTTHealth:
     def update(self, step: int, mtt: float, lr: float) -> tuple[str, str | None]:
         """Take step `step`'s MTT loss (the mean over its students) and student lr. Returns
         (the step's `mtt_health`, a warning to print now or None)."""
-        if not self.mtt_on:
+        if not self.mtt_on:  # nothing carried over a stretch without the watch
+            self.recent.clear()
+            self.floor_since = self.stall_since = None
+            self.warned.clear()
             return "off", None
         self.recent.append(mtt)
         self.floor_since = (self.floor_since or step) if lr <= self.floor else None
@@ -69,7 +72,7 @@ class MTTHealth:
         if self.stall_since is not None:
             problems["stalled"] = f"MTT stalled since step {self.stall_since}"
         self.warned &= set(problems)  # a recovered problem may warn again
-        new = [k for k in problems if k not in self.warned]
+        new = [k for k in problems if k not in self.warned]  # the lr first: a stall follows from it
         self.warned |= set(new)
         warning = "\n".join(self._warning(k, step, mtt, lr) for k in new) if new else None
         return ("; ".join(problems.values()) or "ok"), warning
@@ -81,10 +84,13 @@ class MTTHealth:
                 fix = ("the reference's leaky_relu parametrisation cannot leave it quickly (its gradient is scaled "
                        "by 0.01 below zero): start a new run with distill.lr_param=log (the default), or lower "
                        "distill.lr_lr")
+                where = f"at its floor ({self.floor:.3g})"
             else:
-                fix = "resume with a lower distill.lr_lr (--resume RUN --set distill.lr_lr=...), or 0 to freeze it"
-            return (f"warning: step {step}: the learned student lr ({lr:.3g}) has sat at its floor ({self.floor:.3g}) "
-                    f"for {n} steps, so the MTT term is idle (loss {mtt:.3f}); {fix}")
+                fix = ("start again, or resume from a checkpoint before the fall, with a lower distill.lr_lr "
+                       "(--set distill.lr_lr=...)")
+                where = f"below 1 % of distill.lr_teacher ({self.floor:.3g})"
+            return (f"warning: step {step}: the learned student lr ({lr:.3g}) has sat {where} for {n} steps, so the "
+                    f"MTT term is idle (loss {mtt:.3f}); {fix}")
         mean = sum(self.recent) / n
         return (f"warning: step {step}: the MTT loss has averaged {mean:.3f} over the last {n} steps (within "
                 f"{STALL_BAND} of 1.0): the unrolled students end as far from the expert's target as they start, "

@@ -450,7 +450,7 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
             hours = metrics[-1].get("device_hours")
             row |= {"step": int(metrics[-1]["step"]), "device_hours": hours if isinstance(hours, int | float) else None,
                     "hours_unit": str(metrics[-1].get("hours_unit", "")),
-                    "mtt_health": str(metrics[-1].get("mtt_health", ""))}
+                    "mtt_health": h if isinstance(h := metrics[-1].get("mtt_health"), str) else ""}
         if losses:
             row |= {"best_loss": min(losses), "last_loss": losses[-1]}
         if merged:

@@ -135,3 +135,47 @@ def test_mtt_alone_improves_on_its_own_starting_point(home, tmp_path):
     start, end = _mean_mtt(before, cfg, bank), _mean_mtt(after, cfg, bank)
     print(f"MTT loss over the bank: {start:.4f} at step 0, {end:.4f} after 12 MTT-only steps")
     assert end < start - 0.05 * abs(start), (start, end)
+
+
+def test_a_stretch_without_the_watch_leaves_nothing_behind():
+    """health_steps 0 on a resume, then 2 again: the window holds only steps after the pause."""
+    h = MTTHealth(2, "log", 0.01)
+    _feed(h, [(0.2, 0.01), (0.2, 0.01)])
+    off = MTTHealth(0, "log", 0.01)
+    off.load_state_dict(h.state_dict())
+    assert off.update(3, 0.99, 0.01) == ("off", None)
+    on = MTTHealth(2, "log", 0.01)
+    on.load_state_dict(off.state_dict())
+    assert on.update(4, 0.99, 0.01)[0] == "ok"  # one step in the window, not a stale 0.2
+    assert on.update(5, 0.97, 0.01)[0] == "MTT stalled since step 4"
+
+
+@pytest.mark.parametrize("damage, says", [
+    ({"lr_param": "junk"}, "lr_param is 'junk', not log or leaky_relu"),
+    ({"lr_param": "leaky_relu"}, "gives lr"),  # contradicts the recorded student_lr
+    ({"lr_param": None}, None),  # missing: the parametrisation whose lr is the recorded one
+])
+def test_an_export_s_lr_parametrisation_is_checked_against_its_recorded_lr(home, tmp_path, damage, says):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from d3fast.distilled import export, load
+    from d3fast.errors import D3FastError
+
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    d, _ = run.load_distilled()
+    path = tmp_path / "d.safetensors"
+    export(d, path)
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    tensors = load_file(path)
+    for k, v in damage.items():
+        header.pop(k) if v is None else header.__setitem__(k, json.dumps(v))
+    save_file(tensors, path, metadata=header)
+    if says is None:
+        back = load(path)
+        assert back.lr_param == "log" and back.student_lr == pytest.approx(d.student_lr)
+    else:
+        with pytest.raises(D3FastError, match=says):
+            load(path)

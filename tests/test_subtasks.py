@@ -326,8 +326,8 @@ def test_a_budget_says_which_preset_settings_it_replaced(home):
     res = CliRunner().invoke(cli, ["config", "--dataset", "fashion-mnist", "--preset", "fashion-mnist-cpu",
                                    "--budget-ipc", "50"])
     assert res.exit_code == 0, res.output
-    said = res.output.splitlines()[1]
-    chosen = json.loads(res.output[res.output.index("{"):])["distill"]
+    said = res.stderr.splitlines()[1]
+    chosen = json.loads(res.stdout)["distill"]  # stdout is the config alone: it can be written to a file
     # the preset's 64-wide paper decoder and 1 prior per class give way; z_dim (64) stays
-    assert said.startswith("it replaces fashion-mnist-cpu's decoder paper -> small, decoder_width 64 -> ")
+    assert said.startswith("it replaces preset fashion-mnist-cpu: decoder paper -> small, decoder_width 64 -> ")
     assert f"ppc 1 -> {chosen['ppc']}" in said and "z_dim 64 kept" in said

@@ -545,8 +545,8 @@ def validate(cfg: Config) -> None:
     if not 1 <= len(bw) <= 16 or not all(math.isfinite(b) and 1e-6 <= b <= 1e6 for b in bw):
         raise D3FastError(f"config key distill.mmd_bandwidths: need 1 to 16 values in [1e-6, 1e6], got {bw}")
     grid = cfg.eval.lr_grid
-    if len(grid) > 16 or not all(isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 10 for v in grid):
-        raise D3FastError(f"config key eval.lr_grid: need at most 16 learning rates in (0, 10], got {grid}")
+    if len(set(grid)) > 16 or not all(isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 10 for v in grid):
+        raise D3FastError(f"config key eval.lr_grid: need at most 16 distinct learning rates in (0, 10], got {grid}")
     if d.mmd_weight > 0 and max(d.mmd_samples // d.ppc, 1) * d.ppc < 2:
         raise D3FastError("config key distill.mmd_samples: the unbiased MMD needs at least 2 samples per class "
                           f"(mmd_samples={d.mmd_samples}, ppc={d.ppc})")
@@ -673,6 +673,11 @@ def with_recorded_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _as_set(value: Any) -> str:
+    """A config value as `--set` takes it."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def resume_changes(old: Config, new: Config) -> dict[str, list[Any]]:
     """{"section.key": [old, new]} for every key a resumed run changes.
 
@@ -689,7 +694,7 @@ def resume_changes(old: Config, new: Config) -> dict[str, list[Any]]:
         if why is not None:
             raise D3FastError(
                 f"cannot change {key} when resuming ({changes[key][0]!r} -> {changes[key][1]!r}): {why}. "
-                "Start a new run for that."
+                f"Start a new run for that, or keep the run's value (--set {key}={_as_set(changes[key][0])})."
             )
         if key not in APPLIED_ON_RESUME and section not in APPLIED_ON_RESUME:
             raise D3FastError(f"config key {key} is not classified for resuming (d3fast/config.py)")

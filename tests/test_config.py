@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -51,8 +52,9 @@ def test_every_preset_resolves():
         (["distill.mmd_bandwidths=[]"], "distill.mmd_bandwidths: need 1 to 16 values in [1e-6, 1e6], got []"),
         (["distill.mmd_bandwidths=[1, -2]"], "need 1 to 16 values in [1e-6, 1e6]"),
         (["distill.mmd_bandwidths=[1e-300]"], "need 1 to 16 values in [1e-6, 1e6]"),
-        (["eval.lr_grid=[0.01, -1]"], "eval.lr_grid: need at most 16 learning rates in (0, 10], got [0.01, -1.0]"),
-        (["eval.lr_grid=[nan]"], "eval.lr_grid: need at most 16 learning rates in (0, 10]"),
+        (["eval.lr_grid=[0.01, -1]"], "eval.lr_grid: need at most 16 distinct learning rates in (0, 10], got [0.01, -1.0]"),
+        (["eval.lr_grid=[nan]"], "eval.lr_grid: need at most 16 distinct learning rates in (0, 10]"),
+        ([f"eval.lr_grid={[0.01 * (i + 1) for i in range(17)]}"], "need at most 16 distinct learning rates"),
         (["eval.protocol=fair"], "eval.protocol: 'fair' is not one of equal_steps, per_set"),
         (["distill.lr_param=exp"], "distill.lr_param: 'exp' is not one of log, leaky_relu"),
         (["distill.health_steps=-1"], "distill.health_steps must be >= 0"),
@@ -171,3 +173,8 @@ def test_presets_lists_every_packaged_preset():
     res = CliRunner().invoke(cli, ["presets"])
     assert res.exit_code == 0
     assert [line.split()[0] for line in res.output.splitlines()] == available_presets()
+
+
+def test_repeated_lr_grid_values_count_once():
+    cfg = resolve_config("digits", overrides=["eval.lr_grid=" + json.dumps([0.01] * 17 + [0.1])])
+    assert sorted(set(cfg.eval.lr_grid)) == [0.01, 0.1]

@@ -25,6 +25,23 @@ from d3fast.storage import decoder_state_values, ipc_equivalent
 
 EXPORT_FORMAT = 1
 
+# distill.lr_param's values; objects written before the key existed hold a leaky_relu alpha
+LR_PARAMS = ("log", "leaky_relu")
+# leaky_relu(alpha) + 1e-4: the reference's lr, 1e-4 (its floor) at alpha = 0 and about that below
+LEAKY_LR_FLOOR = 1e-4
+
+
+def lr_param_of(meta: dict[str, Any]) -> str:
+    """An object's lr parametrisation from its meta (absent: leaky_relu, as written before the key)."""
+    return meta.get("lr_param", "leaky_relu")
+
+
+def student_lr_of(alpha: torch.Tensor, lr_param: str) -> torch.Tensor:
+    """The student lr of alpha: exp(alpha) (log) or leaky_relu(alpha) + 1e-4 (the reference's)."""
+    if lr_param == "log":
+        return alpha.exp()
+    return torch.nn.functional.leaky_relu(alpha) + LEAKY_LR_FLOOR
+
 
 @dataclass
 class Distilled:
@@ -74,14 +91,11 @@ class Distilled:
     def lr_param(self) -> str:
         """How alpha gives the lr (distill.lr_param): "log", or "leaky_relu" (the reference's;
         objects written before the key existed)."""
-        return self.meta.get("lr_param", "leaky_relu")
+        return lr_param_of(self.meta)
 
     def lr(self) -> torch.Tensor:
-        """The student lr, a 0-d tensor with alpha's graph: exp(alpha) (lr_param "log") or
-        leaky_relu(alpha) + 1e-4 (the reference's)."""
-        if self.lr_param == "log":
-            return self.alpha.exp()
-        return torch.nn.functional.leaky_relu(self.alpha) + 1e-4
+        """The student lr, a 0-d tensor with alpha's graph (`student_lr_of`)."""
+        return student_lr_of(self.alpha, self.lr_param)
 
     @property
     def student_lr(self) -> float:
@@ -296,7 +310,7 @@ def _part_from(
     Raises:
         ValueError: tensors that do not fit the metadata, an unknown or contradicted lr_param."""
     alpha = tensors[f"{prefix}alpha"].reshape(()).double()
-    lrs = {"log": float(alpha.exp()), "leaky_relu": float(torch.nn.functional.leaky_relu(alpha) + 1e-4)}
+    lrs = {k: float(student_lr_of(alpha, k)) for k in LR_PARAMS}
     recorded = student_lr if isinstance(student_lr, int | float) and not isinstance(student_lr, bool) else None
     param = meta.get("lr_param")
     if param is None:
@@ -482,7 +496,7 @@ def init_distilled(
         raise D3FastError(f"distill.lr_teacher must be finite and positive, got {lr_teacher}")
     # the alpha whose lr (Distilled.lr) is lr_teacher; leaky_relu: alpha = lr_teacher as the
     # reference (its lr is lr_teacher + 1e-4)
-    alpha = math.log(lr_teacher) if meta.get("lr_param", "leaky_relu") == "log" else lr_teacher
+    alpha = math.log(lr_teacher) if lr_param_of(meta) == "log" else lr_teacher
     return Distilled(
         latents=latents.to(device, dtype).requires_grad_(True),
         decoder=decoder.to(device, dtype),

@@ -206,21 +206,14 @@ def _with(cfg: Config, updates: dict[str, Any] | None) -> Config:
     return cfg
 
 
-def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, per_epoch: int | None = None) -> Batches:
+def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, per_epoch: int | None = None,
+                   prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Batches:
     """A fixed set ([N, ...] inputs, [N] or [N, classes] targets), reshuffled every epoch;
-    with `per_epoch`, epochs of that many examples (`epoch_order`)."""
+    with `per_epoch`, epochs of that many examples (`epoch_order`); `prepare` maps each batch's
+    inputs (real uint8 images: their normalisation, done per batch)."""
     def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for rows in epoch_order(len(x), per_epoch, g, x.device).split(batch_size):
-            yield x[rows], y[rows]
-
-    return batches
-
-
-def real_batches(subset: DeviceDataset, batch_size: int, per_epoch: int | None = None) -> Batches:
-    """Real images (uint8 on the device, normalised per batch), as `tensor_batches`."""
-    def batches(g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for rows in epoch_order(len(subset), per_epoch, g, subset.device).split(batch_size):
-            yield subset.normalize(subset.images[rows]), subset.labels[rows]
+            yield (x[rows] if prepare is None else prepare(x[rows])), y[rows]
 
     return batches
 
@@ -333,9 +326,11 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
         own.append(("set", tensor_batches(x, y, e.batch_size, per_epoch)))
     setups = [(name, None) for name, _ in own] + setups
 
+    def own_lr(count: int | None) -> float:  # the target's rows: its lr; random real: eval.lr_real
+        return lr if count is None else e.lr_real
+
     def candidates(count: int | None) -> list[float]:  # a row's lrs: its own, and eval.lr_grid's
-        own_lr = lr if count is None else e.lr_real
-        return sorted({*e.lr_grid, own_lr}) if e.lr_grid else [own_lr]
+        return sorted({*e.lr_grid, own_lr(count)}) if e.lr_grid else [own_lr(count)]
 
     total = len(e.archs) * sum(e.students + (len(candidates(n)) if e.lr_grid else 0) for _, n in setups)
     bar = progress_bar(total=total, desc="evaluate", unit="student", disable=not progress, dynamic_ncols=True)
@@ -348,7 +343,8 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
                 def batches_of(g: torch.Generator, count: int | None = count, kind: str = kind) -> Batches:
                     if count is None:
                         return dict(own)[kind]
-                    return real_batches(real_subset(train, count, g), e.batch_size, per_epoch)
+                    real = real_subset(train, count, g)
+                    return tensor_batches(real.images, real.labels, e.batch_size, per_epoch, real.normalize)
 
                 def student(seed: int, student_lr: float, on: Any, arch: str = arch, kind: str = kind,
                             batches_of: Callable[[torch.Generator], Batches] = batches_of) -> float:
@@ -358,7 +354,7 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
                     meter.tick()
                     return acc
 
-                row_lr = lr if count is None else e.lr_real
+                row_lr = own_lr(count)
                 searched = {}
                 if e.lr_grid:  # one student per candidate, scored on the held-out images
                     for j, cand in enumerate(candidates(count)):

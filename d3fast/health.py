@@ -25,11 +25,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from d3fast.distilled import LEAKY_LR_FLOOR
+
 # |mean MTT loss - 1| below this over the window: stalled. Healthy runs here sit at 0.36-0.87
 # (digits preset, lr_param log), stalled ones at 0.98-1.0 (digits, leaky_relu at its floor)
 STALL_BAND = 0.05
 # leaky_relu(alpha) + 1e-4 is 1e-4 at alpha = 0 and below it (1e-4 + 0.01 alpha)
-LEAKY_FLOOR = 1e-4
+LEAKY_FLOOR = LEAKY_LR_FLOOR
 # lr_param log has no floor: an lr below this fraction of lr_teacher counts as one
 LOG_FLOOR_FRACTION = 0.01
 

@@ -28,7 +28,7 @@ import torch
 
 from d3fast.config import DistillConfig
 from d3fast.dist import World
-from d3fast.distilled import Distilled
+from d3fast.distilled import LR_PARAMS, Distilled, lr_param_of
 from d3fast.errors import D3FastError
 from d3fast.health import MTTHealth
 from d3fast.io import atomic_path
@@ -290,7 +290,7 @@ class TrainState:
         if held != runs:
             raise D3FastError(f"the checkpoint holds {str(held).removeprefix('torch.')} tensors and this run computes in "
                               f"{str(runs).removeprefix('torch.')} (distill.dtype): a run keeps the dtype it started with")
-        held_param = json.loads(state["meta"]).get("lr_param", "leaky_relu") if "meta" in state else None
+        held_param = lr_param_of(json.loads(state["meta"])) if "meta" in state else None
         if held_param not in (None, self.distilled.lr_param):
             raise D3FastError(f"the checkpoint's student lr is parametrised as {held_param} and this run's as "
                               f"{self.distilled.lr_param} (distill.lr_param): a run keeps the one it started with")
@@ -444,7 +444,7 @@ def _checkpoint_problem(state: dict[str, Any]) -> str | None:
         return "meta lacks the decoder's settings"
     if not isinstance(meta.get("decoder_linear", True), bool):
         return "meta.decoder_linear is not true/false"
-    if meta.get("lr_param", "leaky_relu") not in ("log", "leaky_relu"):
+    if lr_param_of(meta) not in LR_PARAMS:
         return f"meta.lr_param is {meta['lr_param']!r}, not log or leaky_relu"
     if meta["z_dim"] != state["latents"].shape[1]:
         return "meta.z_dim differs from the latents"

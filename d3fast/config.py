@@ -97,6 +97,11 @@ class ExpertConfig:
     # Snapshots are saved after each epoch; distillation uses epochs up to
     # max_start_epoch + expert_epochs, so this must reach that.
     epochs: int = ranged(50, 1)
+    # parameter snapshots per epoch, evenly spaced in its SGD steps (1 = after each epoch, as
+    # in MTT). More let distill.expert_epochs be a fraction: on a large train set one epoch
+    # is hundreds of expert steps, more than a few student steps on IPC images can match
+    # (docs/algorithm.md section 4)
+    snapshots_per_epoch: int = ranged(1, 1, 64)
     # docs/algorithm.md section 4: plain SGD, no momentum or weight decay, on purpose.
     lr: float = ranged(0.01, 0, above=True)
     batch_size: int = ranged(256, 1)
@@ -113,9 +118,11 @@ class DistillConfig:
     steps: int = ranged(3000, 1)
     # N: student steps unrolled per MTT update
     syn_steps: int = ranged(20, 1)
-    # M: the target is the expert M epochs after the start
-    expert_epochs: int = ranged(3, 1)
-    # T: start epochs are drawn from 0..T-1
+    # M: the target is the expert M epochs after the start; a fraction (a multiple of
+    # 1 / experts.snapshots_per_epoch) when the experts keep snapshots within epochs
+    expert_epochs: float = ranged(3.0, 0, above=True)
+    # T: start epochs are drawn from 0..T-1 (with experts.snapshots_per_epoch = S, from the
+    # snapshots 0, 1/S, .., T - 1/S)
     max_start_epoch: int = ranged(25, 1)
     # B: latents per unrolled student step; 0 = all of them
     batch_syn: int = ranged(0, 0)
@@ -544,6 +551,10 @@ def validate(cfg: Config) -> None:
     # 1 / (2 s^2) must stay a normal float32, and a kernel wider than any feature distance is 0
     if not 1 <= len(bw) <= 16 or not all(math.isfinite(b) and 1e-6 <= b <= 1e6 for b in bw):
         raise D3FastError(f"config key distill.mmd_bandwidths: need 1 to 16 values in [1e-6, 1e6], got {bw}")
+    per_epoch = cfg.experts.snapshots_per_epoch
+    if abs(d.expert_epochs * per_epoch - round(d.expert_epochs * per_epoch)) > 1e-6:
+        raise D3FastError(f"config key distill.expert_epochs: {d.expert_epochs:g} is not a whole number of expert "
+                          f"snapshots (experts.snapshots_per_epoch={per_epoch}: a multiple of {1 / per_epoch:g})")
     grid = cfg.eval.lr_grid
     if len(set(grid)) > 16 or not all(isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 10 for v in grid):
         raise D3FastError(f"config key eval.lr_grid: need at most 16 distinct learning rates in (0, 10], got {grid}")

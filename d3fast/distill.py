@@ -330,25 +330,30 @@ class Students:
     theta0: torch.Tensor
     target: torch.Tensor
     feat_params: torch.Tensor
+    # the bank's snapshots per epoch: a pick's start snapshot s is epoch s / snapshots_per_epoch
+    snapshots_per_epoch: int = 1
 
 
 def draw_students(
     bank: ExpertBank, dcfg: DistillConfig, g: torch.Generator, device: torch.device, share: tuple[int, slice] | None = None,
 ) -> Students:
-    """Expert k ~ U{bank}, start epoch t ~ U{0..T-1}; theta_0 = expert[t], theta* = expert[t + M];
-    the feature network takes the first expert at epoch T + M ("expert") or its last ("final").
-    Every rank draws all K students; with `share` (K, this rank's students) only its own
-    students' rows are read and moved to the device."""
+    """Expert k ~ U{bank}, start t ~ U{0, 1/S, .., T - 1/S} (epochs; S = the bank's snapshots
+    per epoch, 1 in MTT); theta_0 = expert[t], theta* = expert[t + M]; the feature network
+    takes the first expert at epoch T + M ("expert") or its last ("final"). `picks` holds
+    (expert, start snapshot = t S). Every rank draws all K students; with `share` (K, this
+    rank's students) only its own students' rows are read and moved to the device."""
     with phase(DATA):
-        picks = [(int(torch.randint(len(bank), (1,), generator=g)), int(torch.randint(dcfg.max_start_epoch, (1,), generator=g)))
+        starts, ahead = dcfg.max_start_epoch * bank.snapshots_per_epoch, bank.snapshot(dcfg.expert_epochs)
+        picks = [(int(torch.randint(len(bank), (1,), generator=g)), int(torch.randint(starts, (1,), generator=g)))
                  for _ in range(dcfg.students_per_step)]
-        feat_epoch = dcfg.max_start_epoch + dcfg.expert_epochs if dcfg.mmd_param == "expert" else -1
+        feat_row = bank.snapshot(dcfg.max_start_epoch + dcfg.expert_epochs) if dcfg.mmd_param == "expert" else -1
         mine = share[1] if share is not None else slice(0, len(picks))
-        rows = [bank.rows(e, [s, s + dcfg.expert_epochs]) for e, s in picks[mine]]
-        feat = bank.rows(picks[0][0], [feat_epoch])[0]
+        rows = [bank.rows(e, [s, s + ahead]) for e, s in picks[mine]]
+        feat = bank.rows(picks[0][0], [feat_row])[0]
         dtype = torch_dtype(dcfg.dtype)
         return Students(picks, _to_device(torch.stack([r[0] for r in rows]), device, dtype),
-                        _to_device(torch.stack([r[1] for r in rows]), device, dtype), _to_device(feat, device, dtype))
+                        _to_device(torch.stack([r[1] for r in rows]), device, dtype), _to_device(feat, device, dtype),
+                        bank.snapshots_per_epoch)
 
 
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -413,9 +418,11 @@ def step_metrics(
     if dcfg.mmd_weight > 0 or (dcfg.div_weight > 0 and dcfg.ppc > 1):
         images += d.num_classes * max(dcfg.mmd_samples // dcfg.ppc, 1) * dcfg.ppc
     expert, start = students.picks[0]
+    per_epoch = students.snapshots_per_epoch
     return {
         "step": state.step, **values, "loss": sum(weights[k] * v for k, v in values.items()),
-        "student_lr": student_lr, "expert": expert, "start_epoch": start,
+        "student_lr": student_lr, "expert": expert,
+        "start_epoch": start if per_epoch == 1 else round(start / per_epoch, 6),
         "step_s": round(seconds, 4), "images_per_s": round(images / seconds, 1) if seconds > 0 else 0.0,
         "peak_mem_gib": _peak_mem(device),
         "device_hours": round(meter.prior_hours + meter.hours, 6),

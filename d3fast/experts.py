@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shlex
 import time
 import zlib
@@ -91,6 +92,8 @@ def trajectory_config(cfg: Config, data_sha: str) -> dict[str, Any]:
         "batch_size": cfg.experts.batch_size,
         "seed": cfg.experts.seed,
     }
+    if cfg.experts.snapshots_per_epoch > 1:  # other files (more rows); one per epoch keeps the old names
+        tcfg["snapshots_per_epoch"] = cfg.experts.snapshots_per_epoch
     if cfg.data.subtasks > 1:  # a subtask's experts see its classes only (whole-dataset tags unchanged)
         tcfg["subtask"] = [cfg.data.subtask, cfg.data.subtasks]
     # FFCV's crops and flips make other trajectories; cache-fed experts keep their old names
@@ -164,9 +167,14 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
 
     if not integer(meta.get("epochs_done")) or meta["epochs_done"] < 0:
         return "epochs_done is not a count"
+    per_epoch = meta.get("snapshots_per_epoch", 1)  # files from before the key hold one per epoch
+    if not integer(per_epoch) or not 1 <= per_epoch <= 64:
+        return "snapshots_per_epoch is not a count in 1..64"
+    rows = meta["epochs_done"] * per_epoch + 1
     shape = meta.get("__shapes__", {}).get("trajectory")
-    if shape is None or len(shape) != 2 or shape[0] != meta["epochs_done"] + 1:
-        return f"epochs_done={meta['epochs_done']} but the trajectory holds {shape[0] if shape else 'no'} rows"
+    if shape is None or len(shape) != 2 or shape[0] != rows:
+        return (f"epochs_done={meta['epochs_done']} x snapshots_per_epoch={per_epoch} but the trajectory holds "
+                f"{shape[0] if shape else 'no'} rows")
     if not isinstance(meta.get("complete"), bool):
         return "complete is not true/false"
     if not isinstance(meta.get("history"), list) or not all(
@@ -175,8 +183,8 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         return "history is not a list of epochs"
     crcs = meta.get("row_crc32")
     if crcs is not None and (not isinstance(crcs, list) or not all(integer(c) for c in crcs)
-                             or len(crcs) != meta["epochs_done"] + 1):
-        return "row_crc32 is not one integer per stored epoch"
+                             or len(crcs) != rows):
+        return "row_crc32 is not one integer per stored snapshot"
     if not isinstance(meta.get("param_layout", []), list):
         return "param_layout is not a list"
     acc = meta.get("test_acc")
@@ -186,7 +194,7 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
 
 
 def read_expert(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An expert's tensors and metadata, every epoch's row checked against its CRC-32."""
+    """An expert's tensors and metadata, every snapshot's row checked against its CRC-32."""
     tensors, meta = load_tensors(path, "expert trajectory")
     if meta.get("format") != TRAJ_FORMAT or "trajectory" not in tensors:
         raise D3FastError(f"{path} is not a d3fast expert trajectory (format {meta.get('format')})")
@@ -199,30 +207,39 @@ def _row_crc(row: torch.Tensor) -> int:
     return zlib.crc32(row.detach().contiguous().numpy().data)
 
 
-def _check_rows(path: Path, meta: dict[str, Any], epochs: Iterable[int], rows: list[torch.Tensor]) -> None:
+def _check_rows(path: Path, meta: dict[str, Any], snapshots: Iterable[int], rows: list[torch.Tensor]) -> None:
     """Refuse rows whose CRC-32 differs from the one written with them (files written before
     d3fast recorded CRCs carry none and are read as they are)."""
     crcs = meta.get("row_crc32")
     if crcs is None:
         return
-    bad = [e for e, row in zip(epochs, rows, strict=True) if e >= len(crcs) or _row_crc(row) != crcs[e]]
+    bad = [e for e, row in zip(snapshots, rows, strict=True) if e >= len(crcs) or _row_crc(row) != crcs[e]]
     if bad:
-        raise D3FastError(f"expert trajectory {path} is corrupt: epoch(s) {bad} fail their CRC check (bit rot or "
+        per_epoch = meta.get("snapshots_per_epoch", 1)
+        what = "epoch(s)" if per_epoch == 1 else f"snapshot(s) ({per_epoch} per epoch)"
+        raise D3FastError(f"expert trajectory {path} is corrupt: {what} {bad} fail their CRC check (bit rot or "
                           "an overwrite); delete it and re-run `d3fast experts` to train it again")
 
 
 def write_expert(
     path: Path, snapshots: torch.Tensor, *, index: int, seed: int, complete: bool, test_acc: float | None,
-    history: list[dict[str, float]], param_layout: list, buffers: torch.Tensor | None = None, **extra: Any,
+    history: list[dict[str, float]], param_layout: list, buffers: torch.Tensor | None = None,
+    snapshots_per_epoch: int = 1, **extra: Any,
 ) -> None:
-    """One expert's file, atomically: `snapshots` [epochs + 1, P] float32 (parameters at init
-    and after every epoch), optional `buffers` [B], and the metadata `read_expert_meta` reads."""
+    """One expert's file, atomically: `snapshots` [epochs * snapshots_per_epoch + 1, P]
+    float32 (parameters at init and then `snapshots_per_epoch` times per epoch, the last
+    at its end), optional `buffers` [B], and the metadata `read_expert_meta` reads."""
     snapshots = snapshots.float().contiguous()
+    epochs, partial = divmod(len(snapshots) - 1, snapshots_per_epoch)
+    if partial:
+        raise ValueError(f"{len(snapshots)} snapshots are not whole epochs of {snapshots_per_epoch} plus the init")
     tensors = {"trajectory": snapshots}
     if buffers is not None and buffers.numel():
         tensors["buffers"] = buffers
+    if snapshots_per_epoch > 1:  # absent: one per epoch (files from before the key read the same)
+        extra["snapshots_per_epoch"] = snapshots_per_epoch
     meta = {
-        "format": TRAJ_FORMAT, "index": index, "seed": seed, "epochs_done": len(snapshots) - 1,
+        "format": TRAJ_FORMAT, "index": index, "seed": seed, "epochs_done": epochs,
         "complete": complete, "test_acc": test_acc, "history": history, "param_layout": param_layout,
         # verified whenever a row is read back (ExpertBank.rows, read_expert)
         "row_crc32": [_row_crc(row) for row in snapshots], **extra,
@@ -233,7 +250,8 @@ def write_expert(
 class ExpertBank:
     """The expert trajectories distillation can use: every file in `folder` with at least
     `need_epochs` epochs. Rows are read lazily from the safetensors files (one expert of
-    ConvNet-5 x 51 epochs is 125 MB); start-up reads the headers only."""
+    ConvNet-5 x 51 epochs is 125 MB); start-up reads the headers only. A row is a snapshot:
+    row i holds the parameters after i / snapshots_per_epoch epochs."""
 
     def __init__(self, folder: Path, need_epochs: int, files: list[Path] | None = None):
         from safetensors import safe_open
@@ -250,24 +268,42 @@ class ExpertBank:
                               f"{need_epochs} epochs distillation needs")
         self.files = [p for p in files if metas[p]["epochs_done"] >= need_epochs]
         self._metas = [metas[p] for p in self.files]
+        spacing = sorted({m.get("snapshots_per_epoch", 1) for m in self._metas})
+        if len(spacing) > 1:  # the folder's name holds the spacing: only a hand-made copy mixes them
+            raise D3FastError(f"expert trajectories in {folder} mix {spacing} snapshots per epoch; keep one kind")
+        self.snapshots_per_epoch: int = spacing[0] if spacing else 1
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def rows(self, index: int, epochs: list[int]) -> list[torch.Tensor]:
-        """Parameter vectors [P] of expert `index` at `epochs` (-1: its last epoch)."""
+    def snapshot(self, epoch: float) -> int:
+        """The row that holds the parameters after `epoch` epochs.
+
+        Raises:
+            D3FastError: `epoch` falls between two snapshots.
+        """
+        row = epoch * self.snapshots_per_epoch
+        if abs(row - round(row)) > 1e-6:
+            raise D3FastError(f"the experts in {self.folder} keep {self.snapshots_per_epoch} snapshot(s) per epoch: "
+                              f"none is taken at epoch {epoch:g}")
+        return round(row)
+
+    def rows(self, index: int, snapshots: list[int]) -> list[torch.Tensor]:
+        """Parameter vectors [P] of expert `index` at rows `snapshots` (-1: its last; one per
+        epoch unless the experts keep more, see `snapshot`)."""
         with self._open(str(self.files[index]), framework="pt") as f:
             traj = f.get_slice("trajectory")
             last = traj.get_shape()[0] - 1
-            picked = [min(e, last) if e >= 0 else last for e in epochs]
+            picked = [min(e, last) if e >= 0 else last for e in snapshots]
             rows = [traj[e] for e in picked]
         _check_rows(self.files[index], self._metas[index], picked, rows)
         return rows
 
 
 def need_epochs(cfg: Config) -> int:
-    """Epochs of expert trajectory distillation reads: max_start_epoch + expert_epochs."""
-    return cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+    """Epochs of expert trajectory distillation reads: max_start_epoch + expert_epochs,
+    rounded up (expert_epochs may be a fraction)."""
+    return math.ceil(cfg.distill.max_start_epoch + cfg.distill.expert_epochs - 1e-6)
 
 
 def ready_experts(cfg: Config, minimum: int = 1) -> ExpertBank:
@@ -468,16 +504,22 @@ def _train_one(
     opt = torch.optim.SGD(net.parameters(), lr=e_cfg.lr, momentum=0.0, weight_decay=0.0)
     layout = param_layout(net)
     epochs_run = 0
+    per_epoch = e_cfg.snapshots_per_epoch
+    within = _snapshot_steps(len(train), e_cfg.batch_size, per_epoch)
 
     def save(complete: bool, test_acc: float | None) -> None:
         write_expert(path, torch.stack(snapshots), index=index, seed=seed, complete=complete, test_acc=test_acc,
-                     history=history, param_layout=layout, buffers=_buffers(net))
+                     history=history, param_layout=layout, buffers=_buffers(net), snapshots_per_epoch=per_epoch)
 
-    for epoch in range(len(snapshots) - 1, e_cfg.epochs):
+    def snap(step: int) -> None:
+        if step in within:
+            snapshots.append(flat_params(net))
+
+    for epoch in range((len(snapshots) - 1) // per_epoch, e_cfg.epochs):
         t0 = time.perf_counter()
         g = torch.Generator(device=train.device)
         g.manual_seed(derive_seed(e_cfg.seed, index, epoch))
-        loss, acc = _train_epoch(net, opt, train, e_cfg.batch_size, g, augment)
+        loss, acc = _train_epoch(net, opt, train, e_cfg.batch_size, g, augment, on_step=snap if within else None)
         if not np.isfinite(loss):
             raise D3FastError(
                 f"expert {index} diverged at epoch {epoch + 1} (loss {loss}); lower experts.lr"
@@ -496,6 +538,21 @@ def _train_one(
 
 # indirection so tests can interrupt training at a chosen epoch
 _train_epoch = train_epoch
+
+
+def _snapshot_steps(images: int, batch_size: int, per_epoch: int) -> frozenset[int]:
+    """The SGD steps of an epoch after which an expert keeping `per_epoch` snapshots per
+    epoch saves one (the epoch's end, its last, is saved apart): steps round(j n / S),
+    j = 1..S-1, of its n = ceil(images / batch_size) steps.
+
+    Raises:
+        D3FastError: an epoch has fewer steps than snapshots.
+    """
+    n = math.ceil(images / batch_size)
+    if per_epoch > n:
+        raise D3FastError(f"experts.snapshots_per_epoch={per_epoch} is more than the {n} SGD steps of an epoch "
+                          f"({images} images, batch {batch_size}); use at most {n}")
+    return frozenset(round(j * n / per_epoch) for j in range(1, per_epoch))
 
 
 def write_manifest(cfg: Config, out: Path, device: torch.device) -> dict[str, Any]:
@@ -523,6 +580,7 @@ def write_manifest(cfg: Config, out: Path, device: torch.device) -> dict[str, An
         "dataset": cfg.data.dataset,
         "tag": out.name,
         "config": read_json(out / "config.json", "experts config"),
+        "snapshots_per_epoch": cfg.experts.snapshots_per_epoch,
         "hyperparameters": {
             "optimizer": "SGD",
             "lr": cfg.experts.lr,

@@ -190,7 +190,8 @@ def _inputs(cfg: Config, device: torch.device, stand_in: str, scratch: Path) -> 
                 raise
     if bank is None:
         bank = _stand_in_experts(cfg, train, need, scratch / "experts")
-        sources["experts"] = f"stand-in ({len(bank)} random-walk trajectories of {need + 1} epochs)"
+        rows = need * cfg.experts.snapshots_per_epoch + 1
+        sources["experts"] = f"stand-in ({len(bank)} random-walk trajectories of {rows} snapshots, {need} epochs)"
     return DistillInputs(train, bank), sources
 
 
@@ -208,14 +209,15 @@ def _stand_in_data(n_cls: int, ch: int, res: int, mmd_samples: int, device: torc
 def _stand_in_experts(cfg: Config, train: DeviceDataset, need: int, folder: Path, count: int = 2) -> ExpertBank:
     """Random-walk trajectories from the network's own init, in the expert file format, so
     the loop reads them from disk as it would real ones."""
+    per_epoch = cfg.experts.snapshots_per_epoch
     for i in range(count):
         torch.manual_seed(1000 + i)
         net = _network(cfg, train)
         theta = flat_params(net)
-        steps = torch.randn(need, theta.numel()) * (1e-3 * theta.abs().mean())
+        steps = torch.randn(need * per_epoch, theta.numel()) * (1e-3 * theta.abs().mean())
         traj = torch.cat([theta[None], theta[None] + steps.cumsum(0)])
         write_expert(folder / f"expert_{i:04d}.safetensors", traj, index=i, seed=1000 + i, complete=True,
-                     test_acc=None, history=[], param_layout=[], stand_in=True)
+                     test_acc=None, history=[], param_layout=[], snapshots_per_epoch=per_epoch, stand_in=True)
     return ExpertBank(folder, need)
 
 

@@ -89,7 +89,7 @@ def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Modul
     manifest = load_split(cfg.data.dataset, "train", mmap=True)[2]
     net = build_network(cfg.net.name, manifest["channels"], manifest["num_classes"], manifest["resolution"],
                         width=cfg.net.width, depth=cfg.net.depth, norm=cfg.net.norm, pooling=cfg.net.pooling)
-    (row,) = bank.rows(0, [epoch])
+    (row,) = bank.rows(0, [bank.snapshot(epoch)])
     load_flat_params(net, row)
     return net.to(device).eval(), {"expert": str(bank.files[0]), "epoch": epoch, "classes": manifest["num_classes"]}
 

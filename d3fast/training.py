@@ -18,12 +18,15 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[float, float]:
-    """One shuffled pass; returns (mean loss, accuracy) over the epoch's training batches."""
+    """One shuffled pass; returns (mean loss, accuracy) over the epoch's training batches.
+    `on_step(i)` runs after the i-th optimiser step (1-based), e.g. to snapshot the
+    parameters within the epoch."""
     net.train()
     loss_sum = torch.zeros((), device=data.device)
     correct = torch.zeros((), device=data.device, dtype=torch.long)
-    n = 0
+    n = n_steps = 0
     for x, y in data.batches(batch_size, shuffle=True, generator=generator):
         if augment is not None:
             x = augment(x, generator)
@@ -32,6 +35,9 @@ def train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        n_steps += 1
+        if on_step is not None:
+            on_step(n_steps)
         # accumulate on device: one host sync per epoch, not per batch
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()

@@ -268,3 +268,42 @@ def test_a_float64_run_computes_in_float64_throughout(home, tmp_path):
     d, _ = Run(tmp_path / "r").load_distilled(dtype=None)
     assert d.dtype == torch.float64 and all(t.dtype == torch.float64 for _, t in d.named_tensors()
                                             if t.is_floating_point())
+
+
+@pytest.mark.parametrize("per_epoch", [1, 2, 3])
+def test_students_start_at_snapshots_and_match_expert_epochs_ahead(tmp_path, per_epoch):
+    """Row i of a bank holding S snapshots per epoch is epoch i / S: starts are drawn from
+    the snapshots before epoch T, the target is M epochs (M S rows) later, the feature
+    network's row is epoch T + M; with S = 1 this is MTT's draw, unchanged."""
+    from d3fast.config import DistillConfig
+    from d3fast.distill import draw_students
+    from d3fast.experts import expert_path, write_expert
+
+    epochs = 5
+    for i in range(2):  # row r of expert i holds the value 100 i + r everywhere
+        rows = torch.arange(epochs * per_epoch + 1, dtype=torch.float32)[:, None] + 100 * i + torch.zeros(1, 4)
+        write_expert(expert_path(tmp_path, i), rows, index=i, seed=i, complete=True, test_acc=None, history=[],
+                     param_layout=[["w", [4]]], snapshots_per_epoch=per_epoch)
+    bank = ExpertBank(tmp_path, 4)
+    assert bank.snapshots_per_epoch == per_epoch
+    dcfg = DistillConfig(expert_epochs=1 / per_epoch if per_epoch > 1 else 1, max_start_epoch=3, students_per_step=200,
+                         mmd_param="expert", dtype="float32")
+    s = draw_students(bank, dcfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    starts = sorted({start for _, start in s.picks})
+    assert starts == list(range(3 * per_epoch))
+    for k, (e, start) in enumerate(s.picks):
+        assert torch.equal(s.theta0[k], torch.full((4,), 100.0 * e + start))
+        assert torch.equal(s.target[k], torch.full((4,), 100.0 * e + start + 1))
+    assert torch.equal(s.feat_params, torch.full((4,), 100.0 * s.picks[0][0] + 3 * per_epoch + 1))
+    assert s.snapshots_per_epoch == per_epoch
+    with pytest.raises(D3FastError, match="none is taken at epoch 0.3"):
+        bank.snapshot(0.3)
+
+
+def test_a_fraction_of_an_epoch_needs_snapshots_within_epochs():
+    cfg_of("experts.snapshots_per_epoch=4", "distill.expert_epochs=0.75")  # 3 snapshots: fine
+    with pytest.raises(D3FastError, match=r"expert_epochs: 0.5 is not a whole number of expert snapshots "
+                                          r"\(experts.snapshots_per_epoch=1: a multiple of 1\)"):
+        cfg_of("distill.expert_epochs=0.5")
+    with pytest.raises(D3FastError, match="a multiple of 0.25"):
+        cfg_of("experts.snapshots_per_epoch=4", "distill.expert_epochs=0.3")

@@ -135,3 +135,64 @@ def test_experts_say_that_distill_dtype_is_not_theirs(digits):
     assert "expert trajectories train and are stored in float32; distill.dtype=float64" in res.output
     (path,) = Path(os.environ["D3FAST_HOME"]).glob("experts/digits/*/expert_*.safetensors")
     assert read_expert(path)[0]["trajectory"].dtype == torch.float32
+
+
+def test_snapshots_within_an_epoch_leave_the_trajectory_as_it_was(digits, monkeypatch):
+    """experts.snapshots_per_epoch=2: 2 rows per epoch, the epoch-end rows equal the experts
+    kept once per epoch bit for bit (a snapshot does not disturb training), the mid-epoch row
+    equals the parameters after that epoch's step round(n/2), and an interrupted expert
+    resumes to the same file."""
+    from d3fast.data.loader import load_view
+    from d3fast.runtime import derive_seed
+    from d3fast.training import flat_params, load_flat_params, train_epoch
+
+    once = trajectories(run_experts(small_cfg(**{"experts.augment": "false"}), progress=False).out_dir)
+    cfg = small_cfg(**{"experts.augment": "false", "experts.snapshots_per_epoch": 2})
+    res = run_experts(cfg, progress=False)
+    assert res.out_dir != experts_mod.experts_dir(small_cfg(**{"experts.augment": "false"}))
+    assert res.manifest["snapshots_per_epoch"] == 2
+    twice = trajectories(res.out_dir)
+    for a, b in zip(once, twice, strict=True):
+        assert b.shape[0] == 2 * 3 + 1
+        assert torch.equal(a, b[::2])
+
+    # the mid-epoch row, independently: epoch 1 replayed from its start, stopped after step n/2
+    data = load_view(cfg, "train", torch.device("cpu"))
+    n = -(-len(data) // cfg.experts.batch_size)
+    net = experts_mod._build(cfg, data, derive_seed(0, 0))
+    load_flat_params(net, twice[0][2])
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.experts.lr)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step):
+        if step == round(n / 2):
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_epoch(net, opt, data, cfg.experts.batch_size, torch.Generator().manual_seed(derive_seed(0, 0, 1)), None, stop)
+    assert torch.equal(flat_params(net), twice[0][3])
+
+    shutil.rmtree(res.out_dir)
+    calls = {"n": 0}
+    real = experts_mod._train_epoch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # expert 0 one epoch in
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experts_mod, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experts(cfg, progress=False)
+    assert read_expert(expert_path(res.out_dir, 0))[1]["epochs_done"] == 1
+    run_experts(cfg, progress=False)
+    for a, b in zip(twice, trajectories(res.out_dir), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_more_snapshots_than_steps_is_a_clear_error(digits):
+    with pytest.raises(D3FastError, match="snapshots_per_epoch=64 is more than the 6 SGD steps"):
+        run_experts(small_cfg(**{"experts.snapshots_per_epoch": 64}), progress=False)

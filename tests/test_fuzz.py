@@ -120,7 +120,8 @@ def test_expert_arbitrary_bytes(scratch, data):
     _ok_or_d3fast_error(read_expert, path)
 
 
-expert_keys = ["epochs_done", "complete", "history", "row_crc32", "index", "seed", "param_layout", "test_acc"]
+expert_keys = ["epochs_done", "complete", "history", "row_crc32", "index", "seed", "param_layout", "test_acc",
+               "snapshots_per_epoch"]
 
 
 @SETTINGS
@@ -133,6 +134,7 @@ def test_expert_arbitrary_headers(scratch, meta, fmt):
         bank = _ok_or_d3fast_error(ExpertBank, scratch, 1)
         if bank is not None and len(bank):
             _ok_or_d3fast_error(bank.rows, 0, [0, -1])
+            _ok_or_d3fast_error(bank.rows, 0, [_ok_or_d3fast_error(bank.snapshot, 0.5) or 0])
 
 
 def test_expert_row_flip_is_caught(scratch):

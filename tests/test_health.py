@@ -9,7 +9,7 @@ import torch
 
 from d3fast.distill import distill
 from d3fast.distilled import init_distilled
-from d3fast.experts import ExpertBank, experts_dir
+from d3fast.experts import ExpertBank, experts_dir, need_epochs
 from d3fast.health import LEAKY_FLOOR, STALL_BAND, MTTHealth
 from d3fast.models import build_network
 from d3fast.run import Run, list_runs
@@ -114,7 +114,7 @@ def _mean_mtt(d, cfg, bank: ExpertBank) -> float:
     total, n = 0.0, 0
     for e in range(len(bank)):
         for s in range(dc.max_start_epoch):
-            theta0, target = bank.rows(e, [s, s + dc.expert_epochs])
+            theta0, target = bank.rows(e, [s, s + bank.snapshot(dc.expert_epochs)])
             theta_n = unroll(spec, d, theta0[None], torch.Generator().manual_seed(100 * e + s), "naive")
             total += float(mtt_loss(theta_n, target[None], theta0[None]).detach())
             n += 1
@@ -131,7 +131,7 @@ def test_mtt_alone_improves_on_its_own_starting_point(home, tmp_path):
     train_meta = after.meta
     before = init_distilled(10, cfg.distill.ppc, after.classes, train_meta, cfg.distill.lr_teacher,
                             torch.device("cpu"), cfg.distill.seed)
-    bank = ExpertBank(experts_dir(cfg), cfg.distill.max_start_epoch + cfg.distill.expert_epochs)
+    bank = ExpertBank(experts_dir(cfg), need_epochs(cfg))
     start, end = _mean_mtt(before, cfg, bank), _mean_mtt(after, cfg, bank)
     print(f"MTT loss over the bank: {start:.4f} at step 0, {end:.4f} after 12 MTT-only steps")
     assert end < start - 0.05 * abs(start), (start, end)

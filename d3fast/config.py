@@ -552,9 +552,13 @@ def validate(cfg: Config) -> None:
     if not 1 <= len(bw) <= 16 or not all(math.isfinite(b) and 1e-6 <= b <= 1e6 for b in bw):
         raise D3FastError(f"config key distill.mmd_bandwidths: need 1 to 16 values in [1e-6, 1e6], got {bw}")
     per_epoch = cfg.experts.snapshots_per_epoch
-    if abs(d.expert_epochs * per_epoch - round(d.expert_epochs * per_epoch)) > 1e-6:
-        raise D3FastError(f"config key distill.expert_epochs: {d.expert_epochs:g} is not a whole number of expert "
-                          f"snapshots (experts.snapshots_per_epoch={per_epoch}: a multiple of {1 / per_epoch:g})")
+    if snapshots_in(d.expert_epochs, per_epoch) is None:
+        nearest = max(round(d.expert_epochs * per_epoch), 1) / per_epoch
+        finer = next((s for s in range(2, 65) if snapshots_in(d.expert_epochs, s)), None)
+        hint = f", or keep {finer} snapshots per epoch: --set experts.snapshots_per_epoch={finer}" if finer else ""
+        raise D3FastError(f"config key distill.expert_epochs: {d.expert_epochs!r} is not a whole number (at least 1) "
+                          f"of expert snapshots (experts.snapshots_per_epoch={per_epoch}: multiples of 1/{per_epoch}); "
+                          f"the nearest is {nearest!r}{hint}")
     grid = cfg.eval.lr_grid
     if len(set(grid)) > 16 or not all(isinstance(v, int | float) and math.isfinite(v) and 0 < v <= 10 for v in grid):
         raise D3FastError(f"config key eval.lr_grid: need at most 16 distinct learning rates in (0, 10], got {grid}")
@@ -588,6 +592,14 @@ def validate(cfg: Config) -> None:
     if d.unroll == "flat" and cfg.net.norm == "batchnorm":
         raise D3FastError("distill.unroll=flat needs a student without running statistics, and net.norm=batchnorm "
                           "keeps some: use net.norm=instancenorm or distill.unroll=naive")
+
+
+def snapshots_in(epochs: float, per_epoch: int) -> int | None:
+    """The expert snapshots `epochs` spans when an expert keeps `per_epoch` per epoch
+    (experts.snapshots_per_epoch); None unless that is a whole number >= 1. A printed
+    fraction passes: 0.333333 with 3 per epoch is 1 (within 1e-3 of a snapshot)."""
+    count = epochs * per_epoch
+    return round(count) if round(count) >= 1 and abs(count - round(count)) <= 1e-3 else None
 
 
 # every int must fit the 32-bit and 64-bit fields it ends in (seeds, SQLite, tensor sizes),

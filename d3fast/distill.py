@@ -313,7 +313,7 @@ def _bank(cfg: Config, run: Run, resume: bool) -> ExpertBank:
             raise D3FastError(f"the expert trajectories this run matches are gone from {folder}"
                               + (f": {', '.join(missing)}" if missing else ""))
         try:
-            return ExpertBank(folder, need_epochs(cfg), files)
+            return ExpertBank(folder, need_epochs(cfg), files, snapshots_per_epoch=cfg.experts.snapshots_per_epoch)
         except D3FastError as e:
             raise D3FastError(f"{e}; extend them with:\n  {experts_command(cfg)}") from None
     resolve_data_loader(cfg)

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from d3fast import ledger
-from d3fast.config import Config, flatten, resolve_config
+from d3fast.config import Config, flatten, resolve_config, snapshots_in
 from d3fast.data.augment import DSA
 from d3fast.data.beton import resolve_loader
 from d3fast.data.cache import load_split, read_manifest
@@ -251,9 +251,11 @@ class ExpertBank:
     """The expert trajectories distillation can use: every file in `folder` with at least
     `need_epochs` epochs. Rows are read lazily from the safetensors files (one expert of
     ConvNet-5 x 51 epochs is 125 MB); start-up reads the headers only. A row is a snapshot:
-    row i holds the parameters after i / snapshots_per_epoch epochs."""
+    row i holds the parameters after i / snapshots_per_epoch epochs. Given
+    `snapshots_per_epoch` (the config's), a file keeping another number is refused."""
 
-    def __init__(self, folder: Path, need_epochs: int, files: list[Path] | None = None):
+    def __init__(self, folder: Path, need_epochs: int, files: list[Path] | None = None,
+                 snapshots_per_epoch: int | None = None):
         from safetensors import safe_open
 
         self._open = safe_open
@@ -262,6 +264,9 @@ class ExpertBank:
         if files is None:
             files = sorted(folder.glob("expert_*.safetensors"))
         metas = {p: read_expert_meta(p) for p in files}
+        if snapshots_per_epoch is not None:
+            for p in files:
+                _check_spacing(p, metas[p], snapshots_per_epoch)
         short = [p.name for p in files if metas[p]["epochs_done"] < need_epochs]
         if short and given:  # a given list (a resumed run's) must hold every file, each long enough
             raise D3FastError(f"expert trajectories {', '.join(short)} in {folder} have fewer than the "
@@ -271,7 +276,7 @@ class ExpertBank:
         spacing = sorted({m.get("snapshots_per_epoch", 1) for m in self._metas})
         if len(spacing) > 1:  # the folder's name holds the spacing: only a hand-made copy mixes them
             raise D3FastError(f"expert trajectories in {folder} mix {spacing} snapshots per epoch; keep one kind")
-        self.snapshots_per_epoch: int = spacing[0] if spacing else 1
+        self.snapshots_per_epoch: int = spacing[0] if spacing else snapshots_per_epoch or 1
 
     def __len__(self) -> int:
         return len(self.files)
@@ -282,11 +287,11 @@ class ExpertBank:
         Raises:
             D3FastError: `epoch` falls between two snapshots.
         """
-        row = epoch * self.snapshots_per_epoch
-        if abs(row - round(row)) > 1e-6:
+        row = snapshots_in(epoch, self.snapshots_per_epoch) if epoch else 0
+        if row is None:
             raise D3FastError(f"the experts in {self.folder} keep {self.snapshots_per_epoch} snapshot(s) per epoch: "
-                              f"none is taken at epoch {epoch:g}")
-        return round(row)
+                              f"none is taken at epoch {epoch!r}")
+        return row
 
     def rows(self, index: int, snapshots: list[int]) -> list[torch.Tensor]:
         """Parameter vectors [P] of expert `index` at rows `snapshots` (-1: its last; one per
@@ -315,7 +320,8 @@ def ready_experts(cfg: Config, minimum: int = 1) -> ExpertBank:
     """
     need = need_epochs(cfg)
     folder = experts_dir(cfg)
-    bank = ExpertBank(folder, need, files=None if folder.is_dir() else [])
+    bank = ExpertBank(folder, need, files=None if folder.is_dir() else [],
+                      snapshots_per_epoch=cfg.experts.snapshots_per_epoch)
     if len(bank) < minimum:
         have = "no expert" if not len(bank) else f"only {len(bank)} of the {minimum} experts"
         raise D3FastError(
@@ -419,6 +425,7 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
     ds = cfg.data.dataset
     train = open_split(cfg, "train", device)
     test = open_split(cfg, "test", device)
+    _snapshot_steps(len(train), cfg.experts.batch_size, cfg.experts.snapshots_per_epoch)  # before any folder exists
     out = experts_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -427,7 +434,8 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
     augment = DSA(cfg.augment) if cfg.experts.augment else None
     e_cfg = cfg.experts
 
-    todo = [(i, done) for i in range(e_cfg.num_experts) if (done := _epochs_to_resume(out, i, e_cfg.epochs)) is not None]
+    spacing = e_cfg.snapshots_per_epoch
+    todo = [(i, done) for i in range(e_cfg.num_experts) if (done := _epochs_to_resume(out, i, e_cfg.epochs, spacing)) is not None]
     rank, size = shard
     mine = [t for t in todo if t[0] % size == rank]  # this rank's share first, the rest after
     todo = mine + [t for t in todo if t[0] % size != rank]
@@ -445,7 +453,7 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
                         if not held:
                             deferred.append((i, 0))
                             continue
-                        if _epochs_to_resume(out, i, e_cfg.epochs) is None:  # another job finished it
+                        if _epochs_to_resume(out, i, e_cfg.epochs, spacing) is None:  # another job finished it
                             continue
                         label = f"{i + 1}/{e_cfg.num_experts}"
                         epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, label, meter)
@@ -459,14 +467,29 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
     return ExpertsResult(out, manifest, epochs_run, seconds, images_seen / seconds if epochs_run else 0.0)
 
 
-def _epochs_to_resume(out: Path, index: int, epochs: int) -> int | None:
+def _check_spacing(path: Path, meta: dict[str, Any], per_epoch: int) -> None:
+    """Refuse an expert file keeping other than `per_epoch` snapshots per epoch (a file copied
+    in from another folder: its rows would be read as other epochs)."""
+    held = meta.get("snapshots_per_epoch", 1)
+    if held != per_epoch:
+        raise D3FastError(f"expert trajectory {path} keeps {held} snapshot(s) per epoch, and its folder's experts "
+                          f"(experts.snapshots_per_epoch) {per_epoch}: it was copied from another folder; move it "
+                          "out, and `d3fast experts` trains this one again")
+
+
+def _epochs_to_resume(out: Path, index: int, epochs: int, per_epoch: int) -> int | None:
     """Epochs expert `index` already holds when it needs (more) training to reach `epochs`;
     None when it needs none. An interrupted expert holding more epochs than asked is left
-    as it is, with a note: lowering --epochs never deletes epochs."""
+    as it is, with a note: lowering --epochs never deletes epochs.
+
+    Raises:
+        D3FastError: the file keeps other than `per_epoch` snapshots per epoch.
+    """
     path = expert_path(out, index)
     if not path.exists():
         return 0
     meta = read_expert_meta(path)
+    _check_spacing(path, meta, per_epoch)
     done = meta["epochs_done"]
     if done > epochs and not meta["complete"]:
         tqdm.write(f"note: {path.name} holds {done} epochs of an interrupted run; left as it is "

@@ -97,8 +97,9 @@ class MTTHealth:
         return (f"warning: step {step}: the MTT loss has averaged {mean:.3f} over the last {n} steps (within "
                 f"{STALL_BAND} of 1.0): the unrolled students end as far from the expert's target as they start, "
                 f"so the gains come from the MMD term alone (student lr {lr:.3g}). Try a larger distill.lr_teacher "
-                "or distill.syn_steps, or a smaller distill.expert_epochs (a fraction, with experts kept at "
-                "--set experts.snapshots_per_epoch=4: on a large train set one epoch is hundreds of expert steps)")
+                "or distill.syn_steps, or a smaller distill.expert_epochs (on a large train set one epoch is "
+                "hundreds of expert steps; a fraction of one needs experts.snapshots_per_epoch > 1, "
+                "docs/algorithm.md section 4)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent), "floor_since": self.floor_since, "stall_since": self.stall_since,

@@ -56,7 +56,8 @@ def _labelling_bank(cfg: Config) -> tuple[Config, ExpertBank]:
     full = full_class_config(cfg)
     resolve_data_loader(full)
     folder = experts_dir(full)
-    return full, ExpertBank(folder, cfg.distill.soft_label_epoch, files=None if folder.is_dir() else [])
+    return full, ExpertBank(folder, cfg.distill.soft_label_epoch, files=None if folder.is_dir() else [],
+                            snapshots_per_epoch=full.experts.snapshots_per_epoch)
 
 
 def ensure_labelling_expert(cfg: Config, echo: Callable[[str], None] = print) -> None:

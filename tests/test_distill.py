@@ -302,8 +302,12 @@ def test_students_start_at_snapshots_and_match_expert_epochs_ahead(tmp_path, per
 
 def test_a_fraction_of_an_epoch_needs_snapshots_within_epochs():
     cfg_of("experts.snapshots_per_epoch=4", "distill.expert_epochs=0.75")  # 3 snapshots: fine
-    with pytest.raises(D3FastError, match=r"expert_epochs: 0.5 is not a whole number of expert snapshots "
-                                          r"\(experts.snapshots_per_epoch=1: a multiple of 1\)"):
+    cfg_of("experts.snapshots_per_epoch=3", "distill.expert_epochs=0.333333")  # a printed third: 1 snapshot
+    with pytest.raises(D3FastError, match=r"expert_epochs: 0.5 is not a whole number \(at least 1\) of expert snapshots "
+                                          r"\(experts.snapshots_per_epoch=1: multiples of 1/1\); the nearest is 1.0, "
+                                          r"or keep 2 snapshots per epoch: --set experts.snapshots_per_epoch=2"):
         cfg_of("distill.expert_epochs=0.5")
-    with pytest.raises(D3FastError, match="a multiple of 0.25"):
+    with pytest.raises(D3FastError, match="multiples of 1/4.*the nearest is 0.25"):
         cfg_of("experts.snapshots_per_epoch=4", "distill.expert_epochs=0.3")
+    with pytest.raises(D3FastError, match="the nearest is 0.25"):  # 0 snapshots: the target would be the start
+        cfg_of("experts.snapshots_per_epoch=4", "distill.expert_epochs=1e-7")

@@ -194,5 +194,34 @@ def test_snapshots_within_an_epoch_leave_the_trajectory_as_it_was(digits, monkey
 
 
 def test_more_snapshots_than_steps_is_a_clear_error(digits):
+    cfg = small_cfg(**{"experts.snapshots_per_epoch": 64})
     with pytest.raises(D3FastError, match="snapshots_per_epoch=64 is more than the 6 SGD steps"):
-        run_experts(small_cfg(**{"experts.snapshots_per_epoch": 64}), progress=False)
+        run_experts(cfg, progress=False)
+    assert not experts_mod.experts_dir(cfg).exists()  # refused before any folder was made
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_file_of_another_snapshot_spacing_is_refused(digits, complete):
+    """An expert file copied from a folder of another experts.snapshots_per_epoch would have
+    its rows read as other epochs (or be rewritten as another spacing): refused by name."""
+    from d3fast.experts import ready_experts
+
+    once, twice = small_cfg(), small_cfg(**{"experts.snapshots_per_epoch": 2})
+    for src, dst in ((once, twice), (twice, once)):
+        run_experts(src, progress=False)
+        folder = experts_mod.experts_dir(dst)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors, meta = read_expert(expert_path(experts_mod.experts_dir(src), 1))
+        meta.update(complete=complete)
+        shutil.copy(expert_path(experts_mod.experts_dir(src), 1), expert_path(folder, 1))
+        if not complete:  # as an interrupted expert of the other spacing would be
+            experts_mod.write_expert(expert_path(folder, 1), tensors["trajectory"], index=1, seed=meta["seed"],
+                                     complete=False, test_acc=None, history=meta["history"],
+                                     param_layout=meta["param_layout"],
+                                     snapshots_per_epoch=meta.get("snapshots_per_epoch", 1))
+        held = 1 if src is once else 2
+        with pytest.raises(D3FastError, match=f"expert_0001.safetensors keeps {held} snapshot.s. per epoch"):
+            run_experts(dst, progress=False)
+        with pytest.raises(D3FastError, match=f"keeps {held} snapshot.s. per epoch"):
+            ready_experts(dst)
+        shutil.rmtree(folder)

@@ -48,7 +48,7 @@ def test_zca_matches_kornia():
 
 
 def test_fused_normalisation_equals_the_formula():
-    from d3fast.data.loader import normalize_uint8
+    from d3fast.data.normalize import normalize_uint8
 
     x = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
     mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from d3fast.data.cache import data_dir, load_split
-from d3fast.data.loader import normalize_uint8
+from d3fast.data.normalize import normalize_uint8
 from d3fast.errors import D3FastError
 from d3fast.io import (
     atomic_write_json,

@@ -114,9 +114,24 @@ def get_spec(name: str, data_path: str | None = None, resolution: int = 0) -> Da
     if resolution <= 0:
         raise D3FastError(f"dataset {name}: choose the image size with --resolution (config data.resolution), "
                           "e.g. 32, 64 or 128")
-    from d3fast.data.readers import imagefolder_classes
-
     return DatasetSpec(name, len(imagefolder_classes(Path(data_path).expanduser())), resolution, 3)
+
+
+def imagefolder_classes(root: Path) -> list[str]:
+    """The class folders of root/train/, sorted (torchvision's ImageFolder order).
+
+    Raises:
+        D3FastError: no train/ folder, or one without class folders.
+    """
+    from d3fast.errors import D3FastError
+
+    if not (root / "train").is_dir():
+        raise D3FastError(f"{root} has no train/ folder: an imagefolder dataset is root/train/<class>/*.png|jpg "
+                          "and root/val/<class>/ (or root/test/<class>/)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise D3FastError(f"{root / 'train'} holds no class folders")
+    return classes
 
 
 def class_blocks(num_classes: int, subtasks: int) -> list[tuple[int, int]]:

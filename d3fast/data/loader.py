@@ -15,26 +15,9 @@ import numpy as np
 import torch
 
 from d3fast.data.cache import data_dir, load_split
+from d3fast.data.normalize import normalize_uint8
 from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
-
-
-def normalize_uint8(
-    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, zca: tuple[torch.Tensor, torch.Tensor] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> (x / 255 - mean) / std in `dtype` (float32, or float64 for a
-    float64 distillation), then ZCA when given (its float32 W and mu cast to `dtype`).
-
-    As x * (1 / (255 std)) - mean / std: one float copy and two in-place passes instead of
-    four full passes (the loader benchmark's cache path went from 0.33 to ~0.2 ms/image)."""
-    out = x.to(dtype)
-    mean, std = mean.to(dtype), std.to(dtype)
-    out.mul_((1.0 / (255.0 * std)).view(1, -1, 1, 1)).sub_((mean / std).view(1, -1, 1, 1))
-    if zca is not None:
-        w, mu = (t.to(dtype) for t in zca)
-        out = ((out.flatten(1) - mu) @ w.T).view_as(out)
-    return out
 
 
 @dataclass

@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from d3fast.data.datasets import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, DatasetSpec
+from d3fast.data.datasets import (
+    CIFAR10_CLASSES,
+    FASHION_MNIST_CLASSES,
+    DatasetSpec,
+    imagefolder_classes,
+)
 from d3fast.errors import D3FastError
 
 
@@ -540,21 +545,6 @@ def read_imagenet_subset(root: Path, spec: DatasetSpec) -> Source:
 
 
 # ---------------------------------------------------------------- any ImageFolder tree
-
-
-def imagefolder_classes(root: Path) -> list[str]:
-    """The class folders of root/train/, sorted (torchvision's ImageFolder order).
-
-    Raises:
-        D3FastError: no train/ folder, or one without class folders.
-    """
-    if not (root / "train").is_dir():
-        raise D3FastError(f"{root} has no train/ folder: an imagefolder dataset is root/train/<class>/*.png|jpg "
-                          "and root/val/<class>/ (or root/test/<class>/)")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise D3FastError(f"{root / 'train'} holds no class folders")
-    return classes
 
 
 def read_imagefolder(root: Path, spec: DatasetSpec) -> Source:

@@ -856,8 +856,10 @@ def export(run_dir, out, fmt, per_class, pixels, seed, force, dataset, preset, o
     learned lr, config, dataset, step, version), or a fixed draw of images that other tools
     read (`--format pt | imagefolder`; the draw `d3fast evaluate --set eval.fresh_samples=false`
     trains on, so the export re-evaluates to the run's numbers)."""
+    from d3fast.data.normalize import to_pixels
+    from d3fast.distilled import draw_set
     from d3fast.distilled import export as run_export
-    from d3fast.exports import describe, draw_set, to_pixels, write_imagefolder, write_pt
+    from d3fast.exports import describe, write_imagefolder, write_pt
 
     _refuse_run_file(out)
     t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "export")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from d3fast.data.normalize import to_pixels
 from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
 from d3fast.models import Decoder
@@ -427,7 +428,7 @@ class Merged:
 def sample_images(d: Distilled | Merged, n_per_class: int, pixels: bool = True, bn: str = "running", seed: int = 0,
                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [C * n, channels, H, W], labels [C * n] int64), class-major: n fresh samples
-    per class (each prior equally often; d3fast/exports.py draw_set). `pixels`: in [0, 1]
+    per class (each prior equally often; `draw_set`). `pixels`: in [0, 1]
     (normalisation and, with `d.zca`, ZCA undone), else normalised as students see them.
     `bn`: "running" decodes in eval mode (the BatchNorm statistics gathered while
     distilling), "batch" in train mode (each batch's own statistics, as while distilling and
@@ -436,8 +437,6 @@ def sample_images(d: Distilled | Merged, n_per_class: int, pixels: bool = True, 
     Raises:
         D3FastError: n_per_class < 1 or a bn other than running/batch.
     """
-    from d3fast.exports import draw_set, to_pixels
-
     if not (isinstance(n_per_class, int) and isinstance(batch_size, int) and isinstance(seed, int)) \
             or isinstance(n_per_class, bool) or n_per_class < 1 or batch_size < 1 or not 0 <= seed < 2**63 \
             or bn not in ("running", "batch"):
@@ -506,3 +505,27 @@ def init_distilled(
         classes=classes,
         meta=meta,
     )
+
+
+def draw_set(
+    d: Distilled | Merged, per_class: int, seed: int, bn: str = "batch", batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """K = `per_class` samples of every class, class-major: (images [C * K, C, H, W]
+    normalised, labels [C * K] int64, soft labels [C * K, classes] or None). Sample k of class
+    c comes from prior c * PPC + k mod PPC (every prior equally often); the order is shuffled
+    with `seed` and decoded `batch_size` at a time, as eval's students are fed."""
+    dev = d.parts[0].latents.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    labels = torch.arange(d.num_classes, device=dev).repeat_interleave(per_class)
+    priors = labels * d.ppc + torch.arange(per_class, device=dev).repeat(d.num_classes) % d.ppc
+    order = torch.randperm(len(priors), generator=g, device=dev)
+    sample = Sampler(d, bn)
+    images: torch.Tensor | None = None
+    for rows in order.split(batch_size):
+        x = sample(priors[rows], g)
+        if images is None:
+            images = x.new_empty((len(priors), *x.shape[1:]))
+        images[rows] = x
+    assert images is not None
+    soft = None if d.soft_labels is None else d.soft_labels[priors]
+    return images, labels, soft

@@ -13,7 +13,7 @@ trains at the mean of the parts' learned lrs. An object with soft labels trains 
 students on them (soft cross-entropy at eval.soft_temperature, d3fast/losses.py) and one on
 the hard labels, reported side by side.
 With eval.fresh_samples = false the distilled students train on one fixed draw instead
-(d3fast/exports.py `draw_set`, seed eval.seed): the set `d3fast export --format pt` writes.
+(d3fast/distilled.py `draw_set`, seed eval.seed): the set `d3fast export --format pt` writes.
 A fixed image set (a `.pt` set or an ImageFolder, d3fast's exports or other code's) trains
 its students on its images at its lr (lr.pt; else eval.lr_real); its same-storage baseline
 counts float32 `.pt` values at 4 bytes and PNG pixels at 1.
@@ -40,9 +40,10 @@ from d3fast import ledger
 from d3fast.config import Config
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_view, open_split
-from d3fast.distilled import Distilled, Merged, Sampler
+from d3fast.data.normalize import from_pixels
+from d3fast.distilled import Distilled, Merged, Sampler, draw_set
 from d3fast.errors import D3FastError
-from d3fast.exports import ImageSet, draw_set, from_pixels
+from d3fast.exports import ImageSet
 from d3fast.io import atomic_write_json, atomic_write_text, locked, read_json
 from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network

@@ -2,7 +2,7 @@
 imagefolder`, `d3fast evaluate` of a `.pt` set or an ImageFolder).
 
 A D3 object is a distribution; MTT-family code, DD-Ranking and torchvision take a fixed set
-of images. `draw_set` turns one into the other: K samples per class, class-major, decoded in
+of images. `draw_set` (d3fast/distilled.py) turns one into the other: K samples per class, class-major, decoded in
 shuffled batches so that BatchNorm in train mode (eval.decoder_bn = "batch") sees the mixed
 batches it saw while distilling. `d3fast evaluate` with eval.fresh_samples = false trains on
 the same draw (seed eval.seed), so a `pt` export re-evaluates to the run's accuracy.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d3fast.distilled import Distilled, Merged, Sampler
+from d3fast.distilled import Distilled, Merged
 from d3fast.errors import D3FastError
 from d3fast.io import atomic_write_json, read_json, remove_stale_temps, replace_dir, temp_dir
 
@@ -37,57 +37,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".p
 
 
 @torch.no_grad()
-def draw_set(
-    d: Distilled | Merged, per_class: int, seed: int, bn: str = "batch", batch_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """K = `per_class` samples of every class, class-major: (images [C * K, C, H, W]
-    normalised, labels [C * K] int64, soft labels [C * K, classes] or None). Sample k of class
-    c comes from prior c * PPC + k mod PPC (every prior equally often); the order is shuffled
-    with `seed` and decoded `batch_size` at a time, as eval's students are fed."""
-    dev = d.parts[0].latents.device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    labels = torch.arange(d.num_classes, device=dev).repeat_interleave(per_class)
-    priors = labels * d.ppc + torch.arange(per_class, device=dev).repeat(d.num_classes) % d.ppc
-    order = torch.randperm(len(priors), generator=g, device=dev)
-    sample = Sampler(d, bn)
-    images: torch.Tensor | None = None
-    for rows in order.split(batch_size):
-        x = sample(priors[rows], g)
-        if images is None:
-            images = x.new_empty((len(priors), *x.shape[1:]))
-        images[rows] = x
-    assert images is not None
-    soft = None if d.soft_labels is None else d.soft_labels[priors]
-    return images, labels, soft
-
-
-def _stats(meta: dict[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    m = torch.tensor(meta["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(meta["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return m, s
-
-
-def to_pixels(x: torch.Tensor, meta: dict[str, Any], zca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Normalised (and ZCA-whitened, when `zca` = (W, mu) is given) [B, C, H, W] -> pixels in
-    [0, 1]. Whitening is y = (x - mu) W^T (d3fast/data/loader.py), undone as x = W^-1 y + mu."""
-    if zca is not None:
-        w, mu = (t.to(torch.float64) for t in zca)
-        flat = torch.linalg.solve(w.to(x.device), x.flatten(1).to(torch.float64).T).T + mu.to(x.device)
-        x = flat.to(torch.float32).view_as(x)
-    m, s = _stats(meta, x)
-    return (x * s + m).clamp(0, 1)
-
-
-def from_pixels(x: torch.Tensor, meta: dict[str, Any], zca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Pixels in [0, 1] [B, C, H, W] -> what the students see: (x - mean) / std, then ZCA."""
-    m, s = _stats(meta, x)
-    out = (x - m) / s
-    if zca is not None:
-        w, mu = zca
-        out = ((out.flatten(1) - mu.to(x.device)) @ w.to(x.device).T).view_as(out)
-    return out
-
-
 def _safe(name: str) -> str:
     """A folder name for a class name: path separators, control characters and leading dots
     replaced; letters of any script kept ("ünï cörn" stays readable)."""

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from d3fast.data.normalize import to_pixels
 from d3fast.distilled import Distilled, Merged, Sampler
-from d3fast.exports import to_pixels
 from d3fast.io import atomic_path
 
 

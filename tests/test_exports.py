@@ -12,7 +12,8 @@ from PIL import Image
 
 from d3fast.cli import cli
 from d3fast.distill import distill
-from d3fast.exports import class_folders, draw_set, read_image_set
+from d3fast.distilled import draw_set
+from d3fast.exports import class_folders, read_image_set
 from d3fast.io import load_metadata
 from d3fast.run import Run
 from tests._utils import cfg_of

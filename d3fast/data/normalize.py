@@ -4,6 +4,8 @@ dataset uses it (docs/algorithm.md section 7). One home for the cache loader
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -22,4 +24,31 @@ def normalize_uint8(
     if zca is not None:
         w, mu = (t.to(dtype) for t in zca)
         out = ((out.flatten(1) - mu) @ w.T).view_as(out)
+    return out
+
+
+def _stats(meta: dict[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor(meta["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(meta["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return m, s
+
+
+def to_pixels(x: torch.Tensor, meta: dict[str, Any], zca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Normalised (and ZCA-whitened, when `zca` = (W, mu) is given) [B, C, H, W] -> pixels in
+    [0, 1]. Whitening is y = (x - mu) W^T (normalize_uint8), undone as x = W^-1 y + mu."""
+    if zca is not None:
+        w, mu = (t.to(torch.float64) for t in zca)
+        flat = torch.linalg.solve(w.to(x.device), x.flatten(1).to(torch.float64).T).T + mu.to(x.device)
+        x = flat.to(torch.float32).view_as(x)
+    m, s = _stats(meta, x)
+    return (x * s + m).clamp(0, 1)
+
+
+def from_pixels(x: torch.Tensor, meta: dict[str, Any], zca: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Pixels in [0, 1] [B, C, H, W] -> what the students see: (x - mean) / std, then ZCA."""
+    m, s = _stats(meta, x)
+    out = (x - m) / s
+    if zca is not None:
+        w, mu = zca
+        out = ((out.flatten(1) - mu.to(x.device)) @ w.to(x.device).T).view_as(out)
     return out

@@ -308,7 +308,8 @@ class ExpertBank:
 def need_epochs(cfg: Config) -> int:
     """Epochs of expert trajectory distillation reads: max_start_epoch + expert_epochs,
     rounded up (expert_epochs may be a fraction)."""
-    return math.ceil(cfg.distill.max_start_epoch + cfg.distill.expert_epochs - 1e-6)
+    per_epoch = cfg.experts.snapshots_per_epoch  # rounded to snapshots as ExpertBank.snapshot rounds them
+    return math.ceil(round((cfg.distill.max_start_epoch + cfg.distill.expert_epochs) * per_epoch) / per_epoch)
 
 
 def ready_experts(cfg: Config, minimum: int = 1) -> ExpertBank:
@@ -425,7 +426,7 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
     ds = cfg.data.dataset
     train = open_split(cfg, "train", device)
     test = open_split(cfg, "test", device)
-    _snapshot_steps(len(train), cfg.experts.batch_size, cfg.experts.snapshots_per_epoch)  # before any folder exists
+    within = _snapshot_steps(len(train), cfg.experts.batch_size, cfg.experts.snapshots_per_epoch)  # before any folder
     out = experts_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -456,7 +457,7 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
                         if _epochs_to_resume(out, i, e_cfg.epochs, spacing) is None:  # another job finished it
                             continue
                         label = f"{i + 1}/{e_cfg.num_experts}"
-                        epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, label, meter)
+                        epochs, imgs = _train_one(cfg, i, train, test, augment, out, bar, label, meter, within)
                     epochs_run += epochs
                     images_seen += imgs
                     write_manifest(cfg, out, device)
@@ -508,8 +509,10 @@ def _train_one(
     bar: tqdm,
     label: str,
     meter: ledger.Meter,
+    within: frozenset[int],
 ) -> tuple[int, int]:
-    """Train (or finish) expert `index`; returns (epochs trained, images seen)."""
+    """Train (or finish) expert `index`, snapshotting after the steps `within` each epoch
+    (`_snapshot_steps`); returns (epochs trained, images seen)."""
     e_cfg = cfg.experts
     seed = derive_seed(e_cfg.seed, index)
     net = _build(cfg, train, seed)
@@ -528,7 +531,6 @@ def _train_one(
     layout = param_layout(net)
     epochs_run = 0
     per_epoch = e_cfg.snapshots_per_epoch
-    within = _snapshot_steps(len(train), e_cfg.batch_size, per_epoch)
 
     def save(complete: bool, test_acc: float | None) -> None:
         write_expert(path, torch.stack(snapshots), index=index, seed=seed, complete=complete, test_acc=test_acc,

@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 from d3fast.config import resolve_config
 from d3fast.data.prepare import prepare
 from d3fast.dist import step_traffic
-from d3fast.distill import distill
-from d3fast.experts import run_experts
+from d3fast.recipes.distill import distill
+from d3fast.recipes.experts import run_experts
 from d3fast.run import Run
 
 LINKS = {"NVLink 4": (360e9, 10e-6), "100 Gb/s Ethernet": (11e9, 30e-6)}

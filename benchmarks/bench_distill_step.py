@@ -15,7 +15,7 @@ import torch
 
 from d3fast.config import resolve_config
 from d3fast.data.prepare import prepare
-from d3fast.profile import profile
+from d3fast.recipes.profile import profile
 
 CASES = {
     "cpu": [("digits", False), ("cifar10", False)],

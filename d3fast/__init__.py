@@ -10,8 +10,6 @@ Importing the package is cheap (no torch): `d3fast.cli` and the modules it calls
 API's functions, import the heavy dependencies on demand, so decode workers start fast.
 """
 
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -19,7 +17,6 @@ __version__ = "0.1.0"
 from d3fast.errors import D3FastError
 
 __all__ = ["D3FastError", "__version__", "distill", "evaluate", "load"]
-_API = ("distill", "evaluate", "load")
 
 
 def distill(*args: Any, **kwargs: Any) -> Any:
@@ -41,18 +38,3 @@ def load(*args: Any, **kwargs: Any) -> Any:
     from d3fast import api
 
     return api.load(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    """Keeps `d3fast.distill` and `d3fast.evaluate` the API's functions: importing the
-    submodules of the same names (d3fast/distill.py, d3fast/evaluate.py) would otherwise
-    replace them with the modules (`import d3fast.distill` and `from d3fast.distill import
-    ...` still reach the modules, through sys.modules)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -9,8 +9,7 @@ command would print an error; no progress bars unless asked.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,38 +43,6 @@ def _value(key: str, v: Any) -> str:
                           "true/false or a list of them)") from None
 
 
-@contextmanager
-def _api(progress: bool) -> Iterator[None]:
-    """Commands raise instead of exiting, and stay quiet unless `progress`."""
-    old = {k: os.environ.get(k) for k in ("D3FAST_API", "D3FAST_QUIET")}
-    os.environ["D3FAST_API"] = "1"
-    if not progress:
-        os.environ["D3FAST_QUIET"] = "1"
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _invoke(args: list[str], progress: bool) -> None:
-    import click
-
-    from d3fast.cli import cli
-
-    with _api(progress):
-        try:
-            cli.main(args=args, prog_name="d3fast", standalone_mode=False)
-        except click.ClickException as e:  # a bad argument: the message the command line would print
-            raise D3FastError(e.format_message()) from None
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise D3FastError(f"d3fast {args[0]} stopped (exit status {e.code})") from None
-
-
 def distill(
     dataset: str | None = None,
     *,
@@ -97,28 +64,14 @@ def distill(
     Raises:
         D3FastError: what the command reports (bad settings, missing data, divergence, ...).
     """
-    from d3fast.config import resolve_config
     from d3fast.paths import runs_root
+    from d3fast.progress import silenced
+    from d3fast.recipes.distill import DistillJob, command
 
-    sets = _sets(set)
-    args = ["distill", *(["--dataset", dataset] if dataset else []), *(["--preset", preset] if preset else []),
-            *(["--steps", str(steps)] if steps is not None else []), *(["--ppc", str(ppc)] if ppc is not None else []),
-            *sum((["--set", s] for s in sets), []), *(["--device", device] if device else []),
-            *(["--evaluate"] if evaluate else [])]
-    cfg = resolve_config(dataset, preset, sets)
-    root = Path(runs_dir) if runs_dir is not None else runs_root()
-    base = name or cfg.preset or "run"
-    args += ["--runs-dir", str(root), "--name", base]
-    _invoke(args, progress)
-    if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
-        return root / cfg.data.dataset / f"{base}-merged"
-    from d3fast.cli import _run_name
-    from d3fast.run import Run
-
-    run = Run.named(root, cfg.data.dataset, _run_name(cfg, base))
-    if run is None:
-        raise D3FastError(f"the run of {base} was not found under {root}")
-    return run.path
+    job = DistillJob(str(runs_dir) if runs_dir is not None else str(runs_root()), dataset, preset, tuple(_sets(set)),
+                     {"distill.steps": steps, "distill.ppc": ppc, "device": device}, name=name, evaluate=evaluate)
+    with silenced(not progress):
+        return command(job)
 
 
 def evaluate(
@@ -141,13 +94,14 @@ def evaluate(
     Raises:
         D3FastError: what the command reports.
     """
-    from d3fast.evaluate import _with, open_target
-    from d3fast.evaluate import evaluate as run_evaluation
     from d3fast.paths import runs_root
+    from d3fast.progress import silenced
+    from d3fast.recipes.evaluate import _with, open_target
+    from d3fast.recipes.evaluate import evaluate as run_evaluation
     from d3fast.runtime import resolve_device
 
     dev = resolve_device(device or "auto")
-    with _api(progress):
+    with silenced(not progress):
         t = open_target(str(target), str(runs_dir or runs_root()), dataset, preset, tuple(_sets(set)), dev)
         if isinstance(archs, str):  # "convnet,resnet18" as on the command line
             archs = [a.strip() for a in archs.split(",") if a.strip()]
@@ -165,9 +119,9 @@ def load(where: str | os.PathLike, device: str = "cpu", runs_dir: str | os.PathL
     Raises:
         D3FastError: nothing loadable there (missing, corrupt, non-finite).
     """
-    from d3fast.evaluate import open_target
     from d3fast.exports import zca_of
     from d3fast.paths import runs_root
+    from d3fast.recipes.evaluate import open_target
 
     t = open_target(str(where), str(runs_dir or runs_root()), device=device, config_optional=True)
     if t.d is None:

@@ -16,17 +16,15 @@ Ctrl-C exits with 130 after saving what was finished.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import click
 
-from d3fast.errors import D3FastError
+from d3fast.config import CHOICES
+from d3fast.errors import D3FastError, Interrupted
 
 
 class _Group(click.Group):
@@ -57,9 +55,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except Interrupted:  # the command said what was saved and how to continue
+            sys.exit(130)
         except D3FastError as e:
-            if os.environ.get("D3FAST_API") == "1":  # called from d3fast.distill(...): the caller gets it
-                raise
             click.secho(f"error: {_rank_prefix()}{e}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -84,14 +82,12 @@ class _Group(click.Group):
             dist_failed = collective_failure(e)
             if dist_failed:  # another rank died, hung past D3FAST_DIST_TIMEOUT, or left
                 click.secho(f"error: {_rank_prefix()}{dist_failed}", fg="red", err=True)
-                if os.environ.get("D3FAST_API") != "1":  # the program, not a caller's process:
-                    # the group cannot be destroyed (that may wait on the dead peer), and interpreter
-                    # teardown with gloo's threads alive can abort (d3fast/dist.py, World.from_env),
-                    # which would turn this exit 2 into a SIGABRT; files are closed by now
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(2)
-                sys.exit(2)
+                # the group cannot be destroyed (that may wait on the dead peer), and interpreter
+                # teardown with gloo's threads alive can abort (d3fast/dist.py, World.from_env),
+                # which would turn this exit 2 into a SIGABRT; files are closed by now
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             from d3fast.io import write_failure
 
             failure = write_failure(getattr(e, "filename", None) or ".", e)
@@ -114,10 +110,10 @@ def _crash_report(e: BaseException) -> str:
     """Write the traceback of `e` under <home>/logs/; returns the file's path."""
     import traceback
 
-    from d3fast.io import atomic_write_text
+    from d3fast.io import atomic_write_text, file_stamp
     from d3fast.paths import home
 
-    path = home() / "logs" / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path = home() / "logs" / f"crash-{file_stamp()}-{os.getpid()}.txt"
     text = f"d3fast {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(e))
     try:
         atomic_write_text(path, text)
@@ -132,6 +128,21 @@ def _remember_resolution(ctx: click.Context, param: click.Parameter, value: int 
         raise D3FastError(f"--resolution {value}: give the image size, a power of two in 8..512")
     if value is not None:  # read by _resolve as data.resolution
         ctx.meta["d3fast.resolution"] = value
+
+
+def _typed(flags: dict[str, Any]) -> dict[str, Any]:
+    """A command's typed flags by dotted key (None: not given), --resolution included."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and "d3fast.resolution" in ctx.meta:
+        flags = {"data.resolution": ctx.meta["d3fast.resolution"], **flags}
+    return flags
+
+
+def _config(dataset: str | None, preset: str | None, overrides: tuple[str, ...], flags: dict[str, Any]) -> Any:
+    """The config of a command: defaults < preset < typed flags < --set (d3fast/config.py)."""
+    from d3fast.config import resolve_config
+
+    return resolve_config(dataset, preset, overrides, typed_overrides=_typed(flags))
 
 
 def _config_options(f: Any) -> Any:
@@ -188,29 +199,6 @@ def _budget_options(f: Any) -> Any:
     return f
 
 
-def _resolve(dataset: str | None, preset: str | None, overrides: tuple[str, ...], base: Any = None, **typed: Any):
-    """The config of a command: defaults < preset < typed flags < --set, or, for a resumed
-    run, its recorded config (`base`) < typed flags < --set (d3fast/config.py)."""
-    from d3fast.config import resolve_config
-
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and "d3fast.resolution" in ctx.meta:
-        typed.setdefault("data.resolution", ctx.meta["d3fast.resolution"])
-    nested: dict[str, Any] = {}
-    for dotted, value in typed.items():
-        if value is None:
-            continue
-        *section, key = dotted.split(".")
-        (nested.setdefault(section[0], {}) if section else nested)[key] = value
-    return resolve_config(dataset, preset, overrides, typed_overrides=nested, base=base)
-
-
-def _open_run(where: str, runs_dir: str):
-    from d3fast.run import Run
-
-    return Run.open(where, runs_dir)
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="d3fast")
 @_quiet_option
@@ -247,31 +235,10 @@ def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force,
     and Imagenet64_val_npz/, or the pickled Imagenet64_train/ and _val/). `--format ffcv`
     then writes train/test .beton files beside the cache from the same decoded images.
     """
-    from d3fast.data.beton import require_ffcv, write_betons
-    from d3fast.data.prepare import prepare as run
+    from d3fast.recipes.prepare import command
 
-    cfg = _resolve(dataset, preset, overrides, **{
-        "data.data_path": data_path, "data.skip_corrupt": skip_corrupt, "data.workers": workers})
-    if fmt == "ffcv":
-        require_ffcv(cfg.data.dataset)  # before decoding anything
-    _report_prepare(run(cfg, force=force))
-    if fmt == "ffcv":
-        status, man = write_betons(cfg.data.dataset, ffcv_mode, jpeg_quality, cfg.data.workers, force)
-        sizes = ", ".join(f"{s} {man['counts'][s]} images {man['bytes'][s] / 2**20:.1f} MiB" for s in ("train", "test"))
-        click.echo(f"{'reused' if status == 'reused' else 'wrote'} FFCV ({man['mode']}) files: {sizes}")
-
-
-def _report_prepare(res) -> None:
-    m = res.manifest
-    tr, te = m["splits"]["train"]["count"], m["splits"]["test"]["count"]
-    r, c = m["resolution"], m["channels"]
-    verb = "reused cache of" if res.status == "reused" else "prepared"
-    click.echo(f"{verb} {m['dataset']}: {tr} train / {te} test images, {m['num_classes']} classes, "
-               f"{c}x{r}x{r} uint8 -> {res.cache}")
-    if res.decoded:
-        click.echo(f"decoded {res.decoded} images in {res.seconds:.1f} s ({res.decoded / res.seconds:.0f} img/s)")
-    if m["skipped"]:
-        click.echo(f"skipped {len(m['skipped'])} unreadable file(s); listed in {res.cache / 'manifest.json'}")
+    command(_config(dataset, preset, overrides, {"data.data_path": data_path, "data.skip_corrupt": skip_corrupt,
+                                                 "data.workers": workers}), force, fmt, ffcv_mode, jpeg_quality)
 
 
 @cli.command()
@@ -281,7 +248,7 @@ def _report_prepare(res) -> None:
 @click.option("--seed", type=int, default=None, help="Base seed; expert i uses a seed derived from (seed, i).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: auto).")
 @click.option("--no-auto", is_flag=True, help="Fail instead of preparing the dataset when it is missing.")
-@click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
+@click.option("--loader", type=click.Choice(CHOICES["data.loader"]), default=None,
               help="Where training batches stream from (default auto: FFCV files when present, else the cache).")
 @_subtask_options
 @click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
@@ -296,83 +263,11 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     subtask's experts see its classes only (one directory per subtask; all of them, one
     after another, unless --subtask picks one).
     """
-    from d3fast.dist import World
-    from d3fast.experts import run_experts
+    from d3fast.recipes.experts import command
 
-    # under torchrun each rank trains its share (experts rank, rank + W, ...) on its own GPU;
-    # the per-expert locks make the ranks finish together: no process group, no collective
-    world = World.from_env(device or "auto", join=False)
-    if world.distributed:
-        device = world.device(device or "auto")
-    cfg = _resolve(dataset, preset, overrides, **{
+    command(dataset, preset, overrides, _typed({
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
-        "device": device, "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path})
-    if cfg.distill.dtype != "float32" and world.main:
-        click.echo(f"note: expert trajectories train and are stored in float32; distill.dtype={cfg.distill.dtype} "
-                   "applies to `d3fast distill`, which reads them cast up")
-    _ensure_prepared(cfg, no_auto)
-    for one in _each_subtask(cfg, click.echo if world.main else lambda *a, **k: None):
-        if one.data.subtasks > 1 and world.main:
-            click.echo(f"subtask {one.data.subtask} of {one.data.subtasks}:")
-        res = run_experts(one, progress=world.main, shard=(world.rank, world.size))
-        if world.main:
-            _report_experts(one, res)
-
-
-def _each_subtask(cfg, echo=click.echo) -> list:
-    """`cfg` itself, or with data.subtasks > 1 and no data.subtask, one copy per subtask.
-    Blocks of unequal size are stated (S does not divide the classes)."""
-    import copy
-
-    from d3fast.data.datasets import class_blocks, get_spec
-
-    if cfg.data.subtasks > 1:
-        blocks = class_blocks(get_spec(cfg.data.dataset).num_classes, cfg.data.subtasks)
-        sizes = [b - a for a, b in blocks]
-        if len(set(sizes)) > 1:
-            echo(f"note: {sum(sizes)} classes do not split evenly into {len(sizes)} subtasks: blocks of "
-                 f"{', '.join(map(str, sizes))} classes")
-    if cfg.data.subtasks == 1 or cfg.data.subtask >= 0:
-        return [cfg]
-    out = []
-    for i in range(cfg.data.subtasks):
-        one = copy.deepcopy(cfg)
-        one.data.subtask = i
-        out.append(one)
-    return out
-
-
-def _report_experts(cfg, res) -> None:
-    m = res.manifest
-    acc = ""
-    if m["test_acc_mean"] is not None:
-        acc = f"; test accuracy {m['test_acc_mean']:.1%} ± {m['test_acc_std']:.1%} (n={m['num_complete']})"
-    asked = cfg.experts.num_experts
-    done = sum(r["complete"] for r in m["experts"] if r["index"] < asked)
-    extra = f" (+{m['num_complete'] - done} more from earlier runs)" if m["num_complete"] > done else ""
-    click.echo(f"{done}/{asked} experts complete in {res.out_dir}{extra}{acc}")
-    if res.trained_epochs:
-        click.echo(f"this run: {res.trained_epochs} epochs in {res.seconds:.1f} s, "
-                   f"{res.images_per_s:.0f} train img/s on {m['device']}")
-
-
-def _ensure_prepared(cfg, no_auto: bool) -> None:
-    """Prepare the dataset when it has no cache yet (unless --no-auto)."""
-    from d3fast.data.cache import read_manifest
-    from d3fast.data.prepare import prepare as run_prepare
-    from d3fast.data.prepare import prepare_command
-    from d3fast.paths import data_dir
-
-    ds = cfg.data.dataset
-    if cfg.data.data_path is not None and read_manifest(data_dir(ds)) is not None:
-        # a path given now: the cache must be of it (prepare reuses it when the files are the same)
-        _report_prepare(run_prepare(cfg))
-        return
-    if read_manifest(data_dir(ds)) is None:
-        if no_auto:
-            raise D3FastError(f"dataset {ds!r} is not prepared; run:\n  {prepare_command(cfg)}")
-        click.echo(f"{ds} is not prepared yet: preparing it first")
-        _report_prepare(run_prepare(cfg))
+        "device": device, "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path}), no_auto)
 
 
 @cli.command()
@@ -380,12 +275,12 @@ def _ensure_prepared(cfg, no_auto: bool) -> None:
 @click.option("--ppc", type=int, default=None, help="Latent priors per class.")
 @click.option("--steps", type=int, default=None, help="Distillation steps (with --resume: the new total).")
 @click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA (decoder, unroll, MMD); a no-op on CPU.")
-@click.option("--unroll", type=click.Choice(["auto", "flat", "naive"]), default=None,
+@click.option("--unroll", type=click.Choice(CHOICES["distill.unroll"]), default=None,
               help="MTT unroll: auto (keep step graphs within distill.unroll_budget of free memory, recompute the "
                    "rest; default), flat (recompute all: memory flat in syn_steps) or naive (graph through every "
                    "step). The gradient is the same exact one.")
 @click.option("--students-per-step", type=int, default=None, help="Students (expert trajectories) per MTT update.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+@click.option("--dtype", type=click.Choice(CHOICES["distill.dtype"]), default=None,
               help="The dtype of the whole distillation (distill.dtype; default float32). float64 is for checking "
                    "gradients and comparing runs; its checkpoint holds float64, while evaluation, samples and exports "
                    "use the object in float32.")
@@ -426,335 +321,20 @@ def distill(
     then merges them into runs/<dataset>/<name>-merged. Running the same command again
     continues the unfinished subtask runs and reuses the finished ones.
     """
-    from d3fast.dist import World
-    from d3fast.distill import distill as run_distill
-    from d3fast.experts import ensure_experts, resolve_data_loader
-    from d3fast.run import Run
+    from d3fast.recipes.distill import DistillJob, command
 
-    # under torchrun: join the other ranks (NCCL on CUDA, gloo on the CPU); each rank
-    # trains on cuda:LOCAL_RANK
-    world = World.from_env(device or "auto")
-    if world.distributed:
-        device = world.device(device or "auto")
-    typed = {"distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
-             "distill.students_per_step": students_per_step, "distill.dtype": dtype, "distill.mmd_chunk": mmd_chunk,
-             "distill.mmd_exact_graph": mmd_exact_graph, "device": device, "distill.soft_labels": soft_labels,
-             "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path,
-             "log.trackers": None if trackers is None else [t.strip() for t in trackers.split(",") if t.strip()]}
-    if budget_ipc is not None:
-        if resume_dir not in (None, "auto"):
-            raise D3FastError("--budget-ipc chooses the decoder and priors of a new run; a resumed run keeps its own")
-        typed |= _budget(dataset, preset, overrides, typed, budget_ipc, budget_images)
-    announce = not dataset and resume_dir in (None, "auto")  # say what a new run without --dataset will use
-    if announce and not preset:  # the default dataset with its own preset, not the bare defaults
-        from d3fast.config import Config
-
-        dataset = Config().data.dataset
-    if resume_dir in (None, "auto"):
-        whole = _resolve(dataset, preset, overrides, **typed)
-        _run_name(whole, name)  # a bad --name fails now, not after the experts
-        if announce and world.main:
-            click.echo(f"dataset {whole.data.dataset} (preset {whole.preset}"
-                       + ("" if preset else "; --dataset or --preset picks another, `d3fast presets` lists them")
-                       + ")")
-        if whole.data.subtasks > 1 and whole.data.subtask < 0:
-            _distill_subtasks(whole, world, runs_dir, name, no_auto, then_evaluate)
-            return
-    # which run, and its config, are rank 0's decisions (every rank gets them, or its error)
-    if resume_dir == "auto":  # continue the run named NAME if there is one (restarted jobs), else start it
-        if not name:
-            raise D3FastError("--resume auto needs --name NAME: it continues the newest run of that name")
-        cfg = _resolve(dataset, preset, overrides, **typed)
-        found = world.on_main(lambda: Run.named(runs_dir, cfg.data.dataset, _run_name(cfg, name)))
-        resume_dir, name = (str(found.path), None) if found is not None else (None, name)
-    if resume_dir is not None:
-        if name is not None:
-            raise D3FastError("--name names a new run; a resumed run keeps its directory")
-        run = world.on_main(lambda: Run.open(resume_dir, runs_dir))
-        if run.merged_path.exists():
-            raise D3FastError(f"{run.path} is a merged object, not a run: resume its subtask runs (its manifest.json "
-                              "lists them), or re-run the `distill --subtasks` command, which continues them and "
-                              "merges again")
-        cfg = _resolve(dataset, preset, overrides, base=world.on_main(run.read_config), **typed)
-        world.on_main(lambda: run.check_resume(cfg))  # a refused change fails before any data is prepared
-    else:
-        cfg = _resolve(dataset, preset, overrides, **typed)
-    world.check_split(cfg)  # same config, K and the classes divisible: before any work
-    from d3fast.trackers import check_available
-
-    check_available(cfg.log.trackers)  # a missing tracker package fails now, not after the experts
-    # every rank prepares and trains experts: both are locked per dataset and per expert,
-    # so the ranks share the work and find it done
-    _ensure_prepared(cfg, no_auto)
-    if resume_dir is None:  # a resumed run reads the experts its manifest lists
-        resolve_data_loader(cfg)
-        ensure_experts(cfg, auto=not no_auto, echo=click.echo if world.main else lambda *a, **k: None)
-        run = world.on_main(lambda: Run.create(runs_dir, cfg, _run_name(cfg, name)))
-    res = run_distill(cfg, run, resume=resume_dir is not None, world=world, progress=world.main)
-    world.close()
-    if not world.main:
-        sys.exit(130 if res.interrupted else 0)
-    last = res.last
-    summary = f"; last mtt {last['mtt']:.4f} mmd {last['mmd']:.4f} student lr {last['student_lr']:.4g}" if last else ""
-    state = "stopped early at" if res.interrupted else "reached"
-    click.echo(f"{state} step {res.step}/{cfg.distill.steps} in {res.seconds:.1f} s{summary}")
-    click.echo(f"run directory: {run.path}")
-    if res.interrupted:
-        click.echo(f"continue with: d3fast distill --resume {run.path}")
-        sys.exit(130)
-    if cfg.distill.soft_labels and cfg.data.subtasks == 1:
-        from d3fast.soft_labels import ensure_labelling_expert
-
-        if not no_auto:
-            ensure_labelling_expert(cfg, click.echo)
-        _label_run(run, cfg, device)
-    if then_evaluate:
-        _evaluate(_run_target(run), None, None, None, None)
+    typed = _typed({
+        "distill.ppc": ppc, "distill.steps": steps, "distill.amp": amp, "distill.unroll": unroll,
+        "distill.students_per_step": students_per_step, "distill.dtype": dtype, "distill.mmd_chunk": mmd_chunk,
+        "distill.mmd_exact_graph": mmd_exact_graph, "device": device, "distill.soft_labels": soft_labels,
+        "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path,
+        "log.trackers": None if trackers is None else [t.strip() for t in trackers.split(",") if t.strip()]})
+    command(DistillJob(runs_dir, dataset, preset, overrides, typed, resume_dir, name, no_auto, then_evaluate,
+                       budget_ipc, budget_images))
 
 
-# the keys --budget-ipc sets (d3fast/storage.py choose_budget)
-BUDGET_KEYS = ("distill.decoder", "distill.decoder_width", "distill.decoder_linear", "distill.z_dim", "distill.ppc")
 
 
-def _budget(dataset, preset, overrides, typed: dict[str, Any], ipc: float, images: str) -> dict[str, Any]:
-    """The settings that fit `ipc` images per class of storage, printed with their bytes.
-
-    Raises:
-        D3FastError: a budget key also set by hand, or a budget nothing fits (naming the
-            smallest that does)."""
-    from d3fast.config import parse_overrides
-    from d3fast.data.datasets import get_spec
-    from d3fast.storage import choose_budget, ipc_equivalent
-
-    by_hand = parse_overrides(list(overrides)).get("distill", {})
-    given = [k for k in BUDGET_KEYS if typed.get(k) is not None or k.split(".")[1] in by_hand]
-    if given:
-        raise D3FastError(f"--budget-ipc chooses {', '.join(BUDGET_KEYS)}; drop {', '.join(given)} or the budget")
-    cfg = _resolve(dataset, preset, overrides, **typed)
-    spec = get_spec(cfg.data.dataset)
-    res = spec.resolution
-    choice = choose_budget(ipc, num_classes=spec.num_classes, channels=spec.channels, res=res,
-                           subtasks=cfg.data.subtasks, soft_labels=cfg.distill.soft_labels,
-                           pixel_bytes=4 if images == "float32" else 1)
-    limit = 10000  # distill.ppc's range (d3fast/config.py)
-    if choice.ppc > limit:
-        raise D3FastError(f"a storage budget of {ipc:g} images per class buys {choice.ppc:,} priors per class, more "
-                          f"than distill.ppc's limit of {limit:,}: give a smaller budget")
-    other = ipc_equivalent(choice.bytes, spec.num_classes, spec.channels, res, pixel_bytes=1 if images == "float32" else 4)
-    # notes on stderr: stdout holds the config that `d3fast config --budget-ipc N --format toml > F` writes
-    click.echo(f"storage budget {ipc:g} {images} images per class ({spec.num_classes} classes, {cfg.data.subtasks} "
-               f"subtask(s), {'with' if cfg.distill.soft_labels else 'without'} soft labels, float32 storage): "
-               f"{choice.describe()} ({other:.3f} {'uint8' if images == 'float32' else 'float32'} images)", err=True)
-    chosen = {"distill.decoder": choice.decoder, "distill.decoder_width": choice.decoder_width,
-              "distill.decoder_linear": choice.decoder_linear, "distill.z_dim": choice.z_dim, "distill.ppc": choice.ppc}
-    was = {k: getattr(cfg.distill, k.split(".")[1]) for k in chosen}
-    replaced = [f"{k.split('.')[1]} {was[k]} -> {v}" for k, v in chosen.items() if was[k] != v]
-    kept = [f"{k.split('.')[1]} {v}" for k, v in chosen.items() if was[k] == v]
-    click.echo(f"it replaces {f'preset {cfg.preset}' if cfg.preset else 'the defaults'}: "
-               + (", ".join(replaced) or "nothing") + (f" ({', '.join(kept)} kept)" if kept else ""), err=True)
-    return chosen
-
-
-def _label_run(run, cfg, device) -> None:
-    """Soft labels for the run's checkpoint, beside it (d3fast/soft_labels.py)."""
-    from d3fast.runtime import resolve_device
-    from d3fast.soft_labels import label, save_run_labels
-
-    dev = resolve_device(device or cfg.device)
-    d, step = run.load_distilled(dev)
-    info = label(d, cfg, dev)
-    assert d.soft_labels is not None
-    path = save_run_labels(run.path, d.soft_labels, step, info)
-    click.echo(f"soft labels of step {step} from {info['expert']} (epoch {info['epoch']}): {path}")
-
-
-def _distill_subtasks(cfg, world, runs_dir: str, name: str | None, no_auto: bool, then_evaluate: bool) -> None:
-    """Every subtask of cfg's split in its own run, then the merge (rank 0). Under torchrun
-    with W <= S ranks, rank r distills subtasks r, r + W, ... alone; with W = G x S, the G
-    consecutive ranks of group i distill subtask i together (data-parallel, as one run)."""
-    import datetime
-
-    import torch.distributed as td
-
-    from d3fast.config import flatten
-    from d3fast.dist import World
-    from d3fast.io import lock_holder, locked
-
-    S = cfg.data.subtasks
-    if world.size > S and world.size % S:
-        raise D3FastError(f"{world.size} processes for {S} subtasks: launch at most {S} (each rank distills whole "
-                          f"subtasks) or a multiple of {S} (each subtask on {S} equal groups of ranks)")
-    world.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
-    if world.size > S:  # groups of G = W / S ranks, one subtask each
-        g, team = world.groups(S)
-        mine = [g]
-    else:
-        team, mine = World(), list(range(world.rank, S, world.size))
-    # the ranks meet again when every subtask is done, hours later: a barrier on its own group
-    # with a timeout past any distillation (a crashed rank still stops the job: torchrun ends them all)
-    done_group = td.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world.distributed else None
-    base = name or cfg.preset or "run"
-    _ensure_prepared(cfg, no_auto)
-    echo = click.echo if world.main else (lambda *a, **k: None)
-    # one job per name: a second one started alongside would create its own subtask runs
-    job_lock = Path(runs_dir) / cfg.data.dataset / f".{base}-subtasks.lock"
-    with contextlib.ExitStack() as job:  # held until the job ends (the OS releases it if it dies)
-        held = world.on_main(lambda: job.enter_context(locked(job_lock)))
-        if not held:
-            raise D3FastError(f"another `d3fast distill --subtasks` job named {base!r} is running (pid "
-                              f"{lock_holder(job_lock)}): wait for it, or pass another --name")
-        _run_subtasks(cfg, world, team, mine, done_group, runs_dir, base, no_auto, then_evaluate, echo)
-
-
-def _run_subtasks(cfg, world, team, mine: list[int], done_group, runs_dir: str, base: str, no_auto: bool,
-                  then_evaluate: bool, echo) -> None:
-    """The body of `_distill_subtasks`, under its job lock: this rank's subtasks (`mine`,
-    on the world `team`), the barrier, then rank 0's merge."""
-    import torch.distributed as td
-
-    from d3fast.distill import distill as run_distill
-    from d3fast.experts import ensure_experts, resolve_data_loader
-    from d3fast.merge import is_merged_dir, merge_runs, read_merged_manifest, up_to_date
-    from d3fast.run import Run
-    from d3fast.runtime import resolve_device
-
-    S = cfg.data.subtasks
-    for one in _each_subtask(cfg, echo):
-        i = one.data.subtask
-        if i not in mine:
-            continue
-        team.check_split(one)  # K students a multiple of the group's ranks, before any work
-        run_name = _run_name(one, base)
-        found = team.on_main(lambda: Run.named(runs_dir, one.data.dataset, run_name))  # noqa: B023
-        echo(f"subtask {i} of {S}: " + (f"continuing {found.path}" if found else f"new run {run_name}")
-             + (f" on ranks {world.rank}..{world.rank + team.size - 1}" if team.distributed else ""))
-        resolve_data_loader(one)
-        if found is None:  # the group's ranks share the expert training through its locks
-            ensure_experts(one, auto=not no_auto, echo=echo)
-            run = team.on_main(lambda: Run.create(runs_dir, one, run_name))  # noqa: B023
-        else:
-            run = found
-        res = run_distill(one, run, resume=found is not None, world=team, progress=world.main)
-        if res.interrupted or res.stop_requested:  # a stop during a subtask's last step ends the job too
-            click.echo(f"stopped at step {res.step} of subtask {i}: run the same command again to continue")
-            sys.exit(130)
-    if done_group is not None:
-        td.barrier(group=done_group)
-    if not world.main:
-        world.close()
-        return
-    runs = []
-    for one in _each_subtask(cfg, lambda *a, **k: None):
-        found = Run.named(runs_dir, cfg.data.dataset, _run_name(one, base))
-        if found is None:
-            raise D3FastError(f"the run of subtask {one.data.subtask} ({_run_name(one, base)}) is missing under "
-                              f"{runs_dir}/{cfg.data.dataset}")
-        runs.append(found.path)
-    out = Path(runs_dir) / cfg.data.dataset / f"{base}-merged"
-    if is_merged_dir(out) and read_merged_manifest(Run(out)).get("subtasks") != S:
-        raise D3FastError(f"{out} holds the merge of another split (not {S} subtasks): pass another --name, or "
-                          "delete it")
-    if up_to_date(out, runs):  # the same command again: the merged object (its labels, its evaluation) stays
-        world.close()
-        click.echo(f"{out} is up to date with the {S} subtask runs")
-        if then_evaluate:
-            _evaluate(_run_target(Run(out)), None, None, None, None)
-        return
-    merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device),
-                             train_labeller=not no_auto)
-    world.close()
-    click.echo(f"merged {S} subtasks into {out}: {merged.num_classes} classes, {merged.storage_bytes() / 2**20:.2f} MiB "
-               f"(= {merged.images_per_class_equivalent():.2f} uint8 images per class)"
-               + ("; soft labels" if merged.soft_labels is not None else ""))
-    if then_evaluate:
-        _evaluate(_run_target(Run(out)), None, None, None, None)
-
-
-# the files d3fast keeps in a run (or merged) directory (d3fast/run.py)
-RUN_FILES = frozenset({"config.json", "manifest.json", "history.jsonl", "metrics.jsonl", "checkpoint.pt", ".lock",
-                       "merged.safetensors", "soft_labels.safetensors", "eval.json", "eval.md"})
-
-
-def _refuse_run_file(out: str) -> None:
-    """--out must not write into a run directory (its files, evals/, tensorboard/, ...).
-
-    Raises:
-        D3FastError: naming the run."""
-    if not str(out).strip():
-        raise D3FastError("--out is empty: name the file or directory to write")
-    path = Path(out).absolute()
-    if path.name in RUN_FILES and (path.parent / "config.json").is_file():
-        raise D3FastError(f"--out {out} is a file of the run {path.parent}: write elsewhere")
-    for parent in path.parents:
-        if (parent / "config.json").is_file() and ((parent / "checkpoint.pt").exists() or
-                                                  (parent / "history.jsonl").exists() or
-                                                  (parent / "merged.safetensors").exists()):
-            raise D3FastError(f"--out {out} is inside the run {parent}: write elsewhere")
-
-
-def _refuse_overwrite(out: str, force: bool, ours: bool, what: str) -> None:
-    """An existing --out file is replaced only with --force, and only when it is d3fast's
-    own kind of file (`ours`: an export, a sample grid).
-
-    Raises:
-        D3FastError: a directory, or a file that is not d3fast's, or one without --force."""
-    path = Path(out)
-    if path.is_dir():
-        raise D3FastError(f"cannot write {out}: it is a directory ({what} is one file)")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise D3FastError(f"cannot write {out}: {path.parent} is a file, not a directory")
-    if path.exists() or path.is_symlink():
-        if not ours:
-            raise D3FastError(f"--out {out} exists and is not a d3fast {what}: choose another name "
-                              "(d3fast never replaces a file it did not write)")
-        if not force:
-            raise D3FastError(f"--out {out} holds an earlier {what}: pass --force to replace it")
-
-
-def _run_name(cfg, name: str | None) -> str:
-    """A run's name: --name, else the preset; a subtask's run adds -sub<i>of<S>, the name
-    `distill --subtasks S --name NAME` looks for (and `d3fast merge runs/*-sub?of5` matches).
-
-    Raises:
-        D3FastError: a name that is not one folder name."""
-    import re
-
-    if name is not None and not re.fullmatch(r"[^/\\\x00]{1,100}", name) or name in (".", ".."):
-        raise D3FastError(f"--name {name!r}: a run name is one folder name (no '/', at most 100 characters)")
-    base = name or cfg.preset or "run"
-    return f"{base}-sub{cfg.data.subtask}of{cfg.data.subtasks}" if cfg.data.subtasks > 1 else base
-
-
-def _evaluate(target, archs, students, epochs, device, loader=None) -> None:
-    """Evaluate a `d3fast.evaluate.Target` (flags over its protocol) and print the table."""
-    from d3fast.evaluate import _with, evaluate, rendered
-    from d3fast.runtime import resolve_device
-
-    over: dict[str, Any] = {}
-    if archs:
-        over["archs"] = [a.strip() for a in archs.split(",") if a.strip()]
-    if students is not None:
-        over["students"] = students
-    if epochs is not None:
-        over["epochs"] = epochs
-    updates: dict[str, Any] = {"eval": over} if over else {}
-    if loader is not None:
-        updates["data"] = {"loader": loader}
-    _with(target.cfg, updates or None)
-    report = evaluate(target, resolve_device(device or "auto"), progress=True)
-    click.echo(rendered(report))
-    kept = target.evals_dir
-    click.echo(f"kept in {kept}/ (index.json lists every evaluation)"
-               + (f"; latest in {target.run.path / 'eval.md'}" if target.run is not None else "")
-               + f" ({report['seconds']:.0f} s)")
-
-
-def _run_target(run):
-    """A run as an evaluation target with its recorded protocol, on the automatic device."""
-    from d3fast.evaluate import run_target
-    from d3fast.runtime import resolve_device
-
-    return run_target(run, resolve_device("auto"))
 
 
 @cli.command()
@@ -764,7 +344,7 @@ def _run_target(run):
 @click.option("--students", type=int, default=None, help="Students per architecture (default 5).")
 @click.option("--epochs", type=int, default=None, help="Epochs per student (default: the run's eval.epochs).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
-@click.option("--loader", type=click.Choice(["auto", "cache", "ffcv"]), default=None,
+@click.option("--loader", type=click.Choice(CHOICES["data.loader"]), default=None,
               help="Where the real test set streams from (default: the run's data.loader).")
 @click.option("--evals-dir", default=None, type=click.Path(),
               help="Where to keep the evaluation (default: the run's evals/, else <TARGET>.evals/ beside it).")
@@ -778,21 +358,11 @@ def evaluate(target, dataset, preset, overrides, archs, students, epochs, device
     MTT-family files included: pass --dataset) or an ImageFolder of images. --preset takes
     the preset's eval.* keys; --set changes eval.* (and data.loader) keys. Every evaluation
     is kept, none overwritten."""
-    from d3fast.evaluate import open_target
+    from d3fast.recipes.evaluate import command, open_target
     from d3fast.runtime import resolve_device
 
     t = open_target(target, runs_dir, dataset, preset, overrides, resolve_device(device or "auto"), evals_dir)
-    _evaluate(t, archs, students, epochs, device, loader)
-
-
-def _distilled_target(where: str, runs_dir: str, dataset, preset, overrides, what: str):
-    from d3fast.evaluate import open_target
-
-    t = open_target(where, runs_dir, dataset, preset, overrides, config_optional=True)
-    if t.d is None:
-        raise D3FastError(f"{what} needs a distilled object (a run, merged directory or .safetensors export); "
-                          f"{where} is a fixed image set")
-    return t
+    command(t, archs, students, epochs, device, loader)
 
 
 @cli.command()
@@ -809,30 +379,11 @@ def sample(run_dir, out, samples, seed, max_classes, dataset, preset, overrides,
     """Write a grid: per prior, its mean image then fresh samples, each row named by its
     class, titled with the run and step; ZCA datasets are shown de-whitened. RUN_DIR: a run,
     merged directory, `latest` or .safetensors export; BatchNorm as eval.decoder_bn."""
-    from d3fast.visualize import is_grid, sample_grid
+    from d3fast.recipes.evaluate import distilled_target
+    from d3fast.recipes.export import sample_command
 
-    _refuse_run_file(out)
-    if Path(out).suffix.lower() in (".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".pdf", ".svg"):
-        raise D3FastError(f"--out {out}: the grid is written as PNG; name it <something>.png")
-    # re-sampling into the same file is the usual loop: an earlier d3fast grid is replaced freely
-    _refuse_overwrite(out, True, not Path(out).exists() or is_grid(Path(out)), "sample grid")
-    t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "sample")
-    zca = _zca_or_note(t.cfg)
-    path = sample_grid(t.d, Path(out), samples, seed, bn=t.cfg.eval.decoder_bn, zca=zca,
-                       title=f"{Path(t.name).name}  step {t.step}", max_classes=max_classes)
-    shown = t.d.num_classes if max_classes == 0 else min(max_classes, t.d.num_classes)
-    click.echo(f"wrote {path} (step {t.step}, {shown * t.d.ppc} of {t.d.num_priors} priors)")
-
-
-def _zca_or_note(cfg):
-    """The dataset's ZCA to de-whiten with, or None with a note when it cannot be had."""
-    from d3fast.exports import zca_of
-
-    try:
-        return zca_of(cfg)
-    except D3FastError as e:
-        click.echo(f"note: showing ZCA-whitened images ({e})", err=True)
-        return None
+    sample_command(lambda: distilled_target(run_dir, runs_dir, dataset, preset, overrides, "sample"), out, samples,
+                   seed, max_classes)
 
 
 @cli.command()
@@ -856,49 +407,11 @@ def export(run_dir, out, fmt, per_class, pixels, seed, force, dataset, preset, o
     learned lr, config, dataset, step, version), or a fixed draw of images that other tools
     read (`--format pt | imagefolder`; the draw `d3fast evaluate --set eval.fresh_samples=false`
     trains on, so the export re-evaluates to the run's numbers)."""
-    from d3fast.data.normalize import to_pixels
-    from d3fast.distilled import draw_set
-    from d3fast.distilled import export as run_export
-    from d3fast.exports import describe, write_imagefolder, write_pt
+    from d3fast.recipes.evaluate import distilled_target
+    from d3fast.recipes.export import export_command
 
-    _refuse_run_file(out)
-    t = _distilled_target(run_dir, runs_dir, dataset, preset, overrides, "export")
-    d, cfg, e = t.d, t.cfg, t.cfg.eval
-    if fmt == "safetensors":
-        from d3fast.distilled import is_export
-
-        if Path(out).is_dir():
-            raise D3FastError(f"cannot write {out}: it is a directory (the safetensors export is one file; "
-                              "--format pt or imagefolder write directories)")
-        _refuse_overwrite(out, force, is_export(Path(out)), "safetensors export")
-        if pixels or per_class is not None or seed is not None:
-            raise D3FastError("--pixels, --per-class and --seed choose a draw of images: use them with --format pt "
-                              "or imagefolder")
-        run_export(d, out, describe(cfg, d, t.step, _zca_or_note(cfg) if cfg.data.zca else None))
-        click.echo(f"wrote {out}: {d.num_priors} priors, {d.storage_bytes() / 2**20:.2f} MiB "
-                   f"(= {d.images_per_class_equivalent():.1f} uint8 images per class), step {t.step}")
-        return
-    if pixels and fmt == "imagefolder":
-        raise D3FastError("--pixels chooses pixels for --format pt; an ImageFolder always holds pixels (PNG)")
-    k = per_class if per_class is not None else e.samples_per_class
-    if not 1 <= k <= 100_000:
-        raise D3FastError(f"--per-class must be in 1..100000, got {k}")
-    zca = None
-    if cfg.data.zca and (pixels or fmt == "imagefolder"):
-        from d3fast.exports import zca_of
-
-        zca = zca_of(cfg)  # de-whitening needs the dataset's own ZCA: an error names the prepare command
-    seed = e.seed if seed is None else seed
-    x, y, soft = draw_set(d, k, seed, e.decoder_bn, e.batch_size)
-    info = describe(cfg, d, t.step, zca) | {"per_class": k, "seed": seed, "pixels": bool(pixels or fmt == "imagefolder")}
-    if fmt == "pt":
-        write_pt(Path(out), to_pixels(x, d.meta, zca) if pixels else x, y, soft, d.student_lr, info, force)
-        what = "pixels in [0, 1]" if pixels else "normalised" + (" and ZCA-whitened" if cfg.data.zca else "")
-    else:
-        write_imagefolder(Path(out), to_pixels(x, d.meta, zca), y, d.classes, soft, d.student_lr, info, force)
-        what = "PNG"
-    click.echo(f"wrote {out}: {len(x)} images ({k} per class x {d.num_classes} classes, {what}), "
-               f"lr {d.student_lr:.4g}" + (", soft labels" if soft is not None else "") + f", step {t.step}")
+    export_command(lambda: distilled_target(run_dir, runs_dir, dataset, preset, overrides, "export"), out, fmt,
+                   per_class, pixels, seed, force)
 
 
 @cli.command()
@@ -914,16 +427,9 @@ def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
     """Merge the runs of every subtask of one split (RUN_0 ... RUN_{S-1}, any order) into one
     distilled object: each class decodes through its own subtask's decoder; storage is the
     sum. evaluate, sample and export take the --out directory like a run's."""
-    from d3fast.merge import merge_runs
-    from d3fast.runtime import resolve_device
+    from d3fast.recipes.subtasks import command
 
-    merged, path = merge_runs(list(run_dirs), out, partial=partial, soft_labels=soft_labels, force=force,
-                              device=resolve_device(device or "auto"), runs_dir=runs_dir, train_labeller=True)
-    steps = ", ".join(str(s["step"]) for s in merged.sources)
-    click.echo(f"merged {len(merged.parts)} subtasks (steps {steps}) into {path}: {merged.num_classes} classes x "
-               f"{merged.ppc} priors, {merged.storage_bytes() / 2**20:.2f} MiB (= "
-               f"{merged.images_per_class_equivalent():.2f} uint8 images per class)"
-               + ("; soft labels" if merged.soft_labels is not None else ""))
+    command(run_dirs, out, partial, soft_labels, force, device, runs_dir)
 
 
 @cli.command()
@@ -934,28 +440,9 @@ def merge(run_dirs, out, partial, soft_labels, force, device, runs_dir) -> None:
 def label(run_dir, epoch, device, runs_dir) -> None:
     """Soft labels for a run's latest checkpoint or a merged object: each prior's mean image
     through a ConvNet expert trained on all classes (its softmax), stored with the object."""
-    from d3fast.config import validate
-    from d3fast.distilled import Merged
-    from d3fast.runtime import resolve_device
+    from d3fast.recipes.label import command
 
-    run = _open_run(run_dir, runs_dir)
-    cfg = run.read_config()
-    if epoch is not None:
-        cfg.distill.soft_label_epoch = epoch
-        validate(cfg)
-    if cfg.data.subtasks == 1 or run.merged_path.exists():
-        from d3fast.soft_labels import ensure_labelling_expert
-
-        ensure_labelling_expert(cfg, click.echo)
-    if run.merged_path.exists():
-        from d3fast.merge import relabel
-
-        merged = relabel(run, cfg, resolve_device(device or "auto"))
-        assert isinstance(merged, Merged)
-        click.echo(f"labelled {merged.num_priors} priors of {run.path} ({merged.storage_bytes() / 2**20:.2f} MiB "
-                   "with the labels)")
-        return
-    _label_run(run, cfg, device)
+    command(run_dir, epoch, device, runs_dir)
 
 
 @cli.command()
@@ -967,9 +454,12 @@ def config(dataset, preset, overrides, budget_ipc, budget_images, fmt) -> None:
     """Print the resolved configuration as JSON or TOML (--budget-ipc: with the decoder and
     priors that budget chooses)."""
     from d3fast.config import to_dict, to_toml
+    from d3fast.preflight import budget_overrides
 
-    typed = _budget(dataset, preset, overrides, {}, budget_ipc, budget_images) if budget_ipc is not None else {}
-    cfg = _resolve(dataset, preset, overrides, **typed)
+    typed = _typed({})
+    if budget_ipc is not None:
+        typed |= budget_overrides(dataset, preset, overrides, typed, budget_ipc, budget_images)
+    cfg = _config(dataset, preset, overrides, typed)
     click.echo(to_toml(cfg) if fmt == "toml" else json.dumps(to_dict(cfg), indent=2), nl=fmt == "json")
 
 
@@ -992,12 +482,6 @@ def presets() -> None:
         click.echo(f"{name:<24} {dataset:<14} {about}")
 
 
-def _cell(value: Any, width: int = 60) -> str:
-    """A value read from a run's files as one table cell: printable, one line, at most `width`."""
-    text = "".join(ch if ch.isprintable() else " " for ch in str(value or "-"))
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 @cli.command()
 @click.option("--dataset", default=None, help="Only this dataset.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -1005,24 +489,17 @@ def _cell(value: Any, width: int = 60) -> str:
 def runs(dataset, as_json, runs_dir) -> None:
     """List the runs and merged objects: dataset, preset, step/steps, status, the MTT term's
     health at the last step, best loss, last evaluation and device-hours (from each run's files; `latest` is the last row with a checkpoint)."""
-    from d3fast.ledger import text_table
+    from d3fast.report import runs_table
     from d3fast.run import list_runs
 
     rows = list_runs(runs_dir, dataset)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
+    elif not rows:
         click.echo(f"no runs under {runs_dir}/" + (f"{dataset}/" if dataset else ""))
-        return
-    table = [["run", "dataset", "preset", "step", "status", "MTT", "best loss", "hours", "last evaluation"]]
-    for r in rows:
-        hours = "" if r["device_hours"] is None else f"{r['device_hours']:.3g} {r['hours_unit']}"
-        best = "" if r["best_loss"] is None else f"{r['best_loss']:.4g}"
-        table.append([r["name"], r["dataset"], r["preset"], f"{r['step']}/{r['steps']}", r["status"],
-                      _cell(r["mtt_health"]), best, hours, r["last_eval"]])
-    click.echo(text_table([[str(v) for v in row] for row in table]))
-    click.echo(f"({len(rows)} under {runs_dir}/)")
+    else:
+        click.echo(runs_table(rows))
+        click.echo(f"({len(rows)} under {runs_dir}/)")
 
 
 @cli.command()
@@ -1038,14 +515,9 @@ def budget(dataset, as_json, show_records) -> None:
     book = ledger.Ledger()
     rows = book.records(dataset=dataset)
     if as_json:
-        totals = ledger.totals(rows)
-        out = {"ledger": str(book.path), "records": len(rows), "totals": totals, "paper": ledger.paper_comparison(totals),
-               "paper_budgets": {k: vars(v) for k, v in ledger.PAPER_BUDGETS.items()}}
-        if show_records:
-            out["rows"] = rows
-        click.echo(json.dumps(out, indent=2))
-        return
-    click.echo(ledger.budget_text(book.path, rows, show_records))
+        click.echo(json.dumps(ledger.budget_json(book.path, rows, show_records), indent=2))
+    else:
+        click.echo(ledger.budget_text(book.path, rows, show_records))
 
 
 @cli.command()
@@ -1061,8 +533,8 @@ def budget(dataset, as_json, show_records) -> None:
 @click.option("--stand-in", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Random data / expert trajectories of the right shapes when the real ones are missing.")
 @click.option("--amp", is_flag=True, default=None, help="bf16 autocast on CUDA, as in distill.")
-@click.option("--unroll", type=click.Choice(["auto", "flat", "naive"]), default=None, help="MTT unroll mode, as in distill.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None, help="distill.dtype, as in distill.")
+@click.option("--unroll", type=click.Choice(CHOICES["distill.unroll"]), default=None, help="MTT unroll mode, as in distill.")
+@click.option("--dtype", type=click.Choice(CHOICES["distill.dtype"]), default=None, help="distill.dtype, as in distill.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @_subtask_options
 def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, out, stand_in, amp, unroll, dtype, device,
@@ -1070,19 +542,11 @@ def profile(dataset, preset, overrides, steps, trace_steps, warmup, free_steps, 
     """Where a distillation step's time and memory go: runs warm-up + timed + traced steps of
     the real loop and writes report.md, report.json, trace.json (Chrome trace), phases.png
     and memory.png. Needs no experts: stand-ins of the right shapes are used when missing."""
-    from d3fast.profile import profile as run_profile
-    from d3fast.profile import summary_line
+    from d3fast.recipes.profile import command
 
-    cfg = _resolve(dataset, preset, overrides, **{"distill.amp": amp, "distill.unroll": unroll, "distill.dtype": dtype,
-                                                  "device": device, "data.subtasks": subtasks, "data.subtask": subtask})
-    if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
-        cfg.data.subtask = 0  # the subtasks are alike in size: one stands for all (the projection counts S)
-    out_dir = Path(out) if out else Path("profiles") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    res = run_profile(cfg, out_dir, steps=steps, trace_steps=trace_steps, warmup=warmup, stand_in=stand_in,
-                      free_steps=free_steps)
-    click.echo(summary_line(res.report))
-    click.echo(f"inputs: data {res.report['inputs']['data']}; experts {res.report['inputs']['experts']}")
-    click.echo(f"report: {out_dir / 'report.md'} (+ {', '.join(f for f in res.report['files'] if f != 'report.md')})")
+    command(_config(dataset, preset, overrides, {
+        "distill.amp": amp, "distill.unroll": unroll, "distill.dtype": dtype, "device": device,
+        "data.subtasks": subtasks, "data.subtask": subtask}), out, steps, trace_steps, warmup, stand_in, free_steps)
 
 
 @cli.command()

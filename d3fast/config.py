@@ -16,11 +16,44 @@ import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 
 from d3fast.errors import D3FastError
+
+# Allowed values, one home each: the fields below are annotated with these, `CHOICES` is read
+# from the annotations, and the modules that act on a value (models, decoder, augment,
+# trackers, the command line's choices) import them from here.
+NetName = Literal["convnet", "resnet18", "vgg11", "alexnet"]
+NetNorm = Literal["instancenorm", "batchnorm", "layernorm", "groupnorm", "none"]
+NetPooling = Literal["avgpooling", "maxpooling", "none"]
+AugMode = Literal["single", "all"]
+AugOp = Literal["color", "crop", "cutout", "flip", "scale", "rotate"]
+Loader = Literal["auto", "cache", "ffcv"]
+DecoderKind = Literal["paper", "tiny", "small", "medium", "large"]
+MMDReduction = Literal["sum", "mean"]
+MMDScale = Literal["raw", "median"]
+MMDParam = Literal["expert", "final"]
+Unroll = Literal["auto", "flat", "naive"]
+DType = Literal["float32", "float64"]
+LRParam = Literal["log", "leaky_relu"]
+DecoderBN = Literal["batch", "running"]
+Protocol = Literal["equal_steps", "per_set"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+AUG_OPS: tuple[str, ...] = typing.get_args(AugOp)
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
+NETWORKS: tuple[str, ...] = typing.get_args(NetName)
+DECODERS: tuple[str, ...] = typing.get_args(DecoderKind)
+# the top width of the medium and large decoders (d3fast/models/decoder.py): without the linear
+# input layer z is reshaped to [top, 2, 2]
+VAE_TOP = {"medium": 512, "large": 1024}
+
+
+def vae_z_dim(kind: str) -> int:
+    """The latent size a medium or large decoder without its linear layer needs: z is
+    reshaped to [top, 2, 2], so 4 * top (2048 medium, 4096 large)."""
+    return 4 * VAE_TOP[kind]
 
 
 def ranged(default: Any, lo: float | None = None, hi: float | None = None, *, above: bool = False) -> Any:
@@ -41,7 +74,7 @@ class DataConfig:
     workers: int = ranged(0, 0)
     # Streaming loader for experts and evaluation: auto (FFCV when installed and its files
     # exist, else the cache) | cache (device-resident uint8) | ffcv (d3fast/data/beton.py)
-    loader: str = "auto"
+    loader: Loader = "auto"
     # ZCA whitening on normalised images (CIFAR-10 in MTT/D3), fitted on the train split.
     zca: bool = False
     # Regulariser of the ZCA covariance; 0.1 is MTT's value (kornia's default is 1e-6,
@@ -61,14 +94,14 @@ class DataConfig:
 @dataclass(kw_only=True)
 class NetConfig:
     # convnet | resnet18 | vgg11 | alexnet
-    name: str = "convnet"
+    name: NetName = "convnet"
     width: int = ranged(128, 1, 65536)
     # 0 picks by resolution: 3 at 28/32 px, 4 at 64 px, 5 at 128 px.
     depth: int = ranged(0, 0)
     # instancenorm | batchnorm | layernorm | groupnorm | none
-    norm: str = "instancenorm"
+    norm: NetNorm = "instancenorm"
     # avgpooling | maxpooling | none
-    pooling: str = "avgpooling"
+    pooling: NetPooling = "avgpooling"
 
 
 @dataclass(kw_only=True)
@@ -78,7 +111,7 @@ class AugConfig:
     # Ops joined by '_': color, crop, cutout, flip, scale, rotate; "none" disables.
     strategy: str = "color_crop_cutout_flip_scale_rotate"
     # single: one op drawn per batch (the reference's default 'S'); all: apply every op.
-    mode: str = "single"
+    mode: AugMode = "single"
     prob_flip: float = ranged(0.5, 0, 1)
     # scales are drawn from [1 / ratio_scale, ratio_scale]
     ratio_scale: float = ranged(1.2, 1, 100)
@@ -130,7 +163,7 @@ class DistillConfig:
     # recomputation when memory is plentiful) | flat: exact gradient by recomputation, memory
     # flat in syn_steps | naive: graph through every step (the reference's way). All three
     # give the same exact gradient (d3fast/unroll.py)
-    unroll: str = "auto"
+    unroll: Unroll = "auto"
     # auto: the fraction of free memory (GPU: the device's; CPU: MemAvailable) the kept step
     # graphs may take; 0 = flat throughout
     unroll_budget: float = ranged(0.5, 0, 1)
@@ -145,7 +178,7 @@ class DistillConfig:
     # never reaches zero. leaky_relu: the reference's lr = leaky_relu(alpha) + 1e-4 with SGD
     # (momentum 0.5) at lr_lr (1e-5 .. 1e-6 there): its first steps, on a random decoder's
     # samples, send alpha below zero, where the lr sits at 1e-4 and the MTT loss at 1.0
-    lr_param: str = "log"
+    lr_param: LRParam = "log"
     # steps of the MTT health watch (d3fast/health.py): warn when the student lr sits at its
     # floor, or the MTT loss averages within 0.05 of 1.0, for this many steps; 0 = no watch
     health_steps: int = ranged(20, 0)
@@ -155,7 +188,7 @@ class DistillConfig:
     lr_decode: float = ranged(3e-4, 0)
     # paper | tiny | small | medium | large (docs/algorithm.md section 2; the reference
     # code's ImageNet-1K budgets: small w256 at 1 IPC, medium at 2, large at 10)
-    decoder: str = "paper"
+    decoder: DecoderKind = "paper"
     # start channels of paper (256) and tiny/small (128 or 256); medium and large ignore
     # it (their ladders start at 512 and 1024 channels)
     decoder_width: int = ranged(256, 1, 65536)
@@ -171,13 +204,13 @@ class DistillConfig:
     # 0 disables the MMD update
     mmd_weight: float = ranged(1.0, 0)
     # sum over classes (reference: grows with C) | mean
-    mmd_reduction: str = "sum"
+    mmd_reduction: MMDReduction = "sum"
     mmd_bandwidths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
     # raw: bandwidths on raw features (reference); median: bandwidths x the median real
     # pairwise distance of the step (the median heuristic)
-    mmd_scale: str = "raw"
+    mmd_scale: MMDScale = "raw"
     # feature network weights: expert at epoch T + M ("expert") or its last epoch ("final")
-    mmd_param: str = "expert"
+    mmd_param: MMDParam = "expert"
     # samples whose feature-network graph is held at once in the MMD update (d3fast/embed.py:
     # chunked two-pass gradient, exact); 0 = automatic, at most min(25% of free memory, 1 GiB)
     mmd_chunk: int = ranged(0, 0)
@@ -205,14 +238,14 @@ class DistillConfig:
     # of running one step (1 or N ranks, flat or naive unroll, resumed or not) agree to ~1e-12
     # there, while in float32 Adam turns rounding noise in near-zero gradients into lr-sized
     # steps (docs/algorithm.md section 5, Precision). Exports, evaluation and storage stay float32
-    dtype: str = "float32"
+    dtype: DType = "float32"
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
     """Student evaluation (docs/algorithm.md section 6)."""
 
-    archs: list[str] = field(default_factory=lambda: ["convnet"])
+    archs: list[NetName] = field(default_factory=lambda: ["convnet"])
     students: int = ranged(5, 1)
     epochs: int = ranged(300, 1)
     batch_size: int = ranged(256, 1)
@@ -221,7 +254,7 @@ class EvalConfig:
     # batches of batch_size: the same SGD steps for all (a smaller set is cycled through).
     # per_set: one pass over each row's own set per epoch (distilled: samples_per_class per
     # class), as the reference; an equal-storage baseline then takes more steps per epoch
-    protocol: str = "equal_steps"
+    protocol: Protocol = "equal_steps"
     # fresh distilled samples per class per epoch (equal_steps: at least this many)
     samples_per_class: int = ranged(10, 1)
     # false: one fixed draw of samples_per_class per class (seed eval.seed) for every epoch,
@@ -238,7 +271,7 @@ class EvalConfig:
     val_per_class: int = ranged(20, 1)
     # batch: decoder BatchNorm uses the sampled batch's statistics, as while distilling;
     # running: the running statistics gathered while distilling
-    decoder_bn: str = "batch"
+    decoder_bn: DecoderBN = "batch"
     baselines: bool = True
     # soft-label students: T^2 x cross-entropy of softmax(logits / T) against the stored
     # probabilities sharpened to p^(1/T) (Hinton et al. 2015); T = 1 is the reference's plain
@@ -253,7 +286,7 @@ class LogConfig:
     """Metric trackers beside metrics.jsonl (d3fast/trackers.py)."""
 
     # tensorboard | wandb | mlflow (each its own optional dependency)
-    trackers: list[str] = field(default_factory=list)
+    trackers: list[Tracker] = field(default_factory=list)
     # a sample grid to the trackers every N distillation steps and at the last; 0 = never
     sample_every: int = ranged(500, 0)
 
@@ -273,22 +306,18 @@ class Config:
     preset: str = ""
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "net.name": ("convnet", "resnet18", "vgg11", "alexnet"),
-    "net.norm": ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none"),
-    "net.pooling": ("avgpooling", "maxpooling", "none"),
-    "augment.mode": ("single", "all"),
-    "data.loader": ("auto", "cache", "ffcv"),
-    "distill.decoder": ("paper", "tiny", "small", "medium", "large"),
-    "distill.mmd_reduction": ("sum", "mean"),
-    "distill.mmd_scale": ("raw", "median"),
-    "distill.mmd_param": ("expert", "final"),
-    "distill.unroll": ("auto", "flat", "naive"),
-    "distill.dtype": ("float32", "float64"),
-    "distill.lr_param": ("log", "leaky_relu"),
-    "eval.decoder_bn": ("batch", "running"),
-    "eval.protocol": ("equal_steps", "per_set"),
-}
+def _choices() -> dict[str, tuple[str, ...]]:
+    """dotted key -> allowed values, for every field annotated with a Literal."""
+    out: dict[str, tuple[str, ...]] = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(cls):
+            for key, tp in typing.get_type_hints(cls).items():
+                if typing.get_origin(tp) is Literal:
+                    out[f"{section}.{key}"] = typing.get_args(tp)
+    return out
+
+
+CHOICES = _choices()
 
 
 # a dataset whose presets are named otherwise: --dataset NAME alone picks this one
@@ -358,6 +387,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(value: Any, tp: Any, key: str, from_string: bool) -> Any:
     """Check `value` against annotation `tp`; parse it first when it came from the CLI."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a str; `validate` checks it is one of the choices
+        tp, origin = str, None
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (from_string and value.lower() in ("none", "null"))):
@@ -449,6 +480,19 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """Typed flags by dotted key, as `resolve_config`'s `typed_overrides`: {"distill.ppc": 2,
+    "device": "cpu", "data.subtask": None} -> {"distill": {"ppc": 2}, "device": "cpu"} (None:
+    the flag was not given)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        if value is None:
+            continue
+        *section, leaf = key.split(".")
+        (out.setdefault(section[0], {}) if section else out)[leaf] = value
+    return out
+
+
 def resolve_config(
     dataset: str | None = None,
     preset: str | None = None,
@@ -458,12 +502,13 @@ def resolve_config(
 ) -> Config:
     """Defaults < preset < overrides, or, for a resumed run, its recorded config (`base`)
     < overrides. `typed_overrides` holds values from typed CLI flags (already the right
-    type); `overrides` holds `key=value` strings.
+    type; dotted keys or nested sections, None = not given); `overrides` holds `key=value` strings.
 
     Raises:
         D3FastError: an unknown key, a wrong type or a value out of range; with `base`, a
             preset (a resumed run keeps its configuration).
     """
+    typed_overrides = nested(typed_overrides or {})  # dotted keys (the commands' flags) or sections
     if base is not None:
         if preset:
             raise D3FastError("--preset picks the configuration of a new run; a resumed run keeps its own "
@@ -532,20 +577,16 @@ def validate(cfg: Config) -> None:
         if dataclasses.is_dataclass(obj):
             for f in dataclasses.fields(obj):
                 _check_range(f"{part.name}.{f.name}", getattr(obj, f.name), f.metadata)
-    from d3fast.trackers import TRACKERS
-
     unknown = [t for t in cfg.log.trackers if t not in TRACKERS]
     if unknown:
         raise D3FastError(f"config key log.trackers: unknown {unknown}; known: {', '.join(TRACKERS)}")
     bad_archs = [a for a in cfg.eval.archs if a not in CHOICES["net.name"]]
     if bad_archs or not cfg.eval.archs:
         raise D3FastError(f"eval.archs: unknown {bad_archs or 'empty list'}; known: {', '.join(CHOICES['net.name'])}")
-    from d3fast.data.augment import OPS
-
     ops = cfg.augment.strategy.split("_") if cfg.augment.strategy.lower() != "none" else []
-    if not cfg.augment.strategy or any(op not in OPS for op in ops):
+    if not cfg.augment.strategy or any(op not in AUG_OPS for op in ops):
         raise D3FastError(f"config key augment.strategy: {cfg.augment.strategy!r} is not ops from "
-                          f"{', '.join(OPS)} joined by '_', or none")
+                          f"{', '.join(AUG_OPS)} joined by '_', or none")
     d = cfg.distill
     bw = d.mmd_bandwidths
     # 1 / (2 s^2) must stay a normal float32, and a kernel wider than any feature distance is 0
@@ -578,8 +619,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.subtasks > 1 and cfg.data.loader == "ffcv":
         raise D3FastError("data.loader=ffcv streams whole datasets; subtasks (data.subtasks > 1) read their classes "
                           "from the cache: use data.loader=cache")
-    from d3fast.models.decoder import VAE_TOP, vae_z_dim
-
     if not d.decoder_linear and d.decoder not in VAE_TOP:
         raise D3FastError(f"config key distill.decoder_linear: only the medium and large decoders can drop their "
                           f"linear input layer; {d.decoder!r} always has it")

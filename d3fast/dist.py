@@ -7,7 +7,7 @@ gloo on the CPU) with a collective timeout (D3FAST_DIST_TIMEOUT seconds, default
 dead or hung rank stops the others with an error instead of a hang. Without those variables
 it is the single-process world (rank 0 of 1) and every method is a no-op.
 
-The split (d3fast/distill.py, d3fast/mmd_update.py): the K students of a step are divided
+The split (d3fast/recipes/distill.py, d3fast/mmd_update.py): the K students of a step are divided
 into W contiguous groups (K a multiple of W) and the MMD update's classes into W contiguous
 ranges. Every rank draws every random number a single process would (the same generators,
 the same full-size draws) and keeps its rows, so the run does not depend on W: the same

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from d3fast.config import CHOICES
 from d3fast.data.normalize import to_pixels
 from d3fast.errors import D3FastError
 from d3fast.io import load_tensors, save_tensors
@@ -27,7 +28,7 @@ from d3fast.storage import decoder_state_values, ipc_equivalent
 EXPORT_FORMAT = 1
 
 # distill.lr_param's values; objects written before the key existed hold a leaky_relu alpha
-LR_PARAMS = ("log", "leaky_relu")
+LR_PARAMS = CHOICES["distill.lr_param"]
 # leaky_relu(alpha) + 1e-4: the reference's lr, 1e-4 (its floor) at alpha = 0 and about that below
 LEAKY_LR_FLOOR = 1e-4
 

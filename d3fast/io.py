@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -323,3 +324,15 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def timestamp() -> str:
+    """Local time with its UTC offset, as every record d3fast writes holds it
+    (`created`, `updated`, history lines): 2026-12-06T17:11:50+0000."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def file_stamp() -> str:
+    """Local time as a file or directory name sorts it: 20261206-171150 (run directories,
+    profiles, crash logs)."""
+    return time.strftime("%Y%m%d-%H%M%S")

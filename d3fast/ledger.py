@@ -40,6 +40,7 @@ from tqdm import tqdm
 from d3fast.errors import D3FastError
 from d3fast.io import pid_alive
 from d3fast.paths import home
+from d3fast.report import _fmt_h, _hms, _hours, text_table
 
 # Seconds between row updates of a running phase: what a SIGKILL can cost the ledger.
 FLUSH_S = 30.0
@@ -301,15 +302,6 @@ class Meter:
                 tqdm.write(f"warning: d3fast ledger: not recorded ({e}); the run itself is unaffected", file=sys.stderr)
 
 
-def _fmt_h(h: float) -> str:
-    """Two significant digits below 1 h (a 4-step test run costs 0.0012 h, not "0.00")."""
-    if h >= 100:
-        return f"{h:.0f}"
-    if h >= 10:
-        return f"{h:.1f}"
-    if h >= 1 or h == 0:
-        return f"{h:.2f}"
-    return f"{h:.2g}"
 
 
 @contextmanager
@@ -443,25 +435,18 @@ def budget_text(path: Path, rows: list[dict[str, Any]], show_records: bool = Fal
     return "\n".join(lines)
 
 
-def _hours(h: float) -> str:
-    return f"{h:.3f}" if h >= 0.001 or h == 0 else "<0.001"
 
 
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def text_table(rows: list[list[str]], right: tuple[int, ...] = (), rule: bool = False) -> str:
-    """Rows of cells as aligned plain text (two spaces between columns, trailing blanks
-    stripped): columns in `right` right-aligned, with `rule` a line of dashes under the first
-    row (the header). Used by `d3fast budget`, `d3fast runs` and the evaluation table."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
 
-    def line(r: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
-    lines = [line(r).rstrip() for r in rows]
-    if rule:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def budget_json(path: Path, rows: list[dict[str, Any]], show_records: bool = False) -> dict[str, Any]:
+    """`d3fast budget --json`: the totals per dataset and phase, the paper's budgets and the
+    comparison (with `show_records`, every ledger row too)."""
+    sums = totals(rows)
+    out = {"ledger": str(path), "records": len(rows), "totals": sums, "paper": paper_comparison(sums),
+           "paper_budgets": {k: vars(v) for k, v in PAPER_BUDGETS.items()}}
+    if show_records:
+        out["rows"] = rows
+    return out

@@ -3,20 +3,36 @@
 On a terminal: tqdm's live bar. Anywhere else (Slurm, nohup, CI, a pipe) `\\r` frames pile
 up into one unreadable line, so the same bar is written as one plain line every
 $D3FAST_PROGRESS_EVERY seconds (default 60). `d3fast --quiet` (or a command's --quiet, or
-$D3FAST_QUIET=1) turns bars off; notes, warnings and results are still printed.
+$D3FAST_QUIET=1, or the Python API unless asked: `silenced()`) turns bars off; notes,
+warnings and results are still printed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 from tqdm import tqdm
 
+_silenced = 0  # open `silenced()` blocks of this process
+
 
 def quiet() -> bool:
-    return os.environ.get("D3FAST_QUIET", "") not in ("", "0")
+    return _silenced > 0 or os.environ.get("D3FAST_QUIET", "") not in ("", "0")
+
+
+@contextmanager
+def silenced(on: bool = True) -> Iterator[None]:
+    """No bars in this process while the block runs (when `on`): the Python API's default."""
+    global _silenced
+    _silenced += on
+    try:
+        yield
+    finally:
+        _silenced -= on
 
 
 def every_s() -> float:

@@ -7,7 +7,7 @@
                         the keys it changed as [old, new]; the start line also holds the
                         whole config and manifest, so either file can be rebuilt from it
         .lock           held (flock) by the process distilling in the run
-        metrics.jsonl   one line per step (d3fast/distill.py)
+        metrics.jsonl   one line per step (d3fast/recipes/distill.py)
         checkpoint.pt   the TrainState (d3fast/state.py)
         eval.json, eval.md
         soft_labels.safetensors   the checkpoint's soft labels, when labelled (d3fast/soft_labels.py)
@@ -26,8 +26,8 @@ import copy
 import json
 import os
 import re
+import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,17 +37,28 @@ import torch
 from tqdm import tqdm
 
 from d3fast.config import Config, apply_updates, resume_changes, to_dict, with_recorded_defaults
-from d3fast.distilled import Distilled, Merged
+from d3fast.distilled import Distilled, Merged, export
 from d3fast.errors import D3FastError
 from d3fast.io import (
     atomic_write_json,
     atomic_write_text,
+    file_stamp,
+    load_tensors,
     lock_holder,
     locked,
+    read_json,
+    remove_stale_temps,
+    replace_dir,
+    save_tensors,
     seal,
+    sha256_file,
+    temp_dir,
+    timestamp,
     unseal,
     write_failure,
 )
+from d3fast.report import summary_line
+from d3fast.runtime import device_name, versions
 from d3fast.state import TrainState, distilled_problems, load_checkpoint, save_checkpoint
 
 
@@ -88,7 +99,7 @@ class Run:
         with an exclusive mkdir, so runs started in the same second get distinct ones."""
         parent = Path(runs_dir) / cfg.data.dataset
         parent.mkdir(parents=True, exist_ok=True)
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{name or cfg.preset or 'run'}"
+        stem = f"{file_stamp()}-{name or cfg.preset or 'run'}"
         for suffix in range(10_000):
             path = parent / (stem if suffix == 0 else f"{stem}-{suffix}")
             try:
@@ -243,7 +254,7 @@ class Run:
         return [unseal(r, f"line {i + 1} of", self.history_path) for i, r in enumerate(_read_jsonl(self.history_path))]
 
     def _history(self, record: dict[str, Any], fresh: bool = False) -> None:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record, "command": _command()}
+        record = {"time": timestamp(), **record, "command": _command()}
         lines = [] if fresh else self.history()
         if not fresh and not any(r.get("event") == "start" and "config" in r for r in lines):
             # a lost or emptied history: start it again from the files it backs up
@@ -283,6 +294,29 @@ class Run:
     def merged_path(self) -> Path:
         return self.path / "merged.safetensors"
 
+    @property
+    def soft_labels_path(self) -> Path:
+        return self.path / "soft_labels.safetensors"
+
+    @property
+    def eval_json_path(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def eval_md_path(self) -> Path:
+        return self.path / "eval.md"
+
+    def relabelled(self, merged: Merged, cfg: Config, info: dict[str, Any]) -> None:
+        """The merged object of this directory, labelled (`info`: the labels' provenance),
+        written back in place: the export, config.json and the manifest, each atomically."""
+        old = read_merged_manifest(self)
+        export(merged, self.merged_path)
+        cfg.distill.soft_labels = True
+        atomic_write_json(self.config_path, to_dict(cfg))
+        keep: dict[str, Any] = {k: old[k] for k in ("device", "versions", "created") if k in old}
+        atomic_write_json(self.manifest_path, merged_manifest(merged, cfg, info, self.merged_path, {
+            **keep, "labelled": timestamp()}))
+
     def load_distilled(self, device: torch.device | str = "cpu",
                        dtype: torch.dtype | None = torch.float32) -> tuple[Distilled | Merged, int]:
         """(distilled object, step) of the latest checkpoint (the config is not needed), with
@@ -298,8 +332,6 @@ class Run:
         if self.merged_path.exists():
             from d3fast.distilled import load
             from d3fast.io import verify_sha256
-            from d3fast.merge import read_merged_manifest
-
             digest = read_merged_manifest(self).get("merged_sha256")
             if digest is not None:  # a flipped byte anywhere in the file is refused, not decoded
                 verify_sha256(self.merged_path, digest, "merged object", "merge the subtask runs again "
@@ -319,11 +351,37 @@ class Run:
                 f"the checkpoint of {self.path} (step {state['step']}) cannot be used: {what} ({detail}). "
                 "Start a new run with lower learning rates"
             )
-        from d3fast.soft_labels import load_run_labels
-
-        labels = load_run_labels(self.path, int(state["step"]), d.num_priors)
+        labels = self.load_labels(int(state["step"]), d.num_priors)
         d.soft_labels = None if labels is None else labels.to(device)
         return d, int(state["step"])
+
+    # ---- soft labels (d3fast/soft_labels.py makes them)
+
+    def save_labels(self, labels: torch.Tensor, step: int, info: dict[str, Any]) -> Path:
+        """The soft labels of a run's checkpoint at `step`, beside it (safetensors, atomic)."""
+        path = self.soft_labels_path
+        save_tensors(path, {"soft_labels": labels.detach().cpu().contiguous()}, {"step": step, **info})
+        return path
+
+
+    def load_labels(self, step: int, priors: int) -> torch.Tensor | None:
+        """The run's soft labels when they are of checkpoint `step` (None when there are none).
+
+        Raises:
+            D3FastError: a damaged file, labels of another step (relabel with `d3fast label`),
+                or of another shape.
+        """
+        path = self.soft_labels_path
+        if not path.exists():
+            return None
+        tensors, meta = load_tensors(path, "soft labels")
+        labels = tensors.get("soft_labels")
+        if meta.get("step") != step:
+            raise D3FastError(f"{path} labels the checkpoint of step {meta.get('step')}, the run is at step {step}: "
+                              f"label it again with `d3fast label {self.path}`")
+        if labels is None or labels.dim() != 2 or labels.shape[0] != priors or not torch.isfinite(labels).all():
+            raise D3FastError(f"{path} does not fit the run's object: label it again with `d3fast label {self.path}`")
+        return labels
 
     # ---- metrics
 
@@ -409,6 +467,67 @@ def is_locked(path: Path) -> bool:
         os.close(fd)
 
 
+# the files d3fast keeps in a run (or merged) directory
+RUN_FILES = frozenset({"config.json", "manifest.json", "history.jsonl", "metrics.jsonl", "checkpoint.pt", ".lock",
+                       "merged.safetensors", "soft_labels.safetensors", "eval.json", "eval.md"})
+
+
+def refuse_run_file(out: str) -> None:
+    """--out must not write into a run directory (its files, evals/, tensorboard/, ...).
+
+    Raises:
+        D3FastError: naming the run."""
+    if not str(out).strip():
+        raise D3FastError("--out is empty: name the file or directory to write")
+    path = Path(out).absolute()
+    if path.name in RUN_FILES and (path.parent / "config.json").is_file():
+        raise D3FastError(f"--out {out} is a file of the run {path.parent}: write elsewhere")
+    for parent in path.parents:
+        if (parent / "config.json").is_file() and ((parent / "checkpoint.pt").exists() or
+                                                  (parent / "history.jsonl").exists() or
+                                                  (parent / "merged.safetensors").exists()):
+            raise D3FastError(f"--out {out} is inside the run {parent}: write elsewhere")
+
+
+def refuse_overwrite(out: str, force: bool, ours: bool, what: str) -> None:
+    """An existing --out file is replaced only with --force, and only when it is d3fast's
+    own kind of file (`ours`: an export, a sample grid).
+
+    Raises:
+        D3FastError: a directory, or a file that is not d3fast's, or one without --force."""
+    path = Path(out)
+    if path.is_dir():
+        raise D3FastError(f"cannot write {out}: it is a directory ({what} is one file)")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise D3FastError(f"cannot write {out}: {path.parent} is a file, not a directory")
+    if path.exists() or path.is_symlink():
+        if not ours:
+            raise D3FastError(f"--out {out} exists and is not a d3fast {what}: choose another name "
+                              "(d3fast never replaces a file it did not write)")
+        if not force:
+            raise D3FastError(f"--out {out} holds an earlier {what}: pass --force to replace it")
+
+
+def is_merged_dir(path: Path) -> bool:
+    """Whether `path` holds a merged object (what `--force` may replace)."""
+    return (path / "merged.safetensors").is_file() and not (path / "checkpoint.pt").exists()
+
+
+def read_merged_manifest(run: Run) -> dict[str, Any]:
+    """The merged directory's manifest, its seal checked.
+
+    Raises:
+        D3FastError: missing, damaged or changed by hand; the fix is the merge command again."""
+    fix = "merge the subtask runs again (d3fast merge ... --out DIR --force)"
+    try:
+        manifest = unseal(read_json(run.manifest_path, "merged manifest"), "merged manifest", run.manifest_path)
+    except D3FastError as e:
+        raise D3FastError(f"{e}; {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "merged":
+        raise D3FastError(f"{run.manifest_path} is not a merged object's manifest; {fix}")
+    return manifest
+
+
 def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[dict[str, Any]]:
     """Every run and merged object under runs_dir/<dataset>/, oldest first: dataset, preset,
     step and steps, status (running: its lock is held; finished; stopped: before its steps;
@@ -462,8 +581,6 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
         else:
             row["status"] = "finished" if row["step"] == row["steps"] else "stopped"
         try:
-            from d3fast.evaluate import summary_line
-
             row["last_eval"] = summary_line(json.loads((path / "eval.json").read_text()))
         except FileNotFoundError:
             pass
@@ -471,3 +588,37 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
             row["last_eval"] = "?"
         rows.append(row)
     return rows
+
+
+def write_merged(out: Path, merged: Merged, cfg: Config, label_info: dict[str, Any] | None, device: torch.device) -> None:
+    """A merged directory at `out` (merged.safetensors, config.json, the sealed manifest),
+    written beside it and renamed into place whole.
+
+    Raises:
+        D3FastError: a failed write (the old `out`, if any, is kept)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent)
+    tmp = temp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        export(merged, tmp / "merged.safetensors")
+        atomic_write_json(tmp / "config.json", to_dict(cfg))
+        atomic_write_json(tmp / "manifest.json", merged_manifest(merged, cfg, label_info, tmp / "merged.safetensors", {
+            "device": device_name(device), "versions": versions(), "created": timestamp()}))
+        replace_dir(tmp, out)
+    except OSError as e:
+        raise write_failure(Path(getattr(e, "filename", None) or tmp), e) or e from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merged_manifest(merged: Merged, cfg: Config, label_info: dict[str, Any] | None, export_path: Path,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """The merged directory's manifest, sealed; `merged_sha256` is checked on every read."""
+    return seal({
+        "kind": "merged", "dataset": cfg.data.dataset, "subtasks": len(merged.parts), "sources": merged.sources,
+        "classes": merged.num_classes, "ppc": merged.ppc, "storage_bytes": merged.storage_bytes(),
+        "images_per_class_equivalent": merged.images_per_class_equivalent(), "soft_labels": label_info,
+        "merged_sha256": sha256_file(export_path), **extra,
+    })

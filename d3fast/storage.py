@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from d3fast.config import VAE_TOP
 from d3fast.errors import D3FastError
 from d3fast.models import Decoder
-from d3fast.models.decoder import VAE_TOP
 
 # a budget is met within 1%: the paper's 10-images-per-class ImageNet-1K object stores 10.05
 # (choose_budget)

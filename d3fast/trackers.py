@@ -20,16 +20,18 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from d3fast.config import TRACKERS as TRACKER_NAMES
 from d3fast.errors import D3FastError
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+TRACKERS = {name: name for name in TRACKER_NAMES}  # tracker -> the package it needs
 
 
-def check_available(names: list[str]) -> None:
+def check_available(names: Sequence[str]) -> None:
     """Raises D3FastError naming the pip command for each requested tracker not installed."""
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:

@@ -539,7 +539,7 @@ def profile_runs(sizes: Sizes, out: Path, scratch: Path) -> dict[str, Any]:
     import torch
 
     from d3fast.config import resolve_config
-    from d3fast.profile import profile
+    from d3fast.recipes.profile import profile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ["D3FAST_HOME"] = str(scratch / "home")

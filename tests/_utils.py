@@ -439,7 +439,7 @@ OVERRIDES = [
 
 def cfg_of(*extra):
     """The tiny digits config, its data.loader settled as a command would (digits: cache)."""
-    from d3fast.experts import resolve_data_loader
+    from d3fast.preflight import resolve_data_loader
 
     cfg = resolve_config("digits", overrides=OVERRIDES + list(extra))
     resolve_data_loader(cfg)

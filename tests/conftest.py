@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from d3fast.data.prepare import prepare  # noqa: E402
-from d3fast.experts import run_experts  # noqa: E402
+from d3fast.recipes.experts import run_experts  # noqa: E402
 from tests._utils import cfg_of  # noqa: E402
 
 

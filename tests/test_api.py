@@ -58,11 +58,11 @@ def test_api_set_takes_torch_dtypes_and_refuses_what_is_no_config_value():
 
 
 def test_api_names_are_the_functions_even_after_the_modules_load():
-    import d3fast.distill  # noqa: F401  the training loop's module of the same name
-    import d3fast.evaluate  # noqa: F401
+    import d3fast.recipes.distill  # noqa: F401  the training loop's module of the same name
+    import d3fast.recipes.evaluate  # noqa: F401
 
     assert callable(d3fast.distill) and d3fast.distill.__module__ == "d3fast"
     assert callable(d3fast.evaluate) and callable(d3fast.load)
-    from d3fast.distill import distill as loop
+    from d3fast.recipes.distill import distill as loop
 
-    assert loop.__module__ == "d3fast.distill"
+    assert loop.__module__ == "d3fast.recipes.distill"

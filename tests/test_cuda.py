@@ -15,7 +15,7 @@ import torch
 from d3fast import kernels
 from d3fast.config import AugConfig
 from d3fast.data.augment import DSA
-from d3fast.distill import distill
+from d3fast.recipes.distill import distill
 from d3fast.run import Run
 from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_same_state, cfg_of, rel_err
 from tests.test_embed import assert_chunked_equals_one_graph

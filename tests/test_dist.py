@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from d3fast.distill import distill
-from d3fast.experts import run_experts
+from d3fast.recipes.distill import distill
+from d3fast.recipes.experts import run_experts
 from d3fast.run import Run
 from tests._utils import F64_TOL, assert_same_state, cfg_of
 
@@ -398,12 +398,12 @@ def test_torchrun_spreads_subtasks_over_the_ranks_and_rank_0_merges(home, tmp_pa
 
 def test_subtask_jobs_refuse_ranks_that_do_not_split_into_the_subtasks(home, tmp_path):
     """Refused before any collective or work: 3 ranks for 2 subtasks; groups of 2 ranks with 1 student."""
-    from d3fast.cli import _distill_subtasks
     from d3fast.dist import World
     from d3fast.errors import D3FastError
+    from d3fast.recipes.distill import DistillJob, distill_subtasks
 
     with pytest.raises(D3FastError, match="3 processes for 2 subtasks: launch at most 2"):
-        _distill_subtasks(cfg_of("data.subtasks=2"), World(0, 3), str(tmp_path / "none"), None, True, False)
+        distill_subtasks(cfg_of("data.subtasks=2"), World(0, 3), DistillJob(str(tmp_path / "none"), no_auto=True))
     # what each group's check_split asks of its 2 ranks (the 1 student of a step cannot be split)
     with pytest.raises(D3FastError, match="must be a multiple of the 2 ranks"):
         World(0, 2).students(cfg_of("data.subtasks=2", "data.subtask=0").distill.students_per_step)

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from d3fast import losses
 from d3fast.data.loader import load_dataset
-from d3fast.distill import distill
 from d3fast.distilled import export, init_distilled, load
 from d3fast.errors import D3FastError
-from d3fast.experts import ExpertBank, experts_dir
 from d3fast.models import build_network
+from d3fast.recipes.distill import distill
 from d3fast.run import Run
 from d3fast.state import load_checkpoint
+from d3fast.trajectories import ExpertBank, experts_dir
 from d3fast.unroll import Student, UnrollSpec, unroll
 from tests._utils import F64_GRAD_TOL, assert_grads_match, assert_same_state, cfg_of
 
@@ -276,8 +276,8 @@ def test_students_start_at_snapshots_and_match_expert_epochs_ahead(tmp_path, per
     the snapshots before epoch T, the target is M epochs (M S rows) later, the feature
     network's row is epoch T + M; with S = 1 this is MTT's draw, unchanged."""
     from d3fast.config import DistillConfig
-    from d3fast.distill import draw_students
-    from d3fast.experts import expert_path, write_expert
+    from d3fast.recipes.distill import draw_students
+    from d3fast.trajectories import expert_path, write_expert
 
     epochs = 5
     for i in range(2):  # row r of expert i holds the value 100 i + r everywhere

@@ -14,9 +14,9 @@ from PIL import Image
 from d3fast.cli import cli
 from d3fast.data.loader import load_dataset
 from d3fast.data.normalize import from_pixels, to_pixels
-from d3fast.distill import distill
 from d3fast.distilled import load
-from d3fast.evaluate import distilled_batches, evaluate_run, real_subset
+from d3fast.recipes.distill import distill
+from d3fast.recipes.evaluate import distilled_batches, evaluate_run, real_subset
 from d3fast.run import Run
 from d3fast.visualize import sample_grid
 from tests._utils import cfg_of
@@ -139,7 +139,7 @@ def test_distilled_students_learn_digits(home, tmp_path):
 
 def test_every_prior_gives_samples_every_epoch(run, monkeypatch):
     """PPC 2, 5 samples per class: each prior 2 or 3 of its class's 5, every epoch."""
-    ev = importlib.import_module("d3fast.evaluate")
+    ev = importlib.import_module("d3fast.recipes.evaluate")
 
     monkeypatch.setattr(ev, "Sampler", lambda d, bn: lambda prior, g: prior.double()[:, None])  # the prior as the image
     d, _ = Run(run).load_distilled()
@@ -156,7 +156,7 @@ def test_every_prior_gives_samples_every_epoch(run, monkeypatch):
 
 def _steps_per_row(run, monkeypatch, **protocol):
     """{row: [batch sizes of its first epoch]} for one student per row."""
-    ev = importlib.import_module("d3fast.evaluate")
+    ev = importlib.import_module("d3fast.recipes.evaluate")
 
     seen: dict[str, list[int]] = {}
     real = ev.train_and_test
@@ -193,7 +193,7 @@ def test_equal_steps_gives_every_row_the_same_sgd_steps_per_epoch(run, monkeypat
 def test_the_lr_search_scores_on_held_out_train_images_and_states_its_choice(run, monkeypatch):
     """A grid of one useless lr (1e-7): every row keeps its own lr, chosen on held-out train
     images that no baseline draws from."""
-    ev = importlib.import_module("d3fast.evaluate")
+    ev = importlib.import_module("d3fast.recipes.evaluate")
 
     held: list[set] = []
     real_holdout = ev.holdout

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import d3fast.experts as experts_mod
+import d3fast.recipes.experts as experts_mod
 from d3fast.config import resolve_config
 from d3fast.data.prepare import prepare
 from d3fast.errors import D3FastError
-from d3fast.experts import expert_path, read_expert, resolve_data_loader, run_experts
+from d3fast.preflight import resolve_data_loader
+from d3fast.recipes.experts import run_experts
+from d3fast.trajectories import expert_path, read_expert
 
 
 def small_cfg(seed=0, **extra):
@@ -79,7 +81,7 @@ def test_interrupt_and_resume_equals_uninterrupted(digits, monkeypatch):
     shutil.rmtree(run_experts(small_cfg(), progress=False).out_dir)
 
     calls = {"n": 0}
-    real = experts_mod._train_epoch
+    real = experts_mod.train_epoch
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -87,7 +89,7 @@ def test_interrupt_and_resume_equals_uninterrupted(digits, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experts_mod, "_train_epoch", interrupted)
+    monkeypatch.setattr(experts_mod, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_experts(small_cfg(), progress=False)
     out = experts_mod.experts_dir(small_cfg())
@@ -176,7 +178,7 @@ def test_snapshots_within_an_epoch_leave_the_trajectory_as_it_was(digits, monkey
 
     shutil.rmtree(res.out_dir)
     calls = {"n": 0}
-    real = experts_mod._train_epoch
+    real = experts_mod.train_epoch
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -184,7 +186,7 @@ def test_snapshots_within_an_epoch_leave_the_trajectory_as_it_was(digits, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experts_mod, "_train_epoch", interrupted)
+    monkeypatch.setattr(experts_mod, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_experts(cfg, progress=False)
     assert read_expert(expert_path(res.out_dir, 0))[1]["epochs_done"] == 1
@@ -204,7 +206,7 @@ def test_more_snapshots_than_steps_is_a_clear_error(digits):
 def test_a_file_of_another_snapshot_spacing_is_refused(digits, complete):
     """An expert file copied from a folder of another experts.snapshots_per_epoch would have
     its rows read as other epochs (or be rewritten as another spacing): refused by name."""
-    from d3fast.experts import ready_experts
+    from d3fast.trajectories import ready_experts
 
     once, twice = small_cfg(), small_cfg(**{"experts.snapshots_per_epoch": 2})
     for src, dst in ((once, twice), (twice, once)):

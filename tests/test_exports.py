@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from d3fast.cli import cli
-from d3fast.distill import distill
 from d3fast.distilled import draw_set
 from d3fast.exports import class_folders, read_image_set
 from d3fast.io import load_metadata
+from d3fast.recipes.distill import distill
 from d3fast.run import Run
 from tests._utils import cfg_of
 

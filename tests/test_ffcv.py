@@ -108,7 +108,9 @@ def test_ffcv_is_for_rgb_datasets_and_needs_its_files(tree):
 
 @needs_ffcv
 def test_experts_stream_from_ffcv_into_their_own_directory(tree):
-    from d3fast.experts import experts_dir, read_expert_meta, resolve_data_loader, run_experts
+    from d3fast.preflight import resolve_data_loader
+    from d3fast.recipes.experts import run_experts
+    from d3fast.trajectories import experts_dir, read_expert_meta
 
     beton.write_betons("imagenette", "raw", workers=1, progress=False)
     small = ["net.width=8", "experts.num_experts=1", "experts.epochs=2", "experts.batch_size=16"]
@@ -130,7 +132,9 @@ def test_writing_betons_keeps_the_experts_of_an_existing_config(tree):
     from click.testing import CliRunner
 
     from d3fast.cli import cli
-    from d3fast.experts import experts_dir, resolve_data_loader, run_experts
+    from d3fast.preflight import resolve_data_loader
+    from d3fast.recipes.experts import run_experts
+    from d3fast.trajectories import experts_dir
 
     small = ["net.width=8", "experts.num_experts=1", "experts.epochs=1", "experts.batch_size=16"]
     before = cfg(tree, *small)

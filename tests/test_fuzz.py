@@ -21,10 +21,10 @@ from d3fast.config import Config, apply_updates, parse_overrides, resolve_config
 from d3fast.data import readers
 from d3fast.data.cache import load_split
 from d3fast.errors import D3FastError
-from d3fast.experts import ExpertBank, read_expert, read_expert_meta, write_expert
 from d3fast.io import save_tensors
 from d3fast.paths import data_dir
 from d3fast.state import load_checkpoint
+from d3fast.trajectories import ExpertBank, read_expert, read_expert_meta, write_expert
 
 # parsers only: nothing here depends on the C++ extension, so the D3FAST_PUREPYTHON pass skips it
 pytestmark = pytest.mark.slow

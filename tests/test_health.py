@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from d3fast.distill import distill
 from d3fast.distilled import init_distilled
-from d3fast.experts import ExpertBank, experts_dir, need_epochs
 from d3fast.health import LEAKY_FLOOR, STALL_BAND, MTTHealth
 from d3fast.models import build_network
+from d3fast.recipes.distill import distill
 from d3fast.run import Run, list_runs
+from d3fast.trajectories import ExpertBank, experts_dir, need_epochs
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
 from tests._utils import cfg_of
 

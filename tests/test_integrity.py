@@ -19,11 +19,12 @@ from PIL import Image
 
 from d3fast.cli import cli
 from d3fast.data.decode import decode_image
-from d3fast.distill import distill
 from d3fast.errors import D3FastError
-from d3fast.experts import expert_path, experts_dir, read_expert_meta, run_experts, write_expert
+from d3fast.recipes.distill import distill
+from d3fast.recipes.experts import run_experts
 from d3fast.run import Run
 from d3fast.state import load_checkpoint
+from d3fast.trajectories import expert_path, experts_dir, read_expert_meta, write_expert
 from tests._utils import OVERRIDES, cfg_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def test_parallel_expert_jobs_share_the_experts(tmp_path, monkeypatch):
     """Case 3: two jobs training the same missing experts split them (no expert trained
     twice) and neither deletes the other's temporaries."""
     code = """
-        from d3fast.experts import run_experts
+        from d3fast.recipes.experts import run_experts
         from tests._utils import cfg_of
         res = run_experts(cfg_of("experts.num_experts=4", "experts.epochs=2"), progress=False)
         print(res.trained_epochs)
@@ -464,7 +465,7 @@ def test_a_network_deeper_than_the_image_is_refused(tmp_path):
 
 
 def test_a_second_sigterm_aborts_a_step_that_never_ends():
-    from d3fast.distill import _StopRequest
+    from d3fast.recipes.distill import _StopRequest
 
     stop = _StopRequest()
     with stop.installed(), pytest.raises(KeyboardInterrupt):

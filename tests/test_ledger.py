@@ -114,7 +114,7 @@ def test_projection_with_a_fake_clock(d3fast_home):
 
 
 def test_distill_records_hours_and_projects_with_a_fake_clock(home, tmp_path, monkeypatch):
-    distill_mod = importlib.import_module("d3fast.distill")
+    distill_mod = importlib.import_module("d3fast.recipes.distill")
     from d3fast import mmd_update
 
     clock = FakeClock()

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from d3fast import ledger
 from d3fast.cli import cli
 from d3fast.phases import PHASES
-from d3fast.profile import profile, summary_line
+from d3fast.recipes.profile import profile, summary_line
 from tests._utils import OVERRIDES, OpClock, cfg_of
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from d3fast import losses, mmd_update
 from d3fast.cli import cli
 from d3fast.config import APPLIED_ON_RESUME, FIXED_ON_RESUME, Config, flatten
-from d3fast.distill import distill
 from d3fast.errors import D3FastError
+from d3fast.recipes.distill import distill
 from d3fast.run import Run
 from d3fast.state import load_checkpoint
 from tests._utils import OVERRIDES, cfg_of
@@ -281,19 +281,19 @@ def test_the_not_ready_hint_run_as_printed_lets_the_distill_start(tmp_path):
 
 def test_naming_the_experts_directory_imports_no_ffcv(home):
     code = (
-        "import sys; from tests._utils import cfg_of; from d3fast.experts import experts_dir\n"
+        "import sys; from tests._utils import cfg_of; from d3fast.trajectories import experts_dir\n"
         "cfg = cfg_of('data.loader=cache'); experts_dir(cfg)\n"
         "assert not any(m == 'ffcv' or m.startswith('ffcv.') for m in sys.modules), 'ffcv imported'\n"
-        "assert 'd3fast.distill' not in sys.modules\n"
-        "import d3fast.evaluate, d3fast.run\n"
-        "assert 'd3fast.distill' not in sys.modules, 'evaluate imports the training loop'\n"
+        "assert 'd3fast.recipes.distill' not in sys.modules\n"
+        "import d3fast.recipes.evaluate, d3fast.run\n"
+        "assert 'd3fast.recipes.distill' not in sys.modules, 'evaluate imports the training loop'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
 
 def test_distill_loop_fits_one_screen():
-    from d3fast.distill import distill as fn
+    from d3fast.recipes.distill import distill as fn
 
     assert len(inspect.getsource(fn).splitlines()) <= 60
 

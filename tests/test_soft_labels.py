@@ -11,16 +11,17 @@ import torch
 from click.testing import CliRunner
 
 from d3fast.cli import cli
-from d3fast.distill import distill
 from d3fast.distilled import Merged, Sampler, load
 from d3fast.errors import D3FastError
-from d3fast.evaluate import evaluate_run, train_student
-from d3fast.experts import ExpertBank, experts_dir, run_experts
 from d3fast.losses import soft_cross_entropy
-from d3fast.merge import merge_runs
 from d3fast.models import build_network
+from d3fast.recipes.distill import distill
+from d3fast.recipes.evaluate import evaluate_run, train_student
+from d3fast.recipes.experts import run_experts
+from d3fast.recipes.subtasks import merge_runs
 from d3fast.run import Run
 from d3fast.training import load_flat_params
+from d3fast.trajectories import ExpertBank, experts_dir
 from tests._utils import cfg_of
 
 
@@ -120,7 +121,7 @@ def test_a_merged_object_is_labelled_over_every_class(home, tmp_path):
         runs.append(Run.at(tmp_path / f"s{i}"))
         distill(cfg, runs[-1], progress=False)
     with pytest.raises(D3FastError, match="labelled once merged"):
-        from d3fast.soft_labels import label
+        from d3fast.recipes.label import label
 
         label(runs[0].load_distilled()[0], runs[0].read_config(), torch.device("cpu"))
     merged, out = merge_runs([r.path for r in runs], tmp_path / "m", soft_labels=True)
@@ -136,7 +137,7 @@ def test_labels_without_a_whole_dataset_expert_name_the_command(home, tmp_path):
     run = Run.at(tmp_path / "run")
     with pytest.raises(D3FastError, match="no expert"):  # distill itself needs experts of width 6
         distill(cfg, run, progress=False)
-    from d3fast.soft_labels import labelling_network
+    from d3fast.recipes.label import labelling_network
 
     with pytest.raises(D3FastError) as e:
         labelling_network(cfg, torch.device("cpu"))

@@ -15,15 +15,16 @@ from d3fast.cli import cli
 from d3fast.config import resolve_config
 from d3fast.data.datasets import class_blocks
 from d3fast.data.loader import load_dataset, load_view
-from d3fast.distill import distill
 from d3fast.distilled import Merged, Sampler, load
 from d3fast.errors import D3FastError
-from d3fast.evaluate import distilled_batches, evaluate_run
-from d3fast.experts import experts_dir, run_experts
 from d3fast.io import locked
-from d3fast.merge import merge_runs
+from d3fast.recipes.distill import distill
+from d3fast.recipes.evaluate import distilled_batches, evaluate_run
+from d3fast.recipes.experts import run_experts
+from d3fast.recipes.subtasks import merge_runs
 from d3fast.run import Run
 from d3fast.state import load_checkpoint
+from d3fast.trajectories import experts_dir
 from tests._utils import cfg_of
 
 

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from d3fast.cli import cli
-from d3fast.distill import distill
-from d3fast.evaluate import evaluate_run
+from d3fast.recipes.distill import distill
+from d3fast.recipes.evaluate import evaluate_run
 from d3fast.run import Run
 from d3fast.trackers import Trackers
 from tests._utils import cfg_of

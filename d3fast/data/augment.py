@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from d3fast.config import AugConfig
+from d3fast.config import AUG_OPS, AugConfig
 from d3fast.errors import D3FastError
 
-OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+OPS = AUG_OPS  # the op names, in the order one call applies them (d3fast/config.py AugOp)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from d3fast.io import (
     seal,
     sha256_file,
     temp_dir,
+    timestamp,
     write_failure,
 )
 from d3fast.paths import data_dir
@@ -127,7 +128,7 @@ def _prepare(
                 "source": {"layout": source.layout, "path": source.path, "fingerprint": source.fingerprint},
                 "skipped": skipped,
                 "d3fast_version": d3fast.__version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "created": timestamp(),
                 "prepare_seconds": round(time.perf_counter() - t0, 3),
             }
             atomic_write_json(tmp / "manifest.json", seal(manifest))

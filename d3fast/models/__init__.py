@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from d3fast.config import NETWORKS
 from d3fast.errors import D3FastError
 from d3fast.models.alexnet import AlexNet
 from d3fast.models.convnet import ConvNet, default_depth
 from d3fast.models.decoder import Decoder
 from d3fast.models.resnet import ResNet18
 from d3fast.models.vgg import VGG11
-
-NETWORKS = ("convnet", "resnet18", "vgg11", "alexnet")
 
 
 def build_network(

@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from d3fast.config import DECODERS, VAE_TOP, vae_z_dim
 from d3fast.errors import D3FastError
 
-KINDS = ("paper", "tiny", "small", "medium", "large")
 # start channels of the VanillaVAE layouts: the reference's hidden_dims[-1]
-VAE_TOP = {"medium": 512, "large": 1024}
 
 
 class RanksBatchNorm2d(nn.BatchNorm2d):
@@ -73,12 +72,6 @@ def _vae_block(cin: int, cout: int) -> nn.Sequential:
     # kernel 3 with output_padding 1 doubles the side exactly, as kernel 4 does above
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1), RanksBatchNorm2d(cout),
                          nn.LeakyReLU())
-
-
-def vae_z_dim(kind: str) -> int:
-    """The latent size a medium or large decoder without its linear layer needs: z is
-    reshaped to [top, 2, 2], so 4 * top (2048 medium, 4096 large)."""
-    return 4 * VAE_TOP[kind]
 
 
 class Decoder(nn.Module):
@@ -141,7 +134,7 @@ class Decoder(nn.Module):
                 raise D3FastError(f"a {kind} decoder without its linear layer reshapes z to {width} x 2 x 2: "
                                   f"it needs z_dim {vae_z_dim(kind)}, got {z_dim}")
         else:
-            raise D3FastError(f"unknown decoder kind {kind!r}; expected one of {', '.join(KINDS)}")
+            raise D3FastError(f"unknown decoder kind {kind!r}; expected one of {', '.join(DECODERS)}")
         self.linear = linear or kind not in VAE_TOP
         self.start, self.width = start, width  # width: channels of the start tensor
         self.project = nn.Linear(z_dim, width * start * start) if self.linear else None

@@ -20,18 +20,22 @@ device-hours go to the ledger (d3fast/ledger.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
+import torch.distributed as td
 from tqdm import tqdm
 
 from d3fast import ledger, losses
@@ -40,23 +44,33 @@ from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_view
 from d3fast.dist import World
 from d3fast.distilled import init_distilled
-from d3fast.errors import D3FastError
-from d3fast.experts import (
-    ExpertBank,
-    experts_command,
-    need_epochs,
-    ready_experts,
-    resolve_data_loader,
-)
+from d3fast.errors import D3FastError, Interrupted
+from d3fast.io import lock_holder, locked, timestamp
 from d3fast.mmd_update import mmd_update
 from d3fast.models import build_network
 from d3fast.paths import home
 from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORWARD, phase
+from d3fast.preflight import (
+    Echo,
+    budget_overrides,
+    check_trackers,
+    each_subtask,
+    ensure_prepared,
+    resolve_data_loader,
+    run_name,
+    silent,
+)
 from d3fast.progress import bar as progress_bar
-from d3fast.run import Run
+from d3fast.recipes.evaluate import command as evaluate_command
+from d3fast.recipes.evaluate import run_target
+from d3fast.recipes.experts import ensure_experts
+from d3fast.recipes.label import ensure_labelling_expert, label_run
+from d3fast.recipes.subtasks import merge_runs, up_to_date
+from d3fast.run import Run, is_merged_dir, read_merged_manifest
 from d3fast.runtime import device_name, resolve_device, torch_dtype, versions
 from d3fast.state import DivergedError, StepChecks, TrainState, distilled_problems
 from d3fast.trackers import Trackers, for_run
+from d3fast.trajectories import ExpertBank, experts_command, need_epochs, ready_experts
 from d3fast.unroll import Student, UnrollSpec, mtt_loss, unroll
 from d3fast.visualize import grid_image
 
@@ -264,7 +278,7 @@ def _build(
             "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "versions": versions(),
             "experts_dir": str(bank.folder), "experts_rel": _under_home(bank.folder), "experts_used": len(bank),
             "experts_files": [p.name for p in bank.files],
-            "seeds": {"distill": dcfg.seed, "experts": cfg.experts.seed}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seeds": {"distill": dcfg.seed, "experts": cfg.experts.seed}, "created": timestamp(),
             "world_size": world.size,
         })
     world.same_files(run)
@@ -500,3 +514,202 @@ class _StopRequest:
 
 
 __all__ = ["DistillInputs", "DistillResult", "Students", "distill", "draw_students", "mtt_update", "step_metrics"]
+
+
+# ---- the command: a new run or a resumed one, or every subtask of a split and their merge
+
+
+@dataclass
+class DistillJob:
+    """What `d3fast distill` and `d3fast.distill()` ask for. `typed` holds the typed flags
+    by dotted key (None: not given); `resume` a run directory, `latest`, or `auto` (with
+    `name`: the newest run of that name, else a new one)."""
+
+    runs_dir: str
+    dataset: str | None = None
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
+    typed: dict[str, Any] = field(default_factory=dict)
+    resume: str | None = None
+    name: str | None = None
+    no_auto: bool = False
+    evaluate: bool = False
+    budget_ipc: float | None = None
+    budget_images: str = "float32"
+
+
+def command(job: DistillJob) -> Path:
+    """`d3fast distill`, top to bottom; returns the run directory (for a `data.subtasks`
+    split, the merged object's). Prepares the data and trains the experts first when they
+    are missing (unless `no_auto`); labels (distill.soft_labels) and evaluates (`evaluate`)
+    the result.
+
+    Raises:
+        D3FastError: what the command reports; `Interrupted` after Ctrl-C / SIGTERM (the
+            finished work is saved).
+    """
+    # under torchrun: join the other ranks (NCCL on CUDA, gloo on the CPU); each rank
+    # trains on cuda:LOCAL_RANK
+    device = job.typed.get("device")
+    world = World.from_env(device or "auto")
+    typed = dict(job.typed)
+    if world.distributed:
+        typed["device"] = device = world.device(device or "auto")
+    resume, name, dataset = job.resume, job.name, job.dataset
+    if job.budget_ipc is not None:
+        if resume not in (None, "auto"):
+            raise D3FastError("--budget-ipc chooses the decoder and priors of a new run; a resumed run keeps its own")
+        typed |= budget_overrides(dataset, job.preset, job.overrides, typed, job.budget_ipc, job.budget_images)
+    announce = not dataset and resume in (None, "auto")  # say what a new run without --dataset will use
+    if announce and not job.preset:  # the default dataset with its own preset, not the bare defaults
+        dataset = Config().data.dataset
+
+    def resolve(base: Config | None = None) -> Config:
+        return resolve_config(dataset, job.preset, job.overrides, typed_overrides=typed, base=base)
+
+    if resume in (None, "auto"):
+        whole = resolve()
+        run_name(whole, name)  # a bad --name fails now, not after the experts
+        if announce and world.main:
+            click.echo(f"dataset {whole.data.dataset} (preset {whole.preset}"
+                       + ("" if job.preset else "; --dataset or --preset picks another, `d3fast presets` lists them")
+                       + ")")
+        if whole.data.subtasks > 1 and whole.data.subtask < 0:
+            return distill_subtasks(whole, world, job)
+    # which run, and its config, are rank 0's decisions (every rank gets them, or its error)
+    if resume == "auto":  # continue the run named NAME if there is one (restarted jobs), else start it
+        if not name:
+            raise D3FastError("--resume auto needs --name NAME: it continues the newest run of that name")
+        cfg = resolve()
+        found = world.on_main(lambda: Run.named(job.runs_dir, cfg.data.dataset, run_name(cfg, name)))
+        resume, name = (str(found.path), None) if found is not None else (None, name)
+    if resume is not None:
+        if name is not None:
+            raise D3FastError("--name names a new run; a resumed run keeps its directory")
+        run = world.on_main(lambda: Run.open(resume, job.runs_dir))
+        if run.merged_path.exists():
+            raise D3FastError(f"{run.path} is a merged object, not a run: resume its subtask runs (its manifest.json "
+                              "lists them), or re-run the `distill --subtasks` command, which continues them and "
+                              "merges again")
+        cfg = resolve(base=world.on_main(run.read_config))
+        world.on_main(lambda: run.check_resume(cfg))  # a refused change fails before any data is prepared
+    else:
+        cfg = resolve()
+    world.check_split(cfg)  # same config, K and the classes divisible: before any work
+    check_trackers(cfg)
+    # every rank prepares and trains experts: both are locked per dataset and per expert,
+    # so the ranks share the work and find it done
+    ensure_prepared(cfg, job.no_auto)
+    if resume is None:  # a resumed run reads the experts its manifest lists
+        resolve_data_loader(cfg)
+        ensure_experts(cfg, auto=not job.no_auto, echo=click.echo if world.main else silent)
+        run = world.on_main(lambda: Run.create(job.runs_dir, cfg, run_name(cfg, name)))
+    res = distill(cfg, run, resume=resume is not None, world=world, progress=world.main)
+    world.close()
+    if not world.main:
+        if res.interrupted:
+            raise Interrupted(f"stopped at step {res.step}")
+        return run.path
+    last = res.last
+    summary = f"; last mtt {last['mtt']:.4f} mmd {last['mmd']:.4f} student lr {last['student_lr']:.4g}" if last else ""
+    state = "stopped early at" if res.interrupted else "reached"
+    click.echo(f"{state} step {res.step}/{cfg.distill.steps} in {res.seconds:.1f} s{summary}")
+    click.echo(f"run directory: {run.path}")
+    if res.interrupted:
+        click.echo(f"continue with: d3fast distill --resume {run.path}")
+        raise Interrupted(f"stopped at step {res.step}: continue with d3fast distill --resume {run.path}")
+    if cfg.distill.soft_labels and cfg.data.subtasks == 1:
+        if not job.no_auto:
+            ensure_labelling_expert(cfg, click.echo)
+        label_run(run, cfg, device)
+    if job.evaluate:
+        evaluate_command(run_target(run, resolve_device("auto")))
+    return run.path
+
+
+def distill_subtasks(cfg: Config, world: World, job: DistillJob) -> Path:
+    """Every subtask of cfg's split in its own run, then the merge (rank 0); returns the
+    merged directory. Under torchrun with W <= S ranks, rank r distills subtasks r, r + W,
+    ... alone; with W = G x S, the G consecutive ranks of group i distill subtask i together
+    (data-parallel, as one run)."""
+    S = cfg.data.subtasks
+    if world.size > S and world.size % S:
+        raise D3FastError(f"{world.size} processes for {S} subtasks: launch at most {S} (each rank distills whole "
+                          f"subtasks) or a multiple of {S} (each subtask on {S} equal groups of ranks)")
+    world.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
+    if world.size > S:  # groups of G = W / S ranks, one subtask each
+        g, team = world.groups(S)
+        mine = [g]
+    else:
+        team, mine = World(), list(range(world.rank, S, world.size))
+    # the ranks meet again when every subtask is done, hours later: a barrier on its own group
+    # with a timeout past any distillation (a crashed rank still stops the job: torchrun ends them all)
+    done_group = td.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) if world.distributed else None
+    base = job.name or cfg.preset or "run"
+    ensure_prepared(cfg, job.no_auto)
+    echo = click.echo if world.main else silent
+    # one job per name: a second one started alongside would create its own subtask runs
+    job_lock = Path(job.runs_dir) / cfg.data.dataset / f".{base}-subtasks.lock"
+    with contextlib.ExitStack() as stack:  # held until the job ends (the OS releases it if it dies)
+        held = world.on_main(lambda: stack.enter_context(locked(job_lock)))
+        if not held:
+            raise D3FastError(f"another `d3fast distill --subtasks` job named {base!r} is running (pid "
+                              f"{lock_holder(job_lock)}): wait for it, or pass another --name")
+        return _run_subtasks(cfg, world, team, mine, done_group, base, job, echo)
+
+
+def _run_subtasks(cfg: Config, world: World, team: World, mine: list[int], done_group: Any, base: str,
+                  job: DistillJob, echo: Echo) -> Path:
+    """The body of `distill_subtasks`, under its job lock: this rank's subtasks (`mine`,
+    on the world `team`), the barrier, then rank 0's merge."""
+    S, runs_dir = cfg.data.subtasks, job.runs_dir
+    out = Path(runs_dir) / cfg.data.dataset / f"{base}-merged"
+    for one in each_subtask(cfg, echo):
+        i = one.data.subtask
+        if i not in mine:
+            continue
+        team.check_split(one)  # K students a multiple of the group's ranks, before any work
+        name = run_name(one, base)
+        found = team.on_main(lambda: Run.named(runs_dir, one.data.dataset, name))  # noqa: B023
+        echo(f"subtask {i} of {S}: " + (f"continuing {found.path}" if found else f"new run {name}")
+             + (f" on ranks {world.rank}..{world.rank + team.size - 1}" if team.distributed else ""))
+        resolve_data_loader(one)
+        if found is None:  # the group's ranks share the expert training through its locks
+            ensure_experts(one, auto=not job.no_auto, echo=echo)
+            run = team.on_main(lambda: Run.create(runs_dir, one, name))  # noqa: B023
+        else:
+            run = found
+        res = distill(one, run, resume=found is not None, world=team, progress=world.main)
+        if res.interrupted or res.stop_requested:  # a stop during a subtask's last step ends the job too
+            click.echo(f"stopped at step {res.step} of subtask {i}: run the same command again to continue")
+            raise Interrupted(f"stopped at step {res.step} of subtask {i}: run the same command again to continue")
+    if done_group is not None:
+        td.barrier(group=done_group)
+    if not world.main:
+        world.close()
+        return out
+    runs = []
+    for one in each_subtask(cfg, silent):
+        found = Run.named(runs_dir, cfg.data.dataset, run_name(one, base))
+        if found is None:
+            raise D3FastError(f"the run of subtask {one.data.subtask} ({run_name(one, base)}) is missing under "
+                              f"{runs_dir}/{cfg.data.dataset}")
+        runs.append(found.path)
+    if is_merged_dir(out) and read_merged_manifest(Run(out)).get("subtasks") != S:
+        raise D3FastError(f"{out} holds the merge of another split (not {S} subtasks): pass another --name, or "
+                          "delete it")
+    if up_to_date(out, runs):  # the same command again: the merged object (its labels, its evaluation) stays
+        world.close()
+        click.echo(f"{out} is up to date with the {S} subtask runs")
+        if job.evaluate:
+            evaluate_command(run_target(Run(out), resolve_device("auto")))
+        return out
+    merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device),
+                             train_labeller=not job.no_auto)
+    world.close()
+    click.echo(f"merged {S} subtasks into {out}: {merged.num_classes} classes, {merged.storage_bytes() / 2**20:.2f} MiB "
+               f"(= {merged.images_per_class_equivalent():.2f} uint8 images per class)"
+               + ("; soft labels" if merged.soft_labels is not None else ""))
+    if job.evaluate:
+        evaluate_command(run_target(Run(out), resolve_device("auto")))
+    return out

@@ -17,30 +17,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
-from d3fast.config import Config, to_dict
-from d3fast.distilled import Distilled, Merged, export
+from d3fast.config import Config
+from d3fast.distilled import Distilled, Merged
 from d3fast.errors import D3FastError
 from d3fast.io import (
-    atomic_write_json,
     lock_holder,
     locked,
-    remove_stale_temps,
-    replace_dir,
-    seal,
     sha256_file,
-    temp_dir,
-    write_failure,
 )
-from d3fast.run import Run
-from d3fast.runtime import device_name, versions
+from d3fast.run import Run, is_merged_dir, read_merged_manifest, write_merged
+from d3fast.runtime import resolve_device
 
 # what every part must share: the runs of one subtask split of one distillation setup
 SAME_KEYS = ("data.dataset", "data.subtasks", "data.zca", "data.zca_eps", "distill.ppc", "distill.decoder",
@@ -83,11 +76,6 @@ def check_parts(runs: list[Run], configs: list[Config]) -> None:
         raise D3FastError(f"subtask(s) {', '.join(map(str, missing))} of {first.data.subtasks} are missing: distill "
                           f"them (d3fast distill --dataset {first.data.dataset} --subtasks {first.data.subtasks} "
                           f"--subtask {missing[0]} ...) and name every run")
-
-
-def is_merged_dir(path: Path) -> bool:
-    """Whether `path` holds a merged object (what `--force` may replace)."""
-    return (path / "merged.safetensors").is_file() and not (path / "checkpoint.pt").exists()
 
 
 def check_out(out: str | Path, parts: Sequence[Path], force: bool) -> Path:
@@ -182,79 +170,33 @@ def merge_runs(
             cfg.distill.soft_labels = soft_labels
         label_info = None
         if cfg.distill.soft_labels:
-            from d3fast.soft_labels import ensure_labelling_expert, label
+            from d3fast.recipes.label import ensure_labelling_expert, label
 
             if train_labeller:
                 ensure_labelling_expert(cfg)
             label_info = label(merged, cfg, torch.device(device))
-        _write(out, merged, cfg, label_info, torch.device(device))
+        write_merged(out, merged, cfg, label_info, torch.device(device))
     return merged, out
 
 
-def _write(out: Path, merged: Merged, cfg: Config, label_info: dict[str, Any] | None, device: torch.device) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent)
-    tmp = temp_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        export(merged, tmp / "merged.safetensors")
-        atomic_write_json(tmp / "config.json", to_dict(cfg))
-        atomic_write_json(tmp / "manifest.json", _manifest(merged, cfg, label_info, tmp / "merged.safetensors", {
-            "device": device_name(device), "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-        replace_dir(tmp, out)
-    except OSError as e:
-        raise write_failure(Path(getattr(e, "filename", None) or tmp), e) or e from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _manifest(merged: Merged, cfg: Config, label_info: dict[str, Any] | None, export_path: Path,
-              extra: dict[str, Any]) -> dict[str, Any]:
-    """The merged directory's manifest, sealed; `merged_sha256` is checked on every read."""
-    return seal({
-        "kind": "merged", "dataset": cfg.data.dataset, "subtasks": len(merged.parts), "sources": merged.sources,
-        "classes": merged.num_classes, "ppc": merged.ppc, "storage_bytes": merged.storage_bytes(),
-        "images_per_class_equivalent": merged.images_per_class_equivalent(), "soft_labels": label_info,
-        "merged_sha256": sha256_file(export_path), **extra,
-    })
 
 
-def relabel(run: Run, cfg: Config, device: torch.device) -> Merged:
-    """Soft labels for the merged object in `run` (its directory), written back in place
-    (the export and the manifest are each replaced atomically).
+
+
+def command(run_dirs: Sequence[str], out: str, partial: bool = False, soft_labels: bool | None = None,
+            force: bool = False, device: str | None = None, runs_dir: str = "runs") -> Merged:
+    """`d3fast merge`: `merge_runs`, the whole-dataset labelling expert trained when the
+    labels need it, and one line saying what was merged.
 
     Raises:
-        D3FastError: not a merged directory, or no labelling expert (d3fast/soft_labels.py).
-    """
-    from d3fast.soft_labels import label
-
-    merged, _ = run.load_distilled(device)  # the export checked against the manifest's sha256
-    if not isinstance(merged, Merged):
-        raise D3FastError(f"{run.path} holds no merged object")
-    info = label(merged, cfg, device)
-    old = read_merged_manifest(run)
-    export(merged, run.merged_path)
-    cfg.distill.soft_labels = True
-    atomic_write_json(run.config_path, to_dict(cfg))
-    keep: dict[str, Any] = {k: old[k] for k in ("device", "versions", "created") if k in old}
-    atomic_write_json(run.manifest_path, _manifest(merged, cfg, info, run.merged_path, {
-        **keep, "labelled": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        D3FastError: what `merge_runs` raises."""
+    merged, path = merge_runs(list(run_dirs), out, partial=partial, soft_labels=soft_labels, force=force,
+                              device=resolve_device(device or "auto"), runs_dir=runs_dir, train_labeller=True)
+    steps = ", ".join(str(s["step"]) for s in merged.sources)
+    click.echo(f"merged {len(merged.parts)} subtasks (steps {steps}) into {path}: {merged.num_classes} classes x "
+               f"{merged.ppc} priors, {merged.storage_bytes() / 2**20:.2f} MiB (= "
+               f"{merged.images_per_class_equivalent():.2f} uint8 images per class)"
+               + ("; soft labels" if merged.soft_labels is not None else ""))
     return merged
-
-
-def read_merged_manifest(run: Run) -> dict[str, Any]:
-    """The merged directory's manifest, its seal checked.
-
-    Raises:
-        D3FastError: missing, damaged or changed by hand; the fix is the merge command again."""
-    from d3fast.io import read_json, unseal
-
-    fix = "merge the subtask runs again (d3fast merge ... --out DIR --force)"
-    try:
-        manifest = unseal(read_json(run.manifest_path, "merged manifest"), "merged manifest", run.manifest_path)
-    except D3FastError as e:
-        raise D3FastError(f"{e}; {fix}") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != "merged":
-        raise D3FastError(f"{run.manifest_path} is not a merged object's manifest; {fix}")
-    return manifest

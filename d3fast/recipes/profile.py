@@ -1,6 +1,6 @@
 """`d3fast profile`: where a distillation step's time and memory go.
 
-Runs the real distillation loop (d3fast/distill.py, same code path) for
+Runs the real distillation loop (d3fast/recipes/distill.py, same code path) for
 `warmup + steps + trace_steps` steps and writes a report directory:
 
     report.md      phases of a step, throughput, peak memory, top kernels, fused-kernel rates
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
 from d3fast import ledger
@@ -47,18 +48,19 @@ from d3fast.data.cache import read_manifest
 from d3fast.data.datasets import get_spec, subtask_block
 from d3fast.data.loader import DeviceDataset, load_view
 from d3fast.data.prepare import prepare_command
-from d3fast.distill import DistillInputs, distill
 from d3fast.errors import D3FastError
-from d3fast.experts import ExpertBank, need_epochs, ready_experts, resolve_data_loader, write_expert
-from d3fast.io import atomic_path, atomic_write_json, atomic_write_text
+from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, file_stamp, timestamp
 from d3fast.models import build_network
 from d3fast.models._layers import FeatureClassifier
 from d3fast.paths import data_dir
 from d3fast.phases import PHASES, PhaseTimer, active, set_marking
+from d3fast.preflight import resolve_data_loader
 from d3fast.progress import bar as progress_bar
+from d3fast.recipes.distill import DistillInputs, distill
 from d3fast.run import Run
 from d3fast.runtime import device_name, device_peaks, resolve_device, versions
 from d3fast.training import flat_params
+from d3fast.trajectories import ExpertBank, need_epochs, ready_experts, write_expert
 
 # names the fused ops carry in the profiler: Triton kernels on CUDA, record_function
 # ranges around the C++ calls on the CPU (kernels/__init__.py)
@@ -255,7 +257,7 @@ def _report(
     shapes = _shapes(cfg, inputs.train)
     report: dict[str, Any] = {
         "dataset": cfg.data.dataset, "preset": cfg.preset, "device": device_name(device), "device_kind": device.type,
-        "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": sources,
+        "versions": versions(), "created": timestamp(), "inputs": sources,
         "config": {k: getattr(dcfg, k) for k in ("ppc", "syn_steps", "batch_syn", "students_per_step", "mmd_samples",
                                                  "unroll", "amp", "dtype", "decoder", "decoder_width",
                                                  "decoder_linear", "z_dim")}
@@ -494,3 +496,22 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 __all__ = ["PHASES", "ProfileResult", "markdown", "profile", "summary_line"]
+
+
+def command(cfg: Config, out: str | None, steps: int, trace_steps: int, warmup: int, stand_in: str,
+            free_steps: int | None) -> ProfileResult:
+    """`d3fast profile`: `profile` into `out` (default profiles/<dataset>-<time>), its
+    summary printed. A split's subtasks are alike in size: subtask 0 stands for all (the
+    projection counts S).
+
+    Raises:
+        D3FastError: what `profile` raises."""
+    if cfg.data.subtasks > 1 and cfg.data.subtask < 0:
+        cfg.data.subtask = 0
+    out_dir = Path(out) if out else Path("profiles") / f"{cfg.data.dataset}-{file_stamp()}"
+    res = profile(cfg, out_dir, steps=steps, trace_steps=trace_steps, warmup=warmup, stand_in=stand_in,
+                  free_steps=free_steps)
+    click.echo(summary_line(res.report))
+    click.echo(f"inputs: data {res.report['inputs']['data']}; experts {res.report['inputs']['experts']}")
+    click.echo(f"report: {out_dir / 'report.md'} (+ {', '.join(f for f in res.report['files'] if f != 'report.md')})")
+    return res

@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from d3fast.io import atomic_write_json, atomic_write_text, locked, read_json
 from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network
 from d3fast.progress import bar as progress_bar
+from d3fast.report import markdown, rendered, summary_line
 from d3fast.run import Run
 from d3fast.runtime import derive_seed, device_name, resolve_device, versions
 from d3fast.training import evaluate_accuracy
@@ -249,7 +251,7 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
     Raises:
         D3FastError: missing data; an image set that does not fit the dataset.
     """
-    from d3fast.experts import resolve_data_loader
+    from d3fast.preflight import resolve_data_loader
 
     cfg, d, s = target.cfg, target.d, target.images
     resolve_data_loader(cfg)
@@ -445,8 +447,8 @@ def keep_report(target: Target, report: dict[str, Any]) -> Path:
                       "summary": summary_line(report), "distill_step": report["distill_step"]})
         atomic_write_json(folder / "index.json", index)
     if target.run is not None:
-        atomic_write_json(target.run.path / "eval.json", report)
-        atomic_write_text(target.run.path / "eval.md", markdown(report))
+        atomic_write_json(target.run.eval_json_path, report)
+        atomic_write_text(target.run.eval_md_path, markdown(report))
         _to_trackers(target, report)
     return path
 
@@ -471,108 +473,18 @@ def _to_trackers(target: Target, report: dict[str, Any]) -> None:
                                 for kind, v in kinds.items()})
 
 
-def markdown(r: dict[str, Any]) -> str:
-    """The report as a markdown table (eval.md)."""
-    head, rows = table_rows(r)
-    lines = head + ["", "| arch | training set | images/class | lr | test accuracy |", "|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
-def rendered(r: dict[str, Any]) -> str:
-    """The report as aligned plain text, for a terminal or a log file."""
-    head, rows = table_rows(r)
-    table = ledger.text_table([["arch", "training set", "images/class", "lr", "test accuracy"], *rows], right=(2, 3),
-                              rule=True)
-    return "\n".join([head[0].lstrip("# "), *head[2:], "", table]) + "\n"
 
 
-def table_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(heading lines, [arch, training set, images/class, accuracy] rows) of a report."""
-    if r.get("target", "distilled") != "distilled":
-        return _set_rows(r)
-    lines = [
-        f"# Evaluation of {r['run_dir']} (step {r['distill_step']})",
-        "",
-        f"{r['dataset']}, PPC {r['ppc']}, "
-        + (f"merged from {r['subtasks']} subtasks (mean of their learned lrs: " if r.get("subtasks", 1) > 1
-           else "learned student lr ")
-        + f"{r['student_lr']:.4g}{')' if r.get('subtasks', 1) > 1 else ''}; "
-        + ("soft labels (temperature " f"{r['protocol'].get('soft_temperature', 1.0):g}); " if r.get("soft_labels") else "")
-        + "storage "
-        f"{r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 images per class. "
-        f"{r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
-        "test accuracy after the last epoch (no selection).",
-        protocol_line(r["protocol"]),
-    ]
-    names = {"d3_soft": "D3 (fresh samples), soft labels", "d3": "D3 (fresh samples)" + (
-        ", hard labels" if r.get("soft_labels") else ""), "random_same_count": "random real, same count",
-             "random_same_storage": "random real, same storage"}
-    fixed = not r["protocol"].get("fresh_samples", True)
-    if fixed:
-        names |= {k: v.replace("fresh samples", "one fixed draw") for k, v in names.items() if k.startswith("d3")}
-    used = r["protocol"].get("samples_per_class_used", r["protocol"]["samples_per_class"])
-    per_epoch = f"{r['protocol']['samples_per_class'] if fixed else used}" + ("" if fixed else " per epoch")
-    return lines, _result_rows(r, names, per_epoch)
 
 
-def protocol_line(p: dict[str, Any]) -> str:
-    """How the rows were made comparable: steps per epoch and the lr policy (older reports: '')."""
-    if "protocol" not in p:
-        return ""
-    if p["protocol"] == "equal_steps":
-        steps = (f"Every row: {p['examples_per_epoch']} examples = {p['steps_per_epoch']} SGD steps (batch "
-                 f"{p['batch_size']}) per epoch, a smaller set cycled through.")
-    else:
-        steps = "One pass over each row's own set per epoch (protocol per_set: step counts differ)."
-    if p.get("lr_grid"):
-        lrs = (f" lr per row: the best of {', '.join(f'{v:g}' for v in p['lr_grid'])} and its own (the learned or "
-               f"the set's; random real: {p['lr_real']:g}) by accuracy on {p['val_per_class']} held-out train images "
-               "per class.")
-    else:
-        lrs = f" lr: the learned or the set's for the target's rows, {p['lr_real']:g} for random real (no search)."
-    return steps + lrs
 
 
-def _result_rows(r: dict[str, Any], names: dict[str, str], own_count: str) -> list[list[str]]:
-    rows = []
-    for arch, kinds in r["results"].items():
-        for kind, v in kinds.items():
-            n = v["images_per_class"]
-            rows.append([arch, names[kind], own_count if n is None else str(n),
-                         f"{v['lr']:.3g}" if isinstance(v.get("lr"), int | float) else "-",
-                         f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f} % (n={len(v['accs'])})"])
-        if "random_same_count" in kinds and "random_same_storage" not in kinds:
-            rows.append([arch, names["random_same_storage"], "-", "-",
-                         "not applicable: less than one uint8 image per class is stored"])
-    return rows
 
 
-def _set_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    kind = "ImageFolder (uint8 PNG)" if r["target"] == "imagefolder" else ".pt (float32)"
-    head = [
-        f"# Evaluation of {r['run_dir']}",
-        "",
-        f"{r['dataset']}, a fixed set of {r['images']} images ({kind}, "
-        + (f"{r['per_class_min']}..{r['per_class_max']} per class" if r.get("per_class_min", 0) != r.get(
-            "per_class_max", 0) else f"{r['images_per_class']} per class")
-        + (", soft labels" if r.get("soft_labels") else "") + f"); student lr {r['student_lr']:.4g} from "
-        f"{r['lr_from']}; storage {r['storage_bytes'] / 2**20:.2f} MiB = {r['images_per_class_equivalent']} uint8 "
-        f"images per class. {r['protocol']['students']} students x {r['protocol']['epochs']} epochs each; "
-        "test accuracy after the last epoch (no selection).",
-        protocol_line(r["protocol"]),
-    ]
-    names = {"set_soft": "the set, soft labels", "set": "the set" + (", hard labels" if r.get("soft_labels") else ""),
-             "random_same_count": "random real, same count", "random_same_storage": "random real, same storage"}
-    return head, _result_rows(r, names, str(r["images_per_class"]))
 
 
-def summary_line(r: dict[str, Any]) -> str:
-    out = []
-    for arch, kinds in r["results"].items():
-        parts = [f"{k} {100 * v['mean']:.1f}±{100 * v['std']:.1f}%" for k, v in kinds.items()]
-        out.append(f"{arch}: " + ", ".join(parts))
-    return "; ".join(out)
 
 
 # keys `evaluate`, `sample` and `export` may change on a recorded configuration (a run's, an
@@ -671,3 +583,48 @@ def open_target(where: str, runs_dir: str, dataset: str | None = None, preset: s
         cfg = protocol_config(recorded(s.info), dataset or s.info.get("dataset"), preset, overrides, where)
         return Target(where, kept, cfg, images=s, step=s.info.get("step"))
     raise D3FastError(f"{where} is neither a run directory, a d3fast export, a .pt image set nor an ImageFolder")
+
+
+def command(target: Target, archs: str | Sequence[str] | None = None, students: int | None = None,
+            epochs: int | None = None, device: str | None = None, loader: str | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """`d3fast evaluate` on an opened target: its protocol with these flags over it, the
+    table printed, the report returned (and kept: `keep_report`). `archs`: a list, or
+    comma-separated as on the command line.
+
+    Raises:
+        D3FastError: what `evaluate` raises; a flag out of range."""
+    over: dict[str, Any] = {}
+    if isinstance(archs, str):  # "convnet,resnet18" as on the command line
+        archs = [a.strip() for a in archs.split(",") if a.strip()]
+    if archs:
+        over["archs"] = list(archs)
+    if students is not None:
+        over["students"] = students
+    if epochs is not None:
+        over["epochs"] = epochs
+    updates: dict[str, Any] = {"eval": over} if over else {}
+    if loader is not None:
+        updates["data"] = {"loader": loader}
+    _with(target.cfg, updates or None)
+    report = evaluate(target, resolve_device(device or "auto"), progress=progress)
+    click.echo(rendered(report))
+    kept = target.evals_dir
+    click.echo(f"kept in {kept}/ (index.json lists every evaluation)"
+               + (f"; latest in {target.run.eval_md_path}" if target.run is not None else "")
+               + f" ({report['seconds']:.0f} s)")
+    return report
+
+
+def distilled_target(where: str, runs_dir: str, dataset: str | None, preset: str | None,
+                     overrides: tuple[str, ...] | list[str], what: str) -> Target:
+    """The distilled object `sample` or `export` (`what`) reads: a run, merged directory or
+    .safetensors export, with its recorded config (if any) under these keys.
+
+    Raises:
+        D3FastError: nothing there, or a fixed image set (no distribution to draw from)."""
+    t = open_target(where, runs_dir, dataset, preset, overrides, config_optional=True)
+    if t.d is None:
+        raise D3FastError(f"{what} needs a distilled object (a run, merged directory or .safetensors export); "
+                          f"{where} is a fixed image set")
+    return t

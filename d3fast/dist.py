@@ -229,26 +229,6 @@ class World:
             raise D3FastError(f"ranks {odd} were started with another {what} than rank 0 (hashes differ); "
                               "every rank must get the same command line and files")
 
-    def check_split(self, cfg: Any) -> None:
-        """Before any work: the same config on every rank, K students a multiple of the
-        ranks, and no more ranks than classes when the MMD update runs.
-
-        Raises:
-            D3FastError: on every rank alike."""
-        if not self.distributed:
-            return
-        from d3fast.config import flatten
-        from d3fast.data.datasets import subtask_block
-
-        self.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
-        self.students(cfg.distill.students_per_step)
-        d = cfg.distill
-        start, stop = subtask_block(cfg.data.dataset, cfg.data.subtasks, max(cfg.data.subtask, 0))
-        classes = stop - start
-        if (d.mmd_weight > 0 or (d.div_weight > 0 and d.ppc > 1)) and classes < self.size:
-            raise D3FastError(f"{classes} classes cannot be split over {self.size} ranks for the MMD update: "
-                              f"use at most {classes} processes")
-
     def on_main(self, fn: Callable[[], T]) -> T:
         """fn() run on rank 0 and its result on every rank; a D3FastError it raises is
         raised on every rank (the others would otherwise wait for rank 0 until the timeout)."""

@@ -26,13 +26,14 @@ features change with the chunking, so `embed` then takes the one-pass path.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import nn
+
+from d3fast.runtime import free_memory
 
 # Share of the free memory the automatic chunk may fill with one chunk's graph, and a cap
 # on the CPU: there, beyond ~1 GiB per chunk larger chunks stop paying (conv kernels are
@@ -71,19 +72,6 @@ def activation_bytes(features: Callable[[torch.Tensor], torch.Tensor], net: nn.M
     return total
 
 
-def free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # the caching allocator's reserved-but-unused blocks are free to us too
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/meminfo") as f:
-            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
-        return info["MemAvailable"]
-    except (OSError, KeyError, ValueError):
-        return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) if hasattr(os, "sysconf") else 1 << 32
-
-
 def auto_chunk(features: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: torch.Tensor) -> int:
     """Samples per chunk so that one chunk's graph fills at most 25% of free memory (and
     1 GiB on the CPU); at least 1. The per-sample size is measured once per network and
@@ -92,7 +80,7 @@ def auto_chunk(features: Callable[[torch.Tensor], torch.Tensor], net: nn.Module,
     known = _PER_SAMPLE.setdefault(net, {})
     if key not in known:
         known[key] = max(activation_bytes(features, net, x), 1)
-    budget = min(AUTO_FRACTION * free_bytes(x.device), AUTO_CAP_BYTES.get(x.device.type, math.inf))
+    budget = min(AUTO_FRACTION * free_memory(x.device), AUTO_CAP_BYTES.get(x.device.type, math.inf))
     return max(1, int(budget // known[key]))
 
 

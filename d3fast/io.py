@@ -165,14 +165,16 @@ def seal(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def unseal(record: Any, what: str, path: str | os.PathLike) -> Any:
-    """`record` without its seal, after checking it (records without one, written before
-    seals existed, pass as they are).
+    """`record` without its seal, after checking it. A record without one is refused: it
+    was written by hand (or by a d3fast older than seals), and letting it pass would let
+    any edit that drops the seal pass too.
 
     Raises:
-        D3FastError: the content differs from what was sealed.
+        D3FastError: no seal, or content that differs from what was sealed.
     """
     if not isinstance(record, dict) or "seal" not in record:
-        return record
+        raise D3FastError(f"{what} {path} carries no seal: d3fast did not write it as it is (written by hand, or by "
+                          "a d3fast older than seals); make it again with the command that writes it")
     body = {k: v for k, v in record.items() if k != "seal"}
     if record["seal"] != _json_digest(body):
         raise D3FastError(f"{what} {path} was changed after d3fast wrote it (its seal does not match)")

@@ -1,7 +1,7 @@
 """What a command checks and decides once, before any work: the dataset prepared
 (`ensure_prepared`), the data loader (`resolve_data_loader`: `data.loader=auto` settled where
 the command starts, so the run's config.json records what was used), the subtasks a command
-walks (`each_subtask`), a run's name (`run_name`), the settings a storage budget buys
+walks (`each_subtask`), the ranks of a torchrun job agree (`check_split`), a run's name (`run_name`), the settings a storage budget buys
 (`budget_overrides`), the trackers installed (`check_trackers`).
 
 Each decision is made here once; the recipes (d3fast/recipes/) call these before their work.
@@ -17,11 +17,12 @@ from typing import Any
 
 import click
 
-from d3fast.config import Config, parse_overrides, resolve_config
+from d3fast.config import Config, flatten, parse_overrides, resolve_config
 from d3fast.data.beton import resolve_loader
 from d3fast.data.cache import read_manifest
-from d3fast.data.datasets import class_blocks, get_spec
+from d3fast.data.datasets import class_blocks, get_spec, subtask_block
 from d3fast.data.prepare import PrepareResult, prepare, prepare_command
+from d3fast.dist import World
 from d3fast.errors import D3FastError
 from d3fast.paths import data_dir
 from d3fast.storage import choose_budget, ipc_equivalent
@@ -163,3 +164,21 @@ def budget_overrides(dataset: str | None, preset: str | None, overrides: tuple[s
     click.echo(f"it replaces {f'preset {cfg.preset}' if cfg.preset else 'the defaults'}: "
                + (", ".join(replaced) or "nothing") + (f" ({', '.join(kept)} kept)" if kept else ""), err=True)
     return chosen
+
+
+def check_split(world: World, cfg: Config) -> None:
+    """Before any work: the same config on every rank of `world`, K students a multiple of
+    the ranks, and no more ranks than classes when the MMD update runs.
+
+    Raises:
+        D3FastError: on every rank alike."""
+    if not world.distributed:
+        return
+    world.check_config({k: v for k, v in flatten(cfg).items() if k != "device"})
+    world.students(cfg.distill.students_per_step)
+    d = cfg.distill
+    start, stop = subtask_block(cfg.data.dataset, cfg.data.subtasks, max(cfg.data.subtask, 0))
+    classes = stop - start
+    if (d.mmd_weight > 0 or (d.div_weight > 0 and d.ppc > 1)) and classes < world.size:
+        raise D3FastError(f"{classes} classes cannot be split over {world.size} ranks for the MMD update: "
+                          f"use at most {classes} processes")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -112,3 +113,33 @@ def device_peaks(device: torch.device) -> tuple[float, float] | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next(((f, b) for key, f, b in DEVICE_PEAKS if key in name), None)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: on a GPU the driver's free memory plus the
+    caching allocator's reserved-but-unused blocks (free to this process too); elsewhere the
+    host's MemAvailable (/proc/meminfo), else the free pages sysconf reports, else 4 GiB.
+    The one reader of free memory (the MMD chunking and the MTT unroll's auto mode)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) if hasattr(os, "sysconf") else 1 << 32
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new window for `peak_memory_gib` (a GPU's; a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """GiB: on a GPU the most allocated since `reset_peak_memory`; elsewhere the process's
+    peak resident set (getrusage; Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -223,7 +223,6 @@ class TrainState:
     g_device: torch.Generator
     step: int = 0
     # the lowest total loss so far and its step
-    best: dict[str, Any] = field(default_factory=lambda: {"step": None, "loss": math.inf})
     # the MTT term's health watch (d3fast/health.py)
     health: MTTHealth = field(default_factory=lambda: MTTHealth(0, "log", 0.01))
 
@@ -253,10 +252,6 @@ class TrainState:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def note_loss(self, total: float) -> None:
-        if total < self.best["loss"]:
-            self.best = {"step": self.step, "loss": total}
-
     def named_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """The distilled tensors and every optimiser buffer (momenta, Adam moments)."""
         yield from self.distilled.named_tensors()
@@ -277,7 +272,6 @@ class TrainState:
             "rng_host": self.g_host.get_state(),
             "rng_device": self.g_device.get_state(),
             "rng_device_type": self.g_device.device.type,
-            "best": json.dumps(self.best),
             "health": json.dumps(self.health.state_dict()),
         }
 
@@ -301,7 +295,6 @@ class TrainState:
             self.opt_decoder.load_state_dict(state["opt_decoder"])
             for opt in self.optimizers:  # loaded onto the device with the rest: back to the CPU
                 _steps_on_cpu(opt)
-            self.best = json.loads(state["best"])
             self.health.load_state_dict(json.loads(state.get("health", "{}")))  # none before the watch existed
             self.g_host.set_state(state["rng_host"].cpu())
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -451,6 +444,6 @@ def _checkpoint_problem(state: dict[str, Any]) -> str | None:
     for key in ("opt_latent", "opt_lr", "opt_decoder"):
         if not isinstance(state.get(key), dict):
             return f"{key} is not an optimiser state"
-    if not tensor("rng_host", 1) or not tensor("rng_device", 1) or not isinstance(state.get("best"), str):
-        return "the random generator states or best are missing"
+    if not tensor("rng_host", 1) or not tensor("rng_device", 1):
+        return "the random generator states are missing"
     return None

@@ -50,6 +50,7 @@ from d3fast.data.augment import DSA
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
 from d3fast.phases import DECODE, PARAM_DISTANCE, backward_phase, phase
+from d3fast.runtime import free_memory
 
 
 @dataclass
@@ -166,21 +167,6 @@ def unroll(
             )
         return _unroll_flat(spec, d, theta0, lr, g, ops, chunks)
     raise D3FastError(f"unknown unroll mode {mode!r}: use auto, flat or naive")
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free for new tensors: the device's free memory on a GPU, MemAvailable of the
-    host (/proc/meminfo) otherwise (0 when unknown, which makes auto keep nothing)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _kept_steps(spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.Tensor, g: torch.Generator,

@@ -1,6 +1,6 @@
 """d3fast.kernels: fused ops and their dispatch.
 
-Each op has one file per implementation: `<op>.py` (Triton kernels and their autograd
+Each op has one file per implementation: `<op>_triton.py` (Triton kernels and their autograd
 Function, CUDA tensors), `<op>_cpp.py` (the autograd wrapper of the C++ extension d3fast._C,
 CPU tensors) and `<op>_ref.py` (pure PyTorch: the tests' oracle and the fallback). Ops:
 `mmd` (public function `mmd2`) and `param_dist`. This file holds the public functions, their
@@ -325,12 +325,6 @@ def _segments(v: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[tuple
 
 
 def _triton(op: str) -> ModuleType:
-    """The Triton module of `op`, imported on first use (CPU-only runs never import Triton).
-    Importing a submodule binds it as an attribute of this package, where the module
-    `param_dist` would shadow the function `param_dist`: the public functions are put back."""
-    module = importlib.import_module(f"{__name__}.{op}")
-    globals().update(_PUBLIC)
-    return module
-
-
-_PUBLIC = {"mmd2": mmd2, "param_dist": param_dist}
+    """The Triton module of `op` (kernels/<op>_triton.py), imported on first use (CPU-only
+    runs never import Triton)."""
+    return importlib.import_module(f"{__name__}.{op}_triton")

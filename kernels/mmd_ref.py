@@ -1,4 +1,4 @@
-"""Batched multi-kernel MMD^2 in plain PyTorch: the reference for kernels/mmd.py (Triton)
+"""Batched multi-kernel MMD^2 in plain PyTorch: the reference for kernels/mmd_triton.py (Triton)
 and csrc/mmd.cpp, and the fallback where neither runs. Imports no Triton.
 
 Per class c, with x_1..x_n and y_1..y_m its rows and k(a, b) = sum_s exp(-||a - b||^2 / (2 s^2)):

@@ -1,4 +1,4 @@
-"""Trajectory-parameter distance in plain PyTorch: the reference for kernels/param_dist.py
+"""Trajectory-parameter distance in plain PyTorch: the reference for kernels/param_dist_triton.py
 (Triton) and csrc/param_dist.cpp, and the fallback. Imports no Triton.
 
     L = ||a - t||^2 / ||s - t||^2           (a: the student after N steps, t: the expert at

@@ -516,3 +516,16 @@ class HostSyncs(TorchDispatchMode):
     def __exit__(self, *exc):
         torch.Tensor.tolist = self._tolist
         return super().__exit__(*exc)
+
+
+def evaluate_run(run: Any, over: dict[str, Any] | None = None, progress: bool = False,
+                 device: str | None = None) -> dict[str, Any]:
+    """`evaluate` on a run's latest checkpoint, its protocol updated by `over` (what
+    `d3fast evaluate RUN --set ...` does, without the printing)."""
+    from d3fast.recipes.evaluate import _with, evaluate, run_target
+    from d3fast.runtime import resolve_device
+
+    dev = resolve_device(device or "auto")
+    target = run_target(run, dev)
+    _with(target.cfg, over)
+    return evaluate(target, dev, progress)

@@ -123,3 +123,23 @@ def test_distill_without_a_dataset_names_what_it_uses(home, tmp_path):
     assert r.output.startswith("dataset digits (preset digits; --dataset or --preset picks another"), r.output
     r = CliRunner().invoke(cli, ["distill", "--preset", "cifar10", "--runs-dir", str(tmp_path), "--no-auto"])
     assert r.output.startswith("dataset cifar10 (preset cifar10)") and r.exit_code == 2  # then: not prepared
+
+
+def test_every_command_handler_is_a_few_lines():
+    """cli.py is a table of commands: a handler body longer than 15 lines is work that belongs
+    in a recipe (d3fast/recipes/, CONTRIBUTING.md "Layout")."""
+    import ast
+    import inspect
+
+    import d3fast.cli as cli_mod
+
+    tree = ast.parse(inspect.getsource(cli_mod))
+    handlers = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+                and any("command" in ast.unparse(d) for d in n.decorator_list)]
+    assert len(handlers) == len(cli.commands)
+    long = {}
+    for n in handlers:
+        body = n.body[1:] if isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) else n.body
+        if body[-1].end_lineno - body[0].lineno + 1 > 15:
+            long[n.name] = body[-1].end_lineno - body[0].lineno + 1
+    assert not long, f"handlers longer than 15 lines: {long}"

@@ -156,9 +156,9 @@ def test_activation_bytes_and_auto_chunk(monkeypatch):
     x = torch.randn(5, 3, 8, 8)
     # conv 4x8x8 + relu 4x8x8 + pool 4x4x4 = 576 floats per sample, whatever the batch
     assert activation_bytes(net, net, x) == 576 * 4
-    monkeypatch.setattr(embed_mod, "free_bytes", lambda device: 576 * 4 * 40)
+    monkeypatch.setattr(embed_mod, "free_memory", lambda device: 576 * 4 * 40)
     assert auto_chunk(net, net, x) == 10  # a quarter of the free memory
-    monkeypatch.setattr(embed_mod, "free_bytes", lambda device: 1 << 50)
+    monkeypatch.setattr(embed_mod, "free_memory", lambda device: 1 << 50)
     assert auto_chunk(net, net, x) == (1 << 30) // (576 * 4)  # capped at 1 GiB
-    monkeypatch.setattr(embed_mod, "free_bytes", lambda device: 10)
+    monkeypatch.setattr(embed_mod, "free_memory", lambda device: 10)
     assert auto_chunk(net, net, x) == 1

@@ -16,10 +16,10 @@ from d3fast.data.loader import load_dataset
 from d3fast.data.normalize import from_pixels, to_pixels
 from d3fast.distilled import load
 from d3fast.recipes.distill import distill
-from d3fast.recipes.evaluate import distilled_batches, evaluate_run, real_subset
+from d3fast.recipes.evaluate import distilled_batches, real_subset
 from d3fast.run import Run
 from d3fast.visualize import sample_grid
-from tests._utils import cfg_of
+from tests._utils import cfg_of, evaluate_run
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ from d3fast.errors import D3FastError
 from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network
 from d3fast.recipes.distill import distill
-from d3fast.recipes.evaluate import evaluate_run, train_student
+from d3fast.recipes.evaluate import train_student
 from d3fast.recipes.experts import run_experts
 from d3fast.recipes.subtasks import merge_runs
 from d3fast.run import Run
 from d3fast.training import load_flat_params
 from d3fast.trajectories import ExpertBank, experts_dir
-from tests._utils import cfg_of
+from tests._utils import cfg_of, evaluate_run
 
 
 def _by_hand(logits: list[list[float]], probs: list[list[float]], t: float) -> float:

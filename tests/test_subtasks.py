@@ -19,13 +19,13 @@ from d3fast.distilled import Merged, Sampler, load
 from d3fast.errors import D3FastError
 from d3fast.io import locked
 from d3fast.recipes.distill import distill
-from d3fast.recipes.evaluate import distilled_batches, evaluate_run
+from d3fast.recipes.evaluate import distilled_batches
 from d3fast.recipes.experts import run_experts
 from d3fast.recipes.subtasks import merge_runs
 from d3fast.run import Run
 from d3fast.state import load_checkpoint
 from d3fast.trajectories import experts_dir
-from tests._utils import cfg_of
+from tests._utils import cfg_of, evaluate_run
 
 
 def test_class_blocks_are_the_reference_split_and_cover_every_class_once():

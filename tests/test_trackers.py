@@ -12,10 +12,9 @@ from click.testing import CliRunner
 
 from d3fast.cli import cli
 from d3fast.recipes.distill import distill
-from d3fast.recipes.evaluate import evaluate_run
 from d3fast.run import Run
 from d3fast.trackers import Trackers
-from tests._utils import cfg_of
+from tests._utils import cfg_of, evaluate_run
 
 
 def _events(folder):

@@ -20,7 +20,7 @@ from d3fast.config import Config
 from d3fast.data.cache import CACHE_FORMAT, SPLITS, array_files, freshness, read_manifest
 from d3fast.data.datasets import DatasetSpec, get_spec, is_imagefolder
 from d3fast.data.decode import decode_chunk
-from d3fast.data.readers import Source, SplitSource, read_source
+from d3fast.data.readers import SplitSource, read_source
 from d3fast.errors import D3FastError
 from d3fast.io import (
     atomic_write_json,
@@ -275,11 +275,6 @@ def _channel_stats(x_path: Path) -> tuple[list[float], list[float]]:
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean * mean, 1e-12))
     return mean.tolist(), std.tolist()
-
-
-def describe_source(source: Source) -> str:
-    n = {s: len(source.splits[s].labels) for s in SPLITS}
-    return f"{source.layout} at {source.path}: {n['train']} train / {n['test']} test images"
 
 
 def prepare_command(cfg: Config) -> str:

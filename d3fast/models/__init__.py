@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from d3fast.config import NETWORKS
+from d3fast.config import NETWORKS, NetConfig
 from d3fast.errors import D3FastError
 from d3fast.models.alexnet import AlexNet
 from d3fast.models.convnet import ConvNet, default_depth
@@ -15,7 +15,7 @@ from d3fast.models.vgg import VGG11
 
 
 def build_network(
-    name: str,
+    net: str | NetConfig,
     in_channels: int,
     num_classes: int,
     res: int,
@@ -25,7 +25,17 @@ def build_network(
     norm: str = "instancenorm",
     pooling: str = "avgpooling",
 ) -> nn.Module:
-    """Build a classifier; `width`, `depth` and `pooling` apply to the ConvNet only."""
+    """The one constructor of a classifier: `net` is a config's `net` section (its name,
+    width, depth, norm and pooling) or an architecture's name with the keywords; `width`,
+    `depth` and `pooling` apply to the ConvNet only. Input [B, in_channels, res, res].
+
+    Raises:
+        D3FastError: an unknown architecture."""
+    name: str
+    if isinstance(net, NetConfig):
+        name, width, depth, norm, pooling = net.name, net.width, net.depth, net.norm, net.pooling
+    else:
+        name = net
     if name == "convnet":
         return ConvNet(in_channels, num_classes, res, width, depth, norm, pooling)
     if name == "resnet18":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from d3fast.phases import DATA, LOSSES, OPTIMIZERS, UNROLL_BACKWARD, UNROLL_FORW
 from d3fast.preflight import (
     Echo,
     budget_overrides,
+    check_split,
     check_trackers,
     each_subtask,
     ensure_prepared,
@@ -67,7 +67,14 @@ from d3fast.recipes.experts import ensure_experts
 from d3fast.recipes.label import ensure_labelling_expert, label_run
 from d3fast.recipes.subtasks import merge_runs, up_to_date
 from d3fast.run import Run, is_merged_dir, read_merged_manifest
-from d3fast.runtime import device_name, resolve_device, torch_dtype, versions
+from d3fast.runtime import (
+    device_name,
+    peak_memory_gib,
+    reset_peak_memory,
+    resolve_device,
+    torch_dtype,
+    versions,
+)
 from d3fast.state import DivergedError, StepChecks, TrainState, distilled_problems
 from d3fast.trackers import Trackers, for_run
 from d3fast.trajectories import ExpertBank, experts_command, need_epochs, ready_experts
@@ -98,12 +105,12 @@ def distill(
     cfg: Config, run: Run, resume: bool = False, *, inputs: DistillInputs | None = None, progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None, ledger_phase: str = "distill",
     clock: Callable[[], float] = time.perf_counter, world: World | None = None,
+    checked: dict[str, list[Any]] | None = None,
 ) -> DistillResult:
-    """Run Algorithm 1 in `run`, or continue it from its checkpoint (`resume`; a changed
-    key of `cfg` is applied and recorded, or refused: d3fast/run.py). `on_step(metrics)` is
-    called after every step; `ledger_phase` names the ledger row; `clock` (seconds) times the
-    steps and the device-hours (tests pass a fake one). `world`: this process's rank of a
-    distributed run (d3fast/dist.py; rank 0 alone writes the run, metrics and ledger).
+    """Run Algorithm 1 in `run` (`cfg.data.loader` settled), or continue it from its checkpoint
+    (`resume`; changed keys applied and recorded, or refused: `checked` holds `run.check_resume
+    (cfg)` when the caller ran it). `on_step(metrics)` after every step; `ledger_phase` names the
+    ledger row; `clock` (s) times steps and hours; `world`: this rank (rank 0 alone writes).
 
     Raises:
         D3FastError: missing experts or data, a refused change on resume, a non-finite loss
@@ -114,7 +121,7 @@ def distill(
     stop, t_start, last = _StopRequest(world.distributed, world.main), clock(), {}
     main = world.main
     with run.lock() if main else nullcontext(), stop.installed():
-        parts = _build(cfg, run, resume, device, inputs, world)
+        parts = _build(cfg, run, resume, device, inputs, world, checked)
         state, bank = parts.state, parts.bank
         bar = progress_bar(total=dcfg.steps, initial=state.step, desc="distill", unit="step", disable=not (progress and main))
         meter_cm = ledger.track(ledger_phase, cfg.data.dataset, cfg.preset, device, steps_target=dcfg.steps,
@@ -125,7 +132,7 @@ def distill(
             stopping = False
             while state.step < dcfg.steps and not stopping:
                 t0 = clock()
-                _reset_peak_memory(device)
+                reset_peak_memory(device)
                 students = draw_students(bank, dcfg, state.g_host, device, parts.spec.share)
                 checks = StepChecks(world)
                 mtt_update(state, parts.spec, students, dcfg, checks, world)
@@ -157,9 +164,8 @@ def distill(
 
 
 def _watch(state: TrainState, metrics: dict[str, Any], main: bool) -> None:
-    """The step's metrics into the state's best loss and MTT health watch (d3fast/health.py),
+    """The step's metrics into the state's MTT health watch (d3fast/health.py),
     the health into the metrics; a new problem's warning printed."""
-    state.note_loss(metrics["loss"])
     metrics["mtt_health"], warning = state.health.update(state.step, metrics["mtt"], metrics["student_lr"])
     if warning and main:
         tqdm.write(warning)
@@ -216,6 +222,7 @@ class _Parts:
 
 def _build(
     cfg: Config, run: Run, resume: bool, device: torch.device, inputs: DistillInputs | None, world: World,
+    checked: dict[str, list[Any]] | None,
 ) -> _Parts:
     """Data, experts, the student and feature networks, and the state: fresh (and the run
     recorded) or restored from the run's checkpoint (and the resume recorded). Distributed:
@@ -237,10 +244,10 @@ def _build(
 
     def decide() -> tuple[bool, dict[str, Any]]:
         recorded = resume and run.recorded()  # nothing recorded yet: a resume is a start
-        changes = run.check_resume(cfg) if recorded else {}  # before anything is built from a refused change
+        found = (run.check_resume(cfg) if checked is None else checked) if recorded else {}  # before anything is built
         if not recorded and run.has_checkpoint():
             raise D3FastError(f"{run.path} already holds a checkpoint: continue it with --resume, or start a new run")
-        return recorded, changes
+        return recorded, found
 
     resume, changes = world.on_main(decide)
     if inputs is None:
@@ -251,8 +258,7 @@ def _build(
                         "classes": train.classes}, "expert files or training data")
     res, channels, n_cls = train.images.shape[-1], train.images.shape[1], train.num_classes
     dtype = torch_dtype(dcfg.dtype)  # every tensor of the step in it (distill.dtype)
-    student = build_network(cfg.net.name, channels, n_cls, res, width=cfg.net.width, depth=cfg.net.depth,
-                            norm=cfg.net.norm, pooling=cfg.net.pooling).to(device, dtype)
+    student = build_network(cfg.net, channels, n_cls, res).to(device, dtype)
     meta = {"resolution": res, "channels": channels, "mean": train.mean.tolist(), "std": train.std.tolist(),
             "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width,
             "decoder_linear": dcfg.decoder_linear, "lr_param": dcfg.lr_param}
@@ -330,8 +336,7 @@ def _bank(cfg: Config, run: Run, resume: bool) -> ExpertBank:
             return ExpertBank(folder, need_epochs(cfg), files, snapshots_per_epoch=cfg.experts.snapshots_per_epoch)
         except D3FastError as e:
             raise D3FastError(f"{e}; extend them with:\n  {experts_command(cfg)}") from None
-    resolve_data_loader(cfg)
-    return ready_experts(cfg)
+    return ready_experts(cfg)  # data.loader settled by the caller (preflight.resolve_data_loader)
 
 
 @dataclass
@@ -438,7 +443,7 @@ def step_metrics(
         "student_lr": student_lr, "expert": expert,
         "start_epoch": start if per_epoch == 1 else round(start / per_epoch, 6),
         "step_s": round(seconds, 4), "images_per_s": round(images / seconds, 1) if seconds > 0 else 0.0,
-        "peak_mem_gib": _peak_mem(device),
+        "peak_mem_gib": round(peak_memory_gib(device), 3),
         "device_hours": round(meter.prior_hours + meter.hours, 6),
         "projected_device_hours": round(meter.projected_hours(dcfg.steps, state.step) or 0.0, 6),
         "hours_unit": meter.unit,
@@ -465,18 +470,6 @@ def _amp(dcfg: DistillConfig, device: torch.device) -> Callable[[], AbstractCont
     if dcfg.amp and device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mem(device: torch.device) -> float:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    # peak resident set of the process (Linux reports KiB)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 class _StopRequest:
@@ -592,10 +585,10 @@ def command(job: DistillJob) -> Path:
                               "lists them), or re-run the `distill --subtasks` command, which continues them and "
                               "merges again")
         cfg = resolve(base=world.on_main(run.read_config))
-        world.on_main(lambda: run.check_resume(cfg))  # a refused change fails before any data is prepared
+        checked = world.on_main(lambda: run.check_resume(cfg))  # a refused change fails before any data is prepared
     else:
-        cfg = resolve()
-    world.check_split(cfg)  # same config, K and the classes divisible: before any work
+        cfg, checked = resolve(), None
+    check_split(world, cfg)  # same config, K and the classes divisible: before any work
     check_trackers(cfg)
     # every rank prepares and trains experts: both are locked per dataset and per expert,
     # so the ranks share the work and find it done
@@ -604,7 +597,7 @@ def command(job: DistillJob) -> Path:
         resolve_data_loader(cfg)
         ensure_experts(cfg, auto=not job.no_auto, echo=click.echo if world.main else silent)
         run = world.on_main(lambda: Run.create(job.runs_dir, cfg, run_name(cfg, name)))
-    res = distill(cfg, run, resume=resume is not None, world=world, progress=world.main)
+    res = distill(cfg, run, resume=resume is not None, world=world, progress=world.main, checked=checked)
     world.close()
     if not world.main:
         if res.interrupted:
@@ -668,7 +661,7 @@ def _run_subtasks(cfg: Config, world: World, team: World, mine: list[int], done_
         i = one.data.subtask
         if i not in mine:
             continue
-        team.check_split(one)  # K students a multiple of the group's ranks, before any work
+        check_split(team, one)  # K students a multiple of the group's ranks, before any work
         name = run_name(one, base)
         found = team.on_main(lambda: Run.named(runs_dir, one.data.dataset, name))  # noqa: B023
         echo(f"subtask {i} of {S}: " + (f"continuing {found.path}" if found else f"new run {name}")

@@ -23,6 +23,7 @@ so nothing is chosen on the test set. Mean and std over students per architectur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -93,9 +94,9 @@ def train_and_test(arch: str, cfg: Config, train: DeviceDataset, seed: int, lr: 
     g = torch.Generator(device=dev).manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        kw: dict[str, Any] = {"width": cfg.net.width, "depth": cfg.net.depth, "norm": cfg.net.norm,
-                              "pooling": cfg.net.pooling} if arch == "convnet" else {}
-        net = build_network(arch, train.images.shape[1], train.num_classes, train.images.shape[-1], **kw)
+        # the ConvNet as the config has it; the other architectures with their own defaults
+        net = build_network(dataclasses.replace(cfg.net, name="convnet") if arch == "convnet" else arch,
+                            train.images.shape[1], train.num_classes, train.images.shape[-1])
     net = net.to(dev)
     train_student(net, batches_of(g), cfg.eval.epochs, lr, cfg, augment, g)
     return evaluate_accuracy(net, on)
@@ -170,25 +171,6 @@ class Target:
     images: ImageSet | None = None
     step: int | None = None
     run: Run | None = None
-
-
-def evaluate_run(
-    run: Run,
-    cfg_override: dict[str, Any] | None = None,
-    progress: bool = True,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of `run` (protocol: the run's eval.* keys, updated by
-    `cfg_override`); keeps the report in evals/ and writes eval.json and eval.md (the
-    latest) into the run. Returns the report.
-
-    Raises:
-        D3FastError: no usable checkpoint (missing, corrupt, non-finite), missing data.
-    """
-    dev = resolve_device(device or "auto")
-    target = run_target(run, dev)
-    _with(target.cfg, cfg_override)
-    return evaluate(target, dev, progress)
 
 
 def run_target(run: Run, device: torch.device | str, cfg: Config | None = None,

@@ -93,16 +93,7 @@ def _build(cfg: Config, data: DeviceDataset, seed: int) -> torch.nn.Module:
     # init on the CPU under a fixed seed: the same seed gives the same init on any device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_network(
-            cfg.net.name,
-            data.channels,
-            data.num_classes,
-            data.resolution,
-            width=cfg.net.width,
-            depth=cfg.net.depth,
-            norm=cfg.net.norm,
-            pooling=cfg.net.pooling,
-        )
+        net = build_network(cfg.net, data.channels, data.num_classes, data.resolution)
     return net.to(data.device)
 
 

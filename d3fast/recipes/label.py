@@ -76,8 +76,7 @@ def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Modul
                           f"{epoch} epochs (distill.soft_label_epoch), and {folder} has none; train one with:\n  "
                           f"{experts_command(full)}")
     manifest = load_split(cfg.data.dataset, "train", mmap=True)[2]
-    net = build_network(cfg.net.name, manifest["channels"], manifest["num_classes"], manifest["resolution"],
-                        width=cfg.net.width, depth=cfg.net.depth, norm=cfg.net.norm, pooling=cfg.net.pooling)
+    net = build_network(cfg.net, manifest["channels"], manifest["num_classes"], manifest["resolution"])
     (row,) = bank.rows(0, [bank.snapshot(epoch)])
     load_flat_params(net, row)
     return net.to(device).eval(), {"expert": str(bank.files[0]), "epoch": epoch, "classes": manifest["num_classes"]}

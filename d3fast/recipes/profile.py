@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import math
-import resource
 import shutil
 import statistics
 import tempfile
@@ -58,7 +57,7 @@ from d3fast.preflight import resolve_data_loader
 from d3fast.progress import bar as progress_bar
 from d3fast.recipes.distill import DistillInputs, distill
 from d3fast.run import Run
-from d3fast.runtime import device_name, device_peaks, resolve_device, versions
+from d3fast.runtime import device_name, device_peaks, peak_memory_gib, resolve_device, versions
 from d3fast.training import flat_params
 from d3fast.trajectories import ExpertBank, need_epochs, ready_experts, write_expert
 
@@ -224,9 +223,7 @@ def _stand_in_experts(cfg: Config, train: DeviceDataset, need: int, folder: Path
 
 
 def _network(cfg: Config, train: DeviceDataset) -> FeatureClassifier:
-    n = cfg.net
-    return build_network(n.name, train.channels, train.num_classes, train.resolution, width=n.width,
-                         depth=n.depth, norm=n.norm, pooling=n.pooling)  # type: ignore[return-value]
+    return build_network(cfg.net, train.channels, train.num_classes, train.resolution)  # type: ignore[return-value]
 
 
 # ---- the report
@@ -317,7 +314,7 @@ def _peak_memory(device: torch.device, timed: list[dict[str, Any]], timer: Phase
     lo, hi = timed[0]["edge_s"] - timed[0]["step_s"], timed[-1]["edge_s"]
     samples = [m for t, m in timer.memory if lo <= t <= hi] or [m for _, m in timer.memory]
     return {"what": "resident set (RSS) every 20 ms and at phase edges, timed steps; process peak from getrusage",
-            "gib": max(samples) / 1024, "process_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "gib": max(samples) / 1024, "process_peak_gib": peak_memory_gib(torch.device("cpu"))}
 
 
 def _kernels(

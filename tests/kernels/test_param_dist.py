@@ -136,8 +136,8 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_the_triton_module_does_not_shadow_the_function():
-    # kernels/param_dist.py is imported on first use; the import binds the module as the
-    # package attribute `param_dist`, which the dispatch must undo
+    # kernels/param_dist_triton.py is imported on first use, as the package attribute
+    # `param_dist_triton`: the function `param_dist` keeps its name
     a, t, s = vectors(10, 0)
     kernels.param_dist(a.to(device_for("triton")), t.to(device_for("triton")), s.to(device_for("triton")), impl="triton")
     assert callable(kernels.param_dist) and kernels.param_dist.__module__ == "d3fast.kernels"

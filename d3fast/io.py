@@ -11,6 +11,7 @@ Tensors are stored as safetensors (no pickle).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import hashlib
@@ -338,3 +339,14 @@ def file_stamp() -> str:
     """Local time as a file or directory name sorts it: 20261206-171150 (run directories,
     profiles, crash logs)."""
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def utc_timestamp() -> str:
+    """UTC, ISO 8601 to the second: 2026-12-06T17:11:50+00:00 (evaluation reports, which
+    are compared across machines)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def utc_file_stamp() -> str:
+    """UTC as a file name sorts it: 20261206T171150Z (kept evaluations)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

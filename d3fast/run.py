@@ -88,6 +88,10 @@ class Run:
         return self.path / "metrics.jsonl"
 
     @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.path / "checkpoint.pt"
 
@@ -271,10 +275,10 @@ class Run:
         Raises:
             D3FastError: another process holds it (its pid is named).
         """
-        with locked(self.path / ".lock") as held:
+        with locked(self.lock_path) as held:
             if not held:
                 raise D3FastError(f"{self.path} is in use by another d3fast process (pid "
-                                  f"{lock_holder(self.path / '.lock')}); wait for it to finish or stop it first")
+                                  f"{lock_holder(self.lock_path)}); wait for it to finish or stop it first")
             yield
 
     # ---- state

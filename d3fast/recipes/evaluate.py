@@ -29,7 +29,6 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,14 @@ from d3fast.data.normalize import from_pixels
 from d3fast.distilled import Distilled, Merged, Sampler, draw_set
 from d3fast.errors import D3FastError
 from d3fast.exports import ImageSet
-from d3fast.io import atomic_write_json, atomic_write_text, locked, read_json
+from d3fast.io import (
+    atomic_write_json,
+    atomic_write_text,
+    locked,
+    read_json,
+    utc_file_stamp,
+    utc_timestamp,
+)
 from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network
 from d3fast.progress import bar as progress_bar
@@ -375,7 +381,7 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
                        else -(-per_epoch // e.batch_size), "samples_per_class_used": per_class},
         "results": results, "device": device_name(dev), "versions": versions(),
         "seconds": round(time.perf_counter() - t0, 1),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": utc_timestamp(),
     }
     keep_report(target, report)
     return report
@@ -408,7 +414,7 @@ def keep_report(target: Target, report: dict[str, Any]) -> Path:
     latest, what `d3fast runs` shows)."""
     folder = target.evals_dir
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_file_stamp()
     archs = "+".join(report["results"])
     text = json.dumps(report, indent=2)
     for k in range(1, 10_000):

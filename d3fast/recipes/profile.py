@@ -138,7 +138,7 @@ def profile(
         bar.close()
         if res.interrupted:
             raise KeyboardInterrupt
-        shutil.copyfile(scratch / "run" / "metrics.jsonl", out / "metrics.jsonl")
+        shutil.copyfile(Run(scratch / "run").metrics_path, out / "metrics.jsonl")
         report = _report(cfg, device, sources, per_step, timer, tracer if trace_steps else None,
                          inputs, full_steps, warmup, steps, trace_steps, free_steps)
         if trace_steps:

@@ -56,7 +56,7 @@ def check_parts(runs: list[Run], configs: list[Config]) -> None:
         raise D3FastError("name the subtask runs to merge")
     first = configs[0]
     for run, cfg in zip(runs, configs, strict=True):
-        if (run.path / "merged.safetensors").exists():
+        if run.merged_path.exists():
             raise D3FastError(f"{run.path} is a merged object, not a subtask run")
         if cfg.data.subtasks < 2 or cfg.data.subtask < 0:
             raise D3FastError(f"{run.path} distills all of {cfg.data.dataset} (data.subtasks={cfg.data.subtasks}): "
@@ -94,7 +94,7 @@ def check_out(out: str | Path, parts: Sequence[Path], force: bool) -> Path:
             raise D3FastError(f"--out {out} {'is' if full == p else 'holds'} the run {part} being merged: choose "
                               "another directory")
     for above in [full, *full.parents]:
-        if (above / "config.json").is_file() and not is_merged_dir(above) and (above != full or out.exists()):
+        if Run(above).config_path.is_file() and not is_merged_dir(above) and (above != full or out.exists()):
             raise D3FastError(f"--out {out} {'is' if above == full else 'is inside'} the run {above}: choose a "
                               "directory outside every run")
     if out.exists() and not out.is_dir():
@@ -116,7 +116,7 @@ def up_to_date(out: Path, run_dirs: Sequence[Path]) -> bool:
     except D3FastError:
         return False
     have = [(s.get("run"), s.get("checkpoint_sha256")) for s in manifest.get("sources", [])]
-    now = [(str(Path(r).resolve()), sha256_file(Path(r) / "checkpoint.pt")) for r in run_dirs]
+    now = [(str(Path(r).resolve()), sha256_file(Run(r).checkpoint_path)) for r in run_dirs]
     return sorted(map(str, have)) == sorted(map(str, now))
 
 
@@ -144,8 +144,8 @@ def merge_runs(
     out = check_out(out, [r.path for r in runs], force)
     with contextlib.ExitStack() as held:
         for run in runs:  # a run distilling now holds its lock: refused, and none starts until we are done
-            if not held.enter_context(locked(run.path / ".lock")):
-                raise D3FastError(f"{run.path} is still distilling (pid {lock_holder(run.path / '.lock')}): merge it "
+            if not held.enter_context(locked(run.lock_path)):
+                raise D3FastError(f"{run.path} is still distilling (pid {lock_holder(run.lock_path)}): merge it "
                                   "when it has finished")
         configs = [r.read_config() for r in runs]
         check_parts(runs, configs)

@@ -1,6 +1,6 @@
 """The distilled object: per-prior latent Gaussians, one shared decoder, labels, and the
 learned student lr (docs/algorithm.md section 1). Sampling, storage accounting, its state
-dict (the checkpoint's share, d3fast/state.py) and the safetensors export.
+dict (the checkpoint's share, d3fast/state.py); its safetensors file: d3fast/exports.py.
 
 A `Merged` object holds the S subtask objects of one dataset (docs/algorithm.md section 9):
 class c decodes through the decoder of the subtask whose block holds c; its storage is the
@@ -13,7 +13,6 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,11 +20,8 @@ import torch
 from d3fast.config import CHOICES
 from d3fast.data.normalize import to_pixels
 from d3fast.errors import D3FastError
-from d3fast.io import load_tensors, save_tensors
 from d3fast.models import Decoder
 from d3fast.storage import decoder_state_values, ipc_equivalent
-
-EXPORT_FORMAT = 1
 
 # distill.lr_param's values; objects written before the key existed hold a leaky_relu alpha
 LR_PARAMS = CHOICES["distill.lr_param"]
@@ -162,7 +158,7 @@ class Distilled:
         `dtype`; None keeps the stored one (float64 for a distill.dtype=float64 run)."""
         meta, classes = json.loads(state["meta"]), json.loads(state["classes"])
         dtype = dtype or state["latents"].dtype
-        decoder = _decoder_holding(meta, state["decoder"]).to(dtype)
+        decoder = decoder_holding(meta, state["decoder"]).to(dtype)
         try:
             decoder.load_state_dict(state["decoder"])
         except RuntimeError as e:
@@ -188,7 +184,7 @@ class Distilled:
             raise D3FastError(f"the checkpoint's decoder does not match this run ({str(e).splitlines()[0]})") from None
 
 
-def _decoder_holding(meta: dict[str, Any], stored: dict[str, torch.Tensor]) -> Decoder:
+def decoder_holding(meta: dict[str, Any], stored: dict[str, torch.Tensor]) -> Decoder:
     """The decoder `meta` describes (a checkpoint's or an export's), once its tensor shapes
     are known to equal the stored ones: checked on the meta device first, where nothing is allocated, so that a damaged
     width (say 50,000: an 80 GB decoder) is refused instead of built.
@@ -224,117 +220,19 @@ def build_decoder(meta: dict[str, Any]) -> Decoder:
     )
 
 
-def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None = None) -> None:
-    """The object as one safetensors file (no pickle), its floating tensors in float32 whatever
-    the object computed in (the storage `storage_bytes` counts): latents, alpha, decoder.<key> (a
-    merged object: part<i>.latents, part<i>.alpha, part<i>.decoder.<key> per subtask),
-    soft_labels when labelled, and the metadata decoding needs, with `info` (the dataset,
-    version, config, step, BatchNorm mode, ZCA: d3fast/exports.py `describe`) beside it."""
-    tensors: dict[str, torch.Tensor] = {}
-    parts_meta = []
-    for i, part in enumerate(d.parts):
-        prefix = f"part{i}." if isinstance(d, Merged) else ""
-        tensors[f"{prefix}latents"] = _f32(part.latents)
-        tensors[f"{prefix}alpha"] = _f32(part.alpha).reshape(1)
-        tensors.update({f"{prefix}decoder.{k}": _f32(v) for k, v in part.decoder.state_dict().items()})
-        parts_meta.append({"meta": part.meta, "classes": part.classes, "student_lr": part.student_lr})
-    if d.soft_labels is not None:
-        tensors["soft_labels"] = _f32(d.soft_labels)
-    meta = {
-        "format": EXPORT_FORMAT,
-        **d.parts[0].meta,
-        "classes": d.classes,
-        "num_classes": d.num_classes,
-        "ppc": d.ppc,
-        "student_lr": d.student_lr,
-        "storage_bytes": d.storage_bytes(),
-        "images_per_class_equivalent": round(d.images_per_class_equivalent(), 3),
-        "soft_labels": d.soft_labels is not None,
-    }
-    if isinstance(d, Merged):
-        meta |= {"kind": "merged", "parts": parts_meta, "sources": d.sources}
-    # the object's own keys win: `info` describes, it does not redefine
-    save_tensors(path, tensors, {k: v for k, v in (info or {}).items() if k not in meta} | meta)
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """A floating tensor detached and in float32 (integer tensors unchanged)."""
-    return t.detach().float() if t.is_floating_point() else t
 
 
-def is_export(path: Path) -> bool:
-    """Whether `path` is a file d3fast's safetensors export wrote (its header says so)."""
-    from d3fast.io import load_metadata
-
-    try:
-        return path.is_file() and load_metadata(path).get("format") == EXPORT_FORMAT
-    except D3FastError:
-        return False
 
 
-_DECODER_META = ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width", "decoder_linear",
-                 "lr_param")
 
 
-def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Merged:
-    """Load an exported distilled object, single or merged (safetensors; no pickle).
-
-    Raises:
-        D3FastError: not a d3fast export, or tensors that do not match their metadata.
-    """
-    tensors, meta = load_tensors(path, "distilled object")
-    if meta.get("format") != EXPORT_FORMAT or not ("latents" in tensors or "part0.latents" in tensors):
-        raise D3FastError(f"{path} is not a d3fast distilled export")
-    soft = tensors.get("soft_labels")
-    try:
-        if meta.get("kind") == "merged":
-            parts = [_part_from(tensors, f"part{i}.", p["meta"], p["classes"], meta["ppc"], device, p.get("student_lr"))
-                     for i, p in enumerate(meta["parts"])]
-            return Merged.of(parts, soft_labels=None if soft is None else soft.to(device), sources=meta.get("sources", []))
-        d = _part_from(tensors, "", {k: meta[k] for k in _DECODER_META if k in meta} | {
-            "decoder_linear": meta.get("decoder_linear", True)}, meta["classes"], meta["ppc"], device,
-            meta.get("student_lr"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise D3FastError(f"{path} is a damaged distilled export ({type(e).__name__}: {e})") from None
-    d.soft_labels = None if soft is None else soft.to(device)
-    _check_soft_labels(d, str(path))
-    return d
 
 
-def _part_from(
-    tensors: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any], classes: list[str], ppc: int,
-    device: torch.device | str, student_lr: Any = None,
-) -> Distilled:
-    """One object of an export. Its lr parametrisation must be log or leaky_relu; where the
-    metadata lacks it (exports of before the key, or a damaged file), it is the one whose lr
-    of the stored alpha is the recorded `student_lr`.
-
-    Raises:
-        ValueError: tensors that do not fit the metadata, an unknown or contradicted lr_param."""
-    alpha = tensors[f"{prefix}alpha"].reshape(()).double()
-    lrs = {k: float(student_lr_of(alpha, k)) for k in LR_PARAMS}
-    recorded = student_lr if isinstance(student_lr, int | float) and not isinstance(student_lr, bool) else None
-    param = meta.get("lr_param")
-    if param is None:
-        param = "leaky_relu" if recorded is None else min(lrs, key=lambda k: abs(lrs[k] - recorded))
-    if param not in lrs:
-        raise ValueError(f"{prefix}lr_param is {param!r}, not log or leaky_relu")
-    if recorded is not None and not abs(lrs[param] - recorded) <= 1e-4 * abs(recorded):
-        raise ValueError(f"{prefix}alpha gives lr {lrs[param]:.6g} under {param}, but the export records {recorded:.6g}")
-    meta = {**meta, "lr_param": param}
-    state = {k[len(prefix) + len("decoder."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}decoder.")}
-    decoder = _decoder_holding(meta, state)
-    decoder.load_state_dict(state)
-    latents = tensors[f"{prefix}latents"]
-    if latents.dim() != 3 or latents.shape[0] != len(classes) * ppc or latents.shape[2] != 2:
-        raise ValueError(f"{prefix}latents of shape {list(latents.shape)} for {len(classes)} classes x {ppc} priors")
-    return Distilled(
-        latents=latents.to(device), decoder=decoder.to(device), alpha=tensors[f"{prefix}alpha"].reshape(()).to(device),
-        num_classes=len(classes), ppc=ppc, classes=classes, meta=meta,
-    )
 
 
-def _check_soft_labels(d: Distilled | Merged, where: str) -> None:
+def check_soft_labels(d: Distilled | Merged, where: str) -> None:
     s = d.soft_labels
     if s is not None and (s.dim() != 2 or s.shape[0] != d.num_priors or not torch.isfinite(s).all()):
         raise D3FastError(f"the soft labels of {where} do not fit the object ({list(s.shape)} for {d.num_priors} "
@@ -376,7 +274,7 @@ class Merged:
                                   "mean/std differ)")
         classes = [c for p in parts for c in p.classes]
         m = cls(parts, classes, first.ppc, soft_labels, list(sources or []))
-        _check_soft_labels(m, "the merged object")
+        check_soft_labels(m, "the merged object")
         return m
 
     @property

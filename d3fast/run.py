@@ -37,8 +37,9 @@ import torch
 from tqdm import tqdm
 
 from d3fast.config import Config, apply_updates, resume_changes, to_dict, with_recorded_defaults
-from d3fast.distilled import Distilled, Merged, export
+from d3fast.distilled import Distilled, Merged
 from d3fast.errors import D3FastError
+from d3fast.exports import export
 from d3fast.io import (
     atomic_write_json,
     atomic_write_text,
@@ -334,7 +335,7 @@ class Run:
                 soft labels of another step.
         """
         if self.merged_path.exists():
-            from d3fast.distilled import load
+            from d3fast.exports import load
             from d3fast.io import verify_sha256
             digest = read_merged_manifest(self).get("merged_sha256")
             if digest is not None:  # a flipped byte anywhere in the file is refused, not decoded

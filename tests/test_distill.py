@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from d3fast import losses
 from d3fast.data.loader import load_dataset
-from d3fast.distilled import export, init_distilled, load
+from d3fast.distilled import init_distilled
 from d3fast.errors import D3FastError
+from d3fast.exports import export, load
 from d3fast.models import build_network
 from d3fast.recipes.distill import distill
 from d3fast.run import Run

@@ -14,7 +14,7 @@ from PIL import Image
 from d3fast.cli import cli
 from d3fast.data.loader import load_dataset
 from d3fast.data.normalize import from_pixels, to_pixels
-from d3fast.distilled import load
+from d3fast.exports import load
 from d3fast.recipes.distill import distill
 from d3fast.recipes.evaluate import distilled_batches, real_subset
 from d3fast.run import Run

@@ -170,8 +170,8 @@ def test_an_export_s_lr_parametrisation_is_checked_against_its_recorded_lr(home,
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from d3fast.distilled import export, load
     from d3fast.errors import D3FastError
+    from d3fast.exports import export, load
 
     run = Run.at(tmp_path / "r")
     distill(cfg_of("distill.steps=1"), run, progress=False)

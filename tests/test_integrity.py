@@ -495,7 +495,8 @@ def test_damaged_decoder_settings_are_refused_before_anything_is_built(tmp_path,
     # the machine down (the OOM killer), so the shapes are compared on the meta device first
     import json
 
-    from d3fast.distilled import export, init_distilled, load
+    from d3fast.distilled import init_distilled
+    from d3fast.exports import export, load
     from d3fast.state import TrainState
 
     meta = {"resolution": 8, "channels": 1, "mean": [0.5], "std": [0.25], "z_dim": 4, "decoder": "paper",

@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from d3fast.cli import cli
-from d3fast.distilled import Merged, Sampler, load
+from d3fast.distilled import Merged, Sampler
 from d3fast.errors import D3FastError
+from d3fast.exports import load
 from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network
 from d3fast.recipes.distill import distill

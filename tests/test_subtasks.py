@@ -15,8 +15,9 @@ from d3fast.cli import cli
 from d3fast.config import resolve_config
 from d3fast.data.datasets import class_blocks
 from d3fast.data.loader import load_dataset, load_view
-from d3fast.distilled import Merged, Sampler, load
+from d3fast.distilled import Merged, Sampler
 from d3fast.errors import D3FastError
+from d3fast.exports import load
 from d3fast.io import locked
 from d3fast.recipes.distill import distill
 from d3fast.recipes.evaluate import distilled_batches

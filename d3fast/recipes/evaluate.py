@@ -530,8 +530,7 @@ def open_target(where: str, runs_dir: str, dataset: str | None = None, preset: s
         D3FastError: nothing usable at `where`, or a config that cannot be resolved.
     """
     from d3fast.config import Config, apply_updates, resolve_config
-    from d3fast.distilled import load
-    from d3fast.exports import is_image_set, read_image_set
+    from d3fast.exports import is_image_set, load, read_image_set
 
     path = Path(where)
     if where == "latest" or (path.is_dir() and Run(path).recorded()):

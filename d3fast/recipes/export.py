@@ -12,9 +12,9 @@ import torch
 
 from d3fast.config import Config
 from d3fast.data.normalize import to_pixels
-from d3fast.distilled import draw_set, export, is_export
+from d3fast.distilled import draw_set
 from d3fast.errors import D3FastError
-from d3fast.exports import describe, write_imagefolder, write_pt, zca_of
+from d3fast.exports import describe, export, is_export, write_imagefolder, write_pt, zca_of
 from d3fast.recipes.evaluate import Target
 from d3fast.run import refuse_overwrite, refuse_run_file
 from d3fast.visualize import is_grid, sample_grid

@@ -9,7 +9,8 @@ command would print an error; no progress bars unless asked.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,22 @@ def _value(key: str, v: Any) -> str:
                           "true/false or a list of them)") from None
 
 
+@contextmanager
+def _failures_as_errors() -> Iterator[None]:
+    """A file that cannot be written (a full disk, a path through a file, no permission) as
+    the one-line D3FastError the command prints (d3fast/io.py `write_failure`); anything else
+    as it is raised."""
+    from d3fast.io import write_failure
+
+    try:
+        yield
+    except OSError as e:
+        failure = write_failure(getattr(e, "filename", None) or ".", e)
+        if failure is None:
+            raise
+        raise failure from None
+
+
 def distill(
     dataset: str | None = None,
     *,
@@ -68,9 +85,12 @@ def distill(
     from d3fast.progress import silenced
     from d3fast.recipes.distill import DistillJob, command
 
-    job = DistillJob(str(runs_dir) if runs_dir is not None else str(runs_root()), dataset, preset, tuple(_sets(set)),
-                     {"distill.steps": steps, "distill.ppc": ppc, "device": device}, name=name, evaluate=evaluate)
-    with silenced(not progress):
+    # steps and ppc parsed as the command line parses --steps 2 (an int, a numpy int or "2"),
+    # before `set` (which wins, as --set does); an empty string is "not given", as a missing flag
+    flags = tuple(f"{key}={v}" for key, v in (("distill.steps", steps), ("distill.ppc", ppc)) if v is not None)
+    job = DistillJob(str(runs_dir) if runs_dir is not None else str(runs_root()), dataset or None, preset or None,
+                     (*flags, *_sets(set)), {"device": device or None}, name=name or None, evaluate=evaluate)
+    with silenced(not progress), _failures_as_errors():
         return command(job)
 
 
@@ -101,7 +121,7 @@ def evaluate(
     from d3fast.runtime import resolve_device
 
     dev = resolve_device(device or "auto")
-    with silenced(not progress):
+    with silenced(not progress), _failures_as_errors():
         t = open_target(str(target), str(runs_dir or runs_root()), dataset, preset, tuple(_sets(set)), dev)
         if isinstance(archs, str):  # "convnet,resnet18" as on the command line
             archs = [a.strip() for a in archs.split(",") if a.strip()]

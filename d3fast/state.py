@@ -33,7 +33,10 @@ from d3fast.errors import D3FastError
 from d3fast.health import MTTHealth
 from d3fast.io import atomic_path
 
-CKPT_FORMAT = 1
+# 2: without the unused "best" record of format 1 (2026-12); a format-1 checkpoint still loads
+# (its "best" is ignored), a format-2 one always carries its sha256
+CKPT_FORMAT = 2
+CKPT_READABLE = (1, 2)
 
 
 # exp(logvar) (the KL term) overflows float32 above 88.7, and sampling takes exp(logvar / 2):
@@ -394,8 +397,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     except Exception as e:  # RuntimeError, EOFError, ValueError, OSError, ... from a damaged file
         first = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else ""
         raise D3FastError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first})") from None
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise D3FastError(f"{path} is not a d3fast checkpoint")
+    if not isinstance(state, dict) or state.get("format") not in CKPT_READABLE:
+        raise D3FastError(f"{path} is not a d3fast checkpoint (or one of a newer d3fast)")
+    if state["format"] >= 2 and "sha256" not in state:
+        raise D3FastError(f"checkpoint {path} is corrupt: the digest written with it is missing; resume from a copy, "
+                          "or start the run again")
     if "sha256" in state and state.pop("sha256") != state_digest(state):
         raise D3FastError(f"checkpoint {path} is corrupt: its content does not match the digest written with it "
                           "(bit rot or an overwrite); resume from a copy, or start the run again")

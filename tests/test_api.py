@@ -11,6 +11,7 @@ import torch
 
 import d3fast
 from d3fast.errors import D3FastError
+from d3fast.run import Run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -66,3 +67,20 @@ def test_api_names_are_the_functions_even_after_the_modules_load():
     from d3fast.recipes.distill import distill as loop
 
     assert loop.__module__ == "d3fast.recipes.distill"
+
+
+def test_api_takes_what_the_command_line_takes_and_raises_one_line_errors(home, tmp_path):
+    """steps as the command line parses --steps (a numpy int, "2"), "" as not given, and a
+    place that cannot be written as the D3FastError the command prints (not an OSError)."""
+    import numpy as np
+
+    from tests._utils import OVERRIDES
+
+    tiny = [o for o in OVERRIDES if not o.startswith("distill.steps")]
+    run = d3fast.distill("digits", steps=np.int64(2), set=tiny, runs_dir=tmp_path / "runs", name="", device="")
+    assert run.name.endswith("-digits") and len(Run(run).read_metrics()) == 2
+    with pytest.raises(D3FastError, match="expected int, got 'abc'"):
+        d3fast.distill("digits", steps="abc", set=tiny, runs_dir=tmp_path / "runs")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(D3FastError, match="cannot use .*afile.*not a directory"):
+        d3fast.distill("digits", steps="2", set=tiny, runs_dir=tmp_path / "afile")

@@ -373,6 +373,28 @@ def test_a_flipped_bit_in_the_checkpoint_zip_directory_is_caught(home, tmp_path)
         load_checkpoint(run.checkpoint_path)
 
 
+def test_a_format_1_checkpoint_resumes_and_a_format_2_one_needs_its_digest(home, tmp_path):
+    """Format 2 dropped format 1's unused "best" record: a format-1 file (with it) still
+    resumes to the same state as an uninterrupted run; a format-2 file without its digest
+    is refused, since every d3fast that writes format 2 writes one."""
+    from d3fast.state import state_digest
+
+    alone = Run.at(tmp_path / "alone")
+    distill(cfg_of("distill.steps=2", "distill.dtype=float64"), alone, progress=False)
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1", "distill.dtype=float64"), run, progress=False)
+    state = torch.load(run.checkpoint_path, weights_only=True)
+    assert state["format"] == 2 and "best" not in state
+    old = {k: v for k, v in state.items() if k != "sha256"} | {"format": 1, "best": '{"step": 1, "loss": 1.0}'}
+    torch.save(old | {"sha256": state_digest(old)}, run.checkpoint_path)
+    distill(cfg_of("distill.steps=2", "distill.dtype=float64"), run, resume=True, progress=False)
+    a, b = load_checkpoint(run.checkpoint_path), load_checkpoint(alone.checkpoint_path)
+    assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["alpha"], b["alpha"])
+    torch.save({k: v for k, v in state.items() if k != "sha256"}, run.checkpoint_path)
+    with pytest.raises(D3FastError, match="digest written with it is missing"):
+        load_checkpoint(run.checkpoint_path)
+
+
 def test_an_expert_header_claiming_more_epochs_than_it_stores_is_refused(home, tmp_path):
     from d3fast.io import load_tensors, save_tensors
 

@@ -173,6 +173,7 @@ def test_merge_refuses_a_part_holding_nan(home, parts, tmp_path):
     state = load_checkpoint(parts[1] / "checkpoint.pt")
     state["latents"].view(-1)[0] = float("nan")  # as an older d3fast could leave behind (no digest)
     state.pop("sha256", None)
+    state["format"] = 1  # the format of an older d3fast, which may lack the digest
     torch.save(state, bad / "checkpoint.pt")
     with pytest.raises(D3FastError, match="cannot be used"):
         merge_runs([parts[0], bad], tmp_path / "a")

@@ -1,4 +1,4 @@
-"""What the fused ops' autograd Functions share."""
+"""What the fused ops' autograd Functions and Triton launches share."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from typing import Any
 import torch
 
 from d3fast.errors import D3FastError
+
+# Compile options every Triton launch passes, set explicitly: Triton 3.9 fuses a * b + c into
+# one FMA unless told otherwise and warns that 3.10 will stop by default. Fused is what the
+# kernels were tested with (one rounding instead of two in the distance and gradient sums),
+# so an upgrade must not change the numbers behind our back (tests/kernels/test_compile.py).
+TRITON_OPTIONS = {"enable_fp_fusion": True}
 
 
 def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d3fast.kernels._autograd import first_order_only
+from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only
 
 
 @triton.jit
@@ -125,8 +125,9 @@ def _mmd_fwd_kernel(
             tl.store(a_ptrs, -4.0 * (rsum[:, None] * zr - cur), mask=amask)
 
 
-def _blocks(z: torch.Tensor) -> tuple[int, int, int]:
-    if z.device.type != "cuda":
+def _blocks(device_type: str) -> tuple[int, int, int]:
+    """(BM, BN, BD) for tensors on `device_type`."""
+    if device_type != "cuda":
         # the interpreter runs the program on numpy: small tiles keep the tests fast
         return 16, 16, 32
     return 64, 64, 32
@@ -148,7 +149,7 @@ def mmd_fwd(
     z = torch.cat([x, y], dim=1).contiguous()  # [C, N, D], one copy, O((n + m) D)
     N = z.shape[1]
     sq = z.float().pow(2).sum(-1).contiguous()  # [C, N]
-    BM, BN, BD = _blocks(z)
+    BM, BN, BD = _blocks(z.device.type)
     grid = (triton.cdiv(N, BM), C)
     partial = torch.empty(C, grid[0], device=z.device, dtype=torch.float32)
     acc = torch.zeros_like(z, dtype=torch.float32) if compute_grad else partial
@@ -158,7 +159,7 @@ def mmd_fwd(
         NUM_GAMMAS=gammas.numel(), UNBIASED=unbiased, COMPUTE_GRAD=compute_grad,
         IEEE=z.dtype == torch.float32 or z.dtype == torch.float64,
         # triton 3.9's interpreter computes bf16 dots on the raw bits (errors of 1e10 measured)
-        UPCAST=z.dtype == torch.bfloat16 and z.device.type != "cuda", BM=BM, BN=BN, BD=BD,
+        UPCAST=z.dtype == torch.bfloat16 and z.device.type != "cuda", BM=BM, BN=BN, BD=BD, **TRITON_OPTIONS,
     )
     return partial.sum(1), (acc if compute_grad else None)
 

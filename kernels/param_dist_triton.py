@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d3fast.kernels._autograd import first_order_only
+from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only
 from d3fast.kernels.param_dist_ref import input_grads
 
 
@@ -93,23 +93,24 @@ def _param_dist_bwd_kernel(
             tl.store(gt_ptr + off, (-(va + vs)).to(gt_ptr.dtype.element_ty), mask=m)
 
 
-def _blocks(t: torch.Tensor) -> tuple[int, int]:
+def _blocks(device_type: str) -> tuple[int, int]:
+    """(BLOCK, ITERS) for tensors on `device_type`."""
     # on the GPU 4096 values x 8 iterations per program keeps ~2k programs in flight at P = 16M
-    return (4096, 8) if t.device.type == "cuda" else (64, 2)
+    return (4096, 8) if device_type == "cuda" else (64, 2)
 
 
 def param_dist_sums(
     a: Sequence[torch.Tensor], t: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segments [S, P_k] (contiguous) -> (num [S], den [S]) in float64."""
-    block, iters = _blocks(a[0])
+    block, iters = _blocks(a[0].device.type)
     S = a[0].shape[0]
     counts = [triton.cdiv(ak.shape[1], block * iters) for ak in a]
     partial = torch.empty(S, sum(counts), 2, device=a[0].device, dtype=torch.float32)
     offset = 0
     for ak, tk, sk, n in zip(a, t, s, counts, strict=True):
         _param_dist_fwd_kernel[(n, S)](ak, tk, sk, partial, ak.shape[1], partial.shape[1], offset,
-                                           BLOCK=block, ITERS=iters)
+                                           BLOCK=block, ITERS=iters, **TRITON_OPTIONS)
         offset += n
     sums = partial.double().sum(1)
     return sums[:, 0], sums[:, 1]
@@ -124,7 +125,7 @@ def param_dist_grads(
     grad_out: torch.Tensor,
     want: tuple[bool, bool, bool],
 ) -> tuple[list[torch.Tensor] | None, ...]:
-    block, _ = _blocks(a[0])
+    block, _ = _blocks(a[0].device.type)
     S = a[0].shape[0]
     g = grad_out.double()
     ca = (2 * g / den).float().contiguous()
@@ -134,7 +135,7 @@ def param_dist_grads(
         grads = [torch.empty_like(x) if w else ak for x, w in zip((ak, tk, sk), want, strict=True)]
         _param_dist_bwd_kernel[(triton.cdiv(ak.shape[1], block), S)](
             ak, tk, sk, ca, cs, *grads, ak.shape[1],
-            GRAD_A=want[0], GRAD_T=want[1], GRAD_S=want[2], BLOCK=block,
+            GRAD_A=want[0], GRAD_T=want[1], GRAD_S=want[2], BLOCK=block, **TRITON_OPTIONS,
         )
         for o, gr, w in zip(outs, grads, want, strict=True):
             if w:

@@ -11,6 +11,10 @@ argument checks and the dispatch only. `backend(tensor)` picks one implementatio
     CPU tensor, d3fast._C built                                  -> "cpp"
     otherwise                                                    -> "reference"
 
+The ops then send float64 inputs that `backend` gave to Triton to the reference instead (the
+Triton kernels accumulate in fp32, and the MMD kernel's loop-carried dots do not compile for
+fp64), so float64 on CUDA never reaches a compile error; `impl="triton"` with float64 is refused.
+
 The Triton modules are imported only when a CUDA tensor needs them, so CPU-only runs never
 import Triton. Tests run the Triton kernels on CPU tensors by calling them directly under
 TRITON_INTERPRET=1.

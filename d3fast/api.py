@@ -46,14 +46,15 @@ def _value(key: str, v: Any) -> str:
 
 @contextmanager
 def _failures_as_errors() -> Iterator[None]:
-    """A file that cannot be written (a full disk, a path through a file, no permission) as
-    the one-line D3FastError the command prints (d3fast/io.py `write_failure`); anything else
+    """A file that cannot be written (a full disk, a path through a file, no permission; as
+    an OSError or as another library's error naming it) as the one-line D3FastError the
+    command prints (d3fast/io.py `write_failure`, as d3fast/cli.py applies it); anything else
     as it is raised."""
     from d3fast.io import write_failure
 
     try:
         yield
-    except OSError as e:
+    except Exception as e:
         failure = write_failure(getattr(e, "filename", None) or ".", e)
         if failure is None:
             raise

@@ -694,15 +694,13 @@ def _run_subtasks(cfg: Config, world: World, team: World, mine: list[int], done_
     if up_to_date(out, runs):  # the same command again: the merged object (its labels, its evaluation) stays
         world.close()
         click.echo(f"{out} is up to date with the {S} subtask runs")
-        if job.evaluate:
-            evaluate_command(run_target(Run(out), resolve_device("auto")))
-        return out
-    merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels, device=resolve_device(cfg.device),
-                             train_labeller=not job.no_auto)
-    world.close()
-    click.echo(f"merged {S} subtasks into {out}: {merged.num_classes} classes, {merged.storage_bytes() / 2**20:.2f} MiB "
-               f"(= {merged.images_per_class_equivalent():.2f} uint8 images per class)"
-               + ("; soft labels" if merged.soft_labels is not None else ""))
+    else:
+        merged, out = merge_runs(runs, out, force=True, soft_labels=cfg.distill.soft_labels,
+                                 device=resolve_device(cfg.device), train_labeller=not job.no_auto)
+        world.close()
+        click.echo(f"merged {S} subtasks into {out}: {merged.num_classes} classes, "
+                   f"{merged.storage_bytes() / 2**20:.2f} MiB (= {merged.images_per_class_equivalent():.2f} uint8 "
+                   "images per class)" + ("; soft labels" if merged.soft_labels is not None else ""))
     if job.evaluate:
         evaluate_command(run_target(Run(out), resolve_device("auto")))
     return out

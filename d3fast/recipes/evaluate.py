@@ -55,6 +55,7 @@ from d3fast.io import (
 )
 from d3fast.losses import soft_cross_entropy
 from d3fast.models import build_network
+from d3fast.preflight import resolve_data_loader
 from d3fast.progress import bar as progress_bar
 from d3fast.report import markdown, rendered, summary_line
 from d3fast.run import Run
@@ -239,8 +240,6 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
     Raises:
         D3FastError: missing data; an image set that does not fit the dataset.
     """
-    from d3fast.preflight import resolve_data_loader
-
     cfg, d, s = target.cfg, target.d, target.images
     resolve_data_loader(cfg)
     e = cfg.eval

@@ -23,7 +23,7 @@ from d3fast.run import Run
 from d3fast.runtime import resolve_device
 from d3fast.soft_labels import soft_labels
 from d3fast.training import load_flat_params
-from d3fast.trajectories import ExpertBank
+from d3fast.trajectories import ExpertBank, experts_command, experts_dir
 
 
 def ensure_labelling_expert(cfg: Config, echo: Callable[[str], None] = print) -> None:
@@ -50,8 +50,6 @@ def full_class_config(cfg: Config) -> Config:
 
 def _labelling_bank(cfg: Config) -> tuple[Config, ExpertBank]:
     """The labelling expert's config and the whole-dataset experts that reach its epoch."""
-    from d3fast.trajectories import experts_dir
-
     full = full_class_config(cfg)
     resolve_data_loader(full)
     folder = experts_dir(full)
@@ -67,7 +65,6 @@ def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Modul
         D3FastError: no such expert, with the exact `d3fast experts` command that trains one.
     """
     from d3fast.data.cache import load_split
-    from d3fast.trajectories import experts_command
 
     full, bank = _labelling_bank(cfg)
     epoch, folder = cfg.distill.soft_label_epoch, bank.folder

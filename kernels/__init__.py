@@ -167,14 +167,12 @@ def mmd2(
     else:
         # the per-class constants live on the device, cached: no host-to-device copy per call
         gam = _gammas_on(tuple(bandwidths), x.device)
-        if scale is not None:
-            gam = gam / scale.float().square()
         if full:
             dx, dy, coef = _full_lengths_on(C, n, m, unbiased, x.device)
         else:
             dx, dy, coef = lx.to(x.device, torch.int32), ly.to(x.device, torch.int32), \
                 mmd_coefficients(lx, ly, unbiased).to(x.device)
-        out = _triton("mmd").MMDFunction.apply(x, y, dx, dy, gam, coef, unbiased)
+        out = _triton("mmd").MMDFunction.apply(x, y, dx, dy, gam, coef, unbiased, scale)
     return out[0] if squeeze else out
 
 
@@ -324,7 +322,7 @@ def _segments(v: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[tuple
     if isinstance(v, torch.Tensor):
         if v.dim() not in (1, 2):
             raise D3FastError(f"param_dist: {name} must be [P] or [S, P], got {list(v.shape)}; pass a list for a model's parameters")
-        return [(v if v.dim() == 2 else v[None], v.dim() == 2)]
+        return [(v if v.dim() == 2 else v.unsqueeze(0), v.dim() == 2)]
     return [(p.reshape(1, -1), False) for p in v]
 
 

@@ -16,6 +16,25 @@ from d3fast.errors import D3FastError
 # so an upgrade must not change the numbers behind our back (tests/kernels/test_compile.py).
 TRITON_OPTIONS = {"enable_fp_fusion": True}
 
+_TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def tickets(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 counters on `device`, all zero, for a kernel whose programs take a
+    ticket (an atomic add) to find the last of a group, which then reduces the group's
+    partial sums in a fixed order: deterministic, where atomic float adds are not, and with
+    no zero-fill launch per call. Every kernel that takes tickets leaves them at zero (the
+    last program resets its counter), so the buffer is filled once and reused. One buffer per
+    device and stream: launches on one stream run in order; two streams never share one.
+    A replaced smaller buffer is freed to the stream-ordered caching allocator, which reuses
+    it only after the launches queued on it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" and torch.cuda.is_available() else 0
+    buf = _TICKETS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[(device, stream)] = buf
+    return buf
+
 
 def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap the backward of an op whose gradient is computed outside autograd (C++, Triton).

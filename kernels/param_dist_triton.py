@@ -1,15 +1,25 @@
-"""Trajectory-parameter distance in one pass over memory, as Triton kernels (CUDA tensors).
+"""Trajectory-parameter distance in one pass over memory, as Triton kernels (CUDA tensors):
+one launch forward, one backward (per segment).
 
 Math (kernels/param_dist_ref.py): per student r, over its flat parameters
 
     L_r = ||a_r - t_r||^2 / ||s_r - t_r||^2
     dL/da = 2 (a - t) / den,  dL/ds = -2 L (s - t) / den,  dL/dt = -(dL/da + dL/ds)
 
-Forward: each program reads BLOCK * ITERS values of a, t and s once and writes two fp32
-partial sums; the few partials are added in float64 on the host (deterministic, no
-atomics). The op is bandwidth-bound: 12 bytes per fp32 parameter forward, 16 backward.
-Segments (a model's parameter list) are launched one after the other into one partial
-buffer, so nothing is concatenated.
+Forward: each program reads whole BLOCKs of a, t and s with unmasked (vectorised) loads, the
+row's last program also the masked tail, and writes two fp32 partial sums; then it takes a
+ticket (`_autograd.tickets`), and the row's last program to arrive adds the row's partials in
+order in float64 (deterministic, no atomic float adds) and writes num, den and L: no torch
+op follows the kernel. Backward reads num, den and the upstream gradient itself. The op is
+bandwidth-bound: 12 bytes per fp32 parameter forward, 16 to 24 backward. Segments (a model's
+parameter list) are launched one after the other into one partial buffer, nothing
+concatenated; the ticket counts the programs of every segment, so the last segment's last
+program finishes the row.
+
+Alignment: a row starts at r * P; a vector load needs it aligned, which Triton can only know
+when P is a multiple of 16 (it specialises on that). One student (S = 1, D3's default) has
+only row 0, so the kernel is told (ONE_ROW); otherwise ALIGN, the power of two (<= 16)
+dividing P, is promised to the compiler: P = 615,690 gives 8-byte loads for S > 1.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only
+from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only, tickets
 from d3fast.kernels.param_dist_ref import input_grads
 
 
@@ -30,30 +40,66 @@ def _param_dist_fwd_kernel(
     t_ptr,
     s_ptr,
     partial_ptr,  # [S, num_partials, 2] fp32, this segment's slice starts at partial_offset
+    sums_ptr,  # [S, 2] fp64 out: num, den (for backward)
+    out_ptr,  # [S] fp32 out: num / den
+    ticket_ptr,  # int32 [S], zero on entry and on exit
     P,
     num_partials,
     partial_offset,
+    ITERS,  # whole blocks per program
+    ONE_ROW: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
-    base = r * P
-    start = pid.to(tl.int64) * BLOCK * ITERS
+    r = tl.program_id(1)
+    # student r's row, with the alignment the compiler may assume
+    if ONE_ROW:
+        base = 0
+    else:
+        base = tl.multiple_of(r.to(tl.int64) * P, ALIGN)
+    a_row = a_ptr + base
+    t_row = t_ptr + base
+    s_row = s_ptr + base
     offs = tl.arange(0, BLOCK)
     num = tl.zeros([BLOCK], dtype=tl.float32)
     den = tl.zeros([BLOCK], dtype=tl.float32)
-    for it in tl.static_range(ITERS):
-        idx = start + it * BLOCK + offs
-        m = idx < P
-        a = tl.load(a_ptr + base + idx, mask=m, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + base + idx, mask=m, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + base + idx, mask=m, other=0.0).to(tl.float32)
+    n_full = P // BLOCK
+    b0 = pid * ITERS
+    for b in range(b0, tl.minimum(b0 + ITERS, n_full)):
+        idx = b * BLOCK + offs  # within a row: int32 (P < 2^31)
+        a = tl.load(a_row + idx).to(tl.float32)
+        t = tl.load(t_row + idx).to(tl.float32)
+        s = tl.load(s_row + idx).to(tl.float32)
         num += (a - t) * (a - t)
         den += (s - t) * (s - t)
-    out = partial_ptr + (r * num_partials + partial_offset + pid) * 2
+    if pid == tl.num_programs(0) - 1:  # the masked tail, P % BLOCK values
+        idx = n_full * BLOCK + offs
+        m = idx < P
+        a = tl.load(a_row + idx, mask=m, other=0.0).to(tl.float32)
+        t = tl.load(t_row + idx, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(s_row + idx, mask=m, other=0.0).to(tl.float32)
+        num += (a - t) * (a - t)
+        den += (s - t) * (s - t)
+    row_partials = partial_ptr + r.to(tl.int64) * num_partials * 2
+    out = row_partials + (partial_offset + pid) * 2
     tl.store(out, tl.sum(num, axis=0))
     tl.store(out + 1, tl.sum(den, axis=0))
+    # the row's last program over every segment adds the partials, in order, in float64
+    if tl.atomic_add(ticket_ptr + r, 1, sem="acq_rel") == num_partials - 1:
+        tl.store(ticket_ptr + r, 0)
+        num64 = tl.zeros([BLOCK], dtype=tl.float64)
+        den64 = tl.zeros([BLOCK], dtype=tl.float64)
+        for k0 in range(0, num_partials, BLOCK):
+            k = k0 + offs
+            km = k < num_partials
+            num64 += tl.load(row_partials + k * 2, mask=km, other=0.0, cache_modifier=".cg").to(tl.float64)
+            den64 += tl.load(row_partials + k * 2 + 1, mask=km, other=0.0, cache_modifier=".cg").to(tl.float64)
+        n_sum = tl.sum(num64, axis=0)
+        d_sum = tl.sum(den64, axis=0)
+        tl.store(sums_ptr + r * 2, n_sum)
+        tl.store(sums_ptr + r * 2 + 1, d_sum)
+        tl.store(out_ptr + r, (n_sum / d_sum).to(tl.float32))
 
 
 @triton.jit
@@ -61,8 +107,9 @@ def _param_dist_bwd_kernel(
     a_ptr,
     t_ptr,
     s_ptr,
-    ca_ptr,  # [S] fp32: 2 g / den
-    cs_ptr,  # [S] fp32: -2 g num / den^2
+    sums_ptr,  # [S, 2] fp64: num, den
+    gout_ptr,  # [S] upstream gradient, any stride (0 for an expanded one)
+    gout_stride,
     ga_ptr,
     gt_ptr,
     gs_ptr,
@@ -70,72 +117,119 @@ def _param_dist_bwd_kernel(
     GRAD_A: tl.constexpr,
     GRAD_T: tl.constexpr,
     GRAD_S: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = idx < P
-    off = r * P + idx
-    ca = tl.load(ca_ptr + r)
-    cs = tl.load(cs_ptr + r)
-    a = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + off, mask=m, other=0.0).to(tl.float32)
+    r = tl.program_id(1)
+    # student r's row, with the alignment the compiler may assume
+    if ONE_ROW:
+        base = 0
+    else:
+        base = tl.multiple_of(r.to(tl.int64) * P, ALIGN)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(gout_ptr + r * gout_stride).to(tl.float64)
+    num = tl.load(sums_ptr + r * 2)
+    den = tl.load(sums_ptr + r * 2 + 1)
+    ca = (2.0 * g / den).to(tl.float32)
+    cs = (-2.0 * g * num / (den * den)).to(tl.float32)
+    if (pid + 1) * BLOCK <= P:
+        _bwd_block(a_ptr + base, t_ptr + base, s_ptr + base, ga_ptr + base, gt_ptr + base, gs_ptr + base, idx,
+                   idx >= 0, ca, cs, False, GRAD_A, GRAD_T, GRAD_S)
+    else:
+        _bwd_block(a_ptr + base, t_ptr + base, s_ptr + base, ga_ptr + base, gt_ptr + base, gs_ptr + base, idx,
+                   idx < P, ca, cs, True, GRAD_A, GRAD_T, GRAD_S)
+
+
+@triton.jit
+def _bwd_block(a_ptr, t_ptr, s_ptr, ga_ptr, gt_ptr, gs_ptr, idx, m, ca, cs, MASKED: tl.constexpr,
+               GRAD_A: tl.constexpr, GRAD_T: tl.constexpr, GRAD_S: tl.constexpr):
+    """One block's gradients; unmasked (vectorised) unless MASKED."""
+    if MASKED:
+        a = tl.load(a_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    else:
+        a = tl.load(a_ptr + idx).to(tl.float32)
+        t = tl.load(t_ptr + idx).to(tl.float32)
     va = ca * (a - t)
     if GRAD_A:
-        tl.store(ga_ptr + off, va.to(ga_ptr.dtype.element_ty), mask=m)
+        if MASKED:
+            tl.store(ga_ptr + idx, va.to(ga_ptr.dtype.element_ty), mask=m)
+        else:
+            tl.store(ga_ptr + idx, va.to(ga_ptr.dtype.element_ty))
     if GRAD_T or GRAD_S:
-        s = tl.load(s_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if MASKED:
+            s = tl.load(s_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(s_ptr + idx).to(tl.float32)
         vs = cs * (s - t)
+        vt = -(va + vs)
         if GRAD_S:
-            tl.store(gs_ptr + off, vs.to(gs_ptr.dtype.element_ty), mask=m)
+            if MASKED:
+                tl.store(gs_ptr + idx, vs.to(gs_ptr.dtype.element_ty), mask=m)
+            else:
+                tl.store(gs_ptr + idx, vs.to(gs_ptr.dtype.element_ty))
         if GRAD_T:
-            tl.store(gt_ptr + off, (-(va + vs)).to(gt_ptr.dtype.element_ty), mask=m)
+            if MASKED:
+                tl.store(gt_ptr + idx, vt.to(gt_ptr.dtype.element_ty), mask=m)
+            else:
+                tl.store(gt_ptr + idx, vt.to(gt_ptr.dtype.element_ty))
 
 
 def _blocks(device_type: str) -> tuple[int, int]:
-    """(BLOCK, ITERS) for tensors on `device_type`."""
-    # on the GPU 4096 values x 8 iterations per program keeps ~2k programs in flight at P = 16M
-    return (4096, 8) if device_type == "cuda" else (64, 2)
+    """(BLOCK, programs per SM) for tensors on `device_type`: on the GPU, blocks of 1,024
+    values (8 per thread at 4 warps: 128-bit loads of fp32, no spills) and 4 programs per SM,
+    each looping over its share of blocks; on the interpreter small blocks, so that the tests'
+    sizes take several programs, loops and tails."""
+    return (1024, 4) if device_type == "cuda" else (64, 2)
+
+
+def _layout(P: int, S: int) -> dict[str, int | bool]:
+    """The alignment promises for rows of P values, S rows."""
+    return {"ONE_ROW": S == 1, "ALIGN": min(P & -P, 16)}
 
 
 def param_dist_sums(
     a: Sequence[torch.Tensor], t: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segments [S, P_k] (contiguous) -> (num [S], den [S]) in float64."""
-    block, iters = _blocks(a[0].device.type)
+    """Segments [S, P_k] (contiguous) -> (L [S] fp32, sums [S, 2] fp64: num, den)."""
+    from d3fast.kernels.mmd_triton import sm_count
+
+    dev = a[0].device
+    block, per_sm = _blocks(dev.type)
     S = a[0].shape[0]
-    counts = [triton.cdiv(ak.shape[1], block * iters) for ak in a]
-    partial = torch.empty(S, sum(counts), 2, device=a[0].device, dtype=torch.float32)
+    # whole blocks per program so that every segment's programs fill each SM per_sm times
+    iters = [max(triton.cdiv(ak.shape[1] // block, per_sm * sm_count(dev)), 1) for ak in a]
+    counts = [max(triton.cdiv(ak.shape[1] // block, it), 1) for ak, it in zip(a, iters, strict=True)]
+    partial = torch.empty(S, sum(counts), 2, device=dev, dtype=torch.float32)
+    sums = torch.empty(S, 2, device=dev, dtype=torch.float64)
+    out = torch.empty(S, device=dev, dtype=torch.float32)
+    ticket = tickets(dev, S)
     offset = 0
-    for ak, tk, sk, n in zip(a, t, s, counts, strict=True):
-        _param_dist_fwd_kernel[(n, S)](ak, tk, sk, partial, ak.shape[1], partial.shape[1], offset,
-                                           BLOCK=block, ITERS=iters, **TRITON_OPTIONS)
+    for ak, tk, sk, n, it in zip(a, t, s, counts, iters, strict=True):
+        _param_dist_fwd_kernel[(n, S)](ak, tk, sk, partial, sums, out, ticket, ak.shape[1], partial.shape[1], offset, it,
+                                       BLOCK=block, **_layout(ak.shape[1], S), **TRITON_OPTIONS)
         offset += n
-    sums = partial.double().sum(1)
-    return sums[:, 0], sums[:, 1]
+    return out, sums
 
 
 def param_dist_grads(
     a: Sequence[torch.Tensor],
     t: Sequence[torch.Tensor],
     s: Sequence[torch.Tensor],
-    num: torch.Tensor,
-    den: torch.Tensor,
+    sums: torch.Tensor,
     grad_out: torch.Tensor,
     want: tuple[bool, bool, bool],
 ) -> tuple[list[torch.Tensor] | None, ...]:
     block, _ = _blocks(a[0].device.type)
     S = a[0].shape[0]
-    g = grad_out.double()
-    ca = (2 * g / den).float().contiguous()
-    cs = (-2 * g * num / (den * den)).float().contiguous()
     outs: list[list[torch.Tensor]] = [[], [], []]
     for ak, tk, sk in zip(a, t, s, strict=True):
         grads = [torch.empty_like(x) if w else ak for x, w in zip((ak, tk, sk), want, strict=True)]
         _param_dist_bwd_kernel[(triton.cdiv(ak.shape[1], block), S)](
-            ak, tk, sk, ca, cs, *grads, ak.shape[1],
-            GRAD_A=want[0], GRAD_T=want[1], GRAD_S=want[2], BLOCK=block, **TRITON_OPTIONS,
+            ak, tk, sk, sums, grad_out, grad_out.stride(0), *grads, ak.shape[1],
+            GRAD_A=want[0], GRAD_T=want[1], GRAD_S=want[2], BLOCK=block, **_layout(ak.shape[1], S), **TRITON_OPTIONS,
         )
         for o, gr, w in zip(outs, grads, want, strict=True):
             if w:
@@ -144,25 +238,24 @@ def param_dist_grads(
 
 
 class ParamDistFunction(torch.autograd.Function):
-    """(n_seg, a_1..a_n, t_1..t_n, s_1..s_n) with segments [S, P_k] -> [S]; one launch per
-    segment for the sums, one more per segment for the wanted gradients."""
+    """(n_seg, a_1..a_n, t_1..t_n, s_1..s_n) with segments [S, P_k] -> [S] fp32; one launch
+    per segment forward, one per segment backward."""
 
     @staticmethod
     def forward(ctx, n_seg, *flat):  # type: ignore[override]
         ctx.dtypes = [x.dtype for x in flat]
         flat = tuple(x.contiguous() for x in flat)
-        num, den = param_dist_sums(flat[:n_seg], flat[n_seg : 2 * n_seg], flat[2 * n_seg :])
+        out, sums = param_dist_sums(flat[:n_seg], flat[n_seg : 2 * n_seg], flat[2 * n_seg :])
         ctx.n_seg = n_seg
-        ctx.save_for_backward(*flat, num, den)
-        dtype = torch.float64 if ctx.dtypes[0] == torch.float64 else torch.float32
-        return (num / den).to(dtype)
+        ctx.save_for_backward(*flat, sums)
+        return out
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out):  # type: ignore[override]
         n = ctx.n_seg
-        *flat, num, den = ctx.saved_tensors
+        *flat, sums = ctx.saved_tensors
         need = ctx.needs_input_grad[1:]
         want = tuple(any(need[k * n : (k + 1) * n]) for k in range(3))
-        grads = param_dist_grads(flat[:n], flat[n : 2 * n], flat[2 * n :], num, den, grad_out.reshape(-1), want)
+        grads = param_dist_grads(flat[:n], flat[n : 2 * n], flat[2 * n :], sums, grad_out.reshape(-1), want)
         return input_grads(grads, ctx.dtypes, n)

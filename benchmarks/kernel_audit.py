@@ -416,11 +416,30 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def provenance() -> dict[str, str]:
+    """Versions, commit and date of an audit (it reads the compiler, not a GPU)."""
+    import platform
+    import time
+
+    import triton
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
+        return res.stdout.strip() if res.returncode == 0 else "unknown"
+
+    return {"triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "commit": git("rev-parse", "--short", "HEAD") + (" (dirty)" if git("status", "--porcelain", "--", "kernels") else ""),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
 def table(rows: list[dict[str, Any]], arch: int) -> str:
     spec = ARCH[arch]
+    prov = provenance()
     head = [
         f"# Triton kernels compiled for sm_{arch} ({spec['gpu']}: {spec['sms']} SMs, {spec['ghz']} GHz, "
         f"{spec['dram_gbs']:,.0f} GB/s)", "",
+        f"triton {prov['triton']}, torch {prov['torch']}, Python {prov['python']}; kernels at commit {prov['commit']}, "
+        f"{prov['date']}; no GPU involved (ahead-of-time compile on a CPU).", "",
         "Regenerate: `python -m benchmarks.kernel_audit --arch " + str(arch) + " --out <this file>` "
         "(benchmarks/kernel_audit.py says how each column is read from the compiler's output).", "",
         "| op | case | launches | bound us | kernel | grid | warps | regs | spill | smem B | CTA/SM | TC (in loops) "
@@ -463,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(text)
     if a.json:
-        a.json.write_text(json.dumps({"arch": a.arch, **ARCH[a.arch], "rows": rows}, indent=1))
+        a.json.write_text(json.dumps({"arch": a.arch, **ARCH[a.arch], **provenance(), "rows": rows}, indent=1))
     return 0
 
 

@@ -428,11 +428,11 @@ def provenance() -> dict[str, str]:
         return res.stdout.strip() if res.returncode == 0 else "unknown"
 
     return {"triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "commit": git("rev-parse", "--short", "HEAD") + (" (dirty)" if git("status", "--porcelain", "--", "kernels") else ""),
+            "commit": git("rev-parse", "--short", "HEAD") + (" (dirty)" if git("status", "--porcelain", "--", "kernels", "benchmarks/kernel_audit.py") else ""),
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
-def table(rows: list[dict[str, Any]], arch: int) -> str:
+def table(rows: list[dict[str, Any]], arch: int, only: list[str] | None = None) -> str:
     spec = ARCH[arch]
     prov = provenance()
     head = [
@@ -440,7 +440,8 @@ def table(rows: list[dict[str, Any]], arch: int) -> str:
         f"{spec['dram_gbs']:,.0f} GB/s)", "",
         f"triton {prov['triton']}, torch {prov['torch']}, Python {prov['python']}; kernels at commit {prov['commit']}, "
         f"{prov['date']}; no GPU involved (ahead-of-time compile on a CPU).", "",
-        "Regenerate: `python -m benchmarks.kernel_audit --arch " + str(arch) + " --out <this file>` "
+        "Regenerate: `python -m benchmarks.kernel_audit --arch " + str(arch)
+        + "".join(f' --only "{o}"' for o in only or []) + " --out <this file>` "
         "(benchmarks/kernel_audit.py says how each column is read from the compiler's output).", "",
         "| op | case | launches | bound us | kernel | grid | warps | regs | spill | smem B | CTA/SM | TC (in loops) "
         "| LDG (64/128-bit) | warp instr | issue us | dram us |",
@@ -475,13 +476,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile with enable_fp_fusion=False instead of the launchers' options (the test shows they matter)")
     a = p.parse_args(argv)
     rows = run_audit(a.arch, a.only, fusion=not a.no_fp_fusion)
-    text = table(rows, a.arch)
+    if not rows:
+        p.error(f"no case matches --only {a.only}; the cases: " + "; ".join(f"{op} {name}" for op, name, _ in cases()))
+    text = table(rows, a.arch, a.only)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text)
     else:
         sys.stdout.write(text)
     if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"arch": a.arch, **ARCH[a.arch], **provenance(), "rows": rows}, indent=1))
     return 0
 

@@ -116,22 +116,26 @@ def mmd2(
         common shift: centre such features (e.g. on the real class mean) or pass float64.
         ReLU/pooled ConvNet features, unit-scale or zero-mean features stay at ~1e-5 relative.
     Raises:
-        D3FastError: mismatched shapes, a zero dimension, non-floating inputs, bad lengths,
-            bandwidths or bandwidth_scale, fewer than 2 rows on a side with the unbiased
-            estimator, or create_graph=True through a fused (C++ or Triton) backward.
+        D3FastError: mismatched shapes, a zero dimension, non-floating inputs, inputs on two
+            devices, bad lengths, bandwidths or bandwidth_scale, fewer than 2 rows on a side with
+            the unbiased estimator, impl="triton" for CPU tensors (outside the interpreter), or
+            create_graph=True through a fused (C++ or Triton) backward.
 
     Example:
         >>> mmd2(torch.randn(10, 64, 2048), torch.randn(10, 50, 2048)).shape
         torch.Size([10])
     """
-    squeeze = x.dim() == 2
+    given = (list(x.shape), list(y.shape))
+    squeeze = x.dim() == 2 and y.dim() == 2
     if squeeze:
-        x, y = x[None], y[None]
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2] or 0 in (*x.shape, *y.shape):
-        raise D3FastError(f"mmd2: need x [C, n, D] and y [C, m, D] with equal C and D, none of them 0, got "
-                          f"{list(x.shape)} and {list(y.shape)}")
+        raise D3FastError(f"mmd2: need x [C, n, D] and y [C, m, D] (or both 2-D) with equal C and D, none of them "
+                          f"0, got {given[0]} and {given[1]}")
     if not (x.is_floating_point() and y.is_floating_point()):
         raise D3FastError(f"mmd2: x and y must be real floating point, got {x.dtype} and {y.dtype}")
+    if x.device != y.device:
+        raise D3FastError(f"mmd2: x and y must be on one device, got {x.device} and {y.device}")
     bandwidths = _bandwidths(bandwidths)
     C, n, D = x.shape
     m = y.shape[1]
@@ -181,6 +185,9 @@ def _chosen(impl: str | None, t: torch.Tensor) -> str:
         return backend(t)
     if impl not in ("triton", "cpp", "reference"):
         raise D3FastError(f"unknown kernel implementation {impl!r}: use triton, cpp or reference")
+    if impl == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise D3FastError(f"the Triton kernels take CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, the "
+                          f"tests' interpreter), got a {t.device.type} tensor; impl=None picks the right one")
     if impl == "triton" and t.dtype == torch.float64:
         # the Triton kernels accumulate in fp32 (mmd's loop-carried dots do not compile for fp64)
         raise D3FastError("the Triton kernels take float32, bfloat16 or float16; float64 runs on the reference "
@@ -243,7 +250,8 @@ def _bandwidth_scale(scale: torch.Tensor | float | None, device: torch.device) -
     scale = scale.detach().reshape(())
     if scale.device.type == "cpu" and not (math.isfinite(float(scale)) and float(scale) > 0):
         raise D3FastError(f"mmd2: bandwidth_scale must be finite and positive, got {float(scale)}")
-    return scale
+    # a CPU scale for CUDA features: one copy (the kernels read it on the device)
+    return scale.to(device)
 
 
 def _lengths(lengths: torch.Tensor | None, C: int, rows: int, name: str) -> torch.Tensor:
@@ -280,7 +288,8 @@ def param_dist(
         a scalar for [P] inputs, [S] for [S, P]; float32 (float64 for float64 inputs).
         Gradients flow to every input that requires them.
     Raises:
-        D3FastError: empty or mismatched inputs.
+        D3FastError: empty or mismatched inputs, a segment that is not real floating point or
+            sits on another device than the first, impl="triton" for CPU tensors.
 
     Example:
         >>> param_dist(torch.ones(5), torch.zeros(5), torch.full((5,), 2.0))
@@ -295,7 +304,13 @@ def param_dist(
         # one expert trajectory for a batch of students: broadcast [P] over [S, P]
         st, ss = ([(v[0].expand_as(sa[0][0]), True) if not v[1] else v for v in side] for side in (st, ss))
         segs = [sa, st, ss]
+    device = sa[0][0].device
     for k, (x, y, z) in enumerate(zip(sa, st, ss, strict=True)):
+        # checked before any launch: a segment refused by the second launch would leave the
+        # first launch's ticket counters taken (kernels/_autograd.py)
+        if not all(v[0].is_floating_point() and v[0].device == device for v in (x, y, z)):
+            raise D3FastError(f"param_dist: segment {k} must be real floating point on {device}, got "
+                              f"{[f'{v[0].dtype} on {v[0].device}' for v in (x, y, z)]}")
         if not (x[0].shape == y[0].shape == z[0].shape) or x[0].shape[1] == 0 or x[1] != batched:
             raise D3FastError(
                 f"param_dist: segment {k} shapes differ or are empty: {list(x[0].shape)}, "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,23 +19,35 @@ from d3fast.errors import D3FastError
 TRITON_OPTIONS = {"enable_fp_fusion": True}
 
 _TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_TICKETS_LOCK = threading.RLock()
 
 
-def tickets(device: torch.device, n: int) -> torch.Tensor:
-    """At least n int32 counters on `device`, all zero, for a kernel whose programs take a
-    ticket (an atomic add) to find the last of a group, which then reduces the group's
-    partial sums in a fixed order: deterministic, where atomic float adds are not, and with
-    no zero-fill launch per call. Every kernel that takes tickets leaves them at zero (the
-    last program resets its counter), so the buffer is filled once and reused. One buffer per
-    device and stream: launches on one stream run in order; two streams never share one.
-    A replaced smaller buffer is freed to the stream-ordered caching allocator, which reuses
-    it only after the launches queued on it."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" and torch.cuda.is_available() else 0
-    buf = _TICKETS.get((device, stream))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _TICKETS[(device, stream)] = buf
-    return buf
+@contextlib.contextmanager
+def tickets(device: torch.device, n: int) -> Iterator[torch.Tensor]:
+    """At least n int32 counters on `device`, all zero, for the launches made inside the
+    block, whose programs take a ticket (an atomic add) to find the last of a group, which then
+    reduces the group's partial sums in a fixed order: deterministic, where atomic float adds
+    are not, and with no zero-fill launch per call.
+
+    Every kernel that takes tickets leaves them at zero (the last program resets its counter),
+    so the buffer is filled once and reused: one per device and stream (launches on one stream
+    run in order; two streams never share one). The block holds a lock, so that a group of
+    launches sharing counters (param_dist's segments) cannot interleave with another thread's
+    on the same stream; and if it raises (a launch refused, Ctrl-C between launches), the
+    counters are zeroed after what was launched, so a half-counted group cannot corrupt the
+    next call. A replaced smaller buffer is freed to the stream-ordered caching allocator,
+    which reuses it only after the launches queued on it."""
+    with _TICKETS_LOCK:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" and torch.cuda.is_available() else 0
+        buf = _TICKETS.get((device, stream))
+        if buf is None or buf.numel() < n:
+            buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+            _TICKETS[(device, stream)] = buf
+        try:
+            yield buf
+        except BaseException:
+            buf.zero_()
+            raise
 
 
 def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:

@@ -311,14 +311,15 @@ def mmd_fwd(
     tile_loss = torch.empty(C, T, device=dev, dtype=torch.float32)
     loss = torch.empty(C, device=dev, dtype=torch.float32)
     precision, upcast = _precision(x.dtype, dev)
-    _mmd_fwd_kernel[(T, split, C)](
-        x, y, x.stride(0), x.stride(1), y.stride(0), y.stride(1), x_lengths, y_lengths, coef, gammas,
-        scale if scale is not None else gammas, ws, w, tile_loss, loss, tickets(dev, C * T + C),
-        N, nx, D, p["D_SPLIT"], tj,
-        NUM_GAMMAS=gammas.numel(), UNBIASED=unbiased, STORE_W=store_w, HAS_SCALE=scale is not None,
-        SPLIT=split, T_POW2=triton.next_power_of_2(T), PRECISION=precision, UPCAST=upcast,
-        BM=bm, BN=bm, BD=p["BD"], **TRITON_OPTIONS, **CUDA_OPTIONS["fwd"],
-    )
+    with tickets(dev, C * T + C) as ticket:
+        _mmd_fwd_kernel[(T, split, C)](
+            x, y, x.stride(0), x.stride(1), y.stride(0), y.stride(1), x_lengths, y_lengths, coef, gammas,
+            scale if scale is not None else gammas, ws, w, tile_loss, loss, ticket,
+            N, nx, D, p["D_SPLIT"], tj,
+            NUM_GAMMAS=gammas.numel(), UNBIASED=unbiased, STORE_W=store_w, HAS_SCALE=scale is not None,
+            SPLIT=split, T_POW2=triton.next_power_of_2(T), PRECISION=precision, UPCAST=upcast,
+            BM=bm, BN=bm, BD=p["BD"], **TRITON_OPTIONS, **CUDA_OPTIONS["fwd"],
+        )
     return loss, (w if store_w else None)
 
 

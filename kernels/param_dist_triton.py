@@ -205,12 +205,12 @@ def param_dist_sums(
     partial = torch.empty(S, sum(counts), 2, device=dev, dtype=torch.float32)
     sums = torch.empty(S, 2, device=dev, dtype=torch.float64)
     out = torch.empty(S, device=dev, dtype=torch.float32)
-    ticket = tickets(dev, S)
     offset = 0
-    for ak, tk, sk, n, it in zip(a, t, s, counts, iters, strict=True):
-        _param_dist_fwd_kernel[(n, S)](ak, tk, sk, partial, sums, out, ticket, ak.shape[1], partial.shape[1], offset, it,
-                                       BLOCK=block, **_layout(ak.shape[1], S), **TRITON_OPTIONS)
-        offset += n
+    with tickets(dev, S) as ticket:  # one counter per row over every segment's launch
+        for ak, tk, sk, n, it in zip(a, t, s, counts, iters, strict=True):
+            _param_dist_fwd_kernel[(n, S)](ak, tk, sk, partial, sums, out, ticket, ak.shape[1], partial.shape[1],
+                                           offset, it, BLOCK=block, **_layout(ak.shape[1], S), **TRITON_OPTIONS)
+            offset += n
     return out, sums
 
 

@@ -2,6 +2,7 @@
 backward, on odd shapes, several dtypes, padded classes and strided inputs; the reference
 itself against a double loop over pairs."""
 
+import importlib.util
 import itertools
 
 import pytest
@@ -247,11 +248,19 @@ def test_bad_input_is_a_clear_error():
         ({"bandwidth_scale": torch.ones(2)}, "one floating-point value"),
         ({"bandwidth_scale": "wide"}, "a number or a one-value tensor"),
         ({"x_lengths": torch.tensor([True, True])}, "x_lengths must be 2 integers"),
+        # a second pass: shapes as given, devices, Triton on a CPU tensor outside the interpreter
+        ({"y": torch.randn(3, 2, 5, 8)}, r"got \[2, 5, 8\] and \[3, 2, 5, 8\]"),
+        ({"y": torch.randn(2, 5, 8, device="meta")}, "one device"),
     ]
     for kw, message in bad:
         args = {"x": x, "y": x, **kw}
         with pytest.raises(D3FastError, match=message):
             kernels.mmd2(args.pop("x"), args.pop("y"), **args)
+    if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("TRITON_INTERPRET", raising=False)
+            with pytest.raises(D3FastError, match="Triton kernels take CUDA tensors"):
+                kernels.mmd2(x, x, impl="triton")
     # a plain number is a scale like a tensor
     assert torch.equal(kernels.mmd2(x, x, bandwidth_scale=2.0), kernels.mmd2(x, x, bandwidth_scale=torch.tensor(2.0)))
 
@@ -452,4 +461,5 @@ def test_triton_split_over_features_is_exact_deterministic_and_leaves_its_counte
     first, second = run(impl, x.to(dev), y.to(dev), up), run(impl, x.to(dev), y.to(dev), up)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
-    assert int(tickets(dev, 1).abs().sum()) == 0
+    with tickets(dev, 1) as counters:
+        assert int(counters.abs().sum()) == 0

@@ -132,6 +132,48 @@ def test_bad_input_is_a_clear_error():
         kernels.param_dist([a, a], [t], [s, s])
     with pytest.raises(D3FastError, match="empty"):
         kernels.param_dist(a[:0], t[:0], s[:0])
+    # found by a breaker pass: refused before any launch (a later segment's refusal used to
+    # leave the first launch's ticket counters taken)
+    z = torch.zeros(3, dtype=torch.complex64)
+    for bad in ([a, z], [a, torch.zeros(3, dtype=torch.int64)], [a, torch.zeros(3, device="meta")]):
+        with pytest.raises(D3FastError, match="real floating point on cpu"):
+            kernels.param_dist(bad, bad, bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_a_group_of_launches_stopped_midway_leaves_the_counters_at_zero(monkeypatch):
+    """The forward's launches (one per segment) share one ticket counter per student: Ctrl-C
+    (or a refused launch) after the first leaves it counted, and every later call would then
+    find its last program at the wrong count (wrong losses, silently). The counters are zeroed
+    when the group raises; the next call is exact."""
+    from d3fast.kernels import param_dist_triton as pdt
+    from d3fast.kernels._autograd import tickets
+
+    dev = device_for("triton")
+    real = pdt._param_dist_fwd_kernel
+    launched = []
+
+    class StopSecond:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if launched:
+                    raise KeyboardInterrupt
+                launched.append(grid)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    segs = [[v.to(dev) for v in vectors(n, k)] for k, n in enumerate((300, 70))]
+    a, t, s = ([seg[i] for seg in segs] for i in range(3))
+    monkeypatch.setattr(pdt, "_param_dist_fwd_kernel", StopSecond())
+    with pytest.raises(KeyboardInterrupt):
+        kernels.param_dist(a, t, s, impl="triton")
+    monkeypatch.setattr(pdt, "_param_dist_fwd_kernel", real)
+    assert launched
+    with tickets(dev, 1) as counters:
+        assert int(counters.abs().sum()) == 0
+    want = formula(torch.cat(a).cpu(), torch.cat(t).cpu(), torch.cat(s).cpu())[0]
+    got = kernels.param_dist(a, t, s, impl="triton")
+    assert_close("after a stopped call", want, got.cpu().double(), atol=1e-6 * float(want), rtol=0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from d3fast.phases import launches_kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Per target: SMs, SM clock (GHz), DRAM bandwidth (GB/s), shared memory per SM (KiB), registers
@@ -72,14 +74,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Targets the audit test holds the kernels to (issue 30)
 MAX_LAUNCHES = {"mmd2": 2, "param_dist": 2}
 IMAGEWOOF_BOUND_US = 10.0
-
-# Views, allocations and metadata: no GPU kernel behind them
-NO_KERNEL = {
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
-    "_local_scalar_dense", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "device",
-    "size", "stride", "dim", "is_contiguous", "numel", "storage_offset",
-}
-
 
 @dataclass
 class Launch:
@@ -116,7 +110,7 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         name = func.overloadpacket.__name__
         flat = list(torch.utils._pytree.tree_leaves((args, kwargs, out)))
         on_gpu = any(isinstance(t, torch.Tensor) and t.is_cuda for t in flat)
-        if self.counting[0] and on_gpu and not func.is_view and name not in NO_KERNEL:
+        if self.counting[0] and on_gpu and launches_kernel(func):
             self.log.append(Launch(f"torch.{name}", _nbytes(flat)))
         return out
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The phases of a distillation step, in the report's display order. The loop, the ops and
 # `d3fast profile` import these names; the report adds "other" (time no phase claimed).
@@ -43,6 +44,19 @@ PHASES = (DATA, DECODE, UNROLL_FORWARD, UNROLL_BACKWARD, PARAM_DISTANCE, MMD, LO
 
 _ACTIVE: PhaseTimer | None = None
 _NULL = nullcontext()
+
+# aten ops with no kernel behind them (besides views, which say so themselves): allocations and
+# metadata. Every other op is about one kernel launch on a GPU in eager mode.
+NO_KERNEL = frozenset({
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
+    "_local_scalar_dense", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "device",
+    "size", "stride", "dim", "is_contiguous", "numel", "storage_offset", "set_", "record_stream",
+})
+
+
+def launches_kernel(func: torch._ops.OpOverload) -> bool:
+    """Whether an aten op runs a kernel (not a view, an allocation or a metadata read)."""
+    return not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL
 
 
 @dataclass
@@ -145,6 +159,28 @@ class PhaseTimer:
         self.steps.append(done)
         self.step_edges.append(self.now())
         return done
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run a kernel (`launches_kernel`) while entered, each booked to
+    the innermost phase `timer` has open ("other" outside every phase): in eager mode one op is
+    about one GPU kernel launch, the number issue 31 sets a target on. A dispatch mode costs a
+    Python call per op, so `d3fast profile` counts one step of its own, apart from the timed
+    ones. Ops inside the fused ops' Triton and C++ kernels are not aten ops: each fused call
+    counts as the ops around it (its Triton launches, 1-2 a call, are not seen)."""
+
+    def __init__(self, timer: PhaseTimer):
+        super().__init__()
+        self.timer = timer
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def, override]
+        out = func(*args, **(kwargs or {}))
+        if launches_kernel(func):
+            stack = self.timer._stack
+            name = stack[-1].name if stack else "other"
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return out
 
 
 def phase(name: str) -> Any:

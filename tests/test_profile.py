@@ -47,7 +47,7 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     # record_function ops the timer opens at each phase edge), and exclusive booking can
     # never exceed the step
     steps = r["step_s"]["per_step"]
-    assert len(steps) == 3 and r["steps"] == {"warmup": 1, "free": 2, "timed": 3, "traced": 1}
+    assert len(steps) == 3 and r["steps"] == {"warmup": 1, "free": 2, "timed": 3, "counted": 1, "traced": 1}
     # free-running steps run without markers: fewer ops (no record_function at phase
     # edges), and they set the rate the projection uses
     free = r["free_step_s"]
@@ -71,7 +71,17 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     md = (out / "report.md").read_text()
     assert "## Time per phase" in md and "unroll backward" in md and "## Fused kernels" in md
     rows = [x for x in ledger.Ledger().records(dataset="digits") if x["phase"] == "profile"]
-    assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 7
+    assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 8
+
+    # ops per step: the counted step's kernel-running ops, booked by phase; under the op clock
+    # that step lasted as many ticks as it dispatched ops of any kind, views included: the
+    # kernel-running ones are most of them, and never more
+    ops = r["ops_per_step"]
+    assert sum(ops["by_phase"].values()) == ops["total"]
+    assert 0.5 * ops["counted_step_s"] <= ops["total"] <= ops["counted_step_s"]
+    for p in ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "optimizers"):
+        assert ops["by_phase"][p] > 0, p
+    assert "## Ops per step" in md and f"{ops['total']:,} aten ops" in md
 
 
 def test_profile_stand_ins_for_a_dataset_without_files(tmp_path):

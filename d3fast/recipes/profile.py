@@ -52,7 +52,7 @@ from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, file_st
 from d3fast.models import build_network
 from d3fast.models._layers import FeatureClassifier
 from d3fast.paths import data_dir
-from d3fast.phases import PHASES, PhaseTimer, active, set_marking
+from d3fast.phases import PHASES, OpCounter, PhaseTimer, active, set_marking
 from d3fast.preflight import resolve_data_loader
 from d3fast.progress import bar as progress_bar
 from d3fast.recipes.distill import DistillInputs, distill
@@ -97,9 +97,10 @@ def profile(
     out.mkdir(parents=True, exist_ok=True)
     full_steps = cfg.distill.steps
     pcfg = copy.deepcopy(cfg)
-    pcfg.distill.steps = warmup + free_steps + steps + trace_steps
-    # step k's kind; the markers are on for every kind but "free"
-    kinds = ["warmup"] * warmup + ["free"] * free_steps + ["timed"] * steps + ["traced"] * trace_steps
+    # step k's kind; the markers are on for every kind but "free"; one "counted" step runs
+    # under an op counter (a Python call per op: not timed)
+    kinds = ["warmup"] * warmup + ["free"] * free_steps + ["timed"] * steps + ["counted"] + ["traced"] * trace_steps
+    pcfg.distill.steps = len(kinds)
     pcfg.distill.checkpoint_every = 10**9  # one checkpoint, after the last step
 
     scratch = Path(tempfile.mkdtemp(prefix=".profile-", dir=out))
@@ -115,6 +116,8 @@ def profile(
         tracer = _tracer(device)
         bar = progress_bar(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
 
+        counter: list[OpCounter] = []  # entered for the counted step only
+
         def on_step(metrics: dict[str, Any]) -> None:
             phases = timer.end_step()
             k = len(per_step)
@@ -122,6 +125,13 @@ def profile(
             per_step.append({"kind": kind, "step_s": metrics["step_s"], "images_per_s": metrics["images_per_s"],
                              "peak_mem_gib": metrics["peak_mem_gib"], "phases": phases,
                              "edge_s": timer.step_edges[-1]})
+            if kind == "counted":
+                done = counter.pop()
+                done.__exit__(None, None, None)
+                per_step[-1]["ops"] = done.counts
+            elif k + 1 < len(kinds) and kinds[k + 1] == "counted":
+                counter.append(OpCounter(timer))
+                counter[0].__enter__()
             bar.set_postfix_str(f"{kind} step {metrics['step_s']:.2f} s", refresh=False)
             bar.update(1)
             if k + 1 < len(kinds):
@@ -131,8 +141,12 @@ def profile(
 
         with active(timer), timer.sample_memory():
             set_marking(None if kinds[0] == "free" else timer)
-            res = distill(pcfg, Run.at(scratch / "run"), inputs=inputs, progress=False, on_step=on_step,
-                          ledger_phase="profile", clock=clock)
+            try:
+                res = distill(pcfg, Run.at(scratch / "run"), inputs=inputs, progress=False, on_step=on_step,
+                              ledger_phase="profile", clock=clock)
+            finally:
+                for c in counter:  # the run stopped inside the counted step
+                    c.__exit__(None, None, None)
         if trace_steps:
             tracer.stop()
         bar.close()
@@ -260,7 +274,7 @@ def _report(
                                                  "decoder_linear", "z_dim")}
         | {"net": f"{cfg.net.name} width {cfg.net.width} depth {cfg.net.depth or 'auto'} {cfg.net.norm}"},
         "shapes": shapes,
-        "steps": {"warmup": warmup, "free": free_steps, "timed": steps, "traced": trace_steps},
+        "steps": {"warmup": warmup, "free": free_steps, "timed": steps, "counted": 1, "traced": trace_steps},
         "step_s": {"mean": step_s, "median": statistics.median(s["step_s"] for s in timed),
                    "min": min(s["step_s"] for s in timed), "max": max(s["step_s"] for s in timed),
                    "per_step": [s["step_s"] for s in timed]},
@@ -289,6 +303,12 @@ def _report(
         traced_s = statistics.mean(s["step_s"] for s in traced)
         report["traced_step_s"] = traced_s
         report["profiler_overhead"] = traced_s / step_s
+    counted = [s for s in per_step if s["kind"] == "counted" and "ops" in s]
+    if counted:
+        ops = counted[0]["ops"]
+        order = [p for p in (*PHASES, *sorted(set(ops) - set(PHASES) - {"other"}), "other") if p in ops]
+        report["ops_per_step"] = {"total": sum(ops.values()), "by_phase": {p: ops[p] for p in order},
+                                  "counted_step_s": counted[0]["step_s"]}
     if tracer is not None:
         report["top_kernels"], report["fused_kernels"] = _kernels(tracer, device, trace_steps, shapes)
     return report
@@ -372,7 +392,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"- inputs: data {r['inputs']['data']}; experts {r['inputs']['experts']}",
         "- config: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()),
         f"- steps: {r['steps']['warmup']} warm-up, {r['steps'].get('free', 0)} free-running (no markers), "
-        f"{r['steps']['timed']} timed (phase markers), {r['steps']['traced']} traced (torch.profiler)",
+        f"{r['steps']['timed']} timed (phase markers), {r['steps'].get('counted', 0)} counted (ops), "
+        f"{r['steps']['traced']} traced (torch.profiler)",
         "",
         "## Throughput",
         "",
@@ -411,6 +432,15 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| **step (measured)** | **{r['step_s']['mean'] * ms:.1f}** | phases cover {r['phase_coverage']:.1%} |", ""]
     lines.append("decode: decoder forward wherever it runs (unroll, its recomputation in backward, MMD); "
                  "unroll backward: the adjoint recomputation and HVPs; mmd: features, loss and backward of the MMD update.")
+    if r.get("ops_per_step"):
+        o = r["ops_per_step"]
+        lines += ["", "## Ops per step (eager; the counted step)", "",
+                  f"{o['total']:,} aten ops that run a kernel (views, allocations and metadata left out): in eager "
+                  "mode about one GPU kernel launch each. Booked to the innermost open phase; the fused ops' "
+                  "own Triton launches (1-2 a call) are not aten ops.", "",
+                  "| phase | ops / step | share |", "|---|---:|---:|"]
+        for name, n in o["by_phase"].items():
+            lines.append(f"| {name} | {n:,} | {n / max(o['total'], 1):.1%} |")
     if r.get("top_kernels"):
         which = "self CUDA time" if r["device_kind"] == "cuda" else "self CPU time"
         lines += ["", f"## Top kernels / ops ({which}, traced steps)", "", "| name | calls / step | ms / step | share |",

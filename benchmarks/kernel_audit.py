@@ -25,8 +25,11 @@ GPUTarget)`; the cubin is read with the cuobjdump and nvdisasm shipped in the tr
   bound us       per call: the sum over its launches of max(issue, dram), plus every torch op
                  at its DRAM time (ops are counted, not compiled)
 
-The floors assume perfect latency hiding: a kernel can only be slower. scripts/gpu_check.py
-times the same shapes on a GPU against these bounds.
+The issue time assumes perfect latency hiding, and counts every instruction outside loops once
+for every warp, on branches taken or not: the work of the slowest program (the last of a
+group, which also reduces the group's partial sums), which the others do not all do. It is a
+static estimate, not a strict floor. scripts/gpu_check.py times the same shapes on a GPU
+against these bounds.
 """
 
 from __future__ import annotations

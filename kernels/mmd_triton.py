@@ -7,8 +7,9 @@ unbiased estimator zeroes i = j)
     L       = sum_{i,j} c(i, j) sum_s exp(-gamma_s d_ij),          d_ij = ||z_i - z_j||^2
     dL/dz_i = -4 [ (sum_j W_ij) z_i - sum_j W_ij z_j ],  W_ij = c(i, j) sum_s gamma_s exp(-gamma_s d_ij)
 
-Forward (`_mmd_fwd_kernel`, grid (tiles, splits, C)): program (tile (I, J), split s, class c)
-forms the [BM, BN] Gram tile Z_I Z_J^T and the squared norms of its rows and columns over its
+Forward (`_mmd_fwd_kernel`, grid (tiles, splits, C)): program (tile (I, J), split s, class c),
+I <= J (W and the loss are symmetric: the tiles below the diagonal are mirrors, written by
+their twin, whose loss share counts twice), forms the [BM, BN] Gram tile Z_I Z_J^T and the squared norms of its rows and columns over its
 slice of the D features. At D3's shape (C = 10, n = m = 30, D = 2,048) one 64 x 64 tile holds a
 class, so the D features are split into 16 slices: 160 programs for an H100's 132 SMs, where
 one program per class (the previous kernel) left 122 of them idle. The programs of a tile
@@ -73,12 +74,13 @@ def _mmd_fwd_kernel(
     coef_ptr,  # [C, 3] fp32: c_xx, c_yy, c_xy
     gam_ptr,  # [NUM_GAMMAS] fp32
     scale_ptr,  # [1] bandwidth scale (HAS_SCALE): gamma_s / scale^2
+    pairs_ptr,  # [T, 2] int32: tile t's (row block, column block), row block <= column block
     ws_ptr,  # [C, T, SPLIT, BM * BN + BM + BN] fp32 partial sums (SPLIT > 1)
     w_ptr,  # [C, N, N] fp32 W (STORE_W)
     tile_loss_ptr,  # [C, T] fp32
     loss_ptr,  # [C] fp32 out
     ticket_ptr,  # int32 [C * T + C], zero on entry and on exit
-    N, NX, D, D_SPLIT, TJ,
+    N, NX, D, D_SPLIT,
     NUM_GAMMAS: tl.constexpr, UNBIASED: tl.constexpr, STORE_W: tl.constexpr, HAS_SCALE: tl.constexpr,
     SPLIT: tl.constexpr, T_POW2: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -88,8 +90,9 @@ def _mmd_fwd_kernel(
     c = tl.program_id(2)
     T = tl.num_programs(0)
     C = tl.num_programs(2)
-    ti = tile // TJ
-    tj = tile % TJ
+    # W and the loss are symmetric in (i, j): only tiles on or above the diagonal are formed
+    ti = tl.load(pairs_ptr + 2 * tile)
+    tj = tl.load(pairs_ptr + 2 * tile + 1)
     lx = tl.load(lx_ptr + c)
     ly = tl.load(ly_ptr + c)
     xc = x_ptr + c.to(tl.int64) * sx_c
@@ -171,8 +174,12 @@ def _mmd_fwd_kernel(
             wsum += gam * e
         if STORE_W:
             wm = (rows < N)[:, None] & (cols < N)[None, :]
-            tl.store(w_ptr + c.to(tl.int64) * N * N + rows[:, None] * N + cols[None, :], coef * wsum, mask=wm)
-        tl.store(tile_loss_ptr + c * T + tile, tl.sum(tl.sum(coef * kern, axis=1), axis=0))
+            w_c = w_ptr + c.to(tl.int64) * N * N
+            tl.store(w_c + rows[:, None] * N + cols[None, :], coef * wsum, mask=wm)
+            if ti != tj:  # the mirror tile W_JI = W_IJ^T
+                tl.store(w_c + cols[None, :] * N + rows[:, None], coef * wsum, mask=wm)
+        share = tl.sum(tl.sum(coef * kern, axis=1), axis=0)
+        tl.store(tile_loss_ptr + c * T + tile, tl.where(ti == tj, share, 2.0 * share))
         # the class's last tile adds the tiles' shares in tile order
         if tl.atomic_add(ticket_ptr + C * T + c, 1, sem="acq_rel") == T - 1:
             tl.store(ticket_ptr + C * T + c, 0)
@@ -248,17 +255,26 @@ def sm_count(device: torch.device) -> int:
 
 def plan(C: int, N: int, D: int, device: torch.device) -> dict[str, int]:
     """Tile and split sizes for the forward at [C, N = n + m, D] on `device`: BM = BN rows a
-    tile, BD features a step, the D features split so that the tiles x splits x C programs
-    fill the SMs once, no more (split > 1 only while C x tiles is below the SM count, at most
-    16)."""
+    tile, BD features a step, T tiles a class (those on or above the diagonal of the TJ x TJ
+    grid), the D features split so that the T x splits x C programs fill the SMs once, no more
+    (split > 1 only while C x T is below the SM count, at most 16)."""
     bm, bd = (64, 16) if device.type == "cuda" else (16, 16)
     tj = triton.cdiv(N, bm)
+    tiles = tj * (tj + 1) // 2
     steps = triton.cdiv(D, bd)
     # as many splits as fit the SMs once (a second program on an SM would double its issue
     # time), at most 16: the last program of a tile adds them, unrolled
-    per_split = max(triton.cdiv(steps, max(sm_count(device) // (C * tj * tj), 1)), triton.cdiv(steps, 16))
+    per_split = max(triton.cdiv(steps, max(sm_count(device) // (C * tiles), 1)), triton.cdiv(steps, 16))
     d_split = per_split * bd
-    return {"BM": bm, "BD": bd, "TJ": tj, "SPLIT": triton.cdiv(D, d_split), "D_SPLIT": d_split}
+    return {"BM": bm, "BD": bd, "TJ": tj, "T": tiles, "SPLIT": triton.cdiv(D, d_split), "D_SPLIT": d_split}
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_pairs(tj: int, device: torch.device) -> torch.Tensor:
+    """[T, 2] int32 (row block, column block) of the tiles on or above the diagonal, row by
+    row, on `device`, cached: copied to a device once per grid size (never modified: shared)."""
+    pairs = [(i, j) for i in range(tj) for j in range(i, tj)]
+    return torch.tensor(pairs, dtype=torch.int32).to(device)
 
 
 def _bwd_blocks(C: int, N: int, D: int, device: torch.device) -> tuple[int, int, int]:
@@ -303,8 +319,7 @@ def mmd_fwd(
     C, nx, D = x.shape
     N = nx + y.shape[1]
     p = plan(C, N, D, x.device)
-    bm, split, tj = p["BM"], p["SPLIT"], p["TJ"]
-    T = tj * tj
+    bm, split, T = p["BM"], p["SPLIT"], p["T"]
     dev = x.device
     ws = torch.empty(C * T * split * (bm * bm + 2 * bm) if split > 1 else 1, device=dev, dtype=torch.float32)
     w = torch.empty(C, N, N, device=dev, dtype=torch.float32) if store_w else ws
@@ -314,8 +329,8 @@ def mmd_fwd(
     with tickets(dev, C * T + C) as ticket:
         _mmd_fwd_kernel[(T, split, C)](
             x, y, x.stride(0), x.stride(1), y.stride(0), y.stride(1), x_lengths, y_lengths, coef, gammas,
-            scale if scale is not None else gammas, ws, w, tile_loss, loss, ticket,
-            N, nx, D, p["D_SPLIT"], tj,
+            scale if scale is not None else gammas, _tile_pairs(p["TJ"], dev), ws, w, tile_loss, loss, ticket,
+            N, nx, D, p["D_SPLIT"],
             NUM_GAMMAS=gammas.numel(), UNBIASED=unbiased, STORE_W=store_w, HAS_SCALE=scale is not None,
             SPLIT=split, T_POW2=triton.next_power_of_2(T), PRECISION=precision, UPCAST=upcast,
             BM=bm, BN=bm, BD=p["BD"], **TRITON_OPTIONS, **CUDA_OPTIONS["fwd"],

@@ -45,18 +45,21 @@ PHASES = (DATA, DECODE, UNROLL_FORWARD, UNROLL_BACKWARD, PARAM_DISTANCE, MMD, LO
 _ACTIVE: PhaseTimer | None = None
 _NULL = nullcontext()
 
-# aten ops with no kernel behind them (besides views, which say so themselves): allocations and
-# metadata. Every other op is about one kernel launch on a GPU in eager mode.
+# aten ops with no kernel behind them (besides views, which say so themselves): allocations,
+# metadata reads and in-place metadata changes (autograd's backward calls unsqueeze_ and
+# _unsafe_view). Every other aten op is about one kernel launch on a GPU in eager mode.
 NO_KERNEL = frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
     "_local_scalar_dense", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "device",
-    "size", "stride", "dim", "is_contiguous", "numel", "storage_offset", "set_", "record_stream",
+    "size", "stride", "dim", "is_contiguous", "numel", "storage_offset", "set_", "record_stream", "resize_",
+    "_unsafe_view", "_reshape_alias", "unsqueeze_", "squeeze_", "t_", "transpose_", "as_strided_", "swapdims_",
 })
 
 
 def launches_kernel(func: torch._ops.OpOverload) -> bool:
-    """Whether an aten op runs a kernel (not a view, an allocation or a metadata read)."""
-    return not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL
+    """Whether an op runs a kernel: an aten op (not profiler:: bookkeeping such as the phase
+    markers' record_function) that is not a view, an allocation or a metadata change."""
+    return func.namespace == "aten" and not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL
 
 
 @dataclass

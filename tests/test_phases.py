@@ -107,3 +107,25 @@ def test_memory_sampler_sees_a_peak_inside_a_phase():
     assert len(edges) == 2  # the phase's entry and exit
     assert max(m for _, m in timer.memory) > max(edges) + 200  # the edges alone would miss the peak
     assert [t for t, _ in timer.memory] == sorted(t for t, _ in timer.memory)
+
+
+def test_the_op_counter_counts_kernels_only_and_books_them_to_the_open_phase():
+    """OpCounter counts the ops that run a kernel, by the innermost open phase: not the phase
+    markers' own profiler ops, allocations, views or in-place metadata changes (autograd's
+    backward calls unsqueeze_ and _unsafe_view), each of which a breaker found counted."""
+    from d3fast.phases import OpCounter, PhaseTimer
+
+    timer = PhaseTimer(torch.device("cpu"))
+    x = torch.randn(4, 3)
+    with OpCounter(timer) as c:
+        with torch.profiler.record_function("marker"):
+            pass
+        z = torch.empty(3)
+        z.unsqueeze_(0)
+        x.view(12).t()
+        with timer.span("decode"):
+            y = x * 2  # mul
+            with timer.span("mmd"):
+                y.sum()  # sum
+            y.add_(1)  # add_
+    assert c.counts == {"decode": 2, "mmd": 1}

@@ -94,3 +94,30 @@ def test_profile_stand_ins_for_a_dataset_without_files(tmp_path):
     assert not (out / "trace.json").exists() and "trace.json" not in r["files"]
     res = CliRunner().invoke(cli, ["profile", "--dataset", "cifar10", "--stand-in", "never", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "not prepared" in res.output
+
+
+def test_the_op_count_is_the_step_s_whatever_follows_it(home, tmp_path):
+    """With nothing after it, the counted step would have counted the run's checkpoint (distill
+    writes it after the last step, before on_step): a tail step follows it now, and the counts
+    equal those of a run with a traced step after the counted one."""
+    cfg = cfg_of()
+    counts = []
+    for trace in (0, 1):
+        with OpClock() as clock:
+            r = profile(cfg, tmp_path / f"p{trace}", steps=1, trace_steps=trace, warmup=0, progress=False,
+                        clock=clock, free_steps=0).report
+        counts.append(r["ops_per_step"]["by_phase"])
+        assert len(r["step_s"]["per_step"]) == 1
+    assert counts[0] == counts[1]
+
+
+def test_a_stop_before_the_traced_steps_is_an_interrupt(home, tmp_path, monkeypatch):
+    """A Ctrl-C before the traced steps began stopped the profiler it never started: an
+    AssertionError from torch.profiler instead of the interrupt (exit 130)."""
+    from types import SimpleNamespace
+
+    import d3fast.recipes.profile as recipe
+
+    monkeypatch.setattr(recipe, "distill", lambda *a, **k: SimpleNamespace(interrupted=True))
+    with pytest.raises(KeyboardInterrupt):
+        profile(cfg_of(), tmp_path / "p", steps=1, trace_steps=2, warmup=0, progress=False)

@@ -97,9 +97,16 @@ def profile(
     out.mkdir(parents=True, exist_ok=True)
     full_steps = cfg.distill.steps
     pcfg = copy.deepcopy(cfg)
-    # step k's kind; the markers are on for every kind but "free"; one "counted" step runs
-    # under an op counter (a Python call per op: not timed)
-    kinds = ["warmup"] * warmup + ["free"] * free_steps + ["timed"] * steps + ["counted"] + ["traced"] * trace_steps
+    # step k's kind; the markers are on for every kind but "free". One "counted" step runs
+    # under an op counter (a Python call per op: not timed). It follows a step (the counter
+    # starts in on_step) and never ends the run (distill writes the run's checkpoint after the
+    # last step, before on_step could stop the counter): after the warm-up and free steps, or
+    # after the first timed step, with one untimed "tail" step after it if nothing else is.
+    pre = ["warmup"] * warmup + ["free"] * free_steps
+    timed = ["timed"] * steps
+    kinds = (pre + ["counted"] + timed if pre else timed[:1] + ["counted"] + timed[1:]) + ["traced"] * trace_steps
+    if kinds[-1] == "counted":
+        kinds.append("tail")
     pcfg.distill.steps = len(kinds)
     pcfg.distill.checkpoint_every = 10**9  # one checkpoint, after the last step
 
@@ -138,7 +145,9 @@ def profile(
                 set_marking(None if kinds[k + 1] == "free" else timer)
             if k + 1 == len(kinds) - trace_steps and trace_steps:
                 tracer.start()
+                tracing.append(True)
 
+        tracing: list[bool] = []
         with active(timer), timer.sample_memory():
             set_marking(None if kinds[0] == "free" else timer)
             try:
@@ -147,9 +156,9 @@ def profile(
             finally:
                 for c in counter:  # the run stopped inside the counted step
                     c.__exit__(None, None, None)
-        if trace_steps:
-            tracer.stop()
-        bar.close()
+                if tracing:  # started only once the traced steps began (a stop may come first)
+                    tracer.stop()
+                bar.close()
         if res.interrupted:
             raise KeyboardInterrupt
         shutil.copyfile(Run(scratch / "run").metrics_path, out / "metrics.jsonl")

@@ -18,6 +18,20 @@ from d3fast.errors import D3FastError
 # so an upgrade must not change the numbers behind our back (tests/kernels/test_compile.py).
 TRITON_OPTIONS = {"enable_fp_fusion": True}
 
+
+@functools.lru_cache(maxsize=8)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 (an H100 SXM) where none can be asked
+    (fake tensors in the compile audit); 64 for the interpreter, so that the tests' small
+    shapes exercise the MMD's split (with its 16 x 16 tiles) and param_dist's programs."""
+    if device.type != "cuda":
+        return 64
+    try:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    except (RuntimeError, AssertionError):
+        return 132
+
+
 _TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _TICKETS_LOCK = threading.RLock()
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only, tickets
+from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only, sm_count, tickets
 
 
 @triton.jit
@@ -238,19 +238,6 @@ def _mmd_bwd_kernel(
 # stage: 2 spill 6 registers for bf16 on sm_80 and add 27% issue time on sm_90; at D3's
 # shapes its loop runs once, so there is nothing to pipeline)
 CUDA_OPTIONS = {"fwd": {"num_warps": 4, "num_stages": 2}, "bwd": {"num_warps": 4, "num_stages": 1}}
-
-
-@functools.lru_cache(maxsize=8)
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 132 (an H100 SXM) where none can be asked
-    (fake tensors in the compile audit); 64 for the interpreter, so that the tests' small
-    shapes exercise the split (with its 16 x 16 tiles)."""
-    if device.type != "cuda":
-        return 64
-    try:
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    except (RuntimeError, AssertionError):
-        return 132
 
 
 def plan(C: int, N: int, D: int, device: torch.device) -> dict[str, int]:

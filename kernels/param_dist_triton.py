@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only, tickets
+from d3fast.kernels._autograd import TRITON_OPTIONS, first_order_only, sm_count, tickets
 from d3fast.kernels.param_dist_ref import input_grads
 
 
@@ -67,20 +67,15 @@ def _param_dist_fwd_kernel(
     n_full = P // BLOCK
     b0 = pid * ITERS
     for b in range(b0, tl.minimum(b0 + ITERS, n_full)):
-        idx = b * BLOCK + offs  # within a row: int32 (P < 2^31)
-        a = tl.load(a_row + idx).to(tl.float32)
-        t = tl.load(t_row + idx).to(tl.float32)
-        s = tl.load(s_row + idx).to(tl.float32)
-        num += (a - t) * (a - t)
-        den += (s - t) * (s - t)
+        # within a row: int32 offsets (P < 2^31); unmasked, so the loads are vectorised
+        dn, dd = _sq_diffs(a_row, t_row, s_row, b * BLOCK + offs, None, None)
+        num += dn
+        den += dd
     if pid == tl.num_programs(0) - 1:  # the masked tail, P % BLOCK values
         idx = n_full * BLOCK + offs
-        m = idx < P
-        a = tl.load(a_row + idx, mask=m, other=0.0).to(tl.float32)
-        t = tl.load(t_row + idx, mask=m, other=0.0).to(tl.float32)
-        s = tl.load(s_row + idx, mask=m, other=0.0).to(tl.float32)
-        num += (a - t) * (a - t)
-        den += (s - t) * (s - t)
+        dn, dd = _sq_diffs(a_row, t_row, s_row, idx, idx < P, 0.0)
+        num += dn
+        den += dd
     row_partials = partial_ptr + r.to(tl.int64) * num_partials * 2
     out = row_partials + (partial_offset + pid) * 2
     tl.store(out, tl.sum(num, axis=0))
@@ -134,47 +129,40 @@ def _param_dist_bwd_kernel(
     den = tl.load(sums_ptr + r * 2 + 1)
     ca = (2.0 * g / den).to(tl.float32)
     cs = (-2.0 * g * num / (den * den)).to(tl.float32)
-    if (pid + 1) * BLOCK <= P:
+    if (pid + 1) * BLOCK <= P:  # a whole block: unmasked, vectorised
         _bwd_block(a_ptr + base, t_ptr + base, s_ptr + base, ga_ptr + base, gt_ptr + base, gs_ptr + base, idx,
-                   idx >= 0, ca, cs, False, GRAD_A, GRAD_T, GRAD_S)
+                   None, None, ca, cs, GRAD_A, GRAD_T, GRAD_S)
     else:
         _bwd_block(a_ptr + base, t_ptr + base, s_ptr + base, ga_ptr + base, gt_ptr + base, gs_ptr + base, idx,
-                   idx < P, ca, cs, True, GRAD_A, GRAD_T, GRAD_S)
+                   idx < P, 0.0, ca, cs, GRAD_A, GRAD_T, GRAD_S)
 
 
 @triton.jit
-def _bwd_block(a_ptr, t_ptr, s_ptr, ga_ptr, gt_ptr, gs_ptr, idx, m, ca, cs, MASKED: tl.constexpr,
+def _sq_diffs(a_ptr, t_ptr, s_ptr, idx, m, other):
+    """(a - t)^2 and (s - t)^2 at idx, fp32; m, other: the tail's mask and fill, or None for a
+    whole block (unmasked loads: Triton vectorises those only)."""
+    a = tl.load(a_ptr + idx, mask=m, other=other).to(tl.float32)
+    t = tl.load(t_ptr + idx, mask=m, other=other).to(tl.float32)
+    s = tl.load(s_ptr + idx, mask=m, other=other).to(tl.float32)
+    return (a - t) * (a - t), (s - t) * (s - t)
+
+
+@triton.jit
+def _bwd_block(a_ptr, t_ptr, s_ptr, ga_ptr, gt_ptr, gs_ptr, idx, m, other, ca, cs,
                GRAD_A: tl.constexpr, GRAD_T: tl.constexpr, GRAD_S: tl.constexpr):
-    """One block's gradients; unmasked (vectorised) unless MASKED."""
-    if MASKED:
-        a = tl.load(a_ptr + idx, mask=m, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    else:
-        a = tl.load(a_ptr + idx).to(tl.float32)
-        t = tl.load(t_ptr + idx).to(tl.float32)
+    """One block's gradients; m, other as `_sq_diffs`."""
+    a = tl.load(a_ptr + idx, mask=m, other=other).to(tl.float32)
+    t = tl.load(t_ptr + idx, mask=m, other=other).to(tl.float32)
     va = ca * (a - t)
     if GRAD_A:
-        if MASKED:
-            tl.store(ga_ptr + idx, va.to(ga_ptr.dtype.element_ty), mask=m)
-        else:
-            tl.store(ga_ptr + idx, va.to(ga_ptr.dtype.element_ty))
+        tl.store(ga_ptr + idx, va.to(ga_ptr.dtype.element_ty), mask=m)
     if GRAD_T or GRAD_S:
-        if MASKED:
-            s = tl.load(s_ptr + idx, mask=m, other=0.0).to(tl.float32)
-        else:
-            s = tl.load(s_ptr + idx).to(tl.float32)
+        s = tl.load(s_ptr + idx, mask=m, other=other).to(tl.float32)
         vs = cs * (s - t)
-        vt = -(va + vs)
         if GRAD_S:
-            if MASKED:
-                tl.store(gs_ptr + idx, vs.to(gs_ptr.dtype.element_ty), mask=m)
-            else:
-                tl.store(gs_ptr + idx, vs.to(gs_ptr.dtype.element_ty))
+            tl.store(gs_ptr + idx, vs.to(gs_ptr.dtype.element_ty), mask=m)
         if GRAD_T:
-            if MASKED:
-                tl.store(gt_ptr + idx, vt.to(gt_ptr.dtype.element_ty), mask=m)
-            else:
-                tl.store(gt_ptr + idx, vt.to(gt_ptr.dtype.element_ty))
+            tl.store(gt_ptr + idx, (-(va + vs)).to(gt_ptr.dtype.element_ty), mask=m)
 
 
 def _blocks(device_type: str) -> tuple[int, int]:
@@ -194,8 +182,6 @@ def param_dist_sums(
     a: Sequence[torch.Tensor], t: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Segments [S, P_k] (contiguous) -> (L [S] fp32, sums [S, 2] fp64: num, den)."""
-    from d3fast.kernels.mmd_triton import sm_count
-
     dev = a[0].device
     block, per_sm = _blocks(dev.type)
     S = a[0].shape[0]

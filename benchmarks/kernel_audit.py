@@ -18,7 +18,7 @@ GPUTarget)`; the cubin is read with the cuobjdump and nvdisasm shipped in the tr
   TC             tensor-core instructions (HMMA/HGMMA/IMMA), and how many sit in loops
   issue us       a floor on the kernel's time from instruction issue: the SASS instructions
                  one warp executes (loop bodies weighted by their trip counts, which the
-                 audit knows from the launch: `TRIPS`), times the warps that share one of an
+                 audit knows from the launch: `trips()`), times the warps that share one of an
                  SM's 4 schedulers, at one instruction per cycle at SM_CLOCK_GHZ
   dram us        the bytes of every tensor the launch touches, read or written once, at the
                  DRAM bandwidth
@@ -299,7 +299,7 @@ def trips(name: str, bound: dict[str, Any]) -> list[int]:
         return [bound["ITERS"], math.ceil(bound["num_partials"] / bound["BLOCK"])]
     if name == "_param_dist_bwd_kernel":
         return []
-    raise KeyError(f"no trip counts known for {name}: add them to benchmarks/kernel_audit.py TRIPS")
+    raise KeyError(f"no trip counts known for {name}: add them to benchmarks/kernel_audit.py trips()")
 
 
 def warp_instructions(sass: Sass, loop_trips: list[int]) -> int | None:
@@ -318,6 +318,11 @@ def ctas_per_sm(regs: int, smem: int, warps: int, arch: int) -> int:
     return max(min(by_regs, by_smem, WARPS_PER_SM // warps, CTAS_PER_SM), 0)
 
 
+def _dram_us(nbytes: int, arch: int) -> float:
+    """Microseconds to move `nbytes` once at the architecture's DRAM bandwidth."""
+    return nbytes / (ARCH[arch]["dram_gbs"] * 1e3)
+
+
 def audit_launch(launch: Launch, arch: int) -> dict[str, Any]:
     spec = ARCH[arch]
     kernel, bound = compile_launch(launch, arch)
@@ -327,7 +332,7 @@ def audit_launch(launch: Launch, arch: int) -> dict[str, Any]:
     ctas = math.prod(launch.grid)
     resident = ctas_per_sm(sass.regs, smem, warps, arch)
     per_warp = warp_instructions(sass, trips(launch.name, dict(bound)))
-    dram_us = launch.nbytes / (spec["dram_gbs"] * 1e3)
+    dram_us = _dram_us(launch.nbytes, arch)
     issue_us = None
     if per_warp is not None:
         # the CTAs an SM runs over the whole grid, their warps spread over its 4 schedulers
@@ -335,7 +340,8 @@ def audit_launch(launch: Launch, arch: int) -> dict[str, Any]:
         issue_us = warps_per_scheduler * per_warp / (spec["ghz"] * 1e3)
     return {
         "kernel": launch.name, "grid": list(launch.grid), "ctas": ctas, "warps": warps, "regs": sass.regs,
-        "smem": smem, "spills": sass.spills, "ffma": sass.ffma, "loads": sass.loads, "wide_loads": sass.wide_loads, "ctas_per_sm": resident, "tc": sass.tc, "tc_in_loops": sass.tc_in_loops,
+        "smem": smem, "spills": sass.spills, "ffma": sass.ffma, "loads": sass.loads, "wide_loads": sass.wide_loads,
+        "ctas_per_sm": resident, "tc": sass.tc, "tc_in_loops": sass.tc_in_loops,
         "warp_instructions": per_warp, "issue_us": issue_us, "dram_us": dram_us,
         "bound_us": max(issue_us or 0.0, dram_us),
     }
@@ -364,17 +370,14 @@ def _param_case(P: int, dtype: torch.dtype, grad: bool) -> tuple[Callable, Calla
 
 
 def cases() -> list[tuple[str, str, tuple[Callable, Callable]]]:
-    """(op, case name, (setup, call)) for every configuration D3 runs."""
-    out = []
-    for shape_name, (C, n, m, D) in MMD_SHAPES.items():
-        for dt_name, dt in DTYPES.items():
-            for grad in (True, False):
-                out.append(("mmd2", f"{shape_name} {dt_name} {'fwd+bwd' if grad else 'fwd'}", _mmd_case(C, n, m, D, dt, grad)))
-    for shape_name, P in PARAM_SHAPES.items():
-        for dt_name, dt in DTYPES.items():
-            for grad in (True, False):
-                out.append(("param_dist", f"{shape_name} {dt_name} {'fwd+bwd' if grad else 'fwd'}", _param_case(P, dt, grad)))
-    return out
+    """(op, case name, (setup, call)) for every configuration D3 runs: each shape in each
+    dtype, with and without a gradient."""
+    ops: list[tuple[str, str, Callable[[torch.dtype, bool], tuple[Callable, Callable]]]] = [
+        *(("mmd2", name, lambda dt, grad, s=s: _mmd_case(*s, dt, grad)) for name, s in MMD_SHAPES.items()),
+        *(("param_dist", name, lambda dt, grad, P=P: _param_case(P, dt, grad)) for name, P in PARAM_SHAPES.items()),
+    ]
+    return [(op, f"{name} {dt_name} {'fwd+bwd' if grad else 'fwd'}", make(dt, grad))
+            for op, name, make in ops for dt_name, dt in DTYPES.items() for grad in (True, False)]
 
 
 def run_audit(arch: int, only: list[str] | None = None, fusion: bool = True) -> list[dict[str, Any]]:
@@ -393,9 +396,8 @@ def run_audit(arch: int, only: list[str] | None = None, fusion: bool = True) -> 
         for ln in launches:
             if not fusion and ln.fn is not None:
                 ln.kwargs = {**ln.kwargs, "enable_fp_fusion": False}
-            if ln.fn is None:
-                audited.append({"kernel": ln.name, "dram_us": ln.nbytes / (ARCH[arch]["dram_gbs"] * 1e3),
-                                "bound_us": ln.nbytes / (ARCH[arch]["dram_gbs"] * 1e3)})
+            if ln.fn is None:  # a torch op: counted at its DRAM time, not compiled
+                audited.append({"kernel": ln.name, "dram_us": _dram_us(ln.nbytes, arch), "bound_us": _dram_us(ln.nbytes, arch)})
                 continue
             key = (ln.name, ln.grid, tuple(sorted((k, str(v)) for k, v in ln.kwargs.items())),
                    tuple((a.dtype, tuple(a.shape), a.storage_offset()) if isinstance(a, torch.Tensor) else a for a in ln.args))

@@ -220,18 +220,6 @@ def build_decoder(meta: dict[str, Any]) -> Decoder:
     )
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def check_soft_labels(d: Distilled | Merged, where: str) -> None:
     s = d.soft_labels
     if s is not None and (s.dim() != 2 or s.shape[0] != d.num_priors or not torch.isfinite(s).all()):

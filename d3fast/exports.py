@@ -364,7 +364,6 @@ def _read_imagefolder(folder: Path, info: dict[str, Any]) -> ImageSet:
                     info=info, folders=[d.name for d in dirs])
 
 
-
 def zca_of(cfg: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The dataset's ZCA (W, mu) when cfg.data.zca is on (fitted on, and cached beside, the
     prepared train split); None without ZCA.
@@ -399,7 +398,6 @@ def describe(cfg: Any, d: Distilled | Merged, step: int | None, zca: tuple[torch
                                              hashlib.sha256(zca[0].cpu().numpy().tobytes()).hexdigest()},
     }
     return info
-
 
 
 def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None = None) -> None:

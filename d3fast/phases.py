@@ -127,6 +127,10 @@ class PhaseTimer:
             thread.join()
             self.memory.sort()
 
+    def innermost(self) -> str | None:
+        """The innermost open phase; None outside every phase."""
+        return self._stack[-1].name if self._stack else None
+
     def enter(self, name: str) -> None:
         rec = torch.profiler.record_function(name)
         rec.__enter__()
@@ -180,8 +184,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def, override]
         out = func(*args, **(kwargs or {}))
         if launches_kernel(func):
-            stack = self.timer._stack
-            name = stack[-1].name if stack else "other"
+            name = self.timer.innermost() or "other"
             self.counts[name] = self.counts.get(name, 0) + 1
         return out
 

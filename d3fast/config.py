@@ -36,6 +36,7 @@ MMDReduction = Literal["sum", "mean"]
 MMDScale = Literal["raw", "median"]
 MMDParam = Literal["expert", "final"]
 Unroll = Literal["auto", "flat", "naive"]
+Compile = Literal["auto", "on", "off"]
 DType = Literal["float32", "float64"]
 LRParam = Literal["log", "leaky_relu"]
 DecoderBN = Literal["batch", "running"]
@@ -167,6 +168,12 @@ class DistillConfig:
     # auto: the fraction of free memory (GPU: the device's; CPU: MemAvailable) the kept step
     # graphs may take; 0 = flat throughout
     unroll_budget: float = ranged(0.5, 0, 1)
+    # the unrolled student's per-step functions (its gradient, the flat unroll's HVP, the
+    # naive steps' double backward) through torch.compile (d3fast/unroll.py, _StepFunctions):
+    # on | off | auto = on on CUDA (launches per step, issue 31), off on the CPU, where
+    # compiling costs ~30-70 s per process for the gain measured in docs/performance.md.
+    # The values are the same to float rounding; without a compiler the step runs eagerly
+    compile: Compile = "auto"
     # K students (each its own expert and start epoch) unrolled together; their MTT losses
     # are averaged
     students_per_step: int = ranged(1, 1, 1024)
@@ -683,6 +690,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 APPLIED_ON_RESUME = frozenset({
     "device", "data.workers", "eval", "log",
     "distill.steps", "distill.checkpoint_every", "distill.amp", "distill.unroll", "distill.unroll_budget",
+    "distill.compile",
     "distill.students_per_step",
     "distill.lr_latent", "distill.lr_lr", "distill.lr_decode", "distill.health_steps",
     "distill.syn_steps", "distill.expert_epochs", "distill.max_start_epoch", "distill.batch_syn",

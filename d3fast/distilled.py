@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from d3fast.compiling import Compiled
 from d3fast.config import CHOICES
 from d3fast.data.normalize import to_pixels
 from d3fast.errors import D3FastError
@@ -56,6 +57,8 @@ class Distilled:
     # the dataset's ZCA (W, mu) when its images are whitened: `sample(pixels=True)` undoes it
     # (set by d3fast.load; not stored with the object)
     zca: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # the decoder as a torch.compile graph while a compiled distillation runs (`compile_decoder`)
+    _decoder_graph: Compiled | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_priors(self) -> int:
@@ -117,12 +120,21 @@ class Distilled:
 
     def decode(self, idx: torch.Tensor, generator: torch.Generator | None, rows: slice | None = None) -> torch.Tensor:
         """Fresh samples of priors `idx` (rows `rows` of them): normalised images [B, C, H, W]."""
-        return self.decoder(self.sample_latents(idx, generator, rows))
+        return self._decode(self.sample_latents(idx, generator, rows))
 
     def mean_images(self, priors: slice | None = None) -> torch.Tensor:
         """f(mu) for every prior (or the priors `priors`): [C * PPC, C, H, W]."""
         mu = self.latents[..., 0]
-        return self.decoder(mu if priors is None else mu[priors])
+        return self._decode(mu if priors is None else mu[priors])
+
+    def compile_decoder(self) -> None:
+        """Decode through torch.compile from now on (distill.compile; d3fast/compiling.py): the
+        decoder's forward and backward, train-mode BatchNorm's statistics updates included,
+        as a few fused kernels. The module, its state dict and its checkpoints are unchanged."""
+        self._decoder_graph = Compiled(self.decoder, "the decoder")
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z) if self._decoder_graph is None else self._decoder_graph(z)
 
     def storage_bytes(self) -> int:
         """Bytes to store the object as float32: latents + decoder weights and BatchNorm

@@ -30,12 +30,13 @@ from d3fast.training import load_flat_params
 def mmd_update(
     state: TrainState, feature_net: torch.nn.Module, feat_params: torch.Tensor, train: DeviceDataset,
     dcfg: DistillConfig, amp: Callable[[], AbstractContextManager[None]], checks: StepChecks,
-    world: World | None = None,
+    world: World | None = None, features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MMD update of `state` (latents and decoder): returns the (MMD, diversity) terms,
     detached (in a distributed run, this rank's shares: they sum over the ranks to the
     terms); zeros when both are off. The terms and the state after the step are noted in
-    `checks` (read once per step by the loop)."""
+    `checks` (read once per step by the loop). `features`: feature_net.features or a
+    compiled version of it (distill.compile)."""
     world = world or World()
     d = state.distilled
     zero = torch.zeros((), device=d.latents.device)
@@ -45,7 +46,7 @@ def mmd_update(
     with phase(MMD):
         load_flat_params(feature_net, feat_params)
         with amp():
-            mmd, div = mmd_terms(feature_net, d, train, dcfg, state.g_device, world)
+            mmd, div = mmd_terms(feature_net, d, train, dcfg, state.g_device, world, features)
     with phase(LOSSES):
         checks.loss("MMD update", mmd=mmd, div=div)
     with phase(OPTIMIZERS):
@@ -69,7 +70,7 @@ def fp32(device: torch.device) -> AbstractContextManager[None]:
 
 def mmd_terms(
     feature_net: torch.nn.Module, d: Distilled, train: DeviceDataset, dcfg: DistillConfig, g: torch.Generator,
-    world: World | None = None,
+    world: World | None = None, features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(MMD term, diversity term), with their graphs. Real features come from S images per
     class; each prior decodes S // PPC samples, so both sides hold about S samples per
@@ -95,12 +96,12 @@ def mmd_terms(
                 real = train.sample_per_class(per_prior * ppc, g, mine, d.dtype)  # [C, S, ch, H, W]
             if not chunk and not one_graph:  # once for both sides: they have the same image shape
                 chunk = auto_chunk(feature_net.features, feature_net, real[0])  # type: ignore[arg-type]
-            f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph).to(d.dtype).view(n_mine, per_prior * ppc, -1)
+            f_real = embed(feature_net, real.flatten(0, 1), chunk, one_graph, features).to(d.dtype).view(n_mine, per_prior * ppc, -1)
         idx = torch.arange(len(d.latents), device=d.latents.device).repeat_interleave(per_prior)
         with phase(DECODE):
             # [C * PPC * per_prior, ch, H, W], class-major: this rank's classes' rows
             x = d.decode(idx, g, slice(priors.start * per_prior, priors.stop * per_prior))
-        f_syn = embed(feature_net, x, chunk, one_graph).to(d.dtype).view(n_mine, ppc * per_prior, -1)
+        f_syn = embed(feature_net, x, chunk, one_graph, features).to(d.dtype).view(n_mine, ppc * per_prior, -1)
         with fp32(x.device):  # distances of features: full precision even under --amp
             scale = None
             if dcfg.mmd_scale == "median":

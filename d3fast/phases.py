@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # The phases of a distillation step, in the report's display order. The loop, the ops and
 # `d3fast profile` import these names; the report adds "other" (time no phase claimed).
@@ -168,25 +167,111 @@ class PhaseTimer:
         return done
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops that run a kernel (`launches_kernel`) while entered, each booked to
-    the innermost phase `timer` has open ("other" outside every phase): in eager mode one op is
-    about one GPU kernel launch, the number issue 31 sets a target on. A dispatch mode costs a
-    Python call per op, so `d3fast profile` counts one step of its own, apart from the timed
-    ones. Ops inside the fused ops' Triton and C++ kernels are not aten ops: each fused call
-    counts as the ops around it (its Triton launches, 1-2 a call, are not seen)."""
+def _kernel_op(name: str) -> bool:
+    """Whether a profiler event named `name` is an aten op that runs a kernel (as
+    `launches_kernel` says of its OpOverload)."""
+    if not name.startswith("aten::"):
+        return False
+    base = name[6:]
+    if base in NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, base, None)
+    if packet is None:
+        return True
+    overloads = [getattr(packet, o) for o in packet.overloads()]
+    return not any(o.is_view for o in overloads)
 
-    def __init__(self, timer: PhaseTimer):
-        super().__init__()
-        self.timer = timer
+
+def _compiled_kernel(name: str) -> bool:
+    """An Inductor-generated C++ kernel's profiler event (cpp.enable_kernel_profile names it
+    graph_<i>_cpp_fused_...)."""
+    return name.startswith("graph_") and "_cpp_fused_" in name
+
+
+def _compiling(name: str) -> bool:
+    """A profiler range of torch.compile at work (Dynamo's trace, AOTAutograd, Inductor)."""
+    return name in ("dynamo", "entire_frame_compile") or "(dynamo_timed)" in name or "compile_fx" in name
+
+
+class KernelCounter:
+    """The kernels run while entered, from a torch.profiler record, each booked to the
+    innermost phase range around it ("other" outside every phase). One definition for eager
+    and compiled steps:
+
+      CUDA  every kernel the GPU ran (CUPTI's record: Triton, cuBLAS, cuDNN, ATen alike);
+      CPU   every Inductor C++ kernel (`_compiled_kernel`; needs
+            torch._inductor.config.cpp.enable_kernel_profile when compiling) plus every aten
+            op that runs a kernel and calls no other such op (convolution -> _convolution ->
+            mkldnn_convolution counts once; views, allocations and metadata not at all; a
+            multi-tensor `_foreach_` op counts once, as on a GPU, though the CPU loops over
+            its tensors op by op): in eager mode about one GPU launch each, and compiled, the kernels a GPU would launch
+            for the same graph up to Inductor's per-device fusion choices. A graph compiled
+            while counting adds nothing: the ops torch.compile traces are left out.
+
+    A profiler costs ~1-2 us per op: `d3fast profile` counts one step of its own."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
         self.counts: dict[str, int] = {}
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self._prof = torch.profiler.profile(activities=acts)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def, override]
-        out = func(*args, **(kwargs or {}))
-        if launches_kernel(func):
-            name = self.timer.innermost() or "other"
-            self.counts[name] = self.counts.get(name, 0) + 1
-        return out
+    def __enter__(self) -> KernelCounter:
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._prof.__exit__(None, None, None)
+        self.counts = _book(self._prof.events(), self.device.type == "cuda")
+
+
+def _book(events: Any, cuda: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+
+    def phase_of(e: Any) -> str:
+        while e is not None:
+            if e.name in PHASES:
+                return str(e.name)
+            e = e.cpu_parent
+        return "other"
+
+    def add(e: Any, n: int) -> None:
+        if n:
+            name = phase_of(e)
+            counts[name] = counts.get(name, 0) + n
+
+    if cuda:
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CPU:
+                add(e, len(e.kernels))
+        return counts
+    # innermost kernel ops: an event counts when it runs a kernel and nothing below it does
+    runs: dict[int, bool] = {}
+
+    def below(e: Any) -> bool:
+        key = id(e)
+        if key not in runs:
+            runs[key] = any(_compiled_kernel(c.name) or _kernel_op(c.name) or below(c) for c in e.cpu_children)
+        return runs[key]
+
+    def skipped(e: Any) -> bool:
+        """Under a multi-tensor op (counted as one) or inside torch.compile's own work (a
+        graph compiled during the count traces ops on fake tensors: not kernels of the step)."""
+        e = e.cpu_parent
+        while e is not None:
+            if e.name.startswith("aten::_foreach_") or _compiling(e.name):
+                return True
+            e = e.cpu_parent
+        return False
+
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or skipped(e):
+            continue
+        if e.name.startswith("aten::_foreach_") or _compiled_kernel(e.name) or (_kernel_op(e.name) and not below(e)):
+            add(e, 1)
+    return counts
 
 
 def phase(name: str) -> Any:

@@ -238,7 +238,8 @@ class TrainState:
             distilled=d,
             opt_latent=torch.optim.SGD([d.latents], lr=dcfg.lr_latent, momentum=0.5),
             opt_lr=_lr_optimizer(d, dcfg.lr_lr),
-            opt_decoder=torch.optim.Adam(d.decoder.parameters(), lr=dcfg.lr_decode, weight_decay=1e-5),
+            # multi-tensor: a few launches for the decoder's ~40 tensors (the CPU's default loops)
+            opt_decoder=torch.optim.Adam(d.decoder.parameters(), lr=dcfg.lr_decode, weight_decay=1e-5, foreach=True),
             g_host=torch.Generator().manual_seed(dcfg.seed),
             g_device=torch.Generator(device=device).manual_seed(dcfg.seed + 7),
             health=MTTHealth(dcfg.health_steps, dcfg.lr_param, dcfg.lr_teacher, dcfg.mtt_weight > 0),

@@ -40,12 +40,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from d3fast import losses
+from d3fast import compiling, losses
+from d3fast.compiling import Compiled
 from d3fast.data.augment import DSA
 from d3fast.distilled import Distilled
 from d3fast.errors import D3FastError
@@ -55,18 +58,25 @@ from d3fast.runtime import free_memory
 
 @dataclass
 class Student:
-    """A network used as a pure function of its flat parameter vector."""
+    """A network used as a pure function of its flat parameter vector.
+
+    `compiled` (distill.compile): the three per-step functions of the unroll run as
+    torch.compile graphs (`_StepFunctions`); otherwise eagerly. Both give the same values to
+    float rounding (tests/test_compile_step.py: 1e-12 relative in float64)."""
 
     module: torch.nn.Module
+    compiled: bool = False
     names: list[str] = field(init=False)
     shapes: list[torch.Size] = field(init=False)
     sizes: list[int] = field(init=False)
+    fns: _StepFunctions = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         params = list(self.module.named_parameters())
         self.names = [n for n, _ in params]
         self.shapes = [p.shape for _, p in params]
         self.sizes = [p.numel() for _, p in params]
+        self.fns = _StepFunctions(self)
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the network with flat parameters theta [P] on images x [B, ...]."""
@@ -198,7 +208,10 @@ def _step_bytes(spec: UnrollSpec, d: Distilled, theta0: torch.Tensor, lr: torch.
     probe.set_state(g.get_state())
     buffers = [b.detach().clone() for b in d.decoder.buffers()]
     chunks = _Chunks(len(d.latents), spec.batch, probe, theta0.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # eager: torch.func and compiled graphs refuse saved-tensor hooks; a compiled step saves
+    # fewer bytes than this (Inductor keeps fewer intermediates), so the estimate errs on the
+    # side of memory
+    with compiling.eager(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = _unroll_naive(spec, d, theta0, lr, probe, [op], chunks)
     with torch.no_grad():
         for b, v in zip(d.decoder.buffers(), buffers, strict=True):
@@ -228,9 +241,8 @@ def _unroll_naive(
         y = d.labels[idx]
         for k in range(K):
             with spec.amp():
-                ce = spec.student.loss(thetas[k], x[k], y)
-            (gk,) = torch.autograd.grad(ce, thetas[k], create_graph=True)
-            thetas[k] = thetas[k] - lr * gk
+                gk = spec.student.fns.with_graph(thetas[k], x[k], y)
+            thetas[k] = thetas[k] - lr * gk.to(thetas[k].dtype)
     return torch.stack(thetas)
 
 
@@ -252,33 +264,90 @@ class _Run:
     plan: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (idx, generator state)
 
 
-def _step_grads(student: Student, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _grads(student: Student, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """g_k = grad_theta CE(theta_k; x_k, y) for every student: [K, P] from [K, P], [K, B, ...]."""
-    if theta.shape[0] > 1:
-        return vmap(grad(student.loss), in_dims=(0, 0, None))(theta, x, y)
-    with torch.enable_grad():
-        t = theta[0].detach().requires_grad_(True)
-        return torch.autograd.grad(student.loss(t, x[0], y), t)[0][None]
+    return vmap(grad(student.loss), in_dims=(0, 0, None))(theta, x, y)
 
 
-def _adjoint_terms(
+def _adjoints(
     student: Student, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """With s_k = <g_k, a_k>: (ds/dtheta [K, P] (the HVP), ds/dx [K, B, ...], s [K])."""
-    if theta.shape[0] > 1:
 
-        def inner(t: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
-            return (grad(student.loss)(t, xk, yk) * adj).sum()
+    def inner(t: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        return (grad(student.loss)(t, xk, yk) * adj).sum()
 
-        (hvp, dx), s = vmap(grad_and_value(inner, argnums=(0, 1)), in_dims=(0, 0, None, 0))(theta, x, y, a)
-        return hvp, dx, s
-    with torch.enable_grad():
-        t = theta[0].detach().requires_grad_(True)
-        xk = x[0].detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(student.loss(t, xk, y), t, create_graph=True)
-        s = (g * a[0]).sum()
-        hvp, dx = torch.autograd.grad(s, [t, xk])
-    return hvp[None], dx[None], s.detach()[None]
+    (hvp, dx), s = vmap(grad_and_value(inner, argnums=(0, 1)), in_dims=(0, 0, None, 0))(theta, x, y, a)
+    return hvp, dx, s
+
+
+class _StepFunctions:
+    """The unroll's three per-step functions of one student network, eager or compiled.
+
+    grads(theta [K, P], x [K, B, ...], y [B])       -> g [K, P]          (flat forward)
+    adjoints(theta, x, y, a [K, P])                 -> (HVP, ds/dx, s)   (flat backward)
+    with_graph(theta_k [P], x_k [B, ...], y [B])    -> g_k [P], differentiable w.r.t.
+                                                       theta_k and x_k   (naive steps)
+
+    Eager, one student takes plain autograd (faster than torch.func there: see the module
+    docstring) and the naive step autograd.grad(create_graph=True). Compiled, all three are
+    torch.func functions traced whole by torch.compile (fullgraph, static shapes): Inductor
+    fuses GroupNorm, ReLU, pooling and their first and second derivatives into a few
+    kernels, and the naive step's backward (the double backward) is AOTAutograd's compiled
+    backward of the traced gradient. A shape or requires-grad pattern not seen before
+    compiles again (d3fast/compiling.py; a failing compiler leaves the eager path)."""
+
+    def __init__(self, student: Student):
+        self.student = student
+        self._compiled = {
+            "grads": Compiled(partial(_grads, student), "the student's gradient", self._grads_eager),
+            "adjoints": Compiled(partial(_adjoints, student), "the student's HVP", self._adjoints_eager),
+            "with_graph": Compiled(grad(student.loss), "the student's step", self._with_graph_eager),
+        }
+
+    @property
+    def failed(self) -> str | None:
+        """Why compiling failed (the step then runs eagerly); None if it has not."""
+        return next((c.failed for c in self._compiled.values() if c.failed is not None), None)
+
+    def _run(self, name: str, *args: Any) -> Any:
+        fn = self._compiled[name]
+        return fn(*args) if self.student.compiled else fn.eager(*args)
+
+    def grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._run("grads", theta, x, y)
+
+    def adjoints(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._run("adjoints", theta, x, y, a)
+
+    def with_graph(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._run("with_graph", theta, x, y)
+
+    def _grads_eager(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if theta.shape[0] > 1:
+            return _grads(self.student, theta, x, y)
+        with torch.enable_grad():
+            t = theta[0].detach().requires_grad_(True)
+            return torch.autograd.grad(self.student.loss(t, x[0], y), t)[0][None]
+
+    def _adjoints_eager(
+        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if theta.shape[0] > 1:
+            return _adjoints(self.student, theta, x, y, a)
+        with torch.enable_grad():
+            t = theta[0].detach().requires_grad_(True)
+            xk = x[0].detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.student.loss(t, xk, y), t, create_graph=True)
+            s = (g * a[0]).sum()
+            hvp, dx = torch.autograd.grad(s, [t, xk])
+        return hvp[None], dx[None], s.detach()[None]
+
+    def _with_graph_eager(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(self.student.loss(theta, x, y), theta, create_graph=True)
+        return g
 
 
 class _FlatUnroll(torch.autograd.Function):
@@ -295,7 +364,7 @@ class _FlatUnroll(torch.autograd.Function):
             state = run.g.get_state()
             with torch.no_grad(), spec.amp():
                 x = _samples(spec, d, idx, K, run.g, op).unflatten(0, (K, -1))
-                gk = _step_grads(spec.student, theta, x, d.labels[idx])
+                gk = spec.student.fns.grads(theta, x, d.labels[idx])
             if store is not None:
                 run.thetas.append(store[i].copy_(theta, non_blocking=True))
             else:
@@ -330,7 +399,7 @@ class _FlatUnroll(torch.autograd.Function):
                     x = _samples(spec, d, idx, K, gen, op)  # [K * B, C, H, W], graph to phi
                 with spec.amp():
                     # s_i = <g_i, a_{i+1}>; its derivatives w.r.t. theta_i (HVP) and x_i
-                    hvp, dx, s = _adjoint_terms(spec.student, theta, x.detach().unflatten(0, (K, -1)), d.labels[idx], a)
+                    hvp, dx, s = spec.student.fns.adjoints(theta, x.detach().unflatten(0, (K, -1)), d.labels[idx], a)
                 step_phi = torch.autograd.grad(x, phi, grad_outputs=(-lr_ * dx).flatten(0, 1).to(x.dtype), allow_unused=True)
             grad_lr -= s.double().sum()
             a = a - lr_ * hvp.to(a.dtype)

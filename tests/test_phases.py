@@ -109,23 +109,37 @@ def test_memory_sampler_sees_a_peak_inside_a_phase():
     assert [t for t, _ in timer.memory] == sorted(t for t, _ in timer.memory)
 
 
-def test_the_op_counter_counts_kernels_only_and_books_them_to_the_open_phase():
-    """OpCounter counts the ops that run a kernel, by the innermost open phase: not the phase
-    markers' own profiler ops, allocations, views or in-place metadata changes (autograd's
-    backward calls unsqueeze_ and _unsafe_view), each of which a breaker found counted."""
-    from d3fast.phases import OpCounter, PhaseTimer
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_kernel_counter_counts_kernels_only_and_books_them_to_the_open_phase(compiled):
+    """KernelCounter counts what runs a kernel, by the innermost open phase: not the phase
+    markers' own profiler ranges, allocations, views or in-place metadata changes (autograd's
+    backward calls unsqueeze_ and _unsafe_view), each of which a breaker found counted in an
+    earlier counter; an op that calls another counts once. Compiled, Inductor's fused C++
+    kernel (mul and sum in one loop) counts once in place of the two ops."""
+    import torch._inductor.config as inductor
+
+    from d3fast.phases import KernelCounter, PhaseTimer, active
 
     timer = PhaseTimer(torch.device("cpu"))
     x = torch.randn(4, 3)
-    with OpCounter(timer) as c:
+
+    def scaled_sum(y):
+        return (y * 2).sum()
+
+    fn = torch.compile(scaled_sum, fullgraph=True) if compiled else scaled_sum
+    with inductor.patch({"cpp.enable_kernel_profile": True}):
+        fn(x)  # compiles outside the count
+    with active(timer), KernelCounter(torch.device("cpu")) as c:
         with torch.profiler.record_function("marker"):
             pass
         z = torch.empty(3)
         z.unsqueeze_(0)
         x.view(12).t()
+        x.to(torch.float64)  # to -> _to_copy -> copy_: one kernel
+        torch._foreach_mul([x, x, x], 2.0)  # one multi-tensor op (the CPU loops over mul)
         with timer.span("decode"):
             y = x * 2  # mul
             with timer.span("mmd"):
-                y.sum()  # sum
+                fn(y)  # mul + sum, or one fused kernel
             y.add_(1)  # add_
-    assert c.counts == {"decode": 2, "mmd": 1}
+    assert c.counts == {"other": 2, "decode": 2, "mmd": 1 if compiled else 2}

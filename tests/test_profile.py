@@ -73,15 +73,16 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     rows = [x for x in ledger.Ledger().records(dataset="digits") if x["phase"] == "profile"]
     assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 8
 
-    # ops per step: the counted step's kernel-running ops, booked by phase; under the op clock
-    # that step lasted as many ticks as it dispatched ops of any kind, views included: the
-    # kernel-running ones are most of them, and never more
-    ops = r["ops_per_step"]
+    # kernels per step: the counted step's kernel-running ops, booked by phase; under the op
+    # clock that step lasted as many ticks as it dispatched ops of any kind, views included:
+    # the kernel-running ones are most of them
+    ops = r["kernels_per_step"]
     assert sum(ops["by_phase"].values()) == ops["total"]
     assert 0.5 * ops["counted_step_s"] <= ops["total"] <= ops["counted_step_s"]
     for p in ("data", "decode", "unroll forward", "unroll backward", "param distance", "mmd", "optimizers"):
         assert ops["by_phase"][p] > 0, p
-    assert "## Ops per step" in md and f"{ops['total']:,} aten ops" in md
+    assert not ops["compiled"]
+    assert "## Kernels per step (eager" in md and f"{ops['total']:,} kernels" in md
 
 
 def test_profile_stand_ins_for_a_dataset_without_files(tmp_path):
@@ -106,7 +107,7 @@ def test_the_op_count_is_the_step_s_whatever_follows_it(home, tmp_path):
         with OpClock() as clock:
             r = profile(cfg, tmp_path / f"p{trace}", steps=1, trace_steps=trace, warmup=0, progress=False,
                         clock=clock, free_steps=0).report
-        counts.append(r["ops_per_step"]["by_phase"])
+        counts.append(r["kernels_per_step"]["by_phase"])
         assert len(r["step_s"]["per_step"]) == 1
     assert counts[0] == counts[1]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import numpy as np
@@ -38,6 +38,7 @@ import torch.distributed as td
 from tqdm import tqdm
 
 from d3fast import ledger, losses
+from d3fast.compiling import Compiled
 from d3fast.config import Config, DistillConfig, flatten, resolve_config
 from d3fast.data.augment import DSA
 from d3fast.data.loader import DeviceDataset, load_view
@@ -136,7 +137,8 @@ def distill(
                 students = draw_students(bank, dcfg, state.g_host, device, parts.spec.share)
                 checks = StepChecks(world)
                 mtt_update(state, parts.spec, students, dcfg, checks, world)
-                mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp, checks, world)
+                mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp, checks, world,
+                           parts.features)
                 checks.raise_flag(stop.requested)  # a stop on any rank stops them all, after the same step
                 try:
                     with phase(LOSSES):  # the step's one wait for the device
@@ -218,6 +220,8 @@ class _Parts:
     spec: UnrollSpec
     feature_net: torch.nn.Module
     amp: Callable[[], AbstractContextManager[Any]]
+    # feature_net.features, through torch.compile under distill.compile
+    features: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _build(
@@ -289,9 +293,17 @@ def _build(
         })
     world.same_files(run)
     amp = _amp(dcfg, device)
-    augment = DSA(cfg.augment) if dcfg.augment_unroll else None
-    spec = UnrollSpec(Student(student), dcfg.syn_steps, dcfg.batch_syn, augment, amp, share, dcfg.unroll_budget)
-    return _Parts(state, train, bank, spec, copy.deepcopy(student).requires_grad_(False), amp)
+    fast = compiled(dcfg, device)
+    if fast and not world.distributed:  # a decoder spanning ranks all-reduces inside its BatchNorm: eager
+        d.compile_decoder()
+    augment = DSA(cfg.augment, compiled=fast) if dcfg.augment_unroll else None
+    spec = UnrollSpec(Student(student, compiled=fast), dcfg.syn_steps, dcfg.batch_syn, augment, amp, share,
+                      dcfg.unroll_budget)
+    feature_net = copy.deepcopy(student).requires_grad_(False)
+    features = cast(Callable[[torch.Tensor], torch.Tensor], feature_net.features)
+    if fast:
+        features = Compiled(features, "the MMD features")
+    return _Parts(state, train, bank, spec, feature_net, amp, features)
 
 
 def _under_home(path: Path) -> str | None:
@@ -463,6 +475,11 @@ def _diverged_message(e: DivergedError, step: int, run: Run, cfg: Config) -> str
             lower.append(f"--set distill.{k}={min(now / 10, preset[f'distill.{k}']):.3g}")
     return (f"{e.what} at step {step + 1}: {e.detail} in the {e.where}; stopped without saving this step, "
             f"{keep}. Lower the learning rates and continue: d3fast distill --resume {run.path} {' '.join(lower)}")
+
+
+def compiled(dcfg: DistillConfig, device: torch.device) -> bool:
+    """Whether the unrolled student's step runs compiled (distill.compile; auto: on CUDA)."""
+    return dcfg.compile == "on" or (dcfg.compile == "auto" and device.type == "cuda")
 
 
 def _amp(dcfg: DistillConfig, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:

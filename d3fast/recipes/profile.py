@@ -52,10 +52,10 @@ from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, file_st
 from d3fast.models import build_network
 from d3fast.models._layers import FeatureClassifier
 from d3fast.paths import data_dir
-from d3fast.phases import PHASES, OpCounter, PhaseTimer, active, set_marking
+from d3fast.phases import PHASES, KernelCounter, PhaseTimer, active, set_marking
 from d3fast.preflight import resolve_data_loader
 from d3fast.progress import bar as progress_bar
-from d3fast.recipes.distill import DistillInputs, distill
+from d3fast.recipes.distill import DistillInputs, compiled, distill
 from d3fast.run import Run
 from d3fast.runtime import device_name, device_peaks, peak_memory_gib, resolve_device, versions
 from d3fast.training import flat_params
@@ -98,7 +98,7 @@ def profile(
     full_steps = cfg.distill.steps
     pcfg = copy.deepcopy(cfg)
     # step k's kind; the markers are on for every kind but "free". One "counted" step runs
-    # under an op counter (a Python call per op: not timed). It follows a step (the counter
+    # under a kernel counter (a profiler: not timed). It follows a step (the counter
     # starts in on_step) and never ends the run (distill writes the run's checkpoint after the
     # last step, before on_step could stop the counter): after the warm-up and free steps, or
     # after the first timed step, with one untimed "tail" step after it if nothing else is.
@@ -123,7 +123,7 @@ def profile(
         tracer = _tracer(device)
         bar = progress_bar(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
 
-        counter: list[OpCounter] = []  # entered for the counted step only
+        counter: list[KernelCounter] = []  # entered for the counted step only
 
         def on_step(metrics: dict[str, Any]) -> None:
             phases = timer.end_step()
@@ -135,9 +135,9 @@ def profile(
             if kind == "counted":
                 done = counter.pop()
                 done.__exit__(None, None, None)
-                per_step[-1]["ops"] = done.counts
+                per_step[-1]["kernels"] = done.counts
             elif k + 1 < len(kinds) and kinds[k + 1] == "counted":
-                counter.append(OpCounter(timer))
+                counter.append(KernelCounter(device))
                 counter[0].__enter__()
             bar.set_postfix_str(f"{kind} step {metrics['step_s']:.2f} s", refresh=False)
             bar.update(1)
@@ -151,8 +151,12 @@ def profile(
         with active(timer), timer.sample_memory():
             set_marking(None if kinds[0] == "free" else timer)
             try:
-                res = distill(pcfg, Run.at(scratch / "run"), inputs=inputs, progress=False, on_step=on_step,
-                              ledger_phase="profile", clock=clock)
+                # compiled kernels name themselves in the profiler's record (KernelCounter)
+                import torch._inductor.config as inductor_config
+
+                with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+                    res = distill(pcfg, Run.at(scratch / "run"), inputs=inputs, progress=False, on_step=on_step,
+                                  ledger_phase="profile", clock=clock)
             finally:
                 for c in counter:  # the run stopped inside the counted step
                     c.__exit__(None, None, None)
@@ -312,12 +316,12 @@ def _report(
         traced_s = statistics.mean(s["step_s"] for s in traced)
         report["traced_step_s"] = traced_s
         report["profiler_overhead"] = traced_s / step_s
-    counted = [s for s in per_step if s["kind"] == "counted" and "ops" in s]
+    counted = [s for s in per_step if s["kind"] == "counted" and "kernels" in s]
     if counted:
-        ops = counted[0]["ops"]
+        ops = counted[0]["kernels"]
         order = [p for p in (*PHASES, *sorted(set(ops) - set(PHASES) - {"other"}), "other") if p in ops]
-        report["ops_per_step"] = {"total": sum(ops.values()), "by_phase": {p: ops[p] for p in order},
-                                  "counted_step_s": counted[0]["step_s"]}
+        report["kernels_per_step"] = {"total": sum(ops.values()), "by_phase": {p: ops[p] for p in order},
+                                      "counted_step_s": counted[0]["step_s"], "compiled": compiled(cfg.distill, device)}
     if tracer is not None:
         report["top_kernels"], report["fused_kernels"] = _kernels(tracer, device, trace_steps, shapes)
     return report
@@ -401,7 +405,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"- inputs: data {r['inputs']['data']}; experts {r['inputs']['experts']}",
         "- config: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()),
         f"- steps: {r['steps']['warmup']} warm-up, {r['steps'].get('free', 0)} free-running (no markers), "
-        f"{r['steps']['timed']} timed (phase markers), {r['steps'].get('counted', 0)} counted (ops), "
+        f"{r['steps']['timed']} timed (phase markers), {r['steps'].get('counted', 0)} counted (kernels), "
         f"{r['steps']['traced']} traced (torch.profiler)",
         "",
         "## Throughput",
@@ -441,13 +445,16 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| **step (measured)** | **{r['step_s']['mean'] * ms:.1f}** | phases cover {r['phase_coverage']:.1%} |", ""]
     lines.append("decode: decoder forward wherever it runs (unroll, its recomputation in backward, MMD); "
                  "unroll backward: the adjoint recomputation and HVPs; mmd: features, loss and backward of the MMD update.")
-    if r.get("ops_per_step"):
-        o = r["ops_per_step"]
-        lines += ["", "## Ops per step (eager; the counted step)", "",
-                  f"{o['total']:,} aten ops that run a kernel (views, allocations and metadata left out): in eager "
-                  "mode about one GPU kernel launch each. Booked to the innermost open phase; the fused ops' "
-                  "own Triton launches (1-2 a call) are not aten ops.", "",
-                  "| phase | ops / step | share |", "|---|---:|---:|"]
+    if r.get("kernels_per_step"):
+        o = r["kernels_per_step"]
+        how = "compiled student step (distill.compile)" if o.get("compiled") else "eager"
+        lines += ["", f"## Kernels per step ({how}; the counted step)", "",
+                  f"{o['total']:,} kernels, from a profiler record: "
+                  + ("every kernel the GPU ran. " if r["device_kind"] == "cuda" else
+                     "Inductor's generated kernels plus every aten op that runs a kernel and calls no other "
+                     "(views, allocations and metadata left out): about one GPU launch each. ")
+                  + "Booked to the innermost open phase.", "",
+                  "| phase | kernels / step | share |", "|---|---:|---:|"]
         for name, n in o["by_phase"].items():
             lines.append(f"| {name} | {n:,} | {n / max(o['total'], 1):.1%} |")
     if r.get("top_kernels"):

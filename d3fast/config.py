@@ -169,9 +169,10 @@ class DistillConfig:
     # graphs may take; 0 = flat throughout
     unroll_budget: float = ranged(0.5, 0, 1)
     # the unrolled student's per-step functions (its gradient, the flat unroll's HVP, the
-    # naive steps' double backward) through torch.compile (d3fast/unroll.py, _StepFunctions):
-    # on | off | auto = on on CUDA (launches per step, issue 31), off on the CPU, where
-    # compiling costs ~30-70 s per process for the gain measured in docs/performance.md.
+    # naive steps' double backward), the decoder, DSA's ops and the MMD features through
+    # torch.compile (d3fast/compiling.py): on | off | auto = on on CUDA (a fifth of the
+    # kernels per step), off on the CPU, where
+    # compiling costs 1-5 min per process (ImageWoof: 1.67x per step, docs/performance.md).
     # The values are the same to float rounding; without a compiler the step runs eagerly
     compile: Compile = "auto"
     # K students (each its own expert and start epoch) unrolled together; their MTT losses

@@ -19,9 +19,10 @@ Sections, in order (each one's outcome is recorded even when an earlier one fail
             flushed, median), each implementation first checked against the float64 reference
   memory    the MTT unroll's peak memory (max_memory_allocated) flat vs naive at 10, 20, 40
             and 80 steps at the ImageWoof shape; the MMD update's, one graph vs chunked
-  profile   `d3fast profile --dataset imagewoof` on stand-in inputs without and with --amp:
-            free-running and phase-marked steps, phase shares, the projection to the preset's
-            3,000 steps against the paper's 20 GPU-hours
+  profile   `d3fast profile --dataset imagewoof` on stand-in inputs without and with --amp
+            (distill.compile's default: compiled), then eager (compile off, fewer steps):
+            free-running and phase-marked steps, phase shares, kernels per step, the
+            projection to the preset's 3,000 steps against the paper's 20 GPU-hours
 
 --quick: setup, tests and profile only (under 3 minutes on an H200; the whole check: under 8).
 --budget S: the whole check stops at S seconds (default 540; --quick 170): each section runs
@@ -597,15 +598,21 @@ def profile_runs(sizes: Sizes, out: Path, scratch: Path) -> dict[str, Any]:
         prepare(resolve_config("digits"), progress=False)
     results: dict[str, Any] = {}
     st = sizes.profile_steps
-    for amp in (False, True):
-        name = f"{sizes.profile_dataset}{'-amp' if amp else ''}"
+    # distill.compile's default (auto: compiled on CUDA), with and without --amp, then the
+    # eager step (compile off; fewer steps) to measure what compiling wins (issue 31)
+    runs = [(False, "auto"), (True, "auto"), (False, "off")]
+    for amp, compile_ in runs:
+        name = f"{sizes.profile_dataset}{'-amp' if amp else ''}{'-eager' if compile_ == 'off' else ''}"
         if amp and device == "cpu":
             results[name] = {"skipped": "bf16 autocast runs on CUDA only"}
             continue
         cfg = resolve_config(sizes.profile_dataset,
-                             overrides=[f"device={device}", f"distill.amp={str(amp).lower()}", *sizes.profile_overrides])
-        res = profile(cfg, scratch / name, steps=st["timed"], trace_steps=st["traced"], warmup=st["warmup"],
-                      free_steps=st["free"], stand_in="always", progress=False)
+                             overrides=[f"device={device}", f"distill.amp={str(amp).lower()}",
+                                        f"distill.compile={compile_}", *sizes.profile_overrides])
+        few = compile_ == "off"
+        res = profile(cfg, scratch / name, steps=min(st["timed"], 3) if few else st["timed"],
+                      trace_steps=0 if few else st["traced"], warmup=st["warmup"],
+                      free_steps=min(st["free"], 5) if few else st["free"], stand_in="always", progress=False)
         r = res.report
         (out / f"profile-{name}.md").write_text((scratch / name / "report.md").read_text())
         results[name] = {
@@ -615,6 +622,7 @@ def profile_runs(sizes: Sizes, out: Path, scratch: Path) -> dict[str, Any]:
             "phases_fraction": {k: round(v, 4) for k, v in r["phases_fraction"].items()},
             "projection": r["projection"], "top_kernels": (r.get("top_kernels") or [])[:12],
             "fused_kernels": r.get("fused_kernels"), "config": r["config"], "inputs": r["inputs"],
+            "kernels_per_step": r.get("kernels_per_step"),
         }
     return results
 
@@ -671,8 +679,10 @@ def _measured(s: dict[str, Any]) -> list[tuple[str, float | None, str]]:
     rows: list[tuple[str, float | None, str]] = []
     for name, r in prof.items():
         if isinstance(r, dict) and "step_ms" in r:
+            kern = (r.get("kernels_per_step") or {}).get("total")
             rows.append(("step_ms", r["step_ms"], f" ms ({name}, {r['projection']['device_hours']:.3g} h / "
-                                                  f"{r['projection']['steps']} steps)"))
+                                                  f"{r['projection']['steps']} steps"
+                                                  + (f", {kern:,} kernels per step" if kern else "") + ")"))
     if not rows:
         rows.append(("step_ms", None, ""))
     mmd = k.get("mmd") or {}

@@ -434,6 +434,9 @@ OVERRIDES = [
     "distill.steps=3", "distill.syn_steps=3", "distill.expert_epochs=1", "distill.max_start_epoch=2",
     "distill.mmd_samples=4", "distill.decoder_width=32", "distill.checkpoint_every=1",
     "distill.lr_latent=0.01", "distill.lr_decode=1e-3", "distill.lr_lr=1e-4",
+    # eager unless a test says otherwise (tests/test_compile_step.py): compiling costs tens of
+    # seconds per new graph, and distill.compile=auto compiles on CUDA
+    "distill.compile=off",
 ]
 
 

@@ -3,7 +3,8 @@ functions traced by torch.compile give the unroll's loss and every gradient (lat
 decoder) to float64 rounding, for the naive, flat and auto unrolls and for vmapped students.
 
 Compiling costs tens of seconds on a 2-core CPU, so the fast smoke test covers the flat
-unroll at one student (two graphs) and the rest is marked slow."""
+unroll at one student (two graphs), beside two fallback checks that compile a one-line
+function; the rest is marked slow."""
 
 import pytest
 import torch
@@ -80,6 +81,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_a_missing_compiler_leaves_the_eager_path_with_one_warning(tmp_path):
     """In a fresh process with an empty compile cache (a cached kernel would hide the missing
     compiler): the gradient's compile fails, one warning says so, the HVP's is not tried,

@@ -96,6 +96,19 @@ def test_a_float64_run_on_cuda_takes_the_references_and_resumes_to_the_bit(home,
     assert_same_state(halves.load_state(), straight.load_state(), "float64 on CUDA: resumed vs uninterrupted")
 
 
+def test_a_compiled_run_on_cuda_equals_an_eager_one(home, tmp_path):
+    """distill.compile=on on CUDA (Triton kernels from Inductor), float64: 3 compiled steps
+    end within F64_TOL of 3 eager ones, and nothing fell back to eager."""
+    import d3fast.compiling
+
+    over = ("device=cuda", "distill.dtype=float64", "distill.ppc=2", "distill.students_per_step=2")
+    eager, fast = Run.at(tmp_path / "eager"), Run.at(tmp_path / "compiled")
+    distill(cfg_of(*over), eager, progress=False)
+    distill(cfg_of(*over, "distill.compile=on"), fast, progress=False)
+    assert not d3fast.compiling.FAILED
+    assert_same_state(fast.load_state(), eager.load_state(), "compiled vs eager on CUDA")
+
+
 @pytest.mark.parametrize("op", ["color", "crop", "cutout", "flip", "scale", "rotate"])
 def test_dsa_on_cuda_equals_the_cpu_for_the_same_draws(op):
     dsa = DSA(AugConfig(strategy=op))

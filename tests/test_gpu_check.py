@@ -27,8 +27,11 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert sections["kernels"]["fused"] == "cpp" and sections["kernels"]["mmd"] and sections["kernels"]["param_dist"]
     assert all(p.get("peak_mib") is not None for p in sections["memory"]["unroll"]["points"])
     assert sections["profile"]["digits"]["step_ms"] > 0 and "skipped" in sections["profile"]["digits-amp"]
+    eager = sections["profile"]["digits-eager"]
+    assert eager["step_ms"] > 0 and eager["kernels_per_step"]["total"] > 0 and not eager["kernels_per_step"]["compiled"]
     summary = (out / "summary.md").read_text()
     assert "| target | measured | goal | verdict |" in summary and "n/a on the CPU" in summary
     assert summary.strip() in res.stdout  # printed last
-    assert {p.name for p in out.iterdir()} == {"gpu_check.json", "summary.md", "tests.log", "profile-digits.md"}
+    assert {p.name for p in out.iterdir()} == {"gpu_check.json", "summary.md", "tests.log", "profile-digits.md",
+                                            "profile-digits-eager.md"}
     assert all(p.stat().st_size < 4 << 20 for p in out.iterdir())

@@ -19,12 +19,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
 from d3fast.config import CHOICES
 from d3fast.errors import D3FastError, Interrupted
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A warning as one `warning:` line (Python's format adds the file, line and source line
+    of the library's code), written around a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 class _Group(click.Group):
@@ -54,7 +64,9 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return super().invoke(ctx)
         except Interrupted:  # the command said what was saved and how to continue
             sys.exit(130)
         except D3FastError as e:

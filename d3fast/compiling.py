@@ -5,7 +5,8 @@ Eager, a distillation step is ~20,000 small kernels at the ImageWoof shape (Grou
 backward alone is ~70 % of them): on a GPU, launch overhead. Compiled, Inductor fuses each
 traced function's pointwise and reduction ops into a few kernels around the convolutions.
 What is compiled: the unrolled student's gradient, HVP and double backward
-(d3fast/unroll.py), the decoder (d3fast/distilled.py) and DSA's ops (d3fast/data/augment.py).
+(d3fast/unroll.py), the decoder (d3fast/distilled.py), DSA's ops (d3fast/data/augment.py) and
+the MMD feature network (d3fast/recipes/distill.py); docs/performance.md has the numbers.
 Random draws stay outside the graphs (Dynamo does not trace explicit generators), so the random
 streams are those of the eager step.
 
@@ -16,12 +17,16 @@ these per code object, and every Student, decoder and DSA op of a process shares
 the limit is raised from PyTorch's 8 to RECOMPILE_LIMIT. A function past it runs eagerly
 (one warning). When compiling itself fails (no C++ compiler, an op Inductor cannot lower) it
 warns once for the process and every compiled function runs eagerly from then on (a broken
-toolchain would fail them all, each after a trace): the values are the same. Errors of the
-computation itself pass through.
+toolchain would fail them all, each after a trace): the values are the same. A compiler
+killed by a signal (Ctrl-C reaches g++ too) is an interruption: that call runs eagerly and the
+next one compiles. Backward graphs compile with their forward (not lazily at the first
+backward), so their failures take the same path. Errors of the computation itself pass
+through.
 """
 
 from __future__ import annotations
 
+import subprocess
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +65,19 @@ def eager() -> Iterator[None]:
         _EAGER[0] -= 1
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether a compiler process behind `e` was killed by a signal (a Ctrl-C reaches the
+    whole process group, g++ included): an interruption, not a broken toolchain."""
+    seen: BaseException | None = e
+    for _ in range(16):
+        if seen is None:
+            return False
+        if isinstance(seen, subprocess.CalledProcessError) and seen.returncode < 0:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _too_many_graphs(e: BaseException) -> bool:
     import torch._dynamo.exc as dexc
 
@@ -82,17 +100,31 @@ class Compiled:
             return self.eager(*args)
         if self.graph is None:
             import torch._dynamo.config as dynamo
+            import torch._functorch.config as functorch
 
             dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+            # compile a graph's backward with its forward, inside this call's `try`: lazily, at
+            # the first backward, a failure there would escape the eager fallback
+            functorch.force_non_lazy_backward_lowering = True
             self.graph = torch.compile(self.fn, fullgraph=True, dynamic=False)
         try:
             return self.graph(*args)
         except Exception as e:  # noqa: BLE001 - a compiler failure leaves the eager path
             if not is_compile_error(e):
                 raise
+            if _interrupted(e):  # Ctrl-C reached the compiler too: this call eagerly, compile next time
+                return self.eager(*args)
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if not _too_many_graphs(e):  # the toolchain failed: nothing else will compile either
                 FAILED.append(self.failed)
             warnings.warn(f"distill.compile: compiling {self.what} failed ({self.failed}); running it eagerly",
                           stacklevel=2)
             return self.eager(*args)
+
+
+def seconds() -> float:
+    """Seconds this process has spent in torch.compile so far (Dynamo's record of its frame
+    compiles, which include AOTAutograd's and Inductor's work for each graph)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))

@@ -143,3 +143,24 @@ def test_every_command_handler_is_a_few_lines():
         if body[-1].end_lineno - body[0].lineno + 1 > 15:
             long[n.name] = body[-1].end_lineno - body[0].lineno + 1
     assert not long, f"handlers longer than 15 lines: {long}"
+
+
+def test_a_warning_reaches_the_terminal_as_one_line(monkeypatch):
+    """A library warning (say, distill.compile falling back to eager) prints one `warning:`
+    line, not Python's two lines with a file path and a line of d3fast's source."""
+    import warnings
+
+    import d3fast.config
+
+    to_dict = d3fast.config.to_dict
+
+    def warn_then(cfg):
+        warnings.warn("distill.compile: compiling the decoder failed (no compiler); running it eagerly", stacklevel=2)
+        return to_dict(cfg)
+
+    monkeypatch.setattr(d3fast.config, "to_dict", warn_then)
+    res = CliRunner().invoke(cli, ["config", "--dataset", "digits"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if "eagerly" in ln]
+    assert lines == ["warning: distill.compile: compiling the decoder failed (no compiler); running it eagerly"]
+    assert ".py:" not in res.stderr

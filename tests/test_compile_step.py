@@ -157,11 +157,70 @@ def test_a_function_past_the_recompile_limit_runs_eagerly_alone(monkeypatch):
     import d3fast.compiling as c
 
     monkeypatch.setattr(c, "RECOMPILE_LIMIT", 1)
-    monkeypatch.setattr(dynamo, "recompile_limit", 1)
     monkeypatch.setattr(c, "FAILED", [])
     f = c.Compiled(lambda x: (x * 3).sum(), "a test function")
-    with pytest.warns(UserWarning, match="a test function failed .*eagerly") as record:
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes a torch config entry
+    with dynamo.patch(recompile_limit=1), pytest.warns(UserWarning, match="a test function failed .*eagerly") as record:
         outs = [f(torch.ones(n)) for n in (2, 3, 4)]
     assert [float(o) for o in outs] == [6.0, 9.0, 12.0]
     assert len([w for w in record if "eagerly" in str(w.message)]) == 1
     assert f.failed and "RecompileLimit" in f.failed and not c.FAILED
+
+
+_TOOLCHAIN_EVENTS = r"""
+import json, os, sys, warnings, torch
+import torch._inductor.config as inductor
+import d3fast.compiling as c
+cxx, marker = sys.argv[1], sys.argv[2]
+inductor.cpp.cxx = (None, cxx)
+out = {}
+with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    # 1. g++ killed by a signal (a Ctrl-C reaches it): eager this call, no failure recorded
+    os.environ["KILL_CXX"] = "1"
+    f = c.Compiled(lambda x: (x.sin() * 2).sum(), "f")
+    out["interrupted_value"] = float(f(torch.ones(3)))
+    out["interrupted_failed"] = f.failed
+    # 2. the next call compiles (the compiler works again)
+    os.environ["KILL_CXX"] = "0"
+    out["next_value"] = float(f(torch.ones(3)))
+    out["next_failed"] = f.failed
+    # 3. a backward graph compiles with its forward: a compiler failing after the forward
+    # cannot break the backward
+    h = c.Compiled(lambda x: (x.cos() * x).sum(), "h")
+    x = torch.ones(4, requires_grad=True)
+    y = h(x)
+    open(marker, "w").close()  # from now on every compile fails
+    y.backward()
+    out["grad"] = x.grad.tolist()
+out["warnings"] = [str(w.message) for w in record if "eagerly" in str(w.message)]
+out["FAILED"] = c.FAILED
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_an_interrupted_compiler_is_no_failure_and_backward_graphs_compile_with_their_forward(tmp_path):
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "fail"
+    cxx = tmp_path / "cxx.sh"
+    # a g++ that kills itself with SIGINT when asked to, or fails once the marker exists
+    cxx.write_text('#!/bin/bash\nfor a in "$@"; do case "$a" in *.cpp)\n'
+                   '  [ "$KILL_CXX" = 1 ] && kill -INT $$\n'
+                   f'  [ -e {marker} ] && exit 1;;\nesac; done\nexec g++ "$@"\n')
+    cxx.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, "-c", _TOOLCHAIN_EVENTS, str(cxx), str(marker)], capture_output=True,
+                         text=True, env=env, cwd=root, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["interrupted_value"] == r["next_value"] == pytest.approx(6 * math.sin(1))
+    assert r["interrupted_failed"] is None and r["next_failed"] is None and r["FAILED"] == []
+    assert r["warnings"] == []
+    assert r["grad"] == pytest.approx([math.cos(1) - math.sin(1)] * 4)

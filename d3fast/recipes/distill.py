@@ -140,11 +140,7 @@ def distill(
                 mmd_update(state, parts.feature_net, students.feat_params, parts.train, dcfg, parts.amp, checks, world,
                            parts.features)
                 checks.raise_flag(stop.requested)  # a stop on any rank stops them all, after the same step
-                try:
-                    with phase(LOSSES):  # the step's one wait for the device
-                        values = checks.read(student_lr=state.distilled.lr())  # with the terms noted
-                except DivergedError as e:
-                    raise D3FastError(_diverged_message(e, state.step, run, cfg)) from None
+                values = _read(checks, state, run, cfg)
                 stopping = checks.flag
                 state.step += 1
                 meter.tick()
@@ -460,6 +456,16 @@ def step_metrics(
         "projected_device_hours": round(meter.projected_hours(dcfg.steps, state.step) or 0.0, 6),
         "hours_unit": meter.unit,
     }
+
+
+def _read(checks: StepChecks, state: TrainState, run: Run, cfg: Config) -> dict[str, float]:
+    """The step's noted terms and checks, with the student lr: the step's one wait for the
+    device. A non-finite loss or state is an error naming the step and the last checkpoint."""
+    try:
+        with phase(LOSSES):
+            return checks.read(student_lr=state.distilled.lr())
+    except DivergedError as e:
+        raise D3FastError(_diverged_message(e, state.step, run, cfg)) from None
 
 
 def _diverged_message(e: DivergedError, step: int, run: Run, cfg: Config) -> str:

@@ -41,7 +41,7 @@ from typing import Any
 import click
 import torch
 
-from d3fast import ledger
+from d3fast import compiling, ledger
 from d3fast.config import Config
 from d3fast.data.cache import read_manifest
 from d3fast.data.datasets import get_spec, subtask_block
@@ -124,6 +124,7 @@ def profile(
         bar = progress_bar(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
 
         counter: list[KernelCounter] = []  # entered for the counted step only
+        compiled_s = [compiling.seconds()]  # torch.compile's seconds in this process, after each step
 
         def on_step(metrics: dict[str, Any]) -> None:
             phases = timer.end_step()
@@ -131,7 +132,8 @@ def profile(
             kind = kinds[k]
             per_step.append({"kind": kind, "step_s": metrics["step_s"], "images_per_s": metrics["images_per_s"],
                              "peak_mem_gib": metrics["peak_mem_gib"], "phases": phases,
-                             "edge_s": timer.step_edges[-1]})
+                             "edge_s": timer.step_edges[-1], "compile_s": compiling.seconds() - compiled_s[-1]})
+            compiled_s.append(compiling.seconds())
             if kind == "counted":
                 done = counter.pop()
                 done.__exit__(None, None, None)
@@ -321,7 +323,11 @@ def _report(
         ops = counted[0]["kernels"]
         order = [p for p in (*PHASES, *sorted(set(ops) - set(PHASES) - {"other"}), "other") if p in ops]
         report["kernels_per_step"] = {"total": sum(ops.values()), "by_phase": {p: ops[p] for p in order},
-                                      "counted_step_s": counted[0]["step_s"], "compiled": compiled(cfg.distill, device)}
+                                      "counted_step_s": counted[0]["step_s"], "compiled": compiled(cfg.distill, device),
+                                      "compile_s": round(compiling.seconds(), 2)}
+    # graphs first met in a timed step (a DSA op drawn for the first time, --warmup 0) compile
+    # inside it: their seconds are in that step's time
+    report["compile_s_in_timed_steps"] = round(sum(s["compile_s"] for s in timed), 2)
     if tracer is not None:
         report["top_kernels"], report["fused_kernels"] = _kernels(tracer, device, trace_steps, shapes)
     return report
@@ -443,17 +449,24 @@ def markdown(r: dict[str, Any]) -> str:
     for name, sec in r["phases_s"].items():
         lines.append(f"| {name} | {sec * ms:.1f} | {r['phases_fraction'][name]:.1%} |")
     lines += [f"| **step (measured)** | **{r['step_s']['mean'] * ms:.1f}** | phases cover {r['phase_coverage']:.1%} |", ""]
+    if r.get("compile_s_in_timed_steps", 0) > 1:
+        lines.append(f"note: {r['compile_s_in_timed_steps']:.1f} s of the timed steps were torch.compile at work "
+                     "(graphs first met there): the times above include it; more --warmup steps leave it out.")
+        lines.append("")
     lines.append("decode: decoder forward wherever it runs (unroll, its recomputation in backward, MMD); "
                  "unroll backward: the adjoint recomputation and HVPs; mmd: features, loss and backward of the MMD update.")
     if r.get("kernels_per_step"):
         o = r["kernels_per_step"]
-        how = "compiled student step (distill.compile)" if o.get("compiled") else "eager"
+        how = "compiled step (distill.compile)" if o.get("compiled") else "eager"
         lines += ["", f"## Kernels per step ({how}; the counted step)", "",
                   f"{o['total']:,} kernels, from a profiler record: "
                   + ("every kernel the GPU ran. " if r["device_kind"] == "cuda" else
                      "Inductor's generated kernels plus every aten op that runs a kernel and calls no other "
                      "(views, allocations and metadata left out): about one GPU launch each. ")
-                  + "Booked to the innermost open phase.", "",
+                  + "Booked to the innermost open phase."
+                  + (f" Compiling took {o['compile_s']:.1f} s of this process (once per graph: in the step "
+                     "that first meets it; each DSA op compiles when first drawn)."
+                     if o.get("compiled") else ""), "",
                   "| phase | kernels / step | share |", "|---|---:|---:|"]
         for name, n in o["by_phase"].items():
             lines.append(f"| {name} | {n:,} | {n / max(o['total'], 1):.1%} |")

@@ -457,7 +457,7 @@ def markdown(r: dict[str, Any]) -> str:
                  "unroll backward: the adjoint recomputation and HVPs; mmd: features, loss and backward of the MMD update.")
     if r.get("kernels_per_step"):
         o = r["kernels_per_step"]
-        how = "compiled step (distill.compile)" if o.get("compiled") else "eager"
+        how = "compiled: distill.compile" if o.get("compiled") else "eager"
         lines += ["", f"## Kernels per step ({how}; the counted step)", "",
                   f"{o['total']:,} kernels, from a profiler record: "
                   + ("every kernel the GPU ran. " if r["device_kind"] == "cuda" else

@@ -535,7 +535,7 @@ def budget(dataset, as_json, show_records) -> None:
 @cli.command()
 @_config_options
 @click.option("--steps", type=int, default=5, show_default=True,
-              help="Timed steps (after the warm-up); one more step then counts the ops each phase dispatches.")
+              help="Timed steps (after the warm-up); one more step then counts the kernels each phase runs.")
 @click.option("--trace-steps", type=int, default=2, show_default=True,
               help="Steps after the timed ones run under torch.profiler (trace, kernel tables); 0: none.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed steps first (allocator, autotuning, JIT).")

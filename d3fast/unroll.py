@@ -62,7 +62,7 @@ class Student:
 
     `compiled` (distill.compile): the three per-step functions of the unroll run as
     torch.compile graphs (`_StepFunctions`); otherwise eagerly. Both give the same values to
-    float rounding (tests/test_compile_step.py: 1e-12 relative in float64)."""
+    float rounding (tests/test_compile_step.py: within F64_GRAD_TOL, 1e-10, in float64)."""
 
     module: torch.nn.Module
     compiled: bool = False

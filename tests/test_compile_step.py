@@ -59,6 +59,22 @@ def test_compiled_vmapped_flat_and_auto_equal_eager(monkeypatch):
     assert compiled_fns(spec) == {"grads", "adjoints", "with_graph"}
 
 
+def _fresh_process(script: str, tmp_path, *args: str) -> dict:
+    """`script`'s last stdout line (JSON) from a fresh Python process run in the repository
+    with an empty Inductor cache (a cached kernel would hide what the compiler does)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 _NO_COMPILER = """
 import json, warnings, torch
 import torch._inductor.config as inductor
@@ -86,16 +102,7 @@ def test_a_missing_compiler_leaves_the_eager_path_with_one_warning(tmp_path):
     """In a fresh process with an empty compile cache (a cached kernel would hide the missing
     compiler): the gradient's compile fails, one warning says so, the HVP's is not tried,
     and the gradients are the eager ones."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.getcwd()}
-    out = subprocess.run([sys.executable, "-c", _NO_COMPILER], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _fresh_process(_NO_COMPILER, tmp_path)
     assert len(r["warnings"]) == 1 and "running it eagerly" in r["warnings"][0], r["warnings"]
     assert r["failed"] and not r["adjoints_tried"]
     assert r["loss_err"] < F64_GRAD_TOL and r["grad_err"] < F64_GRAD_TOL
@@ -201,11 +208,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_an_interrupted_compiler_is_no_failure_and_backward_graphs_compile_with_their_forward(tmp_path):
-    import json
     import math
-    import os
-    import subprocess
-    import sys
 
     marker = tmp_path / "fail"
     cxx = tmp_path / "cxx.sh"
@@ -214,12 +217,7 @@ def test_an_interrupted_compiler_is_no_failure_and_backward_graphs_compile_with_
                    '  [ "$KILL_CXX" = 1 ] && kill -INT $$\n'
                    f'  [ -e {marker} ] && exit 1;;\nesac; done\nexec g++ "$@"\n')
     cxx.chmod(0o755)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": root}
-    res = subprocess.run([sys.executable, "-c", _TOOLCHAIN_EVENTS, str(cxx), str(marker)], capture_output=True,
-                         text=True, env=env, cwd=root, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r = _fresh_process(_TOOLCHAIN_EVENTS, tmp_path, str(cxx), str(marker))
     assert r["interrupted_value"] == r["next_value"] == pytest.approx(6 * math.sin(1))
     assert r["interrupted_failed"] is None and r["next_failed"] is None and r["FAILED"] == []
     assert r["warnings"] == []

@@ -484,7 +484,8 @@ def _diverged_message(e: DivergedError, step: int, run: Run, cfg: Config) -> str
 
 
 def compiled(dcfg: DistillConfig, device: torch.device) -> bool:
-    """Whether the unrolled student's step runs compiled (distill.compile; auto: on CUDA)."""
+    """Whether the step's student functions, decoder, DSA ops and MMD features run compiled
+    (distill.compile; auto: on CUDA)."""
     return dcfg.compile == "on" or (dcfg.compile == "auto" and device.type == "cuda")
 
 

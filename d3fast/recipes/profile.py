@@ -124,16 +124,17 @@ def profile(
         bar = progress_bar(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
 
         counter: list[KernelCounter] = []  # entered for the counted step only
-        compiled_s = [compiling.seconds()]  # torch.compile's seconds in this process, after each step
+        compiled_s = [compiling.seconds()]  # torch.compile's seconds in this process, after the last step
 
         def on_step(metrics: dict[str, Any]) -> None:
             phases = timer.end_step()
+            compile_now = compiling.seconds()
             k = len(per_step)
             kind = kinds[k]
             per_step.append({"kind": kind, "step_s": metrics["step_s"], "images_per_s": metrics["images_per_s"],
                              "peak_mem_gib": metrics["peak_mem_gib"], "phases": phases,
-                             "edge_s": timer.step_edges[-1], "compile_s": compiling.seconds() - compiled_s[-1]})
-            compiled_s.append(compiling.seconds())
+                             "edge_s": timer.step_edges[-1], "compile_s": compile_now - compiled_s[0]})
+            compiled_s[0] = compile_now
             if kind == "counted":
                 done = counter.pop()
                 done.__exit__(None, None, None)

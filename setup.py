@@ -21,6 +21,8 @@ if os.environ.get("D3FAST_PUREPYTHON", "0") != "1":
             "d3fast._C",
             sources=["csrc/d3fast_core.cpp", "csrc/mmd.cpp", "csrc/param_dist.cpp", "csrc/bindings.cpp"],
             include_dirs=["csrc"],
+            # without them an edit to a header alone leaves the old build in place
+            depends=["csrc/d3fast_core.h", "csrc/simd.h"],
             cxx_std=17,
             extra_compile_args=["-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno", "-Wno-psabi"] + (["-fopenmp"] if openmp else []),
             extra_link_args=["-fopenmp"] if openmp else [],

@@ -64,7 +64,23 @@ def _machine() -> dict[str, Any]:
         "memory_gib": round(mem_gib, 1) if mem_gib else None,
         "platform": platform.platform(),
         "cuda": torch.version.cuda,
+        "cpu_levels": _cpu_levels(),
     }
+
+
+# what picks the instruction set of each side of a CPU comparison: set all four to AVX2 and an
+# AVX-512 machine runs as an AVX2 one (ATen's kernels and Inductor's code, MKL, oneDNN, d3fast._C)
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "D3FAST_CPU_ISA")
+
+
+def _cpu_levels() -> dict[str, Any]:
+    import torch
+
+    from d3fast._ext import _C
+
+    return {"aten": torch.backends.cpu.get_cpu_capability(), "d3fast": _C.cpu_isa() if _C is not None else None,
+            "d3fast_available": _C.cpu_isas() if _C is not None else [],
+            "set": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}}
 
 
 @pytest.fixture

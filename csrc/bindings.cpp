@@ -239,6 +239,46 @@ PYBIND11_MODULE(_C, m) {
         "    OpenMP) and simd (str, the vector ISA the kernels run with on this CPU).");
 
     m.def(
+        "cpu_isa", []() { return std::string(d3fast::isa_name(d3fast::cpu_isa())); },
+        "The instruction-set level the float32 kernels run at now.\n\n"
+        "Returns:\n"
+        "    str, one of cpu_isas().");
+    m.def(
+        "cpu_isas",
+        []() {
+            std::vector<std::string> out;
+            for (int l = 0; l <= static_cast<int>(d3fast::best_cpu_isa()); ++l)
+                out.emplace_back(d3fast::isa_name(static_cast<d3fast::Isa>(l)));
+            return out;
+        },
+        "The levels this CPU and OS can run, lowest first: \"baseline\" (SSE2 on x86-64),\n"
+        "\"avx2\" (x86-64-v3: AVX2+FMA), \"avx512\" (x86-64-v4: AVX-512 F, VL, BW, DQ).\n\n"
+        "Returns:\n"
+        "    list of str.");
+    m.def(
+        "set_cpu_isa",
+        [](const std::string& name) {
+            for (int l = 0; l <= static_cast<int>(d3fast::Isa::avx512); ++l) {
+                const auto level = static_cast<d3fast::Isa>(l);
+                if (name == d3fast::isa_name(level)) {
+                    try {
+                        d3fast::set_cpu_isa(level);
+                    } catch (const std::invalid_argument& e) {
+                        throw py::value_error(e.what());
+                    }
+                    return;
+                }
+            }
+            throw py::value_error("unknown instruction-set level '" + name + "' (baseline, avx2 or avx512)");
+        },
+        py::arg("level"),
+        "Runs the float32 kernels at `level` from now on (process-wide). The default is the\n"
+        "fastest measured for this CPU: the last of cpu_isas(), but avx2 on AMD Zen 4, whose\n"
+        "512-bit operations run as two 256-bit halves. For tests, benchmarks and D3FAST_CPU_ISA.\n\n"
+        "Raises:\n"
+        "    ValueError: an unknown level, or one this CPU cannot run.");
+
+    m.def(
         "pool_trim", []() { return d3fast::pool_trim(); },
         "Releases the freed output and workspace buffers the kernels keep for reuse (at most 8,\n"
         "256 MiB; see csrc/d3fast_core.h).\n\n"

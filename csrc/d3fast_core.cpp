@@ -1,6 +1,10 @@
 #include "d3fast_core.h"
+#include "simd.h"
 
+#include <atomic>
 #include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <mutex>
 #include <new>
 #include <utility>
@@ -97,6 +101,55 @@ size_t pool_trim() {
     return bytes;
 }
 
+Isa best_cpu_isa() {
+#if D3FAST_X86_LEVELS
+    // libgcc's checks include the OS saving the vector state (XCR0), not only CPUID
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return Isa::avx512;
+    if (__builtin_cpu_supports("x86-64-v3")) return Isa::avx2;
+#endif
+    return Isa::baseline;
+}
+
+Isa default_cpu_isa() {
+    const Isa best = best_cpu_isa();
+#if D3FAST_X86_LEVELS
+    // AMD family 19h with AVX-512 (Zen 4) runs each 512-bit operation as two 256-bit halves:
+    // no more FLOPs per cycle than AVX2, and its MMD step measured 0.94x (C = 10) and 0.84x
+    // (C = 200) the AVX2 build's at D3's shapes, 1 thread (benchmarks/bench_mmd.py
+    // test_mmd_vs_peers, "cpp at avx2"). Intel's cores and Zen 5 run 512-bit vectors whole.
+    if (best == Isa::avx512 && __builtin_cpu_is("amdfam19h")) return Isa::avx2;
+#endif
+    return best;
+}
+
+namespace {
+std::atomic<int>& isa_level() {
+    static std::atomic<int> level{static_cast<int>(default_cpu_isa())};
+    return level;
+}
+}  // namespace
+
+Isa cpu_isa() { return static_cast<Isa>(isa_level().load(std::memory_order_relaxed)); }
+
+void set_cpu_isa(Isa level) {
+    if (static_cast<int>(level) > static_cast<int>(best_cpu_isa()))
+        throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(level) + " kernels (best: " +
+                                    isa_name(best_cpu_isa()) + ")");
+    isa_level().store(static_cast<int>(level), std::memory_order_relaxed);
+}
+
+const char* isa_name(Isa level) {
+    switch (level) {
+        case Isa::avx512:
+            return "avx512";
+        case Isa::avx2:
+            return "avx2";
+        default:
+            return "baseline";
+    }
+}
+
 BuildInfo build_info() {
     BuildInfo info;
     info.version = D3FAST_VERSION;
@@ -112,16 +165,8 @@ BuildInfo build_info() {
 #else
     info.openmp_threads = 0;
 #endif
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-    // the hot kernels are built twice (simd.h, D3FAST_CLONES); this is the one the loader picked
-    __builtin_cpu_init();
-    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    info.simd = v3 ? "avx2+fma (x86-64-v3 clone, picked at load)" : "sse2 (baseline clone; no avx2+fma)";
-#elif defined(__ARM_NEON)
-    info.simd = "neon";
-#else
-    info.simd = "baseline";
-#endif
+    info.simd = std::string(isa_name(cpu_isa())) + " (this CPU: up to " + isa_name(best_cpu_isa()) + ", default " +
+                isa_name(default_cpu_isa()) + ")";
     return info;
 }
 

@@ -18,6 +18,32 @@ struct BuildInfo {
 
 BuildInfo build_info();
 
+// Instruction-set levels of the float32 CPU kernels (csrc/simd.h: each hot entry point is
+// compiled once per level). best_cpu_isa() is the highest this CPU and its OS support (AVX-512
+// counts only with F, VL, BW and DQ and the OS saving ZMM state); default_cpu_isa() the
+// fastest measured for it (the best, but AVX2 on Zen 4); cpu_isa() the one the kernels run at:
+// the default unless set_cpu_isa chose another (tests and benchmarks run every level;
+// D3FAST_CPU_ISA through d3fast._ext). Other architectures have only the baseline.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+Isa best_cpu_isa();
+Isa default_cpu_isa();
+Isa cpu_isa();
+void set_cpu_isa(Isa level);      // throws std::invalid_argument above best_cpu_isa()
+const char* isa_name(Isa level);  // "baseline", "avx2", "avx512"
+
+// One of three builds of an entry point, by cpu_isa() (read per call: a switch is atomic).
+template <typename F>
+F by_isa(F baseline, F avx2, F avx512) {
+    switch (cpu_isa()) {
+        case Isa::avx512:
+            return avx512;
+        case Isa::avx2:
+            return avx2;
+        default:
+            return baseline;
+    }
+}
+
 // Large buffers handed out again instead of returned to the system (csrc/d3fast_core.cpp):
 // the kernels' outputs and workspaces are fresh each call and fully written, so memory the
 // allocator got back from the OS costs a page fault per 4 KiB at first touch (~3.5 us each on

@@ -21,8 +21,9 @@
 namespace d3fast {
 namespace {
 
-using simd::MR;
-using simd::NR;
+// the tiled path (classes with nx + ny > D, none of D3's) keeps the Ymm shapes at every level
+constexpr int MR = simd::Ymm::MR;
+constexpr int NR = simd::Ymm::NR;
 
 // Row tile: 96 = 16 micro-rows of 6 and a multiple of the 16-row panel. Depth block 256:
 // a 16 KiB packed B panel stays in L1 while a 96 KiB A block sits in L2.
@@ -245,10 +246,7 @@ D3FAST_INLINE void run_class(ClassWork<T>& w, const MMDArgs<T>& a, int64_t c) {
     if (a.grad_y) finish(a.grad_y + c * a.ny * D, a.ny, ly, w.lxp);
 }
 
-// The clones sit below the OpenMP loop: GCC outlines a parallel region into a new function
-// that does not inherit target_clones, so a cloned function holding the loop would run its
-// body at the baseline ISA (measured: no FMA instruction in the build, 10x slower).
-D3FAST_CLONES void run_class_f32(ClassWork<float>& w, const MMDArgs<float>& a, int64_t c) { run_class(w, a, c); }
+D3FAST_LEVELS(run_class_f32, (ClassWork<float>& w, const MMDArgs<float>& a, int64_t c), run_class(w, a, c);)
 void run_class_f64(ClassWork<double>& w, const MMDArgs<double>& a, int64_t c) { run_class(w, a, c); }
 
 // Classes in parallel: each thread owns whole classes, so the mirrored tile updates never
@@ -294,7 +292,7 @@ struct Direct {
     }
 };
 
-template <typename T>
+template <typename T, typename I>
 D3FAST_INLINE void direct_gram(Direct<T>& d, int64_t t, std::vector<const T*>& zp) {
     const int64_t c = d.task_class[t], i0 = d.task_start[t], N = d.rows(c), D = d.a->D;
     const int64_t i1 = std::min(i0 + DIRECT_ROWS, N);
@@ -304,13 +302,13 @@ D3FAST_INLINE void direct_gram(Direct<T>& d, int64_t t, std::vector<const T*>& z
     // the whole depth per block: splitting it into L2-sized chunks was slower at every size
     // measured (N = 60 and 512, D = 2048: 1.0-1.45x the time), the partial sums' reductions
     // costing more than the misses they save
-    for (int64_t r = i0; r < i1; r += simd::DR) {
-        const int ra = static_cast<int>(std::min<int64_t>(simd::DR, i1 - r));
+    for (int64_t r = i0; r < i1; r += I::DR) {
+        const int ra = static_cast<int>(std::min<int64_t>(I::DR, i1 - r));
         // columns from the block's first row: j < i inside the block is a few spare sums; the
         // entries left unwritten lie below the diagonal, which phase 2 writes before reading
-        for (int64_t j = r; j < N; j += simd::DC) {
-            const int rb = static_cast<int>(std::min<int64_t>(simd::DC, N - j));
-            simd::dot_block<T>(D, zp.data() + r, ra, zp.data() + j, rb, g + r * N + j, N);
+        for (int64_t j = r; j < N; j += I::DC) {
+            const int rb = static_cast<int>(std::min<int64_t>(I::DC, N - j));
+            simd::dot_block<T, I>(D, zp.data() + r, ra, zp.data() + j, rb, g + r * N + j, N);
         }
     }
 }
@@ -380,18 +378,19 @@ D3FAST_INLINE void direct_kernel(Direct<T>& d, int64_t c) {
 }
 
 // Rows [0, len) of one side's gradient, columns [p0, p0 + NR): out_r = sum_k A[r0 + r, k] z_k.
-template <typename T>
+template <typename T, typename I>
 D3FAST_INLINE void direct_grad_panel(const Direct<T>& d, int64_t c, const T* A, int64_t len, T* out, int64_t p0,
                                      T* scratch) {
     const MMDArgs<T>& a = *d.a;
     const int64_t lx = a.x_lengths[c], ly = a.y_lengths[c], N = lx + ly, D = a.D;
     const T* xc = a.x + c * a.nx * D;
     const T* yc = a.y + c * a.ny * D;
+    constexpr int MR = I::MR, NR = I::NR;
     if (p0 + NR <= D) {
         for (int64_t r = 0; r < len; r += MR) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, len - r));
-            simd::mac_tile<T>(lx, A + r * N, N, 1, xc + p0, D, out + r * D + p0, D, mr, false);
-            simd::mac_tile<T>(ly, A + r * N + lx, N, 1, yc + p0, D, out + r * D + p0, D, mr, true);
+            simd::mac_tile<T, I>(lx, A + r * N, N, 1, xc + p0, D, out + r * D + p0, D, mr, false);
+            simd::mac_tile<T, I>(ly, A + r * N + lx, N, 1, yc + p0, D, out + r * D + p0, D, mr, true);
         }
         return;
     }
@@ -404,18 +403,20 @@ D3FAST_INLINE void direct_grad_panel(const Direct<T>& d, int64_t c, const T* A, 
     for (int64_t k = 0; k < N; ++k) std::memcpy(bz + k * NR, d.z(c, k) + p0, sizeof(T) * w);
     for (int64_t r = 0; r < len; r += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, len - r));
-        simd::mac_tile<T>(N, A + r * N, N, 1, bz, NR, cz, NR, mr, false);
+        simd::mac_tile<T, I>(N, A + r * N, N, 1, bz, NR, cz, NR, mr, false);
         for (int q = 0; q < mr; ++q) std::memcpy(out + (r + q) * D + p0, cz + q * NR, sizeof(T) * w);
     }
 }
 
-template <typename T>
+template <typename T, typename I>
 D3FAST_INLINE void direct_grad(const Direct<T>& d, int64_t t, std::vector<T>& scratch) {
     const MMDArgs<T>& a = *d.a;
     const int64_t blocks = (a.D + DIRECT_COLS - 1) / DIRECT_COLS;
     const int64_t c = t / blocks, q0 = (t % blocks) * DIRECT_COLS, q1 = std::min(q0 + DIRECT_COLS, a.D);
     const int64_t lx = a.x_lengths[c], ly = a.y_lengths[c], N = lx + ly, D = a.D;
     const T* A = d.gram + c * d.nmax * d.nmax;
+    constexpr int MR = I::MR, NR = I::NR;
+    static_assert(DIRECT_COLS % NR == 0, "a task's columns are whole panels");
     // [N, NR] + [MR, NR] for a partial panel, then the side's rows of A times the scale
     scratch.resize(N * NR + MR * NR + std::max(lx, ly) * N);
     T* As = scratch.data() + N * NR + MR * NR;
@@ -432,21 +433,25 @@ D3FAST_INLINE void direct_grad(const Direct<T>& d, int64_t t, std::vector<T>& sc
         // len x N values against the len x N x 256 multiply-adds of the block
         for (int64_t k = 0; k < s.len * N; ++k) As[k] = f * A[s.first * N + k];
         // the panel loop outside the row loop: one panel of Z (N x NR) stays in L1 for all rows
-        for (int64_t p0 = q0; p0 < q1; p0 += NR) direct_grad_panel(d, c, As, s.len, s.out, p0, scratch.data());
+        for (int64_t p0 = q0; p0 < q1; p0 += NR) direct_grad_panel<T, I>(d, c, As, s.len, s.out, p0, scratch.data());
         for (int64_t i = s.len; i < s.rows; ++i) std::fill(s.out + i * D + q0, s.out + i * D + q1, T(0));
     }
 }
 
-// Entry points of the three phases per dtype; the clones sit here, below the OpenMP loops
-// (see run_class_f32).
-D3FAST_CLONES void direct_gram_f32(Direct<float>& d, int64_t t, std::vector<const float*>& zp) {
-    direct_gram(d, t, zp);
+// Entry points of the three phases per dtype; the float32 ones at each level (simd.h), below
+// the OpenMP loops.
+D3FAST_LEVELS(direct_gram_f32, (Direct<float>& d, int64_t t, std::vector<const float*>& zp),
+              direct_gram<float, I>(d, t, zp);)
+D3FAST_LEVELS(direct_kernel_f32, (Direct<float>& d, int64_t c), direct_kernel(d, c);)
+D3FAST_LEVELS(direct_grad_f32, (const Direct<float>& d, int64_t t, std::vector<float>& s),
+              direct_grad<float, I>(d, t, s);)
+void direct_gram_f64(Direct<double>& d, int64_t t, std::vector<const double*>& zp) {
+    direct_gram<double, simd::Ymm>(d, t, zp);
 }
-D3FAST_CLONES void direct_kernel_f32(Direct<float>& d, int64_t c) { direct_kernel(d, c); }
-D3FAST_CLONES void direct_grad_f32(const Direct<float>& d, int64_t t, std::vector<float>& s) { direct_grad(d, t, s); }
-void direct_gram_f64(Direct<double>& d, int64_t t, std::vector<const double*>& zp) { direct_gram(d, t, zp); }
 void direct_kernel_f64(Direct<double>& d, int64_t c) { direct_kernel(d, c); }
-void direct_grad_f64(const Direct<double>& d, int64_t t, std::vector<double>& s) { direct_grad(d, t, s); }
+void direct_grad_f64(const Direct<double>& d, int64_t t, std::vector<double>& s) {
+    direct_grad<double, simd::Ymm>(d, t, s);
+}
 
 // Phases 1-2 into d.gram (sized C * nmax^2 by the caller), losses into a.loss.
 template <typename T, typename G, typename K>
@@ -511,7 +516,7 @@ void mmd_direct(const MMDArgs<T>& a, G gram, K kernel, R grad) {
 template <>
 void mmd_weights<float>(const MMDArgs<float>& a, float* weights) {
     Direct<float> d = direct_of(a, weights);
-    direct_weights(d, direct_gram_f32, direct_kernel_f32);
+    direct_weights(d, D3FAST_PICK(direct_gram_f32), D3FAST_PICK(direct_kernel_f32));
 }
 template <>
 void mmd_weights<double>(const MMDArgs<double>& a, double* weights) {
@@ -520,7 +525,7 @@ void mmd_weights<double>(const MMDArgs<double>& a, double* weights) {
 }
 template <>
 void mmd_weight_grads<float>(const MMDArgs<float>& a, const float* weights, const double* scale) {
-    direct_grads(direct_of(a, const_cast<float*>(weights), scale), direct_grad_f32);
+    direct_grads(direct_of(a, const_cast<float*>(weights), scale), D3FAST_PICK(direct_grad_f32));
 }
 template <>
 void mmd_weight_grads<double>(const MMDArgs<double>& a, const double* weights, const double* scale) {
@@ -530,9 +535,9 @@ void mmd_weight_grads<double>(const MMDArgs<double>& a, const double* weights, c
 template <>
 void mmd_forward<float>(const MMDArgs<float>& a) {
     if (a.nx + a.ny <= a.D)
-        mmd_direct(a, direct_gram_f32, direct_kernel_f32, direct_grad_f32);
+        mmd_direct(a, D3FAST_PICK(direct_gram_f32), D3FAST_PICK(direct_kernel_f32), D3FAST_PICK(direct_grad_f32));
     else
-        mmd_parallel(a, run_class_f32);
+        mmd_parallel(a, D3FAST_PICK(run_class_f32));
 }
 template <>
 void mmd_forward<double>(const MMDArgs<double>& a) {

@@ -48,32 +48,30 @@ D3FAST_INLINE void chunk_grads(const T* a, const T* t, const T* s, int64_t n, T 
     }
 }
 
-// Clones below the OpenMP loops: GCC's outlined parallel regions do not inherit them.
-D3FAST_CLONES void chunk_sums_f32(const float* a, const float* t, const float* s, int64_t n, double* num,
-                                  double* den) {
-    chunk_sums(a, t, s, n, num, den);
-}
+// float32 at each level (simd.h), below the OpenMP loops.
+D3FAST_LEVELS(chunk_sums_f32, (const float* a, const float* t, const float* s, int64_t n, double* num, double* den),
+              chunk_sums(a, t, s, n, num, den);)
 void chunk_sums_f64(const double* a, const double* t, const double* s, int64_t n, double* num, double* den) {
     chunk_sums(a, t, s, n, num, den);
 }
-D3FAST_CLONES void chunk_grads_f32(const float* a, const float* t, const float* s, int64_t n, float ca, float cs,
-                                   float* ga, float* gt, float* gs) {
-    chunk_grads(a, t, s, n, ca, cs, ga, gt, gs);
-}
+D3FAST_LEVELS(chunk_grads_f32,
+              (const float* a, const float* t, const float* s, int64_t n, float ca, float cs, float* ga, float* gt,
+               float* gs),
+              chunk_grads(a, t, s, n, ca, cs, ga, gt, gs);)
 void chunk_grads_f64(const double* a, const double* t, const double* s, int64_t n, double ca, double cs,
                      double* ga, double* gt, double* gs) {
     chunk_grads(a, t, s, n, ca, cs, ga, gt, gs);
 }
 
 inline void chunk_sums_t(const float* a, const float* t, const float* s, int64_t n, double* num, double* den) {
-    chunk_sums_f32(a, t, s, n, num, den);
+    D3FAST_PICK(chunk_sums_f32)(a, t, s, n, num, den);
 }
 inline void chunk_sums_t(const double* a, const double* t, const double* s, int64_t n, double* num, double* den) {
     chunk_sums_f64(a, t, s, n, num, den);
 }
 inline void chunk_grads_t(const float* a, const float* t, const float* s, int64_t n, float ca, float cs, float* ga,
                           float* gt, float* gs) {
-    chunk_grads_f32(a, t, s, n, ca, cs, ga, gt, gs);
+    D3FAST_PICK(chunk_grads_f32)(a, t, s, n, ca, cs, ga, gt, gs);
 }
 inline void chunk_grads_t(const double* a, const double* t, const double* s, int64_t n, double ca, double cs,
                           double* ga, double* gt, double* gs) {

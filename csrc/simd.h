@@ -1,64 +1,111 @@
 // Building blocks of the CPU kernels: a register-blocked multiply-accumulate micro-kernel
-// and a vectorisable exp. Header-only so each clone of a caller (D3FAST_CLONES below)
+// and a vectorisable exp. Header-only so each build of a caller (D3FAST_LEVELS below)
 // inlines them compiled for its own instruction set.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-// GCC on x86-64: compile the hot entry points twice, for AVX2+FMA (x86-64-v3) and for the
-// baseline, and pick one at load time. A wheel built here then runs on any x86-64 CPU.
+// GCC on x86-64: the hot entry points are compiled three times, for the baseline (SSE2), for
+// AVX2+FMA (x86-64-v3) and for AVX-512 (x86-64-v4: F, VL, BW, DQ), and the caller picks one
+// per call from d3fast::cpu_isa() (d3fast_core.h): a wheel built here runs on any x86-64 CPU,
+// uses the widest vectors it has, and a test can run every level this CPU supports.
+// Explicit targets rather than target_clones, whose ifunc cannot be overridden at run time.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define D3FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define D3FAST_X86_LEVELS 1
+#define D3FAST_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#define D3FAST_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
 #else
-#define D3FAST_CLONES
+#define D3FAST_X86_LEVELS 0
+#define D3FAST_TARGET_V3
+#define D3FAST_TARGET_V4
 #endif
 #define D3FAST_INLINE inline __attribute__((always_inline))
+
+// name_v1, name_v3, name_v4 (signature sig): the body (...) compiled at the baseline, x86-64-v3
+// and x86-64-v4 with `I` the register-block shapes of each (Xmm, Ymm, Zmm below); D3FAST_PICK
+// (name) is the one for d3fast::cpu_isa(). Define them below any OpenMP loop: GCC's outlined
+// parallel regions do not inherit a target (measured: no FMA in the loop body, 10x slower).
+#define D3FAST_LEVELS(name, sig, ...)                                  \
+    void name##_v1 sig {                                                \
+        using I [[maybe_unused]] = ::d3fast::simd::Xmm;                 \
+        __VA_ARGS__                                                     \
+    }                                                                   \
+    D3FAST_TARGET_V3 void name##_v3 sig {                               \
+        using I [[maybe_unused]] = ::d3fast::simd::Ymm;                 \
+        __VA_ARGS__                                                     \
+    }                                                                   \
+    D3FAST_TARGET_V4 void name##_v4 sig {                               \
+        using I [[maybe_unused]] = ::d3fast::simd::Zmm;                 \
+        __VA_ARGS__                                                     \
+    }
+#define D3FAST_PICK(name) ::d3fast::by_isa(name##_v1, name##_v3, name##_v4)
 
 namespace d3fast {
 namespace simd {
 
-// 32-byte vectors (one AVX register); the baseline clone splits them into SSE halves.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-    typedef float type __attribute__((vector_size(32)));
-    static constexpr int lanes = 8;
+// Register-block shapes per vector width. Xmm: 16-byte vectors, 16 registers (the baseline:
+// SSE2, or NEON; 32-byte vectors there, split in halves, ran 22x slower than AVX2 at D3's
+// shape, not 2x). Ymm: 32-byte vectors, 16 registers (AVX2). Zmm: 64-byte vectors, 32
+// registers (AVX-512).
+//   mac_tile: MR rows x NR columns of C in registers, NR / lanes vectors a row, plus NR / lanes
+//     loads of B and one broadcast of A: Xmm 6 x 8 floats = 12 + 2 + 1 of 16 registers; Ymm
+//     6 x 16 floats = 12 + 2 + 1 of 16 (the BLIS Haswell shape); Zmm 6 x 64 floats = 24 + 4 + 1 of 32 (MR stays 6: the 30-row sides
+//     of D3's classes split into whole blocks).
+//   dot_block: DR x DC vector accumulators + DR row loads + 1 column load: Xmm and Ymm 3 x 4 =
+//     12 + 3 + 1 of 16; Zmm 4 x 6 = 24 + 4 + 1 of 32 (24 FMAs for 10 loads per vector of k, against
+//     12 for 7).
+struct Xmm {
+    static constexpr int bytes = 16, MR = 6, NR = 8, DR = 3, DC = 4;
 };
-template <>
-struct Vec<double> {
-    typedef double type __attribute__((vector_size(32)));
-    static constexpr int lanes = 4;
+struct Ymm {
+    static constexpr int bytes = 32, MR = 6, NR = 16, DR = 3, DC = 4;
+};
+struct Zmm {
+    static constexpr int bytes = 64, MR = 6, NR = 64, DR = 4, DC = 6;
 };
 
-template <typename T>
-D3FAST_INLINE typename Vec<T>::type load(const T* p) {
-    typename Vec<T>::type v;
+template <typename T, int Bytes = 32>
+struct Vec {
+    typedef T type __attribute__((vector_size(Bytes)));
+    static constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
+};
+
+template <typename T, int Bytes = 32>
+D3FAST_INLINE typename Vec<T, Bytes>::type load(const T* p) {
+    typename Vec<T, Bytes>::type v;
     std::memcpy(&v, p, sizeof(v));
     return v;
 }
 
-template <typename T>
-D3FAST_INLINE void store(T* p, typename Vec<T>::type v) {
+template <typename T, int Bytes = 32>
+D3FAST_INLINE void store(T* p, typename Vec<T, Bytes>::type v) {
     std::memcpy(p, &v, sizeof(v));
 }
 
-// Micro-kernel shape: MR rows x NR columns of C in registers. 6 x 16 floats = 12 AVX
-// accumulators + 2 loads of b + 1 broadcast fit the 16 registers of AVX2 (the BLIS
-// Haswell shape).
-constexpr int MR = 6;
-constexpr int NR = 16;
+// Every lane = s, as one shuffle of a vector holding s (shufps / vbroadcastss / dup): GCC
+// lowers a plain `scalar * vector` at the SSE2 baseline through four stack stores and a
+// reload, a store-forwarding stall per product (measured: the baseline's MMD gradient 26x the
+// AVX2 time at D3's shape).
+template <typename T, int Bytes>
+D3FAST_INLINE typename Vec<T, Bytes>::type splat(T s) {
+    using V = typename Vec<T, Bytes>::type;
+    typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+    typedef I M __attribute__((vector_size(Bytes)));
+    return __builtin_shuffle(V{s}, M{});
+}
 
 // C[r][0:NR] += sum_k A(r, k) * B[k][0:NR] for r < mr, where A(r, k) = a[r*a_rs + k*a_ks]
-// and B[k] starts at b + k*b_ks (NR contiguous values). Rows r >= mr of A are never read.
-// add = false stores the sums instead of adding them (no pass to zero C first).
-template <typename T>
+// and B[k] starts at b + k*b_ks (NR contiguous values), NR = I::NR. Rows r >= mr of A are never
+// read. add = false stores the sums instead of adding them (no pass to zero C first).
+template <typename T, typename I = Ymm>
 D3FAST_INLINE void mac_tile(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b, int64_t b_ks,
                             T* c, int64_t c_rs, int mr, bool add = true) {
-    using V = typename Vec<T>::type;
-    constexpr int L = Vec<T>::lanes;
+    using V = typename Vec<T, I::bytes>::type;
+    constexpr int MR = I::MR, NR = I::NR;
+    constexpr int L = Vec<T, I::bytes>::lanes;
     constexpr int NV = NR / L;
     V acc[MR][NV];
     const T* arow[MR];
@@ -69,31 +116,28 @@ D3FAST_INLINE void mac_tile(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, c
     }
     for (int64_t k = 0; k < K; ++k) {
         V bv[NV];
-        for (int v = 0; v < NV; ++v) bv[v] = load<T>(b + k * b_ks + v * L);
+        for (int v = 0; v < NV; ++v) bv[v] = load<T, I::bytes>(b + k * b_ks + v * L);
         for (int r = 0; r < MR; ++r) {
-            const T av = arow[r][k * a_ks];
+            const V av = splat<T, I::bytes>(arow[r][k * a_ks]);
             for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
         }
     }
     for (int r = 0; r < mr; ++r) {
         for (int v = 0; v < NV; ++v) {
             T* p = c + r * c_rs + v * L;
-            store<T>(p, add ? load<T>(p) + acc[r][v] : acc[r][v]);
+            store<T, I::bytes>(p, add ? load<T, I::bytes>(p) + acc[r][v] : acc[r][v]);
         }
     }
 }
 
-// Dot-product register block: out[r * ld + s] = <a[r], b[s]> over k < K for r < ra <= DR,
-// s < rb <= DC, rows given by pointers (no packing: the rows are read where they lie).
-// 3 x 4 vector accumulators + 3 row loads + 1 column load = the 16 AVX2 registers; per
-// 8 lanes of k it issues 12 FMAs for 7 loads, FMA-bound when the rows sit in L1/L2.
-constexpr int DR = 3;
-constexpr int DC = 4;
-
-template <typename T>
+// Dot-product register block: out[r * ld + s] = <a[r], b[s]> over k < K for r < ra <= I::DR,
+// s < rb <= I::DC, rows given by pointers (no packing: the rows are read where they lie).
+// FMA-bound when the rows sit in L1/L2 (shapes at Ymm and Zmm above).
+template <typename T, typename I = Ymm>
 D3FAST_INLINE void dot_block(int64_t K, const T* const* a, int ra, const T* const* b, int rb, T* out, int64_t ld) {
-    using V = typename Vec<T>::type;
-    constexpr int L = Vec<T>::lanes;
+    using V = typename Vec<T, I::bytes>::type;
+    constexpr int DR = I::DR, DC = I::DC;
+    constexpr int L = Vec<T, I::bytes>::lanes;
     const T* ap[DR];
     const T* bp[DC];
     // missing rows re-read row 0; their sums are discarded below
@@ -105,9 +149,9 @@ D3FAST_INLINE void dot_block(int64_t K, const T* const* a, int ra, const T* cons
     int64_t k = 0;
     for (; k + L <= K; k += L) {
         V av[DR];
-        for (int r = 0; r < DR; ++r) av[r] = load<T>(ap[r] + k);
+        for (int r = 0; r < DR; ++r) av[r] = load<T, I::bytes>(ap[r] + k);
         for (int s = 0; s < DC; ++s) {
-            const V bv = load<T>(bp[s] + k);
+            const V bv = load<T, I::bytes>(bp[s] + k);
             for (int r = 0; r < DR; ++r) acc[r][s] += av[r] * bv;
         }
     }

@@ -2,6 +2,9 @@
 
 `D3FAST_PUREPYTHON=1` forces the pure-PyTorch fallbacks even when the extension is built
 (the test suite runs both ways). A missing or broken build logs one warning.
+`D3FAST_CPU_ISA=baseline|avx2|avx512` runs the float32 kernels at that instruction-set level
+instead of the one measured fastest for this CPU (`_C.cpu_isa()`; csrc/d3fast_core.h); a level
+the CPU lacks, or an unknown one, logs one warning and keeps the default.
 """
 
 from __future__ import annotations
@@ -25,5 +28,10 @@ else:
     except ImportError as e:
         REASON = f"not built ({e}); reinstall with `pip install -e .`"
         logging.getLogger("d3fast").warning("d3fast._C unavailable, using PyTorch fallbacks: %s", e)
+    if _C is not None and os.environ.get("D3FAST_CPU_ISA"):
+        try:
+            _C.set_cpu_isa(os.environ["D3FAST_CPU_ISA"])
+        except ValueError as e:
+            logging.getLogger("d3fast").warning("D3FAST_CPU_ISA ignored: %s; running %s", e, _C.cpu_isa())
 
 __all__ = ["HAS_EXT", "REASON", "_C"]

@@ -45,3 +45,47 @@ def test_pure_python_forces_the_reference(monkeypatch):
     monkeypatch.setenv("D3FAST_PUREPYTHON", "1")
     assert kernels.backend(torch.zeros(1)) == "reference"
     assert not kernels.triton_status()[0]
+
+
+@pytest.mark.skipif(os.environ.get("D3FAST_PUREPYTHON") == "1", reason="needs d3fast._C")
+def test_cpu_levels_are_listed_chosen_and_refused_clearly():
+    from d3fast._ext import _C
+
+    levels = _C.cpu_isas()
+    assert levels[0] == "baseline" and levels == ["baseline", "avx2", "avx512"][: len(levels)]
+    before = _C.cpu_isa()
+    assert before in levels and before in _C.build_info()["simd"]
+    try:
+        for level in levels:
+            _C.set_cpu_isa(level)
+            assert _C.cpu_isa() == level
+        with pytest.raises(ValueError, match="unknown instruction-set level 'sse9'"):
+            _C.set_cpu_isa("sse9")
+        if levels[-1] != "avx512":
+            with pytest.raises(ValueError, match="cannot run the avx512 kernels"):
+                _C.set_cpu_isa("avx512")
+        assert _C.cpu_isa() == levels[-1]  # a refused level changes nothing
+    finally:
+        _C.set_cpu_isa(before)
+
+
+@pytest.mark.skipif(os.environ.get("D3FAST_PUREPYTHON") == "1", reason="needs d3fast._C")
+@pytest.mark.parametrize("value", ["baseline", "sse9"])
+def test_the_cpu_level_environment_variable(value):
+    import subprocess
+    import sys
+
+    from d3fast._ext import _C
+
+    default = subprocess.run([sys.executable, "-c", "from d3fast._ext import _C; print(_C.cpu_isa())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert default in _C.cpu_isas()
+    env = {**os.environ, "D3FAST_CPU_ISA": value}
+    r = subprocess.run([sys.executable, "-c", "from d3fast._ext import _C; print(_C.cpu_isa())"],
+                       capture_output=True, text=True, check=True, env=env)
+    if value == "baseline":
+        assert r.stdout.strip() == "baseline" and r.stderr == ""
+    else:  # one warning line, the default kept
+        assert r.stdout.strip() == default
+        assert "D3FAST_CPU_ISA ignored: unknown instruction-set level 'sse9'" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1

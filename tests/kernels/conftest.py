@@ -1,5 +1,7 @@
+import contextlib
 import importlib.util
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,6 +21,30 @@ def impls() -> list:
                pytest.mark.cuda],
     ))
     return out
+
+
+def cpu_levels() -> list:
+    """The C++ kernels' instruction-set levels this CPU runs (csrc/simd.h builds each float32
+    entry point once per level; `_C.cpu_isas()`), as parameters for `at_cpu_level`."""
+    if not HAS_EXT:
+        return [pytest.param("none", marks=pytest.mark.skip(reason="d3fast._C not loaded"))]
+    from d3fast._ext import _C
+
+    return [pytest.param(level, id=level) for level in _C.cpu_isas()]
+
+
+@contextlib.contextmanager
+def at_cpu_level(level: str) -> Iterator[None]:
+    """Runs the C++ kernels at `level` inside the block, the process's level again after."""
+    from d3fast._ext import _C
+
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(level)
+    try:
+        assert _C.cpu_isa() == level
+        yield
+    finally:
+        _C.set_cpu_isa(before)
 
 
 def device_for(impl: str) -> torch.device:

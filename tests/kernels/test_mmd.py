@@ -12,7 +12,7 @@ from d3fast import kernels
 from d3fast.errors import D3FastError
 from d3fast.kernels.mmd_ref import mmd2_ref
 from tests._utils import assert_close
-from tests.kernels.conftest import device_for, impls
+from tests.kernels.conftest import at_cpu_level, cpu_levels, device_for, impls
 
 SHAPES = [  # C, n, m, D
     (1, 2, 2, 1),
@@ -146,6 +146,18 @@ def test_d3_shape_with_uneven_lengths(impl):
     x, y = features(2, 30, 2048, 0), features(2, 30, 2048, 1, 0.05)
     lengths = {"x_lengths": torch.tensor([30, 17]), "y_lengths": torch.tensor([23, 30])}
     check(f"{impl} d3 shape", impl, x, y, RTOL[torch.float32], **lengths)
+
+
+@pytest.mark.parametrize("level", cpu_levels())
+def test_cpp_at_every_cpu_level_on_the_d3_shape(level):
+    # each instruction-set build (Xmm, Ymm, Zmm register blocks: csrc/simd.h) on D3's shape,
+    # uneven lengths and a D that leaves a partial panel at every block width (2,047 = 31 x 64
+    # + 63), both estimators
+    x, y = features(3, 30, 2047, 0), features(3, 30, 2047, 1, 0.05)
+    lengths = {"x_lengths": torch.tensor([30, 17, 29]), "y_lengths": torch.tensor([23, 30, 30])}
+    with at_cpu_level(level):
+        for unbiased in (True, False):
+            check(f"cpp at {level}", "cpp", x, y, RTOL[torch.float32], unbiased=unbiased, **lengths)
 
 
 @pytest.mark.parametrize("impl", [p for p in impls() if p.values[0] != "triton"])
@@ -338,16 +350,16 @@ def test_cpp_outputs_from_the_buffer_pool_are_fully_written_and_never_shared():
     assert _C.pool_trim() >= 2 * C * n * D * 4 and _C.pool_trim() == 0
 
 
-@pytest.mark.skipif(not __import__("d3fast._ext", fromlist=["HAS_EXT"]).HAS_EXT, reason="d3fast._C not built")
-def test_cpp_matches_reference_on_random_shapes_and_lengths():
+@pytest.mark.parametrize("level", cpu_levels())
+def test_cpp_matches_reference_on_random_shapes_and_lengths(level):
     # hypothesis over both C++ paths (n + m > D tiled, <= D direct: fused, and split into
-    # forward and backward by autograd), every register-block and panel remainder (rows mod
-    # 3/4/6, D mod 8/16), uneven lengths, both estimators
+    # forward and backward by autograd), at each instruction-set level, every register-block
+    # and panel remainder (rows mod 3/4/6, D mod 4/8/16/64), uneven lengths, both estimators
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
     @settings(max_examples=60, deadline=None, derandomize=True)
-    @given(C=st.integers(1, 6), n=st.integers(2, 14), m=st.integers(2, 14), D=st.integers(1, 70),
+    @given(C=st.integers(1, 6), n=st.integers(2, 14), m=st.integers(2, 14), D=st.integers(1, 140),
            unbiased=st.booleans(), data=st.data())
     def prop(C, n, m, D, unbiased, data):
         lo = 2 if unbiased else 1
@@ -361,7 +373,8 @@ def test_cpp_matches_reference_on_random_shapes_and_lengths():
             assert_close(f"cpp C={C} n={n} m={m} D={D} {lx.tolist()} {ly.tolist()} {part}", r, o.double(),
                          atol=RTOL[torch.float32] * term_scale(part, r), rtol=0)
 
-    prop()
+    with at_cpu_level(level):
+        prop()
 
 
 @pytest.mark.skipif(not __import__("d3fast._ext", fromlist=["HAS_EXT"]).HAS_EXT, reason="d3fast._C not built")

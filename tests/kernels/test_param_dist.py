@@ -9,7 +9,7 @@ import torch
 from d3fast import kernels
 from d3fast.errors import D3FastError
 from tests._utils import assert_close
-from tests.kernels.conftest import device_for, impls
+from tests.kernels.conftest import at_cpu_level, cpu_levels, device_for, impls
 
 # P values: 1, odd, a few Triton blocks on CPU (64 x 2), and more than one C++ chunk (2^17)
 SIZES = [1, 7, 1000, 4097, (1 << 17) + 3]
@@ -62,6 +62,19 @@ def test_matches_formula_fp32(impl, P, students):
         assert o.dtype == (torch.float32 if name == "L" else a.dtype)
         # measured: at most 0.15 of it
         assert_close(f"{impl} P={P} {name}", r, o.cpu(), atol=1e-6 * float(r.abs().max()) + 1e-30, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level", cpu_levels())
+def test_cpp_at_every_cpu_level(level):
+    # each instruction-set build of the C++ sums and gradients (csrc/simd.h), a size past one
+    # chunk with an odd tail, 2 students
+    a, t, s = vectors((2, (1 << 16) + 37), 3)
+    up = torch.tensor([0.7, -1.3])
+    with at_cpu_level(level):
+        out = run("cpp", a, t, s, up)
+    for name, r, o in zip(("L", "da", "dt", "ds"), formula(a, t, s), out, strict=True):
+        r = r if name == "L" else r * up[:, None]
+        assert_close(f"cpp at {level} {name}", r, o, atol=1e-6 * float(r.abs().max()) + 1e-30, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", impls())

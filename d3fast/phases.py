@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The phases of a distillation step, in the report's display order. The loop, the ops and
 # `d3fast profile` import these names; the report adds "other" (time no phase claimed).
@@ -225,6 +226,30 @@ class KernelCounter:
     def __exit__(self, *exc: object) -> None:
         self._prof.__exit__(None, None, None)
         self.counts = _book(self._prof.events(), self.device.type == "cuda")
+
+
+class FlopCounter(TorchDispatchMode):
+    """FLOPs of the ops run while entered whose cost torch.utils.flop_counter knows
+    (convolution forward and backward, mm, addmm, bmm, baddbmm, attention): the formulas of
+    its registry, without FlopCounterMode's module tracker, whose backward hooks refuse an
+    autograd.grad inside a backward (the flat unroll's adjoint). Under torch.func's grad and
+    vmap it sees the batched ops they run. Eager only: compiled graphs refuse dispatch modes
+    (run it under compiling.eager())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self._registry = flop_registry
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self._registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
+        return out
 
 
 def _book(events: Any, cuda: bool) -> dict[str, int]:

@@ -143,3 +143,48 @@ def test_the_kernel_counter_counts_kernels_only_and_books_them_to_the_open_phase
                 fn(y)  # mul + sum, or one fused kernel
             y.add_(1)  # add_
     assert c.counts == {"other": 2, "decode": 2, "mmd": 1 if compiled else 2}
+
+
+def test_the_flop_counter_matches_the_formulas_under_grad_in_backward_and_vmap():
+    # independent counts: a 3x3 convolution of N x Cin x H x W into Cout channels (padding 1)
+    # is 2 N Cout H W Cin 9 FLOPs forward and twice that backward (input and weight
+    # gradients); a [m, k] x [k, n] product 2 m k n
+    N, Cin, Cout, H = 2, 3, 5, 7
+    conv = 2 * N * Cout * H * H * Cin * 9
+    x = torch.randn(N, Cin, H, H, requires_grad=True)
+    w = torch.randn(Cout, Cin, 3, 3, requires_grad=True)
+    with phases.FlopCounter() as fc:
+        torch.nn.functional.conv2d(x, w, padding=1).sum().backward()
+    assert fc.flops == 3 * conv
+
+    # an autograd.grad inside a backward (the flat unroll's adjoint), where torch's
+    # FlopCounterMode raises: the inner forward and both gradients are counted
+    class Inner(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            with torch.enable_grad():
+                xi = x.detach().requires_grad_(True)
+                wi = w.detach().requires_grad_(True)
+                out = torch.nn.functional.conv2d(xi, wi, padding=1)
+                gx, _ = torch.autograd.grad(out.sum(), [xi, wi])
+            return g + gx
+
+    with phases.FlopCounter() as fc:
+        Inner.apply(x).sum().backward()
+    assert fc.flops == 3 * conv
+
+    # torch.func's vmap over K weight matrices: the batched product it runs
+    K, m, k, n = 4, 3, 6, 5
+    a, b = torch.randn(K, m, k), torch.randn(K, k, n)
+    with phases.FlopCounter() as fc:
+        torch.func.vmap(torch.mm)(a, b)
+    assert fc.flops == K * 2 * m * k * n
+    with phases.FlopCounter() as fc:
+        torch.relu(a)  # no formula: not counted
+    assert fc.flops == 0

@@ -47,7 +47,7 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     # record_function ops the timer opens at each phase edge), and exclusive booking can
     # never exceed the step
     steps = r["step_s"]["per_step"]
-    assert len(steps) == 3 and r["steps"] == {"warmup": 1, "free": 2, "timed": 3, "counted": 1, "traced": 1}
+    assert len(steps) == 3 and r["steps"] == {"warmup": 1, "free": 2, "timed": 3, "counted": 1, "flops": 1, "traced": 1}
     # free-running steps run without markers: fewer ops (no record_function at phase
     # edges), and they set the rate the projection uses
     free = r["free_step_s"]
@@ -71,7 +71,7 @@ def test_profile_report_on_real_inputs(home, tmp_path):
     md = (out / "report.md").read_text()
     assert "## Time per phase" in md and "unroll backward" in md and "## Fused kernels" in md
     rows = [x for x in ledger.Ledger().records(dataset="digits") if x["phase"] == "profile"]
-    assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 8
+    assert rows and rows[-1]["status"] == "done" and rows[-1]["steps"] == 9
 
     # kernels per step: the counted step's kernel-running ops, booked by phase; under the op
     # clock that step lasted as many ticks as it dispatched ops of any kind, views included:
@@ -83,6 +83,15 @@ def test_profile_report_on_real_inputs(home, tmp_path):
         assert ops["by_phase"][p] > 0, p
     assert not ops["compiled"] and r["compile_s_in_timed_steps"] == 0
     assert "## Kernels per step (eager" in md and f"{ops['total']:,} kernels" in md
+
+    # the GPU projection: the counted kernels and the flops step's FLOPs, each GPU's floor the
+    # larger of its launch floor (eager, as profiled) and its compute floor
+    g = r["gpu_projection"]
+    assert g["flops_per_step"] > 0 and g["measured"] is None
+    for p in g["per_gpu"]:
+        assert p["kernels"] == ops["total"] and p["mode"] == "eager" and p["precision"] == "tf32"
+        assert p["floor_ms"] == max(p["launch_floor_ms"]["eager"], p["compute_floor_ms"])
+    assert "## GPU projection" in md and "H200 SXM" in md
 
 
 def test_profile_stand_ins_for_a_dataset_without_files(tmp_path):

@@ -27,6 +27,7 @@ report says which inputs were used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
@@ -41,7 +42,7 @@ from typing import Any
 import click
 import torch
 
-from d3fast import compiling, ledger
+from d3fast import compiling, gpu_model, ledger
 from d3fast.config import Config
 from d3fast.data.cache import read_manifest
 from d3fast.data.datasets import get_spec, subtask_block
@@ -52,7 +53,7 @@ from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, file_st
 from d3fast.models import build_network
 from d3fast.models._layers import FeatureClassifier
 from d3fast.paths import data_dir
-from d3fast.phases import PHASES, KernelCounter, PhaseTimer, active, set_marking
+from d3fast.phases import PHASES, FlopCounter, KernelCounter, PhaseTimer, active, set_marking
 from d3fast.preflight import resolve_data_loader
 from d3fast.progress import bar as progress_bar
 from d3fast.recipes.distill import DistillInputs, compiled, distill
@@ -101,11 +102,14 @@ def profile(
     # under a kernel counter (a profiler: not timed). It follows a step (the counter
     # starts in on_step) and never ends the run (distill writes the run's checkpoint after the
     # last step, before on_step could stop the counter): after the warm-up and free steps, or
-    # after the first timed step, with one untimed "tail" step after it if nothing else is.
+    # after the first timed step. A "flops" step follows it, eager, under a FLOP counter
+    # (phases.FlopCounter; compiled graphs refuse its dispatch mode, and the arithmetic is the
+    # same): the GPU projection's second count. One untimed "tail" step ends the run if nothing else would.
     pre = ["warmup"] * warmup + ["free"] * free_steps
     timed = ["timed"] * steps
-    kinds = (pre + ["counted"] + timed if pre else timed[:1] + ["counted"] + timed[1:]) + ["traced"] * trace_steps
-    if kinds[-1] == "counted":
+    counted = ["counted", "flops"]
+    kinds = (pre + counted + timed if pre else timed[:1] + counted + timed[1:]) + ["traced"] * trace_steps
+    if kinds[-1] == "flops":
         kinds.append("tail")
     pcfg.distill.steps = len(kinds)
     pcfg.distill.checkpoint_every = 10**9  # one checkpoint, after the last step
@@ -123,8 +127,16 @@ def profile(
         tracer = _tracer(device)
         bar = progress_bar(total=pcfg.distill.steps, desc="profile", unit="step", disable=not progress, dynamic_ncols=True)
 
-        counter: list[KernelCounter] = []  # entered for the counted step only
+        # entered for the counted and the flops step: the counter and the stack that closes it
+        counter: list[tuple[contextlib.ExitStack, KernelCounter | FlopCounter]] = []
         compiled_s = [compiling.seconds()]  # torch.compile's seconds in this process, after the last step
+
+        def open_counter(kind: str) -> None:
+            stack = contextlib.ExitStack()
+            if kind == "flops":
+                stack.enter_context(compiling.eager())
+            c = stack.enter_context(KernelCounter(device) if kind == "counted" else FlopCounter())
+            counter.append((stack, c))
 
         def on_step(metrics: dict[str, Any]) -> None:
             phases = timer.end_step()
@@ -135,13 +147,15 @@ def profile(
                              "peak_mem_gib": metrics["peak_mem_gib"], "phases": phases,
                              "edge_s": timer.step_edges[-1], "compile_s": compile_now - compiled_s[0]})
             compiled_s[0] = compile_now
-            if kind == "counted":
-                done = counter.pop()
-                done.__exit__(None, None, None)
-                per_step[-1]["kernels"] = done.counts
-            elif k + 1 < len(kinds) and kinds[k + 1] == "counted":
-                counter.append(KernelCounter(device))
-                counter[0].__enter__()
+            if kind in ("counted", "flops"):
+                stack, done = counter.pop()
+                stack.close()
+                if isinstance(done, KernelCounter):
+                    per_step[-1]["kernels"] = done.counts
+                else:
+                    per_step[-1]["flops"] = done.flops
+            if k + 1 < len(kinds) and kinds[k + 1] in ("counted", "flops"):
+                open_counter(kinds[k + 1])
             bar.set_postfix_str(f"{kind} step {metrics['step_s']:.2f} s", refresh=False)
             bar.update(1)
             if k + 1 < len(kinds):
@@ -161,8 +175,8 @@ def profile(
                     res = distill(pcfg, Run.at(scratch / "run"), inputs=inputs, progress=False, on_step=on_step,
                                   ledger_phase="profile", clock=clock)
             finally:
-                for c in counter:  # the run stopped inside the counted step
-                    c.__exit__(None, None, None)
+                for stack, _ in counter:  # the run stopped inside a counted step
+                    stack.close()
                 if tracing:  # started only once the traced steps began (a stop may come first)
                     tracer.stop()
                 bar.close()
@@ -290,7 +304,8 @@ def _report(
                                                  "decoder_linear", "z_dim")}
         | {"net": f"{cfg.net.name} width {cfg.net.width} depth {cfg.net.depth or 'auto'} {cfg.net.norm}"},
         "shapes": shapes,
-        "steps": {"warmup": warmup, "free": free_steps, "timed": steps, "counted": 1, "traced": trace_steps},
+        "steps": {"warmup": warmup, "free": free_steps, "timed": steps, "counted": 1, "flops": 1,
+                  "traced": trace_steps},
         "step_s": {"mean": step_s, "median": statistics.median(s["step_s"] for s in timed),
                    "min": min(s["step_s"] for s in timed), "max": max(s["step_s"] for s in timed),
                    "per_step": [s["step_s"] for s in timed]},
@@ -323,9 +338,20 @@ def _report(
     if counted:
         ops = counted[0]["kernels"]
         order = [p for p in (*PHASES, *sorted(set(ops) - set(PHASES) - {"other"}), "other") if p in ops]
+        is_compiled = compiled(cfg.distill, device)
         report["kernels_per_step"] = {"total": sum(ops.values()), "by_phase": {p: ops[p] for p in order},
-                                      "counted_step_s": counted[0]["step_s"], "compiled": compiled(cfg.distill, device),
+                                      "counted_step_s": counted[0]["step_s"], "compiled": is_compiled,
                                       "compile_s": round(compiling.seconds(), 2)}
+        flops = next((st["flops"] for st in per_step if st["kind"] == "flops" and "flops" in st), None)
+        if flops is not None:
+            total = sum(ops.values())
+            report["gpu_projection"] = {
+                "flops_per_step": flops,
+                "per_gpu": [p.as_dict() for p in gpu_model.project(total, flops, is_compiled, cfg.distill.amp)],
+                "launch_us_assumed": gpu_model.LAUNCH_US,
+                "measured": gpu_model.measured(rate_s, total, flops, device_name(device), cfg.distill.amp)
+                if device.type == "cuda" else None,
+            }
     # graphs first met in a timed step (a DSA op drawn for the first time, --warmup 0) compile
     # inside it: their seconds are in that step's time
     report["compile_s_in_timed_steps"] = round(sum(s["compile_s"] for s in timed), 2)
@@ -413,6 +439,7 @@ def markdown(r: dict[str, Any]) -> str:
         "- config: " + ", ".join(f"{k}={v}" for k, v in r["config"].items()),
         f"- steps: {r['steps']['warmup']} warm-up, {r['steps'].get('free', 0)} free-running (no markers), "
         f"{r['steps']['timed']} timed (phase markers), {r['steps'].get('counted', 0)} counted (kernels), "
+        f"{r['steps'].get('flops', 0)} eager with a FLOP counter, "
         f"{r['steps']['traced']} traced (torch.profiler)",
         "",
         "## Throughput",
@@ -471,6 +498,8 @@ def markdown(r: dict[str, Any]) -> str:
                   "| phase | kernels / step | share |", "|---|---:|---:|"]
         for name, n in o["by_phase"].items():
             lines.append(f"| {name} | {n:,} | {n / max(o['total'], 1):.1%} |")
+    if r.get("gpu_projection"):
+        lines += _projection_lines(r["gpu_projection"])
     if r.get("top_kernels"):
         which = "self CUDA time" if r["device_kind"] == "cuda" else "self CPU time"
         lines += ["", f"## Top kernels / ops ({which}, traced steps)", "", "| name | calls / step | ms / step | share |",
@@ -488,6 +517,28 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append("\nPeak fractions are given for known GPUs (fp32 FLOP/s, memory bandwidth); none for CPUs.")
     lines += ["", "Files: " + ", ".join(r["files"]), ""]
     return "\n".join(lines)
+
+
+def _projection_lines(g: dict[str, Any]) -> list[str]:
+    us = g["launch_us_assumed"]
+    rows = g["per_gpu"]
+    lines = ["", "## GPU projection (a floor, from the counted kernels and FLOPs; d3fast/gpu_model.py)", "",
+             f"{rows[0]['kernels']:,} kernels and {g['flops_per_step'] / 1e12:.3f} TFLOP (convolutions and matrix "
+             f"products, {rows[0]['precision'].upper()}) per step. Launch floor: kernels x an assumed "
+             + ", ".join(f"{v:g} us ({k})" for k, v in us.items())
+             + " per kernel; compute floor: FLOPs at the dense tensor-core peak. A step takes at least the larger.", "",
+             "| GPU | launch floor, " + " | launch floor, ".join(us) + " | compute floor | floor as profiled | "
+             "target |", "|---|" + "---:|" * (len(us) + 3)]
+    for p in rows:
+        launch = " | ".join(f"{p['launch_floor_ms'][k]:.1f} ms" for k in us)
+        lines.append(f"| {p['gpu']} | {launch} | {p['compute_floor_ms']:.1f} ms | **{p['floor_ms']:.1f} ms** "
+                     f"({p['mode']}, bound by {p['bound']}) | {p['target_ms']:.0f} ms |")
+    m = g.get("measured")
+    if m:
+        per_kernel = f"{m['us_per_kernel']:.2f} us per kernel beyond the compute floor" if m["us_per_kernel"] else ""
+        lines += ["", f"Measured here: {m['step_ms']:.1f} ms per step against the {m['target_ms']:.0f} ms target "
+                  f"({'met' if m['meets_target'] else 'missed'}); {per_kernel}."]
+    return lines
 
 
 def _plots(report: dict[str, Any], timer: PhaseTimer, per_step: list[dict[str, Any]], out: Path) -> None:

@@ -622,7 +622,7 @@ def profile_runs(sizes: Sizes, out: Path, scratch: Path) -> dict[str, Any]:
             "phases_fraction": {k: round(v, 4) for k, v in r["phases_fraction"].items()},
             "projection": r["projection"], "top_kernels": (r.get("top_kernels") or [])[:12],
             "fused_kernels": r.get("fused_kernels"), "config": r["config"], "inputs": r["inputs"],
-            "kernels_per_step": r.get("kernels_per_step"),
+            "kernels_per_step": r.get("kernels_per_step"), "gpu_projection": r.get("gpu_projection"),
         }
     return results
 
@@ -680,9 +680,12 @@ def _measured(s: dict[str, Any]) -> list[tuple[str, float | None, str]]:
     for name, r in prof.items():
         if isinstance(r, dict) and "step_ms" in r:
             kern = (r.get("kernels_per_step") or {}).get("total")
+            # what the projection assumed per kernel, as measured here (d3fast/gpu_model.py)
+            us = ((r.get("gpu_projection") or {}).get("measured") or {}).get("us_per_kernel")
             rows.append(("step_ms", r["step_ms"], f" ms ({name}, {r['projection']['device_hours']:.3g} h / "
                                                   f"{r['projection']['steps']} steps"
-                                                  + (f", {kern:,} kernels per step" if kern else "") + ")"))
+                                                  + (f", {kern:,} kernels per step" if kern else "")
+                                                  + (f", {us:.2g} us a kernel" if us else "") + ")"))
     if not rows:
         rows.append(("step_ms", None, ""))
     mmd = k.get("mmd") or {}

@@ -522,17 +522,18 @@ def markdown(r: dict[str, Any]) -> str:
 def _projection_lines(g: dict[str, Any]) -> list[str]:
     us = g["launch_us_assumed"]
     rows = g["per_gpu"]
+    mode = rows[0]["mode"]
     lines = ["", "## GPU projection (a floor, from the counted kernels and FLOPs; d3fast/gpu_model.py)", "",
-             f"{rows[0]['kernels']:,} kernels and {g['flops_per_step'] / 1e12:.3f} TFLOP (convolutions and matrix "
-             f"products, {rows[0]['precision'].upper()}) per step. Launch floor: kernels x an assumed "
-             + ", ".join(f"{v:g} us ({k})" for k, v in us.items())
-             + " per kernel; compute floor: FLOPs at the dense tensor-core peak. A step takes at least the larger.", "",
-             "| GPU | launch floor, " + " | launch floor, ".join(us) + " | compute floor | floor as profiled | "
-             "target |", "|---|" + "---:|" * (len(us) + 3)]
+             f"{rows[0]['kernels']:,} kernels ({mode}) and {g['flops_per_step'] / 1e12:.3f} TFLOP (convolutions and "
+             f"matrix products, {rows[0]['precision'].upper()}) per step. Launch floor: the kernels x an assumed "
+             f"{us[mode]:g} us each as profiled ({mode}), {us['cuda graphs']:g} us replayed in CUDA graphs; compute "
+             "floor: the FLOPs at the dense tensor-core peak. A step takes at least the larger.", "",
+             f"| GPU | launch floor ({mode}) | in CUDA graphs | compute floor | step floor | target |",
+             "|---|---:|---:|---:|---:|---:|"]
     for p in rows:
-        launch = " | ".join(f"{p['launch_floor_ms'][k]:.1f} ms" for k in us)
-        lines.append(f"| {p['gpu']} | {launch} | {p['compute_floor_ms']:.1f} ms | **{p['floor_ms']:.1f} ms** "
-                     f"({p['mode']}, bound by {p['bound']}) | {p['target_ms']:.0f} ms |")
+        lines.append(f"| {p['gpu']} | {p['launch_floor_ms'][mode]:.1f} ms | {p['launch_floor_ms']['cuda graphs']:.1f} ms "
+                     f"| {p['compute_floor_ms']:.1f} ms | **{p['floor_ms']:.1f} ms** (bound by {p['bound']}) "
+                     f"| {p['target_ms']:.0f} ms |")
     m = g.get("measured")
     if m:
         per_kernel = f"{m['us_per_kernel']:.2f} us per kernel beyond the compute floor" if m["us_per_kernel"] else ""

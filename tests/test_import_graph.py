@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # by its package prefix ("d3fast.data.") takes that layer unless named on its own.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("d3fast.errors", "d3fast.io", "d3fast.paths", "d3fast.runtime", "d3fast.progress",
-                     "d3fast.phases", "d3fast.compiling", "d3fast.kernels", "d3fast.kernels.", "d3fast._ext",
+                     "d3fast.phases", "d3fast.compiling", "d3fast.gpu_model", "d3fast.kernels", "d3fast.kernels.",
+                     "d3fast._ext",
                      "d3fast.data.cache",
                      "d3fast.data.decode", "d3fast.data.datasets")),
     ("config", ("d3fast.config", "d3fast.presets")),

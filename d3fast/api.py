@@ -17,12 +17,35 @@ from typing import Any
 from d3fast.errors import D3FastError
 
 
-def _sets(values: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
+def _sets(values: Mapping[str, Any] | Sequence[str] | None, prefix: str = "") -> list[str]:
+    """`set` as --set strings: {"distill.steps": 5}, nested sections ({"distill": {"steps": 5}})
+    or ["distill.steps=5"].
+
+    Raises:
+        D3FastError: a key that is not a string, or `set` neither a mapping nor a list of strings."""
     if values is None:
         return []
     if isinstance(values, Mapping):
-        return [f"{k}={_value(k, v)}" for k, v in values.items()]
-    return [str(v) for v in values]
+        out = []
+        for k, v in values.items():
+            if not isinstance(k, str) or not k:
+                raise D3FastError(f"set: keys are config keys such as 'distill.steps', not {k!r}")
+            out += _sets(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [f"{prefix}{k}={_value(prefix + k, v)}"]
+        return out
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+        # an iterator would be used up by the check: lists and tuples only
+        raise D3FastError(f"set: a mapping {{'distill.steps': 5}} or a list of 'key=value' strings, not {values!r}"[:300])
+    return list(values)
+
+
+def _names(**values: Any) -> None:
+    """The arguments that name things (datasets, presets, runs, devices) are strings.
+
+    Raises:
+        D3FastError: one that is not."""
+    for key, v in values.items():
+        if v is not None and not isinstance(v, str | os.PathLike):
+            raise D3FastError(f"{key} must be a string such as 'digits', not {type(v).__name__} {v!r}")
 
 
 def _value(key: str, v: Any) -> str:
@@ -39,8 +62,12 @@ def _value(key: str, v: Any) -> str:
         return str(v).removeprefix("torch.")
     try:
         return json.dumps(v)
-    except TypeError:
-        raise D3FastError(f"set[{key!r}]: {type(v).__name__} {v!r} is not a config value (a string, number, "
+    except (TypeError, ValueError):  # ValueError: an int past Python's 4,300-digit conversion limit
+        try:
+            shown = repr(v)[:80]
+        except ValueError:  # the same limit applies to repr
+            shown = "(too many digits to print)"
+        raise D3FastError(f"set[{key!r}]: {type(v).__name__} {shown} is not a config value (a string, number, "
                           "true/false or a list of them)") from None
 
 
@@ -55,7 +82,7 @@ def _failures_as_errors() -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        failure = write_failure(getattr(e, "filename", None) or ".", e)
+        failure = write_failure(getattr(e, "filename", None), e)
         if failure is None:
             raise
         raise failure from None
@@ -86,6 +113,7 @@ def distill(
     from d3fast.progress import silenced
     from d3fast.recipes.distill import DistillJob, command
 
+    _names(dataset=dataset, preset=preset, name=name, runs_dir=runs_dir, device=device)
     # steps and ppc parsed as the command line parses --steps 2 (an int, a numpy int or "2"),
     # before `set` (which wins, as --set does); an empty string is "not given", as a missing flag
     flags = tuple(f"{key}={v}" for key, v in (("distill.steps", steps), ("distill.ppc", ppc)) if v is not None)
@@ -121,6 +149,7 @@ def evaluate(
     from d3fast.recipes.evaluate import evaluate as run_evaluation
     from d3fast.runtime import resolve_device
 
+    _names(target=target, dataset=dataset, preset=preset, runs_dir=runs_dir, device=device)
     dev = resolve_device(device or "auto")
     with silenced(not progress), _failures_as_errors():
         t = open_target(str(target), str(runs_dir or runs_root()), dataset, preset, tuple(_sets(set)), dev)
@@ -143,8 +172,13 @@ def load(where: str | os.PathLike, device: str = "cpu", runs_dir: str | os.PathL
     from d3fast.exports import zca_of
     from d3fast.paths import runs_root
     from d3fast.recipes.evaluate import open_target
+    from d3fast.runtime import resolve_device
 
-    t = open_target(str(where), str(runs_dir or runs_root()), device=device, config_optional=True)
+    _names(where=where, device=device, runs_dir=runs_dir)
+    if not str(where).strip():
+        raise D3FastError("load: name a run directory, `latest` or a .safetensors export")
+    dev = resolve_device(device or "cpu")  # an unknown or absent device said as such, before any file
+    t = open_target(str(where), str(runs_dir or runs_root()), device=dev, config_optional=True)
     if t.d is None:
         raise D3FastError(f"{where} is a fixed image set, not a distilled object: read it with torch.load")
     if t.cfg.data.zca:

@@ -102,7 +102,7 @@ class _Group(click.Group):
                 os._exit(2)
             from d3fast.io import write_failure
 
-            failure = write_failure(getattr(e, "filename", None) or ".", e)
+            failure = write_failure(getattr(e, "filename", None), e)
             if failure is not None:
                 click.secho(f"error: {failure}", fg="red", err=True)
                 sys.exit(2)

@@ -337,6 +337,21 @@ def available_presets() -> list[str]:
     return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
 
 
+def _is_file(name: str) -> bool:
+    """A preset name that is a user's TOML file (`--config FILE.toml`), not a packaged preset."""
+    return name.endswith(".toml") or os.sep in name
+
+
+def _dataset_preset(dataset: str | None) -> str | None:
+    """The packaged preset a dataset starts from, if any."""
+    from d3fast.data.datasets import is_imagefolder
+
+    if not dataset:
+        return None
+    return DATASET_PRESETS.get(dataset) or (dataset if dataset in available_presets() else None) \
+        or ("imagefolder" if is_imagefolder(dataset) else None)
+
+
 def load_preset(name: str) -> dict[str, Any]:
     """A packaged preset by name, or a user's TOML file of the same form (a name ending in
     .toml or holding a path separator: `--config FILE.toml`), validated like any preset.
@@ -345,10 +360,12 @@ def load_preset(name: str) -> dict[str, Any]:
         D3FastError: unknown name, missing or unreadable file, invalid TOML."""
     from pathlib import Path
 
-    if name.endswith(".toml") or os.sep in name:
+    if _is_file(name):
         user = Path(name).expanduser()
-        if not user.is_file():
+        if not user.exists():
             raise D3FastError(f"config file {name} does not exist")
+        if not user.is_file():
+            raise D3FastError(f"config file {name} is not a regular file")
         try:
             text = user.read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -364,6 +381,8 @@ def load_preset(name: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise D3FastError(f"preset {name!r} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # an int of > 4,300 digits; arrays nested thousands deep
+        raise D3FastError(f"preset {name!r} is not a usable config ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def to_toml(cfg: Config) -> str:
@@ -469,6 +488,9 @@ def apply_updates(obj: Any, updates: dict[str, Any], prefix: str, from_string: b
             if not isinstance(value, dict):
                 raise D3FastError(f"config key {full!r} is a section; set {full}.<key> instead")
             apply_updates(current, value, f"{full}.", from_string)
+        elif isinstance(value, dict):
+            inner = next(iter(value), "")
+            raise D3FastError(f"config key {full!r} is a value, not a section: there is no {full}.{inner}")
         else:
             setattr(obj, key, _coerce(value, types_[key], full, from_string))
 
@@ -482,8 +504,12 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         dotted, value = item.split("=", 1)
         node = out
         parts = dotted.strip().split(".")
-        for p in parts[:-1]:
+        for k, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # "a.b=1" then "a.b.c=2"
+                raise D3FastError(f"override {item!r}: {'.'.join(parts[:k + 1])} is set as a value by another --set")
+        if isinstance(node.get(parts[-1]), dict):  # "a.b.c=2" then "a.b=1"
+            raise D3FastError(f"override {item!r}: {dotted.strip()} is set as a section by another --set")
         node[parts[-1]] = value.strip()
     return out
 
@@ -533,10 +559,18 @@ def resolve_config(
     from d3fast.data.datasets import is_imagefolder
 
     folder = is_imagefolder(dataset or "")
-    name = preset or DATASET_PRESETS.get(dataset or "") or (dataset if dataset in available_presets() else None) \
-        or ("imagefolder" if folder else None)
+    name = preset or _dataset_preset(dataset)
     if name:
-        apply_updates(cfg, load_preset(name), "", from_string=False)
+        values = load_preset(name)
+        if _is_file(name):
+            # a file of one's own holds what differs from its dataset's preset, as a packaged
+            # preset holds what differs from the defaults: the dataset's preset goes under it
+            section = values.get("data")
+            of_file = section.get("dataset") if isinstance(section, dict) else None
+            under = _dataset_preset(dataset or (of_file if isinstance(of_file, str) else None))
+            if under:
+                apply_updates(cfg, load_preset(under), "", from_string=False)
+        apply_updates(cfg, values, "", from_string=False)
         cfg.preset = name
         # the imagefolder preset serves every imagefolder-<label> dataset
         if dataset and cfg.data.dataset != dataset and not (folder and is_imagefolder(cfg.data.dataset)):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class World:
         Raises:
             D3FastError: a partial environment, or a process group that cannot form.
         """
-        if "WORLD_SIZE" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"].strip() == "1":
             return cls()
         try:
             rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -78,7 +79,7 @@ class World:
             cuda = device != "cpu" and torch.cuda.is_available()
             if cuda:
                 torch.cuda.set_device(local)
-            timeout = datetime.timedelta(seconds=float(os.environ.get("D3FAST_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+            timeout = datetime.timedelta(seconds=timeout_s())
             # torch._dynamo imported after the group exists (the optimisers import it on first use)
             # keeps 10 references to it (torch 2.13): destroy_process_group then frees nothing, and
             # gloo's worker threads run on into interpreter teardown, where one that drops a finished
@@ -369,4 +370,22 @@ def step_traffic(learned: int, bn_channels: list[int], syn_steps: int, unroll: s
     return out
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "World", "batch_moments", "collective_failure", "step_traffic"]
+def timeout_s() -> float:
+    """The collective timeout: $D3FAST_DIST_TIMEOUT seconds, else DEFAULT_TIMEOUT_S.
+
+    Raises:
+        D3FastError: a value that is not a finite number of seconds > 0."""
+    text = os.environ.get("D3FAST_DIST_TIMEOUT", "").strip()
+    if not text:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # timedelta takes up to ~8.6e13 s; a day is already longer than any collective should wait
+    if not (math.isfinite(value) and 0 < value <= 1e9):
+        raise D3FastError(f"D3FAST_DIST_TIMEOUT must be seconds in (0, 1e9], such as 600; got {text!r}")
+    return value
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "World", "batch_moments", "collective_failure", "step_traffic", "timeout_s"]

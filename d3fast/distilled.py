@@ -334,15 +334,35 @@ def sample_images(d: Distilled | Merged, n_per_class: int, pixels: bool = True, 
     eval.decoder_bn's default). The object is not changed.
 
     Raises:
-        D3FastError: n_per_class < 1 or a bn other than running/batch.
+        D3FastError: n_per_class < 1, a bn other than running/batch, or more images than the
+            device's free memory holds.
     """
     if not (isinstance(n_per_class, int) and isinstance(batch_size, int) and isinstance(seed, int)) \
             or isinstance(n_per_class, bool) or n_per_class < 1 or batch_size < 1 or not 0 <= seed < 2**63 \
             or bn not in ("running", "batch"):
         raise D3FastError(f"sample: n_per_class must be >= 1, batch_size >= 1 and seed in [0, 2^63) (integers), bn "
                           f"running or batch; got {n_per_class!r}, {batch_size!r}, {seed!r}, {bn!r}")
+    _fits(d, n_per_class)
     x, y, _ = draw_set(d, n_per_class, seed, bn, batch_size)
     return (to_pixels(x, d.meta, d.zca) if pixels else x), y
+
+
+def _fits(d: Distilled | Merged, n_per_class: int) -> None:
+    """Refuse a draw whose images (float32, and as many again while decoding and converting)
+    exceed the free memory of the object's device, before allocating any.
+
+    Raises:
+        D3FastError: naming the bytes needed and free."""
+    from d3fast.runtime import free_memory
+
+    res, ch = int(d.meta["resolution"]), int(d.meta["channels"])
+    need = 2 * d.num_classes * n_per_class * ch * res * res * 4
+    device = d.parts[0].latents.device
+    free = free_memory(device)
+    if need > free:
+        raise D3FastError(f"sample: {n_per_class:,} per class x {d.num_classes} classes of {ch}x{res}x{res} needs "
+                          f"~{need / 2**30:,.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; draw "
+                          "fewer per call")
 
 
 class Sampler:
@@ -426,5 +446,8 @@ def draw_set(
             images = x.new_empty((len(priors), *x.shape[1:]))
         images[rows] = x
     assert images is not None
+    if not bool(torch.isfinite(images).all()):  # never hand on NaN images (a set of them trains to chance)
+        raise D3FastError(f"decoding gave {int((~torch.isfinite(images)).sum()):,} non-finite pixel values: the "
+                          "object's latents or decoder weights are out of range")
     soft = None if d.soft_labels is None else d.soft_labels[priors]
     return images, labels, soft

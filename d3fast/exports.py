@@ -22,10 +22,13 @@ Layouts written:
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -48,11 +51,17 @@ from d3fast.io import (
     replace_dir,
     save_tensors,
     temp_dir,
+    tensors_sha256,
+    write_failure,
 )
+from d3fast.state import MAX_LOGVAR
 
 INFO = "d3fast_export.json"
 EXPORT_FORMAT = 1  # the safetensors export's header "format"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+# the largest side of an image in an image set: data.resolution's top (config.py), checked from
+# the file's header before its pixels are decoded
+MAX_SET_SIDE = 512
 
 
 @torch.no_grad()
@@ -114,11 +123,8 @@ def write_pt(out: Path, images: torch.Tensor, labels: torch.Tensor, soft: torch.
         torch.save(torch.tensor(lr, dtype=torch.float32), tmp / "lr.pt")
         atomic_write_json(tmp / INFO, info | {"format": "pt"})
         replace_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        _discard(tmp, out, e)
     return out
 
 
@@ -147,12 +153,21 @@ def write_imagefolder(out: Path, pixels: torch.Tensor, labels: torch.Tensor, cla
             torch.save(soft.detach().float().cpu()[order].contiguous(), tmp / "soft_labels.pt")
         atomic_write_json(tmp / INFO, info | {"format": "imagefolder", "folders": folders, "lr": lr})
         replace_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        _discard(tmp, out, e)
     return out
+
+
+def _discard(tmp: Path, out: Path, e: BaseException) -> NoReturn:
+    """Remove an export's half-written folder and raise: a write failure (torch.save and PIL
+    name no file: "unexpected pos 704 vs 598") as one line naming `out` and its free space."""
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    failure = write_failure(out, e)
+    if failure is not None:
+        raise failure from None
+    raise e
 
 
 @dataclass
@@ -328,12 +343,27 @@ def _read_imagefolder(folder: Path, info: dict[str, Any]) -> ImageSet:
     if not dirs:
         raise D3FastError(f"{folder} holds no images.pt and no class folders: not an image set")
     arrays, labels, shape = [], [], None
+    size: tuple[int, int] | None = None
     for y, d in enumerate(dirs):
         for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             try:
                 with Image.open(f) as im:  # 16-bit and float images scaled as `prepare` does, not clipped
+                    # the header first, the pixels after: a folder of camera photos (or one
+                    # crafted 8000x8000 PNG of a few KB) is refused before it is decoded
+                    frames = int(getattr(im, "n_frames", 1))
+                    if max(im.size) > MAX_SET_SIDE or frames > 1:
+                        raise D3FastError(
+                            f"{f} is {im.size[0]}x{im.size[1]}" + (f" with {frames} frames" if frames > 1 else "")
+                            + f": an image set holds single images of at most {MAX_SET_SIDE}x{MAX_SET_SIDE} (the "
+                            "dataset's resolution)")
+                    if size is not None and im.size != size:
+                        raise D3FastError(f"{f} is {im.size[0]}x{im.size[1]}, the others {size[0]}x{size[1]}: an "
+                                          "image set has one size")
+                    size = im.size
                     im8 = to_8bit(im)
                     a = np.asarray(im8.convert("L" if im8.mode in ("L", "1") else "RGB"))
+            except D3FastError:
+                raise
             except Exception as e:
                 raise D3FastError(f"unreadable image {f} ({type(e).__name__}: {e})") from None
             a = a[..., None] if a.ndim == 2 else a
@@ -430,7 +460,20 @@ def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None 
     if isinstance(d, Merged):
         meta |= {"kind": "merged", "parts": parts_meta, "sources": d.sources}
     # the object's own keys win: `info` describes, it does not redefine
-    save_tensors(path, tensors, {k: v for k, v in (info or {}).items() if k not in meta} | meta)
+    meta = {k: v for k, v in (info or {}).items() if k not in meta} | meta
+    meta[DIGEST] = _digest(tensors, json.loads(json.dumps(meta)))  # checked by `load`
+    save_tensors(path, tensors, meta)
+
+
+# the export's sha256 of its tensors and its metadata (every key but itself), since issue 32
+DIGEST = "content_sha256"
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    import hashlib
+
+    text = json.dumps({k: v for k, v in meta.items() if k != DIGEST}, sort_keys=True)
+    return hashlib.sha256((tensors_sha256(tensors) + text).encode()).hexdigest()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -459,11 +502,22 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Me
     tensors, meta = load_tensors(path, "distilled object")
     if meta.get("format") != EXPORT_FORMAT or not ("latents" in tensors or "part0.latents" in tensors):
         raise D3FastError(f"{path} is not a d3fast distilled export")
+    # exports since issue 32 carry a checksum of their tensors and metadata; earlier ones get
+    # the value checks only
+    if DIGEST in meta and meta[DIGEST] != _digest(tensors, meta):
+        raise D3FastError(f"{path} is a damaged distilled export: its tensors or metadata do not match the checksum "
+                          "written with them (a changed byte: bit rot, a bad copy or an edit); export it again")
     soft = tensors.get("soft_labels")
     try:
         if meta.get("kind") == "merged":
+            held = {int(m.group(1)) for k in tensors if (m := re.match(r"part(\d+)\.", k))}
+            if held != set(range(len(meta["parts"]))):
+                raise ValueError(f"the metadata describes {len(meta['parts'])} parts, the tensors hold "
+                                 f"{len(held)}")
             parts = [_part_from(tensors, f"part{i}.", p["meta"], p["classes"], meta["ppc"], device, p.get("student_lr"))
                      for i, p in enumerate(meta["parts"])]
+            if [c for p in parts for c in p.classes] != list(meta["classes"]):
+                raise ValueError("the parts' classes are not the export's classes")
             return Merged.of(parts, soft_labels=None if soft is None else soft.to(device), sources=meta.get("sources", []))
         d = _part_from(tensors, "", {k: meta[k] for k in _DECODER_META if k in meta} | {
             "decoder_linear": meta.get("decoder_linear", True)}, meta["classes"], meta["ppc"], device,
@@ -493,6 +547,8 @@ def _part_from(
         param = "leaky_relu" if recorded is None else min(lrs, key=lambda k: abs(lrs[k] - recorded))
     if param not in lrs:
         raise ValueError(f"{prefix}lr_param is {param!r}, not log or leaky_relu")
+    if not (math.isfinite(lrs[param]) and 0 < lrs[param] <= 10):
+        raise ValueError(f"{prefix}alpha gives student lr {lrs[param]:.6g} under {param}: a usable lr is in (0, 10]")
     if recorded is not None and not abs(lrs[param] - recorded) <= 1e-4 * abs(recorded):
         raise ValueError(f"{prefix}alpha gives lr {lrs[param]:.6g} under {param}, but the export records {recorded:.6g}")
     meta = {**meta, "lr_param": param}
@@ -502,7 +558,38 @@ def _part_from(
     latents = tensors[f"{prefix}latents"]
     if latents.dim() != 3 or latents.shape[0] != len(classes) * ppc or latents.shape[2] != 2:
         raise ValueError(f"{prefix}latents of shape {list(latents.shape)} for {len(classes)} classes x {ppc} priors")
-    return Distilled(
+    # every value usable before anything decodes from it: a NaN latent or decoder weight turns
+    # every sample into NaN (a student trained on them scores chance, silently)
+    named = [(f"{prefix}latents", latents), (f"{prefix}alpha", tensors[f"{prefix}alpha"]),
+             *((f"{prefix}decoder.{k}", v) for k, v in state.items())]
+    for name, t in named:
+        if t.is_floating_point() and t.dtype != torch.float32:  # `export` writes float32
+            raise ValueError(f"{name} is {t.dtype}, not float32")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds {int((~torch.isfinite(t)).sum())} non-finite value(s)")
+    if not latents.is_floating_point():
+        raise ValueError(f"{prefix}latents are {latents.dtype}, not float32")
+    if bool((latents[..., 1] > MAX_LOGVAR).any()):  # exp(logvar / 2) of the sampling overflows
+        raise ValueError(f"{prefix}latents hold log-variances up to {float(latents[..., 1].max()):.4g}, above "
+                         f"{MAX_LOGVAR:g}")
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if not (isinstance(v, list) and len(v) == int(meta.get("channels", -1))
+                and all(isinstance(x, int | float) and math.isfinite(x) and (key == "mean" or x > 0) for x in v)):
+            raise ValueError(f"{prefix}{key} is {v!r}: one finite number per channel" + (" > 0" if key == "std" else ""))
+    d = Distilled(
         latents=latents.to(device), decoder=decoder.to(device), alpha=tensors[f"{prefix}alpha"].reshape(()).to(device),
         num_classes=len(classes), ppc=ppc, classes=classes, meta=meta,
     )
+    # each prior's mean through a copy of the decoder: latents or weights that are finite but
+    # too large (1e30) decode to inf or NaN, and every sample with them
+    # in eval mode (running statistics) and in train mode (each batch's own, as `sample`
+    # decodes by default: a 1e30 latent overflows the batch variance into NaN)
+    probe = copy.deepcopy(d.decoder)
+    with torch.no_grad():
+        for train in (False, True):
+            probe.train(train)
+            for mu in d.latents[..., 0].split(256):  # ImageNet-1K's 10,000 priors at 64 px: 12 MB a chunk
+                if (len(mu) > 1 or not train) and not bool(torch.isfinite(probe(mu)).all()):
+                    raise ValueError(f"{prefix}latents decode to non-finite images (values or weights out of range)")
+    return d

@@ -69,12 +69,23 @@ _PLACE_ERRNOS = {errno.EISDIR: "it is a directory", errno.EACCES: "permission de
                  errno.ENOTDIR: "a part of the path is not a directory"}
 
 
-def write_failure(path: str | os.PathLike, e: BaseException) -> D3FastError | None:
+def write_failure(path: str | os.PathLike | None, e: BaseException) -> D3FastError | None:
     """A D3FastError for an exception that means "could not write `path`": a full disk, a
     quota or size limit (naming the free space), or a place that cannot be written (a
-    directory, no permission, a read-only file system); None for any other exception."""
+    directory, no permission, a read-only file system); None for any other exception.
+    `path` None: the writer named no file, and the message names none either."""
     if isinstance(e, D3FastError | KeyboardInterrupt | SystemExit):
         return None
+    if path is None:  # the failing writer named no file (torch.save's zip writer, PIL)
+        if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
+            return D3FastError(f"could not write a file: {_PLACE_ERRNOS[e.errno]}")
+        why_full = _FULL_ERRNOS.get(e.errno) if isinstance(e, OSError) and e.errno is not None else None
+        if why_full is None and any(t in str(e).lower() for t in _FULL_TEXTS):
+            why_full = f"a write failed ({str(e).splitlines()[0][:120]})"
+        if why_full is None:
+            return None
+        return D3FastError(f"could not write a file: {why_full}; free some space (or raise the file size limit) and "
+                           "run the command again")
     path = Path(path)
     if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
         return D3FastError(f"cannot use {path}: {_PLACE_ERRNOS[e.errno]}; move it aside or choose another path")
@@ -88,8 +99,11 @@ def write_failure(path: str | os.PathLike, e: BaseException) -> D3FastError | No
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
     except OSError:
         free = "free space unknown"
+    size_limit = (isinstance(e, OSError) and e.errno == errno.EFBIG) or any(
+        t in str(e).lower() for t in ("os error 27", "file too large"))
+    fix = "raise the file size limit (ulimit -f)" if size_limit else "free some space"
     return D3FastError(f"could not write {path}: {why}; {free}. The previous {path.name} is intact, if there "
-                       "was one: free some space and run the command again")
+                       f"was one: {fix} and run the command again")
 
 
 def owner_tag() -> str:
@@ -233,6 +247,20 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, Any
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """sha256 of named tensors as a safetensors file stores them: names in sorted order, each
+    with its dtype, shape and bytes. What an export's metadata carries, so a flipped bit in
+    any tensor is refused on load (safetensors checks the header, not the data)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_metadata(path: str | os.PathLike, what: str = "file", tensor_shapes: bool = False) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,8 @@ class Ledger:
         except sqlite3.Error as e:
             raise D3FastError(f"cannot open the ledger {self.path}: {e}") from None
         with closing(con):
+            # the pragmas read the header; a damaged page further in fails the query reading it,
+            # inside the caller's block: both are the same one-line error
             try:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, no fsync per row
@@ -118,16 +121,18 @@ class Ledger:
                 if version == 0:
                     con.execute("BEGIN IMMEDIATE")
                     con.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+                yield con
             except sqlite3.DatabaseError as e:
                 if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-                    raise
+                    raise D3FastError(f"the ledger {self.path} stayed locked by another process for 30 s ({e}); "
+                                      "try again once it is done") from None
                 if isinstance(e, sqlite3.OperationalError) and ("disk" in str(e) or "I/O" in str(e)):
-                    raise D3FastError(f"cannot write the ledger {self.path} ({e}: is the disk full?)") from None
+                    raise D3FastError(f"cannot write the ledger {self.path} ({e}: a full disk, a file size limit or "
+                                      "a failing device)") from None
                 raise D3FastError(
                     f"the ledger {self.path} is corrupt ({e}); move it aside (the runs themselves are "
                     "unaffected) and d3fast starts a new one"
                 ) from None
-            yield con
 
     def insert(self, **row: Any) -> int:
         cols = ", ".join(row)
@@ -350,6 +355,19 @@ def track(
 
 
 # ---- totals for `d3fast budget`
+
+
+def measured_rate(phase: str, dataset: str, device_kind: str, path: Path | None = None) -> float | None:
+    """Seconds per step (a distill step, an expert epoch) of `phase` on `dataset` and this
+    kind of device, the median of the 20 latest records that ran a step; None without any, or
+    without a readable ledger (a plan is a courtesy: it never stops a command)."""
+    try:
+        rows = Ledger(path).records(dataset=dataset)
+    except D3FastError:
+        return None
+    rates = [r["wall_s"] / r["steps"] for r in rows if r["phase"] == phase and r["device_kind"] == device_kind
+             and (r["steps"] or 0) > 0 and (r["wall_s"] or 0) > 0][-20:]
+    return statistics.median(rates) if rates else None
 
 
 def totals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -108,6 +108,49 @@ def each_subtask(cfg: Config, echo: Echo = click.echo) -> list[Config]:
     return out
 
 
+def plan(cfg: Config, device_kind: str) -> str:
+    """One line saying what a new distillation of `cfg` (data.loader resolved) will do before
+    it starts: the experts still to train (count x epochs) and the steps, each with its time where earlier work on
+    this dataset and kind of device measured a rate (the ledger), so a 14-hour job does not
+    start by surprise."""
+    from d3fast import ledger
+    from d3fast.trajectories import ready_experts
+
+    def took(n: int, phase: str, unit: str) -> tuple[str, float | None]:
+        rate = ledger.measured_rate(phase, cfg.data.dataset, device_kind)
+        return (f" (~{_duration(n * rate)} at the {rate:.3g} s/{unit} measured here)", n * rate) if rate else ("", None)
+
+    parts, seconds = [], []
+    try:
+        have = len(ready_experts(cfg, 0))
+    except D3FastError:  # data not prepared yet: no experts of it either
+        have = 0
+    missing = max(cfg.experts.num_experts - have, 0)
+    if missing:
+        epochs = missing * cfg.experts.epochs
+        text, s = took(epochs, "experts", "epoch")
+        parts.append(f"train {missing} of {cfg.experts.num_experts} experts x {cfg.experts.epochs} epochs{text}")
+        seconds.append(s)
+    text, s = took(cfg.distill.steps, "distill", "step")
+    parts.append(f"distill {cfg.distill.steps} steps{text}")
+    seconds.append(s)
+    if all(x is not None for x in seconds):
+        end = f"; about {_duration(sum(x for x in seconds if x is not None))} in all"
+    else:
+        end = "; no rate measured here yet for " + " and ".join(
+            w for w, x in zip(("expert training", "distillation")[-len(seconds):], seconds, strict=True) if x is None) \
+            + " (`d3fast profile` measures a step)"
+    return "plan: " + "; ".join(parts) + end
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run_name(cfg: Config, name: str | None) -> str:
     """A run's name: --name, else the preset; a subtask's run adds -sub<i>of<S>, the name
     `distill --subtasks S --name NAME` looks for (and `d3fast merge runs/*-sub?of5` matches).

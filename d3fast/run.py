@@ -22,6 +22,7 @@ like a run's checkpoint, so evaluate, sample and export take either.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -103,7 +104,11 @@ class Run:
         """A new, empty directory runs_dir/<dataset>/<time>-<name>. The directory is claimed
         with an exclusive mkdir, so runs started in the same second get distinct ones."""
         parent = Path(runs_dir) / cfg.data.dataset
-        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise D3FastError(f"cannot create runs under {parent}: a file is in the way; move it aside or choose "
+                              "another --runs-dir") from None
         stem = f"{file_stamp()}-{name or cfg.preset or 'run'}"
         for suffix in range(10_000):
             path = parent / (stem if suffix == 0 else f"{stem}-{suffix}")
@@ -280,6 +285,9 @@ class Run:
             if not held:
                 raise D3FastError(f"{self.path} is in use by another d3fast process (pid "
                                   f"{lock_holder(self.lock_path)}); wait for it to finish or stop it first")
+            # holding the run: a temporary of a writer that is gone (a checkpoint or metrics file
+            # half-written when its process died) is nobody's
+            remove_stale_temps(self.path)
             yield
 
     # ---- state
@@ -289,8 +297,17 @@ class Run:
 
     def save_state(self, state: TrainState) -> None:
         """Checkpoint `state`, atomically; unusable state is refused (DivergedError) and the
-        last good checkpoint stays as it was."""
-        save_checkpoint(self.checkpoint_path, state)
+        last good checkpoint stays as it was. When the run's first checkpoint fails (a full
+        disk, a size limit), the history says so: a --resume then knows that no progress was
+        kept to lose and starts from step 0 (`FIRST_CHECKPOINT_FAILED`)."""
+        had = self.has_checkpoint()
+        try:
+            save_checkpoint(self.checkpoint_path, state)
+        except BaseException:
+            if not had and not self.has_checkpoint():
+                with contextlib.suppress(Exception):  # the write failure is the error to report
+                    self._history({"event": FIRST_CHECKPOINT_FAILED, "step": int(state.step)})
+            raise
 
     def load_state(self, device: torch.device | str = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.checkpoint_path, device)
@@ -583,6 +600,8 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
             row["status"] = "running"
         elif not metrics:
             row["status"] = "new"
+        elif (problem := _checkpoint_problem(run.checkpoint_path)) is not None:
+            row["status"] = problem  # steps were logged, but no usable state holds them
         else:
             row["status"] = "finished" if row["step"] == row["steps"] else "stopped"
         try:
@@ -593,6 +612,32 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
             row["last_eval"] = "?"
         rows.append(row)
     return rows
+
+
+# the history event of a run whose first checkpoint could not be written
+FIRST_CHECKPOINT_FAILED = "first checkpoint failed"
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why `runs` cannot call a run with logged steps finished or stopped: "no checkpoint", or
+    "damaged checkpoint" when the file's zip container or a record's CRC-32 fails (torch.save
+    writes one per record; a truncated file loses its directory), or torch cannot read it
+    back (a flipped byte in the zip directory passes the CRCs). None when it checks out
+    (`load_checkpoint` verifies the content digest on use)."""
+    import zipfile
+
+    if not path.is_file():
+        return "no checkpoint"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if z.testzip() is not None:
+                return "damaged checkpoint"
+        # torch's own reader over the directory and the pickle (weights only: a pickle that
+        # would run code is refused), the tensors memory-mapped, not read
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # zipfile, torch and pickle raise a dozen types for a damaged file
+        return "damaged checkpoint"
+    return None
 
 
 def write_merged(out: Path, merged: Merged, cfg: Config, label_info: dict[str, Any] | None, device: torch.device) -> None:

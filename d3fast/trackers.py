@@ -11,7 +11,9 @@ each works offline:
     mlflow       a file store in <run>/mlruns/ unless $MLFLOW_TRACKING_URI names another
                  (MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true: d3fast sets it)
 
-A tracker that fails while logging is closed with one warning: the run goes on.
+A tracker that fails while logging is closed with one warning: the run goes on. So is one
+whose background thread fails (TensorBoard's event writer): a thread of a tracker's package
+reaches `threading.excepthook` as that same one warning, never as a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import importlib.util
 import os
 import re
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,28 +128,71 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _KINDS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
 
 
+# a thread whose class comes from a tracker's package is that tracker's: its failure is the
+# tracker's one warning (TensorBoard's event writer thread dies on an unwritable folder, often
+# before the call that started it returns, so the threads are known by their class)
+_PACKAGES = {"tensorboard": "tensorboard", "torch.utils.tensorboard": "tensorboard", "tensorboardX": "tensorboard",
+             "wandb": "wandb", "mlflow": "mlflow"}
+_WARNED: set[str] = set()  # trackers warned about (a thread may fail after its Trackers closed)
+# held while deciding and printing: whichever of the caller and the tracker's thread comes
+# first prints, and the other waits for the line to be out (a daemon thread that only marked
+# it could be killed at exit before printing)
+_WARN_LOCK = threading.Lock()
+_PREVIOUS_HOOK = threading.excepthook
+
+
+def _warn(name: str, e: BaseException) -> None:
+    """The one warning of a stopped tracker, once per tracker."""
+    from tqdm import tqdm
+
+    with _WARN_LOCK:
+        if name in _WARNED:
+            return
+        _WARNED.add(name)
+        tqdm.write(f"warning: tracker {name} stopped ({type(e).__name__}: {e}); metrics.jsonl has every value",
+                   file=sys.stderr)
+
+
+def _owner(thread: threading.Thread | None) -> str | None:
+    module = type(thread).__module__ if thread is not None else ""
+    return next((name for pkg, name in _PACKAGES.items() if module == pkg or module.startswith(pkg + ".")), None)
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: a tracker's thread failing is one warning (once per tracker)."""
+    name = _owner(args.thread)
+    if name is None:
+        _PREVIOUS_HOOK(args)
+        return
+    _warn(name, args.exc_value if args.exc_value is not None else args.exc_type())
+
+
 class Trackers:
     """The trackers of one run (none when `names` is empty): every call goes to each; one
-    that raises is dropped with a warning."""
+    that raises, or whose thread raises, is dropped with a warning."""
 
     def __init__(self, names: list[str], run_path: Any, name: str, config: dict[str, Any]) -> None:
         names = list(dict.fromkeys(names))  # tensorboard,tensorboard is one tracker
         check_available(names)
         self.open: dict[str, Any] = {}
+        if names and threading.excepthook is not _thread_failed:
+            threading.excepthook = _thread_failed
         for n in names:
+            with _WARN_LOCK:
+                _WARNED.discard(n)
             try:
                 self.open[n] = _KINDS[n](run_path, name, config)
             except Exception as e:  # a tracker's own failure (a bad URI, a locked file) must not stop the run
                 self._warn(n, e)
 
     def _warn(self, name: str, e: Exception) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(f"warning: tracker {name} stopped ({type(e).__name__}: {e}); metrics.jsonl has every value",
-                   file=sys.stderr)
+        _warn(name, e)
 
     def _each(self, method: str, *args: Any) -> None:
         for n, t in list(self.open.items()):
+            if n in _WARNED:  # its thread failed
+                self.open.pop(n)
+                continue
             try:
                 getattr(t, method)(*args)
             except Exception as e:

@@ -58,6 +58,36 @@ def test_api_set_takes_torch_dtypes_and_refuses_what_is_no_config_value():
         _sets({"distill.seed": object()})
 
 
+def test_api_set_takes_nested_sections_and_refuses_bad_shapes_and_names(d3fast_home):
+    # issue 32: a nested `set` key, a non-string dataset and sample(10**12) were "unexpected" crashes
+    from d3fast.api import _sets
+
+    assert _sets({"distill": {"steps": 3, "ppc": 2}, "net.width": 32}) == ["distill.steps=3", "distill.ppc=2",
+                                                                          "net.width=32"]
+    for bad, message in (({1: 2}, "keys are config keys"), ("distill.steps=3", "a mapping"), ([3], "a mapping")):
+        with pytest.raises(D3FastError, match=message):
+            _sets(bad)
+    with pytest.raises(D3FastError, match="'distill.steps' is a value, not a section: there is no distill.steps.x"):
+        d3fast.distill("digits", set={"distill.steps.x": 1})
+    with pytest.raises(D3FastError, match="dataset must be a string such as 'digits', not int 5"):
+        d3fast.distill(5)  # type: ignore[arg-type]
+    with pytest.raises(D3FastError, match="target must be a string"):
+        d3fast.evaluate(3.5)  # type: ignore[arg-type]
+
+
+def test_sample_refuses_more_images_than_memory_before_allocating():
+    from d3fast.distilled import init_distilled
+
+    meta = {"resolution": 8, "channels": 1, "mean": [0.5], "std": [0.5], "z_dim": 4, "decoder": "paper",
+            "decoder_width": 8}
+    d = init_distilled(10, 1, [str(i) for i in range(10)], meta, 0.01, torch.device("cpu"), seed=0)
+    with pytest.raises(D3FastError, match=r"sample: 1,000,000,000,000 per class x 10 classes of 1x8x8 needs ~"
+                                          r"[\d,.]+ GiB, more than the [\d.]+ GiB free on cpu"):
+        d.sample(10**12)
+    x, y = d.sample(3)
+    assert x.shape == (30, 1, 8, 8) and y.tolist() == [c for c in range(10) for _ in range(3)]
+
+
 def test_api_names_are_the_functions_even_after_the_modules_load():
     import d3fast.recipes.distill  # noqa: F401  the training loop's module of the same name
     import d3fast.recipes.evaluate  # noqa: F401
@@ -84,3 +114,20 @@ def test_api_takes_what_the_command_line_takes_and_raises_one_line_errors(home, 
     (tmp_path / "afile").write_text("")
     with pytest.raises(D3FastError, match="cannot use .*afile.*not a directory"):
         d3fast.distill("digits", steps="2", set=tiny, runs_dir=tmp_path / "afile")
+
+
+def test_api_refuses_what_the_breaker_fed_it(d3fast_home, tmp_path):
+    # issue 32's second round: an iterator for `set` (its check used it up and the run went on
+    # without the overrides), an int, a 5,000-digit value; load('') and unknown devices
+    from d3fast.api import _sets
+
+    for bad in (iter(["distill.steps=0"]), 5):
+        with pytest.raises(D3FastError, match="set: a mapping"):
+            _sets(bad)  # type: ignore[arg-type]
+    with pytest.raises(D3FastError, match=r"set\['distill.steps'\]: int .* is not a config value"):
+        _sets({"distill.steps": 10**5000})
+    with pytest.raises(D3FastError, match="load: name a run directory"):
+        d3fast.load("")
+    for device, message in (("meta", "unknown device 'meta'"), ("bogus", "unknown device 'bogus'")):
+        with pytest.raises(D3FastError, match=message):
+            d3fast.load(tmp_path, device=device)

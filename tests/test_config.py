@@ -69,6 +69,10 @@ def test_every_preset_resolves():
         (["eval.archs=[]"], "eval.archs"),
         (["distill.dtype=float16"], "distill.dtype: 'float16' is not one of float32, float64"),
         (["distill.dtype=float64", "distill.amp=true"], "distill.amp (bf16 autocast, --amp) and distill.dtype=float64"),
+        # issue 32: a value key given a section, in either order
+        (["distill.steps.x=1"], "config key 'distill.steps' is a value, not a section: there is no distill.steps.x"),
+        (["distill.steps=1", "distill.steps.x=2"], "override 'distill.steps.x=2': distill.steps is set as a value"),
+        (["distill.steps.x=2", "distill.steps=1"], "override 'distill.steps=1': distill.steps is set as a section"),
     ],
 )
 def test_bad_overrides(overrides, message):
@@ -158,6 +162,21 @@ def test_a_toml_config_file_reads_back_to_the_same_config(tmp_path):
         resolve_config(preset=str(tmp_path / "none.toml"))
 
 
+def test_a_partial_config_file_layers_on_its_datasets_preset(tmp_path):
+    # issue 32: a file with a few keys once fell back to the generic defaults (digits: 100
+    # experts x 50 epochs instead of the preset's); it holds what differs from the dataset's
+    # preset, as the README says, whether --dataset or its own data.dataset names the dataset
+    from d3fast.config import to_dict
+
+    want = to_dict(resolve_config("digits", overrides=["experts.epochs=3"]))
+    (tmp_path / "few.toml").write_text("[experts]\nepochs = 3\n")
+    got = resolve_config("digits", preset=str(tmp_path / "few.toml"))
+    assert to_dict(got) | {"preset": ""} == want | {"preset": ""} and got.experts.epochs == 3
+    (tmp_path / "named.toml").write_text('[data]\ndataset = "digits"\n[experts]\nepochs = 3\n')
+    assert to_dict(resolve_config(preset=str(tmp_path / "named.toml"))) | {"preset": ""} == want | {"preset": ""}
+    assert want["experts"]["num_experts"] != resolve_config().experts.num_experts  # the preset differs from the defaults
+
+
 @pytest.mark.parametrize("text, expected", [("1,2", [1.0, 2.0]), ("[1,2]", [1.0, 2.0]), ("[1, 2]", [1.0, 2.0]),
                                             ("4", [4.0])])
 def test_list_values_take_bare_and_json_forms(text, expected):
@@ -178,3 +197,17 @@ def test_presets_lists_every_packaged_preset():
 def test_repeated_lr_grid_values_count_once():
     cfg = resolve_config("digits", overrides=["eval.lr_grid=" + json.dumps([0.01] * 17 + [0.1])])
     assert sorted(set(cfg.eval.lr_grid)) == [0.01, 0.1]
+
+
+def test_a_config_file_that_python_cannot_hold_is_one_error(tmp_path):
+    # issue 32's second round: a 5,000-digit int (past int()'s conversion limit) and arrays
+    # nested 5,000 deep (RecursionError) were "unexpected" crashes; a directory "did not exist"
+    (tmp_path / "big.toml").write_text(f"[distill]\nsteps = {'9' * 5000}\n")
+    with pytest.raises(D3FastError, match="is not a usable config \\(ValueError"):
+        resolve_config(preset=str(tmp_path / "big.toml"))
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(D3FastError, match="is not a usable config \\(RecursionError|is not valid TOML"):
+        resolve_config(preset=str(tmp_path / "deep.toml"))
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(D3FastError, match="dir.toml is not a regular file"):
+        resolve_config(preset=str(tmp_path / "dir.toml"))

@@ -297,6 +297,45 @@ def test_cifar10_pickle_cannot_run_code(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("shape", ["deep", "wide"])
+def test_a_pickle_that_expands_past_its_budget_is_refused_before_any_array(tmp_path, shape):
+    # issue 32: a few hundred bytes of lists sharing references (the pickle memo) expand into
+    # tens of GiB when np.asarray turns them into an array
+    from d3fast.data.readers import MAX_PICKLED_ELEMENTS
+
+    folder, _ = make_cifar10(tmp_path)
+    if shape == "deep":  # 10^9 labels in three levels of 1,000 references
+        a = [0] * 1000
+        labels: list = [[a] * 1000] * 1000
+    else:  # 25 million in two levels
+        labels = [[0] * 5000] * 5000
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((10, 3072), np.uint8), b"labels": labels}, f, protocol=2)
+    assert (folder / "data_batch_3").stat().st_size < 64_000  # 30 KB of it the pixels
+    why = "containers nested deeper than 3" if shape == "deep" else f"more than {MAX_PICKLED_ELEMENTS:,} elements"
+    with pytest.raises(D3FastError, match=f"data_batch_3 is not a CIFAR-10 python batch \\(containers .*{why}|{why}"):
+        prepare(cfg_for("cifar10", folder), progress=False)
+
+
+class _Huge:
+    """numpy's array builder asked for 300,000 x 3,072 bytes, none of them in the file."""
+
+    def __reduce__(self):
+        core = np._core if hasattr(np, "_core") else np.core
+        return (core.multiarray._reconstruct, (np.ndarray, (300_000, 3072), np.dtype("u1")))
+
+
+def test_a_pickled_array_larger_than_its_file_is_refused_before_allocating(tmp_path):
+    # issue 32's breaker: a 32 KB hand-written batch made numpy allocate 0.9 GB per batch
+    folder, _ = make_cifar10(tmp_path)
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _Huge(), b"labels": [0] * 10}, f, protocol=2)
+    assert (folder / "data_batch_2").stat().st_size < 1000
+    with pytest.raises(D3FastError, match=r"data_batch_2 is not a CIFAR-10 python batch \(an array of 921,600,000 "
+                                          r"bytes in a file of \d+\)"):
+        prepare(cfg_for("cifar10", folder), progress=False)
+
+
 def test_cifar10_truncated_and_missing(tmp_path):
     folder, _ = make_cifar10(tmp_path, binary=True)
     p = folder / "data_batch_4.bin"
@@ -450,3 +489,19 @@ def test_imagefolder_cache_is_not_swapped_silently(tmp_path, d3fast_home):
         write_jpeg(one / split / "only" / "0.jpg", 20, 20, seed=0)
     with pytest.raises(D3FastError, match="at least 2 classes"):
         prepare(cfg_for("imagefolder-one", one, resolution=16), progress=False)
+
+
+def test_decoding_is_bounded_by_the_header_not_by_pillows_warning(tmp_path, recwarn):
+    # issue 32: what an image may decode to is read from its header first; a large JPEG that
+    # draft mode reduces decodes (Pillow alone warned about its full size), a large PNG is
+    # refused before its pixels are decoded
+    from d3fast.data.decode import MAX_DECODED_PIXELS, decode_image
+
+    side = int((MAX_DECODED_PIXELS * 1.2) ** 0.5)  # 1.2x the limit
+    Image.new("RGB", (side, side), "gray").save(tmp_path / "big.jpg", quality=50)
+    out = decode_image(str(tmp_path / "big.jpg"), 32, 3)  # drafted to 1/8 a side before decoding
+    assert out.shape == (3, 32, 32) and abs(int(out.mean()) - 128) <= 2
+    Image.new("L", (side, side)).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match=f"{side}x{side} pixels to decode, more than the 64 MP limit"):
+        decode_image(str(tmp_path / "big.png"), 32, 1)
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from d3fast.errors import D3FastError
 from d3fast.recipes.distill import distill
 from d3fast.recipes.experts import run_experts
 from d3fast.run import Run
@@ -426,3 +427,25 @@ def test_torchrun_groups_of_ranks_distill_one_subtask_each(home, tmp_path):
     alone = _one_process(tmp_path / "alone", ("data.subtasks=2", "data.subtask=1", "distill.steps=3",
                                               "distill.students_per_step=2", "distill.dtype=float64"))
     assert_same_state(parts[1].load_state(), alone.load_state(), "ranks 2-3's subtask vs 1 process")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e30"])
+def test_a_bad_collective_timeout_is_one_clear_error_before_any_rendezvous(monkeypatch, value):
+    # issue 32: D3FAST_DIST_TIMEOUT=abc was "unexpected ValueError" from inside the group's setup
+    from d3fast.dist import DEFAULT_TIMEOUT_S, World, timeout_s
+
+    monkeypatch.delenv("D3FAST_DIST_TIMEOUT", raising=False)
+    assert timeout_s() == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("D3FAST_DIST_TIMEOUT", " 90 ")
+    assert timeout_s() == 90.0
+    monkeypatch.setenv("D3FAST_DIST_TIMEOUT", value)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # never reached: the value is refused first
+    with pytest.raises(D3FastError, match=f"D3FAST_DIST_TIMEOUT must be seconds in \\(0, 1e9\\], such as 600; got '{value}'"):
+        World.from_env("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "abc")  # was an "unexpected ValueError" before any of it
+    with pytest.raises(D3FastError, match="torch.distributed environment incomplete"):
+        World.from_env("cpu")

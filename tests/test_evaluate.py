@@ -45,6 +45,17 @@ def test_evaluate_writes_report_with_baselines(run):
     assert "random real, same storage" in md and "| convnet | D3 (fresh samples) |" in md
 
 
+def test_the_same_count_baseline_never_claims_more_images_than_a_class_has(run, capsys):
+    # issue 32: held-out images leave the smallest class 1 training image; the same-count row
+    # (PPC = 2) said 2 images per class, and drew 1 for that class
+    min_class = min(len(i) for i in load_dataset("digits", "train").class_indices())
+    r = evaluate_run(Run(run), {"eval": {"students": 1, "epochs": 1, "lr_grid": [0.01], "val_per_class": min_class - 1}},
+                     progress=False, device="cpu")
+    res = r["results"]["convnet"]
+    assert res["random_same_count"]["images_per_class"] == 1 and res["random_same_storage"]["images_per_class"] == 1
+    assert "the same-count baseline has 1 per class, not 2" in capsys.readouterr().out
+
+
 def test_students_see_fresh_balanced_samples(run):
     d, _ = Run(run).load_distilled()
     batches = distilled_batches(d, samples_per_class=6, batch_size=25, bn="batch")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from d3fast.cli import cli
 from d3fast.distilled import draw_set
+from d3fast.errors import D3FastError
 from d3fast.exports import class_folders, read_image_set
 from d3fast.io import load_metadata
 from d3fast.recipes.distill import distill
@@ -222,3 +223,107 @@ def test_imagefolder_sets_are_labelled_by_folder_name(home, run, tmp_path):
     assert r.exit_code == 2 and "N >= 1" in r.output
     r = CliRunner().invoke(cli, ["evaluate", str(run), "--evals-dir", str(tmp_path / "e" / "images.pt"), *PROTOCOL])
     assert r.exit_code == 2 and "it is a file" in r.output
+
+
+def test_a_damaged_export_is_refused_by_every_reader(home, run, tmp_path):
+    """Issue 32: a flipped bit in an export's latents, or one NaN latent, evaluated to chance
+    with exit 0 (and `sample`, `export --format pt` wrote NaN images); a negative stored lr
+    crashed `evaluate`, an infinite one was used. Each is now one line naming the file."""
+    import math
+    import struct
+
+    from d3fast.exports import export, load
+
+    good = tmp_path / "good.safetensors"
+    _invoke("export", str(run), "--out", str(good))
+    d = load(good)
+    assert "content_sha256" in load_metadata(good)
+
+    # one bit of the latents' data: safetensors checks its header, the checksum the data
+    raw = bytearray(good.read_bytes())
+    (n,) = struct.unpack("<Q", bytes(raw[:8]))
+    start = json.loads(bytes(raw[8 : 8 + n]))["latents"]["data_offsets"][0]
+    raw[8 + n + start + 5] ^= 0x04
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(raw))
+    out = tmp_path / "o"
+    for args in (["evaluate", str(flipped), *PROTOCOL], ["sample", str(flipped), "--out", str(tmp_path / "g.png")],
+                 ["export", str(flipped), "--format", "pt", "--out", str(out)]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and "do not match the checksum written with them" in r.output, (args, r.output)
+        assert str(flipped) in r.output and len(r.output.strip().splitlines()[-1]) < 300
+    assert not out.exists() and not (tmp_path / "g.png").exists()
+
+    def written(change, name):  # an export written from a changed object: its checksum agrees
+        e = load(good)
+        change(e)
+        path = tmp_path / name
+        export(e, path)
+        return path
+
+    nan = written(lambda e: e.latents.data.view(-1)[3].fill_(math.nan), "nan.safetensors")
+    with pytest.raises(D3FastError, match=r"damaged distilled export .*latents holds 1 non-finite value"):
+        load(nan)
+    dec = written(lambda e: next(e.decoder.parameters()).data.view(-1)[0].fill_(math.inf), "dec.safetensors")
+    with pytest.raises(D3FastError, match=r"decoder\.\S+ holds 1 non-finite value"):
+        load(dec)
+    huge = written(lambda e: e.latents.data[0, 0, 1].fill_(1e30), "huge.safetensors")  # finite; samples overflow
+    with pytest.raises(D3FastError, match="latents hold log-variances up to 1e\\+30, above 88"):
+        load(huge)
+    wide = written(lambda e: e.decoder.project.weight.data.fill_(3e38), "wide.safetensors")  # finite weights
+    with pytest.raises(D3FastError, match="latents decode to non-finite images"):
+        load(wide)
+    big = written(lambda e: e.alpha.data.fill_(1e4 if e.lr_param == "log" else -1.0), "lr.safetensors")
+    with pytest.raises(D3FastError, match=r"alpha gives student lr .* a usable lr is in \(0, 10\]"):
+        load(big)
+    r = CliRunner().invoke(cli, ["evaluate", str(big), *PROTOCOL])
+    assert r.exit_code == 2 and "unexpected" not in r.output and "usable lr" in r.output, r.output
+    assert d.student_lr > 0  # the untouched export loads as before
+
+    # the metadata is under the checksum too (a NaN mean would turn every pixel NaN)
+    from d3fast.io import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(good)
+    save_tensors(tmp_path / "meta.safetensors", tensors, meta | {"mean": [float("nan")] * len(meta["mean"])})
+    with pytest.raises(D3FastError, match="tensors or metadata do not match the checksum"):
+        load(tmp_path / "meta.safetensors")
+    save_tensors(tmp_path / "meta2.safetensors", tensors, {k: v for k, v in meta.items() if k != "content_sha256"}
+                 | {"mean": [float("nan")] * len(meta["mean"])})  # an export of before the checksum
+    with pytest.raises(D3FastError, match=r"mean is \[nan"):
+        load(tmp_path / "meta2.safetensors")
+    save_tensors(tmp_path / "f64.safetensors", {k: v.double() if k == "latents" else v for k, v in tensors.items()},
+                 {k: v for k, v in meta.items() if k != "content_sha256"})
+    with pytest.raises(D3FastError, match="latents is torch.float64, not float32"):
+        load(tmp_path / "f64.safetensors")
+
+
+def test_an_image_set_is_sized_from_its_headers_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    # issue 32: ten 8000x8000 PNGs (724 KB on disk) were decoded, 6 GB, before being refused
+    from d3fast.exports import MAX_SET_SIDE
+
+    folder = tmp_path / "set"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a" / "0.png")
+    Image.new("RGB", (8000, 8000)).save(folder / "b" / "0.png")  # a few KB on disk
+    decoded: list[tuple[int, int]] = []
+    real_load = Image.Image.load
+
+    def load(self):  # every decode, recorded
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    with pytest.raises(D3FastError, match=f"0.png is 8000x8000: an image set holds single images of at most "
+                                          f"{MAX_SET_SIDE}x{MAX_SET_SIDE}"):
+        read_image_set(folder)
+    assert (8000, 8000) not in decoded
+    (folder / "b" / "0.png").unlink()
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(folder / "b" / "0.tif", save_all=True, append_images=frames[1:])
+    with pytest.raises(D3FastError, match="0.tif is 8x8 with 2 frames"):
+        read_image_set(folder)
+    (folder / "b" / "0.tif").unlink()
+    Image.new("RGB", (16, 16)).save(folder / "b" / "0.png")
+    with pytest.raises(D3FastError, match="0.png is 16x16, the others 8x8: an image set has one size"):
+        read_image_set(folder)

@@ -222,6 +222,57 @@ def test_run_config_arbitrary_json(doc):
     _ok_or_d3fast_error(apply_updates, Config(), doc, "", False)
 
 
+def _config_keys() -> list[str]:
+    import dataclasses
+
+    cfg = Config()
+    keys = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(v)] if dataclasses.is_dataclass(v) else [f.name]
+    return keys
+
+
+CONFIG_KEYS = _config_keys()
+
+
+@SETTINGS
+@given(sets=st.lists(st.tuples(st.sampled_from(CONFIG_KEYS + ["distill", "net", "x"]),
+                                st.sampled_from(["", ".x", ".steps", ".", ".0"]), override_text), max_size=3),
+       timeout=st.text(alphabet=st.sampled_from(list("0123456789.-+eEnaif x")), max_size=8))
+def test_the_command_line_and_the_api_take_any_setting(sets, timeout):
+    """Issue 32: what the CLI (`d3fast config`, which resolves as every command does) and the
+    Python API's `set` do with real keys, sections, value keys given sections and random
+    values, and the collective timeout's variable: a result or one `error:` line, never
+    "unexpected" (a crash)."""
+    import os
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    from d3fast.api import _sets
+    from d3fast.cli import cli
+
+    args = ["config", "--dataset", "digits"]
+    for key, suffix, value in sets:
+        args += ["--set", f"{key}{suffix}={value}"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code in (0, 2) and "unexpected" not in r.output, (args, r.output)
+    from d3fast.dist import timeout_s
+
+    with mock.patch.dict(os.environ, {"D3FAST_DIST_TIMEOUT": timeout}):
+        value = _ok_or_d3fast_error(timeout_s)
+    assert value is None or 0 < value <= 1e9
+    nested: dict = {}
+    for key, suffix, value in sets:
+        node = nested
+        *path, leaf = f"{key}{suffix}".split(".")
+        for part in path:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[leaf] = value
+    _ok_or_d3fast_error(lambda: resolve_config("digits", None, _sets(nested)))
+
+
 def test_parse_overrides_shapes():
     assert parse_overrides(["a.b=1", "a.c= x "]) == {"a": {"b": "1", "c": "x"}}
     with pytest.raises(D3FastError):

@@ -134,6 +134,59 @@ def test_a_checkpoint_write_that_fails_keeps_the_last_one(home, tmp_path):
     assert res.exit_code == 0 and "reached step 3/3" in res.output, res.output
 
 
+def test_a_first_checkpoint_that_fails_leaves_a_run_that_resumes_from_step_0(home, tmp_path):
+    """Issue 32: the run's very first checkpoint fails (a file-size limit): --resume said
+    "restore the checkpoint from a copy" of one that never existed, and only deleting
+    metrics.jsonl let the run go on. Now it starts from step 0 with one line saying why."""
+    from d3fast.data.prepare import prepare
+
+    prepare(cfg_of(), progress=False)
+    run_experts(cfg_of(), progress=False)  # the experts exist before the limit applies
+    tiny = [x for o in OVERRIDES if not o.startswith(("device", "distill.steps", "distill.checkpoint_every"))
+            for x in ("--set", o)]
+    args = ["distill", "--dataset", "digits", *tiny, "--set", "distill.checkpoint_every=2", "--steps", "3",
+            "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--name", "first"]
+    code = f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+        from d3fast.cli import main
+        sys.argv = ["d3fast", *{args!r}]
+        main()
+    """
+    p = _python(code, home)
+    out, err = p.communicate(timeout=300)
+    (path,) = (tmp_path / "runs").glob("*/*-first")
+    run = Run(path)
+    assert p.returncode == 2 and "could not write" in err and "Traceback" not in err, err
+    assert not run.has_checkpoint() and [m["step"] for m in run.read_metrics()] == [1, 2], err
+    res = CliRunner().invoke(cli, ["distill", "--resume", str(run.path)])
+    assert res.exit_code == 0, res.output
+    assert "reached step 2, but its first checkpoint could not be written: starting it from step 0" in res.output
+    assert "reached step 3/3" in res.output and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+
+
+def test_an_export_that_fails_to_write_names_its_folder(home, tmp_path):
+    """Issue 32: torch.save's zip writer names no file ("unexpected pos 704 vs 598"), and the
+    message said `could not write .` with "The previous  is intact". Now it names --out."""
+    run = Run.at(tmp_path / "r")
+    distill(cfg_of("distill.steps=1"), run, progress=False)
+    out = tmp_path / "export"
+    code = f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+        from d3fast.cli import main
+        sys.argv = ["d3fast", "export", {str(run.path)!r}, "--format", "pt", "--out", {str(out)!r}]
+        main()
+    """
+    p = _python(code, home)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and f"could not write {out}: " in err and "MiB free there" in err, err
+    assert "The previous export is intact" in err and "write ." not in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
@@ -538,3 +591,14 @@ def test_damaged_decoder_settings_are_refused_before_anything_is_built(tmp_path,
     save_tensors(tmp_path / "e.safetensors", tensors, {**stored, key: value})
     with pytest.raises(D3FastError, match="decoder"):
         load(tmp_path / "e.safetensors")
+
+
+def test_a_write_failure_that_names_no_file_says_so():
+    import errno
+
+    from d3fast.io import write_failure
+
+    e = write_failure(None, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    assert e is not None and str(e).startswith("could not write a file: a write failed (") and "write ." not in str(e)
+    assert "permission denied" in str(write_failure(None, PermissionError(errno.EACCES, "denied")))
+    assert write_failure(None, ValueError("a bug")) is None  # not a write failure: the crash report's

@@ -211,8 +211,51 @@ def test_corrupt_ledger_is_reported_and_never_stops_a_run(d3fast_home, capsys):
         ledger.Ledger().records()
 
 
+def test_a_damaged_page_past_the_header_is_the_same_one_line_error(d3fast_home):
+    # issue 32: the header read fine, the query hit the damaged page, and `budget` printed
+    # "unexpected DatabaseError"
+    import sqlite3
+
+    lg = ledger.Ledger()
+    for i in range(400):  # rows over several pages
+        lg.insert(started=float(i), updated=float(i), host="h", pid=1, phase="distill", dataset="digits", preset="",
+                  run="r" * 40, device_kind="cpu", device_name="cpu", device_count=1, steps=i, status="done")
+    with sqlite3.connect(lg.path) as con:  # the rows into the main file, out of the WAL
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page, size = 4096, lg.path.stat().st_size
+    assert size >= 6 * page
+    with open(lg.path, "r+b") as f:  # one page of rows: the header and schema intact
+        f.seek(4 * page)
+        f.write(b"\xde\xad" * (page // 2))
+    res = CliRunner().invoke(cli, ["budget"])
+    assert res.exit_code == 2 and "corrupt" in res.output and "move it aside" in res.output, res.output
+    with pytest.raises(D3FastError, match="is corrupt"):
+        ledger.Ledger().records()
+
+
 def test_ledger_off_switch(d3fast_home, monkeypatch):
     monkeypatch.setenv("D3FAST_LEDGER", "0")
     with ledger.track("distill", "digits", "", CPU) as m:
         m.tick()
     assert not ledger.ledger_path().exists()
+
+
+def test_a_new_run_states_its_plan_with_the_rates_measured_here(d3fast_home):
+    # issue 32: a partial config once started 100 experts x 50 epochs (~14 h) with no word;
+    # a new run now says what it will do and, where earlier work measured a rate, how long
+    from d3fast.config import resolve_config
+    from d3fast.preflight import plan
+
+    cfg = resolve_config("digits")  # 4 experts x 10 epochs, 150 steps; none trained in this home
+    assert plan(cfg, "cpu") == ("plan: train 4 of 4 experts x 10 epochs; distill 150 steps; no rate measured here yet "
+                                "for expert training and distillation (`d3fast profile` measures a step)")
+    lg = ledger.Ledger()
+    for phase, wall, steps in (("experts", 100.0, 10), ("experts", 140.0, 10), ("experts", 80.0, 10),
+                               ("distill", 30.0, 10), ("distill", 1.0, 0)):  # a record of no steps: no rate
+        lg.insert(started=0.0, updated=0.0, host="h", pid=1, phase=phase, dataset="digits", preset="", run="r",
+                  device_kind="cpu", device_name="cpu", device_count=1, wall_s=wall, steps=steps, status="done")
+    # medians: 10 s an epoch (of 8, 10, 14), 3 s a step: 40 x 10 = 400 s, 150 x 3 = 450 s
+    assert plan(cfg, "cpu") == ("plan: train 4 of 4 experts x 10 epochs (~7 min at the 10 s/epoch measured here); "
+                                "distill 150 steps (~8 min at the 3 s/step measured here); about 14 min in all")
+    assert plan(cfg, "cuda").endswith("no rate measured here yet for expert training and distillation "
+                                      "(`d3fast profile` measures a step)")

@@ -453,6 +453,28 @@ def test_runs_lists_status_losses_and_evaluations(home, tmp_path):
     a.metrics_path.write_text("{torn")  # a damaged file costs its fields, not the listing
     assert CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs)]).exit_code == 0
 
+    # issue 32: the status comes from the checkpoint, not the metrics alone: a truncated one, a
+    # flipped byte in one, and none at all are not "finished" or "stopped"
+    def status() -> str:
+        r = CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs), "--json"])
+        return {row["name"].split("-")[-1]: row for row in json.loads(r.output)}["b"]["status"]
+
+    data = b.checkpoint_path.read_bytes()
+    b.checkpoint_path.write_bytes(data[: len(data) // 2])
+    assert status() == "damaged checkpoint"
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x10
+    b.checkpoint_path.write_bytes(bytes(flipped))
+    assert status() == "damaged checkpoint"
+    in_directory = bytearray(data)  # the zip's central directory: its CRCs pass, torch's reader fails
+    in_directory[len(data) - 60] ^= 0x01
+    b.checkpoint_path.write_bytes(bytes(in_directory))
+    assert status() == "damaged checkpoint"
+    b.checkpoint_path.unlink()
+    assert status() == "no checkpoint"
+    b.checkpoint_path.write_bytes(data)
+    assert status() == "stopped"
+
 
 def test_runs_survives_wrong_typed_files_and_names_are_one_folder(home, tmp_path):
     runs = tmp_path / "runs"
@@ -467,3 +489,66 @@ def test_runs_survives_wrong_typed_files_and_names_are_one_folder(home, tmp_path
     r = CliRunner().invoke(cli, ["distill", "--dataset", "digits", "--name", "../../x", "--runs-dir", str(runs),
                                  "--no-auto"])
     assert r.exit_code == 2 and "one folder name" in r.output
+
+
+def test_holding_a_run_removes_the_temporaries_of_writers_that_are_gone(tmp_path):
+    # issue 32: a dead writer's .checkpoint.pt.<owner>.*.tmp in a run folder survived --resume
+
+    from d3fast.io import owner_tag
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid: a writer that has ended
+    host = owner_tag().split("-")[0]
+    run = Run.at(tmp_path / "run")
+    run.path.mkdir(parents=True, exist_ok=True)
+    dead = run.path / f".checkpoint.pt.{host}-{gone.pid}.x1y2z3.tmp"
+    live = run.path / f".metrics.jsonl.{owner_tag()}.a1b2c3.tmp"  # this process: a live writer
+    for f in (dead, live):
+        f.write_bytes(b"half a checkpoint")
+    with run.lock():
+        assert not dead.exists() and live.exists()
+
+
+def test_a_resume_auto_name_is_claimed_by_one_job_at_a_time(home, tmp_path):
+    # issue 32: two `--name X --resume auto` jobs started at the same moment both looked for
+    # run X, found none, and both created one (double the compute). The name is now held
+    # (an flock) from the lookup to the job's end: the second job stops at once.
+    import threading
+
+    from d3fast.recipes.distill import claimed_name
+
+    runs = tmp_path / "runs"
+    args = ["distill", "--dataset", "digits", *[x for o in OVERRIDES for x in ("--set", o)], "--runs-dir", str(runs),
+            "--name", "job", "--resume", "auto"]
+    started, stop = threading.Event(), threading.Event()
+
+    def other_job() -> None:  # holds the name from another open file, as another process would
+        with claimed_name(str(runs), "digits", "job"):
+            started.set()
+            stop.wait(60)
+
+    t = threading.Thread(target=other_job)
+    t.start()
+    try:
+        assert started.wait(60)
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and "is running the run named 'job': this one stops" in r.output, r.output
+        assert not [p for p in (runs / "digits").iterdir() if p.is_dir()]  # no run was created
+    finally:
+        stop.set()
+        t.join()
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "reached step 3/3" in r.output, r.output
+    r = CliRunner().invoke(cli, args)  # the same job again: it continues its run, not a new one
+    assert r.exit_code == 0 and len([p for p in (runs / "digits").iterdir() if p.is_dir()]) == 1, r.output
+
+
+def test_runs_under_a_file_are_one_clear_error(home, tmp_path):
+    # issue 32's second round: RUNS/digits a regular file was "unexpected FileExistsError"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "digits").write_text("not a folder")
+    base = ["distill", "--dataset", "digits", *[x for o in OVERRIDES for x in ("--set", o)], "--runs-dir", str(runs)]
+    for extra in ([], ["--name", "z", "--resume", "auto"]):
+        r = CliRunner().invoke(cli, [*base, *extra])
+        assert r.exit_code == 2 and "a file is in the way" in r.output, r.output

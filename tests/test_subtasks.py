@@ -37,13 +37,20 @@ def test_class_blocks_are_the_reference_split_and_cover_every_class_once():
     assert class_blocks(7, 1) == [(0, 7)]
     with pytest.raises(D3FastError, match="cannot split 10 classes"):
         class_blocks(10, 11)
+    # issue 32: every subtask holds >= 2 classes (one class: the experts' cross-entropy is 0,
+    # they never move, and the MTT loss is 0 / 0 at step 1); 3 classes in 2 blocks leaves one
+    assert class_blocks(10, 5) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    for classes, subtasks in ((10, 10), (10, 6), (3, 2), (1000, 501)):
+        with pytest.raises(D3FastError, match="each subtask needs at least 2 classes"):
+            class_blocks(classes, subtasks)
 
 
 def test_config_refuses_a_subtask_out_of_range():
     with pytest.raises(D3FastError, match="data.subtask: 2 is out of range"):
         resolve_config("digits", overrides=["data.subtasks=2", "data.subtask=2"])
-    with pytest.raises(D3FastError, match="11 subtasks cannot split 10"):
-        resolve_config("digits", overrides=["data.subtasks=11"])
+    for s in (11, 10, 6):
+        with pytest.raises(D3FastError, match=f"{s} subtasks cannot split 10 classes: each subtask needs at least 2"):
+            resolve_config("digits", overrides=[f"data.subtasks={s}"])
 
 
 def test_a_subtask_view_holds_its_block_relabelled(home):

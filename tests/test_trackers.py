@@ -65,6 +65,28 @@ def test_a_failing_tracker_is_dropped_with_a_warning(tmp_path, capsys):
     assert not t.open and "tracker tensorboard stopped" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_a_tracker_thread_that_fails_is_one_warning_not_a_traceback(tmp_path):
+    # issue 32: an unwritable TensorBoard folder gave the warning and then a 40-line traceback
+    # from TensorBoard's writer thread. A folder where nothing can be created, even by root
+    # (chmod does not stop root): a link into /proc. Fresh processes: the thread's failure
+    # races the process's exit, so five of them.
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tensorboard").symlink_to("/proc/self/fdinfo")
+    code = ("from pathlib import Path\nfrom d3fast.trackers import Trackers\n"
+            f"with Trackers(['tensorboard'], Path({str(run)!r}), 'x', {{}}) as t:\n"
+            "    t.metrics(1, {'loss': 1.0})\n    t.metrics(2, {'loss': 0.5})\nprint('went on')\n")
+    for _ in range(5):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout == "went on\n", r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("warning: tracker tensorboard stopped ("), r.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 def test_wandb_offline(home, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

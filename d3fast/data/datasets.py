@@ -140,13 +140,16 @@ def class_blocks(num_classes: int, subtasks: int) -> list[tuple[int, int]]:
     when S divides the classes; otherwise the first C mod S blocks hold one class more.
 
     Raises:
-        D3FastError: S < 1 or more subtasks than classes.
+        D3FastError: S < 1, or S > 1 with a block of fewer than 2 classes (S > C // 2).
     """
     from d3fast.errors import D3FastError
 
-    if not 1 <= subtasks <= num_classes:
-        raise D3FastError(f"config key data.subtasks: {subtasks} subtasks cannot split {num_classes} classes "
-                          f"(1..{num_classes})")
+    # a subtask of one class cannot be distilled: its experts' cross-entropy is 0 from the
+    # start (they never move) and its MTT loss 0 / 0
+    most = max(num_classes // 2, 1)
+    if not 1 <= subtasks <= most:
+        raise D3FastError(f"config key data.subtasks: {subtasks} subtasks cannot split {num_classes} classes: each "
+                          f"subtask needs at least 2 classes (1..{most} subtasks)")
     base, extra = divmod(num_classes, subtasks)
     starts = [i * base + min(i, extra) for i in range(subtasks + 1)]
     return list(zip(starts[:-1], starts[1:], strict=True))

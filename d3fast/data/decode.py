@@ -10,6 +10,12 @@ from PIL import Image, ImageFile
 
 # A truncated file must fail loudly, not decode into a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pixels one image may decode to, checked from its header after JPEG's draft reduction and
+# before any pixel is decoded: 64 MP is 192 MB of RGB. It replaces Pillow's own bomb check
+# (a warning past 89 MP of the file's full size, an error past 178 MP), which would warn on a
+# 108 MP JPEG that decodes at 1/8 scale to 1.7 MP.
+MAX_DECODED_PIXELS = 64 * 2**20
+Image.MAX_IMAGE_PIXELS = None
 
 
 def decode_image(path: str, size: int, channels: int) -> np.ndarray:
@@ -19,10 +25,17 @@ def decode_image(path: str, size: int, channels: int) -> np.ndarray:
     JPEGs are first reduced in the DCT domain by a power of two that keeps both sides
     >= `size` (Pillow's draft mode): a 500x375 ImageNet photo decodes at 250x188, about
     3x faster than a full decode, and the final bilinear resize does the rest.
+
+    Raises:
+        ValueError: more than MAX_DECODED_PIXELS to decode (read from the header); what
+            Pillow raises for a damaged file.
     """
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as src:
         src.draft(mode, (size, size))
+        if src.size[0] * src.size[1] > MAX_DECODED_PIXELS:
+            raise ValueError(f"{src.size[0]}x{src.size[1]} pixels to decode, more than the "
+                             f"{MAX_DECODED_PIXELS // 2**20} MP limit of one image")
         im: Image.Image = to_8bit(src).convert(mode)
         w, h = im.size
         if min(w, h) != size:

@@ -247,12 +247,32 @@ class _NumpyUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
+    def __init__(self, f: Any, max_bytes: int, **kw: Any) -> None:
+        super().__init__(f, **kw)
+        self.max_bytes = max_bytes
+
     def find_class(self, module: str, name: str):  # noqa: ANN201
         if (module, name) not in self.ALLOWED:
             raise _ForbiddenGlobal(f"refusing to load global {module}.{name}")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
             module = "numpy._core." + module.removeprefix("numpy.core.")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if name == "_reconstruct":
+            return functools.partial(_bounded_reconstruct, found, self.max_bytes)
+        return found
+
+
+def _bounded_reconstruct(real: Any, max_bytes: int, subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's `_reconstruct`, refusing an array larger than the file: a pickle's pixels are in
+    the file, and a hand-written one that asks for a (300000, 3072) array without them would
+    allocate it from a few bytes."""
+    try:
+        size = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    except (TypeError, ValueError) as e:
+        raise _ForbiddenGlobal(f"an array of shape {shape!r} and dtype {dtype!r} ({e})") from None
+    if size > max_bytes:
+        raise _ForbiddenGlobal(f"an array of {size:,} bytes in a file of {max_bytes:,}")
+    return real(subtype, shape, dtype)
 
 
 def _load_pickled_dict(path: Path, what: str, fix: str = "") -> dict[str, Any]:
@@ -265,14 +285,47 @@ def _load_pickled_dict(path: Path, what: str, fix: str = "") -> dict[str, Any]:
     """
     try:
         with open(path, "rb") as f:
-            batch = _NumpyUnpickler(f, encoding="bytes").load()
+            batch = _NumpyUnpickler(f, max_bytes=os.fstat(f.fileno()).st_size, encoding="bytes").load()
     except _ForbiddenGlobal as e:
         raise D3FastError(f"{path} is not {what} ({e})") from None
     except Exception as e:  # a damaged pickle raises anything from EOFError to MemoryError
         raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}){fix}") from None
     if not isinstance(batch, dict):
         raise D3FastError(f"{path} is not {what} (no dict inside)")
+    problem = _expansion(batch)
+    if problem:
+        raise D3FastError(f"{path} is not {what} ({problem})")
     return {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+# What a batch's containers may hold, counted as np.asarray would expand them. A pickle's memo
+# lets a few hundred bytes of lists that share references stand for 10^10 elements (tens of GiB
+# as an array); a real batch is a dict of arrays and flat lists (CIFAR: 10,000 labels a batch,
+# ImageNet-64: ~128,000).
+MAX_PICKLED_ELEMENTS = 1 << 24
+MAX_PICKLED_DEPTH = 3
+
+
+def _expansion(obj: Any) -> str | None:
+    """Why `obj` would expand past MAX_PICKLED_ELEMENTS or MAX_PICKLED_DEPTH, or None. Arrays
+    count as one element: their bytes were in the file."""
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth >= MAX_PICKLED_DEPTH:
+            return f"containers nested deeper than {MAX_PICKLED_DEPTH}"
+        seen += len(children)
+        if seen > MAX_PICKLED_ELEMENTS:
+            return f"containers holding more than {MAX_PICKLED_ELEMENTS:,} elements in all"
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list | tuple))
+    return None
 
 
 def _load_cifar_pickle(path: Path, labels_key: str = "labels", what: str = "CIFAR-10") -> tuple[np.ndarray, np.ndarray]:

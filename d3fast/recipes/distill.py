@@ -57,6 +57,7 @@ from d3fast.preflight import (
     check_trackers,
     each_subtask,
     ensure_prepared,
+    plan,
     resolve_data_loader,
     run_name,
     silent,
@@ -67,7 +68,7 @@ from d3fast.recipes.evaluate import run_target
 from d3fast.recipes.experts import ensure_experts
 from d3fast.recipes.label import ensure_labelling_expert, label_run
 from d3fast.recipes.subtasks import merge_runs, up_to_date
-from d3fast.run import Run, is_merged_dir, read_merged_manifest
+from d3fast.run import FIRST_CHECKPOINT_FAILED, Run, is_merged_dir, read_merged_manifest
 from d3fast.runtime import (
     device_name,
     peak_memory_gib,
@@ -314,10 +315,16 @@ def _check_no_progress_lost(run: Run, dcfg: DistillConfig) -> None:
     written (a crash before the first one) and destroys progress when it was lost.
 
     Raises:
-        D3FastError: the run had passed a checkpoint step, or had been resumed before.
+        D3FastError: the run had passed a checkpoint step, or had been resumed before, and
+            its first checkpoint had not failed (Run.save_state).
     """
     reached = max((int(m.get("step", 0)) for m in run.read_metrics()), default=0)
-    resumed = max((int(r.get("step", 0)) for r in run.history()), default=0)
+    history = run.history()
+    resumed = max((int(r.get("step", 0)) for r in history if r.get("event") != FIRST_CHECKPOINT_FAILED), default=0)
+    if resumed == 0 and any(r.get("event") == FIRST_CHECKPOINT_FAILED for r in history):
+        tqdm.write(f"note: {run.path} reached step {reached}, but its first checkpoint could not be written: "
+                   "starting it from step 0")
+        return
     if reached >= dcfg.checkpoint_every or resumed > 0:
         raise D3FastError(
             f"{run.checkpoint_path} is missing, but the run had reached step {max(reached, resumed)}: restore the "
@@ -565,6 +572,31 @@ def command(job: DistillJob) -> Path:
         D3FastError: what the command reports; `Interrupted` after Ctrl-C / SIGTERM (the
             finished work is saved).
     """
+    with contextlib.ExitStack() as claims:  # names this job holds while it runs
+        return _command(job, claims)
+
+
+@contextlib.contextmanager
+def claimed_name(runs_dir: str, dataset: str, name: str) -> Iterator[None]:
+    """Hold the name of a `--resume auto` job: an flock on runs_dir/<dataset>/.name-<name>.lock
+    from before the job looks for its run until it ends (the OS releases it however the job
+    ends, so a restart claims it again). Looking up the run and creating it when missing is
+    then one decision: two jobs started at the same moment can never both create a run.
+
+    Raises:
+        D3FastError: another live job holds the name (its pid named)."""
+    path = Path(runs_dir) / dataset / f".name-{name}.lock"
+    if path.parent.exists() and not path.parent.is_dir():
+        raise D3FastError(f"cannot create runs under {path.parent}: a file is in the way; move it aside or choose "
+                          "another --runs-dir")
+    with locked(path) as held:
+        if not held:
+            raise D3FastError(f"another job (pid {lock_holder(path)}) is running the run named {name!r}: this one "
+                              "stops; once that job ends, --resume auto continues the run")
+        yield
+
+
+def _command(job: DistillJob, claims: contextlib.ExitStack) -> Path:
     # under torchrun: join the other ranks (NCCL on CUDA, gloo on the CPU); each rank
     # trains on cuda:LOCAL_RANK
     device = job.typed.get("device")
@@ -598,7 +630,12 @@ def command(job: DistillJob) -> Path:
         if not name:
             raise D3FastError("--resume auto needs --name NAME: it continues the newest run of that name")
         cfg = resolve()
-        found = world.on_main(lambda: Run.named(job.runs_dir, cfg.data.dataset, run_name(cfg, name)))
+
+        def claim_and_find() -> Run | None:  # rank 0's: one decision for the job
+            claims.enter_context(claimed_name(job.runs_dir, cfg.data.dataset, run_name(cfg, name)))
+            return Run.named(job.runs_dir, cfg.data.dataset, run_name(cfg, name))
+
+        found = world.on_main(claim_and_find)
         resume, name = (str(found.path), None) if found is not None else (None, name)
     if resume is not None:
         if name is not None:
@@ -619,6 +656,8 @@ def command(job: DistillJob) -> Path:
     ensure_prepared(cfg, job.no_auto)
     if resume is None:  # a resumed run reads the experts its manifest lists
         resolve_data_loader(cfg)
+        if world.main:  # what the run will do, and how long, before the experts and steps
+            click.echo(plan(cfg, resolve_device(cfg.device).type))
         ensure_experts(cfg, auto=not job.no_auto, echo=click.echo if world.main else silent)
         run = world.on_main(lambda: Run.create(job.runs_dir, cfg, run_name(cfg, name)))
     res = distill(cfg, run, resume=resume is not None, world=world, progress=world.main, checked=checked)

@@ -281,6 +281,12 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
         same_count = max(1, round(len(x) / n_cls))
         lr = s.lr if s.lr is not None else e.lr_real
     storage_per_class = min(storage // (values_per_image * n_cls), min_class)
+    if same_count > min_class:  # the smallest class holds fewer real images than the count
+        from tqdm import tqdm
+
+        tqdm.write(f"note: the smallest class has {min_class} training image(s): the same-count baseline has "
+                   f"{min_class} per class, not {same_count}")
+        same_count = min_class
     if val is not None and storage_per_class < storage // (values_per_image * n_cls):
         from tqdm import tqdm
 

@@ -350,7 +350,7 @@ def remove_stale_temps(folder: Path) -> None:
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # gone, or a number no pid can be
         return False
     except PermissionError:
         return True

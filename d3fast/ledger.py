@@ -23,6 +23,7 @@ past the timeout, read-only home, full disk) prints one warning and the run goes
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sqlite3
@@ -168,6 +169,11 @@ class Ledger:
         with self._connect() as con:
             con.row_factory = sqlite3.Row
             rows = [dict(r) for r in con.execute(query + " ORDER BY id", args)]
+        for r in rows:
+            bad = _bad_field(r)
+            if bad is not None:
+                raise D3FastError(f"the ledger {self.path} is corrupt (record {r.get('id')}: {bad}); move it aside "
+                                  "(the runs themselves are unaffected) and d3fast starts a new one")
         here = socket.gethostname()
         for r in rows:
             if r["status"] == "running" and r["host"] == here and not pid_alive(r["pid"]):
@@ -355,6 +361,35 @@ def track(
 
 
 # ---- totals for `d3fast budget`
+
+
+# what each column must hold: SQLite stores whatever it is given, and a hand-edited row (text in
+# wall_s, a blob dataset, a pid past 64 bits) otherwise fails deep inside `budget`'s sums
+_TEXT = ("host", "phase", "dataset", "preset", "device_kind", "device_name", "status")
+_INT = ("id", "pid", "device_count", "steps")
+_REAL = ("started", "updated", "wall_s", "device_hours")
+
+
+def _bad_field(r: dict[str, Any]) -> str | None:
+    def number(v: Any, kind: type | tuple[type, ...]) -> bool:
+        if not isinstance(v, kind) or isinstance(v, bool) or not isinstance(v, int | float):
+            return False
+        return math.isfinite(v) and abs(v) < 2**62
+
+    for k in _TEXT:
+        if not isinstance(r.get(k), str):
+            return f"{k} = {r.get(k)!r:.40}"
+    for k in _INT:
+        if not number(r.get(k), int):
+            return f"{k} = {r.get(k)!r:.40}"
+    for k in _REAL:
+        if not number(r.get(k), (int, float)):
+            return f"{k} = {r.get(k)!r:.40}"
+    for k, kind in (("run", str), ("steps_target", int), ("energy_j", (int, float))):
+        v = r.get(k)
+        if v is not None and not (isinstance(v, str) if kind is str else number(v, kind)):
+            return f"{k} = {v!r:.40}"
+    return None
 
 
 def measured_rate(phase: str, dataset: str, device_kind: str, path: Path | None = None) -> float | None:

@@ -106,7 +106,7 @@ class Run:
         parent = Path(runs_dir) / cfg.data.dataset
         try:
             parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
+        except FileExistsError:  # the dataset's folder is a file (a path through a file: write_failure's)
             raise D3FastError(f"cannot create runs under {parent}: a file is in the way; move it aside or choose "
                               "another --runs-dir") from None
         stem = f"{file_stamp()}-{name or cfg.preset or 'run'}"

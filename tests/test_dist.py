@@ -183,7 +183,7 @@ def test_two_nodes_rendezvous_on_localhost_and_distill(home, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(home)) for node in (0, 1)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
-    (run_dir,) = (runs / "digits").iterdir()
+    (run_dir,) = [p for p in (runs / "digits").iterdir() if p.is_dir()]  # beside it: the name's lock
     run = Run(run_dir)
     assert [m["step"] for m in run.read_metrics()] == [1, 2] and run.read_manifest()["world_size"] == 2
 
@@ -198,7 +198,7 @@ def test_torchrun_runs_one_distillation_and_a_restarted_job_resumes_it(home, tmp
     res = _torchrun(home, "--steps", "2", "--students-per-step", "2", "--runs-dir", str(runs), "--name", "job",
                     "--resume", "auto", extra=("--standalone",))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    made = list((runs / "digits").iterdir())
+    made = [p for p in (runs / "digits").iterdir() if p.is_dir()]
     assert len(made) == 1  # rank 0 made the run; rank 1 used it
     run = Run(made[0])
     assert [m["step"] for m in run.read_metrics()] == [1, 2] and run.read_manifest()["world_size"] == 2
@@ -208,7 +208,7 @@ def test_torchrun_runs_one_distillation_and_a_restarted_job_resumes_it(home, tmp
     res = _torchrun(home, "--steps", "3", "--students-per-step", "2", "--runs-dir", str(runs), "--name", "job",
                     "--resume", "auto", nproc=1, extra=("--standalone",))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert list((runs / "digits").iterdir()) == made and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
+    assert [p for p in (runs / "digits").iterdir() if p.is_dir()] == made and [m["step"] for m in run.read_metrics()] == [1, 2, 3]
     assert run.history()[-1]["world_size"] == 1  # the resume records the processes it ran on
     # a split that cannot work is refused on every rank before anything is made
     res = _torchrun(home, "--steps", "2", "--students-per-step", "3", "--runs-dir", str(tmp_path / "none"),
@@ -267,7 +267,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_to_the_uninterrupted_state
     watcher.join(5)
     assert killed, "rank 1 was never seen running"
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    (run_dir,) = (runs / "digits").iterdir()
+    (run_dir,) = [p for p in (runs / "digits").iterdir() if p.is_dir()]  # beside it: the name's lock
     run = Run(run_dir)
     assert [m["step"] for m in run.read_metrics()] == list(range(1, steps + 1))
     assert sum(1 for r in run.history() if r.get("event") == "resume" or "resumed" in str(r)) >= 1

@@ -259,3 +259,23 @@ def test_a_new_run_states_its_plan_with_the_rates_measured_here(d3fast_home):
                                 "distill 150 steps (~8 min at the 3 s/step measured here); about 14 min in all")
     assert plan(cfg, "cuda").endswith("no rate measured here yet for expert training and distillation "
                                       "(`d3fast profile` measures a step)")
+
+
+@pytest.mark.parametrize("column, value", [("wall_s", "soon"), ("dataset", b"\x00\x01"), ("pid", 99999999999999),
+                                           ("steps", 2**70), ("device_hours", float("inf"))])
+def test_a_row_with_values_of_the_wrong_kind_is_the_same_one_line_error(d3fast_home, column, value):
+    # issue 32's second round: hostile values in one row (text in wall_s, a blob dataset, a
+    # pid past what os.kill takes) crashed `budget` with OverflowError / TypeError
+    import sqlite3
+
+    lg = ledger.Ledger()
+    row = lg.insert(started=0.0, updated=0.0, host=__import__("socket").gethostname(), pid=1, phase="distill",
+                    dataset="digits", preset="", run="r", device_kind="cpu", device_name="cpu", device_count=1,
+                    steps=1, status="running")
+    with sqlite3.connect(lg.path) as con:
+        con.execute(f"UPDATE records SET {column} = ? WHERE id = ?", (str(value) if column == "steps" else value, row))
+    res = CliRunner().invoke(cli, ["budget"])
+    if column == "pid":  # a pid no process can have: the row's process is gone, not a crash
+        assert res.exit_code == 0 and "killed" in res.output, res.output
+    else:
+        assert res.exit_code == 2 and f"is corrupt (record {row}: {column} = " in res.output, res.output

@@ -152,7 +152,7 @@ D3FAST_INLINE double class_loss(ClassWork<T>& w, const double* gammas, int nb, b
             const T* sqj = w.sq.data() + j0;
             for (int64_t jj = 0; jj < ld; ++jj) {
                 const T v = sqi + sqj[jj] - 2 * row[jj];
-                d2[jj] = v > T(0) ? v : T(0);
+                d2[jj] = v < T(0) ? T(0) : v;  // NaN stays NaN: a NaN or inf input gives a NaN loss
                 kk[jj] = T(0);
                 gk[jj] = T(0);
             }
@@ -334,7 +334,7 @@ D3FAST_INLINE void direct_kernel(Direct<T>& d, int64_t c) {
         const T sqi = sq[i];
         for (int64_t jj = 0; jj < len; ++jj) {
             const T v = sqi + sq[j0 + jj] - 2 * row[j0 + jj];
-            d2[jj] = v > T(0) ? v : T(0);
+            d2[jj] = v < T(0) ? T(0) : v;  // NaN stays NaN: a NaN or inf input gives a NaN loss
             kk[jj] = T(0);
             gk[jj] = T(0);
         }

@@ -24,6 +24,7 @@ profile reports the measured step and the microseconds per kernel it implies ins
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -75,9 +76,10 @@ def project(kernels: int, flops: float, compiled: bool, amp: bool) -> list[Proje
         one Projection per GPU, times in milliseconds.
 
     Raises:
-        ValueError: a negative count."""
-    if kernels < 0 or flops < 0:
-        raise ValueError(f"kernels and flops must be >= 0, not {kernels} and {flops}")
+        ValueError: a kernel count that is not an int >= 0, FLOPs that are not finite and >= 0."""
+    if not (isinstance(kernels, int) and not isinstance(kernels, bool) and kernels >= 0
+            and isinstance(flops, int | float) and math.isfinite(flops) and flops >= 0):
+        raise ValueError(f"kernels must be an int >= 0 and flops a finite number >= 0, not {kernels!r} and {flops!r}")
     precision = "bf16" if amp else "tf32"
     mode = "compiled" if compiled else "eager"
     out = []
@@ -93,10 +95,25 @@ def project(kernels: int, flops: float, compiled: bool, amp: bool) -> list[Proje
 def measured(step_s: float, kernels: int, flops: float, gpu: str, amp: bool) -> dict[str, Any]:
     """A step measured on a GPU against the target and the compute floor: the microseconds per
     kernel the rest of the step implies (what replaces LAUNCH_US), where `gpu` (a device name)
-    is in GPUS."""
-    peaks = next((p for name, p in GPUS.items() if name.split()[0] in gpu), None)
+    is in GPUS (an SXM part: "H100 PCIe" and "H100 NVL" have other peaks and get none).
+
+    Raises:
+        ValueError: a step that is not a finite time > 0, a kernel count that is not an int
+            >= 0, FLOPs that are not finite and >= 0, a device name that is not a string."""
+    if not (isinstance(step_s, int | float) and math.isfinite(step_s) and step_s > 0 and isinstance(gpu, str)
+            and isinstance(kernels, int) and not isinstance(kernels, bool) and kernels >= 0
+            and isinstance(flops, int | float) and math.isfinite(flops) and flops >= 0):
+        raise ValueError(f"measured: need step_s > 0, kernels >= 0, flops >= 0 and a device name; got {step_s!r}, "
+                         f"{kernels!r}, {flops!r}, {gpu!r}")
+    name = gpu.upper()
+    peaks = next((p for key, p in GPUS.items() if key.split()[0] in name and "PCIE" not in name and "NVL" not in name),
+                 None)
     compute_s = flops / (peaks["bf16" if amp else "tf32"] * 1e12) if peaks else None
+    # a step shorter than its own compute floor: the FLOPs were not this step's (no us per kernel)
     rest = step_s - (compute_s or 0.0)
+    if rest < 0:
+        return {"step_ms": step_s * 1e3, "target_ms": TARGET_STEP_S * 1e3, "meets_target": step_s <= TARGET_STEP_S,
+                "compute_floor_ms": compute_s * 1e3 if compute_s is not None else None, "us_per_kernel": None}
     return {"step_ms": step_s * 1e3, "target_ms": TARGET_STEP_S * 1e3, "meets_target": step_s <= TARGET_STEP_S,
             "compute_floor_ms": compute_s * 1e3 if compute_s is not None else None,
             "us_per_kernel": rest / kernels * 1e6 if kernels else None}

@@ -95,7 +95,10 @@ def profile(
     if free_steps is None:
         free_steps = steps if device.type == "cuda" else 0
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise D3FastError(f"profile: --out {out} is a file; name a folder") from None
     full_steps = cfg.distill.steps
     pcfg = copy.deepcopy(cfg)
     # step k's kind; the markers are on for every kind but "free". One "counted" step runs

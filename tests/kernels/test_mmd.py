@@ -149,6 +149,21 @@ def test_d3_shape_with_uneven_lengths(impl):
 
 
 @pytest.mark.parametrize("level", cpu_levels())
+@pytest.mark.parametrize("D", [16, 4], ids=["direct", "tiled"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_input_row_gives_a_nan_loss_as_the_reference_does(level, D, bad):
+    # issue 31's breaker: `d2 > 0 ? d2 : 0` turned a NaN distance into 0, so a class with a
+    # NaN or inf feature got a finite loss (only its gradient was NaN)
+    x, y = features(2, 5, D, 0), features(2, 6, D, 1, 0.1)
+    x[1, 2, 0] = bad
+    ref = kernels.mmd2(x.double(), y.double(), impl="reference")
+    with at_cpu_level(level):
+        got = kernels.mmd2(x, y, impl="cpp")
+    assert torch.isnan(ref[1]) and torch.isnan(got[1]), (ref, got)
+    assert torch.isfinite(got[0]) and abs(float(got[0]) - float(ref[0])) <= RTOL[torch.float32] * 5
+
+
+@pytest.mark.parametrize("level", cpu_levels())
 def test_cpp_at_every_cpu_level_on_the_d3_shape(level):
     # each instruction-set build (Xmm, Ymm, Zmm register blocks: csrc/simd.h) on D3's shape,
     # uneven lengths and a D that leaves a partial panel at every block width (2,047 = 31 x 64

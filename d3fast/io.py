@@ -76,32 +76,26 @@ def write_failure(path: str | os.PathLike | None, e: BaseException) -> D3FastErr
     `path` None: the writer named no file, and the message names none either."""
     if isinstance(e, D3FastError | KeyboardInterrupt | SystemExit):
         return None
-    if path is None:  # the failing writer named no file (torch.save's zip writer, PIL)
-        if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
-            return D3FastError(f"could not write a file: {_PLACE_ERRNOS[e.errno]}")
-        why_full = _FULL_ERRNOS.get(e.errno) if isinstance(e, OSError) and e.errno is not None else None
-        if why_full is None and any(t in str(e).lower() for t in _FULL_TEXTS):
-            why_full = f"a write failed ({str(e).splitlines()[0][:120]})"
-        if why_full is None:
-            return None
-        return D3FastError(f"could not write a file: {why_full}; free some space (or raise the file size limit) and "
-                           "run the command again")
-    path = Path(path)
     if isinstance(e, OSError) and e.errno in _PLACE_ERRNOS:
-        return D3FastError(f"cannot use {path}: {_PLACE_ERRNOS[e.errno]}; move it aside or choose another path")
+        where = "could not write a file" if path is None else f"cannot use {path}"
+        return D3FastError(f"{where}: {_PLACE_ERRNOS[e.errno]}"
+                           + ("" if path is None else "; move it aside or choose another path"))
     if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
         why = _FULL_ERRNOS[e.errno]
     elif any(t in str(e).lower() for t in _FULL_TEXTS):
-        why = f"the write failed ({str(e).splitlines()[0][:120]})"
+        why = f"{'a' if path is None else 'the'} write failed ({str(e).splitlines()[0][:120]})"
     else:
         return None
+    size_limit = (isinstance(e, OSError) and e.errno == errno.EFBIG) or any(
+        t in str(e).lower() for t in ("os error 27", "file too large"))
+    fix = "raise the file size limit (ulimit -f)" if size_limit else "free some space"
+    if path is None:  # the failing writer named no file (torch.save's zip writer, PIL)
+        return D3FastError(f"could not write a file: {why}; {fix} and run the command again")
+    path = Path(path)
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
     except OSError:
         free = "free space unknown"
-    size_limit = (isinstance(e, OSError) and e.errno == errno.EFBIG) or any(
-        t in str(e).lower() for t in ("os error 27", "file too large"))
-    fix = "raise the file size limit (ulimit -f)" if size_limit else "free some space"
     return D3FastError(f"could not write {path}: {why}; {free}. The previous {path.name} is intact, if there "
                        f"was one: {fix} and run the command again")
 

@@ -120,26 +120,23 @@ def plan(cfg: Config, device_kind: str) -> str:
         rate = ledger.measured_rate(phase, cfg.data.dataset, device_kind)
         return (f" (~{_duration(n * rate)} at the {rate:.3g} s/{unit} measured here)", n * rate) if rate else ("", None)
 
-    parts, seconds = [], []
     try:
         have = len(ready_experts(cfg, 0))
     except D3FastError:  # data not prepared yet: no experts of it either
         have = 0
     missing = max(cfg.experts.num_experts - have, 0)
+    parts: list[str] = []
+    seconds: dict[str, float | None] = {}  # what each part takes, by what it is
     if missing:
-        epochs = missing * cfg.experts.epochs
-        text, s = took(epochs, "experts", "epoch")
+        text, seconds["expert training"] = took(missing * cfg.experts.epochs, "experts", "epoch")
         parts.append(f"train {missing} of {cfg.experts.num_experts} experts x {cfg.experts.epochs} epochs{text}")
-        seconds.append(s)
-    text, s = took(cfg.distill.steps, "distill", "step")
+    text, seconds["distillation"] = took(cfg.distill.steps, "distill", "step")
     parts.append(f"distill {cfg.distill.steps} steps{text}")
-    seconds.append(s)
-    if all(x is not None for x in seconds):
-        end = f"; about {_duration(sum(x for x in seconds if x is not None))} in all"
+    unknown = [what for what, s in seconds.items() if s is None]
+    if unknown:
+        end = f"; no rate measured here yet for {' and '.join(unknown)} (`d3fast profile` measures a step)"
     else:
-        end = "; no rate measured here yet for " + " and ".join(
-            w for w, x in zip(("expert training", "distillation")[-len(seconds):], seconds, strict=True) if x is None) \
-            + " (`d3fast profile` measures a step)"
+        end = f"; about {_duration(sum(s for s in seconds.values() if s is not None))} in all"
     return "plan: " + "; ".join(parts) + end
 
 

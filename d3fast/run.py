@@ -103,12 +103,7 @@ class Run:
     def create(cls, runs_dir: str | os.PathLike, cfg: Config, name: str | None = None) -> Run:
         """A new, empty directory runs_dir/<dataset>/<time>-<name>. The directory is claimed
         with an exclusive mkdir, so runs started in the same second get distinct ones."""
-        parent = Path(runs_dir) / cfg.data.dataset
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:  # the dataset's folder is a file (a path through a file: write_failure's)
-            raise D3FastError(f"cannot create runs under {parent}: a file is in the way; move it aside or choose "
-                              "another --runs-dir") from None
+        parent = runs_folder(runs_dir, cfg.data.dataset)
         stem = f"{file_stamp()}-{name or cfg.preset or 'run'}"
         for suffix in range(10_000):
             path = parent / (stem if suffix == 0 else f"{stem}-{suffix}")
@@ -612,6 +607,20 @@ def list_runs(runs_dir: str | os.PathLike, dataset: str | None = None) -> list[d
             row["last_eval"] = "?"
         rows.append(row)
     return rows
+
+
+def runs_folder(runs_dir: str | os.PathLike, dataset: str) -> Path:
+    """runs_dir/<dataset>, created when missing.
+
+    Raises:
+        D3FastError: a file is in the way (a path through a file is write_failure's)."""
+    parent = Path(runs_dir) / dataset
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise D3FastError(f"cannot create runs under {parent}: a file is in the way; move it aside or choose "
+                          "another --runs-dir") from None
+    return parent
 
 
 # the history event of a run whose first checkpoint could not be written

@@ -183,10 +183,7 @@ class Trackers:
             try:
                 self.open[n] = _KINDS[n](run_path, name, config)
             except Exception as e:  # a tracker's own failure (a bad URI, a locked file) must not stop the run
-                self._warn(n, e)
-
-    def _warn(self, name: str, e: Exception) -> None:
-        _warn(name, e)
+                _warn(n, e)
 
     def _each(self, method: str, *args: Any) -> None:
         for n, t in list(self.open.items()):
@@ -197,7 +194,7 @@ class Trackers:
                 getattr(t, method)(*args)
             except Exception as e:
                 self.open.pop(n)
-                self._warn(n, e)
+                _warn(n, e)
 
     def metrics(self, step: int, record: dict[str, Any]) -> None:
         """The numbers of a metrics.jsonl record."""

@@ -68,7 +68,13 @@ from d3fast.recipes.evaluate import run_target
 from d3fast.recipes.experts import ensure_experts
 from d3fast.recipes.label import ensure_labelling_expert, label_run
 from d3fast.recipes.subtasks import merge_runs, up_to_date
-from d3fast.run import FIRST_CHECKPOINT_FAILED, Run, is_merged_dir, read_merged_manifest
+from d3fast.run import (
+    FIRST_CHECKPOINT_FAILED,
+    Run,
+    is_merged_dir,
+    read_merged_manifest,
+    runs_folder,
+)
 from d3fast.runtime import (
     device_name,
     peak_memory_gib,
@@ -585,10 +591,7 @@ def claimed_name(runs_dir: str, dataset: str, name: str) -> Iterator[None]:
 
     Raises:
         D3FastError: another live job holds the name (its pid named)."""
-    path = Path(runs_dir) / dataset / f".name-{name}.lock"
-    if path.parent.exists() and not path.parent.is_dir():
-        raise D3FastError(f"cannot create runs under {path.parent}: a file is in the way; move it aside or choose "
-                          "another --runs-dir")
+    path = runs_folder(runs_dir, dataset) / f".name-{name}.lock"
     with locked(path) as held:
         if not held:
             raise D3FastError(f"another job (pid {lock_holder(path)}) is running the run named {name!r}: this one "

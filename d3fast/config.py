@@ -42,8 +42,11 @@ LRParam = Literal["log", "leaky_relu"]
 DecoderBN = Literal["batch", "running"]
 Protocol = Literal["equal_steps", "per_set"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
+# coreset baselines of `d3fast evaluate` (d3fast/coresets.py)
+Coreset = Literal["herding", "kcenter"]
 AUG_OPS: tuple[str, ...] = typing.get_args(AugOp)
 TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
+CORESETS: tuple[str, ...] = typing.get_args(Coreset)
 NETWORKS: tuple[str, ...] = typing.get_args(NetName)
 DECODERS: tuple[str, ...] = typing.get_args(DecoderKind)
 # the top width of the medium and large decoders (d3fast/models/decoder.py): without the linear
@@ -281,6 +284,10 @@ class EvalConfig:
     # running: the running statistics gathered while distilling
     decoder_bn: DecoderBN = "batch"
     baselines: bool = True
+    # coreset baselines at equal storage beside random real (with baselines on): herding and
+    # k-center greedy on the features of the whole-dataset expert at distill.soft_label_epoch
+    # (d3fast/coresets.py); skipped, with a note, where no such expert exists
+    coresets: list[Coreset] = field(default_factory=lambda: ["herding", "kcenter"])
     # soft-label students: T^2 x cross-entropy of softmax(logits / T) against the stored
     # probabilities sharpened to p^(1/T) (Hinton et al. 2015); T = 1 is the reference's plain
     # soft cross-entropy
@@ -619,6 +626,10 @@ def validate(cfg: Config) -> None:
         if dataclasses.is_dataclass(obj):
             for f in dataclasses.fields(obj):
                 _check_range(f"{part.name}.{f.name}", getattr(obj, f.name), f.metadata)
+    bad_coresets = [c for c in cfg.eval.coresets if c not in CORESETS]
+    if bad_coresets:
+        raise D3FastError(f"config key eval.coresets: unknown {bad_coresets}; known: {', '.join(CORESETS)}")
+    cfg.eval.coresets = list(dict.fromkeys(cfg.eval.coresets))
     unknown = [t for t in cfg.log.trackers if t not in TRACKERS]
     if unknown:
         raise D3FastError(f"config key log.trackers: unknown {unknown}; known: {', '.join(TRACKERS)}")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+CORESET_NAMES = {"herding_same_storage": "herding coreset, same storage",
+                 "kcenter_same_storage": "k-center greedy coreset, same storage"}
+
 
 def markdown(r: dict[str, Any]) -> str:
     """The report as a markdown table (eval.md)."""
@@ -43,7 +46,7 @@ def table_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ]
     names = {"d3_soft": "D3 (fresh samples), soft labels", "d3": "D3 (fresh samples)" + (
         ", hard labels" if r.get("soft_labels") else ""), "random_same_count": "random real, same count",
-             "random_same_storage": "random real, same storage"}
+             "random_same_storage": "random real, same storage", **CORESET_NAMES}
     fixed = not r["protocol"].get("fresh_samples", True)
     if fixed:
         names |= {k: v.replace("fresh samples", "one fixed draw") for k, v in names.items() if k.startswith("d3")}
@@ -99,7 +102,8 @@ def _set_rows(r: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         protocol_line(r["protocol"]),
     ]
     names = {"set_soft": "the set, soft labels", "set": "the set" + (", hard labels" if r.get("soft_labels") else ""),
-             "random_same_count": "random real, same count", "random_same_storage": "random real, same storage"}
+             "random_same_count": "random real, same count", "random_same_storage": "random real, same storage",
+             **CORESET_NAMES}
     return head, _result_rows(r, names, str(r["images_per_class"]))
 
 

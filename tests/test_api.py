@@ -35,7 +35,7 @@ def test_readme_python_block_runs(d3fast_home, tmp_path, capsys):
     px, _ = d.sample(10, pixels=True, bn="batch")
     m, s = torch.tensor(d.meta["mean"]).view(1, -1, 1, 1), torch.tensor(d.meta["std"]).view(1, -1, 1, 1)
     torch.testing.assert_close(px, (x * s + m).clamp(0, 1))
-    assert set(report["results"]["convnet"]) == {"d3", "random_same_count", "random_same_storage"}
+    assert set(report["results"]["convnet"]) == {"d3", "random_same_count", "random_same_storage", "herding_same_storage", "kcenter_same_storage"}
     assert (Path(run) / "evals" / "index.json").exists()
     # eval mode is the default, and sampling leaves the object as it was
     before = [t.clone() for t in d.decoder.state_dict().values()]

@@ -31,7 +31,7 @@ def run(home, tmp_path):
 def test_evaluate_writes_report_with_baselines(run):
     r = evaluate_run(Run(run), {"eval": {"students": 2, "epochs": 2, "samples_per_class": 3}}, progress=False, device="cpu")
     res = r["results"]["convnet"]
-    assert set(res) == {"d3", "random_same_count", "random_same_storage"}
+    assert set(res) == {"d3", "random_same_count", "random_same_storage", "herding_same_storage", "kcenter_same_storage"}
     assert res["random_same_count"]["images_per_class"] == 2  # = PPC
     d, _ = Run(run).load_distilled()
     min_class = min(len(i) for i in load_dataset("digits", "train").class_indices())
@@ -228,3 +228,39 @@ def test_the_lr_search_scores_on_held_out_train_images_and_states_its_choice(run
         assert v["lr"] == pytest.approx(own), (kind, v["lr_search"])
     md = (Run(run).path / "eval.md").read_text()
     assert "the best of 1e-07 and its own" in md and "held-out train images" in md
+
+
+def test_coreset_rows_pick_by_herding_and_kcenter_on_the_experts_features(run, capsys):
+    from d3fast.recipes.evaluate import coreset_rows
+    from d3fast.recipes.label import labelling_network
+    from tests.test_coresets import brute_herding, brute_kcenter
+
+    r = evaluate_run(Run(run), {"eval": {"students": 1, "epochs": 1}}, progress=False, device="cpu")
+    res = r["results"]["convnet"]
+    k = res["random_same_storage"]["images_per_class"]
+    assert res["herding_same_storage"]["images_per_class"] == res["kcenter_same_storage"]["images_per_class"] == k
+    assert r["coreset_features"]["epoch"] == 2 and r["coreset_features"]["methods"] == ["herding", "kcenter"]
+    md = (run / "eval.md").read_text()
+    assert "| convnet | herding coreset, same storage | " in md and "k-center greedy coreset, same storage" in md
+    # the picks, against the definitions on features computed here
+    cfg = cfg_of()
+    train = load_dataset("digits", "train")
+    picks = {}
+    coreset_rows(cfg, train, 3, torch.device("cpu"), picks)
+    net, _ = labelling_network(cfg, torch.device("cpu"))
+    for method, brute in (("herding", brute_herding), ("kcenter", brute_kcenter)):
+        want = []
+        for idx in train.class_indices():
+            with torch.no_grad():
+                f = net.features(train.normalize(train.images[idx])).double().numpy()
+            want.append(train.images[idx[brute(f, 3)]])
+        assert torch.equal(picks[f"{method}_same_storage"].images, torch.cat(want))
+        assert picks[f"{method}_same_storage"].labels.tolist() == [c for c in range(10) for _ in range(3)]
+    # without the whole-dataset expert at distill.soft_label_epoch: a note, no coreset rows
+    capsys.readouterr()
+    r = evaluate_run(Run(run), {"eval": {"students": 1, "epochs": 1}, "distill": {"soft_label_epoch": 9}},
+                     progress=False, device="cpu")
+    assert "herding_same_storage" not in r["results"]["convnet"] and "coreset_features" not in r
+    out = capsys.readouterr().out
+    assert "note: no coreset rows: coreset baselines embed the train images with a ConvNet expert" in out
+    assert "eval.coresets=[]" in out

@@ -190,7 +190,7 @@ def test_merged_object_evaluates_on_every_class(home, parts, tmp_path):
     _, out = merge_runs(parts, tmp_path / "m")
     r = evaluate_run(Run(out), {"eval": {"students": 1, "epochs": 1, "samples_per_class": 2}}, progress=False,
                      device="cpu")
-    assert r["subtasks"] == 2 and set(r["results"]["convnet"]) == {"d3", "random_same_count", "random_same_storage"}
+    assert r["subtasks"] == 2 and set(r["results"]["convnet"]) == {"d3", "random_same_count", "random_same_storage", "herding_same_storage", "kcenter_same_storage"}
     md = (out / "eval.md").read_text()
     assert "merged from 2 subtasks" in md
     # every class is drawn, each with its global label

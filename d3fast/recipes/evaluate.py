@@ -8,6 +8,9 @@ eval.samples_per_class per class. Baselines, trained the same way:
     random_same_count    PPC random real images per class
     random_same_storage  random real images whose uint8 bytes equal the distilled
                          object's float32 bytes (capped at the train set)
+    herding_same_storage, kcenter_same_storage
+                         as many real images per class, picked by herding and by k-center
+                         greedy on an expert's features (eval.coresets, d3fast/coresets.py)
 A merged object (d3fast merge) decodes each class through its own subtask's decoder and
 trains at the mean of the parts' learned lrs. An object with soft labels trains one set of
 students on them (soft cross-entropy at eval.soft_temperature, d3fast/losses.py) and one on
@@ -24,13 +27,14 @@ so nothing is chosen on the test set. Mean and std over students per architectur
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import numpy as np
@@ -294,11 +298,16 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
                    f"{min_class}: the equal-storage baseline has {storage_per_class} images per class, not "
                    f"{storage // (values_per_image * n_cls)}")
     setups: list[tuple[str, int | None]] = []
+    picks: dict[str, DeviceDataset] = {}  # the coreset rows' fixed sets
+    coreset_net: dict[str, Any] | None = None
     if e.baselines:
         setups.append(("random_same_count", same_count))
         # an object smaller than one image per class has no equal-storage real set to compare with
         if storage_per_class >= 1:
             setups.append(("random_same_storage", storage_per_class))
+            if e.coresets:
+                coreset_net = coreset_rows(cfg, train, storage_per_class, dev, picks)
+                setups += [(kind, storage_per_class) for kind in picks]
     per_class = e.samples_per_class  # distilled samples per class per epoch
     per_epoch = None  # examples per epoch of every row (None: one pass over its own set)
     if e.protocol == "equal_steps":
@@ -339,7 +348,7 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
                 def batches_of(g: torch.Generator, count: int | None = count, kind: str = kind) -> Batches:
                     if count is None:
                         return dict(own)[kind]
-                    real = real_subset(train, count, g)
+                    real = picks[kind] if kind in picks else real_subset(train, count, g)
                     return tensor_batches(real.images, real.labels, e.batch_size, per_epoch, real.normalize)
 
                 def student(seed: int, student_lr: float, on: Any, arch: str = arch, kind: str = kind,
@@ -371,6 +380,8 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
         "images_per_class_equivalent": round(d.images_per_class_equivalent() if d is not None
                                              else storage / (values_per_image * n_cls), 2),
     }
+    if coreset_net is not None:
+        report["coreset_features"] = coreset_net
     if d is not None:
         report |= {"ppc": d.ppc, "soft_labels": d.soft_labels is not None, "subtasks": len(d.parts)}
     elif s is not None:
@@ -390,6 +401,48 @@ def evaluate(target: Target, dev: torch.device, progress: bool = True) -> dict[s
     }
     keep_report(target, report)
     return report
+
+
+# the coreset picks of this process, per (expert file, epoch, dataset, train rows, method): a
+# larger k extends an ordering (both methods pick in order, so k rows are the first k of more),
+# so `d3fast frontier`'s budgets embed the train set once
+_PICKS: dict[tuple[str, ...], list[torch.Tensor]] = {}
+
+
+def coreset_rows(cfg: Config, train: DeviceDataset, per_class: int, dev: torch.device,
+                 into: dict[str, DeviceDataset]) -> dict[str, Any] | None:
+    """The coreset baselines of eval.coresets at `per_class` images per class: fills `into`
+    with a fixed real subset per method ("herding_same_storage", "kcenter_same_storage"),
+    picked per class on the features (the conv stack's output) of the whole-dataset expert at
+    distill.soft_label_epoch (d3fast/coresets.py), and returns that network's description;
+    None, with a note, when there is no such expert (`d3fast experts` trains it)."""
+    from tqdm import tqdm
+
+    from d3fast.coresets import select
+    from d3fast.recipes.label import labelling_network
+
+    try:
+        net, info = labelling_network(cfg, dev, need="coreset baselines embed the train images with")
+    except D3FastError as err:
+        tqdm.write(f"note: no coreset rows: {str(err).replace(chr(10), ' ')}; or set eval.coresets=[]")
+        return None
+    per = train.class_indices()
+    # which train rows (the held-out ones left out) the picks index
+    fingerprint = hashlib.sha256(torch.cat(per).cpu().numpy().tobytes()).hexdigest()
+    features: list[torch.Tensor] | None = None
+    for method in cfg.eval.coresets:
+        key = (info["expert"], str(info["epoch"]), cfg.data.dataset, fingerprint, method)
+        have = _PICKS.get(key)
+        if have is None or len(have[0]) < min(per_class, len(per[0])):
+            if features is None:
+                with torch.no_grad():
+                    embed = cast(Callable[[torch.Tensor], torch.Tensor], net.features)
+                    features = [torch.cat([embed(train.normalize(train.images[rows]))
+                                           for rows in idx.split(512)]) for idx in per]
+            have = _PICKS[key] = [idx[select(method, f, min(per_class, len(f))).to(idx.device)]
+                                  for idx, f in zip(per, features, strict=True)]
+        into[f"{method}_same_storage"] = train.subset(torch.cat([h[:per_class] for h in have]))
+    return {"expert": info["expert"], "epoch": info["epoch"], "methods": list(cfg.eval.coresets)}
 
 
 def _check_writable(target: Target) -> None:

@@ -57,9 +57,9 @@ def _labelling_bank(cfg: Config) -> tuple[Config, ExpertBank]:
                             snapshots_per_epoch=full.experts.snapshots_per_epoch)
 
 
-def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+def labelling_network(cfg: Config, device: torch.device, need: str = "soft labels need") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Expert 0 of the whole-dataset experts of `cfg` at epoch distill.soft_label_epoch, in
-    eval mode, and where it came from.
+    eval mode, and where it came from; `need` begins the error's sentence (what needs it).
 
     Raises:
         D3FastError: no such expert, with the exact `d3fast experts` command that trains one.
@@ -69,7 +69,7 @@ def labelling_network(cfg: Config, device: torch.device) -> tuple[torch.nn.Modul
     full, bank = _labelling_bank(cfg)
     epoch, folder = cfg.distill.soft_label_epoch, bank.folder
     if not len(bank):
-        raise D3FastError(f"soft labels need a ConvNet expert trained on all classes of {cfg.data.dataset} for "
+        raise D3FastError(f"{need} a ConvNet expert trained on all classes of {cfg.data.dataset} for "
                           f"{epoch} epochs (distill.soft_label_epoch), and {folder} has none; train one with:\n  "
                           f"{experts_command(full)}")
     manifest = load_split(cfg.data.dataset, "train", mmap=True)[2]

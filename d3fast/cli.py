@@ -5,6 +5,7 @@
     d3fast config  --dataset NAME [--set k=v]          print the resolved configuration
     d3fast distill --dataset NAME [--amp]              learn the distilled distribution
     d3fast evaluate RUN_DIR                            students on it vs real baselines
+    d3fast frontier --dataset NAME --budgets 8,16,32   D3 vs real images and coresets of equal storage
     d3fast budget  [--dataset NAME] [--json]           device-hours spent vs the paper's budget
     d3fast profile --dataset NAME [--steps N]          where a distill step's time and memory go
     d3fast doctor                                      versions, devices, active backends
@@ -202,12 +203,14 @@ def _subtask_options(f: Any) -> Any:
 
 
 def _budget_options(f: Any) -> Any:
-    f = click.option("--budget-images", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True,
-                     help="What one image of --budget-ipc is: float32 values (the paper's accounting, as synthetic "
-                          "images are stored) or uint8 pixels (d3fast's reports).")(f)
+    f = click.option("--budget-images", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
+                     help="What one image of --budget-ipc is: uint8 pixels (what a real image costs on disk, and "
+                          "the equal-storage baselines' unit) or float32 values (the paper's accounting); the other "
+                          "is printed too.")(f)
     f = click.option("--budget-ipc", type=float, default=None,
                      help="Storage budget in images per class: chooses the decoder size/width and priors per class "
-                          "that fit it (soft labels and subtasks included; float32 storage).")(f)
+                          "that fit it in the object's distill.storage (float32, float16, int8, int4; soft labels "
+                          "and subtasks included).")(f)
     return f
 
 
@@ -347,6 +350,34 @@ def distill(
 
 
 
+
+
+@cli.command()
+@_config_options
+@click.option("--budgets", required=True, metavar="B1,B2,...",
+              help="Storage budgets in uint8 images per class, comma-separated, e.g. 8,16,32,64.")
+@click.option("--storage", "storages", default="int8", show_default=True, metavar="FORMATS",
+              help="The object's storage formats to try, comma-separated: float32, float16, int8, int4 "
+                   "(distill.storage); one D3 run per format and budget.")
+@click.option("--students", type=int, default=None, help="Students per row (default: the preset's eval.students).")
+@click.option("--epochs", type=int, default=None, help="Epochs per student (default: the preset's eval.epochs).")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
+@_quiet_option
+@_runs_dir_option("Where the runs go (runs/<dataset>/frontier-<budget>ipc-<storage>) and the table (frontier/)")
+def frontier(dataset, preset, overrides, budgets, storages, students, epochs, device, runs_dir) -> None:
+    """D3 against real images of equal storage: per storage format and budget, distil (or
+    continue, or reuse) the object --budget-ipc chooses, evaluate it beside random real, herding
+    and k-center greedy coresets holding its bytes in uint8 images, and write the table and a
+    plot of accuracy against storage to runs/<dataset>/frontier/. Running it again continues
+    unfinished runs and reuses finished runs and their evaluations."""
+    from d3fast.recipes.frontier import frontier as run_frontier
+    from d3fast.recipes.frontier import parse_budgets, parse_storages
+
+    for name, value in (("--students", students), ("--epochs", epochs)):
+        if value is not None and value < 1:
+            raise D3FastError(f"{name} must be at least 1, got {value}")
+    run_frontier(dataset, preset, overrides, parse_budgets(budgets), parse_storages(storages), runs_dir, students,
+                 epochs, device)
 
 
 @cli.command()

@@ -38,6 +38,8 @@ MMDParam = Literal["expert", "final"]
 Unroll = Literal["auto", "flat", "naive"]
 Compile = Literal["auto", "on", "off"]
 DType = Literal["float32", "float64"]
+# how the distilled object stores its values (d3fast/quantize.py)
+StorageFormat = Literal["float32", "float16", "int8", "int4"]
 LRParam = Literal["log", "leaky_relu"]
 DecoderBN = Literal["batch", "running"]
 Protocol = Literal["equal_steps", "per_set"]
@@ -47,6 +49,7 @@ Coreset = Literal["herding", "kcenter"]
 AUG_OPS: tuple[str, ...] = typing.get_args(AugOp)
 TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
 CORESETS: tuple[str, ...] = typing.get_args(Coreset)
+STORAGES: tuple[str, ...] = typing.get_args(StorageFormat)
 NETWORKS: tuple[str, ...] = typing.get_args(NetName)
 DECODERS: tuple[str, ...] = typing.get_args(DecoderKind)
 # the top width of the medium and large decoders (d3fast/models/decoder.py): without the linear
@@ -250,6 +253,14 @@ class DistillConfig:
     # there, while in float32 Adam turns rounding noise in near-zero gradients into lr-sized
     # steps (docs/algorithm.md section 5, Precision). Exports, evaluation and storage stay float32
     dtype: DType = "float32"
+    # the object's stored values (d3fast/quantize.py): float32; float16; int8 or int4 with a
+    # float32 scale per output channel. Storage, --budget-ipc, exports and evaluation count and
+    # use the stored values; checkpoints keep the float32 masters
+    storage: StorageFormat = "float32"
+    # the finishing phase: the last quant_steps steps decode through the stored values
+    # (straight-through gradient to the masters), so that the stored object learns to decode
+    # well; with storage float32 nothing changes
+    quant_steps: int = ranged(50, 0)
 
 
 @dataclass(kw_only=True)
@@ -743,7 +754,7 @@ APPLIED_ON_RESUME = frozenset({
     "distill.augment_unroll", "distill.mtt_weight", "distill.kl_weight", "distill.div_weight",
     "distill.mmd_samples", "distill.mmd_weight", "distill.mmd_reduction", "distill.mmd_bandwidths",
     "distill.mmd_scale", "distill.mmd_param", "distill.mmd_chunk", "distill.mmd_exact_graph",
-    "distill.soft_labels", "distill.soft_label_epoch",
+    "distill.soft_labels", "distill.soft_label_epoch", "distill.storage", "distill.quant_steps",
 })
 FIXED_ON_RESUME: dict[str, str] = {
     "preset": "it names the configuration the run started from",

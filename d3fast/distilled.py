@@ -22,7 +22,8 @@ from d3fast.config import CHOICES
 from d3fast.data.normalize import to_pixels
 from d3fast.errors import D3FastError
 from d3fast.models import Decoder
-from d3fast.storage import decoder_state_values, ipc_equivalent
+from d3fast.quantize import fake_quant, round_trip, stored_bytes
+from d3fast.storage import ipc_equivalent, stored_tensors
 
 # distill.lr_param's values; objects written before the key existed hold a leaky_relu alpha
 LR_PARAMS = CHOICES["distill.lr_param"]
@@ -59,6 +60,9 @@ class Distilled:
     zca: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     # the decoder as a torch.compile graph while a compiled distillation runs (`compile_decoder`)
     _decoder_graph: Compiled | None = field(default=None, init=False, repr=False, compare=False)
+    # the finishing phase (distill.quant_steps): decode and sample through the values as
+    # stored (`storage`), the gradient straight through to the float32 masters
+    fake_quant: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def num_priors(self) -> int:
@@ -114,7 +118,7 @@ class Distilled:
                           dtype=torch.float32).to(self.latents.dtype)
         if rows is not None:
             idx, eps = idx[rows], eps[rows]
-        lat = self.latents[idx]
+        lat = (fake_quant(self.latents, self.storage, latents=True) if self.fake_quant else self.latents)[idx]
         mu, logvar = lat[..., 0], lat[..., 1]
         return mu + eps * torch.exp(0.5 * logvar)
 
@@ -124,7 +128,8 @@ class Distilled:
 
     def mean_images(self, priors: slice | None = None) -> torch.Tensor:
         """f(mu) for every prior (or the priors `priors`): [C * PPC, C, H, W]."""
-        mu = self.latents[..., 0]
+        lat = fake_quant(self.latents, self.storage, latents=True) if self.fake_quant else self.latents
+        mu = lat[..., 0]
         return self._decode(mu if priors is None else mu[priors])
 
     def compile_decoder(self) -> None:
@@ -134,15 +139,43 @@ class Distilled:
         self._decoder_graph = Compiled(self.decoder, "the decoder")
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.fake_quant:  # through the stored weights, straight-through to the masters (eager)
+            s = self.storage
+            params = {k: fake_quant(p, s) for k, p in self.decoder.named_parameters()}
+            return torch.func.functional_call(self.decoder, params, (z,))
         return self.decoder(z) if self._decoder_graph is None else self._decoder_graph(z)
 
+    @property
+    def storage(self) -> str:
+        """How the object's values are stored (distill.storage; d3fast/quantize.py): float32
+        (objects of before the key), float16, int8 or int4."""
+        return str(self.meta.get("storage", "float32"))
+
     def storage_bytes(self) -> int:
-        """Bytes to store the object as float32: latents + decoder weights and BatchNorm
+        """Bytes to store the object in its `storage`: latents + decoder weights and BatchNorm
         statistics + the lr (hard labels are implied by the prior order) + the soft labels
-        when it has them; d3fast/storage.py's formula, which `storage.object_bytes` computes
-        from the settings alone."""
-        soft = 0 if self.soft_labels is None else self.soft_labels.numel()
-        return 4 * (self.latents.numel() + decoder_state_values(self.decoder) + 1 + soft)
+        when it has them, scales included; d3fast/storage.py's formula, which
+        `storage.object_bytes` computes from the settings alone."""
+        s = self.storage
+        soft = 0 if self.soft_labels is None else stored_bytes(self.soft_labels.shape, s)
+        return (stored_bytes(self.latents.shape, s, latents=True) + stored_bytes((1,), s) + soft
+                + sum(stored_bytes(v.shape, s) for _, v in stored_tensors(self.decoder)))
+
+    def stored(self) -> Distilled:
+        """The object as its `storage` holds it: a copy whose latents, alpha, decoder tensors and
+        soft labels are `quantize.round_trip`ped (float32: an equal copy). What evaluation,
+        sampling and exports of a run use; the run's checkpoints keep the float32 masters."""
+        s = self.storage
+        decoder = copy.deepcopy(self.decoder)
+        if s != "float32":
+            with torch.no_grad():
+                state = decoder.state_dict()
+                for k, v in stored_tensors(decoder):
+                    state[k].copy_(round_trip(v, s))
+        soft = None if self.soft_labels is None else round_trip(self.soft_labels, s)
+        return Distilled(latents=round_trip(self.latents, s, latents=True), decoder=decoder,
+                         alpha=round_trip(self.alpha.reshape(1), s).reshape(()), num_classes=self.num_classes,
+                         ppc=self.ppc, classes=list(self.classes), meta=dict(self.meta), soft_labels=soft, zca=self.zca)
 
     def images_per_class_equivalent(self) -> float:
         """`storage_bytes` in uint8 images per class (`storage.ipc_equivalent`)."""
@@ -268,6 +301,9 @@ class Merged:
         for p in parts[1:]:
             if p.ppc != first.ppc:
                 raise D3FastError(f"cannot merge objects of {first.ppc} and {p.ppc} priors per class")
+            if p.storage != first.storage:
+                raise D3FastError(f"cannot merge objects stored as {first.storage} and {p.storage} (distill.storage): "
+                                  "distill the subtasks with one storage")
             same = ("resolution", "channels", "mean", "std")
             if any(p.meta[k] != first.meta[k] for k in same):
                 raise D3FastError("cannot merge objects of other image sizes or normalisation (resolution, channels, "
@@ -308,13 +344,20 @@ class Merged:
         return sum(p.student_lr for p in self.parts) / len(self.parts)
 
     def storage_bytes(self) -> int:
-        """The parts' float32 bytes (latents, decoders, lrs) + the soft labels."""
-        soft = 0 if self.soft_labels is None else 4 * self.soft_labels.numel()
+        """The parts' bytes (latents, decoders, lrs, in each part's storage) + the soft labels
+        (in the first part's storage: `d3fast merge` takes parts of one storage)."""
+        soft = 0 if self.soft_labels is None else stored_bytes(self.soft_labels.shape, self.parts[0].storage)
         return sum(p.storage_bytes() for p in self.parts) + soft
 
     def images_per_class_equivalent(self) -> float:
         """`storage_bytes` in uint8 images per class (`storage.ipc_equivalent`)."""
         return ipc_equivalent(self.storage_bytes(), self.num_classes, self.meta["channels"], self.meta["resolution"])
+
+    def stored(self) -> Merged:
+        """`Distilled.stored` of every part, the soft labels round-tripped in the parts' storage."""
+        s = self.parts[0].storage
+        soft = None if self.soft_labels is None else round_trip(self.soft_labels, s)
+        return Merged.of([p.stored() for p in self.parts], soft, self.sources)
 
     def to(self, device: torch.device | str) -> Merged:
         for p in self.parts:

@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from d3fast.config import STORAGES
 from d3fast.distilled import (
     LR_PARAMS,
     Distilled,
@@ -54,6 +55,7 @@ from d3fast.io import (
     tensors_sha256,
     write_failure,
 )
+from d3fast.quantize import dequantize, quantize
 from d3fast.state import MAX_LOGVAR
 
 INFO = "d3fast_export.json"
@@ -431,11 +433,15 @@ def describe(cfg: Any, d: Distilled | Merged, step: int | None, zca: tuple[torch
 
 
 def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None = None) -> None:
-    """The object as one safetensors file (no pickle), its floating tensors in float32 whatever
-    the object computed in (the storage `storage_bytes` counts): latents, alpha, decoder.<key> (a
+    """The object as one safetensors file (no pickle), its floating tensors in its storage
+    (distill.storage: float32 whatever the object computed in, or float16, int8, int4 with their
+    <name>@scale tensors and meta "stored_shapes"; what `storage_bytes` counts): latents, alpha, decoder.<key> (a
     merged object: part<i>.latents, part<i>.alpha, part<i>.decoder.<key> per subtask),
     soft_labels when labelled, and the metadata decoding needs, with `info` (the dataset,
     version, config, step, BatchNorm mode, ZCA: d3fast/exports.py `describe`) beside it."""
+    storage = d.parts[0].storage
+    if storage != "float32":
+        d = d.stored()  # the values as stored: what the student_lr and checks below see
     tensors: dict[str, torch.Tensor] = {}
     parts_meta = []
     for i, part in enumerate(d.parts):
@@ -459,6 +465,8 @@ def export(d: Distilled | Merged, path: str | Path, info: dict[str, Any] | None 
     }
     if isinstance(d, Merged):
         meta |= {"kind": "merged", "parts": parts_meta, "sources": d.sources}
+    if storage != "float32":
+        tensors, meta["stored_shapes"] = _quantized(tensors, storage)
     # the object's own keys win: `info` describes, it does not redefine
     meta = {k: v for k, v in (info or {}).items() if k not in meta} | meta
     meta[DIGEST] = _digest(tensors, json.loads(json.dumps(meta)))  # checked by `load`
@@ -476,6 +484,64 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     return hashlib.sha256((tensors_sha256(tensors) + text).encode()).hexdigest()
 
 
+# the name of a stored tensor's scales (d3fast/quantize.py), beside its values
+SCALE = "@scale"
+
+
+def _quantized(tensors: dict[str, torch.Tensor], storage: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The float32 tensors in `storage` (quantize.quantize: values, and scales as <name>@scale),
+    and each stored tensor's shape (int4 values are packed flat)."""
+    out: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, t in tensors.items():
+        # integer tensors, and the normalisation buffers (dataset metadata, not the object's
+        # values: `storage.stored_tensors`), stay as they are
+        if not t.is_floating_point() or re.search(r"(^|\.)decoder\.(mean|std)$", name):
+            out[name] = t
+            continue
+        stored = quantize(t, storage, latents=name.endswith("latents"))
+        out[name] = stored["values"]
+        if "scale" in stored:
+            out[name + SCALE] = stored["scale"]
+        shapes[name] = list(t.shape)
+    return out, shapes
+
+
+def _dequantized(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Inverse of `_quantized` for an export of meta["storage"] (float32 exports: unchanged).
+
+    Raises:
+        ValueError: an unknown storage, shapes missing or not matching the tensors, scales of no tensor.
+    """
+    storage = meta.get("storage", "float32")
+    if storage == "float32":
+        return tensors
+    if storage not in STORAGES:
+        raise ValueError(f"storage {storage!r} is not one of {', '.join(STORAGES)}")
+    shapes = meta.get("stored_shapes")
+    if not isinstance(shapes, dict):
+        raise ValueError(f"a {storage} export without the shapes of its tensors")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE):
+            if name[: -len(SCALE)] not in tensors:
+                raise ValueError(f"scales {name} of no tensor")
+            continue
+        shape = shapes.get(name)
+        if shape is None:  # integer tensors (BatchNorm's batch counts) are stored as they are
+            out[name] = t
+            continue
+        if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+                                                for v in shape)):
+            raise ValueError(f"the stored shape of {name} is {shape!r}")
+        stored = {"values": t} | ({"scale": tensors[name + SCALE]} if name + SCALE in tensors else {})
+        try:
+            out[name] = dequantize(stored, storage, shape)
+        except D3FastError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return out
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """A floating tensor detached and in float32 (integer tensors unchanged)."""
     return t.detach().float() if t.is_floating_point() else t
@@ -490,7 +556,7 @@ def is_export(path: Path) -> bool:
 
 
 _DECODER_META = ("resolution", "channels", "mean", "std", "z_dim", "decoder", "decoder_width", "decoder_linear",
-                 "lr_param")
+                 "lr_param", "storage")
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Merged:
@@ -507,6 +573,10 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Me
     if DIGEST in meta and meta[DIGEST] != _digest(tensors, meta):
         raise D3FastError(f"{path} is a damaged distilled export: its tensors or metadata do not match the checksum "
                           "written with them (a changed byte: bit rot, a bad copy or an edit); export it again")
+    try:
+        tensors = _dequantized(tensors, meta)
+    except ValueError as e:
+        raise D3FastError(f"{path} is a damaged distilled export ({e})") from None
     soft = tensors.get("soft_labels")
     try:
         if meta.get("kind") == "merged":

@@ -187,14 +187,14 @@ def budget_overrides(dataset: str | None, preset: str | None, overrides: tuple[s
     res = spec.resolution
     choice = choose_budget(ipc, num_classes=spec.num_classes, channels=spec.channels, res=res,
                            subtasks=cfg.data.subtasks, soft_labels=cfg.distill.soft_labels,
-                           pixel_bytes=4 if images == "float32" else 1)
+                           storage=cfg.distill.storage, pixel_bytes=4 if images == "float32" else 1)
     limit = 10000  # distill.ppc's range (d3fast/config.py)
     if choice.ppc > limit:
         raise D3FastError(f"a storage budget of {ipc:g} images per class buys {choice.ppc:,} priors per class, more "
                           f"than distill.ppc's limit of {limit:,}: give a smaller budget")
     other = ipc_equivalent(choice.bytes, spec.num_classes, spec.channels, res, pixel_bytes=1 if images == "float32" else 4)
     click.echo(f"storage budget {ipc:g} {images} images per class ({spec.num_classes} classes, {cfg.data.subtasks} "
-               f"subtask(s), {'with' if cfg.distill.soft_labels else 'without'} soft labels, float32 storage): "
+               f"subtask(s), {'with' if cfg.distill.soft_labels else 'without'} soft labels, {cfg.distill.storage} storage): "
                f"{choice.describe()} ({other:.3f} {'uint8' if images == 'float32' else 'float32'} images)", err=True)
     chosen = {"distill.decoder": choice.decoder, "distill.decoder_width": choice.decoder_width,
               "distill.decoder_linear": choice.decoder_linear, "distill.z_dim": choice.z_dim, "distill.ppc": choice.ppc}

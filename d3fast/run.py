@@ -341,6 +341,7 @@ class Run:
         merged object and the lowest step of its parts. In `dtype`: float32 (what evaluation,
         sampling, exports and merges use, and the storage counts) by default, whatever the
         run computed in; None keeps the checkpoint's (float64 after distill.dtype=float64).
+        An object of distill.storage float16/int8/int4 comes as stored (`Distilled.stored`).
 
         Raises:
             D3FastError: no or a corrupt checkpoint, a distilled object holding NaN or inf,
@@ -370,7 +371,8 @@ class Run:
             )
         labels = self.load_labels(int(state["step"]), d.num_priors)
         d.soft_labels = None if labels is None else labels.to(device)
-        return d, int(state["step"])
+        # the object as stored (distill.storage): the checkpoint holds the float32 masters
+        return (d.stored() if d.storage != "float32" else d), int(state["step"])
 
     # ---- soft labels (d3fast/soft_labels.py makes them)
 

@@ -1,7 +1,9 @@
 """Storage accounting of the distilled object (docs/algorithm.md section 1) and the choice
 of decoder size and priors per class for a storage budget.
 
-The object stores, as values of `bytes_per_value` bytes (4: float32):
+The object stores, as values in its storage format (distill.storage, d3fast/quantize.py:
+float32 4 bytes a value, float16 2, int8 1 and int4 half a byte plus a float32 scale per
+channel of each tensor of 2 or more dimensions):
     latents      C * PPC * z * 2          (mean and log-variance per prior)
     decoder      every floating tensor of its state dict (weights, biases, BatchNorm
                  affine parameters and running statistics) except the normalisation
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ import torch
 from d3fast.config import VAE_TOP
 from d3fast.errors import D3FastError
 from d3fast.models import Decoder
+from d3fast.quantize import check_storage, stored_bytes
 
 # a budget is met within 1%: the paper's 10-images-per-class ImageNet-1K object stores 10.05
 # (choose_budget)
@@ -45,6 +48,30 @@ CANDIDATES: tuple[Candidate, ...] = (
     ("medium", 256, True, 2048),
     ("large", 256, False, 4096),
 )
+
+
+def stored_tensors(decoder: Decoder) -> Iterator[tuple[str, torch.Tensor]]:
+    """The decoder tensors an object stores: its state dict's floating tensors less the
+    normalisation mean/std buffers (dataset metadata)."""
+    for k, v in decoder.state_dict().items():
+        if v.is_floating_point() and k not in ("mean", "std"):
+            yield k, v
+
+
+@functools.lru_cache(maxsize=256)
+def decoder_bytes(kind: str, width: int, res: int, channels: int, z_dim: int = 64, linear: bool = True,
+                  storage: str = "float32") -> int:
+    """Bytes of a decoder's `stored_tensors` in `storage` (d3fast/quantize.py `stored_bytes`:
+    values and scales), built on the meta device.
+
+    Raises:
+        D3FastError: settings Decoder refuses, an unknown storage.
+    """
+    check_storage(storage)
+    with torch.device("meta"):
+        dec = Decoder(res, channels, [0.5] * channels, [0.5] * channels, z_dim=z_dim, kind=kind, width=width,
+                      linear=linear)
+    return sum(stored_bytes(v.shape, storage) for _, v in stored_tensors(dec))
 
 
 def decoder_state_values(decoder: Decoder) -> int:
@@ -97,18 +124,22 @@ def object_values(
 
 def object_bytes(
     *, num_classes: int, ppc: int, z_dim: int, decoder: str, decoder_width: int, res: int, channels: int,
-    decoder_linear: bool = True, subtasks: int = 1, soft_labels: bool = False, bytes_per_value: int = 4,
+    decoder_linear: bool = True, subtasks: int = 1, soft_labels: bool = False, storage: str = "float32",
 ) -> int:
-    """`object_values` x `bytes_per_value` (4: float32, what `Distilled.storage_bytes`
-    reports for one subtask without soft labels; 2: float16).
+    """Bytes the object takes in `storage` (d3fast/quantize.py): the latents [C * PPC, z, 2]
+    with their scales, S decoders and lrs, the soft labels [C * PPC, C]; float32:
+    4 x `object_values`. What `Distilled.storage_bytes` reports.
 
     Raises:
-        D3FastError: as `object_values`.
+        D3FastError: as `object_values`, an unknown storage.
     """
-    return bytes_per_value * object_values(
-        num_classes=num_classes, ppc=ppc, z_dim=z_dim, decoder=decoder, decoder_width=decoder_width, res=res,
-        channels=channels, decoder_linear=decoder_linear, subtasks=subtasks, soft_labels=soft_labels,
-    )
+    _counts(num_classes=num_classes, ppc=ppc, subtasks=subtasks, channels=channels)
+    check_storage(storage)
+    priors = num_classes * ppc
+    return (stored_bytes((priors, z_dim, 2), storage, latents=True)
+            + subtasks * (decoder_bytes(decoder, decoder_width, res, channels, z_dim, decoder_linear, storage)
+                          + stored_bytes((1,), storage))
+            + (stored_bytes((priors, num_classes), storage) if soft_labels else 0))
 
 
 def ipc_equivalent(nbytes: float, num_classes: int, channels: int, res: int, *, pixel_bytes: int = 1) -> float:
@@ -142,7 +173,7 @@ class BudgetChoice:
 
 def choose_budget(
     ipc: float, *, num_classes: int, channels: int, res: int, subtasks: int = 1, soft_labels: bool = False,
-    bytes_per_value: int = 4, pixel_bytes: int = 1,
+    storage: str = "float32", pixel_bytes: int = 1,
 ) -> BudgetChoice:
     """The decoder and priors per class for a budget of `ipc` images per class of storage.
 
@@ -184,7 +215,8 @@ def choose_budget(
         num_classes, channels, res: the dataset (28 px counts as 28 x 28).
         subtasks: S, one decoder and lr each. Default: 1.
         soft_labels: each prior stores a softmax over all classes. Default: False.
-        bytes_per_value: 4 float32, 2 float16 storage. Default: 4.
+        storage: how the object's values are stored (d3fast/quantize.py: float32, float16,
+            int8, int4); a smaller format buys more priors or a larger decoder. Default: float32.
         pixel_bytes: bytes of one pixel value of the image the budget counts: 1 uint8
             (d3fast's reports), 4 float32 (the paper's budgets hold in it). Default: 1.
 
@@ -194,15 +226,19 @@ def choose_budget(
     """
     if not (isinstance(ipc, int | float) and not isinstance(ipc, bool) and math.isfinite(ipc) and ipc > 0):
         raise D3FastError(f"the storage budget must be a finite positive number of images per class, got {ipc!r}")
-    _counts(num_classes=num_classes, subtasks=subtasks, channels=channels, res=res, bytes_per_value=bytes_per_value,
-            pixel_bytes=pixel_bytes)
+    _counts(num_classes=num_classes, subtasks=subtasks, channels=channels, res=res, pixel_bytes=pixel_bytes)
+    check_storage(storage)
     unit = num_classes * channels * res * res * pixel_bytes  # bytes of one image per class
     # cost(c, p) = fixed + p * per: S decoders and lrs, and per prior per class its latents
     # (and soft labels) for every class
     costs = []
     for cand in CANDIDATES:
-        fixed = bytes_per_value * subtasks * (decoder_values(cand[0], cand[1], res, channels, cand[3], cand[2]) + 1)
-        per = bytes_per_value * num_classes * (2 * cand[3] + (num_classes if soft_labels else 0))
+        fixed = subtasks * (decoder_bytes(cand[0], cand[1], res, channels, cand[3], cand[2], storage)
+                            + stored_bytes((1,), storage))
+        # one prior per class: latents and soft labels have a scale per prior, so bytes grow
+        # linearly in the priors (int4: 2 z values a prior, never an odd count)
+        per = stored_bytes((num_classes, cand[3], 2), storage, latents=True) + (
+            stored_bytes((num_classes, num_classes), storage) if soft_labels else 0)
         costs.append((cand, fixed, per))
 
     def tier(budget: float, cap: int) -> tuple[int, int, Candidate] | None:

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "d3fast.data.cache",
                      "d3fast.data.decode", "d3fast.data.datasets")),
     ("config", ("d3fast.config", "d3fast.presets")),
-    ("components", ("d3fast.data", "d3fast.data.", "d3fast.models", "d3fast.models.", "d3fast.losses", "d3fast.coresets", "d3fast.dist",
+    ("components", ("d3fast.data", "d3fast.data.", "d3fast.models", "d3fast.models.", "d3fast.losses", "d3fast.coresets", "d3fast.quantize", "d3fast.dist",
                     "d3fast.ledger", "d3fast.trackers", "d3fast.report")),
     ("engine", ("d3fast.distilled", "d3fast.storage", "d3fast.exports", "d3fast.unroll", "d3fast.embed",
                 "d3fast.state", "d3fast.run", "d3fast.trajectories", "d3fast.training", "d3fast.visualize",

@@ -13,6 +13,7 @@ from d3fast.errors import D3FastError
 from d3fast.storage import (
     CANDIDATES,
     choose_budget,
+    decoder_bytes,
     decoder_state_values,
     decoder_values,
     ipc_equivalent,
@@ -127,16 +128,35 @@ def test_more_budget_never_stores_less(num_classes, channels, res, subtasks, sof
         last = c.bytes
 
 
+@pytest.mark.parametrize("storage, num_classes, channels, res, soft", list(itertools.product(
+    ("float16", "int8", "int4"), (10, 1000), (1, 3), (28, 128), (False, True))))
+def test_more_budget_never_stores_less_in_any_storage(storage, num_classes, channels, res, soft):
+    last, fitted = 0, False
+    for ipc in [0.1, 0.5, 1, 1.5, 2, *range(3, 40), 64, 200]:
+        try:
+            c = choose_budget(ipc, num_classes=num_classes, channels=channels, res=res, soft_labels=soft,
+                              storage=storage)
+        except D3FastError:
+            assert not fitted, f"{ipc} refused after a smaller budget fitted"
+            continue
+        fitted = True
+        assert c.bytes >= last and c.bytes <= ipc * 1.01 * num_classes * channels * res * res, (ipc, c.describe())
+        assert c.bytes == object_bytes(num_classes=num_classes, ppc=c.ppc, z_dim=c.z_dim, decoder=c.decoder,
+                                       decoder_width=c.decoder_width, decoder_linear=c.decoder_linear, res=res,
+                                       channels=channels, soft_labels=soft, storage=storage)
+        last = c.bytes
+
+
 def test_fp16_halves_the_bytes():
     kw = dict(num_classes=1000, ppc=10, z_dim=4096, decoder="large", decoder_width=256, res=64, channels=3,
               decoder_linear=False, subtasks=5, soft_labels=True)
-    assert object_bytes(**kw, bytes_per_value=2) * 2 == object_bytes(**kw)
+    assert object_bytes(**kw, storage="float16") * 2 == object_bytes(**kw)
     # a float16 object of the same budget is at least half the float32 one, and its bytes
     # are the half of its float32 layout's
     for ipc in (1, 2, 10):
         c32 = choose_budget(ipc, num_classes=1000, channels=3, res=64, subtasks=5, soft_labels=True)
         c16 = choose_budget(ipc, num_classes=1000, channels=3, res=64, subtasks=5, soft_labels=True,
-                            bytes_per_value=2)
+                            storage="float16")
         assert 2 * c16.bytes >= c32.bytes
         assert 2 * c16.bytes == object_bytes(num_classes=1000, ppc=c16.ppc, z_dim=c16.z_dim, decoder=c16.decoder,
                                              decoder_width=c16.decoder_width, res=64, channels=3,
@@ -149,6 +169,9 @@ def test_candidates_grow_in_cost():
     for res in (28, 32, 64, 128):
         values = [decoder_values(k, w, res, 3, z, lin) for k, w, lin, z in CANDIDATES]
         assert values == sorted(values) and len(set(values)) == len(values)
+        for storage in ("float32", "float16", "int8", "int4"):
+            nbytes = [decoder_bytes(k, w, res, 3, z, lin, storage) for k, w, lin, z in CANDIDATES]
+            assert nbytes == sorted(nbytes) and len(set(nbytes)) == len(nbytes)
     assert [z for *_, z in CANDIDATES] == sorted(z for *_, z in CANDIDATES)
 
 

@@ -334,10 +334,15 @@ def test_budget_refusals_are_one_line(home):
 
 def test_a_budget_says_which_preset_settings_it_replaced(home):
     res = CliRunner().invoke(cli, ["config", "--dataset", "fashion-mnist", "--preset", "fashion-mnist-cpu",
-                                   "--budget-ipc", "50"])
+                                   "--budget-ipc", "50", "--budget-images", "float32"])
     assert res.exit_code == 0, res.output
     said = res.stderr.splitlines()[1]
     chosen = json.loads(res.stdout)["distill"]  # stdout is the config alone: it can be written to a file
     # the preset's 64-wide paper decoder and 1 prior per class give way; z_dim (64) stays
     assert said.startswith("it replaces preset fashion-mnist-cpu: decoder paper -> small, decoder_width 64 -> ")
     assert f"ppc 1 -> {chosen['ppc']}" in said and "z_dim 64 kept" in said
+    # uint8 images are the default unit: 50 of them buy less (29 priors of the 64-wide decoder)
+    res = CliRunner().invoke(cli, ["config", "--dataset", "fashion-mnist", "--preset", "fashion-mnist-cpu",
+                                   "--budget-ipc", "50"])
+    assert res.stderr.startswith("storage budget 50 uint8 images per class") and "(12.524 float32 images)" in res.stderr
+    assert json.loads(res.stdout)["distill"]["ppc"] == 29

@@ -141,6 +141,8 @@ def distill(
             while state.step < dcfg.steps and not stopping:
                 t0 = clock()
                 reset_peak_memory(device)
+                # the finishing phase: the last quant_steps steps decode through the stored values
+                state.distilled.fake_quant = dcfg.storage != "float32" and state.step >= dcfg.steps - dcfg.quant_steps
                 students = draw_students(bank, dcfg, state.g_host, device, parts.spec.share)
                 checks = StepChecks(world)
                 mtt_update(state, parts.spec, students, dcfg, checks, world)
@@ -269,6 +271,8 @@ def _build(
     meta = {"resolution": res, "channels": channels, "mean": train.mean.tolist(), "std": train.std.tolist(),
             "z_dim": dcfg.z_dim, "decoder": dcfg.decoder, "decoder_width": dcfg.decoder_width,
             "decoder_linear": dcfg.decoder_linear, "lr_param": dcfg.lr_param}
+    if dcfg.storage != "float32":  # float32 objects keep the meta (and export checksums) of before the key
+        meta["storage"] = dcfg.storage
     d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed, dtype)
     d.decoder.span_ranks(world.distributed, world.group)
     state = TrainState.create(d, dcfg, device)
@@ -565,7 +569,7 @@ class DistillJob:
     no_auto: bool = False
     evaluate: bool = False
     budget_ipc: float | None = None
-    budget_images: str = "float32"
+    budget_images: str = "uint8"
 
 
 def command(job: DistillJob) -> Path:

@@ -15,7 +15,8 @@ running mean of the picks follows the class mean.
 k-center greedy (Gonzalez 1985; Sener & Savarese 2018, "Active learning for convolutional
 neural networks: a core-set approach", Algorithm 1): the first center is the row nearest the
 class mean (a fixed start rather than a random one, so a selection is reproducible without a
-seed); then repeatedly the row farthest from its nearest center. Its covering radius is at
+seed); then repeatedly the unpicked row farthest from its nearest center (so k distinct rows,
+also among duplicates). Its covering radius is at
 most 2x the best k centers' (Gonzalez's bound; tests/test_coresets.py checks it by brute
 force).
 """
@@ -81,10 +82,12 @@ def kcenter_greedy(features: torch.Tensor, k: int) -> torch.Tensor:
     # squared distance of every row to its nearest center so far
     nearest = ((f - f[first]) ** 2).sum(1)
     out = [first]
+    nearest[first] = -1.0  # a picked row is never picked again, even where every other row is at 0
     for _ in range(k - 1):
-        i = int(torch.argmax(nearest))  # a picked row is at distance 0; ties: the lowest index
+        i = int(torch.argmax(nearest))  # ties: the lowest index
         out.append(i)
         nearest = torch.minimum(nearest, ((f - f[i]) ** 2).sum(1))
+        nearest[out] = -1.0
     return torch.tensor(out, dtype=torch.int64)
 
 

@@ -166,15 +166,23 @@ class Distilled:
         soft labels are `quantize.round_trip`ped (float32: an equal copy). What evaluation,
         sampling and exports of a run use; the run's checkpoints keep the float32 masters."""
         s = self.storage
+
+        def stored(name: str, t: torch.Tensor, latents: bool = False) -> torch.Tensor:
+            try:
+                return round_trip(t, s, latents)
+            except D3FastError as e:
+                raise D3FastError(f"the object cannot be stored as {s} (distill.storage): {name}: {e}; resume the run "
+                                  "with another --set distill.storage") from None
+
         decoder = copy.deepcopy(self.decoder)
         if s != "float32":
             with torch.no_grad():
                 state = decoder.state_dict()
                 for k, v in stored_tensors(decoder):
-                    state[k].copy_(round_trip(v, s))
-        soft = None if self.soft_labels is None else round_trip(self.soft_labels, s)
-        return Distilled(latents=round_trip(self.latents, s, latents=True), decoder=decoder,
-                         alpha=round_trip(self.alpha.reshape(1), s).reshape(()), num_classes=self.num_classes,
+                    state[k].copy_(stored(f"decoder.{k}", v))
+        soft = None if self.soft_labels is None else stored("soft_labels", self.soft_labels)
+        return Distilled(latents=stored("latents", self.latents, latents=True), decoder=decoder,
+                         alpha=stored("alpha", self.alpha.reshape(1)).reshape(()), num_classes=self.num_classes,
                          ppc=self.ppc, classes=list(self.classes), meta=dict(self.meta), soft_labels=soft, zca=self.zca)
 
     def images_per_class_equivalent(self) -> float:

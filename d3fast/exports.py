@@ -528,7 +528,12 @@ def _dequantized(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
                 raise ValueError(f"scales {name} of no tensor")
             continue
         shape = shapes.get(name)
-        if shape is None:  # integer tensors (BatchNorm's batch counts) are stored as they are
+        if shape is None:
+            # as written: BatchNorm's integer batch counts, and the normalisation buffers in float32
+            as_is = (not t.is_floating_point() and name.endswith("num_batches_tracked")) or (
+                t.dtype == torch.float32 and re.search(r"(^|\.)decoder\.(mean|std)$", name))
+            if not as_is or name + SCALE in tensors:
+                raise ValueError(f"{name} ({t.dtype}) has no stored shape in this {storage} export")
             out[name] = t
             continue
         if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
@@ -539,6 +544,9 @@ def _dequantized(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
             out[name] = dequantize(stored, storage, shape)
         except D3FastError as e:
             raise ValueError(f"{name}: {e}") from None
+    missing = [k for k in shapes if k not in tensors]
+    if missing:
+        raise ValueError(f"stored shapes of tensors the export lacks: {', '.join(missing[:3])}")
     return out
 
 
@@ -584,6 +592,9 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Distilled | Me
             if held != set(range(len(meta["parts"]))):
                 raise ValueError(f"the metadata describes {len(meta['parts'])} parts, the tensors hold "
                                  f"{len(held)}")
+            storage = meta.get("storage", "float32")
+            if any(p["meta"].get("storage", "float32") != storage for p in meta["parts"]):
+                raise ValueError(f"its parts say another storage than its tensors' {storage}")
             parts = [_part_from(tensors, f"part{i}.", p["meta"], p["classes"], meta["ppc"], device, p.get("student_lr"))
                      for i, p in enumerate(meta["parts"])]
             if [c for p in parts for c in p.classes] != list(meta["classes"]):
@@ -626,8 +637,10 @@ def _part_from(
     decoder = decoder_holding(meta, state)
     decoder.load_state_dict(state)
     latents = tensors[f"{prefix}latents"]
-    if latents.dim() != 3 or latents.shape[0] != len(classes) * ppc or latents.shape[2] != 2:
-        raise ValueError(f"{prefix}latents of shape {list(latents.shape)} for {len(classes)} classes x {ppc} priors")
+    if latents.dim() != 3 or latents.shape[0] != len(classes) * ppc or latents.shape[2] != 2 \
+            or latents.shape[1] != meta.get("z_dim"):
+        raise ValueError(f"{prefix}latents of shape {list(latents.shape)} for {len(classes)} classes x {ppc} priors "
+                         f"of z {meta.get('z_dim')!r}")
     # every value usable before anything decodes from it: a NaN latent or decoder weight turns
     # every sample into NaN (a student trained on them scores chance, silently)
     named = [(f"{prefix}latents", latents), (f"{prefix}alpha", tensors[f"{prefix}alpha"]),
@@ -660,6 +673,10 @@ def _part_from(
         for train in (False, True):
             probe.train(train)
             for mu in d.latents[..., 0].split(256):  # ImageNet-1K's 10,000 priors at 64 px: 12 MB a chunk
-                if (len(mu) > 1 or not train) and not bool(torch.isfinite(probe(mu)).all()):
+                try:
+                    finite = (len(mu) == 1 and train) or bool(torch.isfinite(probe(mu)).all())
+                except RuntimeError as e:  # shapes the metadata's decoder cannot take
+                    raise ValueError(f"{prefix}latents do not decode ({str(e).splitlines()[0]})") from None
+                if not finite:
                     raise ValueError(f"{prefix}latents decode to non-finite images (values or weights out of range)")
     return d

@@ -113,6 +113,8 @@ def dequantize(stored: dict[str, torch.Tensor], storage: str, shape: Sequence[in
         if values.dtype != want or values.numel() != n:
             raise D3FastError(f"stored {storage} values of {values.dtype} [{values.numel()}] for a tensor of shape "
                               f"{list(shape)}")
+        if "scale" in stored:
+            raise D3FastError(f"scales for a tensor of shape {list(shape)}, which {storage} stores as floats")
         return values.float().reshape(shape)
     scale = stored.get("scale")
     packed = storage == "int4"
@@ -120,8 +122,10 @@ def dequantize(stored: dict[str, torch.Tensor], storage: str, shape: Sequence[in
     if values.dtype != want_dtype or values.numel() != want_n:
         raise D3FastError(f"stored {storage} values of {values.dtype} [{values.numel()}] for a tensor of shape "
                           f"{list(shape)} (want {want_dtype} [{want_n}])")
-    if scale is None or scale.dtype != torch.float32 or scale.dim() != len(shape) or scale.shape[0] != shape[0] \
-            or scale.numel() > n or not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+    # a scale per channel, or (latents) per channel and half: nothing else broadcasts as stored
+    shapes = {_scale_shape(shape, False), _scale_shape(shape, True)}
+    if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) not in shapes \
+            or not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise D3FastError(f"the {storage} scales of a tensor of shape {list(shape)} are missing or unusable")
     if packed:
         v = values.flatten()

@@ -36,7 +36,7 @@ def brute_kcenter(f: np.ndarray, k: int) -> list[int]:
     mu = f.mean(0)
     picks = [int(np.argmin([np.sum((x - mu) ** 2) for x in f]))]
     while len(picks) < k:
-        far = [min(np.sum((x - f[c]) ** 2) for c in picks) for x in f]
+        far = [-1.0 if i in picks else min(np.sum((x - f[c]) ** 2) for c in picks) for i, x in enumerate(f)]
         picks.append(int(np.argmax(far)))
     return picks
 
@@ -91,10 +91,14 @@ def test_orders_are_prefixes_and_picks_are_distinct():
             assert select(method, f, k).tolist() == whole[:k].tolist()
 
 
-def test_duplicate_rows_tie_to_the_lowest_index():
+def test_duplicate_rows_tie_to_the_lowest_index_and_are_picked_once():
     f = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [-1.0, 0.0]])
     assert herding(f, 1).tolist() == [1]  # rows 1 and 2 are the mean
     assert kcenter_greedy(f, 3).tolist() == [1, 0, 3]
+    # every remaining row at distance 0 from a center: still k distinct rows
+    assert kcenter_greedy(f, 4).tolist() == [1, 0, 3, 2]
+    assert kcenter_greedy(torch.zeros(5, 3), 3).tolist() == [0, 1, 2]
+    assert kcenter_greedy(torch.tensor([[0.0, 0], [0, 0], [0, 0], [1, 1]]), 4).tolist() == [0, 3, 1, 2]
 
 
 @pytest.mark.parametrize(("features", "k", "match"), [

@@ -75,3 +75,29 @@ def test_bad_frontier_input_is_one_line(home, tmp_path, args, says):
 def test_budget_and_storage_lists_parse():
     assert parse_budgets(" 16, 8,8,32.5") == [8.0, 16.0, 32.5]
     assert parse_storages("int8, float32,int8") == ["int8", "float32"]
+
+
+def test_budgets_that_name_one_run_or_buy_too_many_priors_are_refused_before_any_work(home, tmp_path):
+    # breaker, issue 33: 3.9999999 and 4 both made frontier-4ipc-int4 and failed at the second
+    res = CliRunner().invoke(cli, ["frontier", "--dataset", "digits", "--runs-dir", str(tmp_path),
+                                   "--budgets", "3.9999999,4", "--storage", "int4"])
+    assert res.exit_code == 2 and "name the same run (frontier-4ipc-int4)" in res.output, res.output
+    res = CliRunner().invoke(cli, ["frontier", "--dataset", "digits", "--runs-dir", str(tmp_path),
+                                   "--budgets", "8,20000", "--storage", "int8"])
+    assert res.exit_code == 2 and "more than distill.ppc's limit" in res.output, res.output
+    (tmp_path / "digits").mkdir(exist_ok=True)
+    (tmp_path / "digits" / "frontier").write_text("in the way")
+    res = CliRunner().invoke(cli, ["frontier", "--dataset", "digits", "--runs-dir", str(tmp_path), "--budgets", "8"])
+    assert res.exit_code == 2 and "frontier is a file" in res.output, res.output
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["frontier"]  # no run was started
+
+
+def test_an_evaluation_without_coreset_rows_is_reused_while_no_expert_can_make_them(home, tmp_path):
+    # breaker, issue 33: with no whole-dataset expert at distill.soft_label_epoch there are no
+    # coreset rows, and the frontier evaluated again on every call
+    args = ("--budgets", "12", "--storage", "int8", "--set", "distill.soft_label_epoch=9")
+    assert _frontier(tmp_path, *args).exit_code == 0
+    res = _frontier(tmp_path, *args)
+    assert res.exit_code == 0 and "reusing the evaluation" in res.output, res.output
+    point = json.loads((tmp_path / "runs" / "digits" / "frontier" / "frontier.json").read_text())["points"][0]
+    assert set(point["rows"]) == {"d3", "random_same_storage"}

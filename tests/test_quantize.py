@@ -205,3 +205,73 @@ def test_a_quantised_run_finishes_through_its_stored_values_and_is_evaluated_as_
     assert r["storage_bytes"] == d.storage_bytes() == object_bytes(
         num_classes=10, ppc=1, z_dim=cfg.distill.z_dim, decoder=cfg.distill.decoder, res=32, channels=1,
         decoder_width=cfg.distill.decoder_width, decoder_linear=cfg.distill.decoder_linear, storage="int8")
+
+
+def _tampered(tmp_path, src, edit):
+    """`src` (an export) edited by `edit(tensors, meta)`, its checksum written again: only the
+    stored-format checks stand between the edit and a wrong object."""
+    from d3fast.exports import DIGEST, _digest
+    from d3fast.io import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(src, "x")
+    edit(tensors, meta)
+    meta[DIGEST] = _digest(tensors, meta)
+    out = tmp_path / f"t{len(list(tmp_path.iterdir()))}.safetensors"
+    save_tensors(out, tensors, meta)
+    return out
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    # breaker, issue 33: a weight without its stored shape was read as raw integers (127 for 0.07)
+    (lambda t, m: m["stored_shapes"].pop("decoder.project.weight"), r"decoder.project.weight \(torch.int8\) has no "
+                                                                   "stored shape"),
+    (lambda t, m: t.__setitem__("decoder.project.bias@scale", torch.ones(1)), "scales for a tensor"),
+    # scales that do not broadcast per channel, latents of another z: a RuntimeError before
+    (lambda t, m: t.__setitem__("decoder.project.weight@scale", torch.ones(t["decoder.project.weight"].shape[0], 2)),
+     "missing or unusable"),
+    (lambda t, m: m["stored_shapes"].__setitem__("latents", [6, 32, 1]), "latents"),
+    (lambda t, m: m["stored_shapes"].__setitem__("nothing", [2]), "stored shapes of tensors the export lacks"),
+])
+def test_an_int8_export_edited_with_a_fresh_checksum_is_refused(tmp_path, edit, says):
+    src = tmp_path / "o.safetensors"
+    export(_object("int8"), src)
+    bad = _tampered(tmp_path, src, edit)
+    with pytest.raises(D3FastError, match=says):
+        load(bad)
+
+
+def test_a_merged_export_whose_parts_say_another_storage_is_refused(tmp_path):
+    src = tmp_path / "m.safetensors"
+    export(Merged.of([_object("int8", ("a", "b")), _object("int8", ("c", "d"), seed=1)]), src)
+
+    def edit(t, m):
+        for p in m["parts"]:
+            p["meta"]["storage"] = "int4"
+
+    with pytest.raises(D3FastError, match="its parts say another storage than its tensors' int8"):
+        load(_tampered(tmp_path, src, edit))
+
+
+def test_a_value_float16_cannot_hold_names_its_tensor(tmp_path):
+    d = _object("float16")
+    with torch.no_grad():
+        d.decoder.blocks[0][1].running_var[0] = 1e6
+    with pytest.raises(D3FastError, match=r"cannot be stored as float16 .*decoder.blocks.0.1.running_var: .*65504"):
+        d.stored()
+
+
+def test_resuming_a_finished_run_with_another_storage_stores_it_the_new_way(home, tmp_path):
+    from d3fast.recipes.distill import distill
+    from d3fast.run import Run
+    from tests._utils import cfg_of
+
+    run = Run.at(tmp_path / "run")
+    distill(cfg_of("distill.steps=2", "distill.storage=int8"), run, progress=False)
+    before = run.load_distilled()[0]
+    cfg = cfg_of("distill.steps=2", "distill.storage=int4")
+    distill(cfg, run, resume=True, progress=False, checked=run.check_resume(cfg))
+    d, step = run.load_distilled()
+    assert step == 2 and before.storage == "int8" and d.storage == "int4"
+    assert d.storage_bytes() < before.storage_bytes()
+    masters = run.load_state("cpu")["latents"]
+    assert torch.equal(d.latents, round_trip(masters.float(), "int4", latents=True))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -137,6 +138,8 @@ def distill(
                                 devices=world.size, record=main)
         trackers = for_run(cfg, run) if main else Trackers([], run.path, "", {})
         with closing(bar), run.metrics(state.step) if main else _no_metrics() as metrics, meter_cm as meter, trackers:
+            if parts.restored:
+                _checkpoint(state, run, world, meter)
             stopping = False
             while state.step < dcfg.steps and not stopping:
                 t0 = clock()
@@ -227,6 +230,9 @@ class _Parts:
     amp: Callable[[], AbstractContextManager[Any]]
     # feature_net.features, through torch.compile under distill.compile
     features: Callable[[torch.Tensor], torch.Tensor]
+    # a resume changed distill.storage: the checkpoint is written again before any step, so that
+    # the object a finished run is read as (`Run.load_distilled`) is stored the new way
+    restored: bool = False
 
 
 def _build(
@@ -276,9 +282,12 @@ def _build(
     d = init_distilled(n_cls, dcfg.ppc, train.classes, meta, dcfg.lr_teacher, device, dcfg.seed, dtype)
     d.decoder.span_ranks(world.distributed, world.group)
     state = TrainState.create(d, dcfg, device)
+    restored = False  # the object's stored format changed on resume: checkpointed before the first step
     if resume:
         if run.has_checkpoint():
-            state.load_state_dict(run.load_state(device), dcfg)
+            held = run.load_state(device)
+            state.load_state_dict(held, dcfg)
+            restored = json.loads(held["meta"]).get("storage", "float32") != dcfg.storage
             problem = distilled_problems(state.distilled)
             if problem is not None:
                 raise D3FastError(f"the checkpoint of {run.path} (step {state.step}) cannot be trained on: "
@@ -310,7 +319,7 @@ def _build(
     features = cast(Callable[[torch.Tensor], torch.Tensor], feature_net.features)
     if fast:
         features = Compiled(features, "the MMD features")
-    return _Parts(state, train, bank, spec, feature_net, amp, features)
+    return _Parts(state, train, bank, spec, feature_net, amp, features, restored)
 
 
 def _under_home(path: Path) -> str | None:

@@ -27,6 +27,7 @@ from d3fast.config import STORAGES, Config, resolve_config
 from d3fast.data.datasets import get_spec
 from d3fast.errors import D3FastError
 from d3fast.io import atomic_path, atomic_write_json, atomic_write_text, read_json, utc_timestamp
+from d3fast.recipes.label import has_labelling_expert
 from d3fast.report import CORESET_NAMES
 from d3fast.run import Run, runs_folder
 from d3fast.runtime import resolve_device
@@ -39,6 +40,7 @@ BASELINES = {"random_same_storage": "random real", "herding_same_storage": "herd
 PROTOCOL_KEYS = ("protocol", "students", "epochs", "batch_size", "samples_per_class", "fresh_samples", "momentum",
                  "weight_decay", "lr_real", "lr_grid", "val_per_class", "decoder_bn", "seed", "soft_temperature")
 MAX_BUDGETS = 32
+MAX_PPC = 10000  # distill.ppc's range (d3fast/config.py)
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -74,13 +76,19 @@ def _run_name(budget: float, storage: str) -> str:
 
 
 def _fits(cfg: Config, budget: float, storage: str) -> str | None:
-    """None when `budget` buys an object in `storage`, else why not (naming the smallest budget)."""
+    """None when `budget` buys an object in `storage`, else why not (naming the smallest budget).
+
+    Raises:
+        D3FastError: a budget that buys more priors than distill.ppc allows."""
     spec = get_spec(cfg.data.dataset)
     try:
-        choose_budget(budget, num_classes=spec.num_classes, channels=spec.channels, res=spec.resolution,
-                      subtasks=cfg.data.subtasks, soft_labels=cfg.distill.soft_labels, storage=storage)
+        choice = choose_budget(budget, num_classes=spec.num_classes, channels=spec.channels, res=spec.resolution,
+                               subtasks=cfg.data.subtasks, soft_labels=cfg.distill.soft_labels, storage=storage)
     except D3FastError as e:
         return str(e)
+    if choice.ppc > MAX_PPC:
+        raise D3FastError(f"a budget of {budget:g} uint8 images per class buys {choice.ppc:,} priors per class in "
+                          f"{storage}, more than distill.ppc's limit of {MAX_PPC:,}: give smaller budgets")
     return None
 
 
@@ -97,7 +105,10 @@ def _kept_report(run: Run, step: int, cfg: Config) -> dict[str, Any] | None:
         return None
     if any(old["protocol"].get(k) != getattr(e, k) for k in PROTOCOL_KEYS) or list(old.get("results", {})) != e.archs:
         return None
-    want = {"d3", "random_same_storage"} | {f"{c}_same_storage" for c in e.coresets}
+    want = {"d3", "random_same_storage"}
+    if e.coresets and ("coreset_features" in old or has_labelling_expert(cfg)):
+        # coreset rows: kept ones must be there; none kept and none possible (no expert) is a match
+        want |= {f"{c}_same_storage" for c in e.coresets}
     if any(not want <= set(rows) for rows in old["results"].values()):
         return None
     return old
@@ -151,10 +162,21 @@ def frontier(dataset: str | None, preset: str | None, overrides: tuple[str, ...]
     cfg = resolve_config(dataset, preset, overrides, typed_overrides={"device": device} if device else None)
     dataset = cfg.data.dataset
     eval_over = {k: v for k, v in (("students", students), ("epochs", epochs)) if v is not None}
-    points: list[dict[str, Any]] = []
     todo = [(s, b) for s in storages for b in budgets]
+    names: dict[str, float] = {}
+    for storage, budget in todo:  # every refusal before any work
+        name = _run_name(budget, storage)
+        if name in names:
+            raise D3FastError(f"the budgets {names[name]!r} and {budget!r} name the same run ({name}): give budgets "
+                              "that differ in their first 6 digits")
+        names[name] = budget
+    why_not = {(s, b): _fits(cfg, b, s) for s, b in todo}
+    out = runs_folder(runs_dir, dataset) / "frontier"
+    if out.exists() and not out.is_dir():
+        raise D3FastError(f"{out} is a file: the frontier writes its table into that folder; move the file away")
+    points: list[dict[str, Any]] = []
     for i, (storage, budget) in enumerate(todo, 1):
-        why = _fits(cfg, budget, storage)
+        why = why_not[storage, budget]
         if why is not None:
             click.echo(f"[{i}/{len(todo)}] {budget:g} uint8 images per class in {storage}: no object fits ({why})")
             points.append({"storage": storage, "budget": budget, "fits": False, "why": why})
@@ -167,7 +189,6 @@ def frontier(dataset: str | None, preset: str | None, overrides: tuple[str, ...]
         points.append(_point(storage, budget, path, _evaluated(path, eval_over, device, progress)))
     table = {"dataset": dataset, "preset": cfg.preset, "budgets": budgets, "storages": storages, "points": points,
              "finished": utc_timestamp()}
-    out = runs_folder(runs_dir, dataset) / "frontier"
     atomic_write_json(out / "frontier.json", table)
     atomic_write_text(out / "frontier.md", markdown(table))
     plot(table, out / "frontier.png")

@@ -57,6 +57,11 @@ def _labelling_bank(cfg: Config) -> tuple[Config, ExpertBank]:
                             snapshots_per_epoch=full.experts.snapshots_per_epoch)
 
 
+def has_labelling_expert(cfg: Config) -> bool:
+    """Whether the whole-dataset expert `labelling_network` reads exists (nothing is trained)."""
+    return len(_labelling_bank(cfg)[1]) > 0
+
+
 def labelling_network(cfg: Config, device: torch.device, need: str = "soft labels need") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Expert 0 of the whole-dataset experts of `cfg` at epoch distill.soft_label_epoch, in
     eval mode, and where it came from; `need` begins the error's sentence (what needs it).

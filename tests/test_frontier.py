@@ -22,6 +22,7 @@ def _frontier(tmp_path, *args):
                                     "--students", "1", "--epochs", "1", *sets, *args])
 
 
+@pytest.mark.slow  # whole tiny runs: pass 1 only (scripts/test.sh)
 def test_a_tiny_frontier_writes_its_table_and_plot_and_reuses_its_runs(home, tmp_path):
     res = _frontier(tmp_path, "--budgets", "3,12", "--storage", "int8")
     assert res.exit_code == 0, res.output
@@ -92,6 +93,7 @@ def test_budgets_that_name_one_run_or_buy_too_many_priors_are_refused_before_any
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["frontier"]  # no run was started
 
 
+@pytest.mark.slow  # whole tiny runs: pass 1 only (scripts/test.sh)
 def test_an_evaluation_without_coreset_rows_is_reused_while_no_expert_can_make_them(home, tmp_path):
     # breaker, issue 33: with no whole-dataset expert at distill.soft_label_epoch there are no
     # coreset rows, and the frontier evaluated again on every call

@@ -144,8 +144,7 @@ def distill(
             while state.step < dcfg.steps and not stopping:
                 t0 = clock()
                 reset_peak_memory(device)
-                # the finishing phase: the last quant_steps steps decode through the stored values
-                state.distilled.fake_quant = dcfg.storage != "float32" and state.step >= dcfg.steps - dcfg.quant_steps
+                state.distilled.fake_quant = finishing(dcfg, state.step)
                 students = draw_students(bank, dcfg, state.g_host, device, parts.spec.share)
                 checks = StepChecks(world)
                 mtt_update(state, parts.spec, students, dcfg, checks, world)
@@ -199,6 +198,13 @@ def _to_trackers(trackers: Trackers, cfg: Config, state: TrainState, train: Devi
         grid = grid_image(state.distilled, samples=4, bn=cfg.eval.decoder_bn, zca=train.zca,
                           title=f"{name}  step {state.step}", max_classes=10)
         trackers.image("samples", np.asarray(grid), state.step)
+
+
+def finishing(dcfg: DistillConfig, step: int) -> bool:
+    """Whether step `step` (0-based) is in the finishing phase: the last distill.quant_steps
+    steps of a run whose distill.storage is not float32 decode and sample through the stored
+    values (`Distilled.fake_quant`, straight-through to the float32 masters)."""
+    return dcfg.storage != "float32" and step >= dcfg.steps - dcfg.quant_steps
 
 
 def _checkpoint(state: TrainState, run: Run, world: World, meter: ledger.Meter) -> None:

@@ -118,7 +118,7 @@ class Distilled:
                           dtype=torch.float32).to(self.latents.dtype)
         if rows is not None:
             idx, eps = idx[rows], eps[rows]
-        lat = (fake_quant(self.latents, self.storage, latents=True) if self.fake_quant else self.latents)[idx]
+        lat = self._latents()[idx]
         mu, logvar = lat[..., 0], lat[..., 1]
         return mu + eps * torch.exp(0.5 * logvar)
 
@@ -128,8 +128,7 @@ class Distilled:
 
     def mean_images(self, priors: slice | None = None) -> torch.Tensor:
         """f(mu) for every prior (or the priors `priors`): [C * PPC, C, H, W]."""
-        lat = fake_quant(self.latents, self.storage, latents=True) if self.fake_quant else self.latents
-        mu = lat[..., 0]
+        mu = self._latents()[..., 0]
         return self._decode(mu if priors is None else mu[priors])
 
     def compile_decoder(self) -> None:
@@ -137,6 +136,10 @@ class Distilled:
         decoder's forward and backward, train-mode BatchNorm's statistics updates included,
         as a few fused kernels. The module, its state dict and its checkpoints are unchanged."""
         self._decoder_graph = Compiled(self.decoder, "the decoder")
+
+    def _latents(self) -> torch.Tensor:
+        """The latents as decoded: through their stored values in the finishing phase."""
+        return fake_quant(self.latents, self.storage, latents=True) if self.fake_quant else self.latents
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.fake_quant:  # through the stored weights, straight-through to the masters (eager)

@@ -486,6 +486,9 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
 
 # the name of a stored tensor's scales (d3fast/quantize.py), beside its values
 SCALE = "@scale"
+# a decoder's normalisation mean/std buffers: dataset metadata, stored as they are in every format
+# (`storage.stored_tensors` leaves them out of the object's values)
+_NORMALISATION = re.compile(r"(^|\.)decoder\.(mean|std)$")
 
 
 def _quantized(tensors: dict[str, torch.Tensor], storage: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
@@ -496,7 +499,7 @@ def _quantized(tensors: dict[str, torch.Tensor], storage: str) -> tuple[dict[str
     for name, t in tensors.items():
         # integer tensors, and the normalisation buffers (dataset metadata, not the object's
         # values: `storage.stored_tensors`), stay as they are
-        if not t.is_floating_point() or re.search(r"(^|\.)decoder\.(mean|std)$", name):
+        if not t.is_floating_point() or _NORMALISATION.search(name):
             out[name] = t
             continue
         stored = quantize(t, storage, latents=name.endswith("latents"))
@@ -531,7 +534,7 @@ def _dequantized(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
         if shape is None:
             # as written: BatchNorm's integer batch counts, and the normalisation buffers in float32
             as_is = (not t.is_floating_point() and name.endswith("num_batches_tracked")) or (
-                t.dtype == torch.float32 and re.search(r"(^|\.)decoder\.(mean|std)$", name))
+                t.dtype == torch.float32 and _NORMALISATION.search(name))
             if not as_is or name + SCALE in tensors:
                 raise ValueError(f"{name} ({t.dtype}) has no stored shape in this {storage} export")
             out[name] = t

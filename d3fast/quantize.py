@@ -69,6 +69,16 @@ def stored_bytes(shape: Sequence[int], storage: str, latents: bool = False) -> i
     return (n if storage == "int8" else (n + 1) // 2) + scales
 
 
+def _levels(x: torch.Tensor, storage: str, latents: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) of an integer format (module docstring), q still floating: s = max|x| / L per
+    channel (and per half for the latents), q = round(x / s) clamped to [-L, L]; a channel of
+    zeros has s = 0 and q = 0. The one formula `quantize` stores and `fake_quant` trains through."""
+    top = LEVELS[storage]
+    dims = tuple(range(1, x.dim() - 1)) if latents else tuple(range(1, x.dim()))
+    scale = x.abs().amax(dim=dims, keepdim=True) / top
+    return torch.round(x / torch.where(scale > 0, scale, 1.0)).clamp(-top, top), scale
+
+
 def quantize(t: torch.Tensor, storage: str, latents: bool = False) -> dict[str, torch.Tensor]:
     """A floating tensor as `storage` stores it: {"values": ...} (float32, float16, int8, or
     int4 packed into uint8 [ceil(n / 2)]) and, for the integer formats, {"scale": float32}.
@@ -87,10 +97,8 @@ def quantize(t: torch.Tensor, storage: str, latents: bool = False) -> dict[str, 
             raise D3FastError(f"a tensor of shape {list(x.shape)} holds values up to {float(x.abs().max()):.4g}, "
                               f"beyond float16's {HALF_MAX:g}: store it as float32 or int8")
         return {"values": x.half().contiguous()}
-    top = LEVELS[storage]
-    dims = tuple(range(1, x.dim() - 1)) if latents else tuple(range(1, x.dim()))
-    scale = x.abs().amax(dim=dims, keepdim=True) / top
-    q = torch.round(x / torch.where(scale > 0, scale, 1.0)).clamp_(-top, top).to(torch.int8)
+    q, scale = _levels(x, storage, latents)
+    q = q.to(torch.int8)
     if storage == "int4":
         flat = (q.flatten() + 8).to(torch.uint8)  # 1..15; the pad is 8, a zero
         if flat.numel() % 2:
@@ -161,8 +169,6 @@ def fake_quant(t: torch.Tensor, storage: str, latents: bool = False) -> torch.Te
     if storage == "float16":
         stored = x.half().to(t.dtype)
     else:
-        top = LEVELS[storage]
-        dims = tuple(range(1, x.dim() - 1)) if latents else tuple(range(1, x.dim()))
-        scale = x.abs().amax(dim=dims, keepdim=True) / top
-        stored = torch.round(x / torch.where(scale > 0, scale, 1.0)).clamp(-top, top) * scale
+        q, scale = _levels(x, storage, latents)
+        stored = q * scale
     return t + (stored - x)

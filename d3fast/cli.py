@@ -256,7 +256,7 @@ def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force,
                                                  "data.workers": workers}), force, fmt, ffcv_mode, jpeg_quality)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @_config_options
 @click.option("--num-experts", type=int, default=None, help="How many experts (default: preset's).")
 @click.option("--epochs", type=int, default=None, help="Epochs per expert (default: preset's).")
@@ -268,7 +268,8 @@ def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force,
 @_subtask_options
 @click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
 @_quiet_option
-def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader, subtasks, subtask,
+@click.pass_context
+def experts(ctx, dataset, preset, overrides, num_experts, epochs, seed, device, no_auto, loader, subtasks, subtask,
             data_path) -> None:
     """Train expert trajectories (docs/algorithm.md section 4) for MTT.
 
@@ -276,13 +277,57 @@ def experts(dataset, preset, overrides, num_experts, epochs, seed, device, no_au
     after an interruption continues the missing experts (and the interrupted one from its
     last epoch); the same seed gives the same trajectories. With --subtasks S, each
     subtask's experts see its classes only (one directory per subtask; all of them, one
-    after another, unless --subtask picks one).
+    after another, unless --subtask picks one). `d3fast experts import` and `d3fast experts
+    export` move trajectories in and out of MTT's replay buffers.
     """
+    if ctx.invoked_subcommand is not None:
+        given = [k for k, v in ctx.params.items() if v not in (None, False, ())]
+        if given:
+            raise click.UsageError(f"options go after `{ctx.invoked_subcommand}`: `d3fast experts "
+                                   f"{ctx.invoked_subcommand} ... --dataset D` (got {', '.join(given)} before it)")
+        return
     from d3fast.recipes.experts import command
 
     command(dataset, preset, overrides, _typed({
         "experts.num_experts": num_experts, "experts.epochs": epochs, "experts.seed": seed, "data.loader": loader,
         "device": device, "data.subtasks": subtasks, "data.subtask": subtask, "data.data_path": data_path}), no_auto)
+
+
+@experts.command("import")
+@click.argument("path", type=click.Path())
+@_config_options
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (where each expert is evaluated).")
+@click.option("--no-auto", is_flag=True, help="Fail instead of preparing the dataset when it is missing.")
+@click.option("--data-path", type=click.Path(), default=None, help="Where the dataset's files are (for preparing it).")
+@_quiet_option
+def experts_import(path, dataset, preset, overrides, device, no_auto, data_path) -> None:
+    """Import MTT replay buffers (PATH: a replay_buffer_<n>.pt or the <buffer_path>/<dataset>/<model>/
+    folder of MTT, DATM, FTD or D3's buffer.py) as the experts of this config, which `d3fast
+    distill` then reads as if trained here.
+
+    Every tensor is checked against d3fast's network for the dataset first (net.depth,
+    net.width, net.norm set it; the first mismatch is named), and each expert's last epoch is
+    evaluated on the test split. Importing a buffer again adds nothing.
+    """
+    from d3fast.recipes.expert_buffers import command_import
+
+    command_import(_config(dataset, preset, overrides, {"device": device, "data.data_path": data_path}), path, no_auto)
+
+
+@experts.command("export")
+@_config_options
+@click.option("--format", "fmt", type=click.Choice(["mtt"]), default="mtt", show_default=True,
+              help="mtt: replay_buffer_<n>.pt files as MTT's buffer.py writes them (MTT, DATM, FTD and D3 read them).")
+@click.option("--out", "out", type=click.Path(), required=True,
+              help="The buffer path: files go to OUT/<dataset dir>/<model>/ (e.g. OUT/CIFAR10/ConvNet).")
+@click.option("--per-file", type=int, default=10, show_default=True, help="Trajectories per file (buffer.py's "
+              "--save_interval).")
+@_quiet_option
+def experts_export(dataset, preset, overrides, fmt, out, per_file) -> None:
+    """Write this config's complete experts as MTT replay buffers."""
+    from d3fast.recipes.expert_buffers import export_buffers
+
+    export_buffers(_config(dataset, preset, overrides, {}), out, per_file, echo=click.echo)
 
 
 @cli.command()

@@ -366,6 +366,8 @@ def write_manifest(cfg: Config, out: Path, device: torch.device) -> dict[str, An
                 "test_acc": meta["test_acc"],
                 "train_seconds": round(seconds, 3),
                 "final_train_acc": meta["history"][-1]["acc"] if meta["history"] else None,
+                # where an expert trained elsewhere came from (d3fast/recipes/expert_buffers.py)
+                **({"imported": meta["imported"]} if meta.get("imported") else {}),
             }
         )
     accs = [r["test_acc"] for r in records if r["test_acc"] is not None]

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("components", ("d3fast.data", "d3fast.data.", "d3fast.models", "d3fast.models.", "d3fast.losses", "d3fast.coresets", "d3fast.quantize", "d3fast.dist",
                     "d3fast.ledger", "d3fast.trackers", "d3fast.report")),
     ("engine", ("d3fast.distilled", "d3fast.storage", "d3fast.exports", "d3fast.unroll", "d3fast.embed",
-                "d3fast.state", "d3fast.run", "d3fast.trajectories", "d3fast.training", "d3fast.visualize",
+                "d3fast.state", "d3fast.run", "d3fast.trajectories", "d3fast.mtt_buffers", "d3fast.training", "d3fast.visualize",
                 "d3fast.mmd_update", "d3fast.health", "d3fast.soft_labels")),
     ("preflight", ("d3fast.preflight",)),
     ("recipes", ("d3fast.recipes", "d3fast.recipes.")),

@@ -110,6 +110,17 @@ def _load_buffers(net: torch.nn.Module, flat: torch.Tensor) -> None:
         offset += n
 
 
+def open_folder(cfg: Config) -> Path:
+    """`experts_dir(cfg)`, created, with its config.json written and the temporary files of
+    a crashed writer removed: where training and imports write expert files."""
+    out = experts_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    tcfg = trajectory_config(cfg, load_split(cfg.data.dataset, "train", mmap=True)[2]["sha256"]["train_x.npy"])
+    atomic_write_json(out / "config.json", tcfg)
+    return out
+
+
 def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> ExpertsResult:
     """Train (or finish) experts 0 .. num_experts - 1 of `cfg` into `experts_dir(cfg)`.
 
@@ -123,11 +134,7 @@ def run_experts(cfg: Config, progress: bool = True, shard: tuple[int, int] = (0,
     train = open_split(cfg, "train", device)
     test = open_split(cfg, "test", device)
     within = _snapshot_steps(len(train), cfg.experts.batch_size, cfg.experts.snapshots_per_epoch)  # before any folder
-    out = experts_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tcfg = trajectory_config(cfg, load_split(ds, "train", mmap=True)[2]["sha256"]["train_x.npy"])
-    atomic_write_json(out / "config.json", tcfg)
+    out = open_folder(cfg)
     augment = DSA(cfg.augment) if cfg.experts.augment else None
     e_cfg = cfg.experts
 
@@ -178,6 +185,10 @@ def _epochs_to_resume(out: Path, index: int, epochs: int, per_epoch: int) -> int
     meta = read_expert_meta(path)
     _check_spacing(path, meta, per_epoch)
     done = meta["epochs_done"]
+    if meta.get("imported"):  # another code base's trajectory: extending it here would splice two trainings
+        if done < epochs:
+            tqdm.write(f"note: {path.name} was imported with {done} epochs; left as it is (experts.epochs={epochs})")
+        return None
     if done > epochs and not meta["complete"]:
         tqdm.write(f"note: {path.name} holds {done} epochs of an interrupted run; left as it is "
                    f"(`--epochs {done}` or more finishes it)")

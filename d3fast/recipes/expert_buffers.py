@@ -1,0 +1,266 @@
+"""`d3fast experts import` and `d3fast experts export --format mtt`: expert trajectories in
+and out of MTT's replay buffers (the format: d3fast/mtt_buffers.py).
+
+Import writes each trajectory of the buffers as a d3fast expert file (d3fast/trajectories.py)
+in the experts folder of the resolved config, so `d3fast distill` with the same config reads
+them as if trained here. Every file's every snapshot is checked against d3fast's network for
+the dataset before anything is written; each imported expert's last epoch is evaluated on
+the test split (a buffer trained on other data, normalisation or class order shows here as
+near-chance accuracy, which the shapes cannot show). Importing the same buffer again adds
+nothing: each expert records the buffer's SHA-256 and its trajectory index. Imported experts
+are never extended by `d3fast experts` (that would splice two trainings into one trajectory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d3fast.config import Config
+from d3fast.data.cache import load_split
+from d3fast.data.loader import open_split
+from d3fast.errors import D3FastError
+from d3fast.io import locked, sha256_file
+from d3fast.models import build_network
+from d3fast.mtt_buffers import (
+    BUFFER_RE,
+    PER_FILE,
+    buffer_files,
+    dataset_dir,
+    describe,
+    flatten,
+    layout_problem,
+    model_name,
+    padding_note,
+    read_buffer,
+    unflatten,
+    write_buffer,
+)
+from d3fast.preflight import resolve_data_loader
+from d3fast.progress import bar as progress_bar
+from d3fast.recipes.experts import open_folder
+from d3fast.runtime import resolve_device
+from d3fast.training import evaluate_accuracy, load_flat_params, param_layout
+from d3fast.trajectories import (
+    expert_path,
+    experts_command,
+    experts_dir,
+    need_epochs,
+    read_expert,
+    read_expert_meta,
+    write_expert,
+    write_manifest,
+)
+
+
+@dataclass
+class ImportResult:
+    out_dir: Path
+    indices: list[int]  # the expert files written, in buffer order
+    skipped: int  # trajectories imported before (same buffer SHA-256 and index)
+    test_acc: list[float]  # of each written expert's last epoch, on the test split
+    epochs: list[int]  # of each written expert
+    notes: list[str]
+
+
+def _check_convnet(cfg: Config, what: str) -> None:
+    if cfg.net.name != "convnet":
+        raise D3FastError(f"MTT's replay buffers {what} the DC/MTT ConvNet; net.name={cfg.net.name} has another "
+                          "parameter layout (--set net.name=convnet)")
+    if cfg.data.subtasks > 1:
+        raise D3FastError(f"MTT's replay buffers hold whole-dataset experts; data.subtasks={cfg.data.subtasks} "
+                          "experts see a block of classes each")
+
+
+def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
+                   echo: Callable[[str], None] = print) -> ImportResult:
+    """Import MTT replay buffers (a replay_buffer_<n>.pt file or the folder holding them) as
+    expert trajectories of `cfg` (its dataset must be prepared).
+
+    Raises:
+        D3FastError: not a replay buffer; a snapshot whose tensors differ from d3fast's
+            network (one line: the file, trajectory, epoch, tensor, both shapes, and what the
+            buffer's shapes say: depth, width, channels, norm, classes); a non-finite value
+            (each found before anything is written);
+            a config d3fast cannot import into (another network, subtasks, batchnorm's
+            running statistics, several snapshots per epoch).
+    """
+    _check_convnet(cfg, "hold")
+    if cfg.experts.snapshots_per_epoch != 1:
+        raise D3FastError(f"MTT's replay buffers keep one snapshot per epoch; experts.snapshots_per_epoch="
+                          f"{cfg.experts.snapshots_per_epoch} names another folder (--set experts.snapshots_per_epoch=1)")
+    resolve_data_loader(cfg)
+    files = buffer_files(Path(path))
+    device = resolve_device(cfg.device)
+    test = open_split(cfg, "test", device)
+    net = build_network(cfg.net, test.channels, test.num_classes, test.resolution)
+    if any(True for _ in net.buffers()):
+        raise D3FastError(f"net.norm={cfg.net.norm} keeps running statistics, which MTT's buffers do not hold "
+                          "(they save parameters only); import into a network without them (instancenorm, MTT's "
+                          "default)")
+    layout = param_layout(net)
+    ours = describe([tuple(s) for _, s in layout])
+    for f in files:  # every snapshot of every file checked before anything is written
+        for t, traj in enumerate(read_buffer(f)):
+            for e, snap in enumerate(traj):
+                shapes = [tuple(p.shape) for p in snap]
+                problem = layout_problem(shapes, layout)
+                if problem:
+                    raise D3FastError(
+                        f"{f}: trajectory {t}, epoch {e}: {problem}. The buffer holds {describe(shapes)}; d3fast's "
+                        f"network for {cfg.data.dataset} is {ours} (net.depth, net.width, net.norm set it)")
+                if not all(bool(torch.isfinite(p).all()) for p in snap):
+                    raise D3FastError(f"{f}: trajectory {t} holds NaN or infinite values at epoch {e}: a diverged "
+                                      "expert; nothing was imported")
+    notes = [n for n in [padding_note(test.channels, test.resolution)] if n]
+    out = open_folder(cfg)
+    have = _imported(out)
+    net = net.to(device)
+    result = ImportResult(out, [], 0, [], [], notes)
+    bar = progress_bar(total=None, desc="import", unit="expert", disable=not progress, dynamic_ncols=True)
+    try:
+        for f in files:
+            digest = sha256_file(f)
+            for t, traj in enumerate(read_buffer(f)):
+                if (digest, t) in have:
+                    result.skipped += 1
+                    continue
+                snapshots = torch.stack([flatten(s) for s in traj])
+                load_flat_params(net, snapshots[-1].to(device))
+                acc = evaluate_accuracy(net, test)
+                index = _write_next(out, snapshots, acc, layout, {"format": "mtt", "file": f.name, "sha256": digest,
+                                                                  "trajectory": t})
+                have.add((digest, t))
+                result.indices.append(index)
+                result.test_acc.append(acc)
+                result.epochs.append(len(snapshots) - 1)
+                bar.update(1)
+    finally:
+        bar.close()
+        write_manifest(cfg, out, device)
+    return result
+
+
+def _imported(out: Path) -> set[tuple[str, int]]:
+    """(buffer SHA-256, trajectory index) of every expert in `out` imported before."""
+    have = set()
+    for p in sorted(out.glob("expert_*.safetensors")):
+        src = read_expert_meta(p).get("imported")
+        if isinstance(src, dict):
+            have.add((str(src.get("sha256")), int(src.get("trajectory", -1))))
+    return have
+
+
+def _write_next(out: Path, snapshots: torch.Tensor, acc: float, layout: list, source: dict[str, Any]) -> int:
+    """Write an imported expert under the lowest free index, holding that index's lock (the
+    one `d3fast experts` training takes), so a concurrent training or import never writes
+    the same file."""
+    index = 0
+    while True:
+        path = expert_path(out, index)
+        if not path.exists():
+            with locked(out / f"expert_{index:04d}.lock") as held:
+                if held and not path.exists():
+                    write_expert(path, snapshots, index=index, seed=-1, complete=True, test_acc=acc, history=[],
+                                 param_layout=layout, imported=source)
+                    return index
+        index += 1
+
+
+def import_summary(cfg: Config, res: ImportResult) -> list[str]:
+    """What `d3fast experts import` prints: the count, accuracy, and what distill will do."""
+    lines = list(f"note: {n}" for n in res.notes)
+    if not res.indices:
+        lines.append(f"nothing new: the {res.skipped} trajectories were imported into {res.out_dir} before")
+        return lines
+    acc = torch.tensor(res.test_acc)
+    lines.append(f"imported {len(res.indices)} expert trajectories ({min(res.epochs)}-{max(res.epochs)} epochs) into "
+                 f"{res.out_dir}" + (f" ({res.skipped} imported before)" if res.skipped else ""))
+    lines.append(f"last-epoch test accuracy {acc.mean():.1%} ± {acc.std(unbiased=False):.1%} (min {acc.min():.1%})")
+    chance = 1 / int(load_split(cfg.data.dataset, "test", mmap=True)[2]["num_classes"])
+    if float(acc.mean()) < 2 * chance:
+        lines.append(f"warning: near chance ({chance:.0%}): the buffer's experts were trained on other data, another "
+                     "normalisation (ZCA: data.zca) or another class order; distilling from them will not work")
+    need = need_epochs(cfg)
+    if min(res.epochs) < need:
+        lines.append(f"warning: distillation reads {need} epochs (distill.max_start_epoch + distill.expert_epochs); "
+                     f"{sum(e < need for e in res.epochs)} of these hold fewer and will be left out")
+    total = len(list(res.out_dir.glob("expert_*.safetensors")))
+    if total < cfg.experts.num_experts:
+        lines.append(f"experts.num_experts={cfg.experts.num_experts}: `d3fast distill` would train the other "
+                     f"{cfg.experts.num_experts - total} here first; to use only these, add --set "
+                     f"experts.num_experts={total}")
+    return lines
+
+
+def export_buffers(cfg: Config, out_root: str | Path, per_file: int = PER_FILE,
+                   echo: Callable[[str], None] = print) -> list[Path]:
+    """Write the complete experts of `cfg` as MTT replay buffers under
+    <out_root>/<dataset dir>/<model>/replay_buffer_<n>.pt (`per_file` trajectories each, one
+    snapshot per epoch); returns the files.
+
+    Raises:
+        D3FastError: no complete expert; another network; buffers already in that folder
+            (never mixed with or overwritten).
+    """
+    _check_convnet(cfg, "hold")
+    if per_file < 1:
+        raise D3FastError(f"--per-file must be at least 1, got {per_file}")
+    resolve_data_loader(cfg)
+    folder = experts_dir(cfg)
+    paths = sorted(folder.glob("expert_*.safetensors")) if folder.is_dir() else []
+    metas = [(p, read_expert_meta(p)) for p in paths]
+    done = [(p, m) for p, m in metas if m["complete"]]
+    if not done:
+        raise D3FastError(f"no complete expert trajectory in {folder}; train them with:\n  {experts_command(cfg)}")
+    manifest = load_split(cfg.data.dataset, "train", mmap=True)[2]
+    res, channels = int(manifest["resolution"]), int(manifest["channels"])
+    net = build_network(cfg.net, channels, int(manifest["num_classes"]), res)
+    depth = sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    target = Path(out_root).expanduser() / dataset_dir(cfg.data.dataset, cfg.data.zca, res) / model_name(
+        cfg.net.width, depth, cfg.net.norm, cfg.net.pooling)
+    if target.is_dir() and any(BUFFER_RE.match(p.name) for p in target.iterdir()):
+        raise D3FastError(f"{target} holds replay buffers already: MTT reads every replay_buffer_<n>.pt there, so "
+                          "d3fast never mixes experts into them; pass another --out or remove them")
+    layout = param_layout(net)
+    if any(m["param_layout"] != [[name, list(shape)] for name, shape in layout] for _, m in done):
+        raise D3FastError(f"the experts in {folder} have another parameter layout than net.* builds now")
+    note = padding_note(channels, res)
+    if note:
+        echo(f"note: {note}")
+    if any(b for _, m in done for b in [m.get("__shapes__", {}).get("buffers")]):
+        echo("note: MTT's buffers hold parameters only: the experts' running statistics are left out")
+    written = []
+    for n, start in enumerate(range(0, len(done), per_file)):
+        trajectories = []
+        for p, m in done[start:start + per_file]:
+            rows = read_expert(p)[0]["trajectory"][::m.get("snapshots_per_epoch", 1)]
+            trajectories.append([unflatten(row, layout) for row in rows])
+        path = target / f"replay_buffer_{n}.pt"
+        write_buffer(path, trajectories)
+        written.append(path)
+    ds_dir = dataset_dir(cfg.data.dataset, cfg.data.zca, res).split("/")
+    args = f"--dataset {ds_dir[0].removesuffix('_NO_ZCA')} --model {target.name} --buffer_path {Path(out_root)}"
+    if ds_dir[0] == "ImageNet":
+        args += f" --subset {ds_dir[1]} --res {res}"
+    if cfg.data.zca:
+        args += " --zca"
+    echo(f"wrote {len(done)} expert trajectories to {len(written)} replay buffer(s) in {target}; MTT's distill.py "
+         f"reads them with: {args}")
+    return written
+
+
+def command_import(cfg: Config, path: str | Path, no_auto: bool = False) -> None:
+    """`d3fast experts import PATH`: prepare the dataset if needed, import, print the summary."""
+    import click
+
+    from d3fast.preflight import ensure_prepared
+
+    ensure_prepared(cfg, no_auto)
+    res = import_buffers(cfg, path, progress=True, echo=click.echo)
+    for line in import_summary(cfg, res):
+        click.echo(line)

@@ -104,8 +104,10 @@ def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
                           "default)")
     layout = param_layout(net)
     ours = describe([tuple(s) for _, s in layout])
+    total = 0
     for f in files:  # every snapshot of every file checked before anything is written
         for t, traj in enumerate(read_buffer(f)):
+            total += 1
             for e, snap in enumerate(traj):
                 shapes = [tuple(p.shape) for p in snap]
                 problem = layout_problem(shapes, layout)
@@ -118,19 +120,32 @@ def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
                                       "expert; nothing was imported")
     notes = [n for n in [padding_note(test.channels, test.resolution)] if n]
     out = open_folder(cfg)
-    have = _imported(out)
     net = net.to(device)
     result = ImportResult(out, [], 0, [], [], notes)
-    bar = progress_bar(total=None, desc="import", unit="expert", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, desc="import", unit="expert", disable=not progress, dynamic_ncols=True)
+    # one import at a time per folder (two processes importing the same buffer would each see
+    # it new); training takes the per-expert locks only, so it goes on beside an import
+    try:
+        with locked(out / "import.lock", wait=True):
+            _import_files(files, out, net, test, layout, result, bar)
+    finally:  # the experts written before a failure are listed too
+        write_manifest(cfg, out, device)
+    return result
+
+
+def _import_files(files: list[Path], out: Path, net: torch.nn.Module, test: Any, layout: list,
+                  result: ImportResult, bar: Any) -> None:
+    have = _imported(out)
     try:
         for f in files:
             digest = sha256_file(f)
             for t, traj in enumerate(read_buffer(f)):
                 if (digest, t) in have:
                     result.skipped += 1
+                    bar.update(1)
                     continue
                 snapshots = torch.stack([flatten(s) for s in traj])
-                load_flat_params(net, snapshots[-1].to(device))
+                load_flat_params(net, snapshots[-1].to(test.device))
                 acc = evaluate_accuracy(net, test)
                 index = _write_next(out, snapshots, acc, layout, {"format": "mtt", "file": f.name, "sha256": digest,
                                                                   "trajectory": t})
@@ -141,8 +156,6 @@ def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
                 bar.update(1)
     finally:
         bar.close()
-        write_manifest(cfg, out, device)
-    return result
 
 
 def _imported(out: Path) -> set[tuple[str, int]]:

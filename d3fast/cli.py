@@ -160,13 +160,14 @@ def _config(dataset: str | None, preset: str | None, overrides: tuple[str, ...],
 
 def _config_options(f: Any) -> Any:
     f = click.option("--resolution", type=int, default=None, expose_value=False, callback=_remember_resolution,
-                     help="Image size of an imagefolder dataset (data.resolution; a power of two, 8..512).")(f)
+                     help="Image size of an imagefolder or hf dataset (data.resolution; a power of two, 8..512).")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a config key, e.g. --set experts.lr=0.02 (repeatable).")(f)
     f = click.option("--preset", "--config", "preset", default=None,
                      help="Preset name (default: the dataset's own; `d3fast presets` lists them), or a TOML file "
                           "of your own in the same form (`d3fast config --format toml` writes one).")(f)
-    f = click.option("--dataset", default=None, help="Dataset name, e.g. digits, fashion-mnist, imagewoof.")(f)
+    f = click.option("--dataset", default=None, help="Dataset name, e.g. digits, fashion-mnist, imagewoof, "
+                     "imagefolder[-<label>] (a train/<class>/ tree), hf[-<label>] (a local Hugging Face dataset).")(f)
     return f
 
 
@@ -247,8 +248,11 @@ def prepare(dataset, preset, overrides, data_path, skip_corrupt, workers, force,
     (cifar-100-python or -binary), tinyimagenet
     (tiny-imagenet-200), imagenette/imagewoof (ImageNet-1k tree or fast.ai
     imagenette2/imagewoof2: train/<wnid>/, val/<wnid>/), imagenet64 (Imagenet64_train_npz/
-    and Imagenet64_val_npz/, or the pickled Imagenet64_train/ and _val/). `--format ffcv`
-    then writes train/test .beton files beside the cache from the same decoded images.
+    and Imagenet64_val_npz/, or the pickled Imagenet64_train/ and _val/), imagefolder[-<label>]
+    (train/<class>/ and val/<class>/, at --resolution R), hf[-<label>] (a local Hugging Face
+    dataset: Parquet shards or a save_to_disk folder, at --resolution R; docs/datasets.md).
+    `--format ffcv` then writes train/test .beton files beside the cache from the same decoded
+    images.
     """
     from d3fast.recipes.prepare import command
 

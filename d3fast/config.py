@@ -93,7 +93,7 @@ class DataConfig:
     # the block this command works on, 0..S-1; -1: every block (distill runs them all and
     # merges; evaluation of a merged object reads every class)
     subtask: int = ranged(-1, -1, 65535)
-    # image size of an imagefolder dataset (d3fast/data/datasets.py); 0 for the others, whose
+    # image size of an imagefolder or hf dataset (d3fast/data/datasets.py); 0 for the others, whose
     # size is fixed (ConvNet depth then follows it: net.depth = 0)
     resolution: int = ranged(0, 0, 1024)
 
@@ -361,13 +361,14 @@ def _is_file(name: str) -> bool:
 
 
 def _dataset_preset(dataset: str | None) -> str | None:
-    """The packaged preset a dataset starts from, if any."""
-    from d3fast.data.datasets import is_imagefolder
+    """The packaged preset a dataset starts from, if any (imagefolder-<label>: imagefolder's,
+    hf-<label>: hf's)."""
+    from d3fast.data.datasets import custom_kind
 
     if not dataset:
         return None
     return DATASET_PRESETS.get(dataset) or (dataset if dataset in available_presets() else None) \
-        or ("imagefolder" if is_imagefolder(dataset) else None)
+        or custom_kind(dataset)
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -574,9 +575,9 @@ def resolve_config(
         validate(cfg)
         return cfg
     cfg = Config()
-    from d3fast.data.datasets import is_imagefolder
+    from d3fast.data.datasets import custom_kind
 
-    folder = is_imagefolder(dataset or "")
+    kind = custom_kind(dataset or "")
     name = preset or _dataset_preset(dataset)
     if name:
         values = load_preset(name)
@@ -590,8 +591,8 @@ def resolve_config(
                 apply_updates(cfg, load_preset(under), "", from_string=False)
         apply_updates(cfg, values, "", from_string=False)
         cfg.preset = name
-        # the imagefolder preset serves every imagefolder-<label> dataset
-        if dataset and cfg.data.dataset != dataset and not (folder and is_imagefolder(cfg.data.dataset)):
+        # the imagefolder preset serves every imagefolder-<label> dataset, the hf one every hf-<label>
+        if dataset and cfg.data.dataset != dataset and not (kind and custom_kind(cfg.data.dataset) == kind):
             raise D3FastError(
                 f"preset {name!r} is for dataset {cfg.data.dataset!r}, not {dataset!r}"
             )
@@ -611,14 +612,11 @@ def validate(cfg: Config) -> None:
     Raises:
         D3FastError: the first bad value, with its key and the valid range.
     """
-    from d3fast.data.datasets import DATASETS, get_spec, is_imagefolder, known
+    from d3fast.data.datasets import DATASETS, custom_kind, get_spec, known, unknown_dataset
 
     if not known(cfg.data.dataset):
-        raise D3FastError(
-            f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>] "
-            "(label: lower-case letters, digits, '_', '.', '-')"
-        )
-    if is_imagefolder(cfg.data.dataset):
+        raise D3FastError(unknown_dataset(cfg.data.dataset))
+    if custom_kind(cfg.data.dataset):
         r = cfg.data.resolution
         if r and (not 8 <= r <= 512 or r & (r - 1)):
             raise D3FastError(f"config key data.resolution: {r} is not a power of two in 8..512 (ConvNet and "
@@ -626,7 +624,7 @@ def validate(cfg: Config) -> None:
     elif cfg.data.resolution not in (0, DATASETS[cfg.data.dataset].resolution):
         raise D3FastError(f"config key data.resolution: {cfg.data.dataset} images are "
                           f"{DATASETS[cfg.data.dataset].resolution} px; data.resolution chooses the size of "
-                          "imagefolder datasets only")
+                          "imagefolder and hf datasets only")
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -674,7 +672,7 @@ def validate(cfg: Config) -> None:
 
     try:
         num_classes = get_spec(cfg.data.dataset, cfg.data.data_path, cfg.data.resolution).num_classes
-    except D3FastError:  # an imagefolder dataset not prepared yet: prepare says what is missing
+    except D3FastError:  # an imagefolder or hf dataset not prepared yet: prepare says what is missing
         num_classes = 65536
     class_blocks(num_classes, cfg.data.subtasks)  # S <= classes
     if cfg.data.subtask >= cfg.data.subtasks:

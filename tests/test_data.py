@@ -456,7 +456,7 @@ def test_imagefolder_bad_trees(tmp_path, d3fast_home):
         prepare(cfg_for("imagefolder", _tree(tmp_path / "a")), progress=False)
     with pytest.raises(D3FastError, match="not a power of two"):
         cfg_for("imagefolder", tmp_path / "a", resolution=24)
-    with pytest.raises(D3FastError, match="data.resolution chooses the size of imagefolder datasets only"):
+    with pytest.raises(D3FastError, match="data.resolution chooses the size of imagefolder and hf datasets only"):
         cfg_for("cifar10", resolution=64)
     with pytest.raises(D3FastError, match="no train/ folder"):
         prepare(cfg_for("imagefolder", tmp_path, resolution=16), progress=False)

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "d3fast.phases", "d3fast.compiling", "d3fast.gpu_model", "d3fast.kernels", "d3fast.kernels.",
                      "d3fast._ext",
                      "d3fast.data.cache",
-                     "d3fast.data.decode", "d3fast.data.datasets")),
+                     "d3fast.data.decode", "d3fast.data.datasets", "d3fast.data.hf")),
     ("config", ("d3fast.config", "d3fast.presets")),
     ("components", ("d3fast.data", "d3fast.data.", "d3fast.models", "d3fast.models.", "d3fast.losses", "d3fast.coresets", "d3fast.quantize", "d3fast.dist",
                     "d3fast.ledger", "d3fast.trackers", "d3fast.report")),

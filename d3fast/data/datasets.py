@@ -74,30 +74,57 @@ DATASETS: dict[str, DatasetSpec] = {
 # `imagefolder`, or `imagefolder-<label>` to keep several trees apart (each its own cache,
 # experts and runs). Classes are the train folders in sorted order (torchvision's).
 IMAGEFOLDER_RE = re.compile(r"^imagefolder(-[a-z0-9][a-z0-9_.-]{0,63})?$")
+# A local Hugging Face dataset (Parquet shards or a save_to_disk folder, d3fast/data/hf.py) at
+# a chosen data.resolution: `hf` or `hf-<label>`, the label rules of imagefolder. Classes are
+# the label column's ClassLabel names, in label order.
+HF_RE = re.compile(r"^hf(-[a-z0-9][a-z0-9_.-]{0,63})?$")
+# What each kind of user dataset is read from, for the messages that send users to prepare it.
+CUSTOM_SOURCES = {
+    "imagefolder": "TREE holds train/<class>/ and val/<class>/ folders of images",
+    "hf": "TREE holds a local Hugging Face dataset: Parquet shards or a save_to_disk folder",
+}
+CUSTOM_NAMES = "imagefolder[-<label>], hf[-<label>] (label: lower-case letters, digits, '_', '.', '-')"
 
 
 def is_imagefolder(name: str) -> bool:
     return bool(IMAGEFOLDER_RE.match(name))
 
 
+def is_hf(name: str) -> bool:
+    return bool(HF_RE.match(name))
+
+
+def custom_kind(name: str) -> str | None:
+    """The kind of a dataset of the user's own files, prepared at a chosen data.resolution:
+    "imagefolder" or "hf" (also its preset's name); None for the catalogue's fixed datasets."""
+    return "imagefolder" if is_imagefolder(name) else "hf" if is_hf(name) else None
+
+
 def known(name: str) -> bool:
-    return name in DATASETS or is_imagefolder(name)
+    return name in DATASETS or custom_kind(name) is not None
+
+
+def unknown_dataset(name: str) -> str:
+    """The one-line message for a dataset name d3fast does not know."""
+    return f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, {CUSTOM_NAMES}"
 
 
 def get_spec(name: str, data_path: str | None = None, resolution: int = 0) -> DatasetSpec:
-    """The spec of dataset `name`. An imagefolder dataset's comes from its prepared cache,
-    else from the tree at `data_path` at `resolution` (how many class folders train/ holds).
+    """The spec of dataset `name`. An imagefolder or hf dataset's comes from its prepared
+    cache, else from the files at `data_path` at `resolution` (how many class folders train/
+    holds; how many class names the hf features give).
 
     Raises:
-        D3FastError: an unknown name; an imagefolder dataset neither prepared nor given a tree.
+        D3FastError: an unknown name; an imagefolder or hf dataset neither prepared nor given
+            its files; an hf folder whose layout or class names cannot be read.
     """
     from d3fast.errors import D3FastError
 
     if name in DATASETS:
         return DATASETS[name]
-    if not is_imagefolder(name):
-        raise D3FastError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}, imagefolder[-<label>] "
-                          "(label: lower-case letters, digits, '_', '.', '-')")
+    kind = custom_kind(name)
+    if kind is None:
+        raise D3FastError(unknown_dataset(name))
     from d3fast.data.cache import data_dir, read_manifest
 
     manifest = read_manifest(data_dir(name)) if data_dir(name).is_dir() else None
@@ -110,11 +137,16 @@ def get_spec(name: str, data_path: str | None = None, resolution: int = 0) -> Da
         data_path = manifest["source"]["path"]
     if data_path is None:
         raise D3FastError(f"dataset {name} is not prepared: run `d3fast prepare --dataset {name} --data-path TREE "
-                          "--resolution R` (TREE holds train/<class>/ and val/<class>/ folders of images)")
+                          f"--resolution R` ({CUSTOM_SOURCES[kind]})")
     if resolution <= 0:
         raise D3FastError(f"dataset {name}: choose the image size with --resolution (config data.resolution), "
                           "e.g. 32, 64 or 128")
-    return DatasetSpec(name, len(imagefolder_classes(Path(data_path).expanduser())), resolution, 3)
+    root = Path(data_path).expanduser()
+    if kind == "hf":
+        from d3fast.data.hf import find_layout
+
+        return DatasetSpec(name, len(find_layout(root).classes), resolution, 3)
+    return DatasetSpec(name, len(imagefolder_classes(root)), resolution, 3)
 
 
 def imagefolder_classes(root: Path) -> list[str]:

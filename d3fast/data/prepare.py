@@ -7,7 +7,9 @@ import os
 import shlex
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,9 @@ from tqdm import tqdm
 import d3fast
 from d3fast.config import Config
 from d3fast.data.cache import CACHE_FORMAT, SPLITS, array_files, freshness, read_manifest
-from d3fast.data.datasets import DatasetSpec, get_spec, is_imagefolder
+from d3fast.data.datasets import DatasetSpec, custom_kind, get_spec
 from d3fast.data.decode import decode_chunk
-from d3fast.data.readers import SplitSource, read_source
+from d3fast.data.readers import EncodedPart, SplitSource, read_source
 from d3fast.errors import D3FastError
 from d3fast.io import (
     atomic_write_json,
@@ -37,11 +39,15 @@ from d3fast.io import (
 from d3fast.paths import data_dir
 from d3fast.progress import bar as progress_bar
 
-# Files per worker task: large enough to amortise inter-process transfer (64 x 48 KiB at
-# 128 px), small enough to keep the progress bar moving.
+# Files (or encoded rows) per worker task: large enough to amortise inter-process transfer
+# (64 x 48 KiB at 128 px), small enough to keep the progress bar moving.
 CHUNK = 64
 # Below this many files, decoding in-process beats starting workers.
 PARALLEL_MIN_FILES = 256
+# Tasks in flight per worker: enough that none waits while the parent writes results, few
+# enough that an encoded dataset's bytes are never all in memory (64 images a task: 2 x 16
+# workers x 64 x ~110 KB per ImageNet JPEG is ~230 MB).
+TASKS_PER_WORKER = 2
 
 
 @dataclass
@@ -72,8 +78,8 @@ def _prepare(
     source = read_source(spec, cfg.data.data_path)
     for note in source.notes:
         tqdm.write(f"note: {note}")
-    if is_imagefolder(spec.name):
-        _check_imagefolder(spec, source, read_manifest(cache) if cache.is_dir() else None, force)
+    if custom_kind(spec.name):
+        _check_custom(spec, source, read_manifest(cache) if cache.is_dir() else None, force)
     fresh, reason = freshness(cache, source.fingerprint, spec.resolution)
     manifest = read_manifest(cache) if fresh and not force else None
     if manifest is not None:
@@ -101,7 +107,7 @@ def _prepare(
                 )
                 decoded += n_dec
                 if bad and not cfg.data.skip_corrupt:
-                    _fail_corrupt(spec.name, bad)
+                    _fail_corrupt(spec.name, bad, rows=src.encoded is not None)
                 if bad:
                     _drop_rows(tmp, split, [i for i, _, _ in bad])
                     skipped += [{"path": p, "error": e} for _, p, e in bad]
@@ -141,15 +147,16 @@ def _prepare(
     return PrepareResult("prepared", cache, manifest, time.perf_counter() - t0, decoded)
 
 
-def _check_imagefolder(spec: DatasetSpec, source: Any, manifest: dict | None, force: bool) -> None:
-    """An imagefolder dataset needs 2 classes, and its cache is not silently swapped for
+def _check_custom(spec: DatasetSpec, source: Any, manifest: dict | None, force: bool) -> None:
+    """An imagefolder or hf dataset needs 2 classes, and its cache is not silently swapped for
     another tree or size: the runs and experts made from it decode and match that size.
 
     Raises:
         D3FastError: one class; another resolution or tree than the prepared one without --force."""
     if len(source.classes) < 2:
-        raise D3FastError(f"{spec.name}: {source.path}/train holds {len(source.classes)} class folder; "
-                          "distillation needs at least 2 classes")
+        what = "class folder" if custom_kind(spec.name) == "imagefolder" else "class name"
+        raise D3FastError(f"{spec.name}: {source.path}{'/train' if what == 'class folder' else ''} holds "
+                          f"{len(source.classes)} {what}; distillation needs at least 2 classes")
     if manifest is None or force:
         return
     old_res, old_path = manifest.get("resolution"), manifest.get("source", {}).get("path")
@@ -179,29 +186,83 @@ def _write_split(
         _write_parts(out / x_name, split, src, size, channels, progress)
         return 0, []
     files = src.files or []
-    x = np.lib.format.open_memmap(out / x_name, mode="w+", dtype=np.uint8, shape=(len(files), channels, size, size))
-    tasks = [(s, files[s : s + CHUNK], size, channels) for s in range(0, len(files), CHUNK)]
+    n = len(src.labels) if src.encoded is not None else len(files)
+    x = np.lib.format.open_memmap(out / x_name, mode="w+", dtype=np.uint8, shape=(n, channels, size, size))
+    tasks: Iterable[tuple[int, list[Any], int, int]]
+    if src.encoded is not None:
+        tasks = _encoded_tasks(src.encoded, n, size, channels)
+        name_of = _row_names(src.encoded)
+    else:
+        tasks = ((s, files[s : s + CHUNK], size, channels) for s in range(0, len(files), CHUNK))
+        name_of = files.__getitem__
     bad: list[tuple[int, str, str]] = []
-    bar = progress_bar(total=len(files), desc=f"decode {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n, desc=f"decode {split}", unit="img", disable=not progress, dynamic_ncols=True)
 
     def consume(result: tuple[int, np.ndarray, list[tuple[int, str]]]) -> None:
         start, images, errors = result
         x[start : start + len(images)] = images
-        bad.extend((start + i, files[start + i], e) for i, e in errors)
+        bad.extend((start + i, name_of(start + i), e) for i, e in errors)
         bar.update(len(images))
 
-    if workers > 1 and len(files) >= parallel_min_files:
+    if workers > 1 and n >= parallel_min_files:
         # spawn, not fork: the parent may hold torch/OpenMP threads that fork would copy
         # in a locked state.
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            for result in pool.map(decode_chunk, tasks):
+            for result in _in_order(pool, tasks, TASKS_PER_WORKER * workers):
                 consume(result)
     else:
         for task in tasks:
             consume(decode_chunk(task))
     bar.close()
     x.flush()
-    return len(files), bad
+    return n, bad
+
+
+def _in_order(
+    pool: ProcessPoolExecutor, tasks: Iterable[tuple[int, list[Any], int, int]], window: int
+) -> Iterator[tuple[int, np.ndarray, list[tuple[int, str]]]]:
+    """`pool.map(decode_chunk, tasks)` with at most `window` tasks submitted ahead: map would
+    draw every task first, reading a whole encoded dataset's bytes into memory."""
+    pending: deque[Future] = deque()
+    for task in tasks:
+        pending.append(pool.submit(decode_chunk, task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _encoded_tasks(
+    parts: list[EncodedPart], n: int, size: int, channels: int
+) -> Iterator[tuple[int, list[bytes | str | None], int, int]]:
+    """Decode tasks of at most CHUNK rows over the parts' batches, read as they are drawn.
+
+    Raises D3FastError when a part does not hold the rows its reader announced."""
+    if sum(p.count for p in parts) != n:
+        raise D3FastError(f"the shards announce {sum(p.count for p in parts)} images for {n} labels")
+    start = 0
+    for part in parts:
+        got = 0
+        for items in part.batches(CHUNK):
+            if got + len(items) > part.count:
+                break
+            yield start + got, items, size, channels
+            got += len(items)
+        if got != part.count:
+            raise D3FastError(f"{part.path} no longer holds the {part.count} images its reader announced: did it "
+                              "change during prepare? run prepare again")
+        start += got
+
+
+def _row_names(parts: list[EncodedPart]) -> Any:
+    """row of the split -> "<shard> row <i>", for the corrupt-image listing."""
+    starts = np.cumsum([0] + [p.count for p in parts])
+
+    def name(row: int) -> str:
+        k = int(np.searchsorted(starts, row, side="right")) - 1
+        return f"{parts[k].path} row {row - int(starts[k])}"
+
+    return name
 
 
 def _write_parts(path: Path, split: str, src: SplitSource, size: int, channels: int, progress: bool) -> None:
@@ -235,15 +296,17 @@ def _write_parts(path: Path, split: str, src: SplitSource, size: int, channels: 
     del x
 
 
-def _fail_corrupt(dataset: str, bad: list[tuple[int, str, str]]) -> None:
+def _fail_corrupt(dataset: str, bad: list[tuple[int, str, str]], rows: bool = False) -> None:
+    """Raise the listing of what could not be decoded: files, or rows of shards (`rows`)."""
     listing = data_dir(dataset).with_name(f"{dataset}.corrupt.txt")
     atomic_write_text(listing, "".join(f"{p}\t{e}\n" for _, p, e in bad))
     shown = "\n  ".join(f"{p}: {e}" for _, p, e in bad[:10])
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    what = "row(s) hold images that cannot be decoded" if rows else "file(s) could not be decoded as images"
     raise D3FastError(
-        f"{len(bad)} file(s) could not be decoded as images (corrupt, truncated or not an image):\n"
+        f"{len(bad)} {what} (corrupt, truncated or not an image):\n"
         f"  {shown}{more}\nfull list: {listing}\n"
-        "fix or remove them, or re-run with --skip-corrupt to leave them out"
+        f"fix or remove {'those rows' if rows else 'them'}, or re-run with --skip-corrupt to leave them out"
     )
 
 

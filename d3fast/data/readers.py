@@ -1,10 +1,11 @@
 """Dataset readers: find a dataset's files in its standard layout and say what to decode.
 
 A reader returns a `Source`: per split, the labels plus either decoded uint8 arrays
-(IDX, CIFAR batches, scikit-learn digits), image files to decode (JPEG trees) or parts that
-load one batch file each (Imagenet64, too large to hold whole). Readers check the layout and
-raise `D3FastError` with the path and a fix when it is wrong; they never decode JPEGs
-themselves (prepare does that on all cores).
+(IDX, CIFAR batches, scikit-learn digits), image files to decode (JPEG trees), parts that
+load one batch file each (Imagenet64, too large to hold whole) or encoded parts that hand out
+one batch of an Arrow/Parquet shard's image bytes at a time (Hugging Face datasets). Readers
+check the layout and raise `D3FastError` with the path and a fix when it is wrong; they never
+decode JPEGs themselves (prepare does that on all cores).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import os
 import pickle
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from d3fast.data.datasets import (
     FASHION_MNIST_CLASSES,
     DatasetSpec,
     imagefolder_classes,
+    is_hf,
 )
+from d3fast.data.hf import find_layout, iter_images, read_labels
 from d3fast.errors import D3FastError
 
 
@@ -42,6 +45,17 @@ class Part:
 
 
 @dataclass
+class EncodedPart:
+    """The next `count` rows of a split as encoded images (PNG, JPEG, ... bytes, or the path
+    of a file) inside one shard, read a batch at a time while prepare's workers decode them."""
+
+    count: int
+    # rows per batch -> the rows' encoded images in order (None: a row without one); raises D3FastError
+    batches: Callable[[int], Iterator[list[bytes | str | None]]]
+    path: str  # the shard, for error messages ("<path> row <i>")
+
+
+@dataclass
 class SplitSource:
     labels: np.ndarray  # int64 [N]
     files: list[str] | None = None  # image files to decode, aligned with labels
@@ -49,6 +63,9 @@ class SplitSource:
     # Consecutive row blocks (counts summing to N) for splits too large for memory: prepare
     # loads and writes one at a time.
     parts: list[Part] | None = None
+    # Consecutive row blocks of encoded images (counts summing to N): prepare decodes them
+    # a batch at a time, never holding a whole split's bytes.
+    encoded: list[EncodedPart] | None = None
 
 
 @dataclass
@@ -74,8 +91,9 @@ def read_source(spec: DatasetSpec, data_path: str | None) -> Source:
         "imagewoof": lambda: read_imagenet_subset(_locate(spec, data_path), spec),
         "imagenet64": lambda: read_imagenet64(_locate(spec, data_path)),
     }
-    if spec.name not in readers:  # an imagefolder dataset (d3fast/data/datasets.py)
-        return read_imagefolder(_locate(spec, data_path), spec)
+    if spec.name not in readers:  # an imagefolder or hf dataset (d3fast/data/datasets.py)
+        root = _locate(spec, data_path)
+        return read_hf(root, spec) if is_hf(spec.name) else read_imagefolder(root, spec)
     return readers[spec.name]()
 
 
@@ -628,6 +646,38 @@ def read_imagefolder(root: Path, spec: DatasetSpec) -> Source:
                           + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""))
     return Source(classes=classes, class_ids=classes, splits=splits, layout=f"imagefolder ({test_dir.name}/ as test)",
                   path=str(root), fingerprint=_fingerprint(root, all_files, extra=f"{spec.resolution} rgb"))
+
+
+# ---------------------------------------------------------------- local Hugging Face datasets
+
+
+def read_hf(root: Path, spec: DatasetSpec) -> Source:
+    """A local Hugging Face dataset (Parquet shards or a save_to_disk folder, d3fast/data/hf.py):
+    its train split for training, the first of test / validation / valid / val for testing,
+    classes the label column's ClassLabel names. Labels are read here; the image bytes stay
+    in their shards, one `EncodedPart` per shard, until prepare decodes them at
+    spec.resolution (short side resized, center crop) in RGB.
+
+    Raises:
+        D3FastError: the layout, a shard, its columns, class names or labels are wrong; each
+            names the file (and row) and what was expected.
+    """
+    layout = find_layout(root)
+    splits = {}
+    for split, shards in layout.splits.items():
+        labels = [read_labels(layout, s) for s in shards]
+        parts = [EncodedPart(s.rows, functools.partial(iter_images, layout, s), str(s.path)) for s in shards]
+        splits[split] = SplitSource(labels=np.concatenate(labels), encoded=parts)
+    files = [s.path for shards in layout.splits.values() for s in shards] + layout.meta_files
+    return Source(
+        classes=layout.classes,
+        class_ids=layout.classes,
+        splits=splits,
+        layout=f"hf {layout.kind} ({layout.test_split} as test)",
+        path=str(root),
+        fingerprint=_fingerprint(root, files, extra=f"{spec.resolution} rgb {layout.image_column} {layout.label_column}"),
+        notes=layout.notes,
+    )
 
 
 # ---------------------------------------------------------------- Downsampled ImageNet 64x64

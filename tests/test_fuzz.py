@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -336,3 +337,82 @@ def test_checkpoint_with_one_field_damaged(scratch, key, value, meta_key):
     if out is not None:
         d, step = out
         assert len(d.latents) == 2 and step >= 0
+
+
+# ---- local Hugging Face datasets (d3fast/data/hf.py)
+
+HF_JSON = ["dataset_dict.json", "train/state.json", "train/dataset_info.json", "test/state.json"]
+
+
+def _hf_read(root):
+    """find_layout, the labels and every image batch of a folder (what prepare reads)."""
+    from d3fast.data import hf
+
+    layout = hf.find_layout(root)
+    for shards in layout.splits.values():
+        for shard in shards:
+            y = hf.read_labels(layout, shard)
+            assert y.dtype == np.int64 and len(y) == shard.rows and ((0 <= y) & (y < len(layout.classes))).all()
+            assert sum(len(b) for b in hf.iter_images(layout, shard, 4)) == shard.rows
+    return layout
+
+
+@SETTINGS
+@given(which=st.sampled_from(HF_JSON), doc=json_values)
+def test_hf_side_files_arbitrary_json(scratch, which, doc):
+    from tests.test_hf_datasets import TEST, TRAIN, write_save_to_disk
+
+    root = write_save_to_disk(scratch / "dd", splits=(("train", TRAIN[:3]), ("test", TEST[:3])), metadata=False)
+    (root / which).write_text(json.dumps(doc))
+    layout = _ok_or_d3fast_error(_hf_read, root)
+    if layout is not None:
+        assert all(isinstance(c, str) for c in layout.classes) and len(set(layout.classes)) == len(layout.classes)
+
+
+@SETTINGS
+@given(doc=json_values, label=st.sampled_from(["label", "labels"]))
+def test_hf_schema_metadata_arbitrary_json(scratch, doc, label):
+    import pyarrow.parquet as pq
+
+    from tests.test_hf_datasets import TEST, TRAIN, _table
+
+    root = scratch / "pq"
+    for split, rows in (("train", TRAIN[:3]), ("test", TEST[:3])):
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        table = _table(rows, label=label, metadata=False).replace_schema_metadata(
+            {"huggingface": json.dumps({"info": {"features": {label: doc}}})})
+        pq.write_table(table, root / "data" / f"{split}-00000-of-00001.parquet")
+    layout = _ok_or_d3fast_error(_hf_read, root)
+    if layout is not None:
+        # a ClassLabel's names, or "0".."C-1" from its num_classes alone
+        assert layout.classes in (doc.get("names"), [str(i) for i in range(len(layout.classes))])
+        assert layout.classes == doc.get("names") or doc.get("num_classes") == len(layout.classes)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=300), kind=st.sampled_from(["data/train-00000-of-00001.parquet",
+                                                           "train/data-00000-of-00002.arrow"]))
+def test_hf_shards_arbitrary_bytes(scratch, data, kind):
+    from tests.test_hf_datasets import TEST, TRAIN, write_parquet, write_save_to_disk
+
+    root = scratch / kind.split("/")[0]
+    shutil.rmtree(root, ignore_errors=True)
+    if kind.endswith(".parquet"):
+        write_parquet(root, "hub", test_name="test")
+        for p in (root / "data").glob("train-*"):
+            p.unlink()
+    else:
+        write_save_to_disk(root, splits=(("train", TRAIN[:3]), ("test", TEST[:3])))
+    (root / kind).write_bytes(data)
+    _ok_or_d3fast_error(_hf_read, root)
+
+
+@SETTINGS
+@given(text=st.text(alphabet=st.sampled_from(list("-: '\"\n0123456789abnmes_")), max_size=300))
+def test_hf_dataset_card_arbitrary_text(scratch, text):
+    from d3fast.data.hf import _readme_names
+
+    path = scratch / "README.md"
+    path.write_text("---\ndataset_info:\n  features:\n  - name: label\n" + text)
+    names = _readme_names(path, None)
+    assert all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in names.values())

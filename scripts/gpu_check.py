@@ -1,5 +1,5 @@
 """The GPU check: d3fast's whole CUDA path installed, tested and measured in one command, with
-every result in one folder. Run through scripts/gpu_check.sh; README "GPU check" says how.
+every result in one folder. Run through scripts/gpu_check.sh; docs/development.md "GPU check" says how.
 
     scripts/gpu_check.sh [--out DIR] [--quick] [--cpu]
 

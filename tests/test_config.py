@@ -165,7 +165,7 @@ def test_a_toml_config_file_reads_back_to_the_same_config(tmp_path):
 def test_a_partial_config_file_layers_on_its_datasets_preset(tmp_path):
     # issue 32: a file with a few keys once fell back to the generic defaults (digits: 100
     # experts x 50 epochs instead of the preset's); it holds what differs from the dataset's
-    # preset, as the README says, whether --dataset or its own data.dataset names the dataset
+    # preset, as docs/commands.md says, whether --dataset or its own data.dataset names the dataset
     from d3fast.config import to_dict
 
     want = to_dict(resolve_config("digits", overrides=["experts.epochs=3"]))

@@ -163,7 +163,7 @@ def _torchrun(home: Path, *args: str, nproc: int = 2, extra: tuple[str, ...] = (
 
 def _env(home: Path) -> dict[str, str]:
     # a restarted round must not read the last round's addresses from a shared store
-    # (pytorch/pytorch#135712): README "Many GPUs and nodes" says to set this with --max-restarts
+    # (pytorch/pytorch#135712): docs/distributed.md says to set this with --max-restarts
     env = {**os.environ, "D3FAST_HOME": str(home), "OMP_NUM_THREADS": "1", "D3FAST_DIST_TIMEOUT": "60",
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     env.pop("D3FAST_DEBUG", None)

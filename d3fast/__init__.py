@@ -1,6 +1,6 @@
 """d3fast: a training engine for Distributional Dataset Distillation (D3).
 
-The Python API (README "Python API", d3fast/api.py):
+The Python API (docs/python-api.md, d3fast/api.py):
 
     d3fast.distill(dataset, steps=..., set={...}) -> run directory
     d3fast.load(run_or_export) -> Distilled | Merged;  .sample(n_per_class) -> (images, labels)

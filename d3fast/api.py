@@ -1,5 +1,5 @@
 """The Python API: `d3fast.distill`, `d3fast.evaluate`, `d3fast.load` and
-`Distilled.sample` / `Merged.sample` (README "Python API").
+`Distilled.sample` / `Merged.sample` (docs/python-api.md).
 
 Each call does what the command of the same name does (the same config resolution, data
 preparation, expert training, locks and files), raising `d3fast.D3FastError` where the

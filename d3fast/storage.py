@@ -315,7 +315,7 @@ def storage_table(resolutions: Sequence[int] = (32, 64, 128), channels: int = 3)
 
 
 def storage_table_markdown(resolutions: Sequence[int] = (32, 64, 128), channels: int = 3) -> str:
-    """`storage_table` as the README's markdown table."""
+    """`storage_table` as the markdown table of docs/storage.md."""
     lines = [
         "| decoder | z | px | decoder MiB | 10 classes: images/class | 1000 classes, 5 subtasks: images/class |",
         "|---|---:|---:|---:|---:|---:|",

@@ -66,11 +66,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".p
 MAX_SET_SIDE = 512
 
 
-@torch.no_grad()
+# bytes of a class name kept in its folder's name: file systems allow 255 bytes a name, and the
+# index before it keeps truncated names apart
+NAME_BYTES = 200
+
+
 def _safe(name: str) -> str:
     """A folder name for a class name: path separators, control characters and leading dots
-    replaced; letters of any script kept ("ünï cörn" stays readable)."""
-    return re.sub(r"[/\\\x00-\x1f\x7f]+", "_", name).strip().lstrip(".") or "class"
+    replaced; letters of any script kept ("ünï cörn" stays readable); cut to NAME_BYTES
+    bytes of UTF-8 at a character's end (a dataset's class name may be a sentence)."""
+    safe = re.sub(r"[/\\\x00-\x1f\x7f]+", "_", name).strip().lstrip(".")
+    return safe.encode()[:NAME_BYTES].decode(errors="ignore").strip() or "class"
 
 
 def class_folders(classes: list[str]) -> list[str]:

@@ -38,7 +38,8 @@ import torch
 from d3fast.errors import D3FastError
 from d3fast.io import atomic_path
 
-BUFFER_RE = re.compile(r"^replay_buffer_(\d+)\.pt$")
+# n as buffer.py writes it (no leading zeros: replay_buffer_00.pt is not a name MTT reads)
+BUFFER_RE = re.compile(r"^replay_buffer_(0|[1-9]\d*)\.pt$")
 # buffer.py's --save_interval: trajectories per file
 PER_FILE = 10
 # d3fast's dataset name -> the folder MTT's buffer.py names after its --dataset (and --subset)
@@ -49,6 +50,18 @@ _DATASET_DIRS = {"fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar10
 _DEFAULT = {"width": 128, "depth": 3, "norm": "instancenorm", "pooling": "avgpooling"}
 _NORM_SUFFIX = {"batchnorm": "BN", "layernorm": "LN", "instancenorm": "IN", "groupnorm": "GN", "none": "NN"}
 _POOL_SUFFIX = {"maxpooling": "MP", "avgpooling": "AP", "none": "NP"}
+# every ConvNet model of MTT's utils.get_network and the one setting each changes (AR, AL, AS:
+# ReLU, leaky ReLU, sigmoid; d3fast's ConvNet has ReLU)
+MTT_MODELS: dict[str, dict[str, Any]] = {
+    "ConvNet": {}, **{f"ConvNetD{d}": {"depth": d} for d in range(1, 9)},
+    **{f"ConvNetW{w}": {"width": w} for w in (32, 64, 128, 256, 512, 1024)},
+    **{f"ConvNet{suffix}": {"norm": norm} for norm, suffix in _NORM_SUFFIX.items()},
+    **{f"ConvNet{suffix}": {"pooling": pool} for pool, suffix in _POOL_SUFFIX.items()},
+    "ConvNetAR": {"act": "relu"}, "ConvNetAL": {"act": "leakyrelu"}, "ConvNetAS": {"act": "sigmoid"},
+}
+# the <dataset dir> names of MTT's buffer.py (ImageNet: ImageNet/<subset>/<res>)
+_MTT_DATASETS = {"MNIST", "FashionMNIST", "SVHN", "CIFAR10", "CIFAR100", "Tiny", "ImageNet"}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Shape = tuple[int, ...]
 
@@ -82,6 +95,48 @@ def model_name(width: int, depth: int, norm: str, pooling: str) -> str:
     return "".join(parts)
 
 
+def model_note(name: str) -> str | None:
+    """A note when `name` (from `model_name`) is not a model MTT's get_network builds."""
+    if name in MTT_MODELS:
+        return None
+    return (f"MTT's utils.get_network has no model {name} (it knows {', '.join(sorted(MTT_MODELS)[:4])}, ... one "
+            f"setting changed at a time): add one building this ConvNet there, or rename the folder to yours")
+
+
+def folder_problem(model_dir: Path, dataset: str, zca: bool, res: int, norm: str, pooling: str) -> str | None:
+    """What the names of a buffer's folders (<dataset dir>/<model>, MTT's layout) say against
+    the config, where the tensor shapes cannot tell: another norm (batchnorm and instancenorm
+    have the same shapes), pooling or activation, another dataset of the same shapes
+    (MNIST for Fashion-MNIST), ZCA or not. None when the names agree or are not MTT's."""
+    settings = MTT_MODELS.get(model_dir.name)
+    if settings is not None:
+        act = settings.get("act", "relu")
+        if act != "relu":
+            return f"its folder {model_dir.name} is MTT's ConvNet with {act} activations; d3fast's ConvNet has ReLU"
+        for key, ours in (("norm", norm), ("pooling", pooling)):
+            theirs = settings.get(key, _DEFAULT[key])
+            if theirs != ours:
+                return (f"its folder {model_dir.name} is MTT's ConvNet with {key} {theirs}, the config's net.{key} is "
+                        f"{ours} (the shapes agree, the networks do not): --set net.{key}={theirs}, or rename the "
+                        "folder if it was trained otherwise")
+    want = dataset_dir(dataset, zca, res).split("/")
+    parts = model_dir.parts[:-1]
+    if parts and parts[-1].removesuffix("_NO_ZCA") in _MTT_DATASETS - {"ImageNet"}:
+        got = [parts[-1]]
+    elif len(parts) >= 3 and parts[-3] == "ImageNet":
+        got = list(parts[-3:])
+    else:
+        return None
+    if got == want:
+        return None
+    if got[0].removesuffix("_NO_ZCA") == want[0].removesuffix("_NO_ZCA"):
+        fix = "--set data.zca=false" if got[0].endswith("_NO_ZCA") else "--set data.zca=true"
+        return (f"its folder {got[0]} holds experts trained {'without' if fix.endswith('false') else 'with'} ZCA "
+                f"whitening, the config's data.zca is {str(zca).lower()}: {fix}")
+    return (f"its folder {'/'.join(got)} is MTT's name for another dataset than {dataset} (whose buffers MTT keeps "
+            f"under {'/'.join(want)}): import it with the --dataset it was trained on")
+
+
 def padding_note(channels: int, res: int) -> str | None:
     """MTT pads the first conv by 3 for every 1-channel input (28 px lifted to 32); d3fast
     pads only 28 px inputs so. At 1 channel and another size the shapes agree and the
@@ -106,9 +161,15 @@ def buffer_files(path: Path) -> list[Path]:
                           "(<buffer_path>/<dataset>/<model>/)")
     if path.is_file():
         return [path]
-    found = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := BUFFER_RE.match(p.name)) and p.is_file())
+    found = dict(sorted((int(m.group(1)), p) for p in path.iterdir() if (m := BUFFER_RE.match(p.name))))
     if found:
-        return [p for _, p in found]
+        run = [found[n] for n in range(len(found)) if n in found]
+        if len(run) < len(found):  # MTT's distill.py reads n = 0, 1, ... up to the first missing one
+            after = sorted(n for n in found if n >= len(run))
+            raise D3FastError(f"{path} holds replay_buffer_{after[0]}.pt after a gap (no replay_buffer_{len(run)}.pt): "
+                              f"MTT reads replay_buffer_0..{len(run) - 1} there and stops; number them without gaps, "
+                              "or import the files one by one")
+        return run
     below = sorted({str(p.parent) for depth in ("*", "*/*", "*/*/*") for p in path.glob(f"{depth}/replay_buffer_*.pt")})
     hint = f"; found them in {', '.join(below[:6])}: pass one of those" if below else ""
     raise D3FastError(f"{path} holds no replay_buffer_<n>.pt files (MTT's layout: <buffer_path>/<dataset>/<model>/"
@@ -124,6 +185,9 @@ def read_buffer(path: Path) -> list[list[list[torch.Tensor]]]:
         D3FastError: unreadable or not a replay buffer; naming the file, and for a wrong
             structure the trajectory and epoch where it breaks.
     """
+    if not path.is_file():
+        raise D3FastError(f"{path} is not a file: a replay buffer is one torch.save file")
+
     def load(mmap: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
@@ -136,12 +200,17 @@ def read_buffer(path: Path) -> list[list[list[torch.Tensor]]]:
             raw = load(mmap=False)
     except pickle.UnpicklingError as e:
         raise D3FastError(f"{path} is not a replay buffer torch.load reads with weights_only=True (it holds "
-                          f"objects other than tensors and lists: {str(e).splitlines()[0][:160]})") from None
+                          f"objects other than tensors and lists: {_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+        raise D3FastError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); "
                           "copy it again") from None
     _check_structure(path, raw)
     return raw
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:160] if lines else "no message"
 
 
 def _check_structure(path: Path, raw: Any) -> None:
@@ -155,9 +224,12 @@ def _check_structure(path: Path, raw: Any) -> None:
                               "epoch's parameters")
         for e, snap in enumerate(traj):
             if not isinstance(snap, list | tuple) or not snap or not all(
-                    isinstance(p, torch.Tensor) and p.is_floating_point() for p in snap):
-                raise D3FastError(f"{path}: trajectory {t}, epoch {e} is {_kind(snap)}, not a list of float "
-                                  "parameter tensors")
+                    isinstance(p, torch.Tensor) and p.dtype in _FLOATS and p.layout == torch.strided
+                    and p.device.type == "cpu" for p in snap):
+                odd = next((p for p in snap if isinstance(p, torch.Tensor)), None) if isinstance(snap, list | tuple) else None
+                raise D3FastError(f"{path}: trajectory {t}, epoch {e} is {_kind(snap)}, not a list of dense float16, "
+                                  "bfloat16, float32 or float64 parameter tensors"
+                                  + (f" (one is {odd.dtype}, {odd.layout}, on {odd.device.type})" if odd is not None else ""))
             if count is None:
                 count = len(snap)
             elif len(snap) != count:

@@ -161,7 +161,8 @@ def read_expert(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _row_crc(row: torch.Tensor) -> int:
+def row_crc(row: torch.Tensor) -> int:
+    """The CRC-32 of one snapshot row's float32 bytes, as expert headers record it."""
     return zlib.crc32(row.detach().contiguous().numpy().data)
 
 
@@ -171,7 +172,7 @@ def _check_rows(path: Path, meta: dict[str, Any], snapshots: Iterable[int], rows
     crcs = meta.get("row_crc32")
     if crcs is None:
         return
-    bad = [e for e, row in zip(snapshots, rows, strict=True) if e >= len(crcs) or _row_crc(row) != crcs[e]]
+    bad = [e for e, row in zip(snapshots, rows, strict=True) if e >= len(crcs) or row_crc(row) != crcs[e]]
     if bad:
         per_epoch = meta.get("snapshots_per_epoch", 1)
         what = "epoch(s)" if per_epoch == 1 else f"snapshot(s) ({per_epoch} per epoch)"
@@ -200,7 +201,7 @@ def write_expert(
         "format": TRAJ_FORMAT, "index": index, "seed": seed, "epochs_done": epochs,
         "complete": complete, "test_acc": test_acc, "history": history, "param_layout": param_layout,
         # verified whenever a row is read back (ExpertBank.rows, read_expert)
-        "row_crc32": [_row_crc(row) for row in snapshots], **extra,
+        "row_crc32": [row_crc(row) for row in snapshots], **extra,
     }
     save_tensors(path, tensors, meta)
 

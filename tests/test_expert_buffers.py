@@ -104,7 +104,7 @@ def test_imported_experts_compute_mtts_convnet(tmp_path, dataset):
             torch.testing.assert_close(net(x), want, rtol=1e-10, atol=1e-10)
     # the same buffer again adds nothing
     r = run("experts", "import", path, "--dataset", dataset, *[a for o in TINY for a in ("--set", o)])
-    assert r.exit_code == 0 and "nothing new: the 2 trajectories were imported" in r.output, r.output
+    assert r.exit_code == 0 and "holds these 2 trajectories already" in r.output, r.output
     assert len(list(experts_dir(cfg).glob("expert_*.safetensors"))) == 2
 
 
@@ -122,9 +122,18 @@ def test_export_reimports_identical_and_imported_experts_are_never_extended(cifa
         assert len(buf) == 1 and len(buf[0]) == 3
         assert [tuple(p.shape) for p in buf[0][0]] == mtt_shapes(3, 8, 3, 10, 32)
         assert torch.equal(torch.stack([torch.cat([p.reshape(-1) for p in s]) for s in buf[0]]), orig)
-    # a second export never mixes into those files
+    assert "has no model ConvNetW8" in r.output  # MTT's get_network knows W32..W1024
+    # a second export never mixes into those files; a file where a folder goes is named
     r = run("experts", "export", "--out", tmp_path / "out", "--dataset", "cifar10", *[a for o in TINY for a in ("--set", o)])
     assert r.exit_code == 2 and "holds replay buffers already" in r.output
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "CIFAR10_NO_ZCA").write_text("x")
+    r = run("experts", "export", "--out", tmp_path / "blocked", "--dataset", "cifar10", *[a for o in TINY for a in ("--set", o)])
+    assert r.exit_code == 2 and "CIFAR10_NO_ZCA is a file, where the buffers' folder" in r.output, r.output
+    # imported back where they came from: recognised by their rows, nothing written twice
+    r = run("experts", "import", target, "--dataset", "cifar10", *[a for o in TINY for a in ("--set", o)])
+    assert r.exit_code == 0 and "holds these 2 trajectories already" in r.output, r.output
+    assert len(list(experts_dir(cifar).glob("expert_*.safetensors"))) == 2
     # into a fresh home: the same tensors come back
     monkeypatch.setenv("D3FAST_HOME", str(tmp_path / "home2"))
     prepare(cifar, progress=False)
@@ -159,6 +168,14 @@ def test_import_refusals_are_one_line(cifar, tmp_path):
         "object": (argparse.Namespace(x=1), "weights_only=True"),
         "nan": ([[[torch.zeros(s) for s in good], [torch.full(s, float("nan")) for s in good]]],
                 "trajectory 0 holds NaN or infinite values at epoch 1"),
+        "float8": ([[[torch.zeros(s).to(torch.float8_e4m3fn) for s in good]] * 2], "one is torch.float8_e4m3fn"),
+        "sparse": ([[[torch.zeros(s).to_sparse() for s in good]] * 2], "torch.sparse_coo"),
+        # what the shapes cannot tell, the folders' names in MTT's layout do
+        "ConvNetBN": (mtt_buffer(good), "MTT's ConvNet with norm batchnorm, the config's net.norm is instancenorm"),
+        "CIFAR10/ConvNetW8": (mtt_buffer(good), "trained with ZCA whitening, the config's data.zca is false: "
+                                                "--set data.zca=true"),
+        "FashionMNIST/ConvNetW8": (mtt_buffer(good), "MTT's name for another dataset than cifar10"),
+        "ConvNetAS": (mtt_buffer(good), "sigmoid activations"),
     }
     for name, (obj, text) in cases.items():
         path = save(b / name / "replay_buffer_0.pt", obj)
@@ -166,11 +183,19 @@ def test_import_refusals_are_one_line(cifar, tmp_path):
         assert r.exit_code == 2, (name, r.output)
         assert text in r.output and "Traceback" not in r.output, (name, r.output)
         assert len(r.output.strip().splitlines()) == 1, (name, r.output)
-    # a torn file; a folder a level above the buffers; a missing path; batchnorm; nothing written by any
+    # a torn file, an empty one; numbering MTT would not read; a folder a level above the buffers; a
+    # missing path; batchnorm; nothing written by any
     torn = save(b / "torn" / "replay_buffer_0.pt", mtt_buffer(good))
     torn.write_bytes(torn.read_bytes()[:200])
+    empty = save(b / "empty" / "replay_buffer_0.pt", [])
+    empty.write_bytes(b"")
+    for n in (0, 2):
+        save(b / "gap" / f"replay_buffer_{n}.pt", mtt_buffer(good))
+    save(b / "zeros" / "replay_buffer_00.pt", mtt_buffer(good))
     save(b / "up" / "CIFAR10" / "ConvNet" / "replay_buffer_0.pt", mtt_buffer(good))
-    for args, text in [((torn,), "corrupt or truncated"),
+    for args, text in [((torn,), "corrupt or truncated"), ((empty,), "corrupt or truncated"),
+                       ((b / "gap",), "replay_buffer_2.pt after a gap (no replay_buffer_1.pt)"),
+                       ((b / "zeros",), "holds no replay_buffer_<n>.pt files"),
                        ((b / "up",), f"found them in {b / 'up' / 'CIFAR10' / 'ConvNet'}"),
                        ((b / "nope",), "does not exist"),
                        ((b / "up" / "CIFAR10" / "ConvNet", "--set", "net.norm=batchnorm"), "running statistics")]:

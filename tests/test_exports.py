@@ -77,6 +77,15 @@ def test_two_evaluations_are_both_kept(home, run):
         assert json.loads((run / "evals" / e["file"]).read_text())["results"]["convnet"]["d3"]["accs"]
 
 
+def test_class_folders_fit_a_file_name():
+    """A class name longer than a file name may be (a Hugging Face ClassLabel can be a sentence)
+    is cut at a character's end; the index keeps cut names apart and in order."""
+    long = ["é" * 3000, "é" * 3000 + "x", "a/b\x00c", ".."]
+    folders = class_folders(long)
+    assert all(len(f.encode()) <= 255 for f in folders) and len(set(folders)) == 4
+    assert folders[0] == "0_" + "é" * 100 and folders[2:] == ["2_a_b_c", "3_class"]
+
+
 def test_imagefolder_export_round_trips(home, run, tmp_path):
     out = tmp_path / "folder"
     _invoke("export", str(run), "--format", "imagefolder", "--out", str(out), "--per-class", "2")

@@ -396,6 +396,15 @@ def test_mixed_shard_schemas_and_incomplete_sets(tmp_path, d3fast_home):
     _parquet(second, TRAIN[7:])
     _parquet(root / "data" / "validation-00000-of-00001.parquet", TEST, names=["a", "b", "c"])
     assert "validation-00000-of-00001.parquet names the classes of 'label' [a, b, c]" in _one_line(root)
+    # two train shards naming other classes (the second shard's are never read otherwise)
+    _parquet(root / "data" / "validation-00000-of-00001.parquet", TEST)
+    _parquet(second, TRAIN[7:], names=["a", "b", "c"])
+    assert "train-00001-of-00002.parquet names the classes of 'label' [a, b, c]" in _one_line(root)
+    # a save_to_disk split without state.json, one of its data-K-of-N shards gone
+    std = write_save_to_disk(tmp_path / "s")
+    (std / "train" / "state.json").unlink()
+    (std / "train" / "data-00001-of-00002.arrow").unlink()
+    assert "the train shards are not one complete set of 2 (1 files, missing 1)" in _one_line(std)
 
 
 def test_files_that_are_not_shards(tmp_path, d3fast_home):

@@ -90,10 +90,12 @@ def find_layout(root: Path) -> Layout:
         files, test, meta, notes, config = _parquet_files(root)
     splits: dict[str, list[Shard]] = {}
     schemas: dict[str, Any] = {}
+    every: list[tuple[Path, Any]] = []  # (shard, schema) of both splits: their class names are compared below
     for split, paths in (("train", files[TRAIN]), ("test", files[test])):
         shards = []
         for path in paths:
             schema, rows = _schema(path, kind)
+            every.append((path, schema))
             first = schemas.setdefault(split, schema)
             if not schema.remove_metadata().equals(first.remove_metadata()):
                 raise D3FastError(f"{path} has columns [{_columns(schema)}] but {paths[0]} has [{_columns(first)}]: "
@@ -109,10 +111,11 @@ def find_layout(root: Path) -> Layout:
     # the test split is read with the train split's columns
     _pick_columns(first_test, schemas["test"], _schema_features(schemas["test"]), (image, label))
     classes, where = _class_names(root, kind, label, first_train, train_features, meta, config)
-    test_names = _names_of((_schema_features(schemas["test"]) or {}).get(label))
-    if test_names is not None and test_names != classes:
-        raise D3FastError(f"{first_test} names the classes of {label!r} {_short(test_names)}, but {where} names them "
-                          f"{_short(classes)}: the splits must share one ClassLabel feature")
+    for path, schema in every:  # each shard's own ClassLabel, where it has one (the schemas may differ only there)
+        names = _names_of((_schema_features(schema) or {}).get(label))
+        if names is not None and names != classes:
+            raise D3FastError(f"{path} names the classes of {label!r} {_short(names)}, but {where} names them "
+                              f"{_short(classes)}: every shard of both splits must share one ClassLabel feature")
     return Layout(root, kind, splits, test, image, label, classes, where, meta, notes)
 
 
@@ -301,6 +304,7 @@ def _save_to_disk_files(root: Path) -> tuple[dict[str, list[Path]], str, list[Pa
             paths = sorted(folder.glob("data-*.arrow"))
             if not paths:
                 raise D3FastError(f"{folder} holds neither state.json nor data-*.arrow shards: not a save_to_disk split")
+        _check_complete(split, paths)  # data-0000K-of-0000N.arrow: every K, as for Parquet
         meta += [p for p in (folder / "dataset_info.json",) if p.is_file()]
         files[split] = paths
     return files, test, meta, notes

@@ -6,9 +6,12 @@ in the experts folder of the resolved config, so `d3fast distill` with the same 
 them as if trained here. Every file's every snapshot is checked against d3fast's network for
 the dataset before anything is written; each imported expert's last epoch is evaluated on
 the test split (a buffer trained on other data, normalisation or class order shows here as
-near-chance accuracy, which the shapes cannot show). Importing the same buffer again adds
-nothing: each expert records the buffer's SHA-256 and its trajectory index. Imported experts
-are never extended by `d3fast experts` (that would splice two trainings into one trajectory).
+near-chance accuracy, which the shapes cannot show), and the names of the buffer's folders
+are read for what the shapes cannot see (another norm, ZCA or not, another dataset). A
+trajectory the folder already holds (imported before, or exported from it) is recognised by
+its rows' CRC-32s and not written again; each imported expert also records the buffer's
+SHA-256 and its index there. Imported experts are never extended by `d3fast experts` (that
+would splice two trainings into one trajectory).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from d3fast.mtt_buffers import (
     dataset_dir,
     describe,
     flatten,
+    folder_problem,
     layout_problem,
     model_name,
+    model_note,
     padding_note,
     read_buffer,
     unflatten,
@@ -52,6 +57,7 @@ from d3fast.trajectories import (
     need_epochs,
     read_expert,
     read_expert_meta,
+    row_crc,
     write_expert,
     write_manifest,
 )
@@ -61,7 +67,7 @@ from d3fast.trajectories import (
 class ImportResult:
     out_dir: Path
     indices: list[int]  # the expert files written, in buffer order
-    skipped: int  # trajectories imported before (same buffer SHA-256 and index)
+    skipped: int  # trajectories the folder held already (same rows)
     test_acc: list[float]  # of each written expert's last epoch, on the test split
     epochs: list[int]  # of each written expert
     notes: list[str]
@@ -104,8 +110,13 @@ def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
                           "default)")
     layout = param_layout(net)
     ours = describe([tuple(s) for _, s in layout])
-    total = 0
+    for folder in dict.fromkeys(f.parent for f in files):
+        problem = folder_problem(folder, cfg.data.dataset, cfg.data.zca, test.resolution, cfg.net.norm, cfg.net.pooling)
+        if problem:
+            raise D3FastError(f"{folder}: {problem}")
+    total, seen = 0, {}
     for f in files:  # every snapshot of every file checked before anything is written
+        seen[f] = _stamp(f)
         for t, traj in enumerate(read_buffer(f)):
             total += 1
             for e, snap in enumerate(traj):
@@ -127,29 +138,38 @@ def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
     # it new); training takes the per-expert locks only, so it goes on beside an import
     try:
         with locked(out / "import.lock", wait=True):
-            _import_files(files, out, net, test, layout, result, bar)
+            _import_files(seen, out, net, test, layout, result, bar)
     finally:  # the experts written before a failure are listed too
         write_manifest(cfg, out, device)
     return result
 
 
-def _import_files(files: list[Path], out: Path, net: torch.nn.Module, test: Any, layout: list,
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _import_files(seen: dict[Path, tuple[int, int]], out: Path, net: torch.nn.Module, test: Any, layout: list,
                   result: ImportResult, bar: Any) -> None:
-    have = _imported(out)
+    have = _held(out)
     try:
-        for f in files:
+        for f, stamp in seen.items():
+            if _stamp(f) != stamp:
+                raise D3FastError(f"{f} changed while it was imported (checked, then read again): run the import "
+                                  "again once it is complete")
             digest = sha256_file(f)
             for t, traj in enumerate(read_buffer(f)):
-                if (digest, t) in have:
+                snapshots = torch.stack([flatten(s) for s in traj])
+                crcs = tuple(row_crc(row) for row in snapshots)
+                if crcs in have:  # the folder holds this trajectory already (imported, or exported from here)
                     result.skipped += 1
                     bar.update(1)
                     continue
-                snapshots = torch.stack([flatten(s) for s in traj])
                 load_flat_params(net, snapshots[-1].to(test.device))
                 acc = evaluate_accuracy(net, test)
                 index = _write_next(out, snapshots, acc, layout, {"format": "mtt", "file": f.name, "sha256": digest,
                                                                   "trajectory": t})
-                have.add((digest, t))
+                have.add(crcs)
                 result.indices.append(index)
                 result.test_acc.append(acc)
                 result.epochs.append(len(snapshots) - 1)
@@ -158,14 +178,12 @@ def _import_files(files: list[Path], out: Path, net: torch.nn.Module, test: Any,
         bar.close()
 
 
-def _imported(out: Path) -> set[tuple[str, int]]:
-    """(buffer SHA-256, trajectory index) of every expert in `out` imported before."""
-    have = set()
-    for p in sorted(out.glob("expert_*.safetensors")):
-        src = read_expert_meta(p).get("imported")
-        if isinstance(src, dict):
-            have.add((str(src.get("sha256")), int(src.get("trajectory", -1))))
-    return have
+def _held(out: Path) -> set[tuple[int, ...]]:
+    """The trajectories `out` holds, each as its rows' CRC-32s (in every expert file's header):
+    a trajectory imported before, or one of these experts exported and imported back, is
+    recognised without reading a row (51 CRC-32s colliding by chance: never)."""
+    return {tuple(m["row_crc32"]) for p in sorted(out.glob("expert_*.safetensors"))
+            if (m := read_expert_meta(p)).get("row_crc32") is not None}
 
 
 def _write_next(out: Path, snapshots: torch.Tensor, acc: float, layout: list, source: dict[str, Any]) -> int:
@@ -188,11 +206,11 @@ def import_summary(cfg: Config, res: ImportResult) -> list[str]:
     """What `d3fast experts import` prints: the count, accuracy, and what distill will do."""
     lines = list(f"note: {n}" for n in res.notes)
     if not res.indices:
-        lines.append(f"nothing new: the {res.skipped} trajectories were imported into {res.out_dir} before")
+        lines.append(f"nothing new: {res.out_dir} holds these {res.skipped} trajectories already")
         return lines
     acc = torch.tensor(res.test_acc)
     lines.append(f"imported {len(res.indices)} expert trajectories ({min(res.epochs)}-{max(res.epochs)} epochs) into "
-                 f"{res.out_dir}" + (f" ({res.skipped} imported before)" if res.skipped else ""))
+                 f"{res.out_dir}" + (f" ({res.skipped} held already)" if res.skipped else ""))
     lines.append(f"last-epoch test accuracy {acc.mean():.1%} ± {acc.std(unbiased=False):.1%} (min {acc.min():.1%})")
     chance = 1 / int(load_split(cfg.data.dataset, "test", mmap=True)[2]["num_classes"])
     if float(acc.mean()) < 2 * chance:
@@ -236,15 +254,18 @@ def export_buffers(cfg: Config, out_root: str | Path, per_file: int = PER_FILE,
     depth = sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d))
     target = Path(out_root).expanduser() / dataset_dir(cfg.data.dataset, cfg.data.zca, res) / model_name(
         cfg.net.width, depth, cfg.net.norm, cfg.net.pooling)
+    blocked = next((p for p in [target, *target.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise D3FastError(f"{blocked} is a file, where the buffers' folder {target} would go: pass another --out")
     if target.is_dir() and any(BUFFER_RE.match(p.name) for p in target.iterdir()):
         raise D3FastError(f"{target} holds replay buffers already: MTT reads every replay_buffer_<n>.pt there, so "
                           "d3fast never mixes experts into them; pass another --out or remove them")
     layout = param_layout(net)
     if any(m["param_layout"] != [[name, list(shape)] for name, shape in layout] for _, m in done):
         raise D3FastError(f"the experts in {folder} have another parameter layout than net.* builds now")
-    note = padding_note(channels, res)
-    if note:
-        echo(f"note: {note}")
+    for note in (padding_note(channels, res), model_note(target.name)):
+        if note:
+            echo(f"note: {note}")
     if any(b for _, m in done for b in [m.get("__shapes__", {}).get("buffers")]):
         echo("note: MTT's buffers hold parameters only: the experts' running statistics are left out")
     written = []

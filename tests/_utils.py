@@ -29,6 +29,18 @@ def photo(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(im)
 
 
+def reference_decode(src, size=128):
+    """Independent decode of an image file (a path or a file object): full-resolution decode to
+    RGB, short side to `size` (bilinear), center crop; uint8 [3, size, size]."""
+    im = Image.open(src).convert("RGB")
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
+
+
 def write_jpeg(path: Path, w: int, h: int, seed: int, quality: int = 90) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     photo(w, h, seed).save(path, "JPEG", quality=quality)

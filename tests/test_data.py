@@ -21,6 +21,7 @@ from tests._utils import (
     make_fashion_mnist,
     make_imagenet_tree,
     make_tinyimagenet,
+    reference_decode,
     write_idx,
     write_jpeg,
 )
@@ -31,17 +32,6 @@ def cfg_for(dataset, path=None, **data):
     if path is not None:
         overrides.append(f"data.data_path={path}")
     return resolve_config(dataset, overrides=overrides)
-
-
-def reference_decode(path, size=128):
-    """Independent decode: full-resolution decode, short side to `size`, center crop."""
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
 
 
 # ------------------------------------------------------------------ ImageNet subsets

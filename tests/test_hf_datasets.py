@@ -21,7 +21,7 @@ from d3fast.config import resolve_config
 from d3fast.data.cache import load_split
 from d3fast.data.prepare import prepare
 from d3fast.errors import D3FastError
-from tests._utils import OVERRIDES, photo
+from tests._utils import OVERRIDES, photo, reference_decode
 
 # label order of the features: not sorted, so a reader that sorted the names would be caught
 CLASSES = ["zebra", "ant", "moth"]
@@ -143,17 +143,6 @@ def hf_prepare(root, name="hf-x", size=16):
     return r
 
 
-def reference_decode(data, size):
-    """Independent decode of a PNG: full decode to RGB, short side to `size`, center crop."""
-    im = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = im.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
-
-
 # ------------------------------------------------------------------ layouts that prepare
 
 
@@ -172,7 +161,7 @@ def test_parquet_layouts_decode_like_the_imagefolder_reader(tmp_path, d3fast_hom
     assert np.array_equal(x, want_x) and np.array_equal(xt, want_xt)
     # a PNG against a decode that shares no code with d3fast's (no JPEG draft mode here)
     png = next(r for r, (b, _) in enumerate(TRAIN) if b.startswith(b"\x89PNG"))
-    assert np.abs(x[png].astype(int) - reference_decode(TRAIN[png][0], 16).astype(int)).max() <= 1
+    assert np.abs(x[png].astype(int) - reference_decode(io.BytesIO(TRAIN[png][0]), 16).astype(int)).max() <= 1
     grey = next(r for r, (b, _) in enumerate(TRAIN) if Image.open(io.BytesIO(b)).mode == "L")
     assert (x[grey][0] == x[grey][1]).all() and (x[grey][1] == x[grey][2]).all()  # greyscale -> RGB
     # once prepared it is found by name, with the hf preset; the same command reuses the cache

@@ -541,6 +541,16 @@ def test_a_resume_auto_name_is_claimed_by_one_job_at_a_time(home, tmp_path):
     assert r.exit_code == 0 and "reached step 3/3" in r.output, r.output
     r = CliRunner().invoke(cli, args)  # the same job again: it continues its run, not a new one
     assert r.exit_code == 0 and len([p for p in (runs / "digits").iterdir() if p.is_dir()]) == 1, r.output
+    # a scheduler restarts the whole command line, its --preset included: the run's own preset
+    # continues it (it was "--preset picks the configuration of a new run", so a restarted
+    # `d3fast frontier` could not continue an interrupted point); another preset is refused
+    r = CliRunner().invoke(cli, [*args, "--preset", "digits"])
+    assert r.exit_code == 0 and "reached step 3/3" in r.output, r.output
+    toml = tmp_path / "mine.toml"
+    toml.write_text(CliRunner().invoke(cli, ["config", "--dataset", "digits", "--format", "toml"]).output)
+    r = CliRunner().invoke(cli, [*args, "--preset", str(toml)])
+    assert r.exit_code == 2 and f"a run of preset digits, not {toml}" in r.output, r.output
+    assert len([p for p in (runs / "digits").iterdir() if p.is_dir()]) == 1
 
 
 def test_runs_under_a_file_are_one_clear_error(home, tmp_path):

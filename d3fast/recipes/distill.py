@@ -634,9 +634,11 @@ def _command(job: DistillJob, claims: contextlib.ExitStack) -> Path:
     announce = not dataset and resume in (None, "auto")  # say what a new run without --dataset will use
     if announce and not job.preset:  # the default dataset with its own preset, not the bare defaults
         dataset = Config().data.dataset
+    preset = job.preset
 
     def resolve(base: Config | None = None) -> Config:
-        return resolve_config(dataset, job.preset, job.overrides, typed_overrides=typed, base=base)
+        return resolve_config(dataset, None if base is not None else preset, job.overrides, typed_overrides=typed,
+                              base=base)
 
     if resume in (None, "auto"):
         whole = resolve()
@@ -659,9 +661,17 @@ def _command(job: DistillJob, claims: contextlib.ExitStack) -> Path:
 
         found = world.on_main(claim_and_find)
         resume, name = (str(found.path), None) if found is not None else (None, name)
+        # a scheduler restarts the whole command line, --preset included: the run's own preset is no change
+        if found is not None and preset and (theirs := found.read_config().preset) != cfg.preset:
+            raise D3FastError(f"--resume auto found {found.path}, a run of preset {theirs}, not {cfg.preset}: a run "
+                              "keeps its configuration; another --name starts a new one")
+        preset = None if found is not None else preset
     if resume is not None:
         if name is not None:
             raise D3FastError("--name names a new run; a resumed run keeps its directory")
+        if preset:
+            raise D3FastError("--preset picks the configuration of a new run; a resumed run keeps its own "
+                              "(change single keys with --set)")
         run = world.on_main(lambda: Run.open(resume, job.runs_dir))
         if run.merged_path.exists():
             raise D3FastError(f"{run.path} is a merged object, not a run: resume its subtask runs (its manifest.json "

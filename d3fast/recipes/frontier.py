@@ -246,12 +246,15 @@ def plot(table: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fitted = [p for p in table["points"] if p["fits"]]
+    xs_all: list[float] = []
     for storage in table["storages"]:
         pts = sorted((p for p in fitted if p["storage"] == storage), key=lambda p: p["object_images_per_class"])
         if pts:
+            xs_all += [p["object_images_per_class"] for p in pts]
             ax.errorbar([p["object_images_per_class"] for p in pts], [100 * p["rows"]["d3"]["mean"] for p in pts],
                         yerr=[100 * p["rows"]["d3"]["std"] for p in pts], marker="o", capsize=3, label=f"D3 ({storage})")
     for kind, label in BASELINES.items():
@@ -262,9 +265,18 @@ def plot(table: dict[str, Any], path: Path) -> None:
                 seen[v["images_per_class"]] = v
         if seen:
             xs = sorted(seen)
+            xs_all += xs
             ax.errorbar(xs, [100 * seen[x]["mean"] for x in xs], yerr=[100 * seen[x]["std"] for x in xs],
                         marker="s" if kind in CORESET_NAMES else "^", linestyle="--", capsize=3, label=label)
     ax.set_xscale("log", base=2)
+    if xs_all:  # a single budget spans less than a factor of 2: no power of two would label it
+        lo, hi = min(xs_all) / 1.5, max(xs_all) * 1.5
+        ax.set_xlim(lo, hi)
+        powers = [2.0 ** k for k in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)]
+        ticks = sorted({x for x in powers if lo <= x <= hi} | {float(round(x)) for x in xs_all})
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("storage (uint8 images per class)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{table['dataset']}: accuracy against storage")

@@ -433,7 +433,7 @@ def frontier(dataset, preset, overrides, budgets, storages, students, epochs, de
 @click.argument("target")
 @_config_options
 @click.option("--arch", "archs", default=None, help="Comma-separated: convnet,resnet18,vgg11,alexnet.")
-@click.option("--students", type=int, default=None, help="Students per architecture (default 5).")
+@click.option("--students", type=int, default=None, help="Students per architecture (default: the run's eval.students).")
 @click.option("--epochs", type=int, default=None, help="Epochs per student (default: the run's eval.epochs).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N.")
 @click.option("--loader", type=click.Choice(CHOICES["data.loader"]), default=None,
@@ -444,8 +444,9 @@ def frontier(dataset, preset, overrides, budgets, storages, students, epochs, de
 @_runs_dir_option("Where `latest` looks for runs")
 def evaluate(target, dataset, preset, overrides, archs, students, epochs, device, loader, evals_dir,
              runs_dir) -> None:
-    """Train students on the distilled set and on two random-real baselines (same count,
-    same storage); report mean ± std test accuracy. TARGET: a run or merged directory,
+    """Train students on the distilled set and on real-image baselines (random images of the
+    same count and of the same storage; herding and k-center greedy coresets of the same
+    storage, eval.coresets); report mean ± std test accuracy. TARGET: a run or merged directory,
     `latest`, a d3fast export (.safetensors), a .pt image set (images.pt + labels.pt [+ lr.pt],
     MTT-family files included: pass --dataset) or an ImageFolder of images. --preset takes
     the preset's eval.* keys; --set changes eval.* (and data.loader) keys. Every evaluation

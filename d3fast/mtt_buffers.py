@@ -95,6 +95,14 @@ def model_name(width: int, depth: int, norm: str, pooling: str) -> str:
     return "".join(parts)
 
 
+def dataset_note(dataset: str) -> str | None:
+    """A note when MTT has no loader for `dataset` (its buffers go under d3fast's name)."""
+    if dataset in _DATASET_DIRS:
+        return None
+    return (f"MTT's utils.get_dataset has no {dataset}: the buffers go under {dataset}/, and MTT needs a loader for it "
+            "(the same images, normalisation and class order) to use them")
+
+
 def model_note(name: str) -> str | None:
     """A note when `name` (from `model_name`) is not a model MTT's get_network builds."""
     if name in MTT_MODELS:

@@ -85,7 +85,8 @@ def describe_prepare(res: PrepareResult) -> str:
     if res.decoded:
         lines.append(f"decoded {res.decoded} images in {res.seconds:.1f} s ({res.decoded / res.seconds:.0f} img/s)")
     if m["skipped"]:
-        lines.append(f"skipped {len(m['skipped'])} unreadable file(s); listed in {res.cache / 'manifest.json'}")
+        lines.append(f"skipped {len(m['skipped'])} unreadable image(s) (files or shard rows), left out of the "
+                     f"counts above; listed in {res.cache / 'manifest.json'}")
     return "\n".join(lines)
 
 

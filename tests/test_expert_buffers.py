@@ -207,6 +207,15 @@ def test_import_refusals_are_one_line(cifar, tmp_path):
     assert r.exit_code == 2 and "options go after `import`" in r.output
 
 
+def test_notes_on_names_mtt_lacks():
+    from d3fast.mtt_buffers import dataset_note, model_name, model_note
+
+    assert model_name(128, 3, "instancenorm", "avgpooling") == "ConvNet" and model_note("ConvNet") is None
+    assert model_name(128, 5, "instancenorm", "avgpooling") == "ConvNetD5" and model_note("ConvNetD5") is None
+    assert model_name(64, 4, "batchnorm", "avgpooling") == "ConvNetD4W64BN" and "has no model" in model_note("ConvNetD4W64BN")
+    assert dataset_note("cifar10") is None and "has no digits" in dataset_note("digits")
+
+
 def test_export_needs_complete_experts(cifar, tmp_path):
     r = run("experts", "export", "--out", tmp_path / "o", "--dataset", "cifar10", *[a for o in TINY for a in ("--set", o)])
     assert r.exit_code == 2 and "no complete expert trajectory" in r.output and "d3fast experts --dataset cifar10" in r.output

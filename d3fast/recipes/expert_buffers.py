@@ -34,6 +34,7 @@ from d3fast.mtt_buffers import (
     PER_FILE,
     buffer_files,
     dataset_dir,
+    dataset_note,
     describe,
     flatten,
     folder_problem,
@@ -207,19 +208,24 @@ def import_summary(cfg: Config, res: ImportResult) -> list[str]:
     lines = list(f"note: {n}" for n in res.notes)
     if not res.indices:
         lines.append(f"nothing new: {res.out_dir} holds these {res.skipped} trajectories already")
-        return lines
-    acc = torch.tensor(res.test_acc)
-    lines.append(f"imported {len(res.indices)} expert trajectories ({min(res.epochs)}-{max(res.epochs)} epochs) into "
-                 f"{res.out_dir}" + (f" ({res.skipped} held already)" if res.skipped else ""))
-    lines.append(f"last-epoch test accuracy {acc.mean():.1%} ± {acc.std(unbiased=False):.1%} (min {acc.min():.1%})")
-    chance = 1 / int(load_split(cfg.data.dataset, "test", mmap=True)[2]["num_classes"])
-    if float(acc.mean()) < 2 * chance:
-        lines.append(f"warning: near chance ({chance:.0%}): the buffer's experts were trained on other data, another "
-                     "normalisation (ZCA: data.zca) or another class order; distilling from them will not work")
+    else:
+        acc = torch.tensor(res.test_acc)
+        lines.append(f"imported {len(res.indices)} expert trajectories ({min(res.epochs)}-{max(res.epochs)} epochs) "
+                     f"into {res.out_dir}" + (f" ({res.skipped} held already)" if res.skipped else ""))
+        lines.append(f"last-epoch test accuracy {acc.mean():.1%} ± {acc.std(unbiased=False):.1%} (min {acc.min():.1%})")
+        chance = 1 / int(load_split(cfg.data.dataset, "test", mmap=True)[2]["num_classes"])
+        if float(acc.mean()) < 2 * chance:
+            lines.append(f"warning: near chance ({chance:.0%}): the buffer's experts were trained on other data, "
+                         "another normalisation (ZCA: data.zca) or another class order; distilling from them will "
+                         "not work")
+    # what distill will make of the folder, whether this import wrote to it or found it done
     need = need_epochs(cfg)
-    if min(res.epochs) < need:
+    short = [p.name for p in sorted(res.out_dir.glob("expert_*.safetensors"))
+             if read_expert_meta(p)["epochs_done"] < need]
+    if short:
         lines.append(f"warning: distillation reads {need} epochs (distill.max_start_epoch + distill.expert_epochs); "
-                     f"{sum(e < need for e in res.epochs)} of these hold fewer and will be left out")
+                     f"{len(short)} expert(s) here hold fewer and will be left out ({', '.join(short[:3])}"
+                     f"{', ...' if len(short) > 3 else ''})")
     total = len(list(res.out_dir.glob("expert_*.safetensors")))
     if total < cfg.experts.num_experts:
         lines.append(f"experts.num_experts={cfg.experts.num_experts}: `d3fast distill` would train the other "
@@ -263,7 +269,7 @@ def export_buffers(cfg: Config, out_root: str | Path, per_file: int = PER_FILE,
     layout = param_layout(net)
     if any(m["param_layout"] != [[name, list(shape)] for name, shape in layout] for _, m in done):
         raise D3FastError(f"the experts in {folder} have another parameter layout than net.* builds now")
-    for note in (padding_note(channels, res), model_note(target.name)):
+    for note in (padding_note(channels, res), model_note(target.name), dataset_note(cfg.data.dataset)):
         if note:
             echo(f"note: {note}")
     if any(b for _, m in done for b in [m.get("__shapes__", {}).get("buffers")]):

@@ -497,13 +497,10 @@ def _json(path: Path) -> dict[str, Any]:
     return data
 
 
-_YAML_KEY = re.compile(r"^(?P<indent> *)(?P<dash>- +)?(?P<key>[A-Za-z_][\w-]*|'\d+'|\"\d+\"|\d+): *(?P<value>.*)$")
-
-
 def _readme_names(path: Path, config: str | None) -> dict[str, list[str]]:
     """{column: class names} from a dataset card's YAML front matter: the `class_label` names
     of `dataset_info.features` (per config when it is a list: `config`'s, else the only one,
-    else "default"). Reads the block the Hub writes, not YAML at large:
+    else "default"), in the form the Hub writes:
 
         dataset_info:
           features:
@@ -512,7 +509,12 @@ def _readme_names(path: Path, config: str | None) -> dict[str, list[str]]:
               class_label:
                 names:
                   '0': cat
-    """
+
+    Read with PyYAML's BaseLoader: every scalar stays a string (a class named `no` or `1e3`
+    is not turned into False or 1000.0) and no tag builds an object. A card that is not YAML,
+    or holds no such names, gives {}."""
+    import yaml
+
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
@@ -520,55 +522,27 @@ def _readme_names(path: Path, config: str | None) -> dict[str, list[str]]:
     if not lines or lines[0].strip() != "---":
         return {}
     end = next((i for i in range(1, len(lines)) if lines[i].strip() == "---"), len(lines))
+    try:
+        card = yaml.load("\n".join(lines[1:end]), Loader=yaml.BaseLoader)
+    except (yaml.YAMLError, RecursionError):
+        return {}
+    info = card.get("dataset_info") if isinstance(card, dict) else None
     per_config: dict[str | None, dict[str, list[str]]] = {}
-    current: str | None = None
-    feature: str | None = None
-    names_indent: int | None = None
-    names: dict[int, str] = {}
-    in_info = False
-
-    def close() -> None:
-        if feature is not None and names and sorted(names) == list(range(len(names))):
-            per_config.setdefault(current, {})[feature] = [names[i] for i in range(len(names))]
-
-    for line in lines[1:end]:
-        m = _YAML_KEY.match(line)
-        if m is None:
+    for entry in info if isinstance(info, list) else [info]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("features"), list):
             continue
-        indent = len(m["indent"]) + len(m["dash"] or "")
-        key, value = m["key"].strip("'\""), m["value"].strip()
-        if names_indent is not None and indent > names_indent and key.isdecimal():
-            names[int(key)] = _yaml_scalar(value)
-            continue
-        if names_indent is not None:
-            close()
-            names_indent, names = None, {}
-        if indent == 0 and not m["dash"]:
-            in_info = key == "dataset_info"
-            feature = None
-        elif not in_info:
-            continue
-        elif key == "config_name":
-            current, feature = _yaml_scalar(value), None
-        elif key == "name" and m["dash"]:
-            feature = _yaml_scalar(value)
-        elif key == "names" and not value:
-            names_indent = indent
-    if names_indent is not None:
-        close()
+        columns = per_config.setdefault(entry.get("config_name") if isinstance(entry.get("config_name"), str) else None, {})
+        for feature in entry["features"]:
+            dtype = feature.get("dtype") if isinstance(feature, dict) else None
+            label = dtype.get("class_label") if isinstance(dtype, dict) else None
+            names = label.get("names") if isinstance(label, dict) else None
+            if isinstance(feature.get("name"), str) and isinstance(names, dict) and all(
+                    isinstance(k, str) and k.isdecimal() and isinstance(v, str) for k, v in names.items()):
+                by_index = {int(k): v for k, v in names.items()}
+                if names and sorted(by_index) == list(range(len(by_index))):
+                    columns[feature["name"]] = [by_index[i] for i in range(len(by_index))]
     entry = _config_entry(per_config, config) if per_config else None
     return entry if isinstance(entry, dict) else per_config.get(None, {})
-
-
-def _yaml_scalar(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] == "'":
-        return value[1:-1].replace("''", "'")
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        try:
-            return str(json.loads(value))
-        except ValueError:
-            return value[1:-1]
-    return value
 
 
 def _short(names: list[str]) -> str:

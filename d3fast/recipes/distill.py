@@ -637,8 +637,7 @@ def _command(job: DistillJob, claims: contextlib.ExitStack) -> Path:
     preset = job.preset
 
     def resolve(base: Config | None = None) -> Config:
-        return resolve_config(dataset, None if base is not None else preset, job.overrides, typed_overrides=typed,
-                              base=base)
+        return resolve_config(dataset, preset, job.overrides, typed_overrides=typed, base=base)
 
     if resume in (None, "auto"):
         whole = resolve()
@@ -669,9 +668,6 @@ def _command(job: DistillJob, claims: contextlib.ExitStack) -> Path:
     if resume is not None:
         if name is not None:
             raise D3FastError("--name names a new run; a resumed run keeps its directory")
-        if preset:
-            raise D3FastError("--preset picks the configuration of a new run; a resumed run keeps its own "
-                              "(change single keys with --set)")
         run = world.on_main(lambda: Run.open(resume, job.runs_dir))
         if run.merged_path.exists():
             raise D3FastError(f"{run.path} is a merged object, not a run: resume its subtask runs (its manifest.json "

@@ -28,7 +28,7 @@ from d3fast.data.cache import load_split
 from d3fast.data.loader import open_split
 from d3fast.errors import D3FastError
 from d3fast.io import locked, sha256_file
-from d3fast.models import build_network
+from d3fast.models import build_network, default_depth
 from d3fast.mtt_buffers import (
     BUFFER_RE,
     PER_FILE,
@@ -74,17 +74,16 @@ class ImportResult:
     notes: list[str]
 
 
-def _check_convnet(cfg: Config, what: str) -> None:
+def _check_convnet(cfg: Config) -> None:
     if cfg.net.name != "convnet":
-        raise D3FastError(f"MTT's replay buffers {what} the DC/MTT ConvNet; net.name={cfg.net.name} has another "
+        raise D3FastError(f"MTT's replay buffers hold the DC/MTT ConvNet; net.name={cfg.net.name} has another "
                           "parameter layout (--set net.name=convnet)")
     if cfg.data.subtasks > 1:
         raise D3FastError(f"MTT's replay buffers hold whole-dataset experts; data.subtasks={cfg.data.subtasks} "
                           "experts see a block of classes each")
 
 
-def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
-                   echo: Callable[[str], None] = print) -> ImportResult:
+def import_buffers(cfg: Config, path: str | Path, progress: bool = True) -> ImportResult:
     """Import MTT replay buffers (a replay_buffer_<n>.pt file or the folder holding them) as
     expert trajectories of `cfg` (its dataset must be prepared).
 
@@ -96,7 +95,7 @@ def import_buffers(cfg: Config, path: str | Path, progress: bool = True,
             a config d3fast cannot import into (another network, subtasks, batchnorm's
             running statistics, several snapshots per epoch).
     """
-    _check_convnet(cfg, "hold")
+    _check_convnet(cfg)
     if cfg.experts.snapshots_per_epoch != 1:
         raise D3FastError(f"MTT's replay buffers keep one snapshot per epoch; experts.snapshots_per_epoch="
                           f"{cfg.experts.snapshots_per_epoch} names another folder (--set experts.snapshots_per_epoch=1)")
@@ -244,7 +243,7 @@ def export_buffers(cfg: Config, out_root: str | Path, per_file: int = PER_FILE,
         D3FastError: no complete expert; another network; buffers already in that folder
             (never mixed with or overwritten).
     """
-    _check_convnet(cfg, "hold")
+    _check_convnet(cfg)
     if per_file < 1:
         raise D3FastError(f"--per-file must be at least 1, got {per_file}")
     resolve_data_loader(cfg)
@@ -257,9 +256,8 @@ def export_buffers(cfg: Config, out_root: str | Path, per_file: int = PER_FILE,
     manifest = load_split(cfg.data.dataset, "train", mmap=True)[2]
     res, channels = int(manifest["resolution"]), int(manifest["channels"])
     net = build_network(cfg.net, channels, int(manifest["num_classes"]), res)
-    depth = sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d))
     target = Path(out_root).expanduser() / dataset_dir(cfg.data.dataset, cfg.data.zca, res) / model_name(
-        cfg.net.width, depth, cfg.net.norm, cfg.net.pooling)
+        cfg.net.width, cfg.net.depth or default_depth(res), cfg.net.norm, cfg.net.pooling)
     blocked = next((p for p in [target, *target.parents] if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise D3FastError(f"{blocked} is a file, where the buffers' folder {target} would go: pass another --out")
@@ -301,6 +299,6 @@ def command_import(cfg: Config, path: str | Path, no_auto: bool = False) -> None
     from d3fast.preflight import ensure_prepared
 
     ensure_prepared(cfg, no_auto)
-    res = import_buffers(cfg, path, progress=True, echo=click.echo)
+    res = import_buffers(cfg, path)
     for line in import_summary(cfg, res):
         click.echo(line)
